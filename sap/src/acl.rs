@@ -1,0 +1,483 @@
+//! Policy tables: identities (sets of overlay endpoints that policy cannot tell apart) and, per
+//! ordered pair of identities, the set of protocols and ports allowed. A packet's check is at most
+//! two hash lookups and one constant-time port test, whatever the number of rules or pods: the
+//! policy compiler does the work once, the packet path never iterates rules.
+//!
+//! Semantics are Kubernetes NetworkPolicy's, per direction: a packet from `s` to `d` is allowed iff
+//! (`s` is not egress-isolated, or `s`'s egress allow set for `d` admits it) and (`d` is not
+//! ingress-isolated, or `d`'s ingress allow set for `s` admits it). Unknown identities are denied.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::packet::{Classified, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Transport};
+
+/// An identity: the compiler's number for a set of endpoints with the same policy-relevant facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(pub u32);
+
+/// A multiplicative hasher for the fixed-width keys of the packet path (identity pairs, masked
+/// addresses). The keys come from the control plane, never from packets, so hash flooding is not a
+/// concern and SipHash's cost is not worth paying per packet.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct FastHasher(u64);
+
+const FAST_HASH_K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(FAST_HASH_K);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+    fn finish(&self) -> u64 {
+        // Fold the high bits down: hashbrown takes its bucket index from the low bits.
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+pub type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
+
+fn pair(src: Identity, dst: Identity) -> u64 {
+    (u64::from(src.0) << 32) | u64::from(dst.0)
+}
+
+/// An inclusive range of ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn single(port: u16) -> Self {
+        PortRange {
+            start: port,
+            end: port,
+        }
+    }
+    pub fn new(start: u16, end: u16) -> Self {
+        PortRange {
+            start: start.min(end),
+            end: start.max(end),
+        }
+    }
+}
+
+/// Above this many disjoint ranges a port set becomes a 64 Ki-bit bitmap (8 KiB), so the check
+/// stays constant-time however many ports rules name.
+const MAX_RANGES_BEFORE_BITMAP: usize = 8;
+
+/// The ports allowed for one protocol.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub enum PortSet {
+    #[default]
+    Nothing,
+    Every,
+    /// Sorted, disjoint, non-adjacent ranges; at most [`MAX_RANGES_BEFORE_BITMAP`].
+    Ranges(Box<[PortRange]>),
+    Bitmap(Box<[u64; 1024]>),
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortSet::Nothing => write!(f, "Nothing"),
+            PortSet::Every => write!(f, "Every"),
+            PortSet::Ranges(r) => f.debug_list().entries(r.iter()).finish(),
+            PortSet::Bitmap(b) => write!(f, "Bitmap({} ports)", b.iter().map(|w| w.count_ones()).sum::<u32>()),
+        }
+    }
+}
+
+impl PortSet {
+    /// Builds the set from ranges in any order, overlapping or not.
+    pub fn from_ranges(mut ranges: Vec<PortRange>) -> Self {
+        if ranges.is_empty() {
+            return PortSet::Nothing;
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<PortRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if u32::from(r.start) <= u32::from(last.end) + 1 => {
+                    last.end = last.end.max(r.end);
+                }
+                _ => merged.push(r),
+            }
+        }
+        if merged.len() == 1 && merged[0] == PortRange::new(0, u16::MAX) {
+            return PortSet::Every;
+        }
+        if merged.len() <= MAX_RANGES_BEFORE_BITMAP {
+            return PortSet::Ranges(merged.into_boxed_slice());
+        }
+        let mut bits = Box::new([0u64; 1024]);
+        for r in merged {
+            for p in r.start..=r.end {
+                bits[usize::from(p) / 64] |= 1 << (p % 64);
+            }
+        }
+        PortSet::Bitmap(bits)
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        match self {
+            PortSet::Nothing => false,
+            PortSet::Every => true,
+            PortSet::Ranges(r) => r.iter().any(|r| r.start <= port && port <= r.end),
+            PortSet::Bitmap(b) => b[usize::from(port) / 64] & (1 << (port % 64)) != 0,
+        }
+    }
+
+    pub fn is_every(&self) -> bool {
+        matches!(self, PortSet::Every)
+    }
+}
+
+/// What one direction's rules allow between one ordered pair of identities.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct AllowSet {
+    /// Every protocol, every port (a rule with no `ports`).
+    pub everything: bool,
+    pub tcp: PortSet,
+    pub udp: PortSet,
+    pub sctp: PortSet,
+}
+
+impl AllowSet {
+    pub fn everything() -> Self {
+        AllowSet {
+            everything: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a packet of protocol `proto` with `transport` is admitted.
+    pub fn admits(&self, proto: u8, transport: &Transport) -> bool {
+        if self.everything {
+            return true;
+        }
+        let ports = match proto {
+            PROTO_TCP => &self.tcp,
+            PROTO_UDP => &self.udp,
+            PROTO_SCTP => &self.sctp,
+            _ => return false,
+        };
+        match transport {
+            Transport::Ports { dst, .. } => ports.contains(*dst),
+            // No port to check: only "every port of this protocol" can admit it.
+            _ => ports.is_every(),
+        }
+    }
+}
+
+/// Accumulates the rules for one pair before they are normalised into an [`AllowSet`].
+#[derive(Debug, Clone, Default)]
+pub struct AllowSetBuilder {
+    everything: bool,
+    tcp: Vec<PortRange>,
+    udp: Vec<PortRange>,
+    sctp: Vec<PortRange>,
+}
+
+impl AllowSetBuilder {
+    pub fn allow_everything(&mut self) -> &mut Self {
+        self.everything = true;
+        self
+    }
+
+    /// Allows `proto` (TCP, UDP or SCTP) on `ports` (every port when `None`). Other protocols
+    /// cannot be named by a port rule and are ignored.
+    pub fn allow(&mut self, proto: u8, ports: Option<PortRange>) -> &mut Self {
+        let range = ports.unwrap_or(PortRange::new(0, u16::MAX));
+        match proto {
+            PROTO_TCP => self.tcp.push(range),
+            PROTO_UDP => self.udp.push(range),
+            PROTO_SCTP => self.sctp.push(range),
+            _ => {}
+        }
+        self
+    }
+
+    pub fn build(self) -> AllowSet {
+        if self.everything {
+            return AllowSet::everything();
+        }
+        AllowSet {
+            everything: false,
+            tcp: PortSet::from_ranges(self.tcp),
+            udp: PortSet::from_ranges(self.udp),
+            sctp: PortSet::from_ranges(self.sctp),
+        }
+    }
+}
+
+/// Whether an identity is isolated in each direction (selected by a policy of that type, or by
+/// strict mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Isolation {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+/// The compiled policy of a cluster, immutable once built; replaced whole on change.
+#[derive(Debug, Clone, Default)]
+pub struct Acl {
+    isolation: Vec<Isolation>,
+    ingress: FastMap<u64, u32>,
+    egress: FastMap<u64, u32>,
+    direct: FastSet<u64>,
+    sets: Vec<AllowSet>,
+}
+
+impl Acl {
+    pub fn builder() -> AclBuilder {
+        AclBuilder::default()
+    }
+
+    pub fn identity_count(&self) -> usize {
+        self.isolation.len()
+    }
+
+    pub fn isolation(&self, id: Identity) -> Option<Isolation> {
+        self.isolation.get(id.0 as usize).copied()
+    }
+
+    fn admitted(&self, map: &FastMap<u64, u32>, key: u64, c: &Classified) -> bool {
+        map.get(&key)
+            .is_some_and(|&set| self.sets[set as usize].admits(c.proto, &c.transport))
+    }
+
+    /// Whether policy allows `c` from `src` to `dst`.
+    pub fn allows(&self, src: Identity, dst: Identity, c: &Classified) -> bool {
+        let (Some(s), Some(d)) = (self.isolation(src), self.isolation(dst)) else {
+            return false;
+        };
+        let key = pair(src, dst);
+        (!s.egress || self.admitted(&self.egress, key, c))
+            && (!d.ingress || self.admitted(&self.ingress, key, c))
+    }
+
+    /// Whether `c` from `src` to `dst` could be a reply within a flow that policy allows from
+    /// `dst` to `src` (the stateless, reflexive check a SaP makes: it keeps no flow state).
+    pub fn allows_as_reply(&self, src: Identity, dst: Identity, c: &Classified) -> bool {
+        let reversed = Classified {
+            src: c.dst,
+            dst: c.src,
+            proto: c.proto,
+            transport: match c.transport {
+                Transport::Ports { src, dst } => Transport::Ports { src: dst, dst: src },
+                Transport::Echo { id, reply } => Transport::Echo { id, reply: !reply },
+                other => other,
+            },
+        };
+        self.allows(dst, src, &reversed)
+    }
+
+    /// Whether the pair bypasses SaPs (a direct pair, relying on keys alone).
+    pub fn is_direct(&self, src: Identity, dst: Identity) -> bool {
+        self.direct.contains(&pair(src, dst))
+    }
+
+    /// Number of distinct allow sets after interning (how much policy compiled down to).
+    pub fn allow_set_count(&self) -> usize {
+        self.sets.len()
+    }
+}
+
+/// Builds an [`Acl`]; identical allow sets are stored once.
+#[derive(Debug, Default)]
+pub struct AclBuilder {
+    isolation: Vec<Isolation>,
+    ingress: FastMap<u64, AllowSetBuilder>,
+    egress: FastMap<u64, AllowSetBuilder>,
+    direct: FastSet<u64>,
+}
+
+impl AclBuilder {
+    pub fn identity(&mut self, isolation: Isolation) -> Identity {
+        self.isolation.push(isolation);
+        Identity((self.isolation.len() - 1) as u32)
+    }
+
+    pub fn set_isolation(&mut self, id: Identity, isolation: Isolation) {
+        self.isolation[id.0 as usize] = isolation;
+    }
+
+    /// The ingress rules of `dst` admitting traffic from `src`.
+    pub fn ingress(&mut self, src: Identity, dst: Identity) -> &mut AllowSetBuilder {
+        self.ingress.entry(pair(src, dst)).or_default()
+    }
+
+    /// The egress rules of `src` admitting traffic to `dst`.
+    pub fn egress(&mut self, src: Identity, dst: Identity) -> &mut AllowSetBuilder {
+        self.egress.entry(pair(src, dst)).or_default()
+    }
+
+    /// Marks the pair direct in both directions.
+    pub fn direct(&mut self, a: Identity, b: Identity) {
+        self.direct.insert(pair(a, b));
+        self.direct.insert(pair(b, a));
+    }
+
+    pub fn build(self) -> Acl {
+        let mut sets: Vec<AllowSet> = Vec::new();
+        let mut interned: HashMap<AllowSet, u32> = HashMap::new();
+        let mut intern = |b: AllowSetBuilder| -> u32 {
+            let set = b.build();
+            *interned.entry(set.clone()).or_insert_with(|| {
+                sets.push(set);
+                (sets.len() - 1) as u32
+            })
+        };
+        let ingress = self.ingress.into_iter().map(|(k, b)| (k, intern(b))).collect();
+        let egress = self.egress.into_iter().map(|(k, b)| (k, intern(b))).collect();
+        Acl {
+            isolation: self.isolation,
+            ingress,
+            egress,
+            direct: self.direct,
+            sets,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{PROTO_ICMP, build};
+
+    fn tcp(dport: u16) -> Classified {
+        crate::packet::classify(&build::tcp4([1, 1, 1, 1], 40000, [2, 2, 2, 2], dport)).unwrap()
+    }
+    fn udp(dport: u16) -> Classified {
+        let p = build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), PROTO_UDP, &build::ports(PROTO_UDP, 1, dport, b""));
+        crate::packet::classify(&p).unwrap()
+    }
+    fn ping() -> Classified {
+        let p = build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), PROTO_ICMP, &build::echo(false, false, 1, 1));
+        crate::packet::classify(&p).unwrap()
+    }
+
+    const ISOLATED: Isolation = Isolation { ingress: true, egress: true };
+    const OPEN: Isolation = Isolation { ingress: false, egress: false };
+
+    #[test]
+    fn unisolated_identities_allow_everything() {
+        let mut b = Acl::builder();
+        let a = b.identity(OPEN);
+        let c = b.identity(OPEN);
+        let acl = b.build();
+        assert!(acl.allows(a, c, &tcp(80)));
+        assert!(acl.allows(a, c, &ping()));
+    }
+
+    #[test]
+    fn default_deny_when_isolated_and_both_directions_must_agree() {
+        let mut b = Acl::builder();
+        let client = b.identity(Isolation { ingress: false, egress: true });
+        let server = b.identity(Isolation { ingress: true, egress: false });
+        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::new(80, 81)));
+        let acl = b.build();
+        // Egress allows, but the server's ingress has no rule for the client.
+        assert!(!acl.allows(client, server, &tcp(80)));
+
+        let mut b = Acl::builder();
+        let client = b.identity(Isolation { ingress: false, egress: true });
+        let server = b.identity(Isolation { ingress: true, egress: false });
+        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::new(80, 81)));
+        b.ingress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
+        let acl = b.build();
+        assert!(acl.allows(client, server, &tcp(80)));
+        assert!(!acl.allows(client, server, &tcp(81)), "ingress allows only 80");
+        assert!(!acl.allows(client, server, &udp(80)), "protocol matters");
+        assert!(!acl.allows(client, server, &ping()), "ICMP needs an everything rule");
+        // The other direction is judged by the other isolation: neither is isolated there.
+        assert!(acl.allows(server, client, &tcp(80)));
+    }
+
+    #[test]
+    fn unknown_identities_are_denied() {
+        let mut b = Acl::builder();
+        let a = b.identity(OPEN);
+        let acl = b.build();
+        assert!(!acl.allows(a, Identity(99), &tcp(80)));
+        assert!(!acl.allows(Identity(99), a, &tcp(80)));
+    }
+
+    #[test]
+    fn replies_are_allowed_reflexively() {
+        let mut b = Acl::builder();
+        let client = b.identity(ISOLATED);
+        let server = b.identity(ISOLATED);
+        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
+        b.ingress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
+        let acl = b.build();
+        let reply = crate::packet::classify(&build::tcp4([2, 2, 2, 2], 80, [1, 1, 1, 1], 40000)).unwrap();
+        assert!(!acl.allows(server, client, &reply));
+        assert!(acl.allows_as_reply(server, client, &reply));
+        let not_reply = crate::packet::classify(&build::tcp4([2, 2, 2, 2], 81, [1, 1, 1, 1], 40000)).unwrap();
+        assert!(!acl.allows_as_reply(server, client, &not_reply));
+    }
+
+    #[test]
+    fn port_sets_merge_and_switch_to_bitmaps() {
+        let s = PortSet::from_ranges(vec![PortRange::new(10, 20), PortRange::new(15, 30), PortRange::single(31)]);
+        assert_eq!(s, PortSet::Ranges(vec![PortRange::new(10, 31)].into_boxed_slice()));
+        assert!(s.contains(10) && s.contains(31) && !s.contains(32) && !s.contains(9));
+        assert_eq!(PortSet::from_ranges(vec![PortRange::new(0, 65535)]), PortSet::Every);
+        let many: Vec<_> = (0..100u16).map(|i| PortRange::single(i * 3)).collect();
+        let s = PortSet::from_ranges(many);
+        assert!(matches!(s, PortSet::Bitmap(_)));
+        assert!(s.contains(0) && s.contains(297) && !s.contains(1) && !s.contains(300));
+    }
+
+    #[test]
+    fn later_fragments_need_every_port() {
+        let mut all = AllowSetBuilder::default();
+        all.allow(PROTO_UDP, None);
+        let mut some = AllowSetBuilder::default();
+        some.allow(PROTO_UDP, Some(PortRange::single(53)));
+        assert!(all.build().admits(PROTO_UDP, &Transport::LaterFragment));
+        assert!(!some.build().admits(PROTO_UDP, &Transport::LaterFragment));
+    }
+
+    #[test]
+    fn identical_allow_sets_are_interned() {
+        let mut b = Acl::builder();
+        let ids: Vec<_> = (0..10).map(|_| b.identity(ISOLATED)).collect();
+        for &s in &ids {
+            for &d in &ids {
+                b.ingress(s, d).allow(PROTO_TCP, Some(PortRange::single(80)));
+            }
+        }
+        let acl = b.build();
+        assert_eq!(acl.allow_set_count(), 1);
+    }
+
+    #[test]
+    fn direct_pairs_are_symmetric() {
+        let mut b = Acl::builder();
+        let x = b.identity(OPEN);
+        let y = b.identity(OPEN);
+        let z = b.identity(OPEN);
+        b.direct(x, y);
+        let acl = b.build();
+        assert!(acl.is_direct(x, y) && acl.is_direct(y, x));
+        assert!(!acl.is_direct(x, z));
+    }
+}

@@ -1,0 +1,510 @@
+//! The forwarding engines, as pure functions over buffers that return what to do with a packet:
+//! the endpoint's egress (TUN → GUE), its ingress (GUE → TUN), and the SaP's forwarding. They read
+//! a published [`Tables`] snapshot, an endpoint's [`LocalEndpoint`] facts and its [`FlowTable`];
+//! time is passed in. The Linux I/O layer ([`crate::io`]) moves the bytes.
+//!
+//! The checks, in order (each failure is a [`DropReason`]):
+//! - egress: the packet parses → its source is one of the endpoint's own overlay IPs → the FIB
+//!   knows the destination → policy allows it (or it replies to a tracked flow) → the destination
+//!   has a current key → encapsulate with the *destination's* key, send to the SaP that fronts it
+//!   (or straight to it for a direct pair). When that SaP is this node's own, its checks run here,
+//!   in process, and the datagram goes straight to the destination.
+//! - ingress: GUE parses → the key is the endpoint's own (current epoch, or a neighbour within the
+//!   grace window) → the inner destination is the endpoint's overlay IP → the outer source is the
+//!   infrastructure address the FIB holds for the inner source, or a known SaP → policy allows it
+//!   (or it replies to a tracked flow).
+//! - SaP: GUE and inner packet parse → the outer source matches the inner source (or is a SaP) →
+//!   the FIB knows the destination → the key is the destination's → policy allows the pair in
+//!   one direction or the other → forward the datagram unchanged to the destination.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::acl::{Acl, FastSet};
+use crate::fib::{Fib, Route};
+use crate::flow::FlowTable;
+use crate::gue;
+use crate::key::KeyRing;
+use crate::packet::{Classified, classify};
+
+/// Why a packet was dropped. Every variant has a counter ([`crate::counters::DropCounters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The FIB has no entry for the destination.
+    NoRoute,
+    /// Policy does not allow the packet, and it is not a reply to an allowed flow.
+    DeniedByPolicy,
+    /// The key is not the destination's (for any accepted epoch), or no current key is known.
+    BadKey,
+    /// The inner source is not the sender's: not the pod's own overlay IP at egress; at ingress or
+    /// a SaP, not an entity the FIB knows at the outer source's address.
+    SpoofedSource,
+    /// The inner destination is not this endpoint's overlay IP.
+    WrongDestination,
+    /// The GUE header or the inner packet does not parse.
+    Malformed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::NoRoute,
+        DropReason::DeniedByPolicy,
+        DropReason::BadKey,
+        DropReason::SpoofedSource,
+        DropReason::WrongDestination,
+        DropReason::Malformed,
+    ];
+
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::DeniedByPolicy => "denied_by_policy",
+            DropReason::BadKey => "bad_key",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::WrongDestination => "wrong_destination",
+            DropReason::Malformed => "malformed",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One consistent snapshot of what the control plane compiled: replaced whole, never edited.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub fib: Fib,
+    pub acl: Acl,
+    /// Underlay addresses of every SaP (node agents and gateways): datagrams from them carry inner
+    /// sources that are not their own.
+    pub saps: FastSet<IpAddr>,
+    /// Increases with each compilation: tells which policy a packet was judged by.
+    pub generation: u64,
+}
+
+/// What an endpoint knows about itself.
+#[derive(Debug, Clone)]
+pub struct LocalEndpoint {
+    pub entity: Arc<str>,
+    /// The pod's overlay IPs (one per overlay network).
+    pub overlay_ips: Vec<IpAddr>,
+    /// The pod's own GUE socket address (its infrastructure IP, port 6080).
+    pub infra: SocketAddr,
+    /// The pod's own keys, for checking what arrives.
+    pub keys: KeyRing,
+    /// This node's SaP, whose checks run in process instead of costing a hop.
+    pub local_sap: Option<SocketAddr>,
+}
+
+impl LocalEndpoint {
+    fn owns(&self, ip: IpAddr) -> bool {
+        self.overlay_ips.contains(&ip)
+    }
+}
+
+/// Where an encapsulated packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Send {
+    pub to: SocketAddr,
+    /// Whether a SaP checked it (in process) or will check it (remote).
+    pub via_sap: bool,
+}
+
+fn outer_source_ok(tables: &Tables, src_route: &Route, outer: SocketAddr) -> bool {
+    src_route.infra.ip() == outer.ip() || tables.saps.contains(&outer.ip())
+}
+
+/// Endpoint egress. `buf[gue::HEADER_LEN..]` holds the packet read from the TUN device; on success
+/// the header has been written in front of it, so `buf` is the datagram to send.
+pub fn endpoint_egress(
+    tables: &Tables,
+    local: &LocalEndpoint,
+    flows: &FlowTable,
+    buf: &mut [u8],
+    now_ms: u64,
+) -> Result<Send, DropReason> {
+    let inner = buf.get(gue::HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    let c = classify(inner).map_err(|_| DropReason::Malformed)?;
+    if !local.owns(c.src) {
+        return Err(DropReason::SpoofedSource);
+    }
+    let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
+    let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
+    let allowed = tables.acl.allows(src.identity, dst.identity, &c);
+    if allowed {
+        flows.track(&c, now_ms);
+    } else if !flows.is_reply(&c, now_ms) {
+        return Err(DropReason::DeniedByPolicy);
+    }
+    let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
+    gue::encapsulate_in_place(key, buf).map_err(|_| DropReason::Malformed)?;
+    let direct = tables.acl.is_direct(src.identity, dst.identity);
+    match dst.sap {
+        Some(sap) if !direct => {
+            if Some(sap) == local.local_sap {
+                // This node's SaP: run its checks now and skip the hop.
+                let to = sap_checks(tables, &c, key, src, dst, local.infra, now_ms)?;
+                Ok(Send { to, via_sap: true })
+            } else {
+                Ok(Send {
+                    to: sap,
+                    via_sap: true,
+                })
+            }
+        }
+        _ => Ok(Send {
+            to: dst.infra,
+            via_sap: false,
+        }),
+    }
+}
+
+/// Endpoint ingress: returns the range of `datagram` holding the inner packet to write to the TUN.
+pub fn endpoint_ingress(
+    tables: &Tables,
+    local: &LocalEndpoint,
+    flows: &FlowTable,
+    datagram: &[u8],
+    outer_src: SocketAddr,
+    now_ms: u64,
+) -> Result<Range<usize>, DropReason> {
+    let header = gue::decode(datagram).map_err(|_| DropReason::Malformed)?;
+    let inner = &datagram[header.payload_offset..];
+    let c = classify(inner).map_err(|_| DropReason::Malformed)?;
+    if !local.keys.accepts(header.key, now_ms) {
+        return Err(DropReason::BadKey);
+    }
+    if !local.owns(c.dst) {
+        return Err(DropReason::WrongDestination);
+    }
+    let src = tables.fib.lookup(c.src).ok_or(DropReason::SpoofedSource)?;
+    if !outer_source_ok(tables, src, outer_src) {
+        return Err(DropReason::SpoofedSource);
+    }
+    let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
+    if tables.acl.allows(src.identity, dst.identity, &c) {
+        flows.track(&c, now_ms);
+    } else if !flows.is_reply(&c, now_ms) {
+        return Err(DropReason::DeniedByPolicy);
+    }
+    Ok(header.payload_offset..datagram.len())
+}
+
+/// SaP forwarding: returns where to send `datagram`, unchanged (a SaP never rewrites the key).
+pub fn sap_forward(
+    tables: &Tables,
+    datagram: &[u8],
+    outer_src: SocketAddr,
+    now_ms: u64,
+) -> Result<SocketAddr, DropReason> {
+    let header = gue::decode(datagram).map_err(|_| DropReason::Malformed)?;
+    let c = classify(&datagram[header.payload_offset..]).map_err(|_| DropReason::Malformed)?;
+    let src = tables.fib.lookup(c.src).ok_or(DropReason::SpoofedSource)?;
+    let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
+    sap_checks(tables, &c, header.key, src, dst, outer_src, now_ms)
+}
+
+fn sap_checks(
+    tables: &Tables,
+    c: &Classified,
+    key: crate::key::Key,
+    src: &Route,
+    dst: &Route,
+    outer_src: SocketAddr,
+    now_ms: u64,
+) -> Result<SocketAddr, DropReason> {
+    if !outer_source_ok(tables, src, outer_src) {
+        return Err(DropReason::SpoofedSource);
+    }
+    if !dst.keys.accepts(key, now_ms) {
+        return Err(DropReason::BadKey);
+    }
+    let acl = &tables.acl;
+    if !acl.allows(src.identity, dst.identity, c) && !acl.allows_as_reply(src.identity, dst.identity, c) {
+        return Err(DropReason::DeniedByPolicy);
+    }
+    Ok(dst.infra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{Identity, Isolation, PortRange};
+    use crate::flow::FlowTimeouts;
+    use crate::key::{ClusterSecret, Key, Rotation};
+    use crate::packet::{PROTO_ICMP, PROTO_TCP, build};
+
+    const NOW: u64 = 1_000_000_000;
+    const A_IP: [u8; 4] = [100, 64, 1, 1];
+    const B_IP: [u8; 4] = [100, 64, 2, 1];
+    const C_IP: [u8; 4] = [100, 64, 2, 2];
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    struct World {
+        tables: Tables,
+        a: LocalEndpoint,
+        b: LocalEndpoint,
+        secret: ClusterSecret,
+        rot: Rotation,
+    }
+
+    /// a (node-1) may reach b on TCP 80 only; c is b's neighbour that nobody may reach; SaPs are
+    /// node-1 (10.0.0.1) and node-2 (10.0.0.2); pods' infra IPs are 10.1.x.y.
+    fn world(direct: bool) -> World {
+        let secret = ClusterSecret::new(vec![7u8; 32]).unwrap();
+        let rot = Rotation::new(60_000, 5_000).unwrap();
+        let mut acl = crate::acl::Acl::builder();
+        let ia = acl.identity(Isolation { ingress: true, egress: true });
+        let ib = acl.identity(Isolation { ingress: true, egress: true });
+        let ic = acl.identity(Isolation { ingress: true, egress: true });
+        acl.egress(ia, ib).allow(PROTO_TCP, Some(PortRange::single(80)));
+        acl.ingress(ia, ib).allow(PROTO_TCP, Some(PortRange::single(80)));
+        if direct {
+            acl.direct(ia, ib);
+        }
+        let mut fib = Fib::builder();
+        let route = |name: &str, id: Identity, infra: &str, sap: &str| Route {
+            entity: name.into(),
+            identity: id,
+            keys: KeyRing::derive(&secret, name, rot, NOW),
+            infra: addr(infra),
+            sap: Some(addr(sap)),
+        };
+        fib.insert("100.64.1.1/32".parse().unwrap(), route("ns/a", ia, "10.1.1.1:6080", "10.0.0.1:6080")).unwrap();
+        fib.insert("100.64.2.1/32".parse().unwrap(), route("ns/b", ib, "10.1.2.1:6080", "10.0.0.2:6080")).unwrap();
+        fib.insert("100.64.2.2/32".parse().unwrap(), route("ns/c", ic, "10.1.2.2:6080", "10.0.0.2:6080")).unwrap();
+        let mut saps = FastSet::default();
+        saps.insert("10.0.0.1".parse().unwrap());
+        saps.insert("10.0.0.2".parse().unwrap());
+        let tables = Tables { fib: fib.build(), acl: acl.build(), saps, generation: 1 };
+        let local = |name: &str, ip: [u8; 4], infra: &str, sap: &str| LocalEndpoint {
+            entity: name.into(),
+            overlay_ips: vec![IpAddr::V4(ip.into())],
+            infra: addr(infra),
+            keys: KeyRing::derive(&secret, name, rot, NOW),
+            local_sap: Some(addr(sap)),
+        };
+        World {
+            a: local("ns/a", A_IP, "10.1.1.1:6080", "10.0.0.1:6080"),
+            b: local("ns/b", B_IP, "10.1.2.1:6080", "10.0.0.2:6080"),
+            tables,
+            secret,
+            rot,
+        }
+    }
+
+    fn flows() -> FlowTable {
+        FlowTable::new(64, FlowTimeouts::default())
+    }
+
+    fn with_headroom(pkt: Vec<u8>) -> Vec<u8> {
+        let mut b = vec![0u8; gue::HEADER_LEN];
+        b.extend_from_slice(&pkt);
+        b
+    }
+
+    fn key_of(w: &World, entity: &str) -> Key {
+        KeyRing::derive(&w.secret, entity, w.rot, NOW).key_at(NOW).unwrap()
+    }
+
+    #[test]
+    fn allowed_flow_goes_through_the_destination_sap_with_the_destination_key() {
+        let w = world(false);
+        let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
+        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        assert_eq!(send, Send { to: addr("10.0.0.2:6080"), via_sap: true });
+        assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
+
+        // The SaP on node-2 forwards it unchanged to b.
+        let to = sap_forward(&w.tables, &buf, addr("10.1.1.1:6080"), NOW).unwrap();
+        assert_eq!(to, addr("10.1.2.1:6080"));
+
+        // b accepts it from its SaP, and the reply goes back.
+        let fb = flows();
+        let range = endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
+        assert_eq!(&buf[range], &build::tcp4(A_IP, 40000, B_IP, 80)[..]);
+        let mut reply = with_headroom(build::tcp4(B_IP, 80, A_IP, 40000));
+        let send = endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        assert_eq!(send.to, addr("10.0.0.1:6080"), "the reply goes through a's SaP, on node-1");
+    }
+
+    #[test]
+    fn reply_is_admitted_by_the_tracked_flow_and_by_the_sap_reflexively() {
+        let w = world(false);
+        let fa = flows();
+        let mut req = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
+        endpoint_egress(&w.tables, &w.a, &fa, &mut req, NOW).unwrap();
+        let fb = flows();
+        endpoint_ingress(&w.tables, &w.b, &fb, &req, addr("10.0.0.2:6080"), NOW).unwrap();
+
+        let mut reply = with_headroom(build::tcp4(B_IP, 80, A_IP, 40000));
+        endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        sap_forward(&w.tables, &reply, addr("10.1.2.1:6080"), NOW).unwrap();
+        endpoint_ingress(&w.tables, &w.a, &fa, &reply, addr("10.0.0.1:6080"), NOW).unwrap();
+
+        // Unsolicited traffic from b to a on the same ports is refused by a's own flow table.
+        let unsolicited = with_headroom(build::tcp4(B_IP, 80, A_IP, 40001));
+        let mut enc = unsolicited.clone();
+        gue::encapsulate_in_place(key_of(&w, "ns/a"), &mut enc).unwrap();
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.a, &fa, &enc, addr("10.0.0.1:6080"), NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+        let mut enc = unsolicited;
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.b, &fb, &mut enc, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+    }
+
+    #[test]
+    fn direct_pairs_skip_the_sap() {
+        let w = world(true);
+        let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
+        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        assert_eq!(send, Send { to: addr("10.1.2.1:6080"), via_sap: false });
+        endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
+    }
+
+    #[test]
+    fn local_sap_runs_in_process() {
+        let mut w = world(false);
+        // Put b's SaP on a's node: the egress resolves the SaP hop itself.
+        w.a.local_sap = Some(addr("10.0.0.2:6080"));
+        let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
+        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        assert_eq!(send, Send { to: addr("10.1.2.1:6080"), via_sap: true });
+        // b sees a's own infra address as the outer source: accepted.
+        endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
+    }
+
+    #[test]
+    fn egress_drops_each_with_its_reason() {
+        let w = world(false);
+        let f = flows();
+        let mut spoofed = with_headroom(build::tcp4([100, 64, 9, 9], 1, B_IP, 80));
+        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut spoofed, NOW), Err(DropReason::SpoofedSource));
+        let mut nowhere = with_headroom(build::tcp4(A_IP, 1, [100, 64, 7, 7], 80));
+        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut nowhere, NOW), Err(DropReason::NoRoute));
+        let mut denied = with_headroom(build::tcp4(A_IP, 1, B_IP, 81));
+        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut denied, NOW), Err(DropReason::DeniedByPolicy));
+        let mut to_c = with_headroom(build::tcp4(A_IP, 1, C_IP, 80));
+        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut to_c, NOW), Err(DropReason::DeniedByPolicy));
+        let mut garbage = with_headroom(vec![0x45, 0, 0]);
+        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut garbage, NOW), Err(DropReason::Malformed));
+        // A ring far out of date has no key for now: fail closed.
+        let mut stale = with_headroom(build::tcp4(A_IP, 1, B_IP, 80));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut stale, NOW + 10 * 60_000),
+            Err(DropReason::BadKey)
+        );
+    }
+
+    fn encapsulated(key: Key, pkt: Vec<u8>) -> Vec<u8> {
+        let mut b = with_headroom(pkt);
+        gue::encapsulate_in_place(key, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn ingress_drops_each_with_its_reason() {
+        let w = world(false);
+        let f = flows();
+        let kb = key_of(&w, "ns/b");
+        let from_sap = addr("10.0.0.2:6080");
+        let good = encapsulated(kb, build::tcp4(A_IP, 1, B_IP, 80));
+        assert!(endpoint_ingress(&w.tables, &w.b, &f, &good, from_sap, NOW).is_ok());
+
+        let wrong_key = encapsulated(Key(kb.0 ^ 1), build::tcp4(A_IP, 1, B_IP, 80));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &wrong_key, from_sap, NOW), Err(DropReason::BadKey));
+        let other_pods_key = encapsulated(key_of(&w, "ns/c"), build::tcp4(A_IP, 1, B_IP, 80));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &other_pods_key, from_sap, NOW), Err(DropReason::BadKey));
+        let not_mine = encapsulated(kb, build::tcp4(A_IP, 1, C_IP, 80));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &not_mine, from_sap, NOW), Err(DropReason::WrongDestination));
+        // Claims to be a, but comes from c's infra address, which is neither a's nor a SaP.
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &good, addr("10.1.2.2:6080"), NOW),
+            Err(DropReason::SpoofedSource)
+        );
+        let unknown_src = encapsulated(kb, build::tcp4([100, 64, 9, 9], 1, B_IP, 80));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &unknown_src, from_sap, NOW), Err(DropReason::SpoofedSource));
+        let denied = encapsulated(kb, build::tcp4(A_IP, 1, B_IP, 81));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &denied, from_sap, NOW), Err(DropReason::DeniedByPolicy));
+        let ping = encapsulated(kb, build::ipv4(A_IP.into(), B_IP.into(), PROTO_ICMP, &build::echo(false, false, 1, 1)));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &ping, from_sap, NOW), Err(DropReason::DeniedByPolicy));
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &[1, 2, 3], from_sap, NOW), Err(DropReason::Malformed));
+        let mut bad_inner = good.clone();
+        bad_inner.truncate(gue::HEADER_LEN + 10);
+        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &bad_inner, from_sap, NOW), Err(DropReason::Malformed));
+    }
+
+    #[test]
+    fn sap_drops_each_with_its_reason() {
+        let w = world(false);
+        let kb = key_of(&w, "ns/b");
+        let from_a = addr("10.1.1.1:6080");
+        let good = encapsulated(kb, build::tcp4(A_IP, 1, B_IP, 80));
+        assert!(sap_forward(&w.tables, &good, from_a, NOW).is_ok());
+        assert_eq!(sap_forward(&w.tables, &good, addr("10.9.9.9:6080"), NOW), Err(DropReason::SpoofedSource));
+        let wrong_key = encapsulated(Key(1), build::tcp4(A_IP, 1, B_IP, 80));
+        assert_eq!(sap_forward(&w.tables, &wrong_key, from_a, NOW), Err(DropReason::BadKey));
+        let nowhere = encapsulated(kb, build::tcp4(A_IP, 1, [100, 64, 7, 7], 80));
+        assert_eq!(sap_forward(&w.tables, &nowhere, from_a, NOW), Err(DropReason::NoRoute));
+        let denied = encapsulated(key_of(&w, "ns/c"), build::tcp4(A_IP, 1, C_IP, 80));
+        assert_eq!(sap_forward(&w.tables, &denied, from_a, NOW), Err(DropReason::DeniedByPolicy));
+        assert_eq!(sap_forward(&w.tables, &[0xff; 20], from_a, NOW), Err(DropReason::Malformed));
+    }
+
+    #[test]
+    fn key_rotation_loses_nothing_within_grace() {
+        let w = world(false);
+        let f = flows();
+        // Sent with the old epoch's key just after the boundary: still accepted.
+        let boundary = w.rot.start_of(w.rot.epoch_at(NOW)) + w.rot.period_ms();
+        let old = encapsulated(key_of(&w, "ns/b"), build::tcp4(A_IP, 1, B_IP, 80));
+        assert!(endpoint_ingress(&w.tables, &w.b, &f, &old, addr("10.0.0.2:6080"), boundary + 100).is_ok());
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &old, addr("10.0.0.2:6080"), boundary + 10_000),
+            Err(DropReason::BadKey)
+        );
+    }
+
+    #[test]
+    fn ipv6_overlay_over_ipv4_underlay() {
+        let secret = ClusterSecret::new(vec![1u8; 32]).unwrap();
+        let rot = Rotation::default();
+        let mut acl = crate::acl::Acl::builder();
+        let i = acl.identity(Isolation::default());
+        let mut fib = Fib::builder();
+        let x: IpAddr = "fd6b::1".parse().unwrap();
+        let y: IpAddr = "fd6b::2".parse().unwrap();
+        for (ip, name, infra) in [(x, "ns/x", "10.1.1.1:6080"), (y, "ns/y", "10.1.1.2:6080")] {
+            fib.insert(ipnetwork::IpNetwork::new(ip, 128).unwrap(), Route {
+                entity: name.into(), identity: i, keys: KeyRing::derive(&secret, name, rot, NOW),
+                infra: addr(infra), sap: None,
+            }).unwrap();
+        }
+        let tables = Tables { fib: fib.build(), acl: acl.build(), ..Default::default() };
+        let local = LocalEndpoint { entity: "ns/x".into(), overlay_ips: vec![x], infra: addr("10.1.1.1:6080"),
+            keys: KeyRing::derive(&secret, "ns/x", rot, NOW), local_sap: None };
+        let IpAddr::V6(xs) = x else { unreachable!() };
+        let IpAddr::V6(ys) = y else { unreachable!() };
+        let pkt = build::ipv6(xs, ys, PROTO_TCP, &build::ports(PROTO_TCP, 1, 2, b""));
+        let mut buf = with_headroom(pkt);
+        let send = endpoint_egress(&tables, &local, &flows(), &mut buf, NOW).unwrap();
+        assert_eq!(send.to, addr("10.1.1.2:6080"));
+        assert_eq!(buf[1], gue::PROTO_IPV6);
+    }
+}
