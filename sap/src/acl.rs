@@ -98,7 +98,11 @@ impl std::fmt::Debug for PortSet {
             PortSet::Nothing => write!(f, "Nothing"),
             PortSet::Every => write!(f, "Every"),
             PortSet::Ranges(r) => f.debug_list().entries(r.iter()).finish(),
-            PortSet::Bitmap(b) => write!(f, "Bitmap({} ports)", b.iter().map(|w| w.count_ones()).sum::<u32>()),
+            PortSet::Bitmap(b) => write!(
+                f,
+                "Bitmap({} ports)",
+                b.iter().map(|w| w.count_ones()).sum::<u32>()
+            ),
         }
     }
 }
@@ -344,8 +348,16 @@ impl AclBuilder {
                 (sets.len() - 1) as u32
             })
         };
-        let ingress = self.ingress.into_iter().map(|(k, b)| (k, intern(b))).collect();
-        let egress = self.egress.into_iter().map(|(k, b)| (k, intern(b))).collect();
+        let ingress = self
+            .ingress
+            .into_iter()
+            .map(|(k, b)| (k, intern(b)))
+            .collect();
+        let egress = self
+            .egress
+            .into_iter()
+            .map(|(k, b)| (k, intern(b)))
+            .collect();
         Acl {
             isolation: self.isolation,
             ingress,
@@ -365,16 +377,32 @@ mod tests {
         crate::packet::classify(&build::tcp4([1, 1, 1, 1], 40000, [2, 2, 2, 2], dport)).unwrap()
     }
     fn udp(dport: u16) -> Classified {
-        let p = build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), PROTO_UDP, &build::ports(PROTO_UDP, 1, dport, b""));
+        let p = build::ipv4(
+            [1, 1, 1, 1].into(),
+            [2, 2, 2, 2].into(),
+            PROTO_UDP,
+            &build::ports(PROTO_UDP, 1, dport, b""),
+        );
         crate::packet::classify(&p).unwrap()
     }
     fn ping() -> Classified {
-        let p = build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), PROTO_ICMP, &build::echo(false, false, 1, 1));
+        let p = build::ipv4(
+            [1, 1, 1, 1].into(),
+            [2, 2, 2, 2].into(),
+            PROTO_ICMP,
+            &build::echo(false, false, 1, 1),
+        );
         crate::packet::classify(&p).unwrap()
     }
 
-    const ISOLATED: Isolation = Isolation { ingress: true, egress: true };
-    const OPEN: Isolation = Isolation { ingress: false, egress: false };
+    const ISOLATED: Isolation = Isolation {
+        ingress: true,
+        egress: true,
+    };
+    const OPEN: Isolation = Isolation {
+        ingress: false,
+        egress: false,
+    };
 
     #[test]
     fn unisolated_identities_allow_everything() {
@@ -389,23 +417,44 @@ mod tests {
     #[test]
     fn default_deny_when_isolated_and_both_directions_must_agree() {
         let mut b = Acl::builder();
-        let client = b.identity(Isolation { ingress: false, egress: true });
-        let server = b.identity(Isolation { ingress: true, egress: false });
-        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::new(80, 81)));
+        let client = b.identity(Isolation {
+            ingress: false,
+            egress: true,
+        });
+        let server = b.identity(Isolation {
+            ingress: true,
+            egress: false,
+        });
+        b.egress(client, server)
+            .allow(PROTO_TCP, Some(PortRange::new(80, 81)));
         let acl = b.build();
         // Egress allows, but the server's ingress has no rule for the client.
         assert!(!acl.allows(client, server, &tcp(80)));
 
         let mut b = Acl::builder();
-        let client = b.identity(Isolation { ingress: false, egress: true });
-        let server = b.identity(Isolation { ingress: true, egress: false });
-        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::new(80, 81)));
-        b.ingress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
+        let client = b.identity(Isolation {
+            ingress: false,
+            egress: true,
+        });
+        let server = b.identity(Isolation {
+            ingress: true,
+            egress: false,
+        });
+        b.egress(client, server)
+            .allow(PROTO_TCP, Some(PortRange::new(80, 81)));
+        b.ingress(client, server)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
         let acl = b.build();
         assert!(acl.allows(client, server, &tcp(80)));
-        assert!(!acl.allows(client, server, &tcp(81)), "ingress allows only 80");
+        assert!(
+            !acl.allows(client, server, &tcp(81)),
+            "ingress allows only 80"
+        );
         assert!(!acl.allows(client, server, &udp(80)), "protocol matters");
-        assert!(!acl.allows(client, server, &ping()), "ICMP needs an everything rule");
+        assert!(
+            !acl.allows(client, server, &ping()),
+            "ICMP needs an everything rule"
+        );
         // The other direction is judged by the other isolation: neither is isolated there.
         assert!(acl.allows(server, client, &tcp(80)));
     }
@@ -424,22 +473,36 @@ mod tests {
         let mut b = Acl::builder();
         let client = b.identity(ISOLATED);
         let server = b.identity(ISOLATED);
-        b.egress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
-        b.ingress(client, server).allow(PROTO_TCP, Some(PortRange::single(80)));
+        b.egress(client, server)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
+        b.ingress(client, server)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
         let acl = b.build();
-        let reply = crate::packet::classify(&build::tcp4([2, 2, 2, 2], 80, [1, 1, 1, 1], 40000)).unwrap();
+        let reply =
+            crate::packet::classify(&build::tcp4([2, 2, 2, 2], 80, [1, 1, 1, 1], 40000)).unwrap();
         assert!(!acl.allows(server, client, &reply));
         assert!(acl.allows_as_reply(server, client, &reply));
-        let not_reply = crate::packet::classify(&build::tcp4([2, 2, 2, 2], 81, [1, 1, 1, 1], 40000)).unwrap();
+        let not_reply =
+            crate::packet::classify(&build::tcp4([2, 2, 2, 2], 81, [1, 1, 1, 1], 40000)).unwrap();
         assert!(!acl.allows_as_reply(server, client, &not_reply));
     }
 
     #[test]
     fn port_sets_merge_and_switch_to_bitmaps() {
-        let s = PortSet::from_ranges(vec![PortRange::new(10, 20), PortRange::new(15, 30), PortRange::single(31)]);
-        assert_eq!(s, PortSet::Ranges(vec![PortRange::new(10, 31)].into_boxed_slice()));
+        let s = PortSet::from_ranges(vec![
+            PortRange::new(10, 20),
+            PortRange::new(15, 30),
+            PortRange::single(31),
+        ]);
+        assert_eq!(
+            s,
+            PortSet::Ranges(vec![PortRange::new(10, 31)].into_boxed_slice())
+        );
         assert!(s.contains(10) && s.contains(31) && !s.contains(32) && !s.contains(9));
-        assert_eq!(PortSet::from_ranges(vec![PortRange::new(0, 65535)]), PortSet::Every);
+        assert_eq!(
+            PortSet::from_ranges(vec![PortRange::new(0, 65535)]),
+            PortSet::Every
+        );
         let many: Vec<_> = (0..100u16).map(|i| PortRange::single(i * 3)).collect();
         let s = PortSet::from_ranges(many);
         assert!(matches!(s, PortSet::Bitmap(_)));
@@ -462,7 +525,8 @@ mod tests {
         let ids: Vec<_> = (0..10).map(|_| b.identity(ISOLATED)).collect();
         for &s in &ids {
             for &d in &ids {
-                b.ingress(s, d).allow(PROTO_TCP, Some(PortRange::single(80)));
+                b.ingress(s, d)
+                    .allow(PROTO_TCP, Some(PortRange::single(80)));
             }
         }
         let acl = b.build();

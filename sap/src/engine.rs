@@ -229,7 +229,9 @@ fn sap_checks(
         return Err(DropReason::BadKey);
     }
     let acl = &tables.acl;
-    if !acl.allows(src.identity, dst.identity, c) && !acl.allows_as_reply(src.identity, dst.identity, c) {
+    if !acl.allows(src.identity, dst.identity, c)
+        && !acl.allows_as_reply(src.identity, dst.identity, c)
+    {
         return Err(DropReason::DeniedByPolicy);
     }
     Ok(dst.infra)
@@ -266,11 +268,22 @@ mod tests {
         let secret = ClusterSecret::new(vec![7u8; 32]).unwrap();
         let rot = Rotation::new(60_000, 5_000).unwrap();
         let mut acl = crate::acl::Acl::builder();
-        let ia = acl.identity(Isolation { ingress: true, egress: true });
-        let ib = acl.identity(Isolation { ingress: true, egress: true });
-        let ic = acl.identity(Isolation { ingress: true, egress: true });
-        acl.egress(ia, ib).allow(PROTO_TCP, Some(PortRange::single(80)));
-        acl.ingress(ia, ib).allow(PROTO_TCP, Some(PortRange::single(80)));
+        let ia = acl.identity(Isolation {
+            ingress: true,
+            egress: true,
+        });
+        let ib = acl.identity(Isolation {
+            ingress: true,
+            egress: true,
+        });
+        let ic = acl.identity(Isolation {
+            ingress: true,
+            egress: true,
+        });
+        acl.egress(ia, ib)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
+        acl.ingress(ia, ib)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
         if direct {
             acl.direct(ia, ib);
         }
@@ -282,13 +295,30 @@ mod tests {
             infra: addr(infra),
             sap: Some(addr(sap)),
         };
-        fib.insert("100.64.1.1/32".parse().unwrap(), route("ns/a", ia, "10.1.1.1:6080", "10.0.0.1:6080")).unwrap();
-        fib.insert("100.64.2.1/32".parse().unwrap(), route("ns/b", ib, "10.1.2.1:6080", "10.0.0.2:6080")).unwrap();
-        fib.insert("100.64.2.2/32".parse().unwrap(), route("ns/c", ic, "10.1.2.2:6080", "10.0.0.2:6080")).unwrap();
+        fib.insert(
+            "100.64.1.1/32".parse().unwrap(),
+            route("ns/a", ia, "10.1.1.1:6080", "10.0.0.1:6080"),
+        )
+        .unwrap();
+        fib.insert(
+            "100.64.2.1/32".parse().unwrap(),
+            route("ns/b", ib, "10.1.2.1:6080", "10.0.0.2:6080"),
+        )
+        .unwrap();
+        fib.insert(
+            "100.64.2.2/32".parse().unwrap(),
+            route("ns/c", ic, "10.1.2.2:6080", "10.0.0.2:6080"),
+        )
+        .unwrap();
         let mut saps = FastSet::default();
         saps.insert("10.0.0.1".parse().unwrap());
         saps.insert("10.0.0.2".parse().unwrap());
-        let tables = Tables { fib: fib.build(), acl: acl.build(), saps, generation: 1 };
+        let tables = Tables {
+            fib: fib.build(),
+            acl: acl.build(),
+            saps,
+            generation: 1,
+        };
         let local = |name: &str, ip: [u8; 4], infra: &str, sap: &str| LocalEndpoint {
             entity: name.into(),
             overlay_ips: vec![IpAddr::V4(ip.into())],
@@ -316,7 +346,9 @@ mod tests {
     }
 
     fn key_of(w: &World, entity: &str) -> Key {
-        KeyRing::derive(&w.secret, entity, w.rot, NOW).key_at(NOW).unwrap()
+        KeyRing::derive(&w.secret, entity, w.rot, NOW)
+            .key_at(NOW)
+            .unwrap()
     }
 
     #[test]
@@ -324,7 +356,13 @@ mod tests {
         let w = world(false);
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
         let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
-        assert_eq!(send, Send { to: addr("10.0.0.2:6080"), via_sap: true });
+        assert_eq!(
+            send,
+            Send {
+                to: addr("10.0.0.2:6080"),
+                via_sap: true
+            }
+        );
         assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
 
         // The SaP on node-2 forwards it unchanged to b.
@@ -333,11 +371,16 @@ mod tests {
 
         // b accepts it from its SaP, and the reply goes back.
         let fb = flows();
-        let range = endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
+        let range =
+            endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
         assert_eq!(&buf[range], &build::tcp4(A_IP, 40000, B_IP, 80)[..]);
         let mut reply = with_headroom(build::tcp4(B_IP, 80, A_IP, 40000));
         let send = endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
-        assert_eq!(send.to, addr("10.0.0.1:6080"), "the reply goes through a's SaP, on node-1");
+        assert_eq!(
+            send.to,
+            addr("10.0.0.1:6080"),
+            "the reply goes through a's SaP, on node-1"
+        );
     }
 
     #[test]
@@ -374,7 +417,13 @@ mod tests {
         let w = world(true);
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
         let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
-        assert_eq!(send, Send { to: addr("10.1.2.1:6080"), via_sap: false });
+        assert_eq!(
+            send,
+            Send {
+                to: addr("10.1.2.1:6080"),
+                via_sap: false
+            }
+        );
         endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
     }
 
@@ -385,7 +434,13 @@ mod tests {
         w.a.local_sap = Some(addr("10.0.0.2:6080"));
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
         let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
-        assert_eq!(send, Send { to: addr("10.1.2.1:6080"), via_sap: true });
+        assert_eq!(
+            send,
+            Send {
+                to: addr("10.1.2.1:6080"),
+                via_sap: true
+            }
+        );
         // b sees a's own infra address as the outer source: accepted.
         endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
     }
@@ -395,15 +450,30 @@ mod tests {
         let w = world(false);
         let f = flows();
         let mut spoofed = with_headroom(build::tcp4([100, 64, 9, 9], 1, B_IP, 80));
-        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut spoofed, NOW), Err(DropReason::SpoofedSource));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut spoofed, NOW),
+            Err(DropReason::SpoofedSource)
+        );
         let mut nowhere = with_headroom(build::tcp4(A_IP, 1, [100, 64, 7, 7], 80));
-        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut nowhere, NOW), Err(DropReason::NoRoute));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut nowhere, NOW),
+            Err(DropReason::NoRoute)
+        );
         let mut denied = with_headroom(build::tcp4(A_IP, 1, B_IP, 81));
-        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut denied, NOW), Err(DropReason::DeniedByPolicy));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut denied, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
         let mut to_c = with_headroom(build::tcp4(A_IP, 1, C_IP, 80));
-        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut to_c, NOW), Err(DropReason::DeniedByPolicy));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut to_c, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
         let mut garbage = with_headroom(vec![0x45, 0, 0]);
-        assert_eq!(endpoint_egress(&w.tables, &w.a, &f, &mut garbage, NOW), Err(DropReason::Malformed));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &f, &mut garbage, NOW),
+            Err(DropReason::Malformed)
+        );
         // A ring far out of date has no key for now: fail closed.
         let mut stale = with_headroom(build::tcp4(A_IP, 1, B_IP, 80));
         assert_eq!(
@@ -428,26 +498,58 @@ mod tests {
         assert!(endpoint_ingress(&w.tables, &w.b, &f, &good, from_sap, NOW).is_ok());
 
         let wrong_key = encapsulated(Key(kb.0 ^ 1), build::tcp4(A_IP, 1, B_IP, 80));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &wrong_key, from_sap, NOW), Err(DropReason::BadKey));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &wrong_key, from_sap, NOW),
+            Err(DropReason::BadKey)
+        );
         let other_pods_key = encapsulated(key_of(&w, "ns/c"), build::tcp4(A_IP, 1, B_IP, 80));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &other_pods_key, from_sap, NOW), Err(DropReason::BadKey));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &other_pods_key, from_sap, NOW),
+            Err(DropReason::BadKey)
+        );
         let not_mine = encapsulated(kb, build::tcp4(A_IP, 1, C_IP, 80));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &not_mine, from_sap, NOW), Err(DropReason::WrongDestination));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &not_mine, from_sap, NOW),
+            Err(DropReason::WrongDestination)
+        );
         // Claims to be a, but comes from c's infra address, which is neither a's nor a SaP.
         assert_eq!(
             endpoint_ingress(&w.tables, &w.b, &f, &good, addr("10.1.2.2:6080"), NOW),
             Err(DropReason::SpoofedSource)
         );
         let unknown_src = encapsulated(kb, build::tcp4([100, 64, 9, 9], 1, B_IP, 80));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &unknown_src, from_sap, NOW), Err(DropReason::SpoofedSource));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &unknown_src, from_sap, NOW),
+            Err(DropReason::SpoofedSource)
+        );
         let denied = encapsulated(kb, build::tcp4(A_IP, 1, B_IP, 81));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &denied, from_sap, NOW), Err(DropReason::DeniedByPolicy));
-        let ping = encapsulated(kb, build::ipv4(A_IP.into(), B_IP.into(), PROTO_ICMP, &build::echo(false, false, 1, 1)));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &ping, from_sap, NOW), Err(DropReason::DeniedByPolicy));
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &[1, 2, 3], from_sap, NOW), Err(DropReason::Malformed));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &denied, from_sap, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+        let ping = encapsulated(
+            kb,
+            build::ipv4(
+                A_IP.into(),
+                B_IP.into(),
+                PROTO_ICMP,
+                &build::echo(false, false, 1, 1),
+            ),
+        );
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &ping, from_sap, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &[1, 2, 3], from_sap, NOW),
+            Err(DropReason::Malformed)
+        );
         let mut bad_inner = good.clone();
         bad_inner.truncate(gue::HEADER_LEN + 10);
-        assert_eq!(endpoint_ingress(&w.tables, &w.b, &f, &bad_inner, from_sap, NOW), Err(DropReason::Malformed));
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &f, &bad_inner, from_sap, NOW),
+            Err(DropReason::Malformed)
+        );
     }
 
     #[test]
@@ -457,14 +559,29 @@ mod tests {
         let from_a = addr("10.1.1.1:6080");
         let good = encapsulated(kb, build::tcp4(A_IP, 1, B_IP, 80));
         assert!(sap_forward(&w.tables, &good, from_a, NOW).is_ok());
-        assert_eq!(sap_forward(&w.tables, &good, addr("10.9.9.9:6080"), NOW), Err(DropReason::SpoofedSource));
+        assert_eq!(
+            sap_forward(&w.tables, &good, addr("10.9.9.9:6080"), NOW),
+            Err(DropReason::SpoofedSource)
+        );
         let wrong_key = encapsulated(Key(1), build::tcp4(A_IP, 1, B_IP, 80));
-        assert_eq!(sap_forward(&w.tables, &wrong_key, from_a, NOW), Err(DropReason::BadKey));
+        assert_eq!(
+            sap_forward(&w.tables, &wrong_key, from_a, NOW),
+            Err(DropReason::BadKey)
+        );
         let nowhere = encapsulated(kb, build::tcp4(A_IP, 1, [100, 64, 7, 7], 80));
-        assert_eq!(sap_forward(&w.tables, &nowhere, from_a, NOW), Err(DropReason::NoRoute));
+        assert_eq!(
+            sap_forward(&w.tables, &nowhere, from_a, NOW),
+            Err(DropReason::NoRoute)
+        );
         let denied = encapsulated(key_of(&w, "ns/c"), build::tcp4(A_IP, 1, C_IP, 80));
-        assert_eq!(sap_forward(&w.tables, &denied, from_a, NOW), Err(DropReason::DeniedByPolicy));
-        assert_eq!(sap_forward(&w.tables, &[0xff; 20], from_a, NOW), Err(DropReason::Malformed));
+        assert_eq!(
+            sap_forward(&w.tables, &denied, from_a, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+        assert_eq!(
+            sap_forward(&w.tables, &[0xff; 20], from_a, NOW),
+            Err(DropReason::Malformed)
+        );
     }
 
     #[test]
@@ -474,9 +591,26 @@ mod tests {
         // Sent with the old epoch's key just after the boundary: still accepted.
         let boundary = w.rot.start_of(w.rot.epoch_at(NOW)) + w.rot.period_ms();
         let old = encapsulated(key_of(&w, "ns/b"), build::tcp4(A_IP, 1, B_IP, 80));
-        assert!(endpoint_ingress(&w.tables, &w.b, &f, &old, addr("10.0.0.2:6080"), boundary + 100).is_ok());
+        assert!(
+            endpoint_ingress(
+                &w.tables,
+                &w.b,
+                &f,
+                &old,
+                addr("10.0.0.2:6080"),
+                boundary + 100
+            )
+            .is_ok()
+        );
         assert_eq!(
-            endpoint_ingress(&w.tables, &w.b, &f, &old, addr("10.0.0.2:6080"), boundary + 10_000),
+            endpoint_ingress(
+                &w.tables,
+                &w.b,
+                &f,
+                &old,
+                addr("10.0.0.2:6080"),
+                boundary + 10_000
+            ),
             Err(DropReason::BadKey)
         );
     }
@@ -491,14 +625,30 @@ mod tests {
         let x: IpAddr = "fd6b::1".parse().unwrap();
         let y: IpAddr = "fd6b::2".parse().unwrap();
         for (ip, name, infra) in [(x, "ns/x", "10.1.1.1:6080"), (y, "ns/y", "10.1.1.2:6080")] {
-            fib.insert(ipnetwork::IpNetwork::new(ip, 128).unwrap(), Route {
-                entity: name.into(), identity: i, keys: KeyRing::derive(&secret, name, rot, NOW),
-                infra: addr(infra), sap: None,
-            }).unwrap();
+            fib.insert(
+                ipnetwork::IpNetwork::new(ip, 128).unwrap(),
+                Route {
+                    entity: name.into(),
+                    identity: i,
+                    keys: KeyRing::derive(&secret, name, rot, NOW),
+                    infra: addr(infra),
+                    sap: None,
+                },
+            )
+            .unwrap();
         }
-        let tables = Tables { fib: fib.build(), acl: acl.build(), ..Default::default() };
-        let local = LocalEndpoint { entity: "ns/x".into(), overlay_ips: vec![x], infra: addr("10.1.1.1:6080"),
-            keys: KeyRing::derive(&secret, "ns/x", rot, NOW), local_sap: None };
+        let tables = Tables {
+            fib: fib.build(),
+            acl: acl.build(),
+            ..Default::default()
+        };
+        let local = LocalEndpoint {
+            entity: "ns/x".into(),
+            overlay_ips: vec![x],
+            infra: addr("10.1.1.1:6080"),
+            keys: KeyRing::derive(&secret, "ns/x", rot, NOW),
+            local_sap: None,
+        };
         let IpAddr::V6(xs) = x else { unreachable!() };
         let IpAddr::V6(ys) = y else { unreachable!() };
         let pkt = build::ipv6(xs, ys, PROTO_TCP, &build::ports(PROTO_TCP, 1, 2, b""));

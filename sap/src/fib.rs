@@ -46,13 +46,21 @@ trait Address: Copy + Eq + std::hash::Hash + std::ops::BitAnd<Output = Self> {
 
 impl Address for u32 {
     fn mask(len: u8) -> Self {
-        if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) }
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        }
     }
 }
 
 impl Address for u128 {
     fn mask(len: u8) -> Self {
-        if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len))
+        }
     }
 }
 
@@ -65,7 +73,10 @@ impl<A: Address> Lpm<A> {
                 p
             }
         };
-        self.levels[pos].1.insert(addr & A::mask(len), idx).is_none()
+        self.levels[pos]
+            .1
+            .insert(addr & A::mask(len), idx)
+            .is_none()
     }
 
     #[inline]
@@ -173,11 +184,16 @@ mod tests {
     #[test]
     fn longest_prefix_wins_in_both_families() {
         let mut b = Fib::builder();
-        b.insert("100.64.0.0/10".parse().unwrap(), route("wide", 1)).unwrap();
-        b.insert("100.64.1.0/24".parse().unwrap(), route("node", 2)).unwrap();
-        b.insert("100.64.1.7/32".parse().unwrap(), route("pod", 3)).unwrap();
-        b.insert("fd00::/48".parse().unwrap(), route("v6wide", 4)).unwrap();
-        b.insert("fd00::7/128".parse().unwrap(), route("v6pod", 5)).unwrap();
+        b.insert("100.64.0.0/10".parse().unwrap(), route("wide", 1))
+            .unwrap();
+        b.insert("100.64.1.0/24".parse().unwrap(), route("node", 2))
+            .unwrap();
+        b.insert("100.64.1.7/32".parse().unwrap(), route("pod", 3))
+            .unwrap();
+        b.insert("fd00::/48".parse().unwrap(), route("v6wide", 4))
+            .unwrap();
+        b.insert("fd00::7/128".parse().unwrap(), route("v6pod", 5))
+            .unwrap();
         let fib = b.build();
         let id = |ip: &str| fib.lookup(ip.parse().unwrap()).map(|r| r.identity.0);
         assert_eq!(id("100.64.1.7"), Some(3));
@@ -194,16 +210,22 @@ mod tests {
     #[test]
     fn default_routes_match_everything_in_their_family() {
         let mut b = Fib::builder();
-        b.insert("0.0.0.0/0".parse().unwrap(), route("any4", 1)).unwrap();
+        b.insert("0.0.0.0/0".parse().unwrap(), route("any4", 1))
+            .unwrap();
         let fib = b.build();
-        assert_eq!(fib.lookup("1.2.3.4".parse().unwrap()).unwrap().identity.0, 1);
+        assert_eq!(
+            fib.lookup("1.2.3.4".parse().unwrap()).unwrap().identity.0,
+            1
+        );
         assert!(fib.lookup("::1".parse().unwrap()).is_none());
     }
 
     #[test]
     fn duplicates_are_refused_and_routes_can_be_shared() {
         let mut b = Fib::builder();
-        let idx = b.insert("100.64.0.1/32".parse().unwrap(), route("p", 1)).unwrap();
+        let idx = b
+            .insert("100.64.0.1/32".parse().unwrap(), route("p", 1))
+            .unwrap();
         b.prefix("fd00::1/128".parse().unwrap(), idx).unwrap();
         assert_eq!(
             b.prefix("100.64.0.1/32".parse().unwrap(), idx),
@@ -211,7 +233,13 @@ mod tests {
         );
         let fib = b.build();
         assert_eq!(fib.routes().len(), 1);
-        assert_eq!(fib.lookup("fd00::1".parse().unwrap()).unwrap().entity.as_ref(), "p");
+        assert_eq!(
+            fib.lookup("fd00::1".parse().unwrap())
+                .unwrap()
+                .entity
+                .as_ref(),
+            "p"
+        );
     }
 
     proptest! {

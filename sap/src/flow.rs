@@ -113,7 +113,9 @@ impl FlowTable {
 
     /// Records (or refreshes) the flow that `c`, allowed by policy, belongs to.
     pub fn track(&self, c: &Classified, now_ms: u64) {
-        let Some(key) = FlowKey::forward(c) else { return };
+        let Some(key) = FlowKey::forward(c) else {
+            return;
+        };
         let mut inner = self.lock();
         if let Some(seen) = inner.flows.get_mut(&key) {
             *seen = now_ms;
@@ -133,7 +135,9 @@ impl FlowTable {
 
     /// Whether `c` is a reply within a live tracked flow; refreshes the flow if so.
     pub fn is_reply(&self, c: &Classified, now_ms: u64) -> bool {
-        let Some(key) = FlowKey::reverse(c) else { return false };
+        let Some(key) = FlowKey::reverse(c) else {
+            return false;
+        };
         let timeout = self.timeout(&key);
         let mut inner = self.lock();
         match inner.flows.get_mut(&key) {
@@ -182,7 +186,10 @@ mod tests {
         t.track(&req, 0);
         assert!(t.is_reply(&reply, 1));
         assert!(!t.is_reply(&other, 1));
-        assert!(!t.is_reply(&req, 1), "the forward direction is not a reply to itself");
+        assert!(
+            !t.is_reply(&req, 1),
+            "the forward direction is not a reply to itself"
+        );
     }
 
     #[test]
@@ -190,18 +197,58 @@ mod tests {
         let t = FlowTable::new(16, FlowTimeouts::default());
         let a = [1, 0, 0, 1].into();
         let b = [1, 0, 0, 2].into();
-        t.track(&c(build::ipv4(a, b, PROTO_ICMP, &build::echo(false, false, 5, 1))), 0);
-        assert!(t.is_reply(&c(build::ipv4(b, a, PROTO_ICMP, &build::echo(false, true, 5, 1))), 1));
-        assert!(!t.is_reply(&c(build::ipv4(b, a, PROTO_ICMP, &build::echo(false, true, 6, 1))), 1));
+        t.track(
+            &c(build::ipv4(
+                a,
+                b,
+                PROTO_ICMP,
+                &build::echo(false, false, 5, 1),
+            )),
+            0,
+        );
+        assert!(t.is_reply(
+            &c(build::ipv4(
+                b,
+                a,
+                PROTO_ICMP,
+                &build::echo(false, true, 5, 1)
+            )),
+            1
+        ));
+        assert!(!t.is_reply(
+            &c(build::ipv4(
+                b,
+                a,
+                PROTO_ICMP,
+                &build::echo(false, true, 6, 1)
+            )),
+            1
+        ));
     }
 
     #[test]
     fn idle_flows_expire() {
-        let t = FlowTable::new(16, FlowTimeouts { tcp_ms: 100, other_ms: 10 });
+        let t = FlowTable::new(
+            16,
+            FlowTimeouts {
+                tcp_ms: 100,
+                other_ms: 10,
+            },
+        );
         let a = [1, 0, 0, 1].into();
         let b = [1, 0, 0, 2].into();
-        let req = c(build::ipv4(a, b, PROTO_UDP, &build::ports(PROTO_UDP, 5, 53, b"")));
-        let reply = c(build::ipv4(b, a, PROTO_UDP, &build::ports(PROTO_UDP, 53, 5, b"")));
+        let req = c(build::ipv4(
+            a,
+            b,
+            PROTO_UDP,
+            &build::ports(PROTO_UDP, 5, 53, b""),
+        ));
+        let reply = c(build::ipv4(
+            b,
+            a,
+            PROTO_UDP,
+            &build::ports(PROTO_UDP, 53, 5, b""),
+        ));
         t.track(&req, 0);
         assert!(t.is_reply(&reply, 9));
         assert!(t.is_reply(&reply, 18), "refreshed at 9");
@@ -211,7 +258,13 @@ mod tests {
 
     #[test]
     fn a_full_table_sweeps_then_refuses() {
-        let t = FlowTable::new(2, FlowTimeouts { tcp_ms: 100, other_ms: 100 });
+        let t = FlowTable::new(
+            2,
+            FlowTimeouts {
+                tcp_ms: 100,
+                other_ms: 100,
+            },
+        );
         for port in 1..=2 {
             t.track(&c(build::tcp4([1, 0, 0, 1], port, [1, 0, 0, 2], 80)), 0);
         }

@@ -158,7 +158,8 @@ pub fn encapsulate_in_place(key: Key, buf: &mut [u8]) -> Result<(), EncodeError>
         return Err(EncodeError::EmptyPacket);
     }
     let proto = InnerProto::of_packet(&buf[HEADER_LEN..])?;
-    let header: &mut [u8; HEADER_LEN] = (&mut buf[..HEADER_LEN]).try_into().expect("length checked");
+    let header: &mut [u8; HEADER_LEN] =
+        (&mut buf[..HEADER_LEN]).try_into().expect("length checked");
     write_header(header, proto, key);
     Ok(())
 }
@@ -321,7 +322,10 @@ mod tests {
         d[0] = 0x02;
         assert_eq!(
             decode(&d),
-            Err(DecodeError::HeaderLengthMismatch { hlen: 2, expected: 1 })
+            Err(DecodeError::HeaderLengthMismatch {
+                hlen: 2,
+                expected: 1
+            })
         );
         assert_eq!(
             decode(&valid()[..6]),
@@ -335,7 +339,10 @@ mod tests {
         d[1] = PROTO_IPV6;
         assert_eq!(
             decode(&d),
-            Err(DecodeError::InnerVersionMismatch { proto: 41, version: 4 })
+            Err(DecodeError::InnerVersionMismatch {
+                proto: 41,
+                version: 4
+            })
         );
     }
 
@@ -350,7 +357,10 @@ mod tests {
             encapsulate(Key(1), &[0x10, 0, 0], &mut [0u8; 64]),
             Err(EncodeError::NotAnIpPacket { version: 1 })
         );
-        assert_eq!(encapsulate(Key(1), &[], &mut [0u8; 64]), Err(EncodeError::EmptyPacket));
+        assert_eq!(
+            encapsulate(Key(1), &[], &mut [0u8; 64]),
+            Err(EncodeError::EmptyPacket)
+        );
     }
 
     proptest! {

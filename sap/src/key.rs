@@ -35,7 +35,9 @@ pub enum KeyError {
     SecretTooShort { got: usize },
     #[error("rotation period must be at least 1 s, got {period_ms} ms")]
     PeriodTooShort { period_ms: u64 },
-    #[error("grace window ({grace_ms} ms) must be shorter than half the rotation period ({period_ms} ms)")]
+    #[error(
+        "grace window ({grace_ms} ms) must be shorter than half the rotation period ({period_ms} ms)"
+    )]
     GraceTooLong { grace_ms: u64, period_ms: u64 },
 }
 
@@ -141,7 +143,11 @@ impl KeyRing {
         KeyRing::Rotating {
             rotation,
             centre,
-            keys: [at(centre.0.saturating_sub(1)), at(centre.0), at(centre.0 + 1)],
+            keys: [
+                at(centre.0.saturating_sub(1)),
+                at(centre.0),
+                at(centre.0 + 1),
+            ],
         }
     }
 
@@ -179,7 +185,8 @@ impl KeyRing {
                 (since_start < rotation.grace_ms
                     && now.0 > 0
                     && self.key_of(Epoch(now.0 - 1)) == Some(key))
-                    || (until_next <= rotation.grace_ms && self.key_of(Epoch(now.0 + 1)) == Some(key))
+                    || (until_next <= rotation.grace_ms
+                        && self.key_of(Epoch(now.0 + 1)) == Some(key))
             }
         }
     }
@@ -196,11 +203,23 @@ mod tests {
     #[test]
     fn derivation_is_deterministic_and_separates_entities_and_epochs() {
         let s = secret();
-        assert_eq!(s.derive("default/a", Epoch(1)), s.derive("default/a", Epoch(1)));
-        assert_ne!(s.derive("default/a", Epoch(1)), s.derive("default/b", Epoch(1)));
-        assert_ne!(s.derive("default/a", Epoch(1)), s.derive("default/a", Epoch(2)));
+        assert_eq!(
+            s.derive("default/a", Epoch(1)),
+            s.derive("default/a", Epoch(1))
+        );
+        assert_ne!(
+            s.derive("default/a", Epoch(1)),
+            s.derive("default/b", Epoch(1))
+        );
+        assert_ne!(
+            s.derive("default/a", Epoch(1)),
+            s.derive("default/a", Epoch(2))
+        );
         let other = ClusterSecret::new(b"fedcba9876543210fedcba9876543210".to_vec()).unwrap();
-        assert_ne!(s.derive("default/a", Epoch(1)), other.derive("default/a", Epoch(1)));
+        assert_ne!(
+            s.derive("default/a", Epoch(1)),
+            other.derive("default/a", Epoch(1))
+        );
     }
 
     #[test]
@@ -256,6 +275,9 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        assert_eq!(format!("{:?}", secret()), "ClusterSecret(32 bytes, redacted)");
+        assert_eq!(
+            format!("{:?}", secret()),
+            "ClusterSecret(32 bytes, redacted)"
+        );
     }
 }

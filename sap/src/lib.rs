@@ -18,6 +18,9 @@ pub mod io;
 pub mod sys;
 pub mod tables;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
 pub use acl::{Acl, Identity, Isolation, PortRange};
 pub use engine::{DropReason, LocalEndpoint, Tables};
 pub use fib::{Fib, Route};

@@ -146,8 +146,12 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
     let payload_len = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
     let end = IPV6_HEADER_LEN + payload_len;
     need(pkt, end)?;
-    let src = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[8..24]).expect("16 bytes")));
-    let dst = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).expect("16 bytes")));
+    let src = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&pkt[8..24]).expect("16 bytes"),
+    ));
+    let dst = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&pkt[24..40]).expect("16 bytes"),
+    ));
     let mut next = pkt[6];
     let mut off = IPV6_HEADER_LEN;
     let mut later_fragment = false;
@@ -196,7 +200,11 @@ fn transport(proto: u8, l4: &[u8]) -> Result<Transport, PacketError> {
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             need(l4, 4)?;
-            let (request, reply) = if proto == PROTO_ICMP { (8, 0) } else { (128, 129) };
+            let (request, reply) = if proto == PROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
             match l4[0] {
                 t if t == request || t == reply => {
                     need(l4, 6)?;
@@ -277,7 +285,12 @@ pub mod build {
     }
 
     pub fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-        ipv4(src.into(), dst.into(), PROTO_TCP, &ports(PROTO_TCP, sport, dport, b""))
+        ipv4(
+            src.into(),
+            dst.into(),
+            PROTO_TCP,
+            &ports(PROTO_TCP, sport, dport, b""),
+        )
     }
 }
 
@@ -306,9 +319,21 @@ mod tests {
     #[test]
     fn icmp_echo_and_other_icmp() {
         let c = classify(&ipv4(A, B, PROTO_ICMP, &echo(false, false, 77, 1))).unwrap();
-        assert_eq!(c.transport, Transport::Echo { id: 77, reply: false });
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 77,
+                reply: false
+            }
+        );
         let c = classify(&ipv4(A, B, PROTO_ICMP, &echo(false, true, 77, 1))).unwrap();
-        assert_eq!(c.transport, Transport::Echo { id: 77, reply: true });
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 77,
+                reply: true
+            }
+        );
         // Destination unreachable: no ports.
         let c = classify(&ipv4(A, B, PROTO_ICMP, &[3, 1, 0, 0, 0, 0, 0, 0])).unwrap();
         assert_eq!(c.transport, Transport::NoPorts);
@@ -327,7 +352,13 @@ mod tests {
         assert_eq!(c.transport, Transport::Ports { src: 5353, dst: 53 });
 
         let c = classify(&ipv6(s, d, PROTO_ICMPV6, &echo(true, false, 9, 1))).unwrap();
-        assert_eq!(c.transport, Transport::Echo { id: 9, reply: false });
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 9,
+                reply: false
+            }
+        );
     }
 
     #[test]
@@ -341,7 +372,10 @@ mod tests {
         let mut later = ipv4(A, B, PROTO_UDP, b"rest of the datagram");
         later[6] = 0x00;
         later[7] = 0xb9; // offset 185 * 8
-        assert_eq!(classify(&later).unwrap().transport, Transport::LaterFragment);
+        assert_eq!(
+            classify(&later).unwrap().transport,
+            Transport::LaterFragment
+        );
 
         let s: Ipv6Addr = "fd00::1".parse().unwrap();
         let frag = [PROTO_TCP, 0, 0x00, 0x08, 0, 0, 0, 1]; // offset 1 (8 bytes)
@@ -363,7 +397,10 @@ mod tests {
     fn malformed_packets() {
         assert_eq!(classify(&[]), Err(PacketError::Empty));
         assert_eq!(classify(&[0x50; 40]), Err(PacketError::BadVersion(5)));
-        assert!(matches!(classify(&[0x45; 10]), Err(PacketError::Truncated { .. })));
+        assert!(matches!(
+            classify(&[0x45; 10]),
+            Err(PacketError::Truncated { .. })
+        ));
         let mut p = tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
         p[0] = 0x44;
         assert_eq!(classify(&p), Err(PacketError::BadIhl(16)));
@@ -374,14 +411,19 @@ mod tests {
         p[2..4].copy_from_slice(&10u16.to_be_bytes());
         assert_eq!(
             classify(&p),
-            Err(PacketError::BadTotalLength { total: 10, header: 20 })
+            Err(PacketError::BadTotalLength {
+                total: 10,
+                header: 20
+            })
         );
         // UDP header cut to 2 bytes in an unfragmented packet.
         let p = ipv4(A, B, PROTO_UDP, &[0, 1]);
         assert!(matches!(classify(&p), Err(PacketError::Truncated { .. })));
         // A loop of 20 destination-options headers.
         let s: Ipv6Addr = "fd00::1".parse().unwrap();
-        let payload: Vec<u8> = (0..20).flat_map(|_| [IPV6_DEST_OPTS, 0, 0, 0, 0, 0, 0, 0]).collect();
+        let payload: Vec<u8> = (0..20)
+            .flat_map(|_| [IPV6_DEST_OPTS, 0, 0, 0, 0, 0, 0, 0])
+            .collect();
         assert_eq!(
             classify(&ipv6(s, s, IPV6_DEST_OPTS, &payload)),
             Err(PacketError::TooManyExtensionHeaders)

@@ -40,7 +40,11 @@ fn ns_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor, which `fd` keeps open
     // for the duration of the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 impl Netns {
@@ -127,14 +131,22 @@ pub fn ensure_tun_node(path: &Path) -> io::Result<bool> {
             }
             Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists but is not the TUN device (10, 200)", path.display()),
+                format!(
+                    "{} exists but is not the TUN device (10, 200)",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            match mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(10, 200)) {
+            match mknod(
+                path,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(10, 200),
+            ) {
                 Ok(()) => Ok(true),
                 Err(nix::Error::EEXIST) => Ok(false),
                 Err(e) => Err(io::Error::from(e)),
@@ -145,7 +157,11 @@ pub fn ensure_tun_node(path: &Path) -> io::Result<bool> {
 }
 
 /// Sends one message with descriptors attached (SCM_RIGHTS) on a connected unix socket.
-pub fn send_with_fds(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    msg: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [io::IoSlice::new(msg)];
@@ -154,7 +170,8 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -
     } else {
         vec![ControlMessage::ScmRights(&raw)]
     };
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
 }
 
 /// One message received with [`recv_with_fds`].
@@ -178,8 +195,13 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
     let mut iov = [io::IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
     let mut fds = Vec::new();
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(raw) = c {
@@ -224,7 +246,9 @@ pub fn has_capability(cap: Capability) -> io::Result<bool> {
     let hex = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no CapEff in /proc/self/status"))?;
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "no CapEff in /proc/self/status")
+        })?;
     let bits = u64::from_str_radix(hex.trim(), 16)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(bits & (1 << cap as u64) != 0)
@@ -245,16 +269,31 @@ mod tests {
     #[test]
     fn other_descriptors_are_refused() {
         let f = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(matches!(Netns::from_fd(f.into()), Err(NetnsError::NotANamespace(_))));
+        assert!(matches!(
+            Netns::from_fd(f.into()),
+            Err(NetnsError::NotANamespace(_))
+        ));
         let uts = std::fs::File::open("/proc/self/ns/uts").unwrap();
-        assert!(matches!(Netns::from_fd(uts.into()), Err(NetnsError::WrongType(_))));
-        assert!(matches!(Netns::open("/nonexistent/ns"), Err(NetnsError::Open { .. })));
+        assert!(matches!(
+            Netns::from_fd(uts.into()),
+            Err(NetnsError::WrongType(_))
+        ));
+        assert!(matches!(
+            Netns::open("/nonexistent/ns"),
+            Err(NetnsError::Open { .. })
+        ));
     }
 
     #[test]
     fn descriptors_cross_a_unix_socket_owned() {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         let ns = Netns::current().unwrap();
         send_with_fds(a.as_fd(), b"hello", &[ns.as_fd()]).unwrap();
         let mut buf = [0u8; 16];

@@ -58,9 +58,15 @@ mod tests {
 
     #[test]
     fn readers_keep_their_snapshot_while_a_writer_publishes() {
-        let shared = SharedTables::new(Tables { generation: 1, ..Default::default() });
+        let shared = SharedTables::new(Tables {
+            generation: 1,
+            ..Default::default()
+        });
         let held = shared.load_full_for_test();
-        shared.publish(Tables { generation: 2, ..Default::default() });
+        shared.publish(Tables {
+            generation: 2,
+            ..Default::default()
+        });
         assert_eq!(held.generation, 1);
         assert_eq!(shared.generation(), 2);
     }

@@ -8,3 +8,10 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+pub mod datapath;
+pub mod endpoint;
+pub mod netlink;
+pub mod nft;
+pub mod tun;
+pub mod udp;

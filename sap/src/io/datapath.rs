@@ -1,0 +1,387 @@
+//! The loops that move packets: an endpoint's egress (TUN → engine → UDP) and ingress (UDP → engine
+//! → TUN), and a SaP's forwarding (UDP → engine → UDP).
+//!
+//! Threading model: each loop is a tokio task; an endpoint is one ingress task plus one egress task
+//! per overlay device, and a multi-threaded runtime with one worker per core runs them all. What
+//! makes it fast is not threads but batching at both ends: the TUN device is attached with
+//! `IFF_VNET_HDR` and TSO/USO offloads, so one read returns a 64 KiB TCP aggregate that is split
+//! into MTU-sized packets in user space; those become one UDP GSO send per destination; on receive,
+//! UDP GRO hands over many datagrams per call, and the inner packets are re-coalesced (GRO) into
+//! aggregates for a single TUN write. Per-packet work is the engine's, a few hash lookups.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+use crate::counters::{Counters, Stage};
+use crate::engine;
+use crate::flow::FlowTable;
+use crate::gue;
+use crate::tables::{SharedLocal, SharedTables};
+
+/// Packets handled per batch at each end.
+pub const BATCH: usize = 64;
+/// The largest datagram or inner packet handled (a full IPv4/IPv6 packet).
+const MAX_PACKET: usize = 65535;
+
+/// A GUE socket with GSO/GRO, usable from tasks.
+#[derive(Debug)]
+pub struct GueSocket {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl GueSocket {
+    /// Wraps a bound, non-blocking socket. Must be called inside a tokio runtime.
+    pub fn new(sock: std::net::UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new((&sock).into())?;
+        Ok(GueSocket {
+            sock: UdpSocket::from_std(sock)?,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().clamp(1, 64)
+    }
+
+    fn gro_segments(&self) -> usize {
+        self.state.gro_segments().clamp(1, 64)
+    }
+
+    /// Sends one datagram, or several equal-sized ones in one GSO call when `segment` is given.
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        loop {
+            self.sock.writable().await?;
+            match self.sock.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        loop {
+            self.sock.readable().await?;
+            match self.sock.try_io(Interest::READABLE, || {
+                self.state.recv((&self.sock).into(), bufs, meta)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Gathers datagrams for one destination into a single GSO send: equal sizes, the last one may be
+/// shorter and then closes the batch.
+#[derive(Debug)]
+struct GsoBatch {
+    to: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+    max: usize,
+}
+
+impl GsoBatch {
+    fn new(max: usize) -> Self {
+        GsoBatch {
+            to: None,
+            buf: Vec::with_capacity(64 * 1024),
+            segment: 0,
+            count: 0,
+            closed: false,
+            max,
+        }
+    }
+
+    fn fits(&self, to: SocketAddr, len: usize) -> bool {
+        self.to == Some(to)
+            && !self.closed
+            && self.count < self.max
+            && len <= self.segment
+            && self.buf.len() + len <= MAX_PACKET
+    }
+
+    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, sock: &GueSocket) {
+        let Some(to) = self.to.take() else { return };
+        let segment = (self.count > 1).then_some(self.segment);
+        if let Err(e) = sock.send(to, &self.buf, segment).await {
+            // ICMP errors surface here (port unreachable, no route): the packet is lost, as it
+            // would be on the wire; the loop goes on.
+            tracing::debug!(%to, error = %e, "GUE send failed");
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+
+    async fn add(&mut self, sock: &GueSocket, to: SocketAddr, datagram: &[u8]) {
+        if self.count > 0 && !self.fits(to, datagram.len()) {
+            self.flush(sock).await;
+        }
+        self.push(to, datagram);
+    }
+}
+
+/// What an endpoint's loops share.
+#[derive(Debug)]
+pub struct EndpointContext {
+    pub tables: Arc<SharedTables>,
+    pub local: Arc<SharedLocal>,
+    pub flows: FlowTable,
+    pub counters: Arc<Counters>,
+}
+
+/// The TUN → GUE loop of one overlay device. Returns when the device goes away.
+pub async fn endpoint_egress(
+    ctx: Arc<EndpointContext>,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<GueSocket>,
+) -> io::Result<()> {
+    let mtu = usize::from(tun.mtu().unwrap_or(1500)).max(1280);
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+    let mut bufs = vec![vec![0u8; gue::HEADER_LEN + mtu]; BATCH];
+    let mut sizes = vec![0usize; BATCH];
+    let mut batch = GsoBatch::new(sock.max_segments());
+    loop {
+        let n = match tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, gue::HEADER_LEN)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) if device_gone(&e) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "TUN read failed");
+                continue;
+            }
+        };
+        let tables = ctx.tables.load();
+        let local = ctx.local.load();
+        let now = super::now_ms();
+        for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
+            let datagram = &mut buf[..gue::HEADER_LEN + size];
+            match engine::endpoint_egress(&tables, &local, &ctx.flows, datagram, now) {
+                Ok(send) => {
+                    ctx.counters.forwarded(Stage::Egress, size);
+                    batch.add(&sock, send.to, datagram).await;
+                }
+                Err(reason) => ctx.counters.dropped(Stage::Egress, reason),
+            }
+        }
+        batch.flush(&sock).await;
+    }
+}
+
+fn device_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::EIO)
+    )
+}
+
+/// The inner destination address, for picking the device (the engine has already checked it).
+fn inner_dst(inner: &[u8]) -> Option<IpAddr> {
+    match inner.first()? >> 4 {
+        4 if inner.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&inner[16..20]).ok()?)),
+        6 if inner.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&inner[24..40]).ok()?)),
+        _ => None,
+    }
+}
+
+/// One overlay device of an endpoint, by the overlay IP it carries.
+#[derive(Clone)]
+pub struct OverlayDevice {
+    pub ip: IpAddr,
+    pub tun: Arc<AsyncDevice>,
+}
+
+impl std::fmt::Debug for OverlayDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayDevice")
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The GUE → TUN loop of an endpoint (all its devices). Runs until the socket fails.
+pub async fn endpoint_ingress(
+    ctx: Arc<EndpointContext>,
+    devices: Vec<OverlayDevice>,
+    sock: Arc<GueSocket>,
+) -> io::Result<()> {
+    let segs = sock.gro_segments();
+    let mut rx = vec![vec![0u8; (segs * 1500).clamp(MAX_PACKET, 128 * 1024)]; 2];
+    let mut meta = [RecvMeta::default(); 2];
+    let mut pending: Vec<Vec<Vec<u8>>> = devices.iter().map(|_| Vec::new()).collect();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut gro = GROTable::default();
+    loop {
+        let n = {
+            let mut iov: Vec<IoSliceMut<'_>> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match sock.recv(&mut iov, &mut meta).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Errors queued by ICMP (refused, unreachable) belong to earlier sends.
+                    tracing::trace!(error = %e, "GUE receive error");
+                    continue;
+                }
+            }
+        };
+        let tables = ctx.tables.load();
+        let local = ctx.local.load();
+        let now = super::now_ms();
+        for (m, buf) in meta.iter().zip(&rx).take(n) {
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for datagram in buf[..m.len].chunks(stride) {
+                match engine::endpoint_ingress(&tables, &local, &ctx.flows, datagram, m.addr, now) {
+                    Ok(range) => {
+                        let inner = &datagram[range];
+                        let Some(dev) =
+                            inner_dst(inner).and_then(|ip| devices.iter().position(|d| d.ip == ip))
+                        else {
+                            ctx.counters
+                                .dropped(Stage::Ingress, engine::DropReason::WrongDestination);
+                            continue;
+                        };
+                        ctx.counters.forwarded(Stage::Ingress, inner.len());
+                        let mut out = spare.pop().unwrap_or_default();
+                        out.clear();
+                        out.resize(VIRTIO_NET_HDR_LEN, 0);
+                        out.extend_from_slice(inner);
+                        pending[dev].push(out);
+                    }
+                    Err(reason) => ctx.counters.dropped(Stage::Ingress, reason),
+                }
+            }
+        }
+        for (dev, bufs) in devices.iter().zip(pending.iter_mut()) {
+            if bufs.is_empty() {
+                continue;
+            }
+            if let Err(e) = dev
+                .tun
+                .send_multiple(&mut gro, bufs, VIRTIO_NET_HDR_LEN)
+                .await
+            {
+                if device_gone(&e) {
+                    return Ok(());
+                }
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+            spare.append(bufs);
+        }
+        spare.truncate(BATCH);
+    }
+}
+
+/// A SaP's loop: datagrams in, checked, forwarded unchanged. Runs until the socket fails.
+pub async fn sap(
+    tables: Arc<SharedTables>,
+    counters: Arc<Counters>,
+    sock: Arc<GueSocket>,
+) -> io::Result<()> {
+    let segs = sock.gro_segments();
+    let mut rx = vec![vec![0u8; (segs * 1500).clamp(MAX_PACKET, 128 * 1024)]; 4];
+    let mut meta = [RecvMeta::default(); 4];
+    let mut batch = GsoBatch::new(sock.max_segments());
+    loop {
+        let n = {
+            let mut iov: Vec<IoSliceMut<'_>> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match sock.recv(&mut iov, &mut meta).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::trace!(error = %e, "SaP receive error");
+                    continue;
+                }
+            }
+        };
+        let t = tables.load();
+        let now = super::now_ms();
+        for (m, buf) in meta.iter().zip(&rx).take(n) {
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for datagram in buf[..m.len].chunks(stride) {
+                match engine::sap_forward(&t, datagram, m.addr, now) {
+                    Ok(to) => {
+                        counters.forwarded(Stage::Sap, datagram.len());
+                        batch.add(&sock, to, datagram).await;
+                    }
+                    Err(reason) => counters.dropped(Stage::Sap, reason),
+                }
+            }
+        }
+        batch.flush(&sock).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inner_destination_of_both_families() {
+        let v4 = crate::packet::build::tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        assert_eq!(inner_dst(&v4), Some("2.2.2.2".parse().unwrap()));
+        let v6 = crate::packet::build::ipv6(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            17,
+            &[0; 8],
+        );
+        assert_eq!(inner_dst(&v6), Some("fd00::2".parse().unwrap()));
+        assert_eq!(inner_dst(&[0x45, 0, 0]), None);
+    }
+
+    #[test]
+    fn gso_batches_hold_equal_segments_and_a_short_tail() {
+        let to: SocketAddr = "10.0.0.1:6080".parse().unwrap();
+        let other: SocketAddr = "10.0.0.2:6080".parse().unwrap();
+        let mut b = GsoBatch::new(3);
+        b.push(to, &[0; 100]);
+        assert!(b.fits(to, 100));
+        assert!(!b.fits(other, 100), "one destination per batch");
+        assert!(!b.fits(to, 101), "no segment larger than the first");
+        b.push(to, &[0; 60]);
+        assert!(!b.fits(to, 60), "a short segment ends the batch");
+        let mut b = GsoBatch::new(2);
+        b.push(to, &[0; 10]);
+        b.push(to, &[0; 10]);
+        assert!(!b.fits(to, 10), "segment limit");
+    }
+}

@@ -1,0 +1,238 @@
+//! Links, addresses and routes through rtnetlink, as idempotent "ensure" helpers: an address or route
+//! that already exists, or a link already gone, is the success it means.
+//!
+//! A [`Netlink`] talks to the network namespace its socket was created in. To work on a pod's
+//! namespace, create it inside [`crate::sys::Netns::run`] (with a current-thread runtime running
+//! there, see [`in_netns`]).
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+
+use crate::sys::{Netns, NetnsError};
+
+const EEXIST: i32 = libc::EEXIST;
+const ENODEV: i32 = libc::ENODEV;
+const ENOENT: i32 = libc::ENOENT;
+const ESRCH: i32 = libc::ESRCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{op} failed: {source}")]
+    Request {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("link {0} not found")]
+    NoSuchLink(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cannot start a runtime for netlink: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+/// What we read of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub up: bool,
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = Some(*m),
+            _ => {}
+        }
+    }
+    link
+}
+
+/// An rtnetlink session bound to one network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Opens a session in the calling thread's namespace; the connection is driven by a task on
+    /// the current tokio runtime.
+    pub fn connect() -> Result<Netlink, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    fn req(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+        let op = op.into();
+        move |source| NetlinkError::Request { op, source }
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_of(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
+            Err(e) => Err(Self::req(format!("get link {name}"))(e)),
+        }
+    }
+
+    pub async fn require_link(&self, name: &str) -> Result<Link, NetlinkError> {
+        self.link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
+    }
+
+    /// Sets the MTU (when given) and brings the link up, without multicast: overlay devices are
+    /// point-to-point and carry only unicast.
+    pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<(), NetlinkError> {
+        let mut b = LinkUnspec::new_with_index(index).up().multicast(false);
+        if let Some(mtu) = mtu {
+            b = b.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(Self::req(format!("set link {index} up")))
+    }
+
+    /// Deletes a link by name; `Ok(false)` when it was already gone.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+            Err(e) => Err(Self::req(format!("delete link {name}"))(e)),
+        }
+    }
+
+    pub async fn ensure_address(&self, index: u32, addr: IpNetwork) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .address()
+            .add(index, addr.ip(), addr.prefix())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(Self::req(format!("add address {addr}"))(e)),
+        }
+    }
+
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NetlinkError> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(Self::req(format!("list addresses of {index}")))?
+        {
+            let prefix = msg.header.prefix_len;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = addr.or_else(|| {
+                msg.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = addr {
+                if let Ok(net) = IpNetwork::new(ip, prefix) {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Routes `dst` out of link `index` (a device route: TUN devices have no neighbours).
+    pub async fn ensure_route(&self, dst: IpNetwork, index: u32) -> Result<(), NetlinkError> {
+        let msg = match dst {
+            IpNetwork::V4(n) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix())
+                .output_interface(index)
+                .build(),
+            IpNetwork::V6(n) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix())
+                .output_interface(index)
+                .build(),
+        };
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(ESRCH) => Err(Self::req(format!(
+                "add route {dst} (the link has no address of that family yet)"
+            ))(e)),
+            Err(e) => Err(Self::req(format!("add route {dst}"))(e)),
+        }
+    }
+
+    /// The MTU of link `name` (the underlay MTU, when `name` is the pod's primary interface).
+    pub async fn mtu(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.link(name).await?.and_then(|l| l.mtu))
+    }
+}
+
+/// Runs `f` with a [`Netlink`] session inside `netns`, on the calling (blocking) thread, with a
+/// current-thread runtime that lives and dies inside the namespace.
+pub fn in_netns<T>(
+    netns: &Netns,
+    f: impl AsyncFnOnce(&Netlink) -> Result<T, NetlinkError>,
+) -> Result<T, NetlinkError> {
+    netns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetlinkError::Runtime)?;
+        rt.block_on(async {
+            let nl = Netlink::connect()?;
+            f(&nl).await
+        })
+    })?
+}
+
+/// Whether an address belongs to a network (helper for tests and checks).
+pub fn covers(nets: &[IpNetwork], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.ip() == ip)
+}

@@ -1,0 +1,446 @@
+//! Two endpoints in two network namespaces joined by a veth pair, each on a real TUN device: ping
+//! and TCP between the overlay IPs work with the right keys and policy, and each way of failing is
+//! dropped and counted under its reason. A capture of the veth shows the GUE header on the wire.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_sap::acl::{Acl, Isolation, PortRange};
+use keyway_sap::counters::{Counters, Stage};
+use keyway_sap::engine::{DropReason, LocalEndpoint, Tables};
+use keyway_sap::fib::{Fib, Route};
+use keyway_sap::flow::{FlowTable, FlowTimeouts};
+use keyway_sap::io::datapath::EndpointContext;
+use keyway_sap::io::endpoint::{self, DeviceSpec, Running};
+use keyway_sap::key::{ClusterSecret, Key, KeyRing, Rotation};
+use keyway_sap::packet::PROTO_TCP;
+use keyway_sap::tables::{SharedLocal, SharedTables};
+use keyway_sap::testing::{TestNetns, privileged, veth};
+
+const A_OVERLAY: &str = "100.64.1.1";
+const B_OVERLAY: &str = "100.64.2.1";
+const A_INFRA: &str = "10.9.0.1";
+const B_INFRA: &str = "10.9.0.2";
+
+fn secret() -> ClusterSecret {
+    ClusterSecret::new(b"a test cluster secret, 32 bytes!".to_vec()).unwrap()
+}
+
+fn ring(entity: &str) -> KeyRing {
+    KeyRing::derive(
+        &secret(),
+        entity,
+        Rotation::default(),
+        keyway_sap::io::now_ms(),
+    )
+}
+
+fn sock(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), 6080)
+}
+
+/// What varies between scenarios: the policy and the key A uses for B.
+#[derive(Clone, Copy)]
+struct Policy {
+    /// Allow A → B on TCP 7000 only (isolating both), instead of no policy at all.
+    tcp_7000_only: bool,
+    /// The key A's FIB holds for B.
+    wrong_key_for_b: bool,
+    /// Leave B out of A's FIB.
+    b_unknown: bool,
+}
+
+const OPEN: Policy = Policy {
+    tcp_7000_only: false,
+    wrong_key_for_b: false,
+    b_unknown: false,
+};
+
+fn tables(p: Policy) -> Tables {
+    let mut acl = Acl::builder();
+    let iso = Isolation {
+        ingress: p.tcp_7000_only,
+        egress: p.tcp_7000_only,
+    };
+    let ia = acl.identity(iso);
+    let ib = acl.identity(iso);
+    if p.tcp_7000_only {
+        acl.egress(ia, ib)
+            .allow(PROTO_TCP, Some(PortRange::single(7000)));
+        acl.ingress(ia, ib)
+            .allow(PROTO_TCP, Some(PortRange::single(7000)));
+    }
+    let mut fib = Fib::builder();
+    fib.insert(
+        format!("{A_OVERLAY}/32").parse().unwrap(),
+        Route {
+            entity: "t/a".into(),
+            identity: ia,
+            keys: ring("t/a"),
+            infra: sock(A_INFRA),
+            sap: None,
+        },
+    )
+    .unwrap();
+    if !p.b_unknown {
+        let keys = if p.wrong_key_for_b {
+            KeyRing::Static(Key(0x0bad_0bad))
+        } else {
+            ring("t/b")
+        };
+        fib.insert(
+            format!("{B_OVERLAY}/32").parse().unwrap(),
+            Route {
+                entity: "t/b".into(),
+                identity: ib,
+                keys,
+                infra: sock(B_INFRA),
+                sap: None,
+            },
+        )
+        .unwrap();
+    }
+    Tables {
+        fib: fib.build(),
+        acl: acl.build(),
+        saps: Default::default(),
+        generation: 1,
+    }
+}
+
+struct Pod {
+    ns: TestNetns,
+    tables: Arc<SharedTables>,
+    counters: Arc<Counters>,
+    _running: Running,
+}
+
+async fn pod(ns: TestNetns, entity: &str, overlay: &str, infra: &str, tables: Tables) -> Pod {
+    let spec = DeviceSpec {
+        name: "kw0".into(),
+        mtu: 1500 - 36,
+        address: format!("{overlay}/32").parse().unwrap(),
+        routes: vec!["100.64.0.0/10".parse().unwrap()],
+    };
+    let overlay_ip: IpAddr = overlay.parse().unwrap();
+    let listen = sock(infra);
+    let netns = ns.netns().try_clone().unwrap();
+    let opened = tokio::task::spawn_blocking(move || {
+        endpoint::provision(&netns, &spec).unwrap();
+        endpoint::open(&netns, &[("kw0".to_string(), overlay_ip)], listen, None).unwrap()
+    })
+    .await
+    .unwrap();
+    let tables = SharedTables::new(tables);
+    let counters = Arc::new(Counters::new());
+    let ctx = Arc::new(EndpointContext {
+        tables: tables.clone(),
+        local: SharedLocal::new(LocalEndpoint {
+            entity: entity.into(),
+            overlay_ips: vec![overlay_ip],
+            infra: listen,
+            keys: ring(entity),
+            local_sap: None,
+        }),
+        flows: FlowTable::new(1024, FlowTimeouts::default()),
+        counters: counters.clone(),
+    });
+    let running = endpoint::spawn(ctx, opened).unwrap();
+    Pod {
+        ns,
+        tables,
+        counters,
+        _running: running,
+    }
+}
+
+async fn pair(test: &str) -> (Pod, Pod) {
+    let na = TestNetns::new(test, "a");
+    let nb = TestNetns::new(test, "b");
+    veth(
+        &na,
+        "eth0",
+        &format!("{A_INFRA}/24"),
+        &nb,
+        "eth0",
+        &format!("{B_INFRA}/24"),
+    );
+    let a = pod(na, "t/a", A_OVERLAY, A_INFRA, tables(OPEN)).await;
+    let b = pod(nb, "t/b", B_OVERLAY, B_INFRA, tables(OPEN)).await;
+    (a, b)
+}
+
+async fn ping(from: &Pod, to: &str, extra: &[&str]) -> bool {
+    let mut args = vec!["ping", "-c", "2", "-i", "0.2", "-W", "1"];
+    args.extend_from_slice(extra);
+    args.push(to);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let name = from.ns.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .args(&refs)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    })
+    .await
+    .unwrap()
+}
+
+/// A TCP exchange: B listens on `port`, A connects, sends a line, reads the echo.
+async fn tcp_exchange(a: &Pod, b: &Pod, port: u16) -> Result<(), String> {
+    let bns = b.ns.netns().try_clone().unwrap();
+    let ans = a.ns.netns().try_clone().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let listener = bns
+            .run(|| TcpListener::bind((B_OVERLAY.parse::<IpAddr>().unwrap(), port)))
+            .unwrap()
+            .map_err(|e| e.to_string())?;
+        let server = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let _ = s.write_all(&buf[..n]);
+            }
+        });
+        let result = ans
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::new(B_OVERLAY.parse().unwrap(), port),
+                    Duration::from_secs(2),
+                )
+            })
+            .unwrap()
+            .map_err(|e| e.to_string())
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.write_all(b"keyway\n").map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 7];
+                s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                if &buf == b"keyway\n" {
+                    Ok(())
+                } else {
+                    Err(format!("echo mismatch: {buf:?}"))
+                }
+            });
+        if result.is_err() {
+            // Unblock the server's accept so the thread can finish.
+            let _ = bns.run(|| TcpStream::connect((B_OVERLAY.parse::<IpAddr>().unwrap(), port)));
+        }
+        let _ = server.join();
+        result
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_tcp_flow_with_the_right_keys() {
+    if !privileged("ping_and_tcp_flow_with_the_right_keys") {
+        return;
+    }
+    let (a, b) = pair("eprt").await;
+    assert!(ping(&a, B_OVERLAY, &[]).await, "A pings B over the overlay");
+    assert!(ping(&b, A_OVERLAY, &[]).await, "B pings A over the overlay");
+    tcp_exchange(&a, &b, 7000).await.expect("TCP exchange");
+    assert!(a.counters.packets(Stage::Egress) >= 4);
+    assert!(b.counters.packets(Stage::Ingress) >= 4);
+    for r in DropReason::ALL {
+        assert_eq!(
+            a.counters.drops_total(r) + b.counters.drops_total(r),
+            0,
+            "unexpected {r} drops"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_is_dropped_at_the_destination() {
+    if !privileged("a_wrong_key_is_dropped_at_the_destination") {
+        return;
+    }
+    let (a, b) = pair("epkey").await;
+    a.tables.publish(tables(Policy {
+        wrong_key_for_b: true,
+        ..OPEN
+    }));
+    assert!(!ping(&a, B_OVERLAY, &[]).await);
+    assert!(b.counters.drops(Stage::Ingress, DropReason::BadKey) >= 2);
+    // Restoring the right key restores traffic: nothing else was changed.
+    a.tables.publish(tables(OPEN));
+    assert!(ping(&a, B_OVERLAY, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_overlay_source_is_dropped_at_the_source() {
+    if !privileged("a_spoofed_overlay_source_is_dropped_at_the_source") {
+        return;
+    }
+    let (a, _b) = pair("epspoof").await;
+    // A second address on A's overlay device that A does not own in keyway's eyes.
+    a.ns.sh(&["ip", "addr", "add", "100.64.1.99/32", "dev", "kw0"]);
+    assert!(!ping(&a, B_OVERLAY, &["-I", "100.64.1.99"]).await);
+    assert!(a.counters.drops(Stage::Egress, DropReason::SpoofedSource) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_outer_source_is_dropped_at_the_destination() {
+    if !privileged("a_forged_outer_source_is_dropped_at_the_destination") {
+        return;
+    }
+    let (a, b) = pair("epouter").await;
+    // Someone on the underlay at another address crafts a GUE packet with A's overlay source and
+    // B's valid key: the outer source is not A's infrastructure address, nor a SaP's.
+    a.ns.sh(&["ip", "addr", "add", "10.9.0.77/24", "dev", "eth0"]);
+    let inner = keyway_sap::packet::build::tcp4([100, 64, 1, 1], 1234, [100, 64, 2, 1], 7000);
+    let mut datagram = vec![0u8; inner.len() + 8];
+    keyway_sap::gue::encapsulate(
+        ring("t/b").key_at(keyway_sap::io::now_ms()).unwrap(),
+        &inner,
+        &mut datagram,
+    )
+    .unwrap();
+    let ans = a.ns.netns().try_clone().unwrap();
+    tokio::task::spawn_blocking(move || {
+        ans.run(|| {
+            let s = std::net::UdpSocket::bind("10.9.0.77:0").unwrap();
+            for _ in 0..3 {
+                s.send_to(&datagram, "10.9.0.2:6080").unwrap();
+            }
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.counters.drops(Stage::Ingress, DropReason::SpoofedSource),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fib_entry_is_dropped_as_no_route() {
+    if !privileged("no_fib_entry_is_dropped_as_no_route") {
+        return;
+    }
+    let (a, _b) = pair("epnoroute").await;
+    a.tables.publish(tables(Policy {
+        b_unknown: true,
+        ..OPEN
+    }));
+    assert!(!ping(&a, B_OVERLAY, &[]).await);
+    assert!(!ping(&a, "100.64.3.3", &[]).await);
+    assert!(a.counters.drops(Stage::Egress, DropReason::NoRoute) >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_deny_is_dropped_and_allowed_ports_still_work() {
+    if !privileged("an_acl_deny_is_dropped_and_allowed_ports_still_work") {
+        return;
+    }
+    let (a, b) = pair("epacl").await;
+    let strict = tables(Policy {
+        tcp_7000_only: true,
+        ..OPEN
+    });
+    a.tables.publish(strict.clone());
+    b.tables.publish(strict);
+    assert!(!ping(&a, B_OVERLAY, &[]).await, "ICMP is not allowed");
+    assert!(a.counters.drops(Stage::Egress, DropReason::DeniedByPolicy) >= 2);
+    assert!(
+        tcp_exchange(&a, &b, 7001).await.is_err(),
+        "port 7001 is not allowed"
+    );
+    tcp_exchange(&a, &b, 7000)
+        .await
+        .expect("TCP 7000 is allowed, replies included");
+
+    // B's view denies what A's view allows: now the destination drops it on ingress.
+    a.tables.publish(tables(OPEN));
+    let before = b.counters.drops(Stage::Ingress, DropReason::DeniedByPolicy);
+    assert!(!ping(&a, B_OVERLAY, &[]).await);
+    assert!(b.counters.drops(Stage::Ingress, DropReason::DeniedByPolicy) >= before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead() {
+    if !privileged("the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead") {
+        return;
+    }
+    let (a, _b) = pair("epwire").await;
+    let pcap = std::env::temp_dir().join(format!("keyway-gue-{}.pcap", std::process::id()));
+    let pcap_s = pcap.to_string_lossy().into_owned();
+    let mut dump = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &a.ns.name, "tcpdump", "-i", "eth0", "-U", "-n", "-c", "4", "-w",
+            &pcap_s, "udp", "port", "6080",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump (Debian package tcpdump) must be installed");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // 100 bytes of ICMP payload: inner packet 20 + 8 + 100 = 128 bytes.
+    assert!(ping(&a, B_OVERLAY, &["-s", "100"]).await);
+    let status = tokio::task::spawn_blocking(move || dump.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    let out = std::process::Command::new("tshark")
+        .args([
+            "-r",
+            &pcap_s,
+            "-T",
+            "fields",
+            "-E",
+            "separator=,",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.len",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "udp.payload",
+        ])
+        .output()
+        .expect("tshark (Debian package tshark) must be installed");
+    let _ = std::fs::remove_file(&pcap);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key_b = ring("t/b").key_at(keyway_sap::io::now_ms()).unwrap();
+    let key_a = ring("t/a").key_at(keyway_sap::io::now_ms()).unwrap();
+    let mut seen = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "{line}");
+        let ip_len: usize = f[1].parse().unwrap();
+        assert_eq!(f[2], "6080");
+        assert_eq!(f[3], "6080");
+        let payload: Vec<u8> = (0..f[4].len() / 2)
+            .map(|i| u8::from_str_radix(&f[4][2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        // Version 0, C 0, Hlen 1 | proto 4 (IPv4) | flags: G | the destination's key
+        assert_eq!(&payload[..4], &[0x01, 0x04, 0x80, 0x00], "{line}");
+        let key = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+        let expected = if f[0] == A_INFRA { key_b } else { key_a };
+        assert_eq!(key, expected.0, "{line}");
+        let inner_len = payload.len() - 8;
+        assert_eq!(inner_len, 128);
+        assert_eq!(ip_len - inner_len, 36, "outer IPv4 + UDP + GUE");
+        eprintln!(
+            "captured: {} -> udp/6080, GUE key {key:#010x}, outer {ip_len} B = inner {inner_len} B + 36",
+            f[0]
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 4, "two echo requests and two replies:\n{text}");
+}
