@@ -77,6 +77,8 @@ impl PortRange {
     }
 }
 
+/// Up to this many disjoint ranges are stored inline, with no pointer to chase.
+const INLINE_RANGES: usize = 3;
 /// Above this many disjoint ranges a port set becomes a 64 Ki-bit bitmap (8 KiB), so the check
 /// stays constant-time however many ports rules name.
 const MAX_RANGES_BEFORE_BITMAP: usize = 8;
@@ -87,6 +89,9 @@ pub enum PortSet {
     #[default]
     Nothing,
     Every,
+    /// Sorted, disjoint, non-adjacent ranges, at most [`INLINE_RANGES`], stored inline; unused
+    /// slots repeat the last range.
+    Few([PortRange; INLINE_RANGES]),
     /// Sorted, disjoint, non-adjacent ranges; at most [`MAX_RANGES_BEFORE_BITMAP`].
     Ranges(Box<[PortRange]>),
     Bitmap(Box<[u64; 1024]>),
@@ -97,6 +102,11 @@ impl std::fmt::Debug for PortSet {
         match self {
             PortSet::Nothing => write!(f, "Nothing"),
             PortSet::Every => write!(f, "Every"),
+            PortSet::Few(r) => {
+                let mut list = r.to_vec();
+                list.dedup();
+                f.debug_list().entries(list.iter()).finish()
+            }
             PortSet::Ranges(r) => f.debug_list().entries(r.iter()).finish(),
             PortSet::Bitmap(b) => write!(
                 f,
@@ -126,6 +136,12 @@ impl PortSet {
         if merged.len() == 1 && merged[0] == PortRange::new(0, u16::MAX) {
             return PortSet::Every;
         }
+        if merged.len() <= INLINE_RANGES {
+            let last = *merged.last().expect("not empty");
+            let mut few = [last; INLINE_RANGES];
+            few[..merged.len()].copy_from_slice(&merged);
+            return PortSet::Few(few);
+        }
         if merged.len() <= MAX_RANGES_BEFORE_BITMAP {
             return PortSet::Ranges(merged.into_boxed_slice());
         }
@@ -142,6 +158,7 @@ impl PortSet {
         match self {
             PortSet::Nothing => false,
             PortSet::Every => true,
+            PortSet::Few(r) => r.iter().any(|r| r.start <= port && port <= r.end),
             PortSet::Ranges(r) => r.iter().any(|r| r.start <= port && port <= r.end),
             PortSet::Bitmap(b) => b[usize::from(port) / 64] & (1 << (port % 64)) != 0,
         }
@@ -238,13 +255,24 @@ pub struct Isolation {
     pub egress: bool,
 }
 
+/// No allow set for this direction.
+const NONE: u32 = u32::MAX;
+
+/// Everything policy says about one ordered pair, found with one probe.
+#[derive(Debug, Clone, Copy)]
+struct PairEntry {
+    /// The source's egress allow set for the destination, or [`NONE`].
+    egress: u32,
+    /// The destination's ingress allow set for the source, or [`NONE`].
+    ingress: u32,
+    direct: bool,
+}
+
 /// The compiled policy of a cluster, immutable once built; replaced whole on change.
 #[derive(Debug, Clone, Default)]
 pub struct Acl {
     isolation: Vec<Isolation>,
-    ingress: FastMap<u64, u32>,
-    egress: FastMap<u64, u32>,
-    direct: FastSet<u64>,
+    pairs: FastMap<u64, PairEntry>,
     sets: Vec<AllowSet>,
 }
 
@@ -261,24 +289,33 @@ impl Acl {
         self.isolation.get(id.0 as usize).copied()
     }
 
-    fn admitted(&self, map: &FastMap<u64, u32>, key: u64, c: &Classified) -> bool {
-        map.get(&key)
-            .is_some_and(|&set| self.sets[set as usize].admits(c.proto, &c.transport))
+    fn admitted(&self, set: u32, c: &Classified) -> bool {
+        set != NONE && self.sets[set as usize].admits(c.proto, &c.transport)
     }
 
     /// Whether policy allows `c` from `src` to `dst`.
+    #[inline]
     pub fn allows(&self, src: Identity, dst: Identity, c: &Classified) -> bool {
         let (Some(s), Some(d)) = (self.isolation(src), self.isolation(dst)) else {
             return false;
         };
-        let key = pair(src, dst);
-        (!s.egress || self.admitted(&self.egress, key, c))
-            && (!d.ingress || self.admitted(&self.ingress, key, c))
+        if !s.egress && !d.ingress {
+            return true;
+        }
+        let Some(e) = self.pairs.get(&pair(src, dst)) else {
+            return false;
+        };
+        (!s.egress || self.admitted(e.egress, c)) && (!d.ingress || self.admitted(e.ingress, c))
     }
 
     /// Whether `c` from `src` to `dst` could be a reply within a flow that policy allows from
-    /// `dst` to `src` (the stateless, reflexive check a SaP makes: it keeps no flow state).
+    /// `dst` to `src` (the stateless, reflexive check a SaP makes: it keeps no flow state). A
+    /// packet that opens a flow (TCP SYN, echo request) is never a reply. For UDP and other
+    /// connectionless traffic a stateless check cannot tell more; endpoints track flows.
     pub fn allows_as_reply(&self, src: Identity, dst: Identity, c: &Classified) -> bool {
+        if c.opens_flow {
+            return false;
+        }
         let reversed = Classified {
             src: c.dst,
             dst: c.src,
@@ -288,13 +325,14 @@ impl Acl {
                 Transport::Echo { id, reply } => Transport::Echo { id, reply: !reply },
                 other => other,
             },
+            opens_flow: false,
         };
         self.allows(dst, src, &reversed)
     }
 
     /// Whether the pair bypasses SaPs (a direct pair, relying on keys alone).
     pub fn is_direct(&self, src: Identity, dst: Identity) -> bool {
-        self.direct.contains(&pair(src, dst))
+        self.pairs.get(&pair(src, dst)).is_some_and(|e| e.direct)
     }
 
     /// Number of distinct allow sets after interning (how much policy compiled down to).
@@ -348,21 +386,24 @@ impl AclBuilder {
                 (sets.len() - 1) as u32
             })
         };
-        let ingress = self
-            .ingress
-            .into_iter()
-            .map(|(k, b)| (k, intern(b)))
-            .collect();
-        let egress = self
-            .egress
-            .into_iter()
-            .map(|(k, b)| (k, intern(b)))
-            .collect();
+        let mut pairs: FastMap<u64, PairEntry> = FastMap::default();
+        let blank = PairEntry {
+            egress: NONE,
+            ingress: NONE,
+            direct: false,
+        };
+        for (k, b) in self.egress {
+            pairs.entry(k).or_insert(blank).egress = intern(b);
+        }
+        for (k, b) in self.ingress {
+            pairs.entry(k).or_insert(blank).ingress = intern(b);
+        }
+        for k in self.direct {
+            pairs.entry(k).or_insert(blank).direct = true;
+        }
         Acl {
             isolation: self.isolation,
-            ingress,
-            egress,
-            direct: self.direct,
+            pairs,
             sets,
         }
     }
@@ -485,6 +526,10 @@ mod tests {
         let not_reply =
             crate::packet::classify(&build::tcp4([2, 2, 2, 2], 81, [1, 1, 1, 1], 40000)).unwrap();
         assert!(!acl.allows_as_reply(server, client, &not_reply));
+        // A SYN from the server's port 80 opens a new connection: never a reply.
+        let syn =
+            crate::packet::classify(&build::syn4([2, 2, 2, 2], 80, [1, 1, 1, 1], 40000)).unwrap();
+        assert!(!acl.allows_as_reply(server, client, &syn));
     }
 
     #[test]
@@ -494,10 +539,7 @@ mod tests {
             PortRange::new(15, 30),
             PortRange::single(31),
         ]);
-        assert_eq!(
-            s,
-            PortSet::Ranges(vec![PortRange::new(10, 31)].into_boxed_slice())
-        );
+        assert_eq!(s, PortSet::Few([PortRange::new(10, 31); 3]));
         assert!(s.contains(10) && s.contains(31) && !s.contains(32) && !s.contains(9));
         assert_eq!(
             PortSet::from_ranges(vec![PortRange::new(0, 65535)]),

@@ -6,6 +6,7 @@
 //! that run an endpoint and a SaP. All `unsafe` code of the workspace lives in [`sys`].
 
 pub mod acl;
+pub mod config;
 pub mod counters;
 pub mod engine;
 pub mod fib;

@@ -55,6 +55,9 @@ pub struct Classified {
     /// IP protocol number of the transport (after IPv6 extension headers).
     pub proto: u8,
     pub transport: Transport,
+    /// The packet opens a flow and so can never be a reply: a TCP SYN without ACK, or an ICMP
+    /// echo request. Lets a stateless check refuse it as a "reply".
+    pub opens_flow: bool,
 }
 
 impl Classified {
@@ -128,8 +131,8 @@ fn classify_v4(pkt: &[u8]) -> Result<Classified, PacketError> {
     let proto = pkt[9];
     let src = IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]));
-    let transport = if frag_offset != 0 {
-        Transport::LaterFragment
+    let (transport, opens_flow) = if frag_offset != 0 {
+        (Transport::LaterFragment, false)
     } else {
         transport(proto, &pkt[ihl..total])?
     };
@@ -138,6 +141,7 @@ fn classify_v4(pkt: &[u8]) -> Result<Classified, PacketError> {
         dst,
         proto,
         transport,
+        opens_flow,
     })
 }
 
@@ -172,8 +176,8 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
                 off += 8;
             }
             proto => {
-                let transport = if later_fragment {
-                    Transport::LaterFragment
+                let (transport, opens_flow) = if later_fragment {
+                    (Transport::LaterFragment, false)
                 } else {
                     transport(proto, &pkt[off..end])?
                 };
@@ -182,6 +186,7 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
                     dst,
                     proto,
                     transport,
+                    opens_flow,
                 });
             }
         }
@@ -189,14 +194,22 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
     Err(PacketError::TooManyExtensionHeaders)
 }
 
-fn transport(proto: u8, l4: &[u8]) -> Result<Transport, PacketError> {
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The transport facts, and whether the packet opens a flow.
+fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool), PacketError> {
     match proto {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             need(l4, 4)?;
-            Ok(Transport::Ports {
+            let ports = Transport::Ports {
                 src: u16::from_be_bytes([l4[0], l4[1]]),
                 dst: u16::from_be_bytes([l4[2], l4[3]]),
-            })
+            };
+            // A first fragment may stop before the TCP flags; it is then not known to open a flow.
+            let syn =
+                proto == PROTO_TCP && l4.len() > 13 && l4[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            Ok((ports, syn))
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             need(l4, 4)?;
@@ -208,15 +221,16 @@ fn transport(proto: u8, l4: &[u8]) -> Result<Transport, PacketError> {
             match l4[0] {
                 t if t == request || t == reply => {
                     need(l4, 6)?;
-                    Ok(Transport::Echo {
+                    let echo = Transport::Echo {
                         id: u16::from_be_bytes([l4[4], l4[5]]),
                         reply: t == reply,
-                    })
+                    };
+                    Ok((echo, t == request))
                 }
-                _ => Ok(Transport::NoPorts),
+                _ => Ok((Transport::NoPorts, false)),
             }
         }
-        _ => Ok(Transport::NoPorts),
+        _ => Ok((Transport::NoPorts, false)),
     }
 }
 
@@ -262,6 +276,7 @@ pub mod build {
         l4[2..4].copy_from_slice(&dst.to_be_bytes());
         if proto == PROTO_TCP {
             l4[12] = 5 << 4;
+            l4[13] = 0x10; // ACK: an established segment unless a test says otherwise
         }
         if proto == PROTO_UDP {
             l4[4..6].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
@@ -291,6 +306,13 @@ pub mod build {
             PROTO_TCP,
             &ports(PROTO_TCP, sport, dport, b""),
         )
+    }
+
+    /// A TCP SYN (no ACK): the first packet of a connection.
+    pub fn syn4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut p = tcp4(src, sport, dst, dport);
+        p[20 + 13] = 0x02;
+        p
     }
 }
 
@@ -384,6 +406,38 @@ mod tests {
         let c = classify(&ipv6(s, s, IPV6_FRAGMENT, &payload)).unwrap();
         assert_eq!(c.proto, PROTO_TCP);
         assert_eq!(c.transport, Transport::LaterFragment);
+    }
+
+    #[test]
+    fn syns_and_echo_requests_open_flows() {
+        assert!(
+            classify(&syn4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80))
+                .unwrap()
+                .opens_flow
+        );
+        let mut synack = syn4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80);
+        synack[33] = 0x12;
+        assert!(!classify(&synack).unwrap().opens_flow);
+        assert!(
+            classify(&ipv4(A, B, PROTO_ICMP, &echo(false, false, 1, 1)))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&ipv4(A, B, PROTO_ICMP, &echo(false, true, 1, 1)))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&ipv4(A, B, PROTO_UDP, &ports(PROTO_UDP, 1, 2, b"")))
+                .unwrap()
+                .opens_flow
+        );
     }
 
     #[test]

@@ -177,10 +177,8 @@ impl Netlink {
                     _ => None,
                 })
             });
-            if let Some(ip) = addr {
-                if let Ok(net) = IpNetwork::new(ip, prefix) {
-                    out.push(net);
-                }
+            if let Some(net) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
+                out.push(net);
             }
         }
         Ok(out)
