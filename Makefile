@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Debian packages the build, the tests and the lab need.
 APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-ping nftables \
 	tcpdump tshark containerd runc containernetworking-plugins procps util-linux psmisc iperf3 \
-	kubernetes-client ca-certificates
+	ca-certificates
 FUZZ_SECONDS ?= 60
 
 .PHONY: all deps build test lint unit demo bench fuzz clean

@@ -1,1 +1,6 @@
-//! placeholder
+//! keyway's test harness: running CNI chains as a runtime does, agents in node namespaces, and
+//! (with the lab) simulated clusters.
+#![forbid(unsafe_code)]
+
+pub mod cni_exec;
+pub mod harness;

@@ -220,6 +220,25 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
     })
 }
 
+/// Accepts a connection on a non-blocking listening unix socket; the new descriptor is owned from
+/// the line that creates it, non-blocking and close-on-exec.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{SockFlag, accept4};
+    let raw = accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    // SAFETY: accept4 has just installed this descriptor for us alone; nothing else refers to it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Registers an owned descriptor with the tokio reactor.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open, and keeps returning the same
+    // number, for as long as it is owned; the AsyncFd owns it until it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
 /// Linux capability numbers keyway needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capability {

@@ -14,7 +14,9 @@ pub const TUN_NODE: &str = "/dev/net/tun";
 /// this attaches to it and makes sure it persists (idempotent). The MTU is set here; addresses and
 /// routes are the caller's (see [`super::netlink`]).
 pub fn create_persistent(name: &str, mtu: u16) -> io::Result<()> {
-    crate::sys::ensure_tun_node(Path::new(TUN_NODE))?;
+    if crate::sys::ensure_tun_node(Path::new(TUN_NODE))? {
+        tracing::info!(path = TUN_NODE, "created the TUN device node (10, 200)");
+    }
     let dev = DeviceBuilder::new()
         .name(name)
         .mtu(mtu)

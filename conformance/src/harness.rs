@@ -1,0 +1,257 @@
+//! Test harness: the workspace's binaries, scratch directories, and a `keyway-agent` process per
+//! test inside a "node" network namespace of the test's own, so nothing touches the host's network.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyway_sap::testing::TestNetns;
+
+/// Where Debian's `containernetworking-plugins` put the reference plugins.
+pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
+
+/// The directory holding the workspace's binaries for the profile the tests were built with
+/// (`target/debug` or `target/release`): the test executable lives in its `deps/`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// A workspace binary; panics with what to do when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, with --release for release tests; `make test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A CNI bin directory under `dir` holding the plugin under the name runtimes execute: the
+/// conflist's `"type": "keyway"` (the installer copies `keyway-cni` there as `keyway`).
+pub fn plugin_dir(dir: &Path) -> PathBuf {
+    let d = dir.join("cni-bin");
+    std::fs::create_dir_all(&d).unwrap();
+    let link = d.join("keyway");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(bin("keyway-cni"), &link).unwrap();
+    d
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("keyway-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A plain HTTP/1.0 GET over a connected stream.
+pub fn http_get(stream: TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = stream;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A `keyway-agent` running in a node namespace.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub node: String,
+    pub netns_name: String,
+    netns: keyway_sap::sys::Netns,
+    pub source: PathBuf,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub secret: PathBuf,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Starts an agent for `node` inside `ns`, its files under `dir`, and waits until it is ready.
+    pub fn start(ns: &TestNetns, node: &str, dir: &Path, extra: &[&str]) -> AgentProc {
+        let source = dir.join("state-source");
+        std::fs::create_dir_all(&source).unwrap();
+        let secret = dir.join("cluster-secret");
+        if !secret.exists() {
+            std::fs::write(&secret, b"conformance tests share this 32B!").unwrap();
+        }
+        let mut a = AgentProc {
+            node: node.to_string(),
+            netns_name: ns.name.clone(),
+            netns: ns.netns().try_clone().unwrap(),
+            source,
+            state: dir.join(format!("agent-{node}")),
+            socket: dir.join(format!("agent-{node}.sock")),
+            secret,
+            admin: "127.0.0.1:9464".parse().unwrap(),
+            log: dir.join(format!("agent-{node}.log")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns_name])
+            .arg(bin("keyway-agent"))
+            .args(["--node-name", &self.node])
+            .arg("--source")
+            .arg(format!("file:{}", self.source.display()))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--secret-file")
+            .arg(&self.secret)
+            .args(["--admin", &self.admin.to_string()])
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("KEYWAY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("start keyway-agent"));
+        self.wait_ready(Duration::from_secs(15));
+    }
+
+    /// GETs a path of the admin endpoint (from inside the node's namespace).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let admin = self.admin;
+        let stream = self
+            .netns
+            .run(|| TcpStream::connect_timeout(&admin, Duration::from_secs(2)))
+            .unwrap();
+        match stream {
+            Ok(s) => http_get(s, path).unwrap_or((0, String::new())),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.get("/readyz").0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "keyway-agent for {} did not become ready; its log:\n{}",
+            self.node,
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").1
+    }
+
+    /// One sample of a metric (`name{labels}` exactly as exported), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn attachments(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/debug/attachments").1).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no chance to clean up, as a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again with the same directories and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Writes a document into the agent's state source.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        keyway_agent::source::write_atomic(&self.source.join(name), yaml.as_bytes()).unwrap();
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.source.join(name));
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A pod document for the state source.
+pub fn pod_yaml(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]) -> String {
+    let labels: String = labels.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: agnhost}}]\n"
+    )
+}

@@ -1,0 +1,194 @@
+//! The agent's configuration: command-line flags with environment equivalents, validated whole at
+//! start-up and logged. Bad configuration exits with EX_USAGE (64) and says what is wrong.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use keyway_cni::config::DEFAULT_AGENT_SOCKET;
+
+/// Where the agent's state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A directory of Kubernetes YAML, reloaded on change.
+    File(PathBuf),
+    /// The Kubernetes API (in-cluster or KUBECONFIG).
+    Kubernetes,
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Source, String> {
+        match s.split_once(':') {
+            Some(("file", dir)) if !dir.is_empty() => Ok(Source::File(PathBuf::from(dir))),
+            _ if s == "kubernetes" => Ok(Source::Kubernetes),
+            _ => Err(format!("{s:?} is not file:DIR or kubernetes")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "keyway-agent",
+    version,
+    about = "keyway's node agent: the node's policy enforcement point"
+)]
+pub struct Args {
+    /// This node's name, as pods' spec.nodeName says it.
+    #[arg(long, env = "KEYWAY_NODE_NAME")]
+    pub node_name: String,
+    /// Where the state comes from: file:DIR or kubernetes.
+    #[arg(long, env = "KEYWAY_SOURCE")]
+    pub source: Source,
+    /// The handoff socket the CNI plugin connects to.
+    #[arg(long, env = "KEYWAY_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where attachment records are kept across restarts.
+    #[arg(long, env = "KEYWAY_STATE_DIR", default_value = "/var/lib/keyway")]
+    pub state_dir: PathBuf,
+    /// The admin endpoint: /metrics, /healthz, /readyz.
+    #[arg(long, env = "KEYWAY_ADMIN", default_value = "127.0.0.1:9464")]
+    pub admin: SocketAddr,
+    /// The node's address, where its SaP listens (default: the source address of the default
+    /// route).
+    #[arg(long, env = "KEYWAY_NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// The GUE port of pods and SaPs.
+    #[arg(long, env = "KEYWAY_GUE_PORT", default_value_t = keyway_sap::gue::DEFAULT_PORT)]
+    pub gue_port: u16,
+    /// The cluster secret keys are derived from (default: STATE_DIR/cluster-secret, created if
+    /// missing: fine for one node, every node of a cluster must share it).
+    #[arg(long, env = "KEYWAY_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Key rotation period, unless the cluster's ClusterConfig says otherwise.
+    #[arg(long, env = "KEYWAY_KEY_ROTATION_SECONDS", default_value_t = 3600)]
+    pub key_rotation_seconds: u64,
+    /// How long a key stays accepted after (and before) its epoch.
+    #[arg(long, env = "KEYWAY_KEY_GRACE_SECONDS", default_value_t = 60)]
+    pub key_grace_seconds: u64,
+    /// How long a handoff waits for the pod to appear in the state before failing with "try
+    /// again later".
+    #[arg(long, env = "KEYWAY_POD_WAIT_SECONDS", default_value_t = 5)]
+    pub pod_wait_seconds: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "KEYWAY_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub source: Source,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub admin: SocketAddr,
+    pub node_ip: Option<IpAddr>,
+    pub gue_port: u16,
+    pub secret_file: PathBuf,
+    pub rotation: keyway_sap::key::Rotation,
+    pub pod_wait: Duration,
+    pub log_json: bool,
+}
+
+impl Args {
+    pub fn validate(self) -> Result<Config, String> {
+        if self.node_name.is_empty() || self.node_name.len() > 253 {
+            return Err("--node-name must be 1 to 253 characters".into());
+        }
+        if !self.socket.is_absolute() {
+            return Err(format!(
+                "--socket {} must be an absolute path",
+                self.socket.display()
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(format!(
+                "--state-dir {} must be an absolute path",
+                self.state_dir.display()
+            ));
+        }
+        if let Source::File(d) = &self.source
+            && !d.is_absolute()
+        {
+            return Err(format!(
+                "--source file:{} needs an absolute directory",
+                d.display()
+            ));
+        }
+        if self.gue_port == 0 {
+            return Err("--gue-port must not be 0".into());
+        }
+        let rotation = keyway_sap::key::Rotation::new(
+            self.key_rotation_seconds * 1000,
+            self.key_grace_seconds * 1000,
+        )
+        .map_err(|e| format!("key rotation: {e}"))?;
+        if self.pod_wait_seconds > 60 {
+            return Err("--pod-wait-seconds must be at most 60".into());
+        }
+        let secret_file = self
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cluster-secret"));
+        Ok(Config {
+            node_name: self.node_name,
+            source: self.source,
+            socket: self.socket,
+            state_dir: self.state_dir,
+            admin: self.admin,
+            node_ip: self.node_ip,
+            gue_port: self.gue_port,
+            secret_file,
+            rotation,
+            pod_wait: Duration::from_secs(self.pod_wait_seconds),
+            log_json: self.log_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, String> {
+        let mut v = vec![
+            "keyway-agent",
+            "--node-name",
+            "node-1",
+            "--source",
+            "file:/tmp/state",
+        ];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn defaults_are_the_plugins() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+        assert_eq!(
+            c.secret_file,
+            PathBuf::from("/var/lib/keyway/cluster-secret")
+        );
+        assert_eq!(c.gue_port, 6080);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert!(args(&["--socket", "rel"]).unwrap_err().contains("absolute"));
+        assert!(
+            args(&["--key-rotation-seconds", "10", "--key-grace-seconds", "6"])
+                .unwrap_err()
+                .contains("grace")
+        );
+        assert!(
+            Args::try_parse_from(["keyway-agent", "--node-name", "n", "--source", "etcd"]).is_err()
+        );
+        assert!(args(&["--gue-port", "0"]).unwrap_err().contains("gue-port"));
+        assert_eq!("kubernetes".parse::<Source>(), Ok(Source::Kubernetes));
+    }
+}

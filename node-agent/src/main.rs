@@ -1,0 +1,204 @@
+//! `keyway-agent`: one per node. Validates its configuration (exit 64 when it cannot be used),
+//! checks its privileges (exit 77 naming the missing capability), restores the pods it served,
+//! then serves the plugin, the pods and the admin endpoint.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use keyway_agent::agent::{Agent, load_secret};
+use keyway_agent::compile::NodeContext;
+use keyway_agent::config::{Args, Config, Source};
+use keyway_agent::metrics::Metrics;
+use keyway_agent::source::FileSource;
+use keyway_agent::{admin, server};
+use keyway_sap::counters::Counters;
+use keyway_sap::sys::{self, Capability};
+
+const EX_USAGE: u8 = 64;
+const EX_NOPERM: u8 = 77;
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rtnetlink=warn,netlink_proto=warn")
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Which capability is missing for what, if any.
+fn missing_capability() -> Option<String> {
+    let needs = [
+        (
+            Capability::NetAdmin,
+            "create overlay devices, addresses, routes and nftables rules in pods",
+        ),
+        (
+            Capability::SysAdmin,
+            "enter pods' network namespaces (setns)",
+        ),
+        (
+            Capability::Mknod,
+            "create /dev/net/tun when the container lacks it",
+        ),
+    ];
+    for (cap, why) in needs {
+        match sys::has_capability(cap) {
+            Ok(true) => {}
+            Ok(false) => {
+                if cap == Capability::Mknod
+                    && std::path::Path::new(keyway_sap::io::tun::TUN_NODE).exists()
+                {
+                    continue;
+                }
+                return Some(format!("missing {}: needed to {why}", cap.name()));
+            }
+            Err(e) => return Some(format!("cannot read this process's capabilities: {e}")),
+        }
+    }
+    None
+}
+
+/// The node's address as the kernel would pick it to reach beyond the node (no packet is sent).
+fn detect_node_ip() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    s.local_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+}
+
+fn main() -> ExitCode {
+    let cfg = match Args::try_parse() {
+        Ok(a) => match a.validate() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("keyway-agent: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    init_logs(cfg.log_json);
+    if let Some(why) = missing_capability() {
+        eprintln!("keyway-agent: {why}");
+        return ExitCode::from(EX_NOPERM);
+    }
+    if cfg.source == Source::Kubernetes {
+        eprintln!(
+            "keyway-agent: the kubernetes state source is not available in this build yet; use --source file:DIR"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let secret = match load_secret(&cfg.secret_file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyway-agent: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyway-agent")
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyway-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg, secret)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "keyway-agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config, secret: keyway_sap::key::ClusterSecret) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Source::File(dir) = cfg.source.clone() else {
+        unreachable!("checked in main")
+    };
+    let node_ip = cfg.node_ip.or_else(detect_node_ip);
+    let local_sap = node_ip.map(|ip| SocketAddr::new(ip, cfg.gue_port));
+    tracing::info!(
+        node = %cfg.node_name,
+        source = %dir.display(),
+        socket = %cfg.socket.display(),
+        state_dir = %cfg.state_dir.display(),
+        admin = %cfg.admin,
+        sap = ?local_sap,
+        rotation_s = cfg.rotation.period_ms() / 1000,
+        "keyway-agent starting"
+    );
+    let (model, source_stats) = FileSource::new(&dir)
+        .spawn(Duration::from_secs(10))
+        .context("cannot watch the state directory")?;
+    let counters = Arc::new(Counters::new());
+    let metrics = Arc::new(Metrics::new(counters.clone(), source_stats));
+    let node = NodeContext {
+        node_name: cfg.node_name.clone(),
+        local_sap,
+        gue_port: cfg.gue_port,
+        rotation: cfg.rotation,
+    };
+    let agent = Agent::new(cfg.clone(), node, model, secret, counters.clone(), metrics)
+        .context("cannot set up the agent")?;
+
+    let admin_listener = admin::bind(cfg.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.admin))?;
+    tokio::spawn(admin::serve(agent.clone(), admin_listener));
+    let _sap = match local_sap {
+        Some(addr) => {
+            let sock = keyway_sap::io::udp::bind_gue(addr, None)
+                .with_context(|| format!("cannot bind the SaP on {addr}"))?;
+            Some(keyway_sap::io::endpoint::spawn_sap(
+                agent.tables.clone(),
+                counters,
+                sock,
+            )?)
+        }
+        None => {
+            tracing::warn!(
+                "no node address: the SaP serves only pods on this node (set --node-ip)"
+            );
+            None
+        }
+    };
+    agent.restore().await;
+    let listener = server::bind_socket(&cfg.socket)
+        .with_context(|| format!("cannot listen on {}", cfg.socket.display()))?;
+    tokio::spawn(agent.clone().control_loop());
+    let handoff = tokio::spawn(server::serve(agent.clone(), listener));
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping; pods keep their devices and rules, a new agent re-attaches"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        r = handoff => anyhow::bail!("the handoff server stopped: {r:?}"),
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
