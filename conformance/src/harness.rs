@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keyway_sap::testing::TestNetns;
-
 /// Where Debian's `containernetworking-plugins` put the reference plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
@@ -107,8 +105,9 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Starts an agent for `node` inside `ns`, its files under `dir`, and waits until it is ready.
-    pub fn start(ns: &TestNetns, node: &str, dir: &Path, extra: &[&str]) -> AgentProc {
+    /// Starts an agent for `node` inside the named namespace `netns`, its files under `dir`, and
+    /// waits until it is ready.
+    pub fn start(netns: &str, node: &str, dir: &Path, extra: &[&str]) -> AgentProc {
         let source = dir.join("state-source");
         std::fs::create_dir_all(&source).unwrap();
         let secret = dir.join("cluster-secret");
@@ -117,8 +116,9 @@ impl AgentProc {
         }
         let mut a = AgentProc {
             node: node.to_string(),
-            netns_name: ns.name.clone(),
-            netns: ns.netns().try_clone().unwrap(),
+            netns_name: netns.to_string(),
+            netns: keyway_sap::sys::Netns::open(format!("/var/run/netns/{netns}"))
+                .expect("node namespace"),
             source,
             state: dir.join(format!("agent-{node}")),
             socket: dir.join(format!("agent-{node}.sock")),
@@ -254,4 +254,226 @@ pub fn pod_yaml(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: agnhost}}]\n"
     )
+}
+
+/// A simulated cluster for a test: nodes on an underlay, a `keyway-agent` on each sharing one
+/// state source, and pods made through the real chain (bridge + host-local + keyway).
+#[derive(Debug)]
+pub struct TestCluster {
+    pub test: String,
+    pub agents: Vec<AgentProc>,
+    pub nodes: Vec<crate::topology::SimNode>,
+    plugin_dir: PathBuf,
+    _plan: crate::topology::Guard,
+    pub scratch: Scratch,
+}
+
+/// A pod of a [`TestCluster`]: its namespace, its chain's result and overlay address.
+#[derive(Debug)]
+pub struct TestPod {
+    pub netns: keyway_sap::testing::TestNetns,
+    pub namespace: String,
+    pub name: String,
+    pub node: usize,
+    pub rt: crate::cni_exec::Runtime,
+    pub list: crate::cni_exec::ConfList,
+    pub result: serde_json::Value,
+    pub overlay_ip: String,
+    pub infra_ip: String,
+}
+
+fn ip_of(result: &serde_json::Value, iface: &str) -> String {
+    let ifaces = result["interfaces"].as_array().cloned().unwrap_or_default();
+    let idx = ifaces
+        .iter()
+        .position(|i| i["name"] == iface)
+        .expect("interface in result");
+    let ip = result["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ip| ip["interface"] == idx)
+        .expect("ip of interface");
+    ip["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+impl TestCluster {
+    /// `octet` keeps concurrent tests' addresses apart (pods 10.<octet>.<node>.0/24, underlay
+    /// 192.168.<octet>.0/24).
+    pub fn new(test: &str, nodes: usize, octet: u8) -> TestCluster {
+        let scratch = Scratch::new(test);
+        let plan = crate::topology::Plan {
+            prefix: format!("kwt{test}"),
+            nodes,
+            pod_octet: octet,
+            underlay_octet: octet,
+        };
+        let guard = crate::topology::Guard::create(plan.clone());
+        let sim = plan.all_nodes();
+        let mut agents = Vec::new();
+        for n in &sim {
+            let source = scratch.join("state-source");
+            std::fs::create_dir_all(&source).unwrap();
+            std::fs::write(source.join(format!("{}.yaml", n.name)), n.node_yaml()).unwrap();
+            agents.push(AgentProc::start(
+                &n.netns,
+                &n.name,
+                scratch.path(),
+                &["--node-ip", &n.ip.to_string()],
+            ));
+        }
+        let plugin_dir = plugin_dir(scratch.path());
+        TestCluster {
+            test: test.to_string(),
+            agents,
+            nodes: sim,
+            plugin_dir,
+            _plan: guard,
+            scratch,
+        }
+    }
+
+    pub fn agent(&self, node: usize) -> &AgentProc {
+        &self.agents[node - 1]
+    }
+
+    pub fn agent_mut(&mut self, node: usize) -> &mut AgentProc {
+        &mut self.agents[node - 1]
+    }
+
+    /// Writes a document into the shared state source.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        self.agents[0].apply(name, yaml);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.agents[0].remove(name);
+    }
+
+    /// Creates a pod on `node` through the chain, as a runtime would, after publishing its object.
+    pub fn pod(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> TestPod {
+        let n = &self.nodes[node - 1];
+        self.apply(
+            &format!("pod-{namespace}-{name}.yaml"),
+            &pod_yaml(namespace, name, &n.name, labels),
+        );
+        let netns = keyway_sap::testing::TestNetns::new(&self.test, name);
+        let list = crate::cni_exec::ConfList::parse(
+            &n.conflist(
+                "1.0.0",
+                &self.agent(node).socket.display().to_string(),
+                &self
+                    .scratch
+                    .join(format!("ipam-{}", n.name))
+                    .display()
+                    .to_string(),
+                true,
+            )
+            .to_string(),
+        );
+        let rt = crate::cni_exec::Runtime {
+            path: vec![self.plugin_dir.clone(), PathBuf::from(DEBIAN_CNI_DIR)],
+            container_id: format!("{}-{namespace}-{name}", self.test),
+            netns: netns.path().display().to_string(),
+            ifname: "eth0".into(),
+            args: vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), namespace.into()),
+                ("K8S_POD_NAME".into(), name.into()),
+            ],
+            node_netns: Some(n.netns.clone()),
+        };
+        let (execs, result) = list.add(&rt);
+        for e in &execs {
+            assert_eq!(
+                e.status, 0,
+                "ADD of {namespace}/{name}: {} failed: {}{}",
+                e.plugin, e.stdout, e.stderr
+            );
+        }
+        let result = result.unwrap();
+        TestPod {
+            overlay_ip: ip_of(&result, "kw0"),
+            infra_ip: ip_of(&result, "eth0"),
+            netns,
+            namespace: namespace.into(),
+            name: name.into(),
+            node,
+            rt,
+            list,
+            result,
+        }
+    }
+
+    /// Deletes a pod through the chain (DEL in reverse order) and removes its object.
+    pub fn delete(&self, pod: &TestPod) {
+        for e in pod.list.del(&pod.rt, Some(&pod.result)) {
+            assert_eq!(e.status, 0, "DEL {}: {}{}", e.plugin, e.stdout, e.stderr);
+        }
+        self.remove(&format!("pod-{}-{}.yaml", pod.namespace, pod.name));
+    }
+}
+
+impl TestPod {
+    /// `ping` from this pod; true when every echo is answered.
+    pub fn ping(&self, to: &str, count: u32) -> bool {
+        self.netns
+            .exec(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "1", to])
+            .status
+            .success()
+    }
+
+    /// A TCP exchange with `to:port`, where `server` listens (on all its addresses).
+    pub fn tcp(&self, server: &TestPod, to: &str, port: u16) -> Result<(), String> {
+        use std::net::{TcpListener, TcpStream};
+        let listener = server
+            .netns
+            .netns()
+            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .map_err(|e| e.to_string())?;
+        let srv = std::thread::spawn(move || {
+            listener.set_nonblocking(false).ok();
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut b = [0u8; 16];
+                let n = s.read(&mut b).unwrap_or(0);
+                let _ = s.write_all(&b[..n]);
+            }
+        });
+        let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
+        let r = self
+            .netns
+            .netns()
+            .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .unwrap()
+            .map_err(|e| e.to_string())
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.write_all(b"keyway").map_err(|e| e.to_string())?;
+                let mut b = [0u8; 6];
+                s.read_exact(&mut b).map_err(|e| e.to_string())?;
+                Ok(())
+            });
+        if r.is_err() {
+            // Unblock the accept from inside the server's own namespace.
+            let _ = server
+                .netns
+                .netns()
+                .run(|| TcpStream::connect(("127.0.0.1", port)));
+        }
+        let _ = srv.join();
+        r
+    }
 }

@@ -4,3 +4,4 @@
 
 pub mod cni_exec;
 pub mod harness;
+pub mod topology;

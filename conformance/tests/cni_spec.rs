@@ -36,7 +36,12 @@ fn conflist(scratch: &Scratch, socket: &std::path::Path, version: &str) -> ConfL
 fn setup(test: &str, version: &str) -> Setup {
     let scratch = Scratch::new(test);
     let node = TestNetns::new(test, "node");
-    let agent = AgentProc::start(&node, "node-1", scratch.path(), &["--node-ip", "127.0.0.1"]);
+    let agent = AgentProc::start(
+        &node.name,
+        "node-1",
+        scratch.path(),
+        &["--node-ip", "127.0.0.1"],
+    );
     let list = conflist(&scratch, &agent.socket, version);
     Setup {
         scratch,

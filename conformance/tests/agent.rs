@@ -1,0 +1,334 @@
+//! keyway-agent with pods made through the real chain (bridge + host-local + keyway) on simulated
+//! nodes: pods talk over the overlay; a denying policy blocks, counted by reason in /metrics;
+//! traffic between nodes goes through the destination's SaP; a SIGKILLed agent comes back without
+//! any pod being recreated; malformed handoff messages are refused and change nothing.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant, SystemTime};
+
+use keyway_cni::handoff::{self, Request};
+use keyway_conformance::harness::TestCluster;
+use keyway_sap::sys;
+use keyway_sap::testing::privileged;
+
+const DENY_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n";
+
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[test]
+fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() {
+    if !privileged("pods_talk_over_the_overlay") {
+        return;
+    }
+    let c = TestCluster::new("agtalk", 1, 101);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(1, "t", "b", &[("app", "b")]);
+    assert!(a.ping(&b.overlay_ip, 3), "a reaches b over the overlay");
+    assert!(b.ping(&a.overlay_ip, 3), "b reaches a over the overlay");
+    a.tcp(&b, &b.overlay_ip, 8080)
+        .expect("TCP over the overlay");
+    // The underlay is closed: service traffic reaches a pod only over the overlay.
+    assert!(
+        !a.ping(&b.infra_ip, 2),
+        "ping to b's infrastructure IP is dropped in b"
+    );
+    assert!(
+        a.tcp(&b, &b.infra_ip, 8081).is_err(),
+        "TCP to b's infrastructure IP is dropped"
+    );
+
+    let agent = c.agent(1);
+    let series = "keyway_datapath_drops_total{stage=\"egress\",reason=\"denied_by_policy\"}";
+    let before = agent.metric(series);
+    c.apply("deny-b.yaml", DENY_B);
+    eventually(
+        "the deny policy takes effect",
+        Duration::from_secs(5),
+        || !a.ping(&b.overlay_ip, 1),
+    );
+    assert!(!a.ping(&b.overlay_ip, 2));
+    assert!(
+        agent.metric(series) >= before + 2.0,
+        "drops counted by reason:\n{}",
+        agent.metrics()
+    );
+    assert!(
+        b.ping(&a.overlay_ip, 2),
+        "a is not isolated: b still reaches it"
+    );
+
+    c.remove("deny-b.yaml");
+    eventually(
+        "removing the policy restores traffic",
+        Duration::from_secs(5),
+        || a.ping(&b.overlay_ip, 1),
+    );
+    c.delete(&a);
+    c.delete(&b);
+}
+
+#[test]
+fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
+    if !privileged("traffic_between_nodes_goes_through_the_destination_sap") {
+        return;
+    }
+    let c = TestCluster::new("agsap", 2, 102);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(2, "t", "b", &[("app", "b")]);
+    // Each agent learns the other's pod from the shared state source.
+    eventually("node-1 routes to b", Duration::from_secs(5), || {
+        a.ping(&b.overlay_ip, 1)
+    });
+    let sap = "keyway_datapath_packets_total{stage=\"sap\"}";
+    let (s1, s2) = (c.agent(1).metric(sap), c.agent(2).metric(sap));
+    assert!(a.ping(&b.overlay_ip, 4));
+    assert!(
+        c.agent(2).metric(sap) >= s2 + 4.0,
+        "requests went through node-2's SaP"
+    );
+    assert!(
+        c.agent(1).metric(sap) >= s1 + 4.0,
+        "replies went through node-1's SaP"
+    );
+
+    // A DirectPath: the pair bypasses SaPs and relies on keys alone.
+    c.apply(
+        "direct.yaml",
+        "apiVersion: keyway.io/v1alpha1\nkind: DirectPath\nmetadata: {name: ab, namespace: t}\nspec:\n  a: {podSelector: {matchLabels: {app: a}}}\n  b: {podSelector: {matchLabels: {app: b}}}\n",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (s1, s2) = (c.agent(1).metric(sap), c.agent(2).metric(sap));
+    assert!(a.ping(&b.overlay_ip, 4));
+    assert_eq!(c.agent(2).metric(sap), s2, "direct: no SaP on the way");
+    assert_eq!(c.agent(1).metric(sap), s1);
+    c.delete(&a);
+    c.delete(&b);
+}
+
+/// Parses `ping -D` output into the Unix times of the replies.
+fn reply_times(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse().ok())
+        })
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn a_killed_agent_restarts_without_recreating_any_pod() {
+    if !privileged("a_killed_agent_restarts_without_recreating_any_pod") {
+        return;
+    }
+    let mut c = TestCluster::new("agkill", 1, 103);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(1, "t", "b", &[("app", "b")]);
+    assert!(a.ping(&b.overlay_ip, 2));
+    let ifindex = |p: &keyway_conformance::harness::TestPod| {
+        p.netns.sh(&["cat", "/sys/class/net/kw0/ifindex"])
+    };
+    let inode = |p: &keyway_conformance::harness::TestPod| {
+        std::fs::metadata(p.netns.path())
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap()
+    };
+    let before = (ifindex(&a), ifindex(&b), inode(&a), inode(&b));
+
+    // A steady ping, 20 per second, while the agent is killed and started again.
+    let log = c.scratch.join("ping.log");
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.netns.name,
+            "ping",
+            "-D",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            &b.overlay_ip,
+        ])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let killed_at = unix_now();
+    c.agent_mut(1).kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted_at = unix_now();
+    c.agent_mut(1).restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = std::process::Command::new("kill")
+        .arg(ping.id().to_string())
+        .status();
+    let out = ping.wait_with_output().unwrap();
+    drop(out);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let replies = reply_times(&text);
+    let last_before = replies
+        .iter()
+        .copied()
+        .filter(|t| *t < killed_at)
+        .fold(0.0, f64::max);
+    let first_after = replies
+        .iter()
+        .copied()
+        .find(|t| *t > restarted_at)
+        .expect("traffic came back");
+    let back_in = first_after - restarted_at;
+    eprintln!(
+        "agent SIGKILL: last reply {:.0} ms before the kill, back {:.0} ms after the restart (outage {:.0} ms)",
+        (killed_at - last_before) * 1e3,
+        back_in * 1e3,
+        (first_after - last_before) * 1e3
+    );
+    assert!(
+        back_in < 1.0,
+        "traffic back {back_in:.3} s after the restart: not within 1 s"
+    );
+    assert!(
+        replies.iter().any(|t| *t > restarted_at + 1.0),
+        "and it stays back"
+    );
+    assert_eq!(
+        (ifindex(&a), ifindex(&b), inode(&a), inode(&b)),
+        before,
+        "no device or namespace was recreated"
+    );
+    let att = c.agent(1).attachments();
+    assert_eq!(att["attachments"].as_array().unwrap().len(), 2, "{att}");
+    c.delete(&a);
+    c.delete(&b);
+}
+
+#[test]
+fn malformed_handoff_messages_are_refused_and_change_nothing() {
+    if !privileged("malformed_handoff_messages_are_refused_and_change_nothing") {
+        return;
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let c = TestCluster::new("aghand", 1, 104);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let before = c.agent(1).attachments();
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        &UnixAddr::new(&c.agent(1).socket).unwrap(),
+    )
+    .unwrap();
+    let ask = |rec: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| -> handoff::Ack {
+        sys::send_with_fds(sock.as_fd(), rec, fds).unwrap();
+        let mut buf = vec![0u8; handoff::MAX_RECORD];
+        let got = sys::recv_with_fds(sock.as_fd(), &mut buf).unwrap();
+        handoff::Ack::decode(&buf[..got.len]).unwrap()
+    };
+    let del = Request::Delete(handoff::AttachmentRequest {
+        attachment: handoff::Attachment {
+            container_id: a.rt.container_id.clone(),
+            ifname: "eth0".into(),
+        },
+    })
+    .encode();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated",
+            del[..del.len() - 2].to_vec(),
+            "truncated or padded",
+        ),
+        (
+            "oversized",
+            vec![b'K'; handoff::MAX_RECORD + 100],
+            "larger than",
+        ),
+        (
+            "bad magic",
+            [b"XYZ".as_slice(), &del[3..]].concat(),
+            "magic",
+        ),
+        (
+            "future version",
+            [b"KWH\x09".as_slice(), &del[4..]].concat(),
+            "version 9",
+        ),
+        ("header only", del[..5].to_vec(), "shorter than"),
+    ];
+    for (what, rec, needle) in cases {
+        let ack = ask(&rec, &[]);
+        let err = ack.error.unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(err.message.contains(needle), "{what}: {}", err.message);
+        assert_eq!(err.code, 6, "{what}: decode failure");
+    }
+    // An Add without the namespace descriptor, and one with a descriptor that is not a namespace.
+    let add = Request::Add(handoff::AddRequest {
+        attachment: handoff::Attachment {
+            container_id: "intruder".into(),
+            ifname: "eth0".into(),
+        },
+        pod: handoff::PodRef {
+            namespace: "t".into(),
+            name: "a".into(),
+            uid: String::new(),
+        },
+        netns_path: "/proc/1/ns/net".into(),
+        infra_ip: "10.0.0.9".parse().unwrap(),
+        mtu: 1500,
+        networks: vec![],
+        node_addresses: vec![],
+    })
+    .encode();
+    let ack = ask(&add, &[]);
+    assert!(
+        ack.error
+            .unwrap()
+            .message
+            .contains("must carry 1 descriptor")
+    );
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let ack = ask(&add, &[devnull.as_fd()]);
+    assert!(
+        ack.error
+            .unwrap()
+            .message
+            .contains("not a network namespace")
+    );
+    // The connection still serves well-formed requests, and nothing changed.
+    assert!(ask(&Request::Status.encode(), &[]).error.is_none());
+    // An empty record reads as end-of-stream on SOCK_SEQPACKET: the agent hangs up, nothing else.
+    sys::send_with_fds(sock.as_fd(), &[], &[]).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        sys::recv_with_fds(sock.as_fd(), &mut buf).unwrap().len,
+        0,
+        "connection closed"
+    );
+    let fresh = handoff::Client::connect(&c.agent(1).socket, Duration::from_secs(2)).unwrap();
+    assert!(fresh.call(&Request::Status, None).is_ok());
+    let after = c.agent(1).attachments();
+    assert_eq!(before["attachments"], after["attachments"]);
+    assert!(a.ping(&a.overlay_ip, 1));
+}
