@@ -31,6 +31,35 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The statically linked `keyway-agnhost` for the lab's images: the static build for the same
+/// profile (`target/x86_64-unknown-linux-gnu/<profile>/`), or one named by `KEYWAY_LAB_AGNHOST`.
+pub fn agnhost() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYWAY_LAB_AGNHOST") {
+        return PathBuf::from(p);
+    }
+    let dir = bin_dir();
+    let profile = dir
+        .file_name()
+        .map(|p| p.to_os_string())
+        .unwrap_or_default();
+    let static_build = dir.parent().map(|t| {
+        t.join("x86_64-unknown-linux-gnu")
+            .join(&profile)
+            .join("keyway-agnhost")
+    });
+    match static_build {
+        Some(p) if p.is_file() => p,
+        _ => panic!(
+            "no static keyway-agnhost: build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build{} -p keyway-agnhost --target x86_64-unknown-linux-gnu` (make build does)",
+            if profile == "release" {
+                " --release"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 /// A CNI bin directory under `dir` holding the plugin under the name runtimes execute: the
 /// conflist's `"type": "keyway"` (the installer copies `keyway-cni` there as `keyway`).
 pub fn plugin_dir(dir: &Path) -> PathBuf {

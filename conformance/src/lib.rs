@@ -3,5 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cni_exec;
+pub mod containerd;
+pub mod cri;
 pub mod harness;
+pub mod images;
+pub mod proc;
 pub mod topology;

@@ -1,0 +1,428 @@
+//! `keyway-agnhost`: the only binary in the lab's images (statically linked, no registry needed).
+//!
+//! - `pause`: the sandbox's process: waits for SIGTERM/SIGINT, reaps children.
+//! - `serve --port P --protocol TCP|UDP|SCTP`: answers on exactly that port, IPv4 and IPv6. TCP and
+//!   UDP answer with the pod's hostname; SCTP completes the association set-up (see `sctp`).
+//! - `probe --protocol P [--timeout-ms T] ADDR:PORT...`: probes every target in parallel and prints
+//!   one line per target: `ADDR:PORT ok` or `ADDR:PORT fail REASON`.
+//! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
+//!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
+#![forbid(unsafe_code)]
+
+mod sctp;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve --port P --protocol TCP|UDP|SCTP\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
+    );
+    ExitCode::from(64)
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "pod".into())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        return usage();
+    };
+    let rest = &args[1..];
+    let r = match cmd.as_str() {
+        "pause" => pause(),
+        "serve" => match (
+            flag(rest, "--port").and_then(|p| p.parse().ok()),
+            flag(rest, "--protocol"),
+        ) {
+            (Some(port), Some(proto)) => serve(port, &proto),
+            _ => return usage(),
+        },
+        "probe" => return probe(rest),
+        "bench-server" => match flag(rest, "--port").and_then(|p| p.parse().ok()) {
+            Some(port) => bench_server(port),
+            None => return usage(),
+        },
+        "bench-client" => return bench_client(rest),
+        _ => return usage(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyway-agnhost {cmd}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pause() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        set.add(s);
+    }
+    set.thread_block()?;
+    loop {
+        match set.wait()? {
+            Signal::SIGCHLD => {
+                while let Ok(s) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    if s == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// A socket on `port` for both families when the namespace has IPv6, IPv4 only otherwise.
+fn bind_any(ty: Type, port: u16) -> std::io::Result<Socket> {
+    let dual = Socket::new(Domain::IPV6, ty, None).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
+        Ok(s)
+    });
+    match dual {
+        Ok(s) => Ok(s),
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, ty, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port).into())?;
+            Ok(s)
+        }
+    }
+}
+
+fn serve(port: u16, proto: &str) -> std::io::Result<()> {
+    let name = hostname();
+    match proto {
+        "TCP" => {
+            let s = bind_any(Type::STREAM, port)?;
+            s.listen(1024)?;
+            let l: TcpListener = s.into();
+            eprintln!("serving TCP {port}");
+            for conn in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || tcp_conn(conn, &name));
+            }
+            Ok(())
+        }
+        "UDP" => {
+            let u: UdpSocket = bind_any(Type::DGRAM, port)?.into();
+            eprintln!("serving UDP {port}");
+            let mut buf = [0u8; 2048];
+            loop {
+                if let Ok((_, from)) = u.recv_from(&mut buf) {
+                    let _ = u.send_to(name.as_bytes(), from);
+                }
+            }
+        }
+        "SCTP" => {
+            eprintln!("serving SCTP {port} (user space, over raw sockets)");
+            sctp::serve(port)
+        }
+        other => Err(std::io::Error::other(format!("unknown protocol {other}"))),
+    }
+}
+
+fn tcp_conn(mut c: TcpStream, name: &str) {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut first = [0u8; 4];
+    let n = c.peek(&mut first).unwrap_or(0);
+    if n >= 4 && &first == b"GET " {
+        let mut r = BufReader::new(c.try_clone().expect("clone"));
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line == "\r\n" {
+                break;
+            }
+            line.clear();
+        }
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+            name.len()
+        );
+        return;
+    }
+    let _ = writeln!(c, "{name}");
+}
+
+fn probe_one(proto: &str, target: SocketAddr, timeout: Duration, seq: u16) -> Result<(), String> {
+    match proto {
+        "TCP" => {
+            let mut s =
+                TcpStream::connect_timeout(&target, timeout).map_err(|e| e.kind().to_string())?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"probe\n").map_err(|e| e.kind().to_string())?;
+            let mut b = [0u8; 256];
+            match s.read(&mut b) {
+                Ok(n) if n > 0 => Ok(()),
+                Ok(_) => Err("closed without answering".into()),
+                Err(e) => Err(e.kind().to_string()),
+            }
+        }
+        "UDP" => {
+            let any: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let u = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+            u.connect(target).map_err(|e| e.to_string())?;
+            u.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + timeout;
+            let mut b = [0u8; 256];
+            // Retry within the timeout: UDP may lose the first datagram (e.g. while ARP resolves).
+            while Instant::now() < deadline {
+                u.send(b"probe").map_err(|e| e.to_string())?;
+                u.set_read_timeout(Some(
+                    Duration::from_millis(300).min(
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(1)),
+                    ),
+                ))
+                .map_err(|e| e.to_string())?;
+                match u.recv(&mut b) {
+                    Ok(_) => return Ok(()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e.kind().to_string()),
+                }
+            }
+            Err("timed out".into())
+        }
+        "SCTP" => sctp::connect(target, 40000 + seq, timeout).map_err(|e| e.to_string()),
+        other => Err(format!("unknown protocol {other}")),
+    }
+}
+
+fn probe(args: &[String]) -> ExitCode {
+    let Some(proto) = flag(args, "--protocol") else {
+        return usage();
+    };
+    let timeout = Duration::from_millis(
+        flag(args, "--timeout-ms")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1000),
+    );
+    let mut targets = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a.starts_with("--") {
+            skip = true;
+            continue;
+        }
+        match a.parse::<SocketAddr>() {
+            Ok(t) => targets.push(t),
+            Err(_) => {
+                eprintln!("not an ADDR:PORT: {a}");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    let handles: Vec<_> = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let proto = proto.clone();
+            std::thread::spawn(move || (t, probe_one(&proto, t, timeout, i as u16)))
+        })
+        .collect();
+    let mut out = String::new();
+    for h in handles {
+        let (t, r) = h.join().expect("probe thread");
+        match r {
+            Ok(()) => out.push_str(&format!("{t} ok\n")),
+            Err(e) => out.push_str(&format!("{t} fail {e}\n")),
+        }
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn bench_server(port: u16) -> std::io::Result<()> {
+    let s = bind_any(Type::STREAM, port)?;
+    s.listen(128)?;
+    let l: TcpListener = s.into();
+    for conn in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = bench_conn(conn);
+        });
+    }
+    Ok(())
+}
+
+fn bench_conn(mut c: TcpStream) -> std::io::Result<()> {
+    c.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    c.read_exact(&mut mode)?;
+    match mode[0] {
+        b'R' => {
+            let mut sz = [0u8; 4];
+            c.read_exact(&mut sz)?;
+            let mut buf = vec![0u8; u32::from_be_bytes(sz) as usize];
+            loop {
+                if c.read_exact(&mut buf).is_err() {
+                    return Ok(());
+                }
+                c.write_all(&buf)?;
+            }
+        }
+        b'H' => {
+            let mut r = BufReader::new(c.try_clone()?);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                if line == "\r\n" {
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")?;
+                }
+            }
+        }
+        b'S' => {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total: u64 = 0;
+            loop {
+                let n = c.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            c.write_all(&total.to_be_bytes())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn bench_client(args: &[String]) -> ExitCode {
+    let (Some(target), Some(mode)) = (
+        flag(args, "--target").and_then(|t| t.parse::<SocketAddr>().ok()),
+        flag(args, "--mode"),
+    ) else {
+        return usage();
+    };
+    let count: usize = flag(args, "--count")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(2000);
+    let seconds: f64 = flag(args, "--seconds")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(3.0);
+    let size: usize = flag(args, "--size")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    let r = (|| -> std::io::Result<serde_json::Value> {
+        let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        match mode.as_str() {
+            "rr" | "http" => {
+                if mode == "rr" {
+                    c.write_all(b"R")?;
+                    c.write_all(&(size as u32).to_be_bytes())?;
+                } else {
+                    c.write_all(b"H")?;
+                }
+                let req = if mode == "rr" {
+                    vec![0x5au8; size]
+                } else {
+                    b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n".to_vec()
+                };
+                let mut resp = vec![0u8; if mode == "rr" { size } else { 40 }];
+                let mut lat = Vec::with_capacity(count);
+                for i in 0..count + count / 10 {
+                    let t = Instant::now();
+                    c.write_all(&req)?;
+                    if mode == "rr" {
+                        c.read_exact(&mut resp)?;
+                    } else {
+                        // "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" is 40 bytes.
+                        c.read_exact(&mut resp[..40])?;
+                    }
+                    // The first tenth warms up (ARP, caches, flow state).
+                    if i >= count / 10 {
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+                lat.sort_by(f64::total_cmp);
+                let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+                Ok(
+                    serde_json::json!({"mode": mode, "count": lat.len(), "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99), "mean_us": mean}),
+                )
+            }
+            "stream" => {
+                c.write_all(b"S")?;
+                let chunk = vec![0xa5u8; 128 * 1024];
+                let t = Instant::now();
+                let mut sent: u64 = 0;
+                while t.elapsed().as_secs_f64() < seconds {
+                    c.write_all(&chunk)?;
+                    sent += chunk.len() as u64;
+                }
+                c.shutdown(std::net::Shutdown::Write)?;
+                let mut got = [0u8; 8];
+                c.read_exact(&mut got)?;
+                let received = u64::from_be_bytes(got);
+                let secs = t.elapsed().as_secs_f64();
+                Ok(
+                    serde_json::json!({"mode": mode, "sent_bytes": sent, "received_bytes": received, "seconds": secs, "gbps": received as f64 * 8.0 / secs / 1e9}),
+                )
+            }
+            other => Err(std::io::Error::other(format!("unknown mode {other}"))),
+        }
+    })();
+    match r {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"mode": mode, "error": e.to_string()})
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Processes the lab starts and must stop: by pid, SIGTERM then SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub fn alive(pid: u32) -> bool {
+    let pid = Pid::from_raw(pid as i32);
+    if kill(pid, None).is_err() {
+        return false;
+    }
+    // A zombie is not alive; reap it if it is ours.
+    let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// SIGTERM, then SIGKILL after `grace`; returns when the process is gone.
+pub fn terminate(pid: u32, grace: Duration) {
+    let p = Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            let _ = kill(p, Signal::SIGKILL);
+            std::thread::sleep(Duration::from_millis(50));
+            if !alive(pid) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes whose command line mentions `needle` (the lab's directory), for a thorough `down`.
+pub fn find(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
