@@ -18,6 +18,7 @@ pub struct Exec {
     pub status: i32,
     pub stdout: String,
     pub stderr: String,
+    pub elapsed_ms: f64,
 }
 
 impl Exec {
@@ -75,6 +76,7 @@ impl Runtime {
                 status: -1,
                 stdout: String::new(),
                 stderr: "plugin not found on CNI_PATH".into(),
+                elapsed_ms: 0.0,
             };
         };
         self.exec_binary(&bin, &plugin, command, &config.to_string())
@@ -115,6 +117,7 @@ impl Runtime {
         if !self.args.is_empty() {
             cmd.env("CNI_ARGS", self.cni_args());
         }
+        let started = std::time::Instant::now();
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
@@ -130,6 +133,7 @@ impl Runtime {
             status: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         }
     }
 }

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 /// Where Debian's `containernetworking-plugins` put the reference plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
-/// The directory holding the workspace's binaries for the profile the tests were built with
-/// (`target/debug` or `target/release`): the test executable lives in its `deps/`.
+/// The directory holding the workspace's binaries for the profile in use (`target/debug` or
+/// `target/release`): a test executable lives in its `deps/`, a binary in it directly.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    let dir = exe.parent().expect("exe directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A workspace binary; panics with what to do when it has not been built.
@@ -309,6 +311,8 @@ pub struct TestPod {
     pub result: serde_json::Value,
     pub overlay_ip: String,
     pub infra_ip: String,
+    /// How long keyway-cni's own ADD took.
+    pub add_keyway_ms: f64,
 }
 
 fn ip_of(result: &serde_json::Value, iface: &str) -> String {
@@ -433,7 +437,12 @@ impl TestCluster {
             );
         }
         let result = result.unwrap();
+        let add_keyway_ms = execs
+            .iter()
+            .find(|e| e.plugin == "keyway")
+            .map_or(0.0, |e| e.elapsed_ms);
         TestPod {
+            add_keyway_ms,
             overlay_ip: ip_of(&result, "kw0"),
             infra_ip: ip_of(&result, "eth0"),
             netns,

@@ -7,5 +7,6 @@ pub mod containerd;
 pub mod cri;
 pub mod harness;
 pub mod images;
+pub mod lab;
 pub mod proc;
 pub mod topology;

@@ -201,7 +201,11 @@ impl FileSource {
         let (tx, rx) = watch::channel(Arc::new(self.load()));
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Only changes count: opening and reading the files (as every reload does, in every
+            // agent sharing the directory) must not trigger another reload.
+            if let Ok(ev) = res
+                && (ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove())
+            {
                 let _ = ev_tx.send(());
             }
         })

@@ -111,12 +111,22 @@ impl LocalEndpoint {
     }
 }
 
+/// Which way a packet leaves an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Straight to the destination: a direct pair, or no SaP is known for it.
+    Direct,
+    /// To the SaP that fronts the destination, which checks and forwards it.
+    Sap,
+    /// This node's SaP checked it here, in process; it goes straight to the destination.
+    LocalSap,
+}
+
 /// Where an encapsulated packet goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Send {
     pub to: SocketAddr,
-    /// Whether a SaP checked it (in process) or will check it (remote).
-    pub via_sap: bool,
+    pub hop: Hop,
 }
 
 fn outer_source_ok(tables: &Tables, src_route: &Route, outer: SocketAddr) -> bool {
@@ -153,17 +163,20 @@ pub fn endpoint_egress(
             if Some(sap) == local.local_sap {
                 // This node's SaP: run its checks now and skip the hop.
                 let to = sap_checks(tables, &c, key, src, dst, local.infra, now_ms)?;
-                Ok(Send { to, via_sap: true })
+                Ok(Send {
+                    to,
+                    hop: Hop::LocalSap,
+                })
             } else {
                 Ok(Send {
                     to: sap,
-                    via_sap: true,
+                    hop: Hop::Sap,
                 })
             }
         }
         _ => Ok(Send {
             to: dst.infra,
-            via_sap: false,
+            hop: Hop::Direct,
         }),
     }
 }
@@ -360,7 +373,7 @@ mod tests {
             send,
             Send {
                 to: addr("10.0.0.2:6080"),
-                via_sap: true
+                hop: Hop::Sap
             }
         );
         assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
@@ -421,7 +434,7 @@ mod tests {
             send,
             Send {
                 to: addr("10.1.2.1:6080"),
-                via_sap: false
+                hop: Hop::Direct
             }
         );
         endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
@@ -438,7 +451,7 @@ mod tests {
             send,
             Send {
                 to: addr("10.1.2.1:6080"),
-                via_sap: true
+                hop: Hop::LocalSap
             }
         );
         // b sees a's own infra address as the outer source: accepted.

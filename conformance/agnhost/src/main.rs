@@ -1,8 +1,9 @@
 //! `keyway-agnhost`: the only binary in the lab's images (statically linked, no registry needed).
 //!
 //! - `pause`: the sandbox's process: waits for SIGTERM/SIGINT, reaps children.
-//! - `serve --port P --protocol TCP|UDP|SCTP`: answers on exactly that port, IPv4 and IPv6. TCP and
-//!   UDP answer with the pod's hostname; SCTP completes the association set-up (see `sctp`).
+//! - `serve --port P --protocol TCP|UDP|SCTP`, or `serve P/PROTO...`: answers on exactly those
+//!   ports, IPv4 and IPv6 (or only on `--bind ADDR`). TCP and UDP answer with the pod's hostname;
+//!   SCTP completes the association set-up (see `sctp`).
 //! - `probe --protocol P [--timeout-ms T] ADDR:PORT...`: probes every target in parallel and prints
 //!   one line per target: `ADDR:PORT ok` or `ADDR:PORT fail REASON`.
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
@@ -20,7 +21,7 @@ use socket2::{Domain, Socket, Type};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve --port P --protocol TCP|UDP|SCTP\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
     );
     ExitCode::from(64)
 }
@@ -46,13 +47,31 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let r = match cmd.as_str() {
         "pause" => pause(),
-        "serve" => match (
-            flag(rest, "--port").and_then(|p| p.parse().ok()),
-            flag(rest, "--protocol"),
-        ) {
-            (Some(port), Some(proto)) => serve(port, &proto),
-            _ => return usage(),
-        },
+        "serve" => {
+            let bind: Option<IpAddr> = flag(rest, "--bind").and_then(|a| a.parse().ok());
+            let mut listen: Vec<(u16, String)> = rest
+                .iter()
+                .filter_map(|a| a.split_once('/'))
+                .filter_map(|(p, proto)| Some((p.parse().ok()?, proto.to_string())))
+                .collect();
+            if let (Some(port), Some(proto)) = (
+                flag(rest, "--port").and_then(|p| p.parse().ok()),
+                flag(rest, "--protocol"),
+            ) {
+                listen.push((port, proto));
+            }
+            if listen.is_empty() {
+                return usage();
+            }
+            let handles: Vec<_> = listen
+                .into_iter()
+                .map(|(port, proto)| std::thread::spawn(move || serve(port, &proto, bind)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("server panicked")))
+            })
+        }
         "probe" => return probe(rest),
         "bench-server" => match flag(rest, "--port").and_then(|p| p.parse().ok()) {
             Some(port) => bench_server(port),
@@ -92,6 +111,26 @@ fn pause() -> std::io::Result<()> {
     }
 }
 
+/// A socket on `port` for both families when the namespace has IPv6, IPv4 only otherwise; or on
+/// `addr` alone.
+fn bind_on(ty: Type, port: u16, addr: Option<IpAddr>) -> std::io::Result<Socket> {
+    let Some(addr) = addr else {
+        return bind_any(ty, port);
+    };
+    let s = Socket::new(
+        if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        },
+        ty,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(addr, port).into())?;
+    Ok(s)
+}
+
 /// A socket on `port` for both families when the namespace has IPv6, IPv4 only otherwise.
 fn bind_any(ty: Type, port: u16) -> std::io::Result<Socket> {
     let dual = Socket::new(Domain::IPV6, ty, None).and_then(|s| {
@@ -111,11 +150,11 @@ fn bind_any(ty: Type, port: u16) -> std::io::Result<Socket> {
     }
 }
 
-fn serve(port: u16, proto: &str) -> std::io::Result<()> {
+fn serve(port: u16, proto: &str, bind: Option<IpAddr>) -> std::io::Result<()> {
     let name = hostname();
     match proto {
         "TCP" => {
-            let s = bind_any(Type::STREAM, port)?;
+            let s = bind_on(Type::STREAM, port, bind)?;
             s.listen(1024)?;
             let l: TcpListener = s.into();
             eprintln!("serving TCP {port}");
@@ -126,7 +165,7 @@ fn serve(port: u16, proto: &str) -> std::io::Result<()> {
             Ok(())
         }
         "UDP" => {
-            let u: UdpSocket = bind_any(Type::DGRAM, port)?.into();
+            let u: UdpSocket = bind_on(Type::DGRAM, port, bind)?.into();
             eprintln!("serving UDP {port}");
             let mut buf = [0u8; 2048];
             loop {

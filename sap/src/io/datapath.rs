@@ -83,6 +83,25 @@ impl GueSocket {
         }
     }
 
+    /// Sends without waiting; `WouldBlock` when the socket's buffer is full.
+    pub fn try_send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        self.sock.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&self.sock).into(), &t)
+        })
+    }
+
     async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
         loop {
             self.sock.readable().await?;
@@ -169,6 +188,74 @@ pub struct EndpointContext {
     pub counters: Arc<Counters>,
 }
 
+/// Buffers the loops work in between two awaits: one set per worker thread, not per endpoint,
+/// so a hundred idle pods cost a hundred sockets and devices, not a hundred sets of 64 KiB buffers
+/// and GRO tables.
+struct ThreadBuffers {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    batch: GsoBatch,
+    rx: Vec<Vec<u8>>,
+    meta: [RecvMeta; 2],
+    /// Inner packets for each device of the endpoint being served.
+    out: Vec<Vec<Vec<u8>>>,
+    gro: GROTable,
+}
+
+impl ThreadBuffers {
+    fn new() -> Self {
+        ThreadBuffers {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            bufs: Vec::new(),
+            sizes: vec![0usize; BATCH],
+            batch: GsoBatch::new(64),
+            rx: vec![vec![0u8; RX_BUFFER]; 2],
+            meta: [RecvMeta::default(); 2],
+            out: Vec::new(),
+            gro: GROTable::default(),
+        }
+    }
+
+    /// Egress buffers sized for a device's MTU (they grow, never shrink).
+    fn egress_bufs(&mut self, mtu: usize) {
+        let want = gue::HEADER_LEN + mtu;
+        if self.bufs.len() < BATCH || self.bufs[0].len() < want {
+            self.bufs = vec![vec![0u8; want]; BATCH];
+        }
+    }
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<ThreadBuffers> = std::cell::RefCell::new(ThreadBuffers::new());
+}
+
+/// Largest GRO aggregate received at once.
+const RX_BUFFER: usize = 64 * 1500;
+
+/// Sends what the batch holds without waiting; what the socket cannot take now is kept in
+/// `overflow` for the caller to send after an await.
+fn flush_now(
+    batch: &mut GsoBatch,
+    sock: &GueSocket,
+    overflow: &mut Vec<(SocketAddr, Vec<u8>, Option<usize>)>,
+) {
+    let Some(to) = batch.to.take() else { return };
+    let segment = (batch.count > 1).then_some(batch.segment);
+    match sock.try_send(to, &batch.buf, segment) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            overflow.push((to, batch.buf.clone(), segment))
+        }
+        // ICMP errors surface here (port unreachable, no route): the packets are lost, as on the
+        // wire; the loop goes on.
+        Err(e) => tracing::debug!(%to, error = %e, "GUE send failed"),
+    }
+    batch.buf.clear();
+    batch.count = 0;
+    batch.closed = false;
+}
+
 /// The TUN → GUE loop of one overlay device. Returns when the device goes away.
 pub async fn endpoint_egress(
     ctx: Arc<EndpointContext>,
@@ -176,36 +263,62 @@ pub async fn endpoint_egress(
     sock: Arc<GueSocket>,
 ) -> io::Result<()> {
     let mtu = usize::from(tun.mtu().unwrap_or(1500)).max(1280);
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-    let mut bufs = vec![vec![0u8; gue::HEADER_LEN + mtu]; BATCH];
-    let mut sizes = vec![0usize; BATCH];
-    let mut batch = GsoBatch::new(sock.max_segments());
+    let max_segments = sock.max_segments();
+    let mut overflow = Vec::new();
     loop {
-        let n = match tun
-            .recv_multiple(&mut original, &mut bufs, &mut sizes, gue::HEADER_LEN)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) if device_gone(&e) => return Ok(()),
-            Err(e) => {
-                tracing::debug!(error = %e, "TUN read failed");
-                continue;
-            }
-        };
-        let tables = ctx.tables.load();
-        let local = ctx.local.load();
-        let now = super::now_ms();
-        for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-            let datagram = &mut buf[..gue::HEADER_LEN + size];
-            match engine::endpoint_egress(&tables, &local, &ctx.flows, datagram, now) {
-                Ok(send) => {
-                    ctx.counters.forwarded(Stage::Egress, size);
-                    batch.add(&sock, send.to, datagram).await;
+        if let Err(e) = tun.readable().await {
+            return if device_gone(&e) { Ok(()) } else { Err(e) };
+        }
+        let gone = BUFFERS.with_borrow_mut(|b| -> bool {
+            b.egress_bufs(mtu);
+            b.batch.max = max_segments;
+            let ThreadBuffers {
+                original,
+                bufs,
+                sizes,
+                batch,
+                ..
+            } = b;
+            let n = match tun.try_recv_multiple(original, bufs, sizes, gue::HEADER_LEN) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if device_gone(&e) => return true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN read failed");
+                    return false;
                 }
-                Err(reason) => ctx.counters.dropped(Stage::Egress, reason),
+            };
+            let tables = ctx.tables.load();
+            let local = ctx.local.load();
+            let now = super::now_ms();
+            for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
+                let datagram = &mut buf[..gue::HEADER_LEN + size];
+                match engine::endpoint_egress(&tables, &local, &ctx.flows, datagram, now) {
+                    Ok(send) => {
+                        ctx.counters.forwarded(Stage::Egress, size);
+                        if send.hop == engine::Hop::LocalSap {
+                            // This node's SaP decided too: count it with the SaP's own forwards.
+                            ctx.counters.forwarded(Stage::Sap, datagram.len());
+                        }
+                        if batch.count > 0 && !batch.fits(send.to, datagram.len()) {
+                            flush_now(batch, &sock, &mut overflow);
+                        }
+                        batch.push(send.to, datagram);
+                    }
+                    Err(reason) => ctx.counters.dropped(Stage::Egress, reason),
+                }
+            }
+            flush_now(batch, &sock, &mut overflow);
+            false
+        });
+        if gone {
+            return Ok(());
+        }
+        for (to, data, segment) in overflow.drain(..) {
+            if let Err(e) = sock.send(to, &data, segment).await {
+                tracing::debug!(%to, error = %e, "GUE send failed");
             }
         }
-        batch.flush(&sock).await;
     }
 }
 
@@ -246,68 +359,87 @@ pub async fn endpoint_ingress(
     devices: Vec<OverlayDevice>,
     sock: Arc<GueSocket>,
 ) -> io::Result<()> {
-    let segs = sock.gro_segments();
-    let mut rx = vec![vec![0u8; (segs * 1500).clamp(MAX_PACKET, 128 * 1024)]; 2];
-    let mut meta = [RecvMeta::default(); 2];
-    let mut pending: Vec<Vec<Vec<u8>>> = devices.iter().map(|_| Vec::new()).collect();
-    let mut spare: Vec<Vec<u8>> = Vec::new();
-    let mut gro = GROTable::default();
     loop {
-        let n = {
-            let mut iov: Vec<IoSliceMut<'_>> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            match sock.recv(&mut iov, &mut meta).await {
-                Ok(n) => n,
-                Err(e) => {
+        sock.sock.readable().await?;
+        let gone = BUFFERS.with_borrow_mut(|b| -> bool {
+            let ThreadBuffers {
+                rx, meta, out, gro, ..
+            } = b;
+            let n = {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                match sock.sock.try_io(Interest::READABLE, || {
+                    sock.state.recv((&sock.sock).into(), &mut iov, meta)
+                }) {
+                    Ok(n) => n,
                     // Errors queued by ICMP (refused, unreachable) belong to earlier sends.
-                    tracing::trace!(error = %e, "GUE receive error");
+                    Err(_) => return false,
+                }
+            };
+            let tables = ctx.tables.load();
+            let local = ctx.local.load();
+            let now = super::now_ms();
+            if out.len() < devices.len() {
+                out.resize_with(devices.len(), Vec::new);
+            }
+            let mut used = vec![0usize; devices.len()];
+            for (m, buf) in meta.iter().zip(rx.iter()).take(n) {
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                for datagram in buf[..m.len].chunks(stride) {
+                    let range = match engine::endpoint_ingress(
+                        &tables, &local, &ctx.flows, datagram, m.addr, now,
+                    ) {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            ctx.counters.dropped(Stage::Ingress, reason);
+                            continue;
+                        }
+                    };
+                    let inner = &datagram[range];
+                    let Some(d) =
+                        inner_dst(inner).and_then(|ip| devices.iter().position(|x| x.ip == ip))
+                    else {
+                        ctx.counters
+                            .dropped(Stage::Ingress, engine::DropReason::WrongDestination);
+                        continue;
+                    };
+                    ctx.counters.forwarded(Stage::Ingress, inner.len());
+                    let slot = &mut out[d];
+                    if slot.len() <= used[d] {
+                        // GRO appends the flow's next segments to its first packet's buffer, and
+                        // only when that buffer can hold a whole aggregate without reallocating.
+                        slot.push(Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + MAX_PACKET));
+                    }
+                    let o = &mut slot[used[d]];
+                    o.clear();
+                    o.resize(VIRTIO_NET_HDR_LEN, 0);
+                    o.extend_from_slice(inner);
+                    used[d] += 1;
+                }
+            }
+            for (d, dev) in devices.iter().enumerate() {
+                if used[d] == 0 {
                     continue;
                 }
-            }
-        };
-        let tables = ctx.tables.load();
-        let local = ctx.local.load();
-        let now = super::now_ms();
-        for (m, buf) in meta.iter().zip(&rx).take(n) {
-            let stride = if m.stride == 0 { m.len } else { m.stride };
-            for datagram in buf[..m.len].chunks(stride) {
-                match engine::endpoint_ingress(&tables, &local, &ctx.flows, datagram, m.addr, now) {
-                    Ok(range) => {
-                        let inner = &datagram[range];
-                        let Some(dev) =
-                            inner_dst(inner).and_then(|ip| devices.iter().position(|d| d.ip == ip))
-                        else {
-                            ctx.counters
-                                .dropped(Stage::Ingress, engine::DropReason::WrongDestination);
-                            continue;
-                        };
-                        ctx.counters.forwarded(Stage::Ingress, inner.len());
-                        let mut out = spare.pop().unwrap_or_default();
-                        out.clear();
-                        out.resize(VIRTIO_NET_HDR_LEN, 0);
-                        out.extend_from_slice(inner);
-                        pending[dev].push(out);
+                // TUN writes do not block: the kernel takes the packet or drops it. So they are
+                // made here, synchronously, with this thread's GRO table.
+                let sync: &tun_rs::DeviceImpl = &dev.tun;
+                if let Err(e) = sync.send_multiple(gro, &mut out[d][..used[d]], VIRTIO_NET_HDR_LEN)
+                {
+                    if device_gone(&e) {
+                        return true;
                     }
-                    Err(reason) => ctx.counters.dropped(Stage::Ingress, reason),
+                    tracing::debug!(error = %e, "TUN write failed");
                 }
             }
-        }
-        for (dev, bufs) in devices.iter().zip(pending.iter_mut()) {
-            if bufs.is_empty() {
-                continue;
+            for slot in out.iter_mut() {
+                slot.truncate(BATCH);
             }
-            if let Err(e) = dev
-                .tun
-                .send_multiple(&mut gro, bufs, VIRTIO_NET_HDR_LEN)
-                .await
-            {
-                if device_gone(&e) {
-                    return Ok(());
-                }
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-            spare.append(bufs);
+            false
+        });
+        if gone {
+            return Ok(());
         }
-        spare.truncate(BATCH);
     }
 }
 

@@ -1,0 +1,144 @@
+//! `keyway-lab`: a simulated multi-node cluster on one machine (see `keyway_conformance::lab`).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keyway_conformance::lab::{self, Lab, Via};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyway-lab",
+    version,
+    about = "A simulated cluster on one machine: nodes, containerd through CRI, keyway"
+)]
+struct Args {
+    /// Where the lab keeps its state (one lab per directory).
+    #[arg(long, env = "KEYWAY_LAB_DIR", default_value = lab::DEFAULT_DIR, global = true)]
+    lab_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ViaArg {
+    Overlay,
+    Underlay,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[allow(clippy::upper_case_acronyms)]
+enum Protocol {
+    TCP,
+    UDP,
+    SCTP,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Brings up nodes and creates the documents' objects (Namespaces, Pods, NetworkPolicies, keyway resources).
+    Up {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// At least this many nodes (more if pods name higher nodes).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Creates or changes objects while the lab runs, as kubectl apply would.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Deletes objects while the lab runs.
+    Delete {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Probes every ordered pair of pods (and external entities) and prints the reachability matrix.
+    Probe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, value_enum, ignore_case = true)]
+        protocol: Protocol,
+        #[arg(long, value_enum, default_value = "overlay")]
+        via: ViaArg,
+        /// How long a probe waits before it counts as blocked.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// For every pair the overlay connects, shows whether it went direct or through which SaPs.
+    Paths {
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        #[arg(long, value_enum, ignore_case = true, default_value = "TCP")]
+        protocol: Protocol,
+    },
+    /// Lists the lab's nodes, pods and external entities.
+    Status,
+    /// Latency and throughput: native, overlay direct, via a SaP, external via a gateway; CNI ADD.
+    Bench {
+        /// Seconds of each throughput run.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// ADD and DEL latency over N pods, and the agent's memory with them attached.
+    BenchCni {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+    },
+    /// Time from a policy file being written to its enforcement on the data path, with N pods.
+    BenchPolicy {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
+    /// Stops everything the lab started and removes every trace of it.
+    Down,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let r = match args.command {
+        Cmd::Up { files, nodes } => {
+            Lab::up(&args.lab_dir, &files, nodes).map(|l| print!("{}", l.status()))
+        }
+        Cmd::Apply { files } => Lab::load(&args.lab_dir).and_then(|mut l| l.apply(&files)),
+        Cmd::Delete { files } => Lab::load(&args.lab_dir).and_then(|mut l| l.delete(&files)),
+        Cmd::Probe {
+            port,
+            protocol,
+            via,
+            timeout_ms,
+        } => Lab::load(&args.lab_dir).and_then(|l| {
+            let via = match via {
+                ViaArg::Overlay => Via::Overlay,
+                ViaArg::Underlay => Via::Underlay,
+            };
+            let proto = format!("{protocol:?}");
+            let m = l.probe(port, &proto, via, Duration::from_millis(timeout_ms))?;
+            print!("{m}");
+            Ok(())
+        }),
+        Cmd::Paths { port, protocol } => Lab::load(&args.lab_dir).and_then(|l| {
+            print!("{}", l.paths(port, &format!("{protocol:?}"))?);
+            Ok(())
+        }),
+        Cmd::Status => Lab::load(&args.lab_dir).map(|l| print!("{}", l.status())),
+        Cmd::Bench { seconds } => lab::bench::bench(&args.lab_dir, seconds).map(|r| print!("{r}")),
+        Cmd::BenchCni { pods } => lab::bench::bench_cni(pods).map(|r| print!("{r}")),
+        Cmd::BenchPolicy { pods, trials } => {
+            lab::bench::bench_policy(pods, trials).map(|r| print!("{r}"))
+        }
+        Cmd::Down => Lab::down(&args.lab_dir).map(|r| println!("{r}")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyway-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! Benchmarks (commands, never tests): every figure is measured in the same run as its baseline and
+//! reported next to it as a ratio.
+//!
+//! - `keyway-lab bench`: request/response latency (TCP round trips and HTTP) and TCP throughput
+//!   between pods on two nodes — without keyway in the chain ("native"), over the overlay direct,
+//!   over the overlay via a SaP, and from an external client through a gateway SaP — plus
+//!   RunPodSandbox (CNI ADD) latency with and without keyway.
+//! - `keyway-lab bench-cni`: ADD and DEL latency of the chain and of keyway-cni alone over N pods,
+//!   and the agent's resident memory with N pods attached.
+//! - `keyway-lab bench-policy`: time from a policy file being written to the data path enforcing
+//!   it, with N pods attached.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use super::{Lab, Runner};
+use crate::harness::TestCluster;
+use crate::topology::Plan;
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// One measured path.
+#[derive(Debug, Clone, Default)]
+pub struct PathFigures {
+    pub name: String,
+    pub rr_p50: f64,
+    pub rr_p99: f64,
+    pub http_p50: f64,
+    pub http_p99: f64,
+    pub gbps: f64,
+}
+
+fn bench_pod(name: &str, node: &str, labels: &[(&str, &str)], server: bool) -> String {
+    let labels: String = labels.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
+    let c = if server {
+        "    - {name: bench, image: agnhost, ports: [{containerPort: 5201, protocol: TCP}], command: [bench-server, --port, \"5201\"]}"
+    } else {
+        "    - {name: pause, image: agnhost}"
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers:\n{c}\n---\n"
+    )
+}
+
+fn measure(
+    runner: &Runner,
+    target: SocketAddr,
+    seconds: f64,
+    name: &str,
+) -> anyhow::Result<PathFigures> {
+    let run = |mode: &str| -> anyhow::Result<Value> {
+        let args: Vec<String> = [
+            "bench-client",
+            "--target",
+            &target.to_string(),
+            "--mode",
+            mode,
+            "--count",
+            "3000",
+            "--seconds",
+            &seconds.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = runner.run(&args)?;
+        let v: Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("bench-client said {out:?}"))?;
+        if let Some(e) = v.get("error") {
+            bail!("{name} {mode}: {e}");
+        }
+        Ok(v)
+    };
+    // Warm up the path first (flow state, caches, the agents' threads), then measure.
+    let warm: Vec<String> = [
+        "bench-client",
+        "--target",
+        &target.to_string(),
+        "--mode",
+        "rr",
+        "--count",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    runner.run(&warm)?;
+    let rr = run("rr")?;
+    let http = run("http")?;
+    let stream = run("stream")?;
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    Ok(PathFigures {
+        name: name.into(),
+        rr_p50: f(&rr, "p50_us"),
+        rr_p99: f(&rr, "p99_us"),
+        http_p50: f(&http, "p50_us"),
+        http_p99: f(&http, "p99_us"),
+        gbps: f(&stream, "gbps"),
+    })
+}
+
+fn runsandbox_latency(lab: &mut Lab, prefix: &str, count: usize) -> anyhow::Result<(f64, f64)> {
+    let mut v = Vec::new();
+    for i in 0..count {
+        let name = format!("{prefix}-{i}");
+        let doc = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  nodeName: node-1\n  containers: [{{name: pause, image: agnhost}}]\n"
+        );
+        let file = lab.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, &doc)?;
+        let docs = super::objects::read(&[&file])?;
+        let p = docs.pods.into_iter().next().expect("one pod");
+        let t = Instant::now();
+        lab.create_pod(p)?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((percentile(&mut v.clone(), 0.5), percentile(&mut v, 0.99)))
+}
+
+/// `keyway-lab bench`.
+pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
+    let dir = base_dir.with_file_name(format!(
+        "{}-bench",
+        base_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keyway-lab")
+    ));
+    let _ = Lab::down(&dir);
+    let plan = Plan {
+        prefix: "kwb".into(),
+        nodes: 2,
+        pod_octet: 245,
+        underlay_octet: 78,
+    };
+    let docs = dir.with_extension("native.yaml");
+    std::fs::write(
+        &docs,
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n{}{}",
+            bench_pod("native-client", "node-1", &[("role", "client")], false),
+            bench_pod("native-server", "node-2", &[("role", "server")], true)
+        ),
+    )?;
+    let result = (|| -> anyhow::Result<String> {
+        // Native: the same chain without keyway.
+        let mut lab = Lab::up_with(&dir, std::slice::from_ref(&docs), 2, plan.clone(), false)?;
+        let native_server = lab
+            .state
+            .pods
+            .iter()
+            .find(|p| p.spec.name == "native-server")
+            .unwrap()
+            .infra_ip
+            .parse::<IpAddr>()?;
+        let native = measure(
+            &lab.runner("bench/native-client")?,
+            SocketAddr::new(native_server, 5201),
+            seconds,
+            "native (no keyway)",
+        )?;
+        let add_native = runsandbox_latency(&mut lab, "add-native", 10)?;
+
+        // keyway in the chain (containerd reloads its CNI configuration on change).
+        for (n, sim) in lab.state.nodes.iter().zip(plan.all_nodes()) {
+            let nd = lab.dir.join("nodes").join(&n.name);
+            let conflist = sim.conflist(
+                "1.0.0",
+                &n.agent_socket.display().to_string(),
+                &nd.join("ipam").display().to_string(),
+                true,
+            );
+            std::fs::write(
+                n.containerd.cni_conf.join("10-keyway.conflist"),
+                serde_json::to_vec_pretty(&conflist)?,
+            )?;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let kw_docs = dir.with_extension("keyway.yaml");
+        std::fs::write(
+            &kw_docs,
+            format!(
+                "{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
+                bench_pod("kw-client", "node-1", &[("role", "kwclient")], false),
+                bench_pod("kw-server", "node-2", &[("role", "kwserver")], true)
+            ),
+        )?;
+        lab.apply(&[kw_docs])?;
+        let kw = lab
+            .state
+            .pods
+            .iter()
+            .find(|p| p.spec.name == "kw-server")
+            .unwrap();
+        anyhow::ensure!(
+            !kw.overlay_ips.is_empty(),
+            "kw-server has no overlay address: is keyway in the chain?"
+        );
+        let kw_server = SocketAddr::new(kw.overlay_ips[0], 5201);
+        let via_sap = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server,
+            seconds,
+            "overlay via SaP",
+        )?;
+        let direct_doc = dir.with_extension("direct.yaml");
+        std::fs::write(
+            &direct_doc,
+            "apiVersion: keyway.io/v1alpha1\nkind: DirectPath\nmetadata: {name: kw, namespace: bench}\nspec:\n  a: {podSelector: {matchLabels: {role: kwclient}}}\n  b: {podSelector: {matchLabels: {role: kwserver}}}\n",
+        )?;
+        lab.apply(&[direct_doc])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let direct = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server,
+            seconds,
+            "overlay direct",
+        )?;
+        let external = measure(
+            &lab.runner("bench/ext-client")?,
+            kw_server,
+            seconds,
+            "external via gateway SaP",
+        )?;
+        let add_keyway = runsandbox_latency(&mut lab, "add-keyway", 10)?;
+
+        let mut out = String::new();
+        out += "request/response latency (µs) and TCP throughput between pods on two nodes; ratios to native\n";
+        out += &format!(
+            "{:<26} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
+            "path",
+            "rr p50",
+            "rr p99",
+            "http p50",
+            "http p99",
+            "Gbit/s",
+            "rr p50 ×",
+            "http p50 ×",
+            "tput ×"
+        );
+        for f in [&native, &direct, &via_sap, &external] {
+            out += &format!(
+                "{:<26} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
+                f.name,
+                f.rr_p50,
+                f.rr_p99,
+                f.http_p50,
+                f.http_p99,
+                f.gbps,
+                f.rr_p50 / native.rr_p50,
+                f.http_p50 / native.http_p50,
+                f.gbps / native.gbps
+            );
+        }
+        out += &format!(
+            "RunPodSandbox (CNI ADD, 10 pods): native p50 {:.0} ms p99 {:.0} ms; with keyway p50 {:.0} ms p99 {:.0} ms (p50 × {:.2})\n",
+            add_native.0,
+            add_native.1,
+            add_keyway.0,
+            add_keyway.1,
+            add_keyway.0 / add_native.0
+        );
+        Ok(out)
+    })();
+    let _ = Lab::down(&dir);
+    for ext in ["native.yaml", "keyway.yaml", "direct.yaml"] {
+        let _ = std::fs::remove_file(dir.with_extension(ext));
+    }
+    result
+}
+
+/// `keyway-lab bench-cni`: ADD and DEL latency over `pods` pods through the chain (no runtime in
+/// the way), and the agent's memory with them attached.
+pub fn bench_cni(pods: usize) -> anyhow::Result<String> {
+    let c = TestCluster::new("benchcni", 1, 110);
+    let rss = |pid: u32| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:").map(|v| {
+                        v.trim()
+                            .trim_end_matches(" kB")
+                            .trim()
+                            .parse::<f64>()
+                            .unwrap_or(0.0)
+                    })
+                })
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    // `ip netns exec` runs the agent directly; its pid is the agent's.
+    let agent_pid = c.agent(1).pid().context("agent pid")?;
+    let rss_empty = rss(agent_pid);
+    let mut add_chain = Vec::new();
+    let mut add_kw = Vec::new();
+    let mut created = Vec::new();
+    for i in 0..pods {
+        let t = Instant::now();
+        let pod = c.pod(1, "bench", &format!("p{i}"), &[("app", "bench")]);
+        add_chain.push(t.elapsed().as_secs_f64() * 1e3);
+        add_kw.push(pod.add_keyway_ms);
+        created.push(pod);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_full = rss(agent_pid);
+    let mut del_chain = Vec::new();
+    let mut del_kw = Vec::new();
+    for pod in &created {
+        let t = Instant::now();
+        let execs = pod.list.del(&pod.rt, Some(&pod.result));
+        del_chain.push(t.elapsed().as_secs_f64() * 1e3);
+        del_kw.push(
+            execs
+                .iter()
+                .find(|e| e.plugin == "keyway")
+                .map_or(f64::NAN, |e| e.elapsed_ms),
+        );
+    }
+    let p = |v: &mut Vec<f64>| (percentile(v, 0.5), percentile(v, 0.99));
+    let (ac, ak, dc, dk) = (
+        p(&mut add_chain),
+        p(&mut add_kw),
+        p(&mut del_chain),
+        p(&mut del_kw),
+    );
+    Ok(format!(
+        "CNI latency over {pods} pods (ms)          p50      p99\n\
+         ADD, whole chain (bridge+host-local+keyway) {:>8.1} {:>8.1}   (includes creating the pod's netns)\n\
+         ADD, keyway-cni alone                       {:>8.1} {:>8.1}\n\
+         DEL, whole chain                            {:>8.1} {:>8.1}\n\
+         DEL, keyway-cni alone                       {:>8.1} {:>8.1}\n\
+         agent RSS: {:.1} MiB with no pods, {:.1} MiB with {pods} pods attached ({:.2} MiB per pod)\n",
+        ac.0,
+        ac.1,
+        ak.0,
+        ak.1,
+        dc.0,
+        dc.1,
+        dk.0,
+        dk.1,
+        rss_empty,
+        rss_full,
+        (rss_full - rss_empty) / pods as f64
+    ))
+}
+
+/// Sends numbered UDP requests every 200 µs from a client and records which got answers.
+struct Prober {
+    sent: Vec<(u32, Instant)>,
+    answered: Vec<u32>,
+}
+
+fn probe_window(
+    client: &keyway_sap::sys::Netns,
+    server: SocketAddr,
+    window: Duration,
+    t0: Instant,
+) -> anyhow::Result<Prober> {
+    let sock = client.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+    sock.connect(server)?;
+    sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut p = Prober {
+        sent: Vec::new(),
+        answered: Vec::new(),
+    };
+    let mut seq = 0u32;
+    let mut buf = [0u8; 64];
+    while t0.elapsed() < window {
+        sock.send(&seq.to_be_bytes())?;
+        p.sent.push((seq, Instant::now()));
+        seq += 1;
+        let until = Instant::now() + Duration::from_micros(200);
+        while Instant::now() < until {
+            if let Ok(n) = sock.recv(&mut buf)
+                && n >= 4
+            {
+                p.answered
+                    .push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+            }
+        }
+    }
+    // Late answers.
+    while let Ok(n) = sock.recv(&mut buf) {
+        if n >= 4 {
+            p.answered
+                .push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+        }
+    }
+    Ok(p)
+}
+
+/// When the traffic's fate switched for good after `t0`: the send time of the first request from
+/// which every later one is dropped (`deny`) or answered (`allow`).
+fn switch_time(p: &Prober, t0: Instant, deny: bool) -> Option<f64> {
+    let answered: std::collections::HashSet<u32> = p.answered.iter().copied().collect();
+    let mut first: Option<Instant> = None;
+    for (seq, at) in p.sent.iter().rev() {
+        let ok = answered.contains(seq);
+        if ok == deny {
+            break;
+        }
+        first = Some(*at);
+    }
+    first.map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1e3)
+}
+
+/// `keyway-lab bench-policy`.
+pub fn bench_policy(pods: usize, trials: usize) -> anyhow::Result<String> {
+    let c = TestCluster::new("benchpol", 1, 111);
+    for i in 0..pods {
+        c.pod(1, "bench", &format!("p{i}"), &[("app", "bench")]);
+    }
+    let client = c.pod(1, "bench", "client", &[("app", "client")]);
+    let server = c.pod(1, "bench", "server", &[("app", "server")]);
+    let server_addr: SocketAddr = format!("{}:7777", server.overlay_ip).parse()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = server
+        .netns
+        .netns()
+        .run(|| UdpSocket::bind("0.0.0.0:7777"))??;
+    echo.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let s2 = stop.clone();
+    let echo_thread = std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while !s2.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut b) {
+                let _ = echo.send_to(&b[..n], from);
+            }
+        }
+    });
+    // A policy that isolates every pod of the namespace, egress too (so each pod's nftables egress
+    // chain changes with it), and lets nothing reach the server.
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lockdown, namespace: bench}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 9, protocol: UDP}]}]\n  egress: [{}]\n";
+    let file = c.agents[0].source.join("bench-lockdown.yaml");
+    let mut deny = Vec::new();
+    let mut allow = Vec::new();
+    for _ in 0..trials {
+        for (enforce, out) in [(true, &mut deny), (false, &mut allow)] {
+            let t0 = Instant::now();
+            let ns = client.netns.netns().try_clone()?;
+            let h = std::thread::spawn(move || {
+                probe_window(&ns, server_addr, Duration::from_millis(400), t0)
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let written = Instant::now();
+            if enforce {
+                keyway_agent::source::write_atomic(&file, policy.as_bytes())?;
+            } else {
+                std::fs::remove_file(&file)?;
+            }
+            let p = h.join().map_err(|_| anyhow::anyhow!("prober panicked"))??;
+            let since_t0 = written.duration_since(t0).as_secs_f64() * 1e3;
+            match switch_time(&p, t0, enforce) {
+                Some(t) => out.push(t - since_t0),
+                None => bail!("the policy change was not enforced within the window"),
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo_thread.join();
+    let p = |v: &mut Vec<f64>| {
+        (
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    };
+    let (d, a) = (p(&mut deny), p(&mut allow));
+    Ok(format!(
+        "policy file written -> enforced on the data path, {} pods attached, {trials} trials (ms)\n\
+         deny (policy added)      p50 {:.1}  p99 {:.1}  max {:.1}\n\
+         allow (policy removed)   p50 {:.1}  p99 {:.1}  max {:.1}\n",
+        pods + 2,
+        d.0,
+        d.1,
+        d.2,
+        a.0,
+        a.1,
+        a.2
+    ))
+}
