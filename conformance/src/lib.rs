@@ -8,5 +8,6 @@ pub mod cri;
 pub mod harness;
 pub mod images;
 pub mod lab;
+pub mod netpol;
 pub mod proc;
 pub mod topology;

@@ -7,7 +7,8 @@
 //!   cluster is in strict mode, where every pod is ingress-isolated);
 //! - allow rules are additive; a rule without peers allows every peer, without ports every port;
 //! - a peer is pods by `podSelector` (in the policy's namespace), by `namespaceSelector`, or both
-//!   ANDed; or an `ipBlock` with `except`;
+//!   ANDed; or an `ipBlock` with `except`, which holds an endpoint when it holds its overlay
+//!   address or its pod IP (the primary CNI's address, which Kubernetes reports);
 //! - ports are numbers (with `endPort`) or names, resolved against the *destination's* container
 //!   ports with the same protocol; TCP is the default protocol.
 //!
@@ -491,8 +492,15 @@ pub fn compile(
     for ep in &endpoints {
         let mut ids = Vec::new();
         for ip in &ep.overlay_ips {
+            // A block holds the endpoint when it holds the overlay address, or the pod IP that
+            // Kubernetes reports (the infrastructure address) in the same family: policies
+            // written against pod IPs keep their meaning on the overlay.
+            let infra = ep.infra.ip();
             let ip_blocks = (0..blocks.len() as u32)
-                .filter(|&i| in_block(*ip, &blocks[i as usize]))
+                .filter(|&i| {
+                    let b = &blocks[i as usize];
+                    in_block(*ip, b) || (infra.is_ipv4() == ip.is_ipv4() && in_block(infra, b))
+                })
                 .collect();
             let mut ports = ep.ports.clone();
             ports.sort();

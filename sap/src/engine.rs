@@ -150,9 +150,7 @@ pub fn endpoint_egress(
     let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
-    if allowed {
-        flows.track(&c, now_ms);
-    } else if !flows.is_reply(&c, now_ms) {
+    if !flows.admit(&c, allowed, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
@@ -204,9 +202,8 @@ pub fn endpoint_ingress(
         return Err(DropReason::SpoofedSource);
     }
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
-    if tables.acl.allows(src.identity, dst.identity, &c) {
-        flows.track(&c, now_ms);
-    } else if !flows.is_reply(&c, now_ms) {
+    let allowed = tables.acl.allows(src.identity, dst.identity, &c);
+    if !flows.admit(&c, allowed, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     Ok(header.payload_offset..datagram.len())

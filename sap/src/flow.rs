@@ -113,10 +113,12 @@ impl FlowTable {
 
     /// Records (or refreshes) the flow that `c`, allowed by policy, belongs to.
     pub fn track(&self, c: &Classified, now_ms: u64) {
-        let Some(key) = FlowKey::forward(c) else {
-            return;
-        };
-        let mut inner = self.lock();
+        if let Some(key) = FlowKey::forward(c) {
+            self.insert(&mut self.lock(), key, now_ms);
+        }
+    }
+
+    fn insert(&self, inner: &mut Inner, key: FlowKey, now_ms: u64) {
         if let Some(seen) = inner.flows.get_mut(&key) {
             *seen = now_ms;
             return;
@@ -133,13 +135,16 @@ impl FlowTable {
         inner.flows.insert(key, now_ms);
     }
 
-    /// Whether `c` is a reply within a live tracked flow; refreshes the flow if so.
-    pub fn is_reply(&self, c: &Classified, now_ms: u64) -> bool {
+    /// A live tracked flow that `c` replies within, refreshed; expired entries go on sight.
+    fn live_reverse(&self, inner: &mut Inner, c: &Classified, now_ms: u64) -> bool {
+        // A packet that opens a flow (a TCP SYN, an echo request) is never a reply.
+        if c.opens_flow {
+            return false;
+        }
         let Some(key) = FlowKey::reverse(c) else {
             return false;
         };
         let timeout = self.timeout(&key);
-        let mut inner = self.lock();
         match inner.flows.get_mut(&key) {
             Some(seen) if now_ms.saturating_sub(*seen) < timeout => {
                 *seen = now_ms;
@@ -151,6 +156,31 @@ impl FlowTable {
             }
             None => false,
         }
+    }
+
+    /// Whether `c` is a reply within a live tracked flow; refreshes the flow if so.
+    pub fn is_reply(&self, c: &Classified, now_ms: u64) -> bool {
+        self.live_reverse(&mut self.lock(), c, now_ms)
+    }
+
+    /// Whether `c` may pass, `allowed` being the current policy's verdict on it: a reply within a
+    /// live tracked flow passes; otherwise an allowed packet passes and its flow is tracked.
+    ///
+    /// The reply test comes first so that a reply is never tracked as a flow of its own: if it
+    /// were, the peer could later reuse the same ports and pass as a "reply to the reply" after
+    /// policy stopped allowing it (a UDP or SCTP client whose source port repeats would).
+    pub fn admit(&self, c: &Classified, allowed: bool, now_ms: u64) -> bool {
+        let mut inner = self.lock();
+        if self.live_reverse(&mut inner, c, now_ms) {
+            return true;
+        }
+        if !allowed {
+            return false;
+        }
+        if let Some(key) = FlowKey::forward(c) {
+            self.insert(&mut inner, key, now_ms);
+        }
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -275,5 +305,40 @@ mod tests {
         t.track(&c(build::tcp4([1, 0, 0, 1], 3, [1, 0, 0, 2], 80)), 150);
         assert_eq!(t.len(), 1);
         assert!(t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 3)), 151));
+    }
+
+    #[test]
+    fn a_reply_is_not_tracked_as_a_flow_of_its_own() {
+        let t = FlowTable::new(16, FlowTimeouts::default());
+        let (a, b) = ([1, 0, 0, 1].into(), [1, 0, 0, 2].into());
+        let udp = |s, sp, d, dp| {
+            c(build::ipv4(
+                s,
+                d,
+                PROTO_UDP,
+                &build::ports(PROTO_UDP, sp, dp, b""),
+            ))
+        };
+        // b asks a (policy allows it then); a answers.
+        assert!(t.admit(&udp(b, 40000, a, 80), true, 0));
+        assert!(t.admit(&udp(a, 80, b, 40000), true, 1), "the reply passes");
+        // Policy now denies b -> a: the same request from the same port must not pass as a
+        // reply to a's answer.
+        assert!(!t.admit(&udp(b, 40000, a, 80), false, 2));
+        // a's own answers still pass within b's flow while it lives.
+        assert!(t.admit(&udp(a, 80, b, 40000), false, 3));
+    }
+
+    #[test]
+    fn a_packet_that_opens_a_flow_is_never_a_reply() {
+        let t = FlowTable::new(16, FlowTimeouts::default());
+        // a opened a flow from port 80 to b's port 40000 ...
+        t.track(&c(build::tcp4([1, 0, 0, 1], 80, [1, 0, 0, 2], 40000)), 0);
+        // ... which does not let b open a connection on the reversed ports.
+        let syn = c(build::syn4([1, 0, 0, 2], 40000, [1, 0, 0, 1], 80));
+        assert!(!t.is_reply(&syn, 1));
+        assert!(!t.admit(&syn, false, 1));
+        let ack = c(build::tcp4([1, 0, 0, 2], 40000, [1, 0, 0, 1], 80));
+        assert!(t.admit(&ack, false, 2), "a segment within it is a reply");
     }
 }

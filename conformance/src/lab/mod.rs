@@ -858,24 +858,35 @@ impl Lab {
     pub fn delete(&mut self, files: &[PathBuf]) -> anyhow::Result<()> {
         let docs = objects::read(files)?;
         for p in &docs.pods {
-            self.delete_pod(&p.namespace, &p.name)?;
+            self.delete_object("Pod", &p.namespace, &p.name)?;
         }
         for (kind, ns, name, _) in &docs.others {
-            if kind == "Namespace" {
+            self.delete_object(kind, ns, name)?;
+        }
+        self.save()
+    }
+
+    /// Deletes one object, as `kubectl delete` would: a pod is stopped and removed through CRI, a
+    /// namespace takes its pods with it.
+    pub fn delete_object(&mut self, kind: &str, ns: &str, name: &str) -> anyhow::Result<()> {
+        match kind {
+            "Pod" => return self.delete_pod(ns, name),
+            "Namespace" => {
                 let pods: Vec<(String, String)> = self
                     .state
                     .pods
                     .iter()
-                    .filter(|p| p.spec.namespace == *name)
+                    .filter(|p| p.spec.namespace == name)
                     .map(|p| (p.spec.namespace.clone(), p.spec.name.clone()))
                     .collect();
                 for (pns, pname) in pods {
                     self.delete_pod(&pns, &pname)?;
                 }
             }
-            self.remove_object(kind, ns, name);
+            _ => {}
         }
-        self.save()
+        self.remove_object(kind, ns, name);
+        Ok(())
     }
 
     /// Every probe source/target: pods, then externals, by `namespace/name`.
