@@ -201,12 +201,11 @@ fn documents(text: &str) -> anyhow::Result<Vec<(ObjectKey, Value)>> {
         }
         let kind = d["kind"].as_str().unwrap_or_default().to_string();
         let name = crate::lab::objects::meta(&d, "name");
-        let ns = match kind.as_str() {
-            "Namespace" => String::new(),
-            _ => {
-                let n = crate::lab::objects::meta(&d, "namespace");
-                if n.is_empty() { "default".into() } else { n }
-            }
+        let ns = if crate::lab::objects::is_cluster_scoped(&kind) {
+            String::new()
+        } else {
+            let n = crate::lab::objects::meta(&d, "namespace");
+            if n.is_empty() { "default".into() } else { n }
         };
         v.push(((kind, ns, name), d));
     }
@@ -279,7 +278,7 @@ impl Simulation {
     }
 
     pub fn delete(&mut self, r: &ObjectRef) {
-        let ns = if r.kind == "Namespace" {
+        let ns = if crate::lab::objects::is_cluster_scoped(&r.kind) {
             String::new()
         } else {
             r.namespace.clone()
@@ -504,9 +503,9 @@ pub fn run_in_lab(
             }
         }
     }
-    // Back to the base state.
+    // Back to the base state: what the case made goes; what it changed of the base comes back.
     for (kind, ns, name) in &applied {
-        if kind == "NetworkPolicy" {
+        if kind != "Namespace" && kind != "Pod" {
             lab.delete_object(kind, ns, name)?;
         }
     }

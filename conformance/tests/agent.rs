@@ -1,7 +1,8 @@
 //! keyway-agent with pods made through the real chain (bridge + host-local + keyway) on simulated
 //! nodes: pods talk over the overlay; a denying policy blocks, counted by reason in /metrics;
 //! traffic between nodes goes through the destination's SaP; a SIGKILLed agent comes back without
-//! any pod being recreated; malformed handoff messages are refused and change nothing.
+//! any pod being recreated; malformed handoff messages are refused and change nothing; egress off
+//! the overlay follows ipBlock rules in the pod's own nftables table.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant, SystemTime};
@@ -331,4 +332,148 @@ fn malformed_handoff_messages_are_refused_and_change_nothing() {
     let after = c.agent(1).attachments();
     assert_eq!(before["attachments"], after["attachments"]);
     assert!(a.ping(&a.overlay_ip, 1));
+}
+
+/// Serves TCP on `addr` inside the node's namespace (a destination off the overlay) until dropped.
+struct NodeServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeServer {
+    fn start(netns: &str, addr: std::net::SocketAddr) -> NodeServer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let ns = sys::Netns::open(format!("/var/run/netns/{netns}")).unwrap();
+        let listener = ns
+            .run(|| std::net::TcpListener::bind(addr))
+            .unwrap()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        c.set_nonblocking(false).ok();
+                        c.set_read_timeout(Some(Duration::from_secs(1))).ok();
+                        let mut b = [0u8; 16];
+                        let n = c.read(&mut b).unwrap_or(0);
+                        let _ = c.write_all(&b[..n]);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        NodeServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NodeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP exchange from inside `pod` with `addr` off the overlay.
+fn reaches(pod: &keyway_conformance::harness::TestPod, addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    pod.netns
+        .netns()
+        .run(|| {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(b"keyway")?;
+            let mut b = [0u8; 6];
+            s.read_exact(&mut b)
+        })
+        .unwrap()
+        .is_ok()
+}
+
+#[test]
+fn egress_off_the_overlay_follows_ipblock_policy_in_the_pods_nftables() {
+    if !privileged("egress_off_the_overlay_follows_ipblock_policy") {
+        return;
+    }
+    let c = TestCluster::new("agegress", 1, 107);
+    let node = &c.nodes[0];
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let open = std::net::SocketAddr::new(node.ip.into(), 9090);
+    let other_port = std::net::SocketAddr::new(node.ip.into(), 9091);
+    let _s1 = NodeServer::start(&node.netns, open);
+    let _s2 = NodeServer::start(&node.netns, other_port);
+    assert!(reaches(&a, open), "no policy: off-overlay egress is open");
+    assert!(reaches(&a, other_port));
+
+    let policy = |egress: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: egress-a, namespace: t}}\nspec:\n  podSelector: {{matchLabels: {{app: a}}}}\n  policyTypes: [Egress]\n  egress: {egress}\n"
+        )
+    };
+    // Egress-isolated with no rule: nothing off the overlay.
+    c.apply("egress-a.yaml", &policy("[]"));
+    eventually(
+        "an egress-isolated pod reaches nothing off the overlay",
+        Duration::from_secs(5),
+        || !reaches(&a, open),
+    );
+    assert!(!reaches(&a, other_port));
+
+    // An ipBlock with a port: that address and port only.
+    c.apply(
+        "egress-a.yaml",
+        &policy(&format!(
+            "[{{to: [{{ipBlock: {{cidr: {}/32}}}}], ports: [{{port: 9090, protocol: TCP}}]}}]",
+            node.ip
+        )),
+    );
+    eventually(
+        "the allowed block and port open",
+        Duration::from_secs(5),
+        || reaches(&a, open),
+    );
+    assert!(
+        !reaches(&a, other_port),
+        "the port the rule does not name stays closed"
+    );
+    let table = a.netns.exec(&["nft", "list", "table", "inet", "keyway"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&node.ip.to_string()) && table.contains("9090"),
+        "the pod's own table holds the rule:\n{table}"
+    );
+
+    // The address in the block's `except`: closed again.
+    let underlay = ipnetwork::Ipv4Network::new(node.ip, 24).unwrap();
+    c.apply(
+        "egress-a.yaml",
+        &policy(&format!(
+            "[{{to: [{{ipBlock: {{cidr: {}/24, except: [{}/32]}}}}]}}]",
+            underlay.network(),
+            node.ip
+        )),
+    );
+    eventually(
+        "the excepted address closes",
+        Duration::from_secs(5),
+        || !reaches(&a, open),
+    );
+    assert!(!reaches(&a, other_port));
+
+    // The policy deleted: open again, and the pod's table says so.
+    c.remove("egress-a.yaml");
+    eventually(
+        "deleting the policy reopens egress",
+        Duration::from_secs(5),
+        || reaches(&a, open) && reaches(&a, other_port),
+    );
+    c.delete(&a);
 }

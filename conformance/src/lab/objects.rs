@@ -46,6 +46,14 @@ pub fn meta(doc: &Value, field: &str) -> String {
         .to_string()
 }
 
+/// Kinds that live outside namespaces.
+pub fn is_cluster_scoped(kind: &str) -> bool {
+    matches!(
+        kind,
+        "Namespace" | "Node" | "ClusterConfig" | "OverlayNetwork"
+    )
+}
+
 /// Reads and validates documents from files (YAML, several per file).
 pub fn read(files: &[impl AsRef<Path>]) -> anyhow::Result<Documents> {
     let mut out = Documents::default();
@@ -67,11 +75,7 @@ pub fn read(files: &[impl AsRef<Path>]) -> anyhow::Result<Documents> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let ns = if kind == "Namespace"
-                || kind == "Node"
-                || kind == "ClusterConfig"
-                || kind == "OverlayNetwork"
-            {
+            let ns = if is_cluster_scoped(&kind) {
                 String::new()
             } else {
                 let n = meta(&v, "namespace");
