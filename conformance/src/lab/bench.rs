@@ -420,12 +420,14 @@ fn switch_time(p: &Prober, t0: Instant, deny: bool) -> Option<f64> {
 
 /// `keyway-lab bench-policy`.
 pub fn bench_policy(pods: usize, trials: usize) -> anyhow::Result<String> {
-    let c = TestCluster::new("benchpol", 1, 111);
-    for i in 0..pods {
-        c.pod(1, "bench", &format!("p{i}"), &[("app", "bench")]);
-    }
+    // Two nodes, the pods split between them; client and server on different nodes, so a change
+    // is enforced only once both agents have it (allowing needs both; denying, either).
+    let c = TestCluster::new("benchpol", 2, 111);
+    let _pods: Vec<_> = (0..pods)
+        .map(|i| c.pod(1 + i % 2, "bench", &format!("p{i}"), &[("app", "bench")]))
+        .collect();
     let client = c.pod(1, "bench", "client", &[("app", "client")]);
-    let server = c.pod(1, "bench", "server", &[("app", "server")]);
+    let server = c.pod(2, "bench", "server", &[("app", "server")]);
     let server_addr: SocketAddr = format!("{}:7777", server.overlay_ip).parse()?;
     let stop = Arc::new(AtomicBool::new(false));
     let echo = server
@@ -481,7 +483,7 @@ pub fn bench_policy(pods: usize, trials: usize) -> anyhow::Result<String> {
     };
     let (d, a) = (p(&mut deny), p(&mut allow));
     Ok(format!(
-        "policy file written -> enforced on the data path, {} pods attached, {trials} trials (ms)\n\
+        "policy file written -> enforced on the data path, {} pods on 2 nodes, {trials} trials (ms)\n\
          deny (policy added)      p50 {:.1}  p99 {:.1}  max {:.1}\n\
          allow (policy removed)   p50 {:.1}  p99 {:.1}  max {:.1}\n",
         pods + 2,
