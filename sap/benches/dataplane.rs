@@ -162,7 +162,11 @@ fn policy(c: &mut Criterion) {
         });
         // The same ten flows against either table: what the number of rules alone costs when
         // the traffic is the same.
-        let ten: Vec<_> = queries.iter().step_by(queries.len() / 10).take(10).collect();
+        let ten: Vec<_> = queries
+            .iter()
+            .step_by(queries.len() / 10)
+            .take(10)
+            .collect();
         let mut k = 0usize;
         g.bench_with_input(BenchmarkId::new("ten_flows", rules), &rules, |b, _| {
             b.iter(|| {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use keyway_conformance::lab::{self, Lab, Via};
+use keyway_conformance::lab::{self, Lab, Matrix, Via};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +68,10 @@ enum Cmd {
         /// How long a probe waits before it counts as blocked.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// A truth table (the same format) the matrix must equal; exits 1 with the differing
+        /// pairs when it does not.
+        #[arg(long)]
+        expect: Option<PathBuf>,
     },
     /// For every pair the overlay connects, shows whether it went direct or through which SaPs.
     Paths {
@@ -112,14 +117,31 @@ fn main() -> ExitCode {
             protocol,
             via,
             timeout_ms,
+            expect,
         } => Lab::load(&args.lab_dir).and_then(|l| {
             let via = match via {
                 ViaArg::Overlay => Via::Overlay,
                 ViaArg::Underlay => Via::Underlay,
             };
+            let want = expect
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))
+                        .and_then(|t| Matrix::parse(&t))
+                })
+                .transpose()?;
             let proto = format!("{protocol:?}");
             let m = l.probe(port, &proto, via, Duration::from_millis(timeout_ms))?;
             print!("{m}");
+            if let Some(want) = want {
+                let diff = m.diff(&want);
+                anyhow::ensure!(
+                    diff.is_empty(),
+                    "the matrix is not the expected one: {}",
+                    diff.join(", ")
+                );
+                println!("(as expected)");
+            }
             Ok(())
         }),
         Cmd::Paths { port, protocol } => Lab::load(&args.lab_dir).and_then(|l| {

@@ -208,6 +208,11 @@ impl Matrix {
                 }
             }
         }
+        for n in &expected.names {
+            if !self.names.contains(n) {
+                v.push(format!("{n}: expected, not probed"));
+            }
+        }
         v
     }
 }
