@@ -7,7 +7,8 @@
 //! - the overlay devices, both ways: keyway's endpoint enforces policy there;
 //! - replies to connections the pod opened (`ct state established,related`);
 //! - GUE to the pod's keyway endpoint (UDP 6080 in; out only with keyway's socket mark, which a
-//!   workload cannot set): every datagram is then checked by key;
+//!   workload cannot set): every datagram is then checked by key. Unmarked GUE going out is
+//!   dropped whatever the egress policy: a workload has no business speaking it;
 //! - the node's addresses (the primary CNI's gateways and `nodeAddresses`): kubelet's health
 //!   probes, and NetworkPolicy never blocks traffic between a pod and its node;
 //! - IPv6 neighbour discovery, without which the pod's IPv6 underlay would not work.
@@ -111,6 +112,14 @@ impl PodFirewall {
                 .sport(self.gue_port)
                 .accept()
                 .comment("GUE from keyway's endpoint (marked; workloads cannot set marks)"),
+        );
+        output.push(
+            Rule::new()
+                .l4proto(PROTO_UDP)
+                .dport_range(self.gue_port, self.gue_port)
+                .counter()
+                .drop_()
+                .comment("GUE that keyway's endpoint did not send: workloads never speak it"),
         );
         for node in &self.node_addresses {
             input.push(

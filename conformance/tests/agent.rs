@@ -47,7 +47,37 @@ fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() 
         "TCP to b's infrastructure IP is dropped"
     );
 
+    // A workload cannot speak GUE itself: datagrams from a's own socket to b's endpoint port
+    // are dropped in a's table, so b's endpoint never sees them (else it would count bad keys).
     let agent = c.agent(1);
+    let seen_by_b = || {
+        agent.metric("keyway_datapath_drops_total{stage=\"ingress\",reason=\"bad_key\"}")
+            + agent.metric("keyway_datapath_drops_total{stage=\"ingress\",reason=\"malformed\"}")
+    };
+    let before = seen_by_b();
+    let to: std::net::SocketAddr = format!("{}:6080", b.infra_ip).parse().unwrap();
+    a.netns
+        .netns()
+        .run(|| -> std::io::Result<()> {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..5 {
+                let _ = s.send_to(b"\x01\x04\x80\x00\x12\x34\x56\x78forged", to);
+            }
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(seen_by_b(), before, "forged GUE reached b's endpoint");
+    let table = a.netns.exec(&["nft", "list", "table", "inet", "keyway"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("workloads never speak it") && l.contains("packets 5 ")),
+        "a's table dropped the five datagrams:\n{table}"
+    );
+
     let series = "keyway_datapath_drops_total{stage=\"egress\",reason=\"denied_by_policy\"}";
     let before = agent.metric(series);
     c.apply("deny-b.yaml", DENY_B);
