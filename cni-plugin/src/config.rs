@@ -193,7 +193,7 @@ mod tests {
     fn each_mistake_has_its_code() {
         assert_eq!(parse("{not json").unwrap_err().code, Code::DecodeFailure);
         assert_eq!(
-            parse(r#"{"cniVersion":"0.3.1","name":"n","type":"keyway"}"#)
+            parse(r#"{"cniVersion":"0.2.0","name":"n","type":"keyway"}"#)
                 .unwrap_err()
                 .code,
             Code::IncompatibleVersion

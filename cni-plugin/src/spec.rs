@@ -12,13 +12,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The versions keyway-cni speaks.
-pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+///
+/// 0.3.0 and 0.3.1 are here because the conflists that Calico and Flannel ship still say 0.3.1,
+/// and the installer keeps the primary's version: their results have the same shape as 0.4.0's,
+/// and CHECK does not exist before 0.4.0.
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The newest, used where the request names none.
 pub const CURRENT_VERSION: &str = "1.1.0";
 
 /// A spec version keyway-cni supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Version {
+    V0_3_0,
+    V0_3_1,
     V0_4_0,
     V1_0_0,
     V1_1_0,
@@ -27,6 +33,8 @@ pub enum Version {
 impl Version {
     pub fn parse(s: &str) -> Option<Version> {
         match s {
+            "0.3.0" => Some(Version::V0_3_0),
+            "0.3.1" => Some(Version::V0_3_1),
             "0.4.0" => Some(Version::V0_4_0),
             "1.0.0" => Some(Version::V1_0_0),
             "1.1.0" => Some(Version::V1_1_0),
@@ -36,6 +44,8 @@ impl Version {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Version::V0_3_0 => "0.3.0",
+            Version::V0_3_1 => "0.3.1",
             Version::V0_4_0 => "0.4.0",
             Version::V1_0_0 => "1.0.0",
             Version::V1_1_0 => "1.1.0",
@@ -227,7 +237,7 @@ pub struct IpConfig {
     pub gateway: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<usize>,
-    /// Spec 0.4.0 only ("4" or "6").
+    /// Specs 0.3.x and 0.4.0 only ("4" or "6").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
 }
@@ -259,12 +269,12 @@ pub struct CniResult {
 }
 
 impl CniResult {
-    /// The result re-shaped for `version`: 0.4.0 carries each IP's version, 1.x does not; the
+    /// The result re-shaped for `version`: 0.3.x and 0.4.0 carry each IP's version, 1.x does not; the
     /// interface MTU exists from 1.1 on.
     pub fn for_version(mut self, version: Version) -> CniResult {
         self.cni_version = version.as_str().to_string();
         for ip in &mut self.ips {
-            ip.version = (version == Version::V0_4_0).then(|| {
+            ip.version = (version < Version::V1_0_0).then(|| {
                 if ip.address.is_ipv4() {
                     "4".to_string()
                 } else {
@@ -402,8 +412,9 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(Version::parse("0.3.1"), None);
-        assert!(Version::V0_4_0 < Version::V1_1_0);
-        assert_eq!(version_info()["supportedVersions"][2], "1.1.0");
+        assert_eq!(Version::parse("0.2.0"), None);
+        assert_eq!(Version::parse("0.3.1"), Some(Version::V0_3_1));
+        assert!(Version::V0_3_1 < Version::V0_4_0 && Version::V0_4_0 < Version::V1_1_0);
+        assert_eq!(version_info()["supportedVersions"][4], "1.1.0");
     }
 }

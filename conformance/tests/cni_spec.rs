@@ -123,8 +123,8 @@ fn lifecycle(test: &str, version: &str) {
     );
     assert_eq!(
         overlay.get("version").is_some(),
-        version == "0.4.0",
-        "0.4.0 results carry ip versions"
+        version.starts_with("0."),
+        "0.3.x and 0.4.0 results carry ip versions"
     );
 
     // What ADD made, in the pod.
@@ -154,16 +154,25 @@ fn lifecycle(test: &str, version: &str) {
     // CHECK with the cached result. (Debian's bridge 1.1.1 would fail a chain CHECK here: it
     // matches every IP of the result, keyway's overlay IP on kw0 included, against its own eth0.
     // Runtimes do not call CHECK; cni-plugin/README.md documents the limitation.)
-    ok(&[rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})))]);
-    // CHECK notices when what ADD made is gone.
-    pod.sh(&["nft", "delete", "table", "inet", "keyway"]);
-    let broken = rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})));
-    assert_ne!(broken.status, 0);
-    assert!(
-        broken.stdout.contains("nftables table is missing"),
-        "{}",
-        broken.stdout
-    );
+    let pre_check = version.starts_with("0.3");
+    if pre_check {
+        // CHECK does not exist before 0.4.0: code 1, and nothing touched.
+        let c = rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})));
+        assert_ne!(c.status, 0);
+        assert_eq!(c.json()["code"], 1, "{}", c.stdout);
+        assert!(pod.exec(&["ip", "link", "show", "kw0"]).status.success());
+    } else {
+        ok(&[rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})))]);
+        // CHECK notices when what ADD made is gone.
+        pod.sh(&["nft", "delete", "table", "inet", "keyway"]);
+        let broken = rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})));
+        assert_ne!(broken.status, 0);
+        assert!(
+            broken.stdout.contains("nftables table is missing"),
+            "{}",
+            broken.stdout
+        );
+    }
 
     // DEL, then DEL again, then DEL without a namespace (as RemovePodSandbox sends it).
     ok(&s.list.del(&rt, Some(&result)));
@@ -191,18 +200,28 @@ fn lifecycle(test: &str, version: &str) {
     ok(&s.list.del(&no_ns, Some(&result)));
 
     // CHECK after DEL fails: the agent has no record.
-    let check = rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})));
-    assert_ne!(check.status, 0);
-    assert!(check.stdout.contains("no record"), "{}", check.stdout);
+    if !pre_check {
+        let check = rt.exec("CHECK", &s.list.keyway(json!({"prevResult": result})));
+        assert_ne!(check.status, 0);
+        assert!(check.stdout.contains("no record"), "{}", check.stdout);
+    }
 
     // VERSION.
     let v = rt.exec("VERSION", &json!({"cniVersion": version, "type": "keyway"}));
     assert_eq!(v.status, 0);
     assert_eq!(
         v.json()["supportedVersions"],
-        json!(["0.4.0", "1.0.0", "1.1.0"])
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
     drop(s.scratch);
+}
+
+/// Calico's and Flannel's own conflists say 0.3.1, and the installer keeps the primary's version.
+#[test]
+fn lifecycle_at_0_3_1() {
+    if privileged("lifecycle_at_0_3_1") {
+        lifecycle("spec031", "0.3.1");
+    }
 }
 
 #[test]
