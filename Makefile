@@ -11,13 +11,17 @@ APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-pi
 	ca-certificates
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test lint unit demo bench fuzz clean
+.PHONY: all deps build test lint unit demo bench fuzz clean manifests
 
 all: build
 
 # Installs what is missing (apt-get update first, as a fresh machine needs).
+# kubectl (for `kubectl kustomize`) and a Python with venv are taken from wherever they already
+# are; Debian's packages only when they are missing.
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3 python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		export DEBIAN_FRONTEND=noninteractive; \
@@ -38,8 +42,12 @@ lint:
 
 # Every test: unit, property, namespaced integration, CNI spec, CRI and lab conformance tests.
 # Namespaced tests need root; with CI set they fail instead of skipping.
-test: deps lint build
+test: deps lint build manifests
 	$(CARGO) test --workspace --release -- --test-threads=2
+
+# Every manifest rendered by kustomize and validated offline (no API server needed).
+manifests: deps
+	./scripts/validate-manifests
 
 unit:
 	$(CARGO) test --workspace --lib

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent;
 pub mod compile;
 pub mod config;
+pub mod crds;
 pub mod ipam;
 pub mod metrics;
 pub mod model;

@@ -9,6 +9,8 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -60,9 +62,20 @@ pub struct Node {
 }
 
 /// `keyway.io/v1alpha1` OverlayNetwork: an overlay address range that pods join.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
+#[kube(
+    group = "keyway.io",
+    version = "v1alpha1",
+    kind = "OverlayNetwork",
+    root = "OverlayNetworkResource",
+    shortname = "kwnet",
+    printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#,
+    printcolumn = r#"{"name":"Block","type":"integer","jsonPath":".spec.blockPrefix"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct OverlayNetworkSpec {
+    /// The overlay's address range, e.g. 100.64.0.0/10 or fd00:6b77::/48.
+    #[schemars(with = "String")]
     pub cidr: IpNetwork,
     /// Prefix length of the blocks each node claims (default: /24 for IPv4, /112 for IPv6).
     #[serde(default)]
@@ -100,7 +113,7 @@ impl OverlayNetwork {
 }
 
 /// A peer of a keyway resource: pods by selectors, or external entities by name.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Peer {
     #[serde(default)]
@@ -114,7 +127,15 @@ pub struct Peer {
 
 /// `keyway.io/v1alpha1` DirectPath: pairs that bypass SaPs (the paper's S1↔S2), relying on keys
 /// alone. Namespaced: selectors without a namespaceSelector mean the resource's namespace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
+#[kube(
+    group = "keyway.io",
+    version = "v1alpha1",
+    kind = "DirectPath",
+    root = "DirectPathResource",
+    namespaced,
+    shortname = "kwdirect"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectPathSpec {
     pub a: Peer,
@@ -131,9 +152,20 @@ pub struct DirectPath {
 /// `keyway.io/v1alpha1` ExternalEntity: an endpoint outside the cluster (an end-user device, a VM)
 /// running `keyway-sap`, reached through a gateway SaP. Policies select it like a pod, by labels
 /// and namespace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
+#[kube(
+    group = "keyway.io",
+    version = "v1alpha1",
+    kind = "ExternalEntity",
+    root = "ExternalEntityResource",
+    namespaced,
+    shortname = "kwext",
+    printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#,
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalEntitySpec {
+    /// Its addresses on the overlays.
     pub overlay_ips: Vec<IpAddr>,
     /// Its GUE socket on the underlay.
     pub address: SocketAddr,
@@ -150,7 +182,7 @@ pub struct ExternalEntity {
 }
 
 /// How pods that no policy selects are treated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum PolicyMode {
     /// Kubernetes semantics: a pod no policy selects is not isolated.
     #[default]
@@ -160,15 +192,50 @@ pub enum PolicyMode {
 }
 
 /// `keyway.io/v1alpha1` ClusterConfig (a singleton, any name): cluster-wide settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
+#[kube(
+    group = "keyway.io",
+    version = "v1alpha1",
+    kind = "ClusterConfig",
+    root = "ClusterConfigResource",
+    shortname = "kwconfig",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.policyMode"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterConfigSpec {
+    /// `Kubernetes` (a pod no policy selects is not isolated) or `Strict` (default deny).
     #[serde(default)]
     pub policy_mode: PolicyMode,
+    /// How often keys rotate (default: the agent's --key-rotation-seconds).
     #[serde(default)]
     pub key_rotation_seconds: Option<u64>,
+    /// How long a key stays accepted around its epoch (default: --key-grace-seconds).
     #[serde(default)]
     pub key_grace_seconds: Option<u64>,
+}
+
+/// `keyway.io/v1alpha1` OverlayBlock: one block of an overlay network claimed by one node. The
+/// API server's create-if-absent on the block's name (`<network>-<index>`) is the lock: two agents
+/// racing for a block cannot both create it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, CustomResource, JsonSchema)]
+#[kube(
+    group = "keyway.io",
+    version = "v1alpha1",
+    kind = "OverlayBlock",
+    root = "OverlayBlockResource",
+    shortname = "kwblock",
+    printcolumn = r#"{"name":"Network","type":"string","jsonPath":".spec.network"}"#,
+    printcolumn = r#"{"name":"Index","type":"integer","jsonPath":".spec.index"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayBlockSpec {
+    /// The OverlayNetwork the block belongs to.
+    pub network: String,
+    /// Which block of the network, counting from its first address.
+    pub index: u64,
+    /// The node that holds it.
+    pub node: String,
 }
 
 /// `keyway.io/v1alpha1` OverlayAttachment: a pod's place on the overlay, published by the agent
