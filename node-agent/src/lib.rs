@@ -8,6 +8,7 @@ pub mod compile;
 pub mod config;
 pub mod crds;
 pub mod ipam;
+pub mod kube_source;
 pub mod metrics;
 pub mod model;
 pub mod policy;
