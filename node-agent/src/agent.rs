@@ -27,11 +27,12 @@ use tokio::sync::{Mutex, watch};
 
 use crate::compile::{self, KeyCache, LocalPod, NodeContext, pod_entity};
 use crate::config::Config;
+use crate::ipam::BlockClaims;
 use crate::ipam::{FileClaims, Ipam};
 use crate::metrics::{Metrics, RequestLabel};
 use crate::model::{Model, OverlayAttachmentSpec, PodKey};
 use crate::records::{Attached, Record, StateDir};
-use crate::source::{AGENT_DIR, FilePublisher};
+use crate::source::{AGENT_DIR, FilePublisher, Publisher};
 
 /// Flow-table size per endpoint.
 const FLOWS_PER_ENDPOINT: usize = 16 * 1024;
@@ -72,7 +73,7 @@ pub struct Agent {
     pub counters: Arc<Counters>,
     pub metrics: Arc<Metrics>,
     model: watch::Receiver<Arc<Model>>,
-    publisher: FilePublisher,
+    publisher: Box<dyn Publisher>,
     store: StateDir,
     inner: Mutex<Inner>,
     ready: AtomicBool,
@@ -115,7 +116,9 @@ pub fn load_secret(path: &std::path::Path) -> Result<ClusterSecret, String> {
 }
 
 impl Agent {
-    pub fn new(
+    /// An agent on the `file` source in `dir`: claims and publications are files there.
+    pub fn with_file_source(
+        dir: &std::path::Path,
         cfg: Config,
         node: NodeContext,
         model: watch::Receiver<Arc<Model>>,
@@ -123,21 +126,29 @@ impl Agent {
         counters: Arc<Counters>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Arc<Agent>> {
-        let source_dir = match &cfg.source {
-            crate::config::Source::File(d) => d.clone(),
-            crate::config::Source::Kubernetes => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "the kubernetes state source is not available in this build; use --source file:DIR",
-                ));
-            }
-        };
         let claims = Box::new(FileClaims {
-            dir: source_dir.join(AGENT_DIR).join("blocks"),
+            dir: dir.join(AGENT_DIR).join("blocks"),
         });
+        let publisher = Box::new(FilePublisher::new(dir, &cfg.node_name));
+        Agent::new(
+            cfg, node, model, secret, counters, metrics, claims, publisher,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        node: NodeContext,
+        model: watch::Receiver<Arc<Model>>,
+        secret: ClusterSecret,
+        counters: Arc<Counters>,
+        metrics: Arc<Metrics>,
+        claims: Box<dyn BlockClaims>,
+        publisher: Box<dyn Publisher>,
+    ) -> std::io::Result<Arc<Agent>> {
         let store = StateDir::new(&cfg.state_dir)?;
         Ok(Arc::new(Agent {
-            publisher: FilePublisher::new(&source_dir, &cfg.node_name),
+            publisher,
             inner: Mutex::new(Inner {
                 records: BTreeMap::new(),
                 endpoints: BTreeMap::new(),

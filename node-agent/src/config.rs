@@ -74,6 +74,9 @@ pub struct Args {
     /// Log JSON lines instead of text.
     #[arg(long, env = "KEYWAY_LOG_JSON")]
     pub log_json: bool,
+    /// With `--source kubernetes`: keyway's namespace, where the cluster secret lives.
+    #[arg(long, env = "KEYWAY_NAMESPACE", default_value = "keyway-system")]
+    pub namespace: String,
 }
 
 /// The validated configuration.
@@ -90,6 +93,7 @@ pub struct Config {
     pub rotation: keyway_sap::key::Rotation,
     pub pod_wait: Duration,
     pub log_json: bool,
+    pub namespace: String,
 }
 
 impl Args {
@@ -144,6 +148,7 @@ impl Args {
             rotation,
             pod_wait: Duration::from_secs(self.pod_wait_seconds),
             log_json: self.log_json,
+            namespace: self.namespace,
         })
     }
 }

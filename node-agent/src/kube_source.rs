@@ -268,3 +268,91 @@ pub fn spawn(client: kube::Client) -> KubeSource {
         stats,
     }
 }
+
+/// Publishes attachments as the pod's `keyway.io/overlay` annotation (a merge patch that touches
+/// nothing else on the pod).
+#[derive(Clone)]
+pub struct KubePublisher {
+    client: kube::Client,
+    node: String,
+    handle: tokio::runtime::Handle,
+}
+
+impl Debug for KubePublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePublisher")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(e: kube::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl KubePublisher {
+    pub fn new(client: kube::Client, node: &str, handle: tokio::runtime::Handle) -> KubePublisher {
+        KubePublisher {
+            client,
+            node: node.to_string(),
+            handle,
+        }
+    }
+
+    fn annotate(&self, namespace: &str, pod: &str, value: Value) -> std::io::Result<()> {
+        use kube::api::{Patch, PatchParams};
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {OVERLAY_ANNOTATION: value}}});
+        crate::kube_claims::block_on(&self.handle, async {
+            match api
+                .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => Ok(()),
+                // A pod that is gone has nothing left to publish or withdraw.
+                Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+                Err(e) => Err(io_err(e)),
+            }
+        })
+    }
+}
+
+impl crate::source::Publisher for KubePublisher {
+    fn publish(&self, a: &OverlayAttachmentSpec) -> std::io::Result<()> {
+        let ann = OverlayAnnotation {
+            node: a.node.clone(),
+            infra_ip: a.infra_ip,
+            overlay_ips: a.overlay_ips.clone(),
+        };
+        let text = serde_json::to_string(&ann).map_err(std::io::Error::other)?;
+        self.annotate(&a.namespace, &a.pod, Value::String(text))
+    }
+
+    fn withdraw(&self, namespace: &str, pod: &str) -> std::io::Result<()> {
+        self.annotate(namespace, pod, Value::Null)
+    }
+
+    fn published(&self) -> Vec<(String, String)> {
+        use kube::api::ListParams;
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let lp = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        let pods = crate::kube_claims::block_on(&self.handle, api.list(&lp));
+        match pods {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.annotations()
+                        .get(OVERLAY_ANNOTATION)
+                        .and_then(|a| serde_json::from_str::<OverlayAnnotation>(a).ok())
+                        .is_some_and(|a| a.node == self.node)
+                })
+                .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this node's pods to find stale publications");
+                Vec::new()
+            }
+        }
+    }
+}

@@ -8,6 +8,8 @@ pub mod compile;
 pub mod config;
 pub mod crds;
 pub mod ipam;
+pub mod kube_claims;
+pub mod kube_node;
 pub mod kube_source;
 pub mod metrics;
 pub mod model;

@@ -101,18 +101,16 @@ fn main() -> ExitCode {
         eprintln!("keyway-agent: {why}");
         return ExitCode::from(EX_NOPERM);
     }
-    if cfg.source == Source::Kubernetes {
-        eprintln!(
-            "keyway-agent: the kubernetes state source is not available in this build yet; use --source file:DIR"
-        );
-        return ExitCode::from(EX_USAGE);
-    }
-    let secret = match load_secret(&cfg.secret_file) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("keyway-agent: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+    // The file source's secret is a file; the kubernetes source's is a Secret, read in `run`.
+    let secret = match &cfg.source {
+        Source::File(_) => match load_secret(&cfg.secret_file) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("keyway-agent: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        Source::Kubernetes => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -134,16 +132,86 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: Config, secret: keyway_sap::key::ClusterSecret) -> anyhow::Result<()> {
+/// What the state source gives the agent.
+struct Sourced {
+    model: tokio::sync::watch::Receiver<Arc<keyway_agent::model::Model>>,
+    stats: Arc<keyway_agent::source::SourceStats>,
+    secret: keyway_sap::key::ClusterSecret,
+    claims: Box<dyn keyway_agent::ipam::BlockClaims>,
+    publisher: Box<dyn keyway_agent::source::Publisher>,
+    client: Option<kube::Client>,
+}
+
+async fn source(
+    cfg: &Config,
+    secret: Option<keyway_sap::key::ClusterSecret>,
+) -> anyhow::Result<Sourced> {
     use anyhow::Context;
-    let Source::File(dir) = cfg.source.clone() else {
-        unreachable!("checked in main")
+    match &cfg.source {
+        Source::File(dir) => {
+            let (model, stats) = FileSource::new(dir)
+                .spawn(Duration::from_secs(10))
+                .context("cannot watch the state directory")?;
+            Ok(Sourced {
+                model,
+                stats,
+                secret: secret.expect("read in main"),
+                claims: Box::new(keyway_agent::ipam::FileClaims {
+                    dir: dir.join(keyway_agent::source::AGENT_DIR).join("blocks"),
+                }),
+                publisher: Box::new(keyway_agent::source::FilePublisher::new(
+                    dir,
+                    &cfg.node_name,
+                )),
+                client: None,
+            })
+        }
+        Source::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes API to talk to (not in a pod, and no KUBECONFIG)")?;
+            let bytes = keyway_agent::kube_node::cluster_secret(client.clone(), &cfg.namespace)
+                .await
+                .context("cannot get the cluster secret")?;
+            let secret = keyway_sap::key::ClusterSecret::new(bytes)
+                .map_err(|e| anyhow::anyhow!("the cluster secret: {e}"))?;
+            let mut src = keyway_agent::kube_source::spawn(client.clone());
+            tracing::info!("waiting for the API server's first lists");
+            src.ready
+                .wait_for(|r| *r)
+                .await
+                .context("the kubernetes source stopped")?;
+            let handle = tokio::runtime::Handle::current();
+            Ok(Sourced {
+                model: src.model,
+                stats: src.stats,
+                secret,
+                claims: Box::new(keyway_agent::kube_claims::KubeClaims::new(
+                    client.clone(),
+                    handle.clone(),
+                )),
+                publisher: Box::new(keyway_agent::kube_source::KubePublisher::new(
+                    client.clone(),
+                    &cfg.node_name,
+                    handle,
+                )),
+                client: Some(client),
+            })
+        }
+    }
+}
+
+async fn run(cfg: Config, secret: Option<keyway_sap::key::ClusterSecret>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let source_name = match &cfg.source {
+        Source::File(d) => format!("file:{}", d.display()),
+        Source::Kubernetes => "kubernetes".to_string(),
     };
     let node_ip = cfg.node_ip.or_else(detect_node_ip);
     let local_sap = node_ip.map(|ip| SocketAddr::new(ip, cfg.gue_port));
     tracing::info!(
         node = %cfg.node_name,
-        source = %dir.display(),
+        source = %source_name,
         socket = %cfg.socket.display(),
         state_dir = %cfg.state_dir.display(),
         admin = %cfg.admin,
@@ -151,19 +219,26 @@ async fn run(cfg: Config, secret: keyway_sap::key::ClusterSecret) -> anyhow::Res
         rotation_s = cfg.rotation.period_ms() / 1000,
         "keyway-agent starting"
     );
-    let (model, source_stats) = FileSource::new(&dir)
-        .spawn(Duration::from_secs(10))
-        .context("cannot watch the state directory")?;
+    let sourced = source(&cfg, secret).await?;
     let counters = Arc::new(Counters::new());
-    let metrics = Arc::new(Metrics::new(counters.clone(), source_stats));
+    let metrics = Arc::new(Metrics::new(counters.clone(), sourced.stats.clone()));
     let node = NodeContext {
         node_name: cfg.node_name.clone(),
         local_sap,
         gue_port: cfg.gue_port,
         rotation: cfg.rotation,
     };
-    let agent = Agent::new(cfg.clone(), node, model, secret, counters.clone(), metrics)
-        .context("cannot set up the agent")?;
+    let agent = Agent::new(
+        cfg.clone(),
+        node,
+        sourced.model.clone(),
+        sourced.secret,
+        counters.clone(),
+        metrics,
+        sourced.claims,
+        sourced.publisher,
+    )
+    .context("cannot set up the agent")?;
 
     let admin_listener = admin::bind(cfg.admin)
         .await
@@ -190,6 +265,14 @@ async fn run(cfg: Config, secret: keyway_sap::key::ClusterSecret) -> anyhow::Res
     let listener = server::bind_socket(&cfg.socket)
         .with_context(|| format!("cannot listen on {}", cfg.socket.display()))?;
     tokio::spawn(agent.clone().control_loop());
+    if let Some(client) = sourced.client.clone() {
+        tokio::spawn(cluster_duties(
+            agent.clone(),
+            client,
+            cfg.node_name.clone(),
+            sourced.model.clone(),
+        ));
+    }
     let handoff = tokio::spawn(server::serve(agent.clone(), listener));
 
     use tokio::signal::unix::{SignalKind, signal};
@@ -201,4 +284,44 @@ async fn run(cfg: Config, secret: keyway_sap::key::ClusterSecret) -> anyhow::Res
     }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
+}
+
+/// On a cluster: lift the node's not-ready taint once the agent is ready, and reclaim the overlay
+/// blocks of nodes that have left.
+async fn cluster_duties(
+    agent: Arc<Agent>,
+    client: kube::Client,
+    node: String,
+    model: tokio::sync::watch::Receiver<Arc<keyway_agent::model::Model>>,
+) {
+    while !agent.is_ready() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        match keyway_agent::kube_node::lift_taint(client.clone(), &node).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lift the node's taint yet; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+    let claims =
+        keyway_agent::kube_claims::KubeClaims::new(client, tokio::runtime::Handle::current());
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let live: std::collections::BTreeSet<String> =
+            model.borrow().nodes.keys().cloned().collect();
+        // No nodes listed means no view of the cluster, not an empty cluster: reclaim nothing.
+        if live.is_empty() {
+            continue;
+        }
+        let claims = claims.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || claims.reclaim(&live))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        {
+            tracing::warn!(error = %e, "cannot reclaim the blocks of departed nodes");
+        }
+    }
 }

@@ -233,6 +233,28 @@ impl FileSource {
     }
 }
 
+/// Where an agent publishes its pods' places on the overlay, so every other agent can route to
+/// them: files in the `file` source's directory, or pod annotations through the API server.
+pub trait Publisher: Send + Sync + std::fmt::Debug {
+    fn publish(&self, a: &OverlayAttachmentSpec) -> std::io::Result<()>;
+    /// Removes a publication; one that does not exist is success.
+    fn withdraw(&self, namespace: &str, pod: &str) -> std::io::Result<()>;
+    /// Every (namespace, pod) this node has published.
+    fn published(&self) -> Vec<(String, String)>;
+}
+
+impl Publisher for FilePublisher {
+    fn publish(&self, a: &OverlayAttachmentSpec) -> std::io::Result<()> {
+        FilePublisher::publish(self, a)
+    }
+    fn withdraw(&self, namespace: &str, pod: &str) -> std::io::Result<()> {
+        FilePublisher::withdraw(self, namespace, pod)
+    }
+    fn published(&self) -> Vec<(String, String)> {
+        FilePublisher::published(self)
+    }
+}
+
 /// Writes what an agent publishes into the source directory.
 #[derive(Debug, Clone)]
 pub struct FilePublisher {
