@@ -6,17 +6,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::confdir::InstallError;
+use crate::confdir::{InstallError, io_err};
 use crate::conflist::KEYWAY_TYPE;
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> InstallError {
-    let path = path.to_path_buf();
-    move |source| InstallError::Io {
-        action,
-        path,
-        source,
-    }
-}
 
 /// Copies `plugin` into `bin_dir` as `keyway` unless the same bytes are already there; returns
 /// whether it wrote.

@@ -92,6 +92,16 @@ impl Drop for Node {
     }
 }
 
+/// The plugin types of a conflist's bytes, in chain order.
+fn plugin_types(bytes: &[u8]) -> Vec<String> {
+    conflist::parse("x.conflist", bytes).unwrap().value["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn before(case: &str) -> BTreeMap<String, Vec<u8>> {
     files(&golden().join(case).join("before"))
 }
@@ -144,12 +154,7 @@ fn what_keyway_writes_is_what_the_issue_asks() {
         node.dir.reconcile(&entry()).unwrap();
         let name = primary_name(case);
         let list = conflist::parse(&name, &node.conf()[&name]).unwrap().value;
-        let types: Vec<&str> = list["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["type"].as_str().unwrap())
-            .collect();
+        let types = plugin_types(&node.conf()[&name]);
         let want: &[&str] = match case {
             "calico" => &["calico", "portmap", "bandwidth", "keyway"],
             "flannel" => &["flannel", "portmap", "keyway"],
@@ -266,15 +271,7 @@ fn istio_cni_arriving_later_is_followed_and_kept_on_uninstall() {
         node.dir.reconcile(&entry()).unwrap(),
         Reconciled::Wrote { .. }
     ));
-    let list = conflist::parse("x.conflist", &std::fs::read(&path).unwrap())
-        .unwrap()
-        .value;
-    let types: Vec<&str> = list["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].as_str().unwrap())
-        .collect();
+    let types = plugin_types(&std::fs::read(&path).unwrap());
     assert_eq!(
         types,
         ["calico", "portmap", "bandwidth", "istio-cni", "keyway"]
@@ -282,15 +279,7 @@ fn istio_cni_arriving_later_is_followed_and_kept_on_uninstall() {
     // Uninstall cannot give back calico's bytes (istio changed the file since): it takes keyway
     // out and keeps istio-cni.
     node.dir.uninstall().unwrap();
-    let list = conflist::parse("x.conflist", &std::fs::read(&path).unwrap())
-        .unwrap()
-        .value;
-    let types: Vec<&str> = list["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].as_str().unwrap())
-        .collect();
+    let types = plugin_types(&std::fs::read(&path).unwrap());
     assert_eq!(types, ["calico", "portmap", "bandwidth", "istio-cni"]);
 }
 

@@ -28,11 +28,11 @@ use tokio::sync::{Mutex, watch};
 use crate::compile::{self, KeyCache, LocalPod, NodeContext, pod_entity};
 use crate::config::Config;
 use crate::ipam::BlockClaims;
-use crate::ipam::{FileClaims, Ipam};
+use crate::ipam::Ipam;
 use crate::metrics::{Metrics, RequestLabel};
 use crate::model::{Model, OverlayAttachmentSpec, PodKey};
 use crate::records::{Attached, Record, StateDir};
-use crate::source::{AGENT_DIR, FilePublisher, Publisher};
+use crate::source::Publisher;
 
 /// Flow-table size per endpoint.
 const FLOWS_PER_ENDPOINT: usize = 16 * 1024;
@@ -116,25 +116,6 @@ pub fn load_secret(path: &std::path::Path) -> Result<ClusterSecret, String> {
 }
 
 impl Agent {
-    /// An agent on the `file` source in `dir`: claims and publications are files there.
-    pub fn with_file_source(
-        dir: &std::path::Path,
-        cfg: Config,
-        node: NodeContext,
-        model: watch::Receiver<Arc<Model>>,
-        secret: ClusterSecret,
-        counters: Arc<Counters>,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<Arc<Agent>> {
-        let claims = Box::new(FileClaims {
-            dir: dir.join(AGENT_DIR).join("blocks"),
-        });
-        let publisher = Box::new(FilePublisher::new(dir, &cfg.node_name));
-        Agent::new(
-            cfg, node, model, secret, counters, metrics, claims, publisher,
-        )
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Config,

@@ -316,11 +316,7 @@ async fn cluster_duties(
         if live.is_empty() {
             continue;
         }
-        let claims = claims.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || claims.reclaim(&live))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        {
+        if let Err(e) = claims.reclaim(&live) {
             tracing::warn!(error = %e, "cannot reclaim the blocks of departed nodes");
         }
     }
