@@ -268,10 +268,10 @@ fn every_failure_has_its_code_and_leaves_nothing() {
     // Unknown version: 1.
     let e = rt.exec(
         "ADD",
-        &conf(json!({"cniVersion": "0.3.1", "prevResult": prev})),
+        &conf(json!({"cniVersion": "0.2.0", "prevResult": prev})),
     );
     assert_eq!(e.code(), Some(1), "{}", e.stdout);
-    assert_eq!(e.json()["cniVersion"], "0.3.1");
+    assert_eq!(e.json()["cniVersion"], "0.2.0");
     // A missing variable: 4.
     let mut no_netns = rt.clone();
     no_netns.netns.clear();
