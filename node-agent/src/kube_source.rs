@@ -1,5 +1,5 @@
-//! The `kubernetes` state source: kube-rs watchers on Namespaces, Pods, Nodes, NetworkPolicies and
-//! keyway's resources, feeding the same [`Model`] as the `file` source through the same parser —
+//! The `kubernetes` state source: kube-rs watchers on Namespaces, Pods, Nodes, NetworkPolicies,
+//! Services and keyway's resources, feeding the same [`Model`] as the `file` source through the same parser —
 //! objects are turned back into the documents the file source would read, so the two cannot
 //! disagree about what an object means.
 //!
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -50,7 +50,7 @@ pub struct OverlayAnnotation {
 }
 
 /// The kinds watched, in the order the model is built from.
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 9] = [
     "Namespace",
     "Node",
     "Pod",
@@ -59,6 +59,7 @@ const KINDS: [&str; 8] = [
     "DirectPath",
     "ExternalEntity",
     "ClusterConfig",
+    "Service",
 ];
 
 /// The objects one API object stands for (a pod can also stand for its attachment).
@@ -200,7 +201,12 @@ pub fn spawn(client: kube::Client) -> KubeSource {
         6,
         tx.clone(),
     ));
-    tokio::spawn(watch_kind(Api::<ClusterConfigResource>::all(client), 7, tx));
+    tokio::spawn(watch_kind(
+        Api::<ClusterConfigResource>::all(client.clone()),
+        7,
+        tx.clone(),
+    ));
+    tokio::spawn(watch_kind(Api::<Service>::all(client), 8, tx));
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let st = stats.clone();

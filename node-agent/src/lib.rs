@@ -7,6 +7,7 @@ pub mod agent;
 pub mod compile;
 pub mod config;
 pub mod crds;
+pub mod endpoints;
 pub mod ipam;
 pub mod kube_claims;
 pub mod kube_node;

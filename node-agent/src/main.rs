@@ -266,6 +266,12 @@ async fn run(cfg: Config, secret: Option<keyway_sap::key::ClusterSecret>) -> any
         .with_context(|| format!("cannot listen on {}", cfg.socket.display()))?;
     tokio::spawn(agent.clone().control_loop());
     if let Some(client) = sourced.client.clone() {
+        tokio::spawn(publish_endpoints(
+            agent.clone(),
+            client.clone(),
+            cfg.node_name.clone(),
+            sourced.model.clone(),
+        ));
         tokio::spawn(cluster_duties(
             agent.clone(),
             client,
@@ -287,7 +293,7 @@ async fn run(cfg: Config, secret: Option<keyway_sap::key::ClusterSecret>) -> any
 }
 
 /// On a cluster: lift the node's not-ready taint once the agent is ready, and reclaim the overlay
-/// blocks of nodes that have left.
+/// blocks and EndpointSlices of nodes that have left.
 async fn cluster_duties(
     agent: Arc<Agent>,
     client: kube::Client,
@@ -306,10 +312,17 @@ async fn cluster_duties(
             }
         }
     }
-    let claims =
-        keyway_agent::kube_claims::KubeClaims::new(client, tokio::runtime::Handle::current());
+    let claims = keyway_agent::kube_claims::KubeClaims::new(
+        client.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    // Once at start (what departed while no agent ran), then every minute.
+    let mut first = true;
     loop {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        if !first {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        first = false;
         let live: std::collections::BTreeSet<String> =
             model.borrow().nodes.keys().cloned().collect();
         // No nodes listed means no view of the cluster, not an empty cluster: reclaim nothing.
@@ -318,6 +331,50 @@ async fn cluster_duties(
         }
         if let Err(e) = claims.reclaim(&live) {
             tracing::warn!(error = %e, "cannot reclaim the blocks of departed nodes");
+        }
+        match keyway_agent::endpoints::reclaim(client.clone(), &live).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(slices = n, "removed the EndpointSlices of departed nodes"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot remove the EndpointSlices of departed nodes")
+            }
+        }
+    }
+}
+
+/// On a cluster: keep this node's EndpointSlices of covered Services in step with the model (on
+/// every change, and every minute to repair edits by hand); retries with a backoff on errors.
+async fn publish_endpoints(
+    agent: Arc<Agent>,
+    client: kube::Client,
+    node: String,
+    mut model: tokio::sync::watch::Receiver<Arc<keyway_agent::model::Model>>,
+) {
+    use keyway_agent::metrics::WriteLabel;
+    while !agent.is_ready() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let desired = keyway_agent::endpoints::desired(&model.borrow_and_update(), &node);
+        match keyway_agent::endpoints::sync(client.clone(), &node, desired).await {
+            Ok(r) => {
+                backoff = Duration::from_secs(1);
+                let m = &agent.metrics.endpointslice_writes;
+                m.get_or_create(&WriteLabel { op: "apply" })
+                    .inc_by(r.applied as u64);
+                m.get_or_create(&WriteLabel { op: "delete" })
+                    .inc_by(r.deleted as u64);
+                // A burst of changes (a rollout) becomes one write per slice.
+                let _ = tokio::time::timeout(Duration::from_secs(60), model.changed()).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                agent.metrics.endpointslice_errors.inc();
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot update this node's EndpointSlices");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
         }
     }
 }

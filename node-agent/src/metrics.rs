@@ -95,6 +95,14 @@ pub struct Metrics {
     pub handoff_errors: Family<RequestLabel, Counter>,
     pub egress_apply_errors: Counter,
     pub ready: Gauge,
+    /// EndpointSlice writes (applied or deleted) for covered Services.
+    pub endpointslice_writes: Family<WriteLabel, Counter>,
+    pub endpointslice_errors: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    pub op: &'static str,
 }
 
 impl Metrics {
@@ -112,6 +120,8 @@ impl Metrics {
             handoff_errors: Family::default(),
             egress_apply_errors: Counter::default(),
             ready: Gauge::default(),
+            endpointslice_writes: Family::default(),
+            endpointslice_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("keyway_pods", "Pods attached to this agent", m.pods.clone());
@@ -154,6 +164,16 @@ impl Metrics {
             "keyway_ready",
             "1 once the agent serves (state synced, pods re-attached)",
             m.ready.clone(),
+        );
+        registry.register(
+            "keyway_endpointslice_writes",
+            "EndpointSlices of covered Services written, by op (apply, delete)",
+            m.endpointslice_writes.clone(),
+        );
+        registry.register(
+            "keyway_endpointslice_errors",
+            "Failed attempts to bring this node's EndpointSlices up to date",
+            m.endpointslice_errors.clone(),
         );
         registry.register(
             "keyway_source_reloads",

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod};
+use k8s_openapi::api::core::v1::{
+    Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -52,6 +55,41 @@ pub struct Pod {
     pub infra_ips: Vec<IpAddr>,
     /// Named container ports.
     pub ports: Vec<NamedPort>,
+    /// The pod's Ready condition; `None` when its status has none (as in the lab's files).
+    pub ready: Option<bool>,
+}
+
+/// The Service annotation that asks keyway to publish a Service's endpoints on the overlay: an
+/// equality selector (`app=web,tier=front`) over the pods of the Service's namespace.
+pub const SERVICE_SELECTOR_ANNOTATION: &str = "keyway.io/selector";
+
+/// A port of a covered Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The Service's port (what DNS SRV records name).
+    pub port: u16,
+    /// Where the pods listen: a number, or a container port's name.
+    pub target: TargetPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// A Service keyway covers: headless, selector-less for Kubernetes, with the pods it stands for
+/// chosen by [`SERVICE_SELECTOR_ANNOTATION`]. keyway publishes its EndpointSlices with the pods'
+/// overlay addresses (see `docs/services.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CoveredService {
+    pub key: PodKey,
+    pub uid: String,
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -264,6 +302,8 @@ pub struct Model {
     pub config: ClusterConfigSpec,
     /// Overlay attachments published by agents, by pod.
     pub attachments: BTreeMap<PodKey, OverlayAttachmentSpec>,
+    /// Services whose endpoints keyway publishes, by namespace/name.
+    pub services: BTreeMap<PodKey, CoveredService>,
 }
 
 impl Model {
@@ -299,6 +339,7 @@ pub enum Object {
     External(ExternalEntity),
     ClusterConfig(ClusterConfigSpec),
     OverlayAttachment(OverlayAttachmentSpec),
+    Service(Box<CoveredService>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -345,6 +386,33 @@ fn labels_of(v: &Value) -> Labels {
     v.pointer("/metadata/labels")
         .and_then(|l| serde_json::from_value(l.clone()).ok())
         .unwrap_or_default()
+}
+
+/// An equality-based label selector as the annotation spells it: `k=v` pairs joined by commas
+/// (`==` is accepted for `=`). Empty selects nothing, so it is refused.
+pub fn parse_selector(text: &str) -> Result<Labels, String> {
+    let mut out = Labels::new();
+    for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (k, v) = term
+            .split_once("==")
+            .or_else(|| term.split_once('='))
+            .ok_or_else(|| {
+                format!("{SERVICE_SELECTOR_ANNOTATION} term {term:?} is not key=value")
+            })?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || k.contains('!') || v.contains('=') {
+            return Err(format!(
+                "{SERVICE_SELECTOR_ANNOTATION} term {term:?}: only key=value terms are supported"
+            ));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{SERVICE_SELECTOR_ANNOTATION} is empty: it would select no pods"
+        ));
+    }
+    Ok(out)
 }
 
 /// Understands one document; `Ok(None)` for kinds keyway does not use.
@@ -398,6 +466,12 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
                 }
             }
             let status = p.status.unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status == "True");
             let infra_ips = status
                 .pod_ips
                 .iter()
@@ -422,6 +496,69 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
                 labels: p.metadata.labels.unwrap_or_default(),
                 node: spec.node_name,
                 infra_ips,
+                ports,
+                ready,
+            }))
+        }
+        ("v1", "Service") => {
+            let svc: K8sService =
+                serde_json::from_value(doc).map_err(|e| invalid(e.to_string()))?;
+            let Some(selector) = svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SERVICE_SELECTOR_ANNOTATION))
+            else {
+                // Not asked to cover it: Kubernetes publishes its endpoints as usual.
+                return Ok(None);
+            };
+            let selector = parse_selector(selector).map_err(&invalid)?;
+            let spec = svc.spec.unwrap_or_default();
+            if spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+                return Err(invalid(format!(
+                    "has both spec.selector and {SERVICE_SELECTOR_ANNOTATION}: Kubernetes would also \
+                     publish the pods' infrastructure addresses, which keyway's pods drop; move the \
+                     selector into the annotation"
+                )));
+            }
+            if spec.cluster_ip.as_deref() != Some("None") {
+                return Err(invalid(
+                    "is not headless (clusterIP: None): a ClusterIP is translated by kube-proxy \
+                     outside the pod and cannot reach overlay addresses"
+                        .into(),
+                ));
+            }
+            let mut ports = Vec::new();
+            for sp in spec.ports.iter().flatten() {
+                let port = u16::try_from(sp.port)
+                    .map_err(|_| invalid(format!("port {} out of range", sp.port)))?;
+                let target = match &sp.target_port {
+                    None => TargetPort::Number(port),
+                    Some(IntOrString::Int(n)) => TargetPort::Number(
+                        u16::try_from(*n)
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| invalid(format!("targetPort {n} out of range")))?,
+                    ),
+                    Some(IntOrString::String(n)) => TargetPort::Name(n.clone()),
+                };
+                ports.push(ServicePort {
+                    name: sp.name.clone(),
+                    protocol: protocol_number(sp.protocol.as_deref()).map_err(&invalid)?,
+                    port,
+                    target,
+                });
+            }
+            Object::Service(Box::new(CoveredService {
+                key: PodKey {
+                    namespace: svc.metadata.namespace.unwrap_or_else(|| "default".into()),
+                    name: svc
+                        .metadata
+                        .name
+                        .ok_or_else(|| invalid("no metadata.name".into()))?,
+                },
+                uid: svc.metadata.uid.unwrap_or_default(),
+                selector,
                 ports,
             }))
         }
@@ -537,6 +674,9 @@ impl Model {
                 Object::DirectPath(d) => m.direct_paths.push(d),
                 Object::External(e) => m.externals.push(e),
                 Object::ClusterConfig(c) => m.config = c,
+                Object::Service(svc) => {
+                    m.services.insert(svc.key.clone(), *svc);
+                }
                 Object::OverlayAttachment(a) => {
                     m.attachments.insert(
                         PodKey {

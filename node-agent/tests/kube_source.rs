@@ -369,6 +369,7 @@ fn normalized(m: &Model) -> BTreeMap<&'static str, String> {
         ),
         ("config", format!("{:?}", m.config)),
         ("attachments", format!("{:?}", m.attachments)),
+        ("services", format!("{:?}", m.services)),
     ])
 }
 
@@ -393,6 +394,7 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
         let path = match kind.as_str() {
             "Namespace" => NAMESPACES.to_string(),
             "Pod" => PODS.to_string(),
+            "Service" => "/api/v1/services".to_string(),
             "NetworkPolicy" => "/apis/networking.k8s.io/v1/networkpolicies".to_string(),
             "ExternalEntity" => "/apis/keyway.io/v1alpha1/externalentities".to_string(),
             k => format!("/apis/keyway.io/v1alpha1/{}s", k.to_lowercase()),
@@ -400,7 +402,7 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
         v["metadata"]["resourceVersion"] = json!("7");
         if matches!(
             kind.as_str(),
-            "NetworkPolicy" | "Pod" | "DirectPath" | "ExternalEntity"
+            "NetworkPolicy" | "Pod" | "DirectPath" | "ExternalEntity" | "Service"
         ) && v["metadata"].get("namespace").is_none()
         {
             v["metadata"]["namespace"] = json!("default");
@@ -418,6 +420,7 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
     let mut src = kube_source::spawn(api.client());
     let m = until(&mut src, "the first model", |_| true).await;
     assert!(!m.pods.is_empty() && !m.policies.is_empty() && !m.externals.is_empty());
+    assert_eq!(m.services.len(), 1, "the covered Service");
     let (a, b) = (normalized(&from_file), normalized(&m));
     for k in a.keys() {
         assert_eq!(
