@@ -11,7 +11,7 @@ APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-pi
 	ca-certificates
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test lint unit demo bench fuzz clean manifests
+.PHONY: all deps build image test lint unit demo bench fuzz clean manifests
 
 all: build
 
@@ -28,13 +28,20 @@ deps:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# The workspace's binaries, and the lab's test image binary: keyway-agnhost linked statically so
-# that it runs inside the locally built images, which hold nothing else.
-AGNHOST_TARGET := x86_64-unknown-linux-gnu
+# The workspace's binaries, and static builds (no libc needed, no debug info) of what goes into
+# images: keyway-agnhost for the lab's, and the agent, installer and plugin for keyway's own.
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C strip=debuginfo
 
 build: deps
 	$(CARGO) build --release --workspace --bins
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p keyway-agnhost --target $(AGNHOST_TARGET)
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --release --target $(STATIC_TARGET) --bins \
+		-p keyway-agnhost -p keyway-agent -p keyway-install -p keyway-cni
+
+# keyway's cluster image, the one manifests/ run (keyway:0.1.0), as a `docker save` tarball:
+# target/keyway-image.tar, for `docker load`, `podman load` or `ctr -n k8s.io image import`.
+image: build
+	./target/release/keyway-lab image --out target/keyway-image.tar
 
 lint:
 	$(CARGO) fmt --all -- --check

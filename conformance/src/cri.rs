@@ -27,12 +27,13 @@ pub struct PodSpec {
     pub log_dir: PathBuf,
 }
 
-/// A container of a pod: its name and command.
+/// A container of a pod: its name, command and host directories (host path, container path).
 #[derive(Debug, Clone)]
 pub struct ContainerSpec {
     pub name: String,
     pub image: String,
     pub command: Vec<String>,
+    pub mounts: Vec<(PathBuf, String)>,
 }
 
 impl Cri {
@@ -142,6 +143,15 @@ impl Cri {
                 ..Default::default()
             }),
             command: c.command.clone(),
+            mounts: c
+                .mounts
+                .iter()
+                .map(|(host, container)| cri::Mount {
+                    host_path: host.display().to_string(),
+                    container_path: container.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             log_path: format!("{}.log", c.name),
             linux: Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {

@@ -39,27 +39,37 @@ pub fn agnhost() -> PathBuf {
     if let Some(p) = std::env::var_os("KEYWAY_LAB_AGNHOST") {
         return PathBuf::from(p);
     }
+    static_bin("keyway-agnhost")
+}
+
+/// Where the statically linked builds of the same profile are
+/// (`target/x86_64-unknown-linux-gnu/<profile>/`).
+pub fn static_bin_dir() -> PathBuf {
     let dir = bin_dir();
     let profile = dir
         .file_name()
         .map(|p| p.to_os_string())
         .unwrap_or_default();
-    let static_build = dir.parent().map(|t| {
-        t.join("x86_64-unknown-linux-gnu")
-            .join(&profile)
-            .join("keyway-agnhost")
-    });
-    match static_build {
-        Some(p) if p.is_file() => p,
-        _ => panic!(
-            "no static keyway-agnhost: build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build{} -p keyway-agnhost --target x86_64-unknown-linux-gnu` (make build does)",
-            if profile == "release" {
-                " --release"
-            } else {
-                ""
-            }
-        ),
-    }
+    dir.parent()
+        .expect("target/")
+        .join("x86_64-unknown-linux-gnu")
+        .join(profile)
+}
+
+/// A statically linked workspace binary (for images); panics with what to do when it has not
+/// been built.
+pub fn static_bin(name: &str) -> PathBuf {
+    let p = static_bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "no static {name}: build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build{} -p {name} --target x86_64-unknown-linux-gnu` (make build does)",
+        if bin_dir().ends_with("release") {
+            " --release"
+        } else {
+            ""
+        }
+    );
+    p
 }
 
 /// A CNI bin directory under `dir` holding the plugin under the name runtimes execute: the

@@ -4,6 +4,9 @@
 //!
 //! Every container of the lab runs this image, whatever its pod spec's `image` says: the lab is
 //! about reachability, and this one binary serves, pauses and probes.
+//!
+//! keyway's own cluster image ([`keyway_image`], `make image`) is built the same way: one layer
+//! with the three statically linked binaries the DaemonSet runs.
 
 use std::path::Path;
 
@@ -69,10 +72,23 @@ pub fn is_static(binary: &[u8]) -> bool {
     })
 }
 
-/// Builds a `docker save` tarball of an image holding `binary` as `/agnhost`.
-pub fn image_tar(binary: &[u8], tag: &str, entrypoint: &[&str]) -> Vec<u8> {
+/// Builds a `docker save` tarball of an image holding `files` (path without the leading `/`,
+/// mode, bytes), their parent directories, and a world-writable `/tmp`.
+pub fn image_tar(files: &[(&str, u32, &[u8])], tag: &str, entrypoint: &[&str]) -> Vec<u8> {
     let mut layer = Vec::new();
-    tar_entry(&mut layer, "agnhost", 0o755, Some(binary));
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let mut at = 0;
+        while let Some(i) = path[at..].find('/') {
+            at += i + 1;
+            if dirs.insert(&path[..at]) {
+                tar_entry(&mut layer, &path[..at], 0o755, None);
+            }
+        }
+    }
+    for (path, mode, data) in files {
+        tar_entry(&mut layer, path, *mode, Some(data));
+    }
     tar_entry(&mut layer, "tmp/", 0o1777, None);
     tar_end(&mut layer);
     let diff_id = format!("sha256:{}", sha256_hex(&layer));
@@ -96,17 +112,49 @@ pub fn image_tar(binary: &[u8], tag: &str, entrypoint: &[&str]) -> Vec<u8> {
     out
 }
 
-/// Writes the pause and agnhost image tarballs into `dir`; returns their paths.
-pub fn build(agnhost: &Path, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let binary =
-        std::fs::read(agnhost).with_context(|| format!("cannot read {}", agnhost.display()))?;
+/// Reads a binary the images hold, refusing a dynamically linked one (the images have no libc).
+fn read_static(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let binary = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !is_static(&binary) {
         bail!(
             "{} is dynamically linked; the images need a static build (make build does it: \
-             RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p keyway-agnhost --target x86_64-unknown-linux-gnu)",
-            agnhost.display()
+             RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu)",
+            path.display()
         );
     }
+    Ok(binary)
+}
+
+/// The image the manifests run (`manifests/base/daemonset.yaml`).
+pub const KEYWAY_IMAGE: &str = "keyway:0.1.0";
+/// Where the image holds keyway's binaries.
+pub const KEYWAY_IMAGE_BIN: &str = "opt/keyway/bin";
+
+/// Builds keyway's cluster image: the statically linked `keyway-agent`, `keyway-install` and
+/// `keyway-cni` from `bin_dir` under `/opt/keyway/bin`, and nothing else (no shell, no libc).
+pub fn keyway_image(bin_dir: &Path, tag: &str) -> anyhow::Result<Vec<u8>> {
+    let names = ["keyway-agent", "keyway-install", "keyway-cni"];
+    let mut binaries = Vec::new();
+    for n in names {
+        binaries.push((
+            format!("{KEYWAY_IMAGE_BIN}/{n}"),
+            read_static(&bin_dir.join(n))?,
+        ));
+    }
+    let files: Vec<(&str, u32, &[u8])> = binaries
+        .iter()
+        .map(|(p, b)| (p.as_str(), 0o755, b.as_slice()))
+        .collect();
+    Ok(image_tar(
+        &files,
+        tag,
+        &[&format!("/{KEYWAY_IMAGE_BIN}/keyway-agent")],
+    ))
+}
+
+/// Writes the pause and agnhost image tarballs into `dir`; returns their paths.
+pub fn build(agnhost: &Path, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let binary = read_static(agnhost)?;
     std::fs::create_dir_all(dir)?;
     let mut out = Vec::new();
     for (tag, entry, file) in [
@@ -114,7 +162,7 @@ pub fn build(agnhost: &Path, dir: &Path) -> anyhow::Result<Vec<std::path::PathBu
         (AGNHOST_IMAGE, vec!["/agnhost", "pause"], "agnhost.tar"),
     ] {
         let p = dir.join(file);
-        std::fs::write(&p, image_tar(&binary, tag, &entry))?;
+        std::fs::write(&p, image_tar(&[("agnhost", 0o755, &binary)], tag, &entry))?;
         out.push(p);
     }
     Ok(out)
@@ -129,7 +177,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keyway-img-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let t = dir.join("i.tar");
-        std::fs::write(&t, image_tar(b"#!/bin/true\n", "x/y:z", &["/agnhost"])).unwrap();
+        let files: [(&str, u32, &[u8]); 2] = [
+            ("agnhost", 0o755, b"#!/bin/true\n"),
+            ("opt/keyway/bin/x", 0o755, b"x"),
+        ];
+        std::fs::write(&t, image_tar(&files, "x/y:z", &["/agnhost"])).unwrap();
         let out = std::process::Command::new("tar")
             .arg("-tf")
             .arg(&t)
@@ -144,6 +196,35 @@ mod tests {
         assert!(
             names.contains("layer.tar") && names.contains("manifest.json"),
             "{names}"
+        );
+        let layer = std::process::Command::new("tar")
+            .arg("-xOf")
+            .arg(&t)
+            .arg("layer.tar")
+            .output()
+            .unwrap();
+        std::fs::write(dir.join("layer.tar"), &layer.stdout).unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-tvf")
+            .arg(dir.join("layer.tar"))
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let paths: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "opt/",
+                "opt/keyway/",
+                "opt/keyway/bin/",
+                "agnhost",
+                "opt/keyway/bin/x",
+                "tmp/"
+            ],
+            "{listing}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -3,16 +3,33 @@
 //! StopPodSandbox (DEL with the namespace) and RemovePodSandbox (DEL without it) leave nothing.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use keyway_conformance::containerd::{self, Containerd};
 use keyway_conformance::cri::{ContainerSpec, Cri, PodSpec};
-use keyway_conformance::harness::{TestCluster, agnhost, bin};
+use keyway_conformance::harness::{TestCluster, agnhost, bin, static_bin_dir};
 use keyway_conformance::images;
 use keyway_sap::testing::privileged;
 
 struct Runtime {
     containerd: Containerd,
+}
+
+impl Runtime {
+    /// containerd in the cluster's first node, with the lab's images imported, and a CRI client.
+    fn start(c: &TestCluster, dir: &Path, cni_bin: &Path, cni_conf: &Path) -> (Runtime, Cri) {
+        let rt = Runtime {
+            containerd: Containerd::start(dir, &c.nodes[0].netns, cni_bin, cni_conf)
+                .expect("containerd"),
+        };
+        for tar in images::build(&agnhost(), &c.scratch.join("images")).unwrap() {
+            rt.containerd.import(&tar).unwrap();
+        }
+        let mut cri = Cri::connect(&rt.containerd.socket).unwrap();
+        eprintln!("CRI runtime: {}", cri.version().unwrap());
+        (rt, cri)
+    }
 }
 
 impl Drop for Runtime {
@@ -48,14 +65,7 @@ fn containerd_runs_the_chain_through_cri() {
         serde_json::to_vec_pretty(&conflist).unwrap(),
     )
     .unwrap();
-    let rt = Runtime {
-        containerd: Containerd::start(&dir, &node.netns, &cni_bin, &cni_conf).expect("containerd"),
-    };
-    for tar in images::build(&agnhost(), &c.scratch.join("images")).unwrap() {
-        rt.containerd.import(&tar).unwrap();
-    }
-    let mut cri = Cri::connect(&rt.containerd.socket).unwrap();
-    eprintln!("CRI runtime: {}", cri.version().unwrap());
+    let (_rt, mut cri) = Runtime::start(&c, &dir, &cni_bin, &cni_conf);
 
     let mut sandboxes = Vec::new();
     for name in ["a", "b"] {
@@ -91,6 +101,7 @@ fn containerd_runs_the_chain_through_cri() {
                         "--protocol".into(),
                         "TCP".into(),
                     ],
+                    mounts: Vec::new(),
                 },
             )
             .expect("container");
@@ -165,4 +176,135 @@ fn containerd_runs_the_chain_through_cri() {
         !std::path::Path::new(&netns_a).exists(),
         "the runtime removed the pod's namespace"
     );
+}
+
+/// keyway's cluster image (`make image`, the image `manifests/` run) under containerd, as the
+/// DaemonSet's install-cni container: its installer copies the plugin into a mounted CNI bin
+/// directory and chains keyway after a real primary conflist in a mounted conf directory; the
+/// agent and the copied plugin run from it. Nothing else is in the image, so this also shows the
+/// binaries need no libc of the host's.
+#[test]
+fn the_cluster_image_installs_keyway_from_a_container() {
+    if !privileged("the_cluster_image_installs_keyway_from_a_container") {
+        return;
+    }
+    let c = TestCluster::new("crimg", 1, 108);
+    let node = &c.nodes[0];
+    let cni_bin = c.scratch.join("cri-cni-bin");
+    let cni_conf = c.scratch.join("cri-cni-conf");
+    containerd::populate_cni_bin(&cni_bin, &bin("keyway-cni")).unwrap();
+    std::fs::create_dir_all(&cni_conf).unwrap();
+    let conflist = node.conflist(
+        "1.0.0",
+        &c.agent(1).socket.display().to_string(),
+        &c.scratch.join("cri-ipam").display().to_string(),
+        true,
+    );
+    std::fs::write(
+        cni_conf.join("10-keyway.conflist"),
+        serde_json::to_vec_pretty(&conflist).unwrap(),
+    )
+    .unwrap();
+    let (rt, mut cri) = Runtime::start(&c, &c.scratch.join("containerd"), &cni_bin, &cni_conf);
+    let tar = c.scratch.join("keyway-image.tar");
+    std::fs::write(
+        &tar,
+        images::keyway_image(&static_bin_dir(), images::KEYWAY_IMAGE).expect("the image"),
+    )
+    .unwrap();
+    rt.containerd.import(&tar).unwrap();
+
+    // The node's directories the DaemonSet mounts, here with a real primary (Flannel's).
+    let host_bin = c.scratch.join("host-opt-cni-bin");
+    let host_conf = c.scratch.join("host-etc-cni-net.d");
+    let host_state = c.scratch.join("host-var-lib-keyway-install");
+    for d in [&host_bin, &host_conf, &host_state] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/tests/golden/flannel");
+    let primary = std::fs::read(golden.join("before/10-flannel.conflist")).unwrap();
+    std::fs::write(host_conf.join("10-flannel.conflist"), &primary).unwrap();
+
+    c.apply(
+        "pod-kw.yaml",
+        &keyway_conformance::harness::pod_yaml("keyway-system", "node", "node-1", &[]),
+    );
+    let spec = PodSpec {
+        namespace: "keyway-system".into(),
+        name: "node".into(),
+        uid: "uid-keyway-node".into(),
+        labels: BTreeMap::new(),
+        log_dir: c.scratch.join("logs-kw"),
+    };
+    let sandbox = cri.run_pod_sandbox(&spec).expect("RunPodSandbox");
+    let in_image = |name: &str| format!("/{}/{name}", images::KEYWAY_IMAGE_BIN);
+    let entry = std::fs::read_to_string(golden.join("../entry.json")).unwrap();
+    let ctr = cri
+        .create_and_start(
+            &sandbox,
+            &spec,
+            &ContainerSpec {
+                name: "install-cni".into(),
+                image: images::KEYWAY_IMAGE.into(),
+                command: vec![
+                    in_image("keyway-install"),
+                    "run".into(),
+                    "--entry".into(),
+                    entry.trim().into(),
+                    "--on-exit".into(),
+                    "keep".into(),
+                    "--ready-file".into(),
+                    "/tmp/ready".into(),
+                ],
+                mounts: vec![
+                    (host_bin.clone(), "/host/opt/cni/bin".into()),
+                    (host_conf.clone(), "/host/etc/cni/net.d".into()),
+                    (host_state.clone(), "/host/var/lib/keyway/install".into()),
+                ],
+            },
+        )
+        .expect("the installer's container");
+
+    // The installer, from the image, joins the chain on the host's files.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = std::fs::read(golden.join("after/10-flannel.conflist")).unwrap();
+    while std::fs::read(host_conf.join("10-flannel.conflist")).unwrap() != want {
+        assert!(
+            Instant::now() < deadline,
+            "keyway never joined the chain: {}",
+            String::from_utf8_lossy(&std::fs::read(host_conf.join("10-flannel.conflist")).unwrap())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let copied = std::fs::read(host_bin.join("keyway")).expect("the plugin on the host");
+    assert_eq!(
+        copied,
+        std::fs::read(static_bin_dir().join("keyway-cni")).unwrap(),
+        "the plugin copied is the image's"
+    );
+
+    // The image's other binaries run in it, and so does the plugin the installer copied.
+    let exec = |cri: &mut Cri, cmd: &[&str]| {
+        let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        cri.exec_sync(&ctr, &cmd, Duration::from_secs(10)).unwrap()
+    };
+    let (code, out, err) = exec(&mut cri, &[&in_image("keyway-agent"), "--version"]);
+    assert_eq!((code, out.trim()), (0, "keyway-agent 0.1.0"), "{err}");
+    let (code, out, _) = exec(&mut cri, &["/host/opt/cni/bin/keyway"]);
+    assert_eq!(code, 1);
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("a CNI error answer");
+    assert_eq!(
+        answer["code"], 4,
+        "no CNI_COMMAND is a bad-argument error: {out}"
+    );
+
+    cri.stop_pod_sandbox(&sandbox).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&sandbox).expect("RemovePodSandbox");
+    c.remove("pod-kw.yaml");
+    // A stop is not an uninstall (--on-exit keep): keyway stays in the chain.
+    assert_eq!(
+        std::fs::read(host_conf.join("10-flannel.conflist")).unwrap(),
+        want
+    );
+    assert!(cri.list_sandboxes().unwrap().is_empty());
 }

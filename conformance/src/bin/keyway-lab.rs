@@ -102,6 +102,19 @@ enum Cmd {
     },
     /// Stops everything the lab started and removes every trace of it.
     Down,
+    /// Writes keyway's cluster image (the one the manifests run) as a `docker save` tarball, for
+    /// `docker load`, `podman load` or `ctr -n k8s.io image import`.
+    Image {
+        /// The tarball to write.
+        #[arg(long, default_value = "target/keyway-image.tar")]
+        out: PathBuf,
+        /// The image's tag.
+        #[arg(long, default_value = keyway_conformance::images::KEYWAY_IMAGE)]
+        tag: String,
+        /// Where the statically linked keyway-agent, keyway-install and keyway-cni are.
+        #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
+        bin_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -155,6 +168,14 @@ fn main() -> ExitCode {
             lab::bench::bench_policy(pods, trials).map(|r| print!("{r}"))
         }
         Cmd::Down => Lab::down(&args.lab_dir).map(|r| println!("{r}")),
+        Cmd::Image { out, tag, bin_dir } => {
+            keyway_conformance::images::keyway_image(&bin_dir, &tag).and_then(|tar| {
+                std::fs::write(&out, &tar)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                println!("{tag}: {} ({} MiB)", out.display(), tar.len() >> 20);
+                Ok(())
+            })
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

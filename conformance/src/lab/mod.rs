@@ -607,6 +607,7 @@ impl Lab {
                     name: c.name.clone(),
                     image: images::AGNHOST_IMAGE.into(),
                     command,
+                    mounts: Vec::new(),
                 },
             )?;
             containers.push((c.name.clone(), id));
