@@ -17,11 +17,32 @@ struct Runtime {
 }
 
 impl Runtime {
-    /// containerd in the cluster's first node, with the lab's images imported, and a CRI client.
-    fn start(c: &TestCluster, dir: &Path, cni_bin: &Path, cni_conf: &Path) -> (Runtime, Cri) {
+    /// containerd in the cluster's first node, its CNI chain bridge + host-local + keyway (at
+    /// 1.0.0, served by the node's agent), with the lab's images imported, and a CRI client.
+    fn start(c: &TestCluster) -> (Runtime, Cri) {
+        let cni_bin = c.scratch.join("cri-cni-bin");
+        let cni_conf = c.scratch.join("cri-cni-conf");
+        containerd::populate_cni_bin(&cni_bin, &bin("keyway-cni")).unwrap();
+        std::fs::create_dir_all(&cni_conf).unwrap();
+        let conflist = c.nodes[0].conflist(
+            "1.0.0",
+            &c.agent(1).socket.display().to_string(),
+            &c.scratch.join("cri-ipam").display().to_string(),
+            true,
+        );
+        std::fs::write(
+            cni_conf.join("10-keyway.conflist"),
+            serde_json::to_vec_pretty(&conflist).unwrap(),
+        )
+        .unwrap();
         let rt = Runtime {
-            containerd: Containerd::start(dir, &c.nodes[0].netns, cni_bin, cni_conf)
-                .expect("containerd"),
+            containerd: Containerd::start(
+                &c.scratch.join("containerd"),
+                &c.nodes[0].netns,
+                &cni_bin,
+                &cni_conf,
+            )
+            .expect("containerd"),
         };
         for tar in images::build(&agnhost(), &c.scratch.join("images")).unwrap() {
             rt.containerd.import(&tar).unwrap();
@@ -48,24 +69,7 @@ fn containerd_runs_the_chain_through_cri() {
         return;
     }
     let c = TestCluster::new("cri", 1, 106);
-    let node = &c.nodes[0];
-    let dir = c.scratch.join("containerd");
-    let cni_bin = c.scratch.join("cri-cni-bin");
-    let cni_conf = c.scratch.join("cri-cni-conf");
-    containerd::populate_cni_bin(&cni_bin, &bin("keyway-cni")).unwrap();
-    std::fs::create_dir_all(&cni_conf).unwrap();
-    let conflist = node.conflist(
-        "1.0.0",
-        &c.agent(1).socket.display().to_string(),
-        &c.scratch.join("cri-ipam").display().to_string(),
-        true,
-    );
-    std::fs::write(
-        cni_conf.join("10-keyway.conflist"),
-        serde_json::to_vec_pretty(&conflist).unwrap(),
-    )
-    .unwrap();
-    let (_rt, mut cri) = Runtime::start(&c, &dir, &cni_bin, &cni_conf);
+    let (_rt, mut cri) = Runtime::start(&c);
 
     let mut sandboxes = Vec::new();
     for name in ["a", "b"] {
@@ -189,23 +193,7 @@ fn the_cluster_image_installs_keyway_from_a_container() {
         return;
     }
     let c = TestCluster::new("crimg", 1, 108);
-    let node = &c.nodes[0];
-    let cni_bin = c.scratch.join("cri-cni-bin");
-    let cni_conf = c.scratch.join("cri-cni-conf");
-    containerd::populate_cni_bin(&cni_bin, &bin("keyway-cni")).unwrap();
-    std::fs::create_dir_all(&cni_conf).unwrap();
-    let conflist = node.conflist(
-        "1.0.0",
-        &c.agent(1).socket.display().to_string(),
-        &c.scratch.join("cri-ipam").display().to_string(),
-        true,
-    );
-    std::fs::write(
-        cni_conf.join("10-keyway.conflist"),
-        serde_json::to_vec_pretty(&conflist).unwrap(),
-    )
-    .unwrap();
-    let (rt, mut cri) = Runtime::start(&c, &c.scratch.join("containerd"), &cni_bin, &cni_conf);
+    let (rt, mut cri) = Runtime::start(&c);
     let tar = c.scratch.join("keyway-image.tar");
     std::fs::write(
         &tar,

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
-use crate::model::{CoveredService, Model, Pod, TargetPort};
+use crate::model::{CoveredService, Model, Pod, TargetPort, protocol_name};
 
 /// The `endpointslice.kubernetes.io/managed-by` value on keyway's slices.
 pub const MANAGED_BY: &str = "keyway.io";
@@ -48,14 +48,6 @@ pub fn node_label(node: &str) -> String {
         node.to_string()
     } else {
         format!("h-{:016x}", fnv(&[node]))
-    }
-}
-
-fn protocol_name(p: u8) -> &'static str {
-    match p {
-        keyway_sap::packet::PROTO_UDP => "UDP",
-        keyway_sap::packet::PROTO_SCTP => "SCTP",
-        _ => "TCP",
     }
 }
 

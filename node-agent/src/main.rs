@@ -292,6 +292,14 @@ async fn run(cfg: Config, secret: Option<keyway_sap::key::ClusterSecret>) -> any
     Ok(())
 }
 
+/// Returns once the agent serves (state synced, pods re-attached): what the cluster sees of this
+/// node waits for that.
+async fn until_ready(agent: &Agent) {
+    while !agent.is_ready() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// On a cluster: lift the node's not-ready taint once the agent is ready, and reclaim the overlay
 /// blocks and EndpointSlices of nodes that have left.
 async fn cluster_duties(
@@ -300,9 +308,7 @@ async fn cluster_duties(
     node: String,
     model: tokio::sync::watch::Receiver<Arc<keyway_agent::model::Model>>,
 ) {
-    while !agent.is_ready() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_ready(&agent).await;
     loop {
         match keyway_agent::kube_node::lift_taint(client.clone(), &node).await {
             Ok(_) => break,
@@ -317,12 +323,10 @@ async fn cluster_duties(
         tokio::runtime::Handle::current(),
     );
     // Once at start (what departed while no agent ran), then every minute.
-    let mut first = true;
+    let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    every_minute.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if !first {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-        }
-        first = false;
+        every_minute.tick().await;
         let live: std::collections::BTreeSet<String> =
             model.borrow().nodes.keys().cloned().collect();
         // No nodes listed means no view of the cluster, not an empty cluster: reclaim nothing.
@@ -351,9 +355,7 @@ async fn publish_endpoints(
     mut model: tokio::sync::watch::Receiver<Arc<keyway_agent::model::Model>>,
 ) {
     use keyway_agent::metrics::WriteLabel;
-    while !agent.is_ready() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_ready(&agent).await;
     let mut backoff = Duration::from_secs(1);
     loop {
         let desired = keyway_agent::endpoints::desired(&model.borrow_and_update(), &node);

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -354,7 +354,8 @@ pub enum ObjectError {
     },
 }
 
-fn protocol_number(p: Option<&str>) -> Result<u8, String> {
+/// The IP protocol number of a protocol as Kubernetes spells it (absent means TCP).
+pub fn protocol_of(p: Option<&str>) -> Result<u8, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(keyway_sap::packet::PROTO_TCP),
         "UDP" => Ok(keyway_sap::packet::PROTO_UDP),
@@ -363,9 +364,13 @@ fn protocol_number(p: Option<&str>) -> Result<u8, String> {
     }
 }
 
-/// A protocol name as Kubernetes spells it.
-pub fn protocol_of(p: Option<&str>) -> Result<u8, String> {
-    protocol_number(p)
+/// The inverse of [`protocol_of`], for the protocols it accepts.
+pub fn protocol_name(p: u8) -> &'static str {
+    match p {
+        keyway_sap::packet::PROTO_UDP => "UDP",
+        keyway_sap::packet::PROTO_SCTP => "SCTP",
+        _ => "TCP",
+    }
 }
 
 fn meta_name(v: &Value) -> String {
@@ -433,6 +438,16 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
         name: name.clone(),
         reason,
     };
+    // A namespaced object's namespace (as the API server defaults it) and name.
+    let key_of = |m: &ObjectMeta| -> Result<PodKey, ObjectError> {
+        Ok(PodKey {
+            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: m
+                .name
+                .clone()
+                .ok_or_else(|| invalid("no metadata.name".into()))?,
+        })
+    };
     let obj = match (api.as_str(), kind.as_str()) {
         ("v1", "Namespace") => {
             let ns: K8sNamespace =
@@ -452,7 +467,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
             let spec = p.spec.unwrap_or_default();
             for c in &spec.containers {
                 for cp in c.ports.iter().flatten() {
-                    let protocol = protocol_number(cp.protocol.as_deref()).map_err(&invalid)?;
+                    let protocol = protocol_of(cp.protocol.as_deref()).map_err(&invalid)?;
                     let port = u16::try_from(cp.container_port).map_err(|_| {
                         invalid(format!("containerPort {} out of range", cp.container_port))
                     })?;
@@ -485,13 +500,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
                     v
                 });
             Object::Pod(Box::new(Pod {
-                key: PodKey {
-                    namespace: p.metadata.namespace.unwrap_or_else(|| "default".into()),
-                    name: p
-                        .metadata
-                        .name
-                        .ok_or_else(|| invalid("no metadata.name".into()))?,
-                },
+                key: key_of(&p.metadata)?,
                 uid: p.metadata.uid.unwrap_or_default(),
                 labels: p.metadata.labels.unwrap_or_default(),
                 node: spec.node_name,
@@ -544,19 +553,13 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
                 };
                 ports.push(ServicePort {
                     name: sp.name.clone(),
-                    protocol: protocol_number(sp.protocol.as_deref()).map_err(&invalid)?,
+                    protocol: protocol_of(sp.protocol.as_deref()).map_err(&invalid)?,
                     port,
                     target,
                 });
             }
             Object::Service(Box::new(CoveredService {
-                key: PodKey {
-                    namespace: svc.metadata.namespace.unwrap_or_else(|| "default".into()),
-                    name: svc
-                        .metadata
-                        .name
-                        .ok_or_else(|| invalid("no metadata.name".into()))?,
-                },
+                key: key_of(&svc.metadata)?,
                 uid: svc.metadata.uid.unwrap_or_default(),
                 selector,
                 ports,
