@@ -28,20 +28,17 @@ deps:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# The workspace's binaries, and static builds (no libc needed, no debug info) of what goes into
-# images: keyway-agnhost for the lab's, and the agent, installer and plugin for keyway's own.
-STATIC_TARGET := x86_64-unknown-linux-gnu
-STATIC_RUSTFLAGS := -C target-feature=+crt-static -C strip=debuginfo
+# Every binary of the workspace, once, statically linked (.cargo/config.toml): the lab, the
+# tests and keyway's image all run these. They land in $(BIN).
+BIN := target/x86_64-unknown-linux-gnu/release
 
 build: deps
 	$(CARGO) build --release --workspace --bins
-	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --release --target $(STATIC_TARGET) --bins \
-		-p keyway-agnhost -p keyway-agent -p keyway-install -p keyway-cni
 
 # keyway's cluster image, the one manifests/ run (keyway:0.1.0), as a `docker save` tarball:
 # target/keyway-image.tar, for `docker load`, `podman load` or `ctr -n k8s.io image import`.
 image: build
-	./target/release/keyway-lab image --out target/keyway-image.tar
+	$(BIN)/keyway-lab image --bin-dir $(BIN) --out target/keyway-image.tar
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -61,18 +58,21 @@ unit:
 
 # The paper's topology end to end on simulated nodes: matrices, paths, bench, then nothing left.
 demo: build
-	./scripts/demo
+	KEYWAY_BIN=$(BIN) ./scripts/demo
 
 # Criterion benches of the data-plane core, then the ratios to each group's baseline.
 bench:
-	$(CARGO) bench -p keyway-sap --bench dataplane
+	$(CARGO) bench -p keyway-core --bench dataplane
 	./scripts/bench-ratios
 
-# Fuzz each target for FUZZ_SECONDS (needs the nightly toolchain; installs cargo-fuzz if missing).
+# Fuzz each target for FUZZ_SECONDS (needs the nightly toolchain; installs cargo-fuzz if missing):
+# the data-plane core's decoders, and the handoff protocol's.
+FUZZ_TARGETS := sap/core/fuzz:gue_decapsulate sap/core/fuzz:classify \
+	cni-plugin/protocol/fuzz:handoff_decode
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd sap/fuzz && for t in gue_decapsulate classify; do \
-		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	for t in $(FUZZ_TARGETS); do \
+		(cd $${t%%:*} && $(CARGO) +nightly fuzz run $${t##*:} -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
 	done
 
 clean:

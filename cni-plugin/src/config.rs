@@ -10,9 +10,7 @@ use serde_json::Value;
 
 use crate::spec::{CniError, CniResult, Code, Version};
 
-/// Where the agent listens unless the configuration says otherwise; `keyway-agent` uses the same
-/// default, so an agent started with no `--socket` serves a plugin configured with none.
-pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/keyway/agent.sock";
+pub use keyway_protocol::DEFAULT_AGENT_SOCKET;
 pub const DEFAULT_AGENT_TIMEOUT_SECONDS: u64 = 10;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -163,7 +161,7 @@ impl NetConf {
             agent_socket: socket,
             agent_timeout: Duration::from_secs(timeout),
             mtu: raw.mtu,
-            gue_port: raw.gue_port.unwrap_or(keyway_sap::gue::DEFAULT_PORT),
+            gue_port: raw.gue_port.unwrap_or(keyway_core::gue::DEFAULT_PORT),
             node_addresses: raw.node_addresses,
             log: raw.log,
             prev_result,

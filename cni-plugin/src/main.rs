@@ -6,9 +6,13 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use keyway_cni::config::{LogConfig, NetConf, sniff_version};
-use keyway_cni::plugin::{self, Invocation};
-use keyway_cni::spec::{self, CniError, Code, Command};
+mod config;
+mod plugin;
+mod spec;
+
+use config::{LogConfig, NetConf, sniff_version};
+use plugin::Invocation;
+use spec::{CniError, Code, Command};
 
 fn init_logs(log: &LogConfig) {
     let level = log.level.clone().unwrap_or_else(|| "warn".to_string());
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
     let span = tracing::info_span!(
         "cni",
         command = ?command,
+        network = %conf.name,
         container = %env.container_id,
         netns = %env.netns,
         namespace = env.args.get("K8S_POD_NAMESPACE").map(String::as_str).unwrap_or(""),

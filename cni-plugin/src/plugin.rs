@@ -13,13 +13,13 @@ use keyway_sap::io::{netlink, nft};
 use keyway_sap::sys::{Netns, NetnsError};
 
 use crate::config::NetConf;
-use crate::firewall::{self, Egress, PodFirewall};
-use crate::handoff::{
-    AddRequest, AllocateRequest, Attachment, AttachmentRequest, Client, ClientError, NetworkGrant,
-    PodRef, Request,
-};
 use crate::spec::{
     CniError, CniResult, Code, Environment, Interface, IpConfig, RouteConfig, Version,
+};
+use keyway_protocol::firewall::{self, Egress, PodFirewall};
+use keyway_protocol::handoff::{
+    AddRequest, AllocateRequest, Attachment, AttachmentRequest, Client, ClientError, NetworkGrant,
+    PodRef, Request,
 };
 
 /// What one invocation works with.
@@ -55,10 +55,7 @@ impl Invocation {
 /// not answer is "try again later": the pod must not start unprotected.
 pub fn agent_error(e: ClientError) -> CniError {
     match e {
-        ClientError::Refused(a) => CniError::new(
-            Code::from_u32(a.code),
-            format!("keyway agent: {}", a.message),
-        ),
+        ClientError::Refused(a) => CniError::new(a.code(), format!("keyway agent: {}", a.message)),
         e @ (ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Io(_)) => {
             CniError::new(
                 Code::TryAgainLater,
@@ -207,9 +204,9 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
             )
         })?;
     let overhead = if infra.is_ipv4() {
-        keyway_sap::gue::OVERHEAD_IPV4
+        keyway_core::gue::OVERHEAD_IPV4
     } else {
-        keyway_sap::gue::OVERHEAD_IPV6
+        keyway_core::gue::OVERHEAD_IPV6
     } as u32;
     let mtu = inv
         .conf

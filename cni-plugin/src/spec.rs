@@ -53,40 +53,8 @@ impl Version {
     }
 }
 
-/// Error codes of the spec (and keyway's own, 100+, none used yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    IncompatibleVersion = 1,
-    UnsupportedField = 2,
-    UnknownContainer = 3,
-    InvalidEnvironment = 4,
-    IoFailure = 5,
-    DecodeFailure = 6,
-    InvalidConfig = 7,
-    TryAgainLater = 11,
-    NotAvailable = 50,
-    LimitedConnectivity = 51,
-    /// Anything else (the value Go plugins use for plain errors).
-    Other = 999,
-}
-
-impl Code {
-    pub fn from_u32(n: u32) -> Code {
-        match n {
-            1 => Code::IncompatibleVersion,
-            2 => Code::UnsupportedField,
-            3 => Code::UnknownContainer,
-            4 => Code::InvalidEnvironment,
-            5 => Code::IoFailure,
-            6 => Code::DecodeFailure,
-            7 => Code::InvalidConfig,
-            11 => Code::TryAgainLater,
-            50 => Code::NotAvailable,
-            51 => Code::LimitedConnectivity,
-            _ => Code::Other,
-        }
-    }
-}
+/// The spec's error codes: defined with the handoff protocol, whose acknowledgements carry them.
+pub use keyway_protocol::Code;
 
 /// A CNI error, as printed on stdout with a non-zero exit status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

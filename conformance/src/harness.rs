@@ -7,22 +7,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keyway_testing::Scratch;
+
 /// Where Debian's `containernetworking-plugins` put the reference plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
-/// The directory holding the workspace's binaries for the profile in use (`target/debug` or
-/// `target/release`): a test executable lives in its `deps/`, a binary in it directly.
+/// The directory holding the workspace's binaries for the profile in use
+/// (`target/x86_64-unknown-linux-gnu/<profile>`, as `.cargo/config.toml` builds them): a test
+/// executable lives in its `deps/`, a binary in it directly.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe directory");
     if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.parent().expect("target/<profile>").to_path_buf()
+        dir.parent()
+            .expect("target/<triple>/<profile>")
+            .to_path_buf()
     } else {
         dir.to_path_buf()
     }
 }
 
-/// A workspace binary; panics with what to do when it has not been built.
+/// A workspace binary (statically linked, so the images can hold it too); panics with what to do
+/// when it has not been built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
@@ -33,43 +39,13 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The statically linked `keyway-agnhost` for the lab's images: the static build for the same
-/// profile (`target/x86_64-unknown-linux-gnu/<profile>/`), or one named by `KEYWAY_LAB_AGNHOST`.
+/// The `keyway-agnhost` for the lab's images: the workspace's, or one named by
+/// `KEYWAY_LAB_AGNHOST`.
 pub fn agnhost() -> PathBuf {
     if let Some(p) = std::env::var_os("KEYWAY_LAB_AGNHOST") {
         return PathBuf::from(p);
     }
-    static_bin("keyway-agnhost")
-}
-
-/// Where the statically linked builds of the same profile are
-/// (`target/x86_64-unknown-linux-gnu/<profile>/`).
-pub fn static_bin_dir() -> PathBuf {
-    let dir = bin_dir();
-    let profile = dir
-        .file_name()
-        .map(|p| p.to_os_string())
-        .unwrap_or_default();
-    dir.parent()
-        .expect("target/")
-        .join("x86_64-unknown-linux-gnu")
-        .join(profile)
-}
-
-/// A statically linked workspace binary (for images); panics with what to do when it has not
-/// been built.
-pub fn static_bin(name: &str) -> PathBuf {
-    let p = static_bin_dir().join(name);
-    assert!(
-        p.is_file(),
-        "no static {name}: build it with `RUSTFLAGS='-C target-feature=+crt-static' cargo build{} -p {name} --target x86_64-unknown-linux-gnu` (make build does)",
-        if bin_dir().ends_with("release") {
-            " --release"
-        } else {
-            ""
-        }
-    );
-    p
+    bin("keyway-agnhost")
 }
 
 /// A CNI bin directory under `dir` holding the plugin under the name runtimes execute: the
@@ -81,33 +57,6 @@ pub fn plugin_dir(dir: &Path) -> PathBuf {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(bin("keyway-cni"), &link).unwrap();
     d
-}
-
-/// A scratch directory removed on drop.
-#[derive(Debug)]
-pub struct Scratch(PathBuf);
-
-impl Scratch {
-    pub fn new(test: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("keyway-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Scratch(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A plain HTTP/1.0 GET over a connected stream.
@@ -275,7 +224,7 @@ impl AgentProc {
 
     /// Writes a document into the agent's state source.
     pub fn apply(&self, name: &str, yaml: &str) {
-        keyway_agent::source::write_atomic(&self.source.join(name), yaml.as_bytes()).unwrap();
+        keyway_sap::io::fs::write_atomic(&self.source.join(name), yaml.as_bytes(), 0o644).unwrap();
     }
 
     pub fn remove(&self, name: &str) {
@@ -312,7 +261,7 @@ pub struct TestCluster {
 /// A pod of a [`TestCluster`]: its namespace, its chain's result and overlay address.
 #[derive(Debug)]
 pub struct TestPod {
-    pub netns: keyway_sap::testing::TestNetns,
+    pub netns: keyway_testing::TestNetns,
     pub namespace: String,
     pub name: String,
     pub node: usize,
@@ -412,7 +361,7 @@ impl TestCluster {
             &format!("pod-{namespace}-{name}.yaml"),
             &pod_yaml(namespace, name, &n.name, labels),
         );
-        let netns = keyway_sap::testing::TestNetns::new(&self.test, name);
+        let netns = keyway_testing::TestNetns::new(&self.test, name);
         let list = crate::cni_exec::ConfList::parse(
             &n.conflist(
                 "1.0.0",

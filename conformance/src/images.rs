@@ -117,8 +117,8 @@ fn read_static(path: &Path) -> anyhow::Result<Vec<u8>> {
     let binary = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !is_static(&binary) {
         bail!(
-            "{} is dynamically linked; the images need a static build (make build does it: \
-             RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu)",
+            "{} is dynamically linked; the images need a static build (the workspace's \
+             .cargo/config.toml makes every build one: cargo build --release)",
             path.display()
         );
     }
@@ -232,7 +232,12 @@ mod tests {
     #[test]
     fn static_binaries_are_told_apart() {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(!is_static(&me), "test binaries are dynamically linked");
+        assert!(
+            is_static(&me),
+            "the workspace builds static binaries, tests too"
+        );
+        let ls = std::fs::read("/bin/ls").unwrap();
+        assert!(!is_static(&ls), "Debian's ls is dynamically linked");
         assert!(!is_static(b"not an elf"));
     }
 }

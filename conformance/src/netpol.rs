@@ -19,9 +19,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use keyway_agent::compile::{self, KeyCache, NodeContext};
-use keyway_agent::model::{Model, OverlayAttachmentSpec, PodKey};
-use keyway_sap::key::{ClusterSecret, Rotation};
-use keyway_sap::packet::{self, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use keyway_agent::model::{Model, ObjectKey, OverlayAttachmentSpec};
+use keyway_core::key::{ClusterSecret, Rotation};
+use keyway_core::packet::{self, PROTO_TCP};
 
 use crate::lab::{Lab, Matrix, Via};
 
@@ -188,10 +188,10 @@ pub fn render(text: &str, addrs: &Addresses) -> anyhow::Result<String> {
 }
 
 /// An object's (kind, namespace, name).
-type ObjectKey = (String, String, String);
+type DocKey = (String, String, String);
 
 /// The objects of a YAML text, by (kind, namespace, name).
-fn documents(text: &str) -> anyhow::Result<Vec<(ObjectKey, Value)>> {
+fn documents(text: &str) -> anyhow::Result<Vec<(DocKey, Value)>> {
     keyway_agent::source::parse_file(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut v = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
@@ -217,10 +217,10 @@ fn documents(text: &str) -> anyhow::Result<Vec<(ObjectKey, Value)>> {
 /// other's. This checks that policy means what Kubernetes says, in milliseconds.
 #[derive(Debug)]
 pub struct Simulation {
-    objects: BTreeMap<ObjectKey, Value>,
+    objects: BTreeMap<DocKey, Value>,
     addrs: Addresses,
     pods: Vec<String>,
-    attachments: BTreeMap<PodKey, OverlayAttachmentSpec>,
+    attachments: BTreeMap<ObjectKey, OverlayAttachmentSpec>,
 }
 
 impl Simulation {
@@ -245,10 +245,7 @@ impl Simulation {
             addrs.overlay.insert(p.clone(), overlay);
             addrs.infra.insert(p.clone(), infra);
             attachments.insert(
-                PodKey {
-                    namespace: ns.into(),
-                    name: name.into(),
-                },
+                ObjectKey::new(ns, name),
                 OverlayAttachmentSpec {
                     namespace: ns.into(),
                     pod: name.into(),
@@ -298,16 +295,13 @@ impl Simulation {
 
     /// The matrix a probe of the compiled policy gives.
     pub fn probe(&self, port: u16, protocol: &str) -> anyhow::Result<Matrix> {
-        let proto = match protocol {
-            "TCP" => PROTO_TCP,
-            "UDP" => PROTO_UDP,
-            "SCTP" => PROTO_SCTP,
-            _ => bail!("unknown protocol {protocol}"),
+        let Some(proto) = packet::protocol_number(protocol) else {
+            bail!("unknown protocol {protocol}");
         };
         let node = NodeContext {
             node_name: "simulated".into(),
             local_sap: None,
-            gue_port: keyway_sap::gue::DEFAULT_PORT,
+            gue_port: keyway_core::gue::DEFAULT_PORT,
             rotation: Rotation::new(3_600_000, 60_000)?,
         };
         let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32])?);
@@ -475,7 +469,7 @@ pub fn run_in_lab(
     how: LabProbing,
 ) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
-    let mut applied: Vec<ObjectKey> = Vec::new();
+    let mut applied: Vec<DocKey> = Vec::new();
     let stem = case
         .file
         .file_stem()

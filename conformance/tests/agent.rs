@@ -5,25 +5,14 @@
 //! the overlay follows ipBlock rules in the pod's own nftables table.
 
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use keyway_cni::handoff::{self, Request};
 use keyway_conformance::harness::TestCluster;
+use keyway_protocol::handoff::{self, Request};
 use keyway_sap::sys;
-use keyway_sap::testing::privileged;
+use keyway_testing::{eventually, privileged};
 
 const DENY_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n";
-
-fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: not within {within:?}");
-}
 
 #[test]
 fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() {

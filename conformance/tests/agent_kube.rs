@@ -1,361 +1,34 @@
 //! The real `keyway-agent` binary with `--source kubernetes`, in a node namespace, talking HTTP to
-//! a mock API server (the only kind that runs here) through a kubeconfig, as it would in the
+//! the in-memory API server (the only kind that runs here) through a kubeconfig, as it would in the
 //! DaemonSet: it waits for every list before it is ready, creates the cluster secret once (a
-//! restarted agent reads it back), and lifts the node's `keyway.io/not-ready` taint once ready.
-//! The mock keeps objects and answers lists (with label selectors), gets, creates (409 when the
-//! name exists), merge patches (409 on a stale resourceVersion), server-side applies (as an
-//! upsert: one field manager), deletes, and watches (every change after the requested
-//! resourceVersion, then open).
+//! restarted agent reads it back), lifts the node's `keyway.io/not-ready` taint once ready, gives
+//! a pod an address from a block it claimed, publishes it and its Service's EndpointSlice — and a
+//! pod's ADD does not wait for the API server, however slow it is.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Bytes, Frame};
-use keyway_conformance::harness::{Scratch, bin, http_get};
-use keyway_sap::testing::{TestNetns, privileged};
+use keyway_conformance::cni_exec::{ConfList, Runtime};
+use keyway_conformance::harness::{DEBIAN_CNI_DIR, bin, http_get, plugin_dir};
+use keyway_testing::fake_api::{Server, kubeconfig};
+use keyway_testing::{FakeApi, Scratch, TestNetns, eventually_or, privileged};
 use serde_json::{Value, json};
 
-type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
-
-/// A change: (resourceVersion, resource, namespace, watch event).
-type Change = (u64, String, String, Value);
-
-#[derive(Debug)]
-struct Store {
-    /// (resource, namespace, name) → object.
-    objects: BTreeMap<(String, String, String), Value>,
-    /// "METHOD path?query" of every request.
-    log: Vec<String>,
-    rv: u64,
-    /// Every change, for watches that resume from an older resourceVersion.
-    history: Vec<Change>,
-    changes: tokio::sync::broadcast::Sender<Change>,
-}
-
-impl Default for Store {
-    fn default() -> Store {
-        Store {
-            objects: BTreeMap::new(),
-            log: Vec::new(),
-            rv: 0,
-            history: Vec::new(),
-            changes: tokio::sync::broadcast::channel(1024).0,
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 3 <= b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8(out).unwrap()
-}
-
-/// Whether `obj` matches an equality label selector (`a=b,c=d`).
-fn selects(selector: &str, obj: &Value) -> bool {
-    selector.split(',').filter(|t| !t.is_empty()).all(|t| {
-        let (k, v) = t.split_once('=').unwrap();
-        obj.pointer("/metadata/labels")
-            .and_then(|l| l.get(k))
-            .and_then(Value::as_str)
-            == Some(v)
-    })
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
-fn status(code: u16, reason: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "reason": reason, "message": reason, "code": code})
-}
-
-fn once(v: Value) -> Body {
-    StreamBody::new(futures::stream::iter([Ok(Frame::data(Bytes::from(v.to_string())))]).boxed())
-}
-
-/// (resource, namespace, name) from an API path.
-fn parse_path(path: &str) -> Option<(String, String, Option<String>)> {
-    let rest = path.strip_prefix("/api/v1/").or_else(|| {
-        path.strip_prefix("/apis/")
-            .and_then(|p| p.splitn(3, '/').nth(2))
-    })?;
-    let segs: Vec<&str> = rest.split('/').collect();
-    match segs.as_slice() {
-        ["namespaces", ns, res] => Some((res.to_string(), ns.to_string(), None)),
-        ["namespaces", ns, res, name] => {
-            Some((res.to_string(), ns.to_string(), Some(name.to_string())))
-        }
-        [res] => Some((res.to_string(), String::new(), None)),
-        [res, name] => Some((res.to_string(), String::new(), Some(name.to_string()))),
-        _ => None,
-    }
-}
-
-impl Store {
-    fn record(&mut self, res: &str, ns: &str, kind: &str, obj: Value) {
-        let c = (
-            self.rv,
-            res.to_string(),
-            ns.to_string(),
-            json!({"type": kind, "object": obj}),
-        );
-        self.history.push(c.clone());
-        let _ = self.changes.send(c);
-    }
-
-    fn put(&mut self, res: &str, mut obj: Value) {
-        self.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-        let key = (res.to_string(), ns.clone(), name);
-        let kind = if self.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        self.objects.insert(key, obj.clone());
-        self.record(res, &ns, kind, obj);
-    }
-
-    fn remove(&mut self, res: &str, ns: &str, name: &str) -> Option<Value> {
-        let mut obj = self
-            .objects
-            .remove(&(res.to_string(), ns.to_string(), name.to_string()))?;
-        self.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.record(res, ns, "DELETED", obj.clone());
-        Some(obj)
-    }
-
-    fn get(&self, res: &str, ns: &str, name: &str) -> Option<&Value> {
-        self.objects
-            .get(&(res.to_string(), ns.to_string(), name.to_string()))
-    }
-
-    /// A watch of `res` (in `ns`, or everywhere): the changes after `from`, then the live ones.
-    fn watch(&self, res: &str, ns: &str, from: u64) -> Body {
-        let wanted = {
-            let (res, ns) = (res.to_string(), ns.to_string());
-            move |c: &Change| c.1 == res && (ns.is_empty() || c.2 == ns) && c.0 > from
-        };
-        let past: Vec<Change> = self.history.iter().filter(|c| wanted(c)).cloned().collect();
-        let live = futures::stream::unfold(self.changes.subscribe(), |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(c) => return Some((c, rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                }
-            }
-        })
-        .filter(move |c| std::future::ready(wanted(c)));
-        StreamBody::new(
-            futures::stream::iter(past)
-                .chain(live)
-                .map(|c| Ok(Frame::data(Bytes::from(format!("{}\n", c.3)))))
-                .boxed(),
-        )
-    }
-
-    fn answer(
-        &mut self,
-        method: &str,
-        path: &str,
-        query: &str,
-        content_type: &str,
-        body: &[u8],
-    ) -> (u16, Body) {
-        self.log.push(format!("{method} {path}?{query}"));
-        let Some((res, ns, name)) = parse_path(path) else {
-            return (404, once(status(404, "NotFound")));
-        };
-        // Cluster-scoped names under /api/v1/namespaces/{name}.
-        let (res, ns, name) = if res != "namespaces"
-            && ns.is_empty()
-            && name.is_none()
-            && path.starts_with("/api/v1/namespaces/")
-        {
-            ("namespaces".to_string(), String::new(), Some(res))
-        } else {
-            (res, ns, name)
-        };
-        let key = |n: &str| (res.clone(), ns.clone(), n.to_string());
-        let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|q| q.strip_prefix(&format!("{name}=")))
-                .map(percent_decode)
-        };
-        match (method, name) {
-            ("GET", None) if param("watch").as_deref() == Some("true") => {
-                let from = param("resourceVersion")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                (200, self.watch(&res, &ns, from))
-            }
-            ("GET", None) => {
-                let selector = param("labelSelector").unwrap_or_default();
-                let items: Vec<Value> = self
-                    .objects
-                    .iter()
-                    .filter(|((r, n, _), v)| {
-                        *r == res && (ns.is_empty() || *n == ns) && selects(&selector, v)
-                    })
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                (
-                    200,
-                    once(json!({"apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})),
-                )
-            }
-            ("GET", Some(n)) => match self.objects.get(&key(&n)) {
-                Some(o) => (200, once(o.clone())),
-                None => (404, once(status(404, "NotFound"))),
-            },
-            ("POST", None) => {
-                let mut obj: Value = serde_json::from_slice(body).unwrap();
-                let n = obj["metadata"]["name"].as_str().unwrap().to_string();
-                if self.objects.contains_key(&key(&n)) {
-                    return (409, once(status(409, "AlreadyExists")));
-                }
-                if !ns.is_empty() {
-                    obj["metadata"]["namespace"] = json!(ns);
-                }
-                self.put(&res, obj);
-                (201, once(self.objects[&key(&n)].clone()))
-            }
-            ("PATCH", Some(n)) if content_type.starts_with("application/apply-patch") => {
-                let mut obj: Value = serde_json::from_slice(body).unwrap();
-                obj["metadata"]["namespace"] = json!(ns);
-                if let Some(old) = self.objects.get(&key(&n)) {
-                    obj["metadata"]["uid"] = old["metadata"]["uid"].clone();
-                }
-                self.put(&res, obj);
-                (200, once(self.objects[&key(&n)].clone()))
-            }
-            ("DELETE", Some(n)) => match self.remove(&res, &ns, &n) {
-                Some(o) => (200, once(o)),
-                None => (404, once(status(404, "NotFound"))),
-            },
-            ("PATCH", Some(n)) => {
-                let patch: Value = serde_json::from_slice(body).unwrap();
-                let Some(mut obj) = self.objects.get(&key(&n)).cloned() else {
-                    return (404, once(status(404, "NotFound")));
-                };
-                if let Some(rv) = patch.pointer("/metadata/resourceVersion")
-                    && Some(rv) != obj.pointer("/metadata/resourceVersion")
-                {
-                    return (409, once(status(409, "Conflict")));
-                }
-                merge(&mut obj, &patch);
-                self.put(&res, obj);
-                (200, once(self.objects[&key(&n)].clone()))
-            }
-            _ => (405, once(status(405, "MethodNotAllowed"))),
-        }
-    }
-}
-
-/// Serves `store` on a listener bound inside `netns`, on a runtime of its own.
-fn serve(netns: &TestNetns, store: Arc<Mutex<Store>>) -> (SocketAddr, tokio::runtime::Runtime) {
+/// Serves `api` on a listener bound inside `netns`.
+fn serve(netns: &TestNetns, api: &FakeApi) -> Server {
     let listener = netns
         .netns()
         .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap()
         .unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        loop {
-            let (conn, _) = listener.accept().await.unwrap();
-            let store = store.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let store = store.clone();
-                        async move {
-                            let method = req.method().to_string();
-                            let path = req.uri().path().to_string();
-                            let query = req.uri().query().unwrap_or_default().to_string();
-                            let content_type = req
-                                .headers()
-                                .get("content-type")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let (code, b) = store.lock().unwrap().answer(
-                                &method,
-                                &path,
-                                &query,
-                                &content_type,
-                                &body,
-                            );
-                            Ok::<_, Infallible>(
-                                hyper::Response::builder()
-                                    .status(code)
-                                    .header("content-type", "application/json")
-                                    .body(b)
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, rt)
+    api.serve(listener)
+}
+
+/// A kubeconfig file for `server`.
+fn kubeconfig_file(scratch: &Scratch, server: &Server) -> std::path::PathBuf {
+    let path = scratch.join("kubeconfig");
+    std::fs::write(&path, kubeconfig(server.addr)).unwrap();
+    path
 }
 
 struct Agent {
@@ -417,6 +90,17 @@ impl Agent {
         self.get("/readyz").map_or(0, |(c, _)| c)
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `within` for `f`, showing the agent's log if it never holds.
+    fn until(&self, what: &str, within: Duration, f: impl FnMut() -> bool) {
+        eventually_or(what, within, f, || {
+            format!("the agent's log:\n{}", self.log())
+        });
+    }
+
     fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -432,16 +116,72 @@ impl Drop for Agent {
     }
 }
 
-fn eventually(what: &str, agent: &Agent, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}; the agent's log:\n{}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}})
+}
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// An API server with keyway's namespace, `shop`, node-1 and these pods of `shop` on node-1.
+fn cluster_with_pods(pods: &[&str]) -> FakeApi {
+    let api = FakeApi::new();
+    for ns in ["keyway-system", "shop"] {
+        api.put("namespaces", namespace(ns));
     }
+    api.put(
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}}),
+    );
+    for p in pods {
+        api.put("pods", json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p, "namespace": "shop", "uid": format!("uid-{p}"), "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "agnhost"}]}}));
+    }
+    api
+}
+
+/// Debian's bridge + host-local, then keyway, as a node's conflist would chain them.
+fn chain(scratch: &Scratch) -> ConfList {
+    ConfList::parse(
+        &json!({
+            "cniVersion": "1.0.0", "name": "kwkube",
+            "plugins": [
+                {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.0.0/24"}]],
+                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": scratch.join("ipam")}},
+                {"type": "keyway", "agentSocket": scratch.join("agent.sock")}
+            ]
+        })
+        .to_string(),
+    )
+}
+
+/// The runtime's side of an ADD or DEL of pod `shop/name` in namespace `pod`.
+fn runtime(scratch: &Scratch, node: &TestNetns, pod: &TestNetns, name: &str) -> Runtime {
+    Runtime {
+        path: vec![
+            plugin_dir(scratch.path()),
+            std::path::PathBuf::from(DEBIAN_CNI_DIR),
+        ],
+        container_id: format!("cont-{name}"),
+        netns: pod.path().display().to_string(),
+        ifname: "eth0".into(),
+        args: vec![
+            ("IgnoreUnknown".into(), "1".into()),
+            ("K8S_POD_NAMESPACE".into(), "shop".into()),
+            ("K8S_POD_NAME".into(), name.into()),
+        ],
+        node_netns: Some(node.name.clone()),
+    }
+}
+
+/// The pod's `keyway.io/overlay` annotation, parsed.
+fn annotation(api: &FakeApi, pod: &str) -> Option<Value> {
+    let p = api.get("pods", "shop", pod)?;
+    let a = p["metadata"]["annotations"]["keyway.io/overlay"].as_str()?;
+    serde_json::from_str(a).ok()
 }
 
 #[test]
@@ -451,25 +191,20 @@ fn on_a_cluster_the_agent_syncs_makes_the_secret_once_and_lifts_the_taint() {
     }
     let scratch = Scratch::new("agentkube");
     let node = TestNetns::new("agentkube", "node");
-    node.sh(&["ip", "link", "set", "lo", "up"]);
-    let store = Arc::new(Mutex::new(Store::default()));
-    {
-        let mut s = store.lock().unwrap();
-        s.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": "keyway-system", "labels": {"kubernetes.io/metadata.name": "keyway-system"}}}));
-        s.put("nodes", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
-            "spec": {"taints": [{"key": "keyway.io/not-ready", "effect": "NoSchedule"},
-                                {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]},
-            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}}));
-    }
-    let (addr, _rt) = serve(&node, store.clone());
-    let kubeconfig = kubeconfig(&scratch, addr);
+    let api = FakeApi::new();
+    api.put("namespaces", namespace("keyway-system"));
+    api.put("nodes", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+        "spec": {"taints": [{"key": "keyway.io/not-ready", "effect": "NoSchedule"},
+                            {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}}));
+    let server = serve(&node, &api);
+    let kubeconfig = kubeconfig_file(&scratch, &server);
 
     let mut agent = Agent::start(&node, &scratch, &kubeconfig, 1);
-    eventually("/readyz 200", &agent, || agent.readyz() == 200);
-    let log = std::fs::read_to_string(&agent.log).unwrap();
+    agent.until("/readyz 200", WAIT, || agent.readyz() == 200);
+    let log = agent.log();
     assert!(log.contains("every kind listed"), "{log}");
-    let s = store.lock().unwrap();
+    let requests = api.log();
     for list in [
         "/api/v1/pods?",
         "/api/v1/namespaces?",
@@ -478,32 +213,22 @@ fn on_a_cluster_the_agent_syncs_makes_the_secret_once_and_lifts_the_taint() {
         "/apis/keyway.io/v1alpha1/clusterconfigs?",
     ] {
         assert!(
-            s.log
+            requests
                 .iter()
-                .any(|l| l.starts_with(&format!("GET {list}")) && !l.contains("watch=true")),
-            "listed {list}: {:#?}",
-            s.log
+                .any(|l| l.starts_with(&format!("GET {list}"))),
+            "listed {list}: {requests:#?}"
         );
     }
-    let secret = s
-        .objects
-        .get(&(
-            "secrets".into(),
-            "keyway-system".into(),
-            "keyway-cluster-secret".into(),
-        ))
-        .expect("the secret was created")
-        .clone();
+    let secret = api
+        .get("secrets", "keyway-system", "keyway-cluster-secret")
+        .expect("the secret was created");
     assert_eq!(
         secret["data"]["secret"].as_str().unwrap().len(),
         44,
         "32 bytes, base64"
     );
-    drop(s);
-    eventually("the taint lifted", &agent, || {
-        let s = store.lock().unwrap();
-        let taints =
-            &s.objects[&("nodes".into(), String::new(), "node-1".into())]["spec"]["taints"];
+    agent.until("the taint lifted", WAIT, || {
+        let taints = &api.get("nodes", "", "node-1").unwrap()["spec"]["taints"];
         taints
             .as_array()
             .is_some_and(|t| t.len() == 1 && t[0]["key"] == "node-role.kubernetes.io/control-plane")
@@ -512,34 +237,19 @@ fn on_a_cluster_the_agent_syncs_makes_the_secret_once_and_lifts_the_taint() {
     // A restarted agent reads the same secret back; nothing creates a second one.
     agent.stop();
     let agent = Agent::start(&node, &scratch, &kubeconfig, 2);
-    eventually("/readyz 200 after a restart", &agent, || {
+    agent.until("/readyz 200 after a restart", WAIT, || {
         agent.readyz() == 200
     });
-    let s = store.lock().unwrap();
-    let creates = s
-        .log
+    let requests = api.log();
+    let creates = requests
         .iter()
         .filter(|l| l.starts_with("POST /api/v1/namespaces/keyway-system/secrets"))
         .count();
-    assert_eq!(creates, 1, "{:#?}", s.log);
+    assert_eq!(creates, 1, "{requests:#?}");
     assert_eq!(
-        s.objects[&(
-            "secrets".into(),
-            "keyway-system".into(),
-            "keyway-cluster-secret".into()
-        )],
-        secret
+        api.get("secrets", "keyway-system", "keyway-cluster-secret"),
+        Some(secret)
     );
-}
-
-fn kubeconfig(scratch: &Scratch, addr: SocketAddr) -> std::path::PathBuf {
-    let path = scratch.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\nusers:\n- name: mock\n  user: {{}}\ncontexts:\n- name: mock\n  context: {{cluster: mock, user: mock}}\ncurrent-context: mock\n"),
-    )
-    .unwrap();
-    path
 }
 
 fn slice_doc(name: &str, node: &str) -> Value {
@@ -553,18 +263,16 @@ fn slice_doc(name: &str, node: &str) -> Value {
 }
 
 /// The slices of service `web` in the store, as (name, addresses, node label).
-fn web_slices(store: &Arc<Mutex<Store>>) -> Vec<(String, Vec<String>, String)> {
-    let s = store.lock().unwrap();
-    s.objects
+fn web_slices(api: &FakeApi) -> Vec<(String, Vec<String>, String)> {
+    api.objects("endpointslices")
         .iter()
-        .filter(|((r, ns, _), v)| {
-            r == "endpointslices"
-                && ns == "shop"
+        .filter(|v| {
+            v["metadata"]["namespace"] == "shop"
                 && v["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
         })
-        .map(|((_, _, n), v)| {
+        .map(|v| {
             (
-                n.clone(),
+                v["metadata"]["name"].as_str().unwrap().to_string(),
                 v["endpoints"]
                     .as_array()
                     .into_iter()
@@ -582,8 +290,6 @@ fn web_slices(store: &Arc<Mutex<Store>>) -> Vec<(String, Vec<String>, String)> {
 
 #[test]
 fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_endpoint() {
-    use keyway_conformance::cni_exec::{ConfList, Runtime};
-    use keyway_conformance::harness::{DEBIAN_CNI_DIR, plugin_dir};
     let test =
         "a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_endpoint";
     if !privileged(test) {
@@ -591,77 +297,28 @@ fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_
     }
     let scratch = Scratch::new("kubesvc");
     let node = TestNetns::new("kubesvc", "node");
-    node.sh(&["ip", "link", "set", "lo", "up"]);
-    let store = Arc::new(Mutex::new(Store::default()));
-    {
-        let mut s = store.lock().unwrap();
-        for ns in ["keyway-system", "shop"] {
-            s.put(
-                "namespaces",
-                json!({"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}),
-            );
-        }
-        s.put(
-            "nodes",
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}}),
-        );
-        s.put("services", json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop", "uid": "uid-web",
-                         "annotations": {"keyway.io/selector": "app=web"}},
-            "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
-        s.put("pods", json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-web-1", "labels": {"app": "web"}},
-            "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "agnhost"}]}}));
-        // Left over: a slice of this node that no pod backs now, and one of a node that is gone.
-        s.put("endpointslices", slice_doc("web-kw-stale", "node-1"));
-        s.put("endpointslices", slice_doc("web-kw-gone", "node-gone"));
-    }
-    let (addr, _rt) = serve(&node, store.clone());
-    let kubeconfig = kubeconfig(&scratch, addr);
+    let api = cluster_with_pods(&["web-1"]);
+    api.put("services", json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "uid": "uid-web",
+                     "annotations": {"keyway.io/selector": "app=web"}},
+        "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
+    // Left over: a slice of this node that no pod backs now, and one of a node that is gone.
+    api.put("endpointslices", slice_doc("web-kw-stale", "node-1"));
+    api.put("endpointslices", slice_doc("web-kw-gone", "node-gone"));
+    let server = serve(&node, &api);
+    let kubeconfig = kubeconfig_file(&scratch, &server);
     let mut agent = Agent::start(&node, &scratch, &kubeconfig, 1);
-    eventually("/readyz 200", &agent, || agent.readyz() == 200);
-    eventually("the stale slices removed", &agent, || {
-        web_slices(&store).is_empty()
+    agent.until("/readyz 200", WAIT, || agent.readyz() == 200);
+    agent.until("the stale slices removed", WAIT, || {
+        web_slices(&api).is_empty()
     });
 
     // ADD through Debian's bridge + host-local, then keyway-cni, as the runtime would.
-    let list = ConfList::parse(
-        &json!({
-            "cniVersion": "1.0.0", "name": "kwkube",
-            "plugins": [
-                {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.0.0/24"}]],
-                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": scratch.join("ipam")}},
-                {"type": "keyway", "agentSocket": scratch.join("agent.sock")}
-            ]
-        })
-        .to_string(),
-    );
+    let list = chain(&scratch);
     let pod = TestNetns::new("kubesvc", "web-1");
-    let rt = Runtime {
-        path: vec![
-            plugin_dir(scratch.path()),
-            std::path::PathBuf::from(DEBIAN_CNI_DIR),
-        ],
-        container_id: "cont-web-1".into(),
-        netns: pod.path().display().to_string(),
-        ifname: "eth0".into(),
-        args: vec![
-            ("IgnoreUnknown".into(), "1".into()),
-            ("K8S_POD_NAMESPACE".into(), "shop".into()),
-            ("K8S_POD_NAME".into(), "web-1".into()),
-        ],
-        node_netns: Some(node.name.clone()),
-    };
+    let rt = runtime(&scratch, &node, &pod, "web-1");
     let (execs, result) = list.add(&rt);
-    let result = result.unwrap_or_else(|| {
-        panic!(
-            "ADD failed: {execs:#?}\n{}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        )
-    });
+    let result = result.unwrap_or_else(|| panic!("ADD failed: {execs:#?}\n{}", agent.log()));
     let overlay_ip = result["ips"]
         .as_array()
         .unwrap()
@@ -675,43 +332,26 @@ fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_
         .to_string();
 
     // The address comes from a block this node claimed through the API server.
-    {
-        let s = store.lock().unwrap();
-        let blocks: Vec<&Value> = s
-            .objects
-            .iter()
-            .filter(|((r, _, _), _)| r == "overlayblocks")
-            .map(|(_, v)| v)
-            .collect();
-        assert!(!blocks.is_empty(), "a block claimed: {:#?}", s.log);
-        assert!(
-            blocks.iter().all(|b| b["spec"]["node"] == "node-1"),
-            "{blocks:#?}"
-        );
-    }
+    let blocks = api.objects("overlayblocks");
+    assert!(!blocks.is_empty(), "a block claimed: {:#?}", api.log());
+    assert!(
+        blocks.iter().all(|b| b["spec"]["node"] == "node-1"),
+        "{blocks:#?}"
+    );
     // The pod carries its place on the overlay, for every other agent.
-    eventually("the pod's keyway.io/overlay annotation", &agent, || {
-        let s = store.lock().unwrap();
-        let ann =
-            s.get("pods", "shop", "web-1").unwrap()["metadata"]["annotations"]["keyway.io/overlay"]
-                .as_str()
-                .map(|a| serde_json::from_str::<Value>(a).unwrap());
-        ann.is_some_and(|a| a["node"] == "node-1" && a["overlayIps"][0] == overlay_ip.as_str())
+    agent.until("the pod's keyway.io/overlay annotation", WAIT, || {
+        annotation(&api, "web-1")
+            .is_some_and(|a| a["node"] == "node-1" && a["overlayIps"][0] == overlay_ip.as_str())
     });
     // And the Service's name now resolves to it: this node's slice lists the overlay address.
-    eventually("the Service's EndpointSlice", &agent, || {
-        web_slices(&store)
+    agent.until("the Service's EndpointSlice", WAIT, || {
+        web_slices(&api)
             .iter()
             .any(|(_, a, n)| a == std::slice::from_ref(&overlay_ip) && n == "node-1")
     });
     {
-        let s = store.lock().unwrap();
-        let (name, slice) = s
-            .objects
-            .iter()
-            .find(|((r, ns, _), _)| r == "endpointslices" && ns == "shop")
-            .map(|((_, _, n), v)| (n.clone(), v.clone()))
-            .unwrap();
+        let slice = api.objects("endpointslices").remove(0);
+        let name = slice["metadata"]["name"].as_str().unwrap();
         assert!(name.starts_with("web-kw-"), "{name}");
         assert_eq!(
             slice["ports"],
@@ -734,14 +374,100 @@ fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_
     for e in list.del(&rt, Some(&result)) {
         assert_eq!(e.status, 0, "{e:?}");
     }
-    eventually("the annotation withdrawn", &agent, || {
-        let s = store.lock().unwrap();
-        s.get("pods", "shop", "web-1").unwrap()["metadata"]["annotations"]
-            .get("keyway.io/overlay")
-            .is_none()
+    agent.until("the annotation withdrawn", WAIT, || {
+        annotation(&api, "web-1").is_none()
     });
-    eventually("the slice deleted", &agent, || {
-        web_slices(&store).is_empty()
-    });
+    agent.until("the slice deleted", WAIT, || web_slices(&api).is_empty());
     agent.stop();
+}
+
+/// A run of ADDs: keyway-cni's own times, and what they ran against (dropped in this order).
+struct Run {
+    times: Vec<f64>,
+    agent: Agent,
+    api: FakeApi,
+    _server: Server,
+    _node: TestNetns,
+    _scratch: Scratch,
+}
+
+/// ADD then DEL of `n` pods, one after another, on a fresh agent whose API server answers
+/// everything but watches after `delay`.
+fn add_times(test: &str, n: usize, delay: Duration) -> Run {
+    let scratch = Scratch::new(test);
+    let node = TestNetns::new(test, "node");
+    let names: Vec<String> = (0..n).map(|i| format!("web-{i}")).collect();
+    let api = cluster_with_pods(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    if !delay.is_zero() {
+        api.slow(delay, |verb| verb != "WATCH");
+    }
+    let server = serve(&node, &api);
+    let kubeconfig = kubeconfig_file(&scratch, &server);
+    let agent = Agent::start(&node, &scratch, &kubeconfig, 1);
+    agent.until("/readyz 200", Duration::from_secs(60), || {
+        agent.readyz() == 200
+    });
+    let list = chain(&scratch);
+    let mut times = Vec::new();
+    for name in &names {
+        let pod = TestNetns::new(test, name);
+        let rt = runtime(&scratch, &node, &pod, name);
+        let (execs, result) = list.add(&rt);
+        assert!(result.is_some(), "ADD failed: {execs:#?}\n{}", agent.log());
+        times.push(
+            execs
+                .iter()
+                .find(|e| e.plugin == "keyway")
+                .unwrap()
+                .elapsed_ms,
+        );
+        for e in list.del(&rt, result.as_ref()) {
+            assert_eq!(e.status, 0, "{e:?}");
+        }
+    }
+    Run {
+        times,
+        agent,
+        api,
+        _server: server,
+        _node: node,
+        _scratch: scratch,
+    }
+}
+
+fn p50(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn an_add_does_not_wait_for_a_slow_api_server() {
+    let test = "an_add_does_not_wait_for_a_slow_api_server";
+    if !privileged(test) {
+        return;
+    }
+    const PODS: usize = 8;
+    let fast = add_times("kwslow-f", PODS, Duration::ZERO).times;
+    let slow = add_times("kwslow-s", PODS, Duration::from_secs(2));
+    let (f, s) = (p50(&fast), p50(&slow.times));
+    eprintln!(
+        "keyway-cni ADD p50: {f:.1} ms with an API server that answers at once, {s:.1} ms with one that answers after 2 s"
+    );
+    assert!(
+        s < f * 1.5 + 50.0,
+        "ADD waited for the API server: p50 {s:.1} ms against {f:.1} ms ({:?} against {fast:?})",
+        slow.times
+    );
+    // The API work still happened, in the background: the first pod was published.
+    let api = &slow.api;
+    slow.agent.until(
+        "a pod published through the slow API server",
+        Duration::from_secs(30),
+        || {
+            api.log()
+                .iter()
+                .any(|l| l.starts_with("PATCH /api/v1/namespaces/shop/pods/web-0"))
+        },
+    );
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use keyway_conformance::containerd::{self, Containerd};
 use keyway_conformance::cri::{ContainerSpec, Cri, PodSpec};
-use keyway_conformance::harness::{TestCluster, agnhost, bin, static_bin_dir};
+use keyway_conformance::harness::{TestCluster, agnhost, bin, bin_dir};
 use keyway_conformance::images;
-use keyway_sap::testing::privileged;
+use keyway_testing::privileged;
 
 struct Runtime {
     containerd: Containerd,
@@ -197,7 +197,7 @@ fn the_cluster_image_installs_keyway_from_a_container() {
     let tar = c.scratch.join("keyway-image.tar");
     std::fs::write(
         &tar,
-        images::keyway_image(&static_bin_dir(), images::KEYWAY_IMAGE).expect("the image"),
+        images::keyway_image(&bin_dir(), images::KEYWAY_IMAGE).expect("the image"),
     )
     .unwrap();
     rt.containerd.import(&tar).unwrap();
@@ -267,7 +267,7 @@ fn the_cluster_image_installs_keyway_from_a_container() {
     let copied = std::fs::read(host_bin.join("keyway")).expect("the plugin on the host");
     assert_eq!(
         copied,
-        std::fs::read(static_bin_dir().join("keyway-cni")).unwrap(),
+        std::fs::read(bin_dir().join("keyway-cni")).unwrap(),
         "the plugin copied is the image's"
     );
 

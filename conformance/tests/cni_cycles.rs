@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use keyway_conformance::harness::TestCluster;
-use keyway_sap::testing::privileged;
+use keyway_testing::privileged;
 
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();

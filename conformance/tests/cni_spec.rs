@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 
 use keyway_conformance::cni_exec::{ConfList, Exec, Runtime};
-use keyway_conformance::harness::{AgentProc, DEBIAN_CNI_DIR, Scratch, bin, plugin_dir, pod_yaml};
-use keyway_sap::testing::{TestNetns, privileged};
+use keyway_conformance::harness::{AgentProc, DEBIAN_CNI_DIR, bin, plugin_dir, pod_yaml};
+use keyway_testing::Scratch;
+use keyway_testing::{TestNetns, privileged};
 use serde_json::{Value, json};
 
 struct Setup {

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use keyway_conformance::harness::Scratch;
 use keyway_conformance::lab::{Lab, Matrix, Via};
 use keyway_conformance::topology::Plan;
-use keyway_sap::testing::privileged;
+use keyway_testing::Scratch;
+use keyway_testing::privileged;
 
 const PREFIX: &str = "kwp";
 const UNDERLAY_OCTET: u8 = 82;

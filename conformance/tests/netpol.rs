@@ -8,11 +8,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use keyway_conformance::harness::Scratch;
 use keyway_conformance::lab::{Lab, Via};
 use keyway_conformance::netpol::{self, Case, LabProbing};
 use keyway_conformance::topology::Plan;
-use keyway_sap::testing::privileged;
+use keyway_testing::Scratch;
+use keyway_testing::privileged;
 
 fn cases() -> Vec<Case> {
     let all = netpol::load_cases(&netpol::dir().join("cases")).expect("cases load");

@@ -2,11 +2,11 @@
 //! (`keyway`, the conflist entry's type) by rename, so a runtime starting the plugin at that
 //! moment runs either the old binary or the new one, never a partial file.
 
-use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::confdir::{InstallError, io_err};
+use keyway_sap::io::fs;
+
+use crate::confdir::{InstallError, io_err, remove_opt};
 use crate::conflist::KEYWAY_TYPE;
 
 /// Copies `plugin` into `bin_dir` as `keyway` unless the same bytes are already there; returns
@@ -17,35 +17,20 @@ pub fn install(plugin: &Path, bin_dir: &Path) -> Result<bool, InstallError> {
     if std::fs::read(&dest).is_ok_and(|old| old == bytes) {
         return Ok(false);
     }
-    std::fs::create_dir_all(bin_dir).map_err(io_err("cannot create", bin_dir))?;
-    let tmp: PathBuf = bin_dir.join(format!(".{KEYWAY_TYPE}.{}.tmp", std::process::id()));
-    let write = || -> io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &dest)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err("cannot install the plugin as", &dest)(e)
-    })?;
+    fs::write_atomic(&dest, &bytes, 0o755)
+        .map_err(io_err("cannot install the plugin as", &dest))?;
     Ok(true)
 }
 
 /// Removes the plugin from `bin_dir`; a missing binary is success.
 pub fn uninstall(bin_dir: &Path) -> Result<(), InstallError> {
-    let dest = bin_dir.join(KEYWAY_TYPE);
-    match std::fs::remove_file(&dest) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot remove", &dest)(e)),
-        _ => Ok(()),
-    }
+    remove_opt(&bin_dir.join(KEYWAY_TYPE))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn copies_once_executable_and_removes_idempotently() {

@@ -12,6 +12,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use keyway_sap::io::fs;
 use serde_json::Value;
 
 use crate::conflist::{self, ConfError, ConfigFile, Kind};
@@ -65,27 +66,11 @@ pub struct ConfDir {
     pub state: PathBuf,
 }
 
-/// Writes `bytes` to `path` by rename, so a runtime never reads half a file; an existing file's
-/// permissions are kept.
+/// Writes `bytes` to `path` whole or not at all, so a runtime never reads half a file; an existing
+/// file's permissions are kept (a new one is 0644, as CNI configuration is).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    // The `.tmp` extension is one no runtime reads.
-    let tmp = dir.join(format!(".{name}.keyway-{}.tmp", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        if let Ok(meta) = std::fs::metadata(path) {
-            f.set_permissions(meta.permissions())?;
-        }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err("cannot write", path)(e)
-    })
+    let mode = fs::mode_of(path, 0o644);
+    fs::write_atomic(path, bytes, mode).map_err(io_err("cannot write", path))
 }
 
 fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
@@ -96,11 +81,8 @@ fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
     }
 }
 
-fn remove_opt(path: &Path) -> Result<(), InstallError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot remove", path)(e)),
-        _ => Ok(()),
-    }
+pub(crate) fn remove_opt(path: &Path) -> Result<(), InstallError> {
+    fs::remove_if_present(path).map_err(io_err("cannot remove", path))
 }
 
 impl ConfDir {

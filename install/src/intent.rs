@@ -56,63 +56,78 @@ pub async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
+    use keyway_testing::FakeApi;
+    use keyway_testing::fake_api::{Reply, status};
+    use serde_json::json;
 
-    /// A client whose API server answers every request with `status` and `body`, and checks
-    /// that it was asked for the right object.
-    fn api_server(status: u16, body: &'static str) -> kube::Client {
-        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| async move {
-            assert_eq!(req.method(), http::Method::GET);
-            assert_eq!(
-                req.uri().path(),
-                "/apis/apps/v1/namespaces/keyway-system/daemonsets/keyway-node"
-            );
-            Ok::<_, Infallible>(
-                http::Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(body.as_bytes().to_vec()))
-                    .unwrap(),
-            )
-        });
-        kube::Client::new(svc, "default")
+    const PATH: &str = "/apis/apps/v1/namespaces/keyway-system/daemonsets/keyway-node";
+
+    fn daemonset(deleting: bool) -> serde_json::Value {
+        let mut ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "keyway-node", "namespace": "keyway-system", "uid": "6a1c"},
+            "spec": {"selector": {"matchLabels": {"app": "keyway-node"}},
+                     "template": {"metadata": {"labels": {"app": "keyway-node"}},
+                                  "spec": {"containers": [{"name": "agent", "image": "keyway"}]}}}});
+        if deleting {
+            ds["metadata"]["deletionTimestamp"] = json!("2026-11-22T10:00:00Z");
+            ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+        }
+        ds
     }
 
-    const DS: &str = r#"{"apiVersion":"apps/v1","kind":"DaemonSet","metadata":{"name":"keyway-node","namespace":"keyway-system","uid":"6a1c","resourceVersion":"4711"},"spec":{"selector":{"matchLabels":{"app":"keyway-node"}},"template":{"metadata":{"labels":{"app":"keyway-node"}},"spec":{"containers":[{"name":"agent","image":"keyway"}]}}}}"#;
-    const DS_DELETING: &str = r#"{"apiVersion":"apps/v1","kind":"DaemonSet","metadata":{"name":"keyway-node","namespace":"keyway-system","uid":"6a1c","resourceVersion":"4712","deletionTimestamp":"2026-11-22T10:00:00Z","deletionGracePeriodSeconds":0,"finalizers":["foregroundDeletion"]},"spec":{"selector":{"matchLabels":{"app":"keyway-node"}},"template":{"metadata":{"labels":{"app":"keyway-node"}},"spec":{"containers":[{"name":"agent","image":"keyway"}]}}}}"#;
-    const NOT_FOUND: &str = r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"daemonsets.apps \"keyway-node\" not found","reason":"NotFound","details":{"name":"keyway-node","group":"apps","kind":"daemonsets"},"code":404}"#;
-    const UNAVAILABLE: &str = r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server is currently unable to handle the request","reason":"ServiceUnavailable","code":503}"#;
-
-    async fn ask(status: u16, body: &'static str) -> (OnExit, String) {
-        decide(
-            api_server(status, body),
+    async fn ask(api: &FakeApi) -> (OnExit, String) {
+        let r = decide(
+            api.client(),
             "keyway-system",
             "keyway-node",
             Duration::from_secs(5),
         )
-        .await
+        .await;
+        let asked: Vec<_> = api
+            .requests()
+            .iter()
+            .map(|r| (r.verb.clone(), r.path.clone()))
+            .collect();
+        assert_eq!(
+            asked,
+            [("GET".to_string(), PATH.to_string())],
+            "asked for the right object"
+        );
+        r
     }
 
     #[tokio::test]
     async fn a_daemonset_that_remains_means_restart() {
-        let (d, why) = ask(200, DS).await;
+        let api = FakeApi::new();
+        api.put("daemonsets", daemonset(false));
+        let (d, why) = ask(&api).await;
         assert_eq!(d, OnExit::Keep, "{why}");
     }
 
     #[tokio::test]
     async fn a_daemonset_gone_or_going_means_uninstall() {
-        assert_eq!(ask(404, NOT_FOUND).await.0, OnExit::Uninstall);
-        let (d, why) = ask(200, DS_DELETING).await;
+        assert_eq!(ask(&FakeApi::new()).await.0, OnExit::Uninstall);
+        let api = FakeApi::new();
+        api.put("daemonsets", daemonset(true));
+        let (d, why) = ask(&api).await;
         assert_eq!(d, OnExit::Uninstall);
         assert!(why.contains("being deleted"), "{why}");
     }
 
     #[tokio::test]
     async fn an_api_server_that_cannot_answer_keeps_keyway() {
-        let (d, why) = ask(503, UNAVAILABLE).await;
+        let api = FakeApi::new();
+        api.script(
+            "GET",
+            PATH,
+            Reply::Json(503, status(503, "ServiceUnavailable")),
+        );
+        let (d, why) = ask(&api).await;
         assert_eq!(d, OnExit::Keep);
         assert!(why.contains("cannot ask"), "{why}");
-        let (d, why) = ask(200, "{not json").await;
+        let api = FakeApi::new();
+        api.script("GET", PATH, Reply::Text(200, "{not json".into()));
+        let (d, why) = ask(&api).await;
         assert_eq!(d, OnExit::Keep, "{why}");
     }
 }

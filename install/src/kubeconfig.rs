@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::confdir::{InstallError, write_atomic};
+use crate::confdir::{InstallError, io_err};
 
 /// Where a pod finds its service account.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -79,24 +79,13 @@ impl Credentials {
 
     /// Writes the kubeconfig (mode 0600) unless it already says the same; whether it wrote.
     pub fn write(&self, path: &Path) -> Result<bool, InstallError> {
-        use std::os::unix::fs::PermissionsExt;
         let text = self.render();
         if std::fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
             return Ok(false);
         }
-        if !path.exists() {
-            // Created 0600 before the token goes in.
-            write_atomic(path, b"").and_then(|()| {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                    |source| InstallError::Io {
-                        action: "cannot restrict",
-                        path: path.to_path_buf(),
-                        source,
-                    },
-                )
-            })?;
-        }
-        write_atomic(path, text.as_bytes())?;
+        // Owner-only from its first byte: it holds the service account's token.
+        keyway_sap::io::fs::write_atomic(path, text.as_bytes(), 0o600)
+            .map_err(io_err("cannot write", path))?;
         Ok(true)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CALICO: &str = include_str!("golden/calico/before/10-calico.conflist");
 
@@ -54,15 +54,7 @@ impl Installer {
     }
 
     fn wait_for(&self, what: &str, f: impl Fn(&Installer) -> bool) -> Duration {
-        let t = Instant::now();
-        while !f(self) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        t.elapsed()
+        keyway_testing::eventually(what, Duration::from_secs(10), || f(self))
     }
 
     /// SIGTERM, as the kubelet stops a container; the exit status and the log.

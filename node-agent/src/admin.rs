@@ -43,7 +43,7 @@ async fn route(
         "/debug/attachments" => reply(
             StatusCode::OK,
             "application/json",
-            agent.describe().await.to_string(),
+            agent.describe().to_string(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -6,7 +6,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use keyway_cni::config::DEFAULT_AGENT_SOCKET;
+use keyway_core::key::{KeyError, Rotation};
+use keyway_protocol::DEFAULT_AGENT_SOCKET;
+
+/// What is wrong with the configuration: the flag, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error("key rotation: {0}")]
+    Rotation(#[from] KeyError),
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
 
 /// Where the agent's state comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +32,15 @@ pub enum Source {
     File(PathBuf),
     /// The Kubernetes API (in-cluster or KUBECONFIG).
     Kubernetes,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(dir) => write!(f, "file:{}", dir.display()),
+            Source::Kubernetes => f.write_str("kubernetes"),
+        }
+    }
 }
 
 impl std::str::FromStr for Source {
@@ -55,7 +81,7 @@ pub struct Args {
     #[arg(long, env = "KEYWAY_NODE_IP")]
     pub node_ip: Option<IpAddr>,
     /// The GUE port of pods and SaPs.
-    #[arg(long, env = "KEYWAY_GUE_PORT", default_value_t = keyway_sap::gue::DEFAULT_PORT)]
+    #[arg(long, env = "KEYWAY_GUE_PORT", default_value_t = keyway_core::gue::DEFAULT_PORT)]
     pub gue_port: u16,
     /// The cluster secret keys are derived from (default: STATE_DIR/cluster-secret, created if
     /// missing: fine for one node, every node of a cluster must share it).
@@ -90,47 +116,40 @@ pub struct Config {
     pub node_ip: Option<IpAddr>,
     pub gue_port: u16,
     pub secret_file: PathBuf,
-    pub rotation: keyway_sap::key::Rotation,
+    pub rotation: Rotation,
     pub pod_wait: Duration,
     pub log_json: bool,
     pub namespace: String,
 }
 
 impl Args {
-    pub fn validate(self) -> Result<Config, String> {
+    pub fn validate(self) -> Result<Config, ConfigError> {
         if self.node_name.is_empty() || self.node_name.len() > 253 {
-            return Err("--node-name must be 1 to 253 characters".into());
+            return Err(invalid("node-name", "must be 1 to 253 characters"));
         }
         if !self.socket.is_absolute() {
-            return Err(format!(
-                "--socket {} must be an absolute path",
-                self.socket.display()
-            ));
+            let why = format!("{} must be an absolute path", self.socket.display());
+            return Err(invalid("socket", why));
         }
         if !self.state_dir.is_absolute() {
-            return Err(format!(
-                "--state-dir {} must be an absolute path",
-                self.state_dir.display()
-            ));
+            let why = format!("{} must be an absolute path", self.state_dir.display());
+            return Err(invalid("state-dir", why));
         }
         if let Source::File(d) = &self.source
             && !d.is_absolute()
         {
-            return Err(format!(
-                "--source file:{} needs an absolute directory",
-                d.display()
-            ));
+            let why = format!("file:{} needs an absolute directory", d.display());
+            return Err(invalid("source", why));
         }
         if self.gue_port == 0 {
-            return Err("--gue-port must not be 0".into());
+            return Err(invalid("gue-port", "must not be 0"));
         }
-        let rotation = keyway_sap::key::Rotation::new(
+        let rotation = Rotation::new(
             self.key_rotation_seconds * 1000,
             self.key_grace_seconds * 1000,
-        )
-        .map_err(|e| format!("key rotation: {e}"))?;
+        )?;
         if self.pod_wait_seconds > 60 {
-            return Err("--pod-wait-seconds must be at most 60".into());
+            return Err(invalid("pod-wait-seconds", "must be at most 60"));
         }
         let secret_file = self
             .secret_file
@@ -169,6 +188,7 @@ mod tests {
         Args::try_parse_from(v)
             .map_err(|e| e.to_string())?
             .validate()
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -195,5 +215,11 @@ mod tests {
         );
         assert!(args(&["--gue-port", "0"]).unwrap_err().contains("gue-port"));
         assert_eq!("kubernetes".parse::<Source>(), Ok(Source::Kubernetes));
+        let file: Source = "file:/etc/keyway".parse().unwrap();
+        assert_eq!(
+            file.to_string(),
+            "file:/etc/keyway",
+            "logged as it is given"
+        );
     }
 }

@@ -1,112 +1,31 @@
 //! Overlay address management across nodes. Each overlay network is cut into blocks; a node claims
-//! whole blocks (create-if-absent, so the claim is the lock: two nodes racing for a block cannot
-//! both get it) and hands out addresses from its own blocks only. An attachment asking again gets
-//! the same addresses; released addresses return to the pool.
+//! whole blocks ([`crate::claims`]: create-if-absent, so the claim is the lock and two nodes
+//! racing for a block cannot both get it) and hands out addresses from its own blocks only. An
+//! attachment asking again gets the same addresses; released addresses return to the pool.
 //!
-//! Claims go through [`BlockClaims`]: files created exclusively in the `file` source's directory,
-//! or objects created in the API server.
+//! [`Ipam`] is the address book alone, with no I/O: when it has no free address in a network it
+//! says so ([`NeedBlock`]) and the agent gets a block (outside its state lock) and adds it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
-use keyway_cni::handoff::Attachment;
+use keyway_protocol::handoff::Attachment;
 
 use crate::model::OverlayNetwork;
 
-#[derive(Debug, thiserror::Error)]
-pub enum IpamError {
-    #[error("overlay network {network}: no free address and no block left to claim")]
-    Exhausted { network: String },
-    #[error("overlay network {network}: cannot claim a block: {source}")]
-    Claim {
-        network: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// Where block claims are made.
-pub trait BlockClaims: Send + Sync + std::fmt::Debug {
-    /// Claims block `index` of `network` for `node` if nobody holds it; `Ok(false)` when taken.
-    fn try_claim(&self, network: &str, index: u128, node: &str) -> io::Result<bool>;
-    /// The block indices `node` holds in `network`.
-    fn held(&self, network: &str, node: &str) -> io::Result<Vec<u128>>;
-    /// Every claimed index in `network` (so a search need not try each one).
-    fn claimed(&self, network: &str) -> io::Result<BTreeSet<u128>>;
-}
-
-/// Claims as files in a shared directory: `<dir>/<network>/<index>` holding the node's name,
-/// created with O_EXCL.
-#[derive(Debug, Clone)]
-pub struct FileClaims {
-    pub dir: PathBuf,
-}
-
-impl BlockClaims for FileClaims {
-    fn try_claim(&self, network: &str, index: u128, node: &str) -> io::Result<bool> {
-        let dir = self.dir.join(network);
-        std::fs::create_dir_all(&dir)?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dir.join(index.to_string()))
-        {
-            Ok(mut f) => {
-                use std::io::Write;
-                f.write_all(node.as_bytes())?;
-                f.sync_all()?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn held(&self, network: &str, node: &str) -> io::Result<Vec<u128>> {
-        let mut v = Vec::new();
-        let Ok(rd) = std::fs::read_dir(self.dir.join(network)) else {
-            return Ok(v);
-        };
-        for e in rd.flatten() {
-            let Some(idx) = e.file_name().to_str().and_then(|s| s.parse::<u128>().ok()) else {
-                continue;
-            };
-            if std::fs::read_to_string(e.path()).is_ok_and(|owner| owner.trim() == node) {
-                v.push(idx);
-            }
-        }
-        v.sort();
-        Ok(v)
-    }
-
-    fn claimed(&self, network: &str) -> io::Result<BTreeSet<u128>> {
-        let mut s = BTreeSet::new();
-        let Ok(rd) = std::fs::read_dir(self.dir.join(network)) else {
-            return Ok(s);
-        };
-        for e in rd.flatten() {
-            if let Some(idx) = e.file_name().to_str().and_then(|s| s.parse::<u128>().ok()) {
-                s.insert(idx);
-            }
-        }
-        Ok(s)
-    }
-}
-
 /// The geometry of a network's blocks.
 #[derive(Debug, Clone, Copy)]
-struct Blocks {
+pub(crate) struct Blocks {
     base: u128,
     v4: bool,
     block_bits: u32,
-    count: u128,
+    /// How many blocks the network has.
+    pub count: u128,
 }
 
 impl Blocks {
-    fn of(net: &OverlayNetwork) -> Blocks {
+    pub fn of(net: &OverlayNetwork) -> Blocks {
         let cidr = net.spec.cidr;
         let v4 = cidr.is_ipv4();
         let bits: u32 = if v4 { 32 } else { 128 };
@@ -152,36 +71,45 @@ impl Blocks {
             1..size
         }
     }
+
+    /// The block as a prefix, for logs.
+    pub fn prefix(&self, block: u128) -> String {
+        let len = if self.v4 { 32 } else { 128 } - self.block_bits;
+        IpNetwork::new(self.addr(block, 0), len as u8)
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    }
 }
 
+/// No free address in the named network's blocks (or its blocks not known yet): get one, then
+/// ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeedBlock(pub String);
+
 /// What a node's IPAM holds.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Ipam {
-    node: String,
-    claims: Box<dyn BlockClaims>,
-    /// Blocks this node holds, per network.
+    /// Blocks this node holds, per network; a network is absent until its blocks are known.
     blocks: BTreeMap<String, Vec<u128>>,
     used: BTreeMap<IpAddr, Attachment>,
     by_attachment: BTreeMap<Attachment, Vec<(String, IpAddr)>>,
 }
 
 impl Ipam {
-    pub fn new(node: &str, claims: Box<dyn BlockClaims>) -> Ipam {
-        Ipam {
-            node: node.to_string(),
-            claims,
-            blocks: BTreeMap::new(),
-            used: BTreeMap::new(),
-            by_attachment: BTreeMap::new(),
-        }
+    /// Whether the blocks this node holds in `network` are known.
+    pub fn knows(&self, network: &str) -> bool {
+        self.blocks.contains_key(network)
     }
 
-    fn load_blocks(&mut self, network: &str) -> io::Result<()> {
-        if !self.blocks.contains_key(network) {
-            let held = self.claims.held(network, &self.node)?;
-            self.blocks.insert(network.to_string(), held);
+    /// Adds blocks this node holds (found again, or newly claimed).
+    pub fn add_blocks(&mut self, network: &str, blocks: impl IntoIterator<Item = u128>) {
+        let held = self.blocks.entry(network.to_string()).or_default();
+        for b in blocks {
+            if !held.contains(&b) {
+                held.push(b);
+            }
         }
-        Ok(())
+        held.sort();
     }
 
     /// Records an address held by an attachment (restored from the state directory).
@@ -193,67 +121,51 @@ impl Ipam {
         }
     }
 
-    /// The addresses of `att`, one per network, allocating what it lacks.
+    /// The addresses of `att`, one per network, allocating what it lacks from held blocks.
     pub fn allocate(
         &mut self,
         att: &Attachment,
         networks: &[OverlayNetwork],
-    ) -> Result<Vec<IpAddr>, IpamError> {
+    ) -> Result<Vec<IpAddr>, NeedBlock> {
         let mut out = Vec::new();
         for net in networks {
-            if let Some((_, ip)) = self
-                .by_attachment
-                .get(att)
-                .and_then(|v| v.iter().find(|(n, _)| *n == net.name))
-            {
+            let held = self.by_attachment.get(att).into_iter().flatten();
+            if let Some((_, ip)) = held.into_iter().find(|(n, _)| *n == net.name) {
                 out.push(*ip);
                 continue;
             }
-            let ip = self.allocate_one(&net.name, net)?;
+            let ip = self
+                .free_addresses(net)
+                .next()
+                .ok_or_else(|| NeedBlock(net.name.clone()))?;
             self.restore(att, &net.name, ip);
             out.push(ip);
         }
         Ok(out)
     }
 
-    fn allocate_one(&mut self, name: &str, net: &OverlayNetwork) -> Result<IpAddr, IpamError> {
-        let claim_err = |source: io::Error| IpamError::Claim {
-            network: name.to_string(),
-            source,
-        };
-        self.load_blocks(name).map_err(claim_err)?;
+    fn free_addresses<'a>(&'a self, net: &OverlayNetwork) -> impl Iterator<Item = IpAddr> + 'a {
         let geo = Blocks::of(net);
-        for &b in &self.blocks[name] {
-            if b >= geo.count {
-                continue;
-            }
-            for off in geo.offsets() {
-                let ip = geo.addr(b, off);
-                if !self.used.contains_key(&ip) {
-                    return Ok(ip);
-                }
-            }
-        }
-        // Every held block is full: claim the lowest unclaimed one.
-        let taken = self.claims.claimed(name).map_err(claim_err)?;
-        let mut idx = 0u128;
-        while idx < geo.count {
-            if !taken.contains(&idx)
-                && self
-                    .claims
-                    .try_claim(name, idx, &self.node)
-                    .map_err(claim_err)?
-            {
-                tracing::info!(network = name, block = %IpNetwork::new(geo.addr(idx, 0), (if geo.v4 { 32 } else { 128 } - geo.block_bits) as u8).map(|n| n.to_string()).unwrap_or_default(), "claimed an overlay block");
-                self.blocks.get_mut(name).expect("loaded").push(idx);
-                let ip = geo.addr(idx, geo.offsets().start);
-                return Ok(ip);
-            }
-            idx += 1;
-        }
-        Err(IpamError::Exhausted {
-            network: name.to_string(),
-        })
+        let blocks = self.blocks.get(&net.name).into_iter().flatten();
+        blocks
+            .filter(move |b| **b < geo.count)
+            .flat_map(move |&b| geo.offsets().map(move |off| geo.addr(b, off)))
+            .filter(|ip| !self.used.contains_key(ip))
+    }
+
+    /// Whether an address of `net` is free in this node's blocks.
+    pub fn has_free(&self, net: &OverlayNetwork) -> bool {
+        self.free_addresses(net).next().is_some()
+    }
+
+    /// Whether `net` has fewer than a quarter of a block free (at least one): time to claim the
+    /// next block before an ADD has to wait for one.
+    pub fn running_low(&self, net: &OverlayNetwork) -> bool {
+        let geo = Blocks::of(net);
+        let want = (geo.offsets().end - geo.offsets().start)
+            .div_ceil(4)
+            .clamp(1, 64) as usize;
+        self.free_addresses(net).take(want).count() < want
     }
 
     /// Returns an attachment's addresses to the pool; what it held.
@@ -277,19 +189,9 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::OverlayNetworkSpec;
 
     fn net(name: &str, cidr: &str, block: u8) -> OverlayNetwork {
-        OverlayNetwork {
-            name: name.into(),
-            spec: OverlayNetworkSpec {
-                cidr: cidr.parse().unwrap(),
-                block_prefix: Some(block),
-                device: None,
-                pod_selector: None,
-                namespace_selector: None,
-            },
-        }
+        OverlayNetwork::new(name, cidr.parse().unwrap(), block)
     }
 
     fn att(i: u32) -> Attachment {
@@ -299,39 +201,29 @@ mod tests {
         }
     }
 
-    struct Tmp(PathBuf);
-    impl Tmp {
-        fn new(name: &str) -> Tmp {
-            let p = std::env::temp_dir().join(format!("keyway-ipam-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            Tmp(p)
-        }
-        fn claims(&self) -> Box<FileClaims> {
-            Box::new(FileClaims {
-                dir: self.0.clone(),
-            })
-        }
-    }
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
     }
 
     #[test]
-    fn same_attachment_same_address_and_release_returns_it() {
-        let t = Tmp::new("same");
+    fn without_a_block_it_asks_for_one_and_then_allocates_from_it() {
         let n = net("v4", "100.64.0.0/10", 24);
-        let mut ipam = Ipam::new("node-1", t.claims());
+        let mut ipam = Ipam::default();
+        assert_eq!(
+            ipam.allocate(&att(1), std::slice::from_ref(&n)),
+            Err(NeedBlock("v4".into()))
+        );
+        assert!(!ipam.knows("v4"));
+        ipam.add_blocks("v4", [0]);
         let a = ipam.allocate(&att(1), std::slice::from_ref(&n)).unwrap();
-        assert_eq!(a, vec!["100.64.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(a, ips(&["100.64.0.1"]));
         assert_eq!(
             ipam.allocate(&att(1), std::slice::from_ref(&n)).unwrap(),
             a,
             "idempotent"
         );
         let b = ipam.allocate(&att(2), std::slice::from_ref(&n)).unwrap();
-        assert_eq!(b, vec!["100.64.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(b, ips(&["100.64.0.2"]));
         assert_eq!(ipam.release(&att(1)).len(), 1);
         assert_eq!(
             ipam.allocate(&att(3), std::slice::from_ref(&n)).unwrap(),
@@ -339,89 +231,55 @@ mod tests {
             "released address reused"
         );
         assert_eq!(ipam.in_use(), 2);
+        assert_eq!(ipam.holder(a[0]), Some(&att(3)));
     }
 
     #[test]
-    fn a_full_block_claims_the_next() {
-        let t = Tmp::new("full");
+    fn a_full_block_asks_for_the_next_and_runs_low_before_it_is_full() {
         let n = net("small", "10.10.0.0/24", 30); // blocks of 4: two usable addresses each
-        let mut ipam = Ipam::new("node-1", t.claims());
-        let ips: Vec<IpAddr> = (0..5)
-            .map(|i| ipam.allocate(&att(i), std::slice::from_ref(&n)).unwrap()[0])
-            .collect();
+        let mut ipam = Ipam::default();
+        ipam.add_blocks("small", [0]);
+        assert!(!ipam.running_low(&n));
+        let first = ipam.allocate(&att(0), std::slice::from_ref(&n)).unwrap();
+        assert!(!ipam.running_low(&n), "one of two left is a quarter");
+        let second = ipam.allocate(&att(1), std::slice::from_ref(&n)).unwrap();
+        assert_eq!([first, second].concat(), ips(&["10.10.0.1", "10.10.0.2"]));
+        assert!(ipam.running_low(&n));
+        assert!(ipam.allocate(&att(2), std::slice::from_ref(&n)).is_err());
+        ipam.add_blocks("small", [2]);
         assert_eq!(
-            ips,
-            [
-                "10.10.0.1",
-                "10.10.0.2",
-                "10.10.0.5",
-                "10.10.0.6",
-                "10.10.0.9"
-            ]
-            .map(|s| s.parse::<IpAddr>().unwrap())
+            ipam.allocate(&att(2), std::slice::from_ref(&n)).unwrap(),
+            ips(&["10.10.0.9"])
         );
     }
 
     #[test]
-    fn two_nodes_never_share_a_block_or_an_address() {
-        let t = Tmp::new("race");
-        let n = net("v4", "10.20.0.0/24", 28);
-        let handles: Vec<_> = ["node-1", "node-2", "node-3"]
-            .into_iter()
-            .map(|node| {
-                let claims = t.claims();
-                let n = n.clone();
-                std::thread::spawn(move || {
-                    let mut ipam = Ipam::new(node, claims);
-                    (0..100)
-                        .filter_map(|i| ipam.allocate(&att(i), std::slice::from_ref(&n)).ok())
-                        .flatten()
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let all: Vec<IpAddr> = handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        let unique: BTreeSet<_> = all.iter().collect();
-        assert_eq!(unique.len(), all.len(), "an address was given twice");
-        // 300 requests for 16 blocks of 14 usable addresses: the /24 runs out, and every
-        // address of it was handed out exactly once.
-        assert_eq!(all.len(), 16 * 14);
-    }
-
-    #[test]
-    fn a_restarted_node_finds_its_blocks_and_addresses() {
-        let t = Tmp::new("restart");
+    fn restored_addresses_are_not_given_again() {
         let n = net("v4", "100.64.0.0/10", 24);
-        let first = {
-            let mut ipam = Ipam::new("node-1", t.claims());
-            ipam.allocate(&att(1), std::slice::from_ref(&n)).unwrap()[0]
-        };
-        let mut ipam = Ipam::new("node-1", t.claims());
-        ipam.restore(&att(1), "v4", first);
-        let second = ipam.allocate(&att(2), std::slice::from_ref(&n)).unwrap()[0];
+        let mut ipam = Ipam::default();
+        ipam.restore(&att(1), "v4", "100.64.0.1".parse().unwrap());
+        ipam.add_blocks("v4", [0]);
         assert_eq!(
-            second,
-            "100.64.0.2".parse::<IpAddr>().unwrap(),
+            ipam.allocate(&att(2), std::slice::from_ref(&n)).unwrap(),
+            ips(&["100.64.0.2"]),
             "same block, next address"
         );
-        let mut other = Ipam::new("node-2", t.claims());
-        assert_eq!(
-            other.allocate(&att(9), std::slice::from_ref(&n)).unwrap()[0],
-            "100.64.1.1".parse::<IpAddr>().unwrap()
-        );
     }
 
     #[test]
-    fn ipv6_networks() {
-        let t = Tmp::new("v6");
-        let n = net("v6", "fd6b:7779::/48", 112);
-        let mut ipam = Ipam::new("node-1", t.claims());
+    fn ipv6_networks_and_several_at_once() {
+        let v6 = net("v6", "fd6b:7779::/48", 112);
+        let v4 = net("v4", "100.64.0.0/10", 24);
+        let mut ipam = Ipam::default();
+        ipam.add_blocks("v6", [0]);
+        ipam.add_blocks("v4", [3]);
         assert_eq!(
-            ipam.allocate(&att(1), std::slice::from_ref(&n)).unwrap()[0],
-            "fd6b:7779::1".parse::<IpAddr>().unwrap()
+            ipam.allocate(&att(1), &[v4, v6]).unwrap(),
+            ips(&["100.64.3.1", "fd6b:7779::1"])
+        );
+        assert_eq!(
+            Blocks::of(&net("v4", "100.64.0.0/10", 24)).prefix(3),
+            "100.64.3.0/24"
         );
     }
 }

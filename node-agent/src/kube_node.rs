@@ -47,10 +47,7 @@ pub async fn cluster_secret(
     if let Some(s) = api.get_opt(SECRET_NAME).await? {
         return read(s);
     }
-    let mut bytes = vec![0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .map_err(ClusterError::Random)?;
+    let bytes = keyway_sap::io::fs::random_bytes(32).map_err(ClusterError::Random)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(SECRET_NAME.into()),
@@ -125,155 +122,104 @@ pub async fn lift_taint(client: kube::Client, node: &str) -> Result<bool, Cluste
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
-    use std::convert::Infallible;
-    use std::sync::{Arc, Mutex};
-
-    type Handler =
-        Box<dyn Fn(&str, &str, &serde_json::Value) -> (u16, serde_json::Value) + Send + Sync>;
-
-    type Log = Arc<Mutex<Vec<(String, String, serde_json::Value)>>>;
-
-    /// A mock API server: `handler(method, path, body)`; every request is logged.
-    fn api(handler: Handler) -> (kube::Client, Log) {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (h, l) = (Arc::new(handler), log.clone());
-        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let (h, l) = (h.clone(), l.clone());
-            async move {
-                let m = req.method().to_string();
-                let p = req.uri().path().to_string();
-                let b = req.into_body().collect().await.unwrap().to_bytes();
-                let body: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
-                let (code, v) = h(&m, &p, &body);
-                l.lock().unwrap().push((m, p, body));
-                Ok::<_, Infallible>(
-                    http::Response::builder()
-                        .status(code)
-                        .body(http_body_util::Full::new(hyper::body::Bytes::from(
-                            v.to_string(),
-                        )))
-                        .unwrap(),
-                )
-            }
-        });
-        (kube::Client::new(svc, "default"), log)
-    }
-
-    fn status(code: u16, reason: &str) -> serde_json::Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": reason, "code": code})
-    }
+    use keyway_testing::FakeApi;
+    use keyway_testing::fake_api::{Reply, status};
 
     const PATH: &str = "/api/v1/namespaces/keyway-system/secrets/keyway-cluster-secret";
 
+    fn secret(b64: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": SECRET_NAME, "namespace": "keyway-system"},
+               "data": {"secret": b64}})
+    }
+
     #[tokio::test]
     async fn an_existing_secret_is_used() {
-        let (c, log) = api(Box::new(|_, _, _| {
-            (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET_NAME},
-                         "data": {"secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}}),
-            )
-        }));
+        let api = FakeApi::new();
+        api.put(
+            "secrets",
+            secret("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        );
         assert_eq!(
-            cluster_secret(c, "keyway-system").await.unwrap(),
+            cluster_secret(api.client(), "keyway-system").await.unwrap(),
             b"0123456789abcdef0123456789abcdef"
         );
-        assert_eq!(log.lock().unwrap()[0].1, PATH);
+        assert_eq!(api.requests()[0].path, PATH);
+        assert_eq!(api.requests().len(), 1, "read, not created");
     }
 
     #[tokio::test]
     async fn a_missing_secret_is_created_once_and_a_lost_race_reads_the_winner() {
-        let (c, log) = api(Box::new(|m, _, body| match m {
-            "GET" => (404, status(404, "NotFound")),
-            _ => (201, body.clone()),
-        }));
-        let mine = cluster_secret(c, "keyway-system").await.unwrap();
+        let api = FakeApi::new();
+        let mine = cluster_secret(api.client(), "keyway-system").await.unwrap();
         assert_eq!(mine.len(), 32);
-        let log = log.lock().unwrap().clone();
-        assert_eq!(log[1].0, "POST");
-        assert_eq!(log[1].2["immutable"], true);
+        let posts: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.verb == "POST")
+            .collect();
+        assert_eq!(posts.len(), 1);
+        assert_eq!(posts[0].body["immutable"], true);
 
-        let created = Arc::new(Mutex::new(false));
-        let (c, _) = api(Box::new(move |m, _, _| match m {
-            "POST" => {
-                *created.lock().unwrap() = true;
-                (409, status(409, "AlreadyExists"))
-            }
-            "GET" if *created.lock().unwrap() => (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": SECRET_NAME}, "data": {"secret": "d2lubmVyd2lubmVyd2lubmVyd2lubmVy"}}),
-            ),
-            _ => (404, status(404, "NotFound")),
-        }));
+        // Another agent creates it between this one's read and its create.
+        let api = FakeApi::new();
+        api.script("GET", PATH, Reply::Json(404, status(404, "NotFound")));
+        api.script("GET", PATH, Reply::Store);
+        api.put("secrets", secret("d2lubmVyd2lubmVyd2lubmVyd2lubmVy"));
         assert_eq!(
-            cluster_secret(c, "keyway-system").await.unwrap(),
+            cluster_secret(api.client(), "keyway-system").await.unwrap(),
             b"winnerwinnerwinnerwinner"
         );
+        assert_eq!(api.answered(409), 1, "the create lost the race");
     }
 
     #[tokio::test]
     async fn a_short_secret_is_refused() {
-        let (c, _) = api(Box::new(|_, _, _| {
-            (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET_NAME}, "data": {"secret": "c2hvcnQ="}}),
-            )
-        }));
+        let api = FakeApi::new();
+        api.put("secrets", secret("c2hvcnQ="));
         assert!(matches!(
-            cluster_secret(c, "keyway-system").await,
+            cluster_secret(api.client(), "keyway-system").await,
             Err(ClusterError::BadSecret { .. })
         ));
     }
 
-    fn node(rv: &str, taints: serde_json::Value) -> serde_json::Value {
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "resourceVersion": rv}, "spec": {"taints": taints}})
+    fn node(taints: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}, "spec": {"taints": taints}})
     }
 
     #[tokio::test]
     async fn the_taint_is_lifted_keeping_the_others_and_a_conflict_is_retried() {
-        let patches = Arc::new(Mutex::new(0));
-        let p = patches.clone();
-        let (c, log) = api(Box::new(move |m, _, _| match m {
-            "GET" => (
-                200,
-                node(
-                    "7",
-                    json!([
+        let api = FakeApi::new();
+        api.put(
+            "nodes",
+            node(json!([
                 {"key": NOT_READY_TAINT, "effect": "NoSchedule"},
-                {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
-                ),
-            ),
-            _ => {
-                let mut n = p.lock().unwrap();
-                *n += 1;
-                if *n == 1 {
-                    (409, status(409, "Conflict"))
-                } else {
-                    (200, node("8", json!([])))
-                }
-            }
-        }));
-        assert!(lift_taint(c, "node-1").await.unwrap());
-        let log = log.lock().unwrap().clone();
-        let patch = &log.iter().rfind(|(m, _, _)| m == "PATCH").unwrap().2;
-        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+                {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}])),
+        );
+        let path = "/api/v1/nodes/node-1";
+        api.script("PATCH", path, Reply::Json(409, status(409, "Conflict")));
+        api.script("PATCH", path, Reply::Store);
+        assert!(lift_taint(api.client(), "node-1").await.unwrap());
+        let patches: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.verb == "PATCH")
+            .collect();
+        assert_eq!(patches.len(), 2, "the conflict was retried");
+        assert_eq!(patches[1].body["metadata"]["resourceVersion"], "1");
         assert_eq!(
-            patch["spec"]["taints"],
+            api.get("nodes", "", "node-1").unwrap()["spec"]["taints"],
             json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}])
         );
-        assert_eq!(*patches.lock().unwrap(), 2, "the conflict was retried");
 
-        let (c, log) = api(Box::new(|_, _, _| {
-            (
-                200,
-                node("9", json!([{"key": "other", "effect": "NoExecute"}])),
-            )
-        }));
-        assert!(!lift_taint(c, "node-1").await.unwrap());
+        let api = FakeApi::new();
+        api.put(
+            "nodes",
+            node(json!([{"key": "other", "effect": "NoExecute"}])),
+        );
+        assert!(!lift_taint(api.client(), "node-1").await.unwrap());
         assert!(
-            log.lock().unwrap().iter().all(|(m, _, _)| m == "GET"),
+            api.requests().iter().all(|r| r.verb == "GET"),
             "nothing to patch"
         );
     }

@@ -1,20 +1,30 @@
-//! keyway's node agent as a library: the cluster model and its `file` source, the policy compiler,
-//! overlay IPAM, the handoff server, per-pod endpoints, the node's SaP, metrics and admin.
+//! keyway's node agent as a library. Its modules, from the bottom up:
+//! - the cluster: [`policy`] (selectors, protocols, validation), [`model`] (the one model of the
+//!   cluster), [`source`] (where it comes from: files or the API server), [`compile`] (the model
+//!   into the data plane's tables);
+//! - the node: [`ipam`] and [`claims`] (overlay addresses), `state` (attachments, as pure
+//!   transitions that return effects), [`records`] (the state on disk), `endpoints` (the L3
+//!   endpoints run for pods), [`agent`] (which drives them all), [`server`] (the plugin's socket);
+//! - the cluster again, in the background: [`cluster`] (publications, taint, reclaims,
+//!   EndpointSlices), [`slices`], [`kube_node`], [`crds`];
+//! - the operator: [`config`], [`metrics`], [`admin`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
+pub mod claims;
+pub mod cluster;
 pub mod compile;
 pub mod config;
 pub mod crds;
-pub mod endpoints;
+mod endpoints;
 pub mod ipam;
-pub mod kube_claims;
 pub mod kube_node;
-pub mod kube_source;
 pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod records;
 pub mod server;
+pub mod slices;
 pub mod source;
+mod state;

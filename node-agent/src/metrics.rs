@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use keyway_sap::counters::{Counters, Stage};
-use keyway_sap::engine::DropReason;
+use keyway_core::counters::{Counters, Stage};
+use keyway_core::engine::DropReason;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -98,6 +98,9 @@ pub struct Metrics {
     /// EndpointSlice writes (applied or deleted) for covered Services.
     pub endpointslice_writes: Family<WriteLabel, Counter>,
     pub endpointslice_errors: Counter,
+    /// Pods' places on the overlay published or withdrawn.
+    pub publications: Family<WriteLabel, Counter>,
+    pub publication_errors: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,88 +108,98 @@ pub struct WriteLabel {
     pub op: &'static str,
 }
 
+fn histogram(start: f64, buckets: u16) -> Histogram {
+    Histogram::new(exponential_buckets(start, 2.0, buckets))
+}
+
 impl Metrics {
     pub fn new(counters: Arc<Counters>, source: Arc<SourceStats>) -> Metrics {
-        let mut registry = Registry::default();
         let m = Metrics {
             pods: Gauge::default(),
             policy_generation: Gauge::default(),
             identities: Gauge::default(),
             fib_entries: Gauge::default(),
-            compile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            handoff_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 14))
-            }),
+            compile_seconds: histogram(0.0001, 16),
+            handoff_seconds: Family::new_with_constructor(|| histogram(0.0005, 14)),
             handoff_errors: Family::default(),
             egress_apply_errors: Counter::default(),
             ready: Gauge::default(),
             endpointslice_writes: Family::default(),
             endpointslice_errors: Counter::default(),
+            publications: Family::default(),
+            publication_errors: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("keyway_pods", "Pods attached to this agent", m.pods.clone());
-        registry.register(
-            "keyway_policy_generation",
-            "Generation of the tables in force",
-            m.policy_generation.clone(),
-        );
-        registry.register(
-            "keyway_policy_identities",
-            "Identities in the compiled policy",
-            m.identities.clone(),
-        );
-        registry.register(
-            "keyway_fib_entries",
-            "Overlay addresses in the forwarding table",
-            m.fib_entries.clone(),
-        );
-        registry.register(
-            "keyway_policy_compile_seconds",
-            "Time to compile and publish the tables",
-            m.compile_seconds.clone(),
-        );
-        registry.register(
-            "keyway_handoff_seconds",
-            "Time to serve a plugin request, by request",
-            m.handoff_seconds.clone(),
-        );
-        registry.register(
-            "keyway_handoff_errors",
-            "Plugin requests answered with an error, by request",
-            m.handoff_errors.clone(),
-        );
-        registry.register(
-            "keyway_egress_apply_errors",
-            "Failures to apply a pod's off-overlay egress rules",
-            m.egress_apply_errors.clone(),
-        );
-        registry.register(
-            "keyway_ready",
-            "1 once the agent serves (state synced, pods re-attached)",
-            m.ready.clone(),
-        );
-        registry.register(
-            "keyway_endpointslice_writes",
-            "EndpointSlices of covered Services written, by op (apply, delete)",
-            m.endpointslice_writes.clone(),
-        );
-        registry.register(
-            "keyway_endpointslice_errors",
-            "Failed attempts to bring this node's EndpointSlices up to date",
-            m.endpointslice_errors.clone(),
-        );
-        registry.register(
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let reloads = AtomicCounter(source.clone(), |s| &s.reloads);
+        r.register(
             "keyway_source_reloads",
             "Reloads of the state source",
-            AtomicCounter(source.clone(), |s| &s.reloads),
+            reloads,
         );
-        registry.register(
-            "keyway_source_errors",
-            "Documents of the state source that did not parse",
-            AtomicCounter(source, |s| &s.errors),
+        let errors = AtomicCounter(source, |s| &s.errors);
+        let help = "Documents of the state source that did not parse";
+        r.register("keyway_source_errors", help, errors);
+        r.register_collector(Box::new(DataPath { counters }));
+        Metrics { registry: r, ..m }
+    }
+
+    /// Registers each metric (a metric is a handle: the registered clone counts for both).
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "keyway_pods",
+            "Pods attached to this agent",
+            self.pods.clone(),
         );
-        registry.register_collector(Box::new(DataPath { counters }));
-        Metrics { registry, ..m }
+        let generation = self.policy_generation.clone();
+        r.register(
+            "keyway_policy_generation",
+            "Generation of the tables in force",
+            generation,
+        );
+        let help = "Identities in the compiled policy";
+        r.register("keyway_policy_identities", help, self.identities.clone());
+        let help = "Overlay addresses in the forwarding table";
+        r.register("keyway_fib_entries", help, self.fib_entries.clone());
+        let help = "Time to compile and publish the tables";
+        r.register(
+            "keyway_policy_compile_seconds",
+            help,
+            self.compile_seconds.clone(),
+        );
+        let help = "Time to serve a plugin request, by request";
+        r.register("keyway_handoff_seconds", help, self.handoff_seconds.clone());
+        let help = "Plugin requests answered with an error, by request";
+        r.register("keyway_handoff_errors", help, self.handoff_errors.clone());
+        let help = "Failures to apply a pod's off-overlay egress rules";
+        r.register(
+            "keyway_egress_apply_errors",
+            help,
+            self.egress_apply_errors.clone(),
+        );
+        let help = "1 once the agent serves (state synced, pods re-attached)";
+        r.register("keyway_ready", help, self.ready.clone());
+        let help = "EndpointSlices of covered Services written, by op (apply, delete)";
+        r.register(
+            "keyway_endpointslice_writes",
+            help,
+            self.endpointslice_writes.clone(),
+        );
+        let help = "Failed attempts to bring this node's EndpointSlices up to date";
+        r.register(
+            "keyway_endpointslice_errors",
+            help,
+            self.endpointslice_errors.clone(),
+        );
+        let help = "Pods' places on the overlay told to the cluster, by op (publish, withdraw)";
+        r.register("keyway_publications", help, self.publications.clone());
+        let help = "Failed attempts to publish or withdraw a pod's place (each retried)";
+        r.register(
+            "keyway_publication_errors",
+            help,
+            self.publication_errors.clone(),
+        );
     }
 
     pub fn encode(&self) -> String {

@@ -1,13 +1,45 @@
-//! NetworkPolicy semantics that do not depend on the cluster: label selectors and validation. A
-//! policy the API server would refuse is refused here too, with the reason, so that a bad file never
-//! half-applies.
+//! NetworkPolicy semantics that do not depend on the cluster: labels and selectors, protocols by
+//! name, and validation. A policy the API server would refuse is refused here too, with the place
+//! of the mistake, so that a bad file never half-applies. The model and the compiler build on this
+//! module; it builds on nothing of theirs.
+
+use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::Labels;
+/// An object's labels.
+pub type Labels = BTreeMap<String, String>;
+
+/// Why a policy (or a part of a document policy reads) is refused: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{place}: {reason}")]
+pub struct PolicyError {
+    /// Where in the object: `ingress[0].from[1]`, `podSelector`, `protocol`.
+    pub place: String,
+    pub reason: String,
+}
+
+fn refuse(place: &str, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
+        place: place.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The IP protocol number of a protocol as Kubernetes spells it; absent means TCP.
+pub fn protocol(name: Option<&str>) -> Result<u8, PolicyError> {
+    let name = name.unwrap_or("TCP");
+    keyway_core::packet::protocol_number(name)
+        .ok_or_else(|| refuse("protocol", format!("{name:?} is not TCP, UDP or SCTP")))
+}
+
+/// The name of a protocol [`protocol`] accepts.
+pub fn protocol_name(number: u8) -> &'static str {
+    keyway_core::packet::protocol_name(number).unwrap_or("TCP")
+}
 
 /// Whether `labels` match `selector`: every matchLabels pair and every matchExpressions
 /// requirement (In, NotIn, Exists, DoesNotExist). The empty selector matches everything.
@@ -35,38 +67,39 @@ pub fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
     true
 }
 
-fn validate_selector(s: &LabelSelector, what: &str) -> Result<(), String> {
+fn validate_selector(s: &LabelSelector, what: &str) -> Result<(), PolicyError> {
     for e in s.match_expressions.iter().flatten() {
         let n = e.values.as_ref().map_or(0, Vec::len);
         match e.operator.as_str() {
             "In" | "NotIn" if n == 0 => {
-                return Err(format!(
-                    "{what}: operator {} on {:?} needs values",
-                    e.operator, e.key
+                return Err(refuse(
+                    what,
+                    format!("operator {} on {:?} needs values", e.operator, e.key),
                 ));
             }
             "Exists" | "DoesNotExist" if n > 0 => {
-                return Err(format!(
-                    "{what}: operator {} on {:?} takes no values",
-                    e.operator, e.key
+                return Err(refuse(
+                    what,
+                    format!("operator {} on {:?} takes no values", e.operator, e.key),
                 ));
             }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => return Err(format!("{what}: unknown operator {other:?}")),
+            other => return Err(refuse(what, format!("unknown operator {other:?}"))),
         }
     }
     Ok(())
 }
 
-fn validate_peer(p: &NetworkPolicyPeer, what: &str) -> Result<(), String> {
+fn validate_peer(p: &NetworkPolicyPeer, what: &str) -> Result<(), PolicyError> {
     match (&p.ip_block, &p.pod_selector, &p.namespace_selector) {
         (None, None, None) => {
-            return Err(format!(
-                "{what}: a peer needs podSelector, namespaceSelector or ipBlock"
+            return Err(refuse(
+                what,
+                "a peer needs podSelector, namespaceSelector or ipBlock",
             ));
         }
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err(format!("{what}: ipBlock cannot be combined with selectors"));
+            return Err(refuse(what, "ipBlock cannot be combined with selectors"));
         }
         _ => {}
     }
@@ -80,63 +113,68 @@ fn validate_peer(p: &NetworkPolicyPeer, what: &str) -> Result<(), String> {
         let cidr: IpNetwork = b
             .cidr
             .parse()
-            .map_err(|e| format!("{what}: ipBlock cidr {:?}: {e}", b.cidr))?;
+            .map_err(|e| refuse(what, format!("ipBlock cidr {:?}: {e}", b.cidr)))?;
         for x in b.except.iter().flatten() {
             let ex: IpNetwork = x
                 .parse()
-                .map_err(|e| format!("{what}: ipBlock except {x:?}: {e}"))?;
+                .map_err(|e| refuse(what, format!("ipBlock except {x:?}: {e}")))?;
             if ex.is_ipv4() != cidr.is_ipv4()
                 || !cidr.contains(ex.network())
                 || ex.prefix() < cidr.prefix()
             {
-                return Err(format!("{what}: except {x} is not inside {}", b.cidr));
+                return Err(refuse(what, format!("except {x} is not inside {}", b.cidr)));
             }
         }
     }
     Ok(())
 }
 
-fn validate_port(p: &NetworkPolicyPort, what: &str) -> Result<(), String> {
-    crate::model::protocol_of(p.protocol.as_deref()).map_err(|e| format!("{what}: {e}"))?;
+fn validate_port(p: &NetworkPolicyPort, what: &str) -> Result<(), PolicyError> {
+    protocol(p.protocol.as_deref()).map_err(|e| refuse(what, e.reason))?;
     match (&p.port, p.end_port) {
         (Some(IntOrString::Int(n)), end) => {
             if !(1..=65535).contains(n) {
-                return Err(format!("{what}: port {n} is outside 1..=65535"));
+                return Err(refuse(what, format!("port {n} is outside 1..=65535")));
             }
             if let Some(e) = end
                 && (e < *n || e > 65535)
             {
-                return Err(format!(
-                    "{what}: endPort {e} must be between port {n} and 65535"
+                return Err(refuse(
+                    what,
+                    format!("endPort {e} must be between port {n} and 65535"),
                 ));
             }
         }
         (Some(IntOrString::String(name)), end) => {
             if name.is_empty() {
-                return Err(format!("{what}: empty port name"));
+                return Err(refuse(what, "empty port name"));
             }
             if end.is_some() {
-                return Err(format!(
-                    "{what}: endPort needs a numeric port, not {name:?}"
+                return Err(refuse(
+                    what,
+                    format!("endPort needs a numeric port, not {name:?}"),
                 ));
             }
         }
-        (None, Some(_)) => return Err(format!("{what}: endPort without port")),
+        (None, Some(_)) => return Err(refuse(what, "endPort without port")),
         (None, None) => {}
     }
     Ok(())
 }
 
 /// Checks a policy as the API server would.
-pub fn validate(np: &NetworkPolicy) -> Result<(), String> {
-    let spec = np.spec.as_ref().ok_or("no spec")?;
+pub fn validate(np: &NetworkPolicy) -> Result<(), PolicyError> {
+    let spec = np.spec.as_ref().ok_or_else(|| refuse("spec", "missing"))?;
     validate_selector(
         &spec.pod_selector.clone().unwrap_or_default(),
         "podSelector",
     )?;
     for t in spec.policy_types.iter().flatten() {
         if t != "Ingress" && t != "Egress" {
-            return Err(format!("policyTypes: {t:?} is not Ingress or Egress"));
+            return Err(refuse(
+                "policyTypes",
+                format!("{t:?} is not Ingress or Egress"),
+            ));
         }
     }
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
@@ -279,7 +317,7 @@ mod tests {
             ),
         ];
         for (y, needle) in bad {
-            let err = validate(&policy(y)).unwrap_err();
+            let err = validate(&policy(y)).unwrap_err().to_string();
             assert!(
                 err.contains(needle),
                 "{y}: {err:?} should mention {needle:?}"

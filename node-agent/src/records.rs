@@ -1,13 +1,21 @@
-//! The agent's state directory: one record per attachment, written atomically, so that a new agent
-//! finds every pod the old one served and re-attaches without the pod noticing more than a pause.
+//! The agent's files: the state directory, with one record per attachment, written atomically, so
+//! that a new agent finds every pod the old one served and re-attaches without the pod noticing
+//! more than a pause; and, with the `file` source, the cluster secret.
 
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
-use keyway_cni::handoff::{Attachment, NetworkGrant, PodRef};
+use keyway_protocol::handoff::{Attachment, NetworkGrant, PodRef};
+use keyway_sap::io::fs::{file_name_part, remove_if_present, write_atomic};
 use serde::{Deserialize, Serialize};
+
+use keyway_core::key::{ClusterSecret, KeyError};
+
+use crate::compile::pod_entity;
+use crate::model::ObjectKey;
 
 /// What the agent needs to re-attach to a pod after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,14 +43,29 @@ pub struct Record {
 }
 
 impl Record {
+    /// The Kubernetes pod it is for, if any (the runtime may not say).
+    pub fn pod_key(&self) -> Option<ObjectKey> {
+        self.pod
+            .is_kubernetes()
+            .then(|| ObjectKey::new(&self.pod.namespace, &self.pod.name))
+    }
+
     /// The entity name its keys are derived from.
-    pub fn entity(&self) -> String {
-        if self.pod.is_kubernetes() {
-            format!("{}/{}", self.pod.namespace, self.pod.name)
-        } else {
-            format!("container/{}", self.attachment.container_id)
+    pub fn entity(&self) -> Arc<str> {
+        match self.pod_key() {
+            Some(k) => pod_entity(&k),
+            None => format!("container/{}", self.attachment.container_id).into(),
         }
     }
+}
+
+/// Why the state directory failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}", path = path.display())]
+pub struct StoreError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
 }
 
 #[derive(Debug, Clone)]
@@ -50,43 +73,34 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 impl StateDir {
-    pub fn new(state_dir: &Path) -> io::Result<StateDir> {
+    pub fn new(state_dir: &Path) -> Result<StateDir, StoreError> {
         let dir = state_dir.join("attachments");
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(StateDir { dir })
     }
 
     fn path(&self, a: &Attachment) -> PathBuf {
         self.dir.join(format!(
             "{}-{}.json",
-            sanitize(&a.container_id),
-            sanitize(&a.ifname)
+            file_name_part(&a.container_id),
+            file_name_part(&a.ifname)
         ))
     }
 
-    pub fn save(&self, r: &Record) -> io::Result<()> {
-        let text = serde_json::to_vec_pretty(r).map_err(io::Error::other)?;
-        crate::source::write_atomic(&self.path(&r.attachment), &text)
+    /// Writes a record durably (owner-only: it names the pod's namespace).
+    pub fn save(&self, r: &Record) -> Result<(), StoreError> {
+        let text = serde_json::to_vec_pretty(r).expect("records serialize");
+        let path = self.path(&r.attachment);
+        write_atomic(&path, &text, 0o600).map_err(|source| StoreError { path, source })
     }
 
-    pub fn remove(&self, a: &Attachment) -> io::Result<()> {
-        match std::fs::remove_file(self.path(a)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+    pub fn remove(&self, a: &Attachment) -> Result<(), StoreError> {
+        let path = self.path(a);
+        remove_if_present(&path).map_err(|source| StoreError { path, source })
     }
 
     /// Every readable record; unreadable ones are reported and left in place for an operator.
@@ -100,10 +114,14 @@ impl StateDir {
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
+            let bytes = match std::fs::read(&p) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(file = %p.display(), error = %e, "cannot read an attachment record; leaving it");
+                    continue;
+                }
+            };
+            match serde_json::from_slice(&bytes) {
                 Ok(r) => out.push(r),
                 Err(e) => {
                     tracing::error!(file = %p.display(), error = %e, "unreadable attachment record; leaving it")
@@ -114,9 +132,71 @@ impl StateDir {
         out
     }
 
+    /// How many files the directory holds (records and anything else), for leak checks.
     pub fn count(&self) -> usize {
         std::fs::read_dir(&self.dir)
             .map(|rd| rd.flatten().count())
             .unwrap_or(0)
+    }
+}
+
+/// Why the cluster secret cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(transparent)]
+    File(#[from] StoreError),
+    #[error("{path}: {source}", path = path.display())]
+    Unusable {
+        path: PathBuf,
+        #[source]
+        source: KeyError,
+    },
+}
+
+/// Reads the cluster secret, creating one (owner-only, with a warning) when the file does not
+/// exist.
+pub fn load_secret(path: &Path) -> Result<ClusterSecret, SecretError> {
+    let err = |source| StoreError {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let b = keyway_sap::io::fs::random_bytes(32).map_err(err)?;
+            write_atomic(path, &b, 0o600).map_err(err)?;
+            tracing::warn!(path = %path.display(), "no cluster secret: created one. Every node of a cluster must share the same secret.");
+            b
+        }
+        Err(e) => return Err(err(e).into()),
+    };
+    ClusterSecret::new(bytes).map_err(|source| SecretError::Unusable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyway_testing::Scratch;
+
+    #[test]
+    fn a_missing_secret_is_made_once_owner_only_and_a_short_one_refused() {
+        let t = Scratch::new("records-secret");
+        let path = t.join("cluster-secret");
+        let a = load_secret(&path).unwrap();
+        assert_eq!(keyway_sap::io::fs::mode_of(&path, 0), 0o600);
+        let b = load_secret(&path).unwrap();
+        assert_eq!(
+            a.derive("x/a", keyway_core::key::Epoch(1)),
+            b.derive("x/a", keyway_core::key::Epoch(1)),
+            "read back, not made again"
+        );
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            load_secret(&path),
+            Err(SecretError::Unusable { .. })
+        ));
     }
 }

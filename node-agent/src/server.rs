@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyway_cni::handoff::{Ack, Attachment, MAX_RECORD, ProtocolError, Request};
-use keyway_cni::spec::Code;
+use keyway_protocol::Code;
+use keyway_protocol::handoff::{Ack, Attachment, MAX_RECORD, ProtocolError, Request};
 use keyway_sap::sys::{self, Netns};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
@@ -83,7 +83,7 @@ async fn send(conn: &AsyncFd<OwnedFd>, ack: &Ack) -> io::Result<()> {
 }
 
 fn refuse(e: impl std::fmt::Display) -> Ack {
-    Ack::error(Code::DecodeFailure as u32, format!("refused: {e}"))
+    Ack::error(Code::DecodeFailure, format!("refused: {e}"))
 }
 
 async fn connection(agent: Arc<Agent>, fd: OwnedFd) -> io::Result<()> {
@@ -143,7 +143,7 @@ async fn connection(agent: Arc<Agent>, fd: OwnedFd) -> io::Result<()> {
                 let ack = if agent.is_ready() {
                     Ack::ok()
                 } else {
-                    Ack::error(Code::NotAvailable as u32, "the agent is not ready")
+                    Ack::error(Code::NotAvailable, "the agent is not ready")
                 };
                 ("status", ack)
             }

@@ -1,130 +1,21 @@
 //! Overlay IPAM across nodes through the API server: agents racing for blocks never share an
 //! address, released addresses come back, and a departed node's blocks are reclaimed. The API
-//! server is a mock with the one semantic that matters here — a name is created once, the second
-//! create is 409 AlreadyExists — and it records how often that race was actually run.
+//! server is the in-memory one, with the one semantic that matters here — a name is created once,
+//! the second create is 409 AlreadyExists — and it counts how often that race was actually run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use keyway_agent::ipam::{Ipam, IpamError};
-use keyway_agent::kube_claims::KubeClaims;
-use keyway_agent::model::{OverlayNetwork, OverlayNetworkSpec};
-use keyway_cni::handoff::Attachment;
-use serde_json::{Value, json};
-
-const BLOCKS: &str = "/apis/keyway.io/v1alpha1/overlayblocks";
-
-#[derive(Debug, Clone, Default)]
-struct ApiServer {
-    objects: Arc<Mutex<BTreeMap<String, Value>>>,
-    conflicts: Arc<AtomicUsize>,
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": if code < 300 {"Success"} else {"Failure"},
-           "reason": reason, "message": message, "code": code})
-}
-
-impl ApiServer {
-    async fn handle(&self, req: http::Request<kube::client::Body>) -> (u16, Value) {
-        // Interleave the agents' requests the way a network would.
-        tokio::time::sleep(Duration::from_micros(300)).await;
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let body = req.into_body().collect().await.unwrap().to_bytes();
-        let mut objects = self.objects.lock().unwrap();
-        let name = path.strip_prefix(BLOCKS).and_then(|p| p.strip_prefix('/'));
-        match (method.as_str(), name) {
-            ("POST", None) => {
-                let mut obj: Value = serde_json::from_slice(&body).unwrap();
-                let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-                if objects.contains_key(&name) {
-                    self.conflicts.fetch_add(1, Ordering::Relaxed);
-                    return (
-                        409,
-                        status(
-                            409,
-                            "AlreadyExists",
-                            &format!("overlayblocks.keyway.io \"{name}\" already exists"),
-                        ),
-                    );
-                }
-                obj["metadata"]["uid"] = json!(format!("uid-{name}"));
-                obj["metadata"]["resourceVersion"] = json!("1");
-                objects.insert(name, obj.clone());
-                (201, obj)
-            }
-            ("GET", None) => (
-                200,
-                json!({"apiVersion": "keyway.io/v1alpha1", "kind": "OverlayBlockList",
-                "metadata": {"resourceVersion": "1"}, "items": objects.values().cloned().collect::<Vec<_>>()}),
-            ),
-            ("GET", Some(n)) => match objects.get(n) {
-                Some(o) => (200, o.clone()),
-                None => (404, status(404, "NotFound", "not found")),
-            },
-            ("DELETE", Some(n)) => match objects.remove(n) {
-                Some(_) => (200, status(200, "", "")),
-                None => (404, status(404, "NotFound", "not found")),
-            },
-            _ => (405, status(405, "MethodNotAllowed", "")),
-        }
-    }
-
-    /// A client served on `rt` (kube's client starts its buffer task there).
-    fn client(&self, rt: &tokio::runtime::Runtime) -> kube::Client {
-        let _in_rt = rt.enter();
-        let me = self.clone();
-        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let me = me.clone();
-            async move {
-                let (code, v) = me.handle(req).await;
-                Ok::<_, Infallible>(
-                    http::Response::builder()
-                        .status(code)
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(v.to_string())))
-                        .unwrap(),
-                )
-            }
-        });
-        kube::Client::new(svc, "default")
-    }
-
-    /// block name → node.
-    fn holders(&self) -> BTreeMap<u64, String> {
-        self.objects
-            .lock()
-            .unwrap()
-            .values()
-            .map(|o| {
-                (
-                    o["spec"]["index"].as_u64().unwrap(),
-                    o["spec"]["node"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    }
-}
+use keyway_agent::claims::{ClaimError, Claims, KubeClaims};
+use keyway_agent::ipam::{Ipam, NeedBlock};
+use keyway_agent::model::OverlayNetwork;
+use keyway_protocol::handoff::Attachment;
+use keyway_testing::FakeApi;
 
 fn network() -> OverlayNetwork {
-    OverlayNetwork {
-        name: "default".into(),
-        spec: OverlayNetworkSpec {
-            // 16 blocks of /28, 14 usable addresses each.
-            cidr: "100.64.0.0/24".parse().unwrap(),
-            block_prefix: Some(28),
-            device: None,
-            pod_selector: None,
-            namespace_selector: None,
-        },
-    }
+    // 16 blocks of /28, 14 usable addresses each.
+    OverlayNetwork::new("default", "100.64.0.0/24".parse().unwrap(), 28)
 }
 
 fn att(node: &str, i: usize) -> Attachment {
@@ -139,42 +30,86 @@ fn block_of(ip: IpAddr) -> u64 {
     u64::from(a.octets()[3] / 16)
 }
 
-#[test]
-fn racing_agents_never_share_an_address_and_addresses_come_back() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = ApiServer::default();
+/// What an agent does for one address: allocate, and when the address book has no free address,
+/// find the blocks it holds or claim the next one, then allocate again.
+async fn allocate(
+    ipam: &mut Ipam,
+    claims: &Claims,
+    node: &str,
+    att: &Attachment,
+) -> Result<IpAddr, ClaimError> {
     let nets = [network()];
-    // Two agents, each on its own thread, each allocating 100 addresses as fast as it can.
-    let results: Vec<(String, Vec<IpAddr>, Ipam)> = std::thread::scope(|s| {
-        let hs: Vec<_> = ["node-1", "node-2"]
-            .into_iter()
-            .map(|node| {
-                let claims = KubeClaims::new(api.client(&rt), rt.handle().clone());
-                let nets = &nets;
-                s.spawn(move || {
-                    let mut ipam = Ipam::new(node, Box::new(claims));
-                    let ips: Vec<IpAddr> = (0..100)
-                        .map(|i| ipam.allocate(&att(node, i), nets).unwrap()[0])
-                        .collect();
-                    (node.to_string(), ips, ipam)
-                })
+    loop {
+        match ipam.allocate(att, &nets) {
+            Ok(ips) => return Ok(ips[0]),
+            Err(NeedBlock(name)) if !ipam.knows(&name) => {
+                let held = claims.held(&name, node).await?;
+                ipam.add_blocks(&name, held.clone());
+                if held.is_empty() {
+                    ipam.add_blocks(&name, [claims.claim_next(&nets[0], node).await?]);
+                }
+            }
+            Err(NeedBlock(name)) => {
+                ipam.add_blocks(&name, [claims.claim_next(&nets[0], node).await?])
+            }
+        }
+    }
+}
+
+/// Block index → holder.
+fn holders(api: &FakeApi) -> BTreeMap<u64, String> {
+    api.objects("overlayblocks")
+        .iter()
+        .map(|o| {
+            (
+                o["spec"]["index"].as_u64().unwrap(),
+                o["spec"]["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn claims(api: &FakeApi) -> Claims {
+    Claims::Kube(Box::new(KubeClaims::new(api.client())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_agents_never_share_an_address_and_addresses_come_back() {
+    let api = FakeApi::new();
+    // Interleave the agents' requests the way a network would.
+    api.slow(Duration::from_micros(300), |_| true);
+    // Two agents, each allocating 100 addresses as fast as it can.
+    let agents: Vec<_> = ["node-1", "node-2"]
+        .into_iter()
+        .map(|node| {
+            let claims = claims(&api);
+            tokio::spawn(async move {
+                let mut ipam = Ipam::default();
+                let mut ips = Vec::new();
+                for i in 0..100 {
+                    ips.push(
+                        allocate(&mut ipam, &claims, node, &att(node, i))
+                            .await
+                            .unwrap(),
+                    );
+                }
+                (node.to_string(), ips, ipam)
             })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let conflicts = api.conflicts.load(Ordering::Relaxed);
+        })
+        .collect();
+    let mut results = Vec::new();
+    for a in agents {
+        results.push(a.await.unwrap());
+    }
+    let conflicts = api.answered(409);
     assert!(conflicts > 0, "the agents really raced for the same blocks");
-    let holders = api.holders();
+    let held = holders(&api);
     let mut all = BTreeSet::new();
     for (node, ips, _) in &results {
         for ip in ips {
             assert!(all.insert(*ip), "{ip} given twice");
             assert_eq!(
-                &holders[&block_of(*ip)],
+                &held[&block_of(*ip)],
                 node,
                 "{ip} is in a block {node} holds"
             );
@@ -183,74 +118,62 @@ fn racing_agents_never_share_an_address_and_addresses_come_back() {
     assert_eq!(all.len(), 200);
     eprintln!(
         "200 addresses from {} blocks, {conflicts} lost races",
-        holders.len()
+        held.len()
     );
 
     // Everything is claimed now: a third node finds nothing.
-    let mut third = Ipam::new(
-        "node-3",
-        Box::new(KubeClaims::new(api.client(&rt), rt.handle().clone())),
-    );
+    let third_claims = claims(&api);
+    let mut third = Ipam::default();
     assert!(matches!(
-        third.allocate(&att("node-3", 0), &nets),
-        Err(IpamError::Exhausted { .. })
+        allocate(&mut third, &third_claims, "node-3", &att("node-3", 0)).await,
+        Err(ClaimError::Exhausted { .. })
     ));
 
     // Released addresses come back to the same node, with no new block.
-    let mut results = results;
-    let (_, ips1, ipam1) = &mut results[0];
+    let (_, _, ipam1) = &mut results[0];
     let released: BTreeSet<IpAddr> = (0..50)
         .flat_map(|i| ipam1.release(&att("node-1", i)))
         .map(|(_, ip)| ip)
         .collect();
     assert_eq!(released.len(), 50);
-    let again: BTreeSet<IpAddr> = (100..150)
-        .map(|i| ipam1.allocate(&att("node-1", i), &nets).unwrap()[0])
-        .collect();
+    let c1 = claims(&api);
+    let mut again = BTreeSet::new();
+    for i in 100..150 {
+        again.insert(
+            allocate(ipam1, &c1, "node-1", &att("node-1", i))
+                .await
+                .unwrap(),
+        );
+    }
     assert_eq!(again, released, "the released addresses, reused");
-    assert_eq!(
-        api.holders().len(),
-        holders.len(),
-        "no block claimed for them"
-    );
-    let _ = ips1;
+    assert_eq!(holders(&api).len(), held.len(), "no block claimed for them");
 
     // node-2 leaves the cluster: its blocks are reclaimed and node-3 can allocate.
-    let claims = KubeClaims::new(api.client(&rt), rt.handle().clone());
     let live = BTreeSet::from(["node-1".to_string(), "node-3".to_string()]);
-    let reclaimed = claims.reclaim(&live).unwrap();
-    assert_eq!(
-        reclaimed,
-        holders.values().filter(|n| *n == "node-2").count()
-    );
-    assert!(api.holders().values().all(|n| n != "node-2"));
-    let ip = third.allocate(&att("node-3", 0), &nets).unwrap()[0];
-    assert_eq!(api.holders()[&block_of(ip)], "node-3");
+    let reclaimed = KubeClaims::new(api.client()).reclaim(&live).await.unwrap();
+    assert_eq!(reclaimed, held.values().filter(|n| *n == "node-2").count());
+    assert!(holders(&api).values().all(|n| n != "node-2"));
+    let ip = allocate(&mut third, &third_claims, "node-3", &att("node-3", 0))
+        .await
+        .unwrap();
+    assert_eq!(holders(&api)[&block_of(ip)], "node-3");
 }
 
-#[test]
-fn a_restarted_agent_finds_its_blocks_again() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = ApiServer::default();
-    let nets = [network()];
+#[tokio::test]
+async fn a_restarted_agent_finds_its_blocks_again() {
+    let api = FakeApi::new();
     let first = {
-        let mut ipam = Ipam::new(
-            "node-1",
-            Box::new(KubeClaims::new(api.client(&rt), rt.handle().clone())),
-        );
-        ipam.allocate(&att("node-1", 0), &nets).unwrap()[0]
+        let mut ipam = Ipam::default();
+        allocate(&mut ipam, &claims(&api), "node-1", &att("node-1", 0))
+            .await
+            .unwrap()
     };
     // A new agent (state restored from its records would hold `first`; here it holds nothing):
     // it allocates from the block it already holds rather than claiming another.
-    let mut ipam = Ipam::new(
-        "node-1",
-        Box::new(KubeClaims::new(api.client(&rt), rt.handle().clone())),
-    );
-    let next = ipam.allocate(&att("node-1", 1), &nets).unwrap()[0];
+    let mut ipam = Ipam::default();
+    let next = allocate(&mut ipam, &claims(&api), "node-1", &att("node-1", 1))
+        .await
+        .unwrap();
     assert_eq!(block_of(next), block_of(first));
-    assert_eq!(api.holders().len(), 1);
+    assert_eq!(holders(&api).len(), 1);
 }

@@ -3,127 +3,15 @@
 //! errors) served to the real watchers. No API server can run on these machines; this is kube's
 //! own `Client::new(service)` seam, with the requests checked as well as the answers.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use http_body_util::StreamBody;
-use hyper::body::{Bytes, Frame};
-use keyway_agent::kube_source::{self, KubeSource};
 use keyway_agent::model::Model;
+use keyway_agent::source::kube::{self as kube_source, KubeSource};
+use keyway_testing::FakeApi;
+use keyway_testing::fake_api::{Reply, event, list};
 use serde_json::{Value, json};
-
-type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
-
-/// One recorded answer.
-#[derive(Debug, Clone)]
-enum Reply {
-    /// A status code and a JSON body.
-    Json(u16, Value),
-    /// A watch stream: these events, then the stream ends (or stays open with `hang`).
-    Events(Vec<Value>, bool),
-}
-
-#[derive(Debug, Default)]
-struct Script {
-    /// (path, is_watch) → answers in order; the last one repeats.
-    replies: HashMap<(String, bool), VecDeque<Reply>>,
-    /// Every request: "LIST path?query" or "WATCH path?query".
-    log: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct ApiServer(Arc<Mutex<Script>>);
-
-impl ApiServer {
-    fn on(&self, path: &str, watch: bool, reply: Reply) -> &Self {
-        self.0
-            .lock()
-            .unwrap()
-            .replies
-            .entry((path.to_string(), watch))
-            .or_default()
-            .push_back(reply);
-        self
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.0.lock().unwrap().log.clone()
-    }
-
-    fn answer(&self, req: &http::Request<kube::client::Body>) -> (u16, Body) {
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let watch = query.split('&').any(|kv| kv == "watch=true");
-        let mut s = self.0.lock().unwrap();
-        s.log.push(format!(
-            "{} {path}?{query}",
-            if watch { "WATCH" } else { "LIST" }
-        ));
-        let reply = match s.replies.get_mut(&(path.clone(), watch)) {
-            Some(q) if q.len() > 1 => q.pop_front(),
-            Some(q) => q.front().cloned(),
-            None => None,
-        };
-        let reply = reply.unwrap_or_else(|| {
-            if watch {
-                Reply::Events(vec![], true)
-            } else {
-                Reply::Json(200, list(&[], "1"))
-            }
-        });
-        match reply {
-            Reply::Json(code, v) => (code, body(vec![v.to_string()], false)),
-            Reply::Events(evs, hang) => (
-                200,
-                body(evs.iter().map(|e| format!("{e}\n")).collect(), hang),
-            ),
-        }
-    }
-
-    fn client(&self) -> kube::Client {
-        let me = self.clone();
-        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let (code, b) = me.answer(&req);
-            async move {
-                Ok::<_, Infallible>(
-                    http::Response::builder()
-                        .status(code)
-                        .header("content-type", "application/json")
-                        .body(b)
-                        .unwrap(),
-                )
-            }
-        });
-        kube::Client::new(svc, "default")
-    }
-}
-
-fn body(chunks: Vec<String>, hang: bool) -> Body {
-    let s = futures::stream::iter(
-        chunks
-            .into_iter()
-            .map(|c| Ok(Frame::data(Bytes::from(c))))
-            .collect::<Vec<_>>(),
-    );
-    let s: BoxStream<'static, _> = if hang {
-        s.chain(futures::stream::pending()).boxed()
-    } else {
-        s.boxed()
-    };
-    StreamBody::new(s)
-}
-
-fn list(items: &[Value], rv: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items})
-}
-
-fn event(t: &str, obj: Value) -> Value {
-    json!({"type": t, "object": obj})
-}
 
 fn pod(ns: &str, name: &str, rv: &str, labels: Value, annotations: Value) -> Value {
     json!({
@@ -165,16 +53,16 @@ async fn until(src: &mut KubeSource, what: &str, f: impl Fn(&Model) -> bool) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
-    let api = ApiServer::default();
+    let api = FakeApi::new();
     let overlay = json!({"keyway.io/overlay": r#"{"node":"node-1","infraIp":"10.244.1.5","overlayIps":["100.64.0.7"]}"#});
-    api.on(
+    api.script(
+        "GET",
         NAMESPACES,
-        false,
         Reply::Json(200, list(&[namespace("x", "10")], "10")),
     );
-    api.on(
+    api.script(
+        "GET",
         PODS,
-        false,
         Reply::Json(
             200,
             list(
@@ -187,9 +75,9 @@ async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
         ),
     );
     // The relist after the 410 below: pod a was deleted while the watch was away.
-    api.on(
+    api.script(
+        "GET",
         PODS,
-        false,
         Reply::Json(
             200,
             list(
@@ -206,27 +94,34 @@ async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
     );
     // The first watch: a pod added, another relabelled and annotated, a bookmark, the added one
     // deleted; then the stream ends, as the API server ends watches after a timeout.
-    api.on(PODS, true, Reply::Events(vec![
+    api.script("WATCH", PODS, Reply::Events { events: vec![
         event("ADDED", pod("x", "c", "101", json!({"app": "c"}), json!({}))),
         event("MODIFIED", pod("x", "b", "102", json!({"app": "b", "tier": "web"}), overlay)),
         event("BOOKMARK", json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"resourceVersion": "105"}})),
         event("DELETED", pod("x", "c", "106", json!({"app": "c"}), json!({}))),
-    ], false));
+    ], open: false });
     // Resumed from 106, the API server has compacted past it: 410 Gone.
-    api.on(
+    api.script(
+        "WATCH",
         PODS,
-        true,
-        Reply::Events(
-            vec![event(
+        Reply::Events {
+            events: vec![event(
                 "ERROR",
                 json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": "too old resource version: 106 (180)", "reason": "Expired", "code": 410}),
             )],
-            false,
-        ),
+            open: false,
+        },
     );
-    api.on(PODS, true, Reply::Events(vec![], true));
+    api.script(
+        "WATCH",
+        PODS,
+        Reply::Events {
+            events: vec![],
+            open: true,
+        },
+    );
     let mut src = kube_source::spawn(api.client());
     let m = until(&mut src, "pod a gone after the relist", |m| {
         m.pods.len() == 1
@@ -234,7 +129,7 @@ async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
             && api
                 .log()
                 .iter()
-                .filter(|l| l.starts_with("LIST /api/v1/pods?"))
+                .filter(|l| l.starts_with("GET /api/v1/pods?"))
                 .count()
                 >= 2
     })
@@ -283,19 +178,19 @@ async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_before_every_list_and_the_last_good_state_survives_errors() {
-    let api = ApiServer::default();
+    let api = FakeApi::new();
     let unavailable = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": "the server is currently unable to handle the request", "reason": "ServiceUnavailable", "code": 503});
     // Namespaces fail once before they list.
-    api.on(NAMESPACES, false, Reply::Json(503, unavailable.clone()));
-    api.on(
+    api.script("GET", NAMESPACES, Reply::Json(503, unavailable.clone()));
+    api.script(
+        "GET",
         NAMESPACES,
-        false,
         Reply::Json(200, list(&[namespace("x", "10")], "10")),
     );
-    api.on(
+    api.script(
+        "GET",
         PODS,
-        false,
         Reply::Json(
             200,
             list(
@@ -305,14 +200,14 @@ async fn not_ready_before_every_list_and_the_last_good_state_survives_errors() {
         ),
     );
     // Then the API server goes away for the pods' watch, for good.
-    api.on(PODS, true, Reply::Json(503, unavailable));
+    api.script("WATCH", PODS, Reply::Json(503, unavailable));
     let mut src = kube_source::spawn(api.client());
     assert!(!*src.ready.borrow(), "not ready before the first lists");
     until(&mut src, "the first model", |m| m.pods.len() == 1).await;
     let log = api.log();
     assert!(
         log.iter()
-            .filter(|l| l.starts_with(&format!("LIST {NAMESPACES}?")))
+            .filter(|l| l.starts_with(&format!("GET {NAMESPACES}?")))
             .count()
             >= 2,
         "namespaces listed again after the error: {log:#?}"
@@ -342,32 +237,15 @@ async fn not_ready_before_every_list_and_the_last_good_state_survives_errors() {
 }
 
 fn normalized(m: &Model) -> BTreeMap<&'static str, String> {
-    let sorted = |v: Vec<String>| {
-        let mut v = v;
-        v.sort();
-        format!("{v:?}")
-    };
     BTreeMap::from([
         ("namespaces", format!("{:?}", m.namespaces)),
         ("pods", format!("{:?}", m.pods)),
         ("nodes", format!("{:?}", m.nodes)),
-        (
-            "policies",
-            sorted(m.policies.iter().map(|p| format!("{p:?}")).collect()),
-        ),
-        (
-            "networks",
-            sorted(m.networks.iter().map(|p| format!("{p:?}")).collect()),
-        ),
-        (
-            "direct",
-            sorted(m.direct_paths.iter().map(|p| format!("{p:?}")).collect()),
-        ),
-        (
-            "externals",
-            sorted(m.externals.iter().map(|p| format!("{p:?}")).collect()),
-        ),
-        ("config", format!("{:?}", m.config)),
+        ("policies", format!("{:?}", m.policies)),
+        ("networks", format!("{:?}", m.networks)),
+        ("direct", format!("{:?}", m.direct_paths)),
+        ("externals", format!("{:?}", m.externals)),
+        ("configs", format!("{:?}", m.configs)),
         ("attachments", format!("{:?}", m.attachments)),
         ("services", format!("{:?}", m.services)),
     ])
@@ -413,9 +291,9 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
     }
     let from_file = Model::from_objects(keyway_agent::source::parse_file(&as_file).unwrap());
     assert!(by_path.len() >= 6, "{:?}", by_path.keys());
-    let api = ApiServer::default();
+    let api = FakeApi::new();
     for (path, items) in &by_path {
-        api.on(path, false, Reply::Json(200, list(items, "7")));
+        api.script("GET", path, Reply::Json(200, list(items, "7")));
     }
     let mut src = kube_source::spawn(api.client());
     let m = until(&mut src, "the first model", |_| true).await;

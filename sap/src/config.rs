@@ -10,12 +10,12 @@ use std::sync::Arc;
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
-use crate::acl::{Acl, AllowSetBuilder, FastSet, Identity, Isolation, PortRange};
-use crate::engine::{LocalEndpoint, Tables};
-use crate::fib::{Fib, Route};
 use crate::io::endpoint::DeviceSpec;
-use crate::key::{ClusterSecret, Key, KeyRing, Rotation};
-use crate::packet::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use keyway_core::acl::{Acl, AllowSetBuilder, FastSet, Identity, Isolation, PortRange};
+use keyway_core::engine::{LocalEndpoint, Tables};
+use keyway_core::fib::{Fib, Route};
+use keyway_core::key::{ClusterSecret, Key, KeyRing, Rotation};
+use keyway_core::packet::protocol_number;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -155,15 +155,10 @@ pub fn parse_port_rule(rule: &str, into: &mut AllowSetBuilder) -> Result<(), Con
         Some((p, r)) => (p, Some(r)),
         None => (rule, None),
     };
-    let proto = match proto.to_ascii_lowercase().as_str() {
-        "tcp" => PROTO_TCP,
-        "udp" => PROTO_UDP,
-        "sctp" => PROTO_SCTP,
-        other => {
-            return Err(invalid(format!(
-                "port rule {rule:?}: unknown protocol {other:?}"
-            )));
-        }
+    let Some(proto) = protocol_number(&proto.to_ascii_uppercase()) else {
+        return Err(invalid(format!(
+            "port rule {rule:?}: unknown protocol {proto:?}"
+        )));
     };
     let range = match ports {
         None => None,
@@ -267,9 +262,9 @@ impl Config {
                     key: e.key,
                 });
                 let overhead = if self.listen.is_ipv4() {
-                    crate::gue::OVERHEAD_IPV4
+                    keyway_core::gue::OVERHEAD_IPV4
                 } else {
-                    crate::gue::OVERHEAD_IPV6
+                    keyway_core::gue::OVERHEAD_IPV6
                 };
                 let mtu = e.mtu.unwrap_or((1500 - overhead) as u16);
                 if mtu < 576 {

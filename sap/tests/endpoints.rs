@@ -7,17 +7,17 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_sap::acl::{Acl, Isolation, PortRange};
-use keyway_sap::counters::{Counters, Stage};
-use keyway_sap::engine::{DropReason, LocalEndpoint, Tables};
-use keyway_sap::fib::{Fib, Route};
-use keyway_sap::flow::{FlowTable, FlowTimeouts};
+use keyway_core::acl::{Acl, Isolation, PortRange};
+use keyway_core::counters::{Counters, Stage};
+use keyway_core::engine::{DropReason, LocalEndpoint, Tables};
+use keyway_core::fib::{Fib, Route};
+use keyway_core::flow::{FlowTable, FlowTimeouts};
+use keyway_core::key::{ClusterSecret, Key, KeyRing, Rotation};
+use keyway_core::packet::PROTO_TCP;
+use keyway_core::tables::{SharedLocal, SharedTables};
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, DeviceSpec, Running};
-use keyway_sap::key::{ClusterSecret, Key, KeyRing, Rotation};
-use keyway_sap::packet::PROTO_TCP;
-use keyway_sap::tables::{SharedLocal, SharedTables};
-use keyway_sap::testing::{TestNetns, privileged, veth};
+use keyway_testing::{TestNetns, privileged, veth};
 
 const A_OVERLAY: &str = "100.64.1.1";
 const B_OVERLAY: &str = "100.64.2.1";
@@ -297,9 +297,9 @@ async fn a_forged_outer_source_is_dropped_at_the_destination() {
     // Someone on the underlay at another address crafts a GUE packet with A's overlay source and
     // B's valid key: the outer source is not A's infrastructure address, nor a SaP's.
     a.ns.sh(&["ip", "addr", "add", "10.9.0.77/24", "dev", "eth0"]);
-    let inner = keyway_sap::packet::build::tcp4([100, 64, 1, 1], 1234, [100, 64, 2, 1], 7000);
+    let inner = keyway_core::packet::build::tcp4([100, 64, 1, 1], 1234, [100, 64, 2, 1], 7000);
     let mut datagram = vec![0u8; inner.len() + 8];
-    keyway_sap::gue::encapsulate(
+    keyway_core::gue::encapsulate(
         ring("t/b").key_at(keyway_sap::io::now_ms()).unwrap(),
         &inner,
         &mut datagram,

@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keyway_sap::testing::{TestNetns, privileged, run};
+use keyway_testing::{Scratch, TestNetns, eventually, privileged, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyway-sap");
 
@@ -136,14 +136,8 @@ fn ping6(ns: &TestNetns, to: &str) -> bool {
         .success()
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} never became ready");
+fn wait_until(what: &str, ready: impl FnMut() -> bool) {
+    eventually(what, Duration::from_secs(5), ready);
 }
 
 /// The endpoint is serving once its device has carrier (LOWER_UP: a process is attached) and the
@@ -167,9 +161,9 @@ fn wait_for_sap(ns: &TestNetns) {
     });
 }
 
-fn setup(test: &str, allow_ports: &str) -> (Lan, tempdir::Dir, Vec<Proc>) {
+fn setup(test: &str, allow_ports: &str) -> (Lan, Scratch, Vec<Proc>) {
     let lan = lan(test, &["a", "b", "g"]);
-    let dir = tempdir::Dir::new(test);
+    let dir = Scratch::new(test);
     let a = spawn(&lan.nodes[0], &endpoint(&A, &B), dir.path(), "a");
     let b = spawn(&lan.nodes[1], &endpoint(&B, &A), dir.path(), "b");
     let g = spawn(&lan.nodes[2], &gateway(allow_ports), dir.path(), "g");
@@ -232,7 +226,7 @@ fn the_gateway_denies_what_its_policy_does_not_allow() {
 
 #[test]
 fn a_bad_config_exits_64_with_a_reason() {
-    let dir = tempdir::Dir::new("sapbadcfg");
+    let dir = Scratch::new("sapbadcfg");
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, "mode: endpoint\nlisten: 1.2.3.4:6080\n").unwrap();
     let out = Command::new(BIN)
@@ -242,24 +236,4 @@ fn a_bad_config_exits_64_with_a_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs an `endpoint` section"));
-}
-
-mod tempdir {
-    /// A scratch directory removed on drop.
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new(test: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!("keyway-{test}-{}", std::process::id()));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

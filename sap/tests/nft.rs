@@ -2,7 +2,7 @@
 //! through `nft list` as the rules we meant.
 
 use keyway_sap::io::nft::{Chain, Family, Hook, Policy, Rule, Socket, Table, Verdict, ct_state};
-use keyway_sap::testing::{TestNetns, privileged};
+use keyway_testing::{TestNetns, privileged};
 
 fn table() -> Table {
     Table {

@@ -318,8 +318,9 @@ mod tests {
         bad[20] ^= 1;
         assert!(parse(&bad).is_none());
         // keyway's classifier reads the ports where TCP and UDP keep them.
-        let ip = keyway_sap::packet::build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), 132, &p);
-        let c = keyway_sap::packet::classify(&ip).unwrap();
+        let ip =
+            keyway_core::packet::build::ipv4([1, 1, 1, 1].into(), [2, 2, 2, 2].into(), 132, &p);
+        let c = keyway_core::packet::classify(&ip).unwrap();
         assert_eq!(c.dst_port(), Some(80));
     }
 }

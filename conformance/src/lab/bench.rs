@@ -460,7 +460,7 @@ pub fn bench_policy(pods: usize, trials: usize) -> anyhow::Result<String> {
             std::thread::sleep(Duration::from_millis(50));
             let written = Instant::now();
             if enforce {
-                keyway_agent::source::write_atomic(&file, policy.as_bytes())?;
+                keyway_sap::io::fs::write_atomic(&file, policy.as_bytes(), 0o644)?;
             } else {
                 std::fs::remove_file(&file)?;
             }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use keyway_sap::io::fs::{random_bytes, write_atomic};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -240,12 +241,9 @@ pub fn agent_get(netns: &str, path: &str) -> anyhow::Result<(u16, String)> {
     Ok(crate::harness::http_get(stream, path)?)
 }
 
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    let b = random_bytes(n).context("no randomness")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 impl Lab {
@@ -267,16 +265,17 @@ impl Lab {
     }
 
     pub fn save(&self) -> anyhow::Result<()> {
-        keyway_agent::source::write_atomic(
+        write_atomic(
             &Self::state_file(&self.dir),
             &serde_json::to_vec_pretty(&self.state)?,
+            0o644,
         )?;
         Ok(())
     }
 
     fn write_object(&self, kind: &str, ns: &str, name: &str, doc: &Value) -> anyhow::Result<()> {
         let path = self.source().join(source_path(kind, ns, name));
-        keyway_agent::source::write_atomic(&path, serde_yaml_ng::to_string(doc)?.as_bytes())?;
+        write_atomic(&path, serde_yaml_ng::to_string(doc)?.as_bytes(), 0o644)?;
         Ok(())
     }
 
@@ -361,7 +360,7 @@ impl Lab {
         plan.destroy();
         plan.create()?;
         let secret = dir.join("cluster-secret");
-        std::fs::write(&secret, random_hex(32))?;
+        write_atomic(&secret, random_hex(32)?.as_bytes(), 0o600)?;
         std::fs::create_dir_all(lab.source())?;
         let nodes_dir = dir.join("nodes");
         for n in plan.all_nodes() {
@@ -555,7 +554,7 @@ impl Lab {
             }
         };
         let n = self.node(&node)?.clone();
-        let uid = random_hex(8);
+        let uid = random_hex(8)?;
         let mut doc = p.doc.clone();
         doc["spec"]["nodeName"] = Value::String(node.clone());
         doc["metadata"]["uid"] = Value::String(uid.clone());
@@ -740,7 +739,7 @@ impl Lab {
     /// endpoint and server.
     fn refresh_externals(&mut self) -> anyhow::Result<()> {
         let secret =
-            keyway_sap::key::ClusterSecret::new(std::fs::read(self.dir.join("cluster-secret"))?)?;
+            keyway_core::key::ClusterSecret::new(std::fs::read(self.dir.join("cluster-secret"))?)?;
         let externals = self.state.externals.clone();
         for (i, e) in externals.iter().enumerate() {
             let gw = self.node(&e.gateway)?.ip;
@@ -748,7 +747,7 @@ impl Lab {
                 continue;
             };
             let entity = format!("external/{}/{}", e.namespace, e.name);
-            let key = secret.derive(&entity, keyway_sap::key::Epoch(0));
+            let key = secret.derive(&entity, keyway_core::key::Epoch(0));
             let mut entities = Vec::new();
             for p in &self.state.pods {
                 let prefixes: Vec<String> = p

@@ -7,13 +7,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use keyway_core::counters::{Counters, Stage};
+use keyway_core::engine::DropReason;
+use keyway_core::flow::{FlowTable, FlowTimeouts};
+use keyway_core::tables::{SharedLocal, SharedTables};
 use keyway_sap::config::{Config, Mode};
-use keyway_sap::counters::{Counters, Stage};
-use keyway_sap::engine::DropReason;
-use keyway_sap::flow::{FlowTable, FlowTimeouts};
 use keyway_sap::io::{datapath::EndpointContext, endpoint, now_ms};
 use keyway_sap::sys::Netns;
-use keyway_sap::tables::{SharedLocal, SharedTables};
 
 /// Exit status for a configuration that cannot be used (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;

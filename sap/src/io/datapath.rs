@@ -18,11 +18,11 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
-use crate::counters::{Counters, Stage};
-use crate::engine;
-use crate::flow::FlowTable;
-use crate::gue;
-use crate::tables::{SharedLocal, SharedTables};
+use keyway_core::counters::{Counters, Stage};
+use keyway_core::engine;
+use keyway_core::flow::FlowTable;
+use keyway_core::gue;
+use keyway_core::tables::{SharedLocal, SharedTables};
 
 /// Packets handled per batch at each end.
 pub const BATCH: usize = 64;
@@ -488,9 +488,9 @@ mod tests {
 
     #[test]
     fn inner_destination_of_both_families() {
-        let v4 = crate::packet::build::tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        let v4 = keyway_core::packet::build::tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
         assert_eq!(inner_dst(&v4), Some("2.2.2.2".parse().unwrap()));
-        let v6 = crate::packet::build::ipv6(
+        let v6 = keyway_core::packet::build::ipv6(
             "fd00::1".parse().unwrap(),
             "fd00::2".parse().unwrap(),
             17,

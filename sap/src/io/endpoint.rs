@@ -12,9 +12,9 @@ use tun_rs::{AsyncDevice, SyncDevice};
 
 use super::datapath::{self, EndpointContext, GueSocket, OverlayDevice};
 use super::netlink::{self, NetlinkError};
-use crate::counters::Counters;
 use crate::sys::{Netns, NetnsError};
-use crate::tables::SharedTables;
+use keyway_core::counters::Counters;
+use keyway_core::tables::SharedTables;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {

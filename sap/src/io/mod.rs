@@ -1,5 +1,6 @@
 //! The thin Linux I/O layer around the core: TUN devices, GUE sockets, links, addresses and routes
-//! (rtnetlink), nftables (nf_tables over netlink), and the loops that run an endpoint and a SaP.
+//! (rtnetlink), nftables (nf_tables over netlink), files, and the loops that run an L3 endpoint
+//! and a SaP.
 
 /// Milliseconds since the Unix epoch: the clock the engines are given.
 pub fn now_ms() -> u64 {
@@ -11,6 +12,7 @@ pub fn now_ms() -> u64 {
 
 pub mod datapath;
 pub mod endpoint;
+pub mod fs;
 pub mod netlink;
 pub mod nft;
 pub mod tun;

@@ -4,7 +4,9 @@
 //! be assumed, and the two Rust libraries are not fit for the product (`nftnl` links the C
 //! libnftnl, GPL-2.0; `rustables` is GPL-3.0). keyway needs a handful of expressions (meta, cmp,
 //! payload, bitwise, ct, immediate, counter) to build one table per pod, so it encodes them itself.
-//! Every change is one batch, which the kernel applies atomically: all of it or none of it.
+//! The netlink framing — message headers, attribute headers and padding, acknowledgements and
+//! errors — is `netlink-packet-core`'s, the crate rtnetlink frames with. Every change is one batch,
+//! which the kernel applies atomically: all of it or none of it.
 //!
 //! ```text
 //! batch:   BATCH_BEGIN | message... | BATCH_END          (res_id = NFNL_SUBSYS_NFTABLES)
@@ -19,6 +21,11 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use ipnetwork::IpNetwork;
+use netlink_packet_core::{
+    DecodeError, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, Nla,
+};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
     setsockopt, socket, sockopt,
@@ -34,14 +41,6 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -357,146 +356,123 @@ impl NftError {
     }
 }
 
-/// Builds netlink messages into one buffer.
-#[derive(Debug)]
-struct Writer {
-    buf: Vec<u8>,
-    seq: u32,
-    /// (sequence number, description) of each message that expects an acknowledgement.
-    acked: Vec<(u32, String)>,
+/// One attribute of an nf_tables message: bytes, or nested attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Attr {
+    Bytes(u16, Vec<u8>),
+    Nested(u16, Vec<Attr>),
 }
 
-impl Writer {
-    fn new(seq: u32) -> Self {
-        Writer {
-            buf: Vec::with_capacity(4096),
-            seq,
-            acked: Vec::new(),
+impl Nla for Attr {
+    fn value_len(&self) -> usize {
+        match self {
+            Attr::Bytes(_, v) => v.len(),
+            Attr::Nested(_, attrs) => attrs.as_slice().buffer_len(),
         }
     }
 
-    fn begin(&mut self, ty: u16, flags: u16, family: u8, res_id: u16) -> usize {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in end()
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        self.buf.push(family);
-        self.buf.push(0); // NFNETLINK_V0
-        self.buf.extend_from_slice(&res_id.to_be_bytes());
-        start
-    }
-
-    fn end(&mut self, start: usize, what: Option<String>) {
-        let len = (self.buf.len() - start) as u32;
-        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-        if let Some(w) = what {
-            self.acked.push((self.seq, w));
-        }
-        self.seq = self.seq.wrapping_add(1);
-    }
-
-    fn nft_msg(&mut self, msg: u16, flags: u16, family: Family) -> usize {
-        self.begin(
-            (NFNL_SUBSYS_NFTABLES << 8) | msg,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
-            family as u8,
-            0,
-        )
-    }
-
-    fn attr(&mut self, ty: u16, value: &[u8]) {
-        let len = 4 + value.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(value);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
+    fn kind(&self) -> u16 {
+        match self {
+            Attr::Bytes(k, _) => *k,
+            Attr::Nested(k, _) => *k | NLA_F_NESTED,
         }
     }
 
-    fn str_attr(&mut self, ty: u16, s: &str) {
-        let mut v = s.as_bytes().to_vec();
-        v.push(0);
-        self.attr(ty, &v);
-    }
-
-    fn u32_attr(&mut self, ty: u16, v: u32) {
-        self.attr(ty, &v.to_be_bytes());
-    }
-
-    fn nest(&mut self, ty: u16) -> usize {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-        start
-    }
-
-    fn nest_end(&mut self, start: usize) {
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn data_value(&mut self, ty: u16, value: &[u8]) {
-        let n = self.nest(ty);
-        self.attr(NFTA_DATA_VALUE, value);
-        self.nest_end(n);
-    }
-
-    fn batch_begin(&mut self) {
-        let s = self.begin(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
-        self.end(s, None);
-    }
-
-    fn batch_end(&mut self) {
-        let s = self.begin(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
-        self.end(s, None);
-    }
-
-    fn new_table(&mut self, family: Family, name: &str) {
-        let s = self.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, family);
-        self.str_attr(NFTA_TABLE_NAME, name);
-        self.u32_attr(NFTA_TABLE_FLAGS, 0);
-        self.end(s, Some(format!("add table {name}")));
-    }
-
-    fn del_table(&mut self, family: Family, name: &str) {
-        let s = self.nft_msg(NFT_MSG_DELTABLE, 0, family);
-        self.str_attr(NFTA_TABLE_NAME, name);
-        self.end(s, Some(format!("delete table {name}")));
-    }
-
-    fn new_chain(&mut self, family: Family, table: &str, chain: &Chain) {
-        let s = self.nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family);
-        self.str_attr(NFTA_CHAIN_TABLE, table);
-        self.str_attr(NFTA_CHAIN_NAME, &chain.name);
-        if let Some((hook, prio, policy)) = chain.hook {
-            let n = self.nest(NFTA_CHAIN_HOOK);
-            self.u32_attr(NFTA_HOOK_HOOKNUM, hook as u32);
-            self.u32_attr(NFTA_HOOK_PRIORITY, prio as u32);
-            self.nest_end(n);
-            self.u32_attr(NFTA_CHAIN_POLICY, policy as u32);
-            self.str_attr(NFTA_CHAIN_TYPE, "filter");
+    fn emit_value(&self, buffer: &mut [u8]) {
+        match self {
+            Attr::Bytes(_, v) => buffer.copy_from_slice(v),
+            Attr::Nested(_, attrs) => attrs.as_slice().emit(buffer),
         }
-        self.end(s, Some(format!("add chain {table} {}", chain.name)));
+    }
+}
+
+/// A NUL-terminated string attribute.
+fn text(kind: u16, s: &str) -> Attr {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    Attr::Bytes(kind, v)
+}
+
+/// A big-endian 32-bit attribute.
+fn be32(kind: u16, v: u32) -> Attr {
+    Attr::Bytes(kind, v.to_be_bytes().to_vec())
+}
+
+/// An `NFTA_DATA_VALUE` nested in `kind`.
+fn data_value(kind: u16, value: &[u8]) -> Attr {
+    Attr::Nested(kind, vec![Attr::Bytes(NFTA_DATA_VALUE, value.to_vec())])
+}
+
+/// A netfilter message: the `nfgenmsg` header (family, version 0, resource id), then attributes.
+/// Replies are read for their header only: keyway asks nf_tables for acknowledgements, not data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NfMessage {
+    message_type: u16,
+    family: u8,
+    res_id: u16,
+    attrs: Vec<Attr>,
+}
+
+const NFGENMSG_LEN: usize = 4;
+
+impl NetlinkSerializable for NfMessage {
+    fn message_type(&self) -> u16 {
+        self.message_type
     }
 
-    fn flush_chain(&mut self, family: Family, table: &str, chain: &str) {
-        let s = self.nft_msg(NFT_MSG_DELRULE, 0, family);
-        self.str_attr(NFTA_RULE_TABLE, table);
-        self.str_attr(NFTA_RULE_CHAIN, chain);
-        self.end(s, Some(format!("flush chain {table} {chain}")));
+    fn buffer_len(&self) -> usize {
+        NFGENMSG_LEN + self.attrs.as_slice().buffer_len()
     }
 
-    fn expr(&mut self, e: &Expr) {
-        let elem = self.nest(NFTA_LIST_ELEM);
-        let name = match e {
+    fn serialize(&self, buffer: &mut [u8]) {
+        buffer[0] = self.family;
+        buffer[1] = 0; // NFNETLINK_V0
+        buffer[2..4].copy_from_slice(&self.res_id.to_be_bytes());
+        self.attrs.as_slice().emit(&mut buffer[NFGENMSG_LEN..]);
+    }
+}
+
+impl NetlinkDeserializable for NfMessage {
+    type Error = DecodeError;
+
+    fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, DecodeError> {
+        if payload.len() < NFGENMSG_LEN {
+            return Err(DecodeError::from(
+                "nfnetlink message shorter than its nfgenmsg",
+            ));
+        }
+        Ok(NfMessage {
+            message_type: header.message_type,
+            family: payload[0],
+            res_id: u16::from_be_bytes([payload[2], payload[3]]),
+            attrs: Vec::new(),
+        })
+    }
+}
+
+/// An nf_tables message of `msg` in `family`.
+fn nft(msg: u16, family: Family, attrs: Vec<Attr>) -> NfMessage {
+    NfMessage {
+        message_type: (NFNL_SUBSYS_NFTABLES << 8) | msg,
+        family: family as u8,
+        res_id: 0,
+        attrs,
+    }
+}
+
+/// A batch delimiter (`NFNL_MSG_BATCH_BEGIN`/`END`) for nf_tables.
+fn batch_mark(message_type: u16) -> NfMessage {
+    NfMessage {
+        message_type,
+        family: 0,
+        res_id: NFNL_SUBSYS_NFTABLES,
+        attrs: Vec::new(),
+    }
+}
+
+impl Expr {
+    fn name(&self) -> &'static str {
+        match self {
             Expr::Meta(_) => "meta",
             Expr::Cmp(..) => "cmp",
             Expr::Payload(..) => "payload",
@@ -504,72 +480,183 @@ impl Writer {
             Expr::CtState => "ct",
             Expr::Counter => "counter",
             Expr::Immediate(_) => "immediate",
-        };
-        self.str_attr(NFTA_EXPR_NAME, name);
-        let data = self.nest(NFTA_EXPR_DATA);
-        match e {
-            Expr::Meta(key) => {
-                self.u32_attr(1, NFT_REG_1); // NFTA_META_DREG
-                self.u32_attr(2, *key as u32); // NFTA_META_KEY
-            }
-            Expr::Cmp(op, value) => {
-                self.u32_attr(1, NFT_REG_1); // NFTA_CMP_SREG
-                self.u32_attr(2, *op as u32); // NFTA_CMP_OP
-                self.data_value(3, value); // NFTA_CMP_DATA
-            }
-            Expr::Payload(base, offset, len) => {
-                self.u32_attr(1, NFT_REG_1); // NFTA_PAYLOAD_DREG
-                self.u32_attr(2, *base as u32); // NFTA_PAYLOAD_BASE
-                self.u32_attr(3, *offset); // NFTA_PAYLOAD_OFFSET
-                self.u32_attr(4, *len); // NFTA_PAYLOAD_LEN
-            }
-            Expr::Bitwise { len, mask, xor } => {
-                self.u32_attr(1, NFT_REG_1); // NFTA_BITWISE_SREG
-                self.u32_attr(2, NFT_REG_1); // NFTA_BITWISE_DREG
-                self.u32_attr(3, *len); // NFTA_BITWISE_LEN
-                self.data_value(4, mask); // NFTA_BITWISE_MASK
-                self.data_value(5, xor); // NFTA_BITWISE_XOR
-            }
-            Expr::CtState => {
-                self.u32_attr(1, NFT_REG_1); // NFTA_CT_DREG
-                self.u32_attr(2, 0); // NFTA_CT_KEY: NFT_CT_STATE
-            }
-            Expr::Counter => {
-                self.attr(1, &0u64.to_be_bytes()); // NFTA_COUNTER_BYTES
-                self.attr(2, &0u64.to_be_bytes()); // NFTA_COUNTER_PACKETS
-            }
+        }
+    }
+
+    /// The expression's `NFTA_EXPR_DATA` attributes (each kind numbers its own from 1).
+    fn data(&self) -> Vec<Attr> {
+        match self {
+            // NFTA_META_DREG, NFTA_META_KEY
+            Expr::Meta(key) => vec![be32(1, NFT_REG_1), be32(2, *key as u32)],
+            // NFTA_CMP_SREG, NFTA_CMP_OP, NFTA_CMP_DATA
+            Expr::Cmp(op, value) => vec![
+                be32(1, NFT_REG_1),
+                be32(2, *op as u32),
+                data_value(3, value),
+            ],
+            // NFTA_PAYLOAD_DREG, _BASE, _OFFSET, _LEN
+            Expr::Payload(base, offset, len) => vec![
+                be32(1, NFT_REG_1),
+                be32(2, *base as u32),
+                be32(3, *offset),
+                be32(4, *len),
+            ],
+            // NFTA_BITWISE_SREG, _DREG, _LEN, _MASK, _XOR
+            Expr::Bitwise { len, mask, xor } => vec![
+                be32(1, NFT_REG_1),
+                be32(2, NFT_REG_1),
+                be32(3, *len),
+                data_value(4, mask),
+                data_value(5, xor),
+            ],
+            // NFTA_CT_DREG, NFTA_CT_KEY (NFT_CT_STATE)
+            Expr::CtState => vec![be32(1, NFT_REG_1), be32(2, 0)],
+            // NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS
+            Expr::Counter => vec![
+                Attr::Bytes(1, 0u64.to_be_bytes().to_vec()),
+                Attr::Bytes(2, 0u64.to_be_bytes().to_vec()),
+            ],
+            // NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { code, chain } }
             Expr::Immediate(v) => {
-                self.u32_attr(1, NFT_REG_VERDICT); // NFTA_IMMEDIATE_DREG
-                let d = self.nest(2); // NFTA_IMMEDIATE_DATA
-                let vn = self.nest(NFTA_DATA_VERDICT);
-                self.u32_attr(NFTA_VERDICT_CODE, v.code() as u32);
+                let mut verdict = vec![be32(NFTA_VERDICT_CODE, v.code() as u32)];
                 if let Verdict::Jump(chain) = v {
-                    self.str_attr(NFTA_VERDICT_CHAIN, chain);
+                    verdict.push(text(NFTA_VERDICT_CHAIN, chain));
                 }
-                self.nest_end(vn);
-                self.nest_end(d);
+                vec![
+                    be32(1, NFT_REG_VERDICT),
+                    Attr::Nested(2, vec![Attr::Nested(NFTA_DATA_VERDICT, verdict)]),
+                ]
             }
         }
-        self.nest_end(data);
-        self.nest_end(elem);
+    }
+
+    fn attr(&self) -> Attr {
+        Attr::Nested(
+            NFTA_LIST_ELEM,
+            vec![
+                text(NFTA_EXPR_NAME, self.name()),
+                Attr::Nested(NFTA_EXPR_DATA, self.data()),
+            ],
+        )
+    }
+}
+
+/// The messages of one batch, each with its sequence number and, when it expects an
+/// acknowledgement, what it does (for errors).
+#[derive(Debug)]
+struct Batch {
+    messages: Vec<NetlinkMessage<NfMessage>>,
+    seq: u32,
+    /// (sequence number, description) of each message that expects an acknowledgement.
+    acked: Vec<(u32, String)>,
+}
+
+impl Batch {
+    fn new(seq: u32) -> Self {
+        Batch {
+            messages: Vec::new(),
+            seq,
+            acked: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, msg: NfMessage, flags: u16, what: Option<String>) {
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        m.finalize();
+        self.messages.push(m);
+        if let Some(w) = what {
+            self.acked.push((self.seq, w));
+        }
+        self.seq = self.seq.wrapping_add(1);
+    }
+
+    /// An nf_tables request that the kernel acknowledges.
+    fn request(&mut self, msg: NfMessage, flags: u16, what: String) {
+        self.push(msg, NLM_F_REQUEST | NLM_F_ACK | flags, Some(what));
+    }
+
+    fn begin(&mut self) {
+        self.push(batch_mark(NFNL_MSG_BATCH_BEGIN), NLM_F_REQUEST, None);
+    }
+
+    fn end(&mut self) {
+        self.push(batch_mark(NFNL_MSG_BATCH_END), NLM_F_REQUEST, None);
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let len = self.messages.iter().map(|m| m.buffer_len()).sum();
+        let mut buf = vec![0u8; len];
+        let mut at = 0;
+        for m in &self.messages {
+            let n = m.buffer_len();
+            m.serialize(&mut buf[at..at + n]);
+            at += n;
+        }
+        buf
+    }
+
+    fn new_table(&mut self, family: Family, name: &str) {
+        let attrs = vec![text(NFTA_TABLE_NAME, name), be32(NFTA_TABLE_FLAGS, 0)];
+        let what = format!("add table {name}");
+        self.request(nft(NFT_MSG_NEWTABLE, family, attrs), NLM_F_CREATE, what);
+    }
+
+    fn del_table(&mut self, family: Family, name: &str) {
+        let attrs = vec![text(NFTA_TABLE_NAME, name)];
+        let what = format!("delete table {name}");
+        self.request(nft(NFT_MSG_DELTABLE, family, attrs), 0, what);
+    }
+
+    fn new_chain(&mut self, family: Family, table: &str, chain: &Chain) {
+        let mut attrs = vec![
+            text(NFTA_CHAIN_TABLE, table),
+            text(NFTA_CHAIN_NAME, &chain.name),
+        ];
+        if let Some((hook, prio, policy)) = chain.hook {
+            attrs.push(Attr::Nested(
+                NFTA_CHAIN_HOOK,
+                vec![
+                    be32(NFTA_HOOK_HOOKNUM, hook as u32),
+                    be32(NFTA_HOOK_PRIORITY, prio as u32),
+                ],
+            ));
+            attrs.push(be32(NFTA_CHAIN_POLICY, policy as u32));
+            attrs.push(text(NFTA_CHAIN_TYPE, "filter"));
+        }
+        let what = format!("add chain {table} {}", chain.name);
+        self.request(nft(NFT_MSG_NEWCHAIN, family, attrs), NLM_F_CREATE, what);
+    }
+
+    fn flush_chain(&mut self, family: Family, table: &str, chain: &str) {
+        let attrs = vec![text(NFTA_RULE_TABLE, table), text(NFTA_RULE_CHAIN, chain)];
+        let what = format!("flush chain {table} {chain}");
+        self.request(nft(NFT_MSG_DELRULE, family, attrs), 0, what);
     }
 
     fn new_rule(&mut self, family: Family, table: &str, chain: &str, rule: &Rule) {
-        let s = self.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, family);
-        self.str_attr(NFTA_RULE_TABLE, table);
-        self.str_attr(NFTA_RULE_CHAIN, chain);
-        let list = self.nest(NFTA_RULE_EXPRESSIONS);
-        for e in &rule.exprs {
-            self.expr(e);
-        }
-        self.nest_end(list);
+        let mut attrs = vec![
+            text(NFTA_RULE_TABLE, table),
+            text(NFTA_RULE_CHAIN, chain),
+            Attr::Nested(
+                NFTA_RULE_EXPRESSIONS,
+                rule.exprs.iter().map(Expr::attr).collect(),
+            ),
+        ];
         if let Some(c) = &rule.comment {
             let mut udata = vec![NFTNL_UDATA_RULE_COMMENT, (c.len() + 1).min(255) as u8];
             udata.extend_from_slice(&c.as_bytes()[..c.len().min(254)]);
             udata.push(0);
-            self.attr(NFTA_RULE_USERDATA, &udata);
+            attrs.push(Attr::Bytes(NFTA_RULE_USERDATA, udata));
         }
-        self.end(s, Some(format!("add rule to {table} {chain}")));
+        let what = format!("add rule to {table} {chain}");
+        self.request(
+            nft(NFT_MSG_NEWRULE, family, attrs),
+            NLM_F_CREATE | NLM_F_APPEND,
+            what,
+        );
     }
 
     fn table_contents(&mut self, table: &Table) {
@@ -582,6 +669,12 @@ impl Writer {
                 self.new_rule(table.family, &table.name, &chain.name, rule);
             }
         }
+    }
+
+    /// Creates then deletes `name`, so that the delete succeeds whether or not the table existed.
+    fn clear_table(&mut self, family: Family, name: &str) {
+        self.new_table(family, name);
+        self.del_table(family, name);
     }
 }
 
@@ -609,64 +702,52 @@ impl Socket {
         Ok(Socket { fd, seq })
     }
 
-    fn exchange(&mut self, w: Writer) -> Result<Vec<Vec<u8>>, NftError> {
-        self.seq = w.seq;
-        let mut pending = w.acked;
-        send(self.fd.as_raw_fd(), &w.buf, MsgFlags::empty()).map_err(|e| NftError::Io(e.into()))?;
-        let mut replies = Vec::new();
+    /// Sends a batch and reads the kernel's answers until every message that asked for an
+    /// acknowledgement has one; the first refusal is the error.
+    fn exchange(&mut self, batch: Batch) -> Result<(), NftError> {
+        self.seq = batch.seq;
+        let mut pending = batch.acked.clone();
+        send(self.fd.as_raw_fd(), &batch.bytes(), MsgFlags::empty())
+            .map_err(|e| NftError::Io(e.into()))?;
         let mut first_error: Option<NftError> = None;
         let mut buf = vec![0u8; 256 * 1024];
         while !pending.is_empty() {
             let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(|e| NftError::Io(e.into()))?;
             let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                if len < 16 || off + len > n {
-                    return Err(NftError::Malformed);
-                }
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
-                let body = &buf[off + 16..off + len];
-                match ty {
-                    NLMSG_ERROR => {
-                        if body.len() < 4 {
-                            return Err(NftError::Malformed);
-                        }
-                        let code = i32::from_ne_bytes(body[..4].try_into().expect("4"));
-                        let what = pending
-                            .iter()
-                            .position(|(s, _)| *s == seq)
-                            .map(|i| pending.remove(i));
-                        if code != 0 && first_error.is_none() {
-                            first_error = Some(NftError::Refused {
-                                op: what.map(|(_, w)| w).unwrap_or_else(|| "a message".into()),
-                                source: io::Error::from_raw_os_error(-code),
-                            });
-                        }
+            while off < n {
+                let len = NetlinkBuffer::new_checked(&buf[off..n])
+                    .map_err(|_| NftError::Malformed)?
+                    .length() as usize;
+                let msg = NetlinkMessage::<NfMessage>::deserialize(&buf[off..off + len])
+                    .map_err(|_| NftError::Malformed)?;
+                if let NetlinkPayload::Error(e) = msg.payload {
+                    let seq = msg.header.sequence_number;
+                    let what = pending
+                        .iter()
+                        .position(|(s, _)| *s == seq)
+                        .map(|i| pending.remove(i));
+                    if let (Some(code), None) = (e.code, &first_error) {
+                        first_error = Some(NftError::Refused {
+                            op: what.map(|(_, w)| w).unwrap_or_else(|| "a message".into()),
+                            source: io::Error::from_raw_os_error(-code.get()),
+                        });
                     }
-                    NLMSG_DONE => {}
-                    _ => replies.push(body.to_vec()),
                 }
-                off += (len + 3) & !3;
+                off += len.next_multiple_of(4);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(replies),
-        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Installs `table`, replacing any table of that name, in one transaction.
     pub fn replace_table(&mut self, table: &Table) -> Result<(), NftError> {
-        let mut w = Writer::new(self.seq);
-        w.batch_begin();
-        // Create-then-delete makes the delete succeed whether or not the table existed.
-        w.new_table(table.family, &table.name);
-        w.del_table(table.family, &table.name);
-        w.table_contents(table);
-        w.batch_end();
-        self.exchange(w).map(|_| ())
+        let mut b = Batch::new(self.seq);
+        b.begin();
+        b.clear_table(table.family, &table.name);
+        b.table_contents(table);
+        b.end();
+        self.exchange(b)
     }
 
     /// Replaces the rules of one existing chain in one transaction.
@@ -677,35 +758,33 @@ impl Socket {
         chain: &str,
         rules: &[Rule],
     ) -> Result<(), NftError> {
-        let mut w = Writer::new(self.seq);
-        w.batch_begin();
-        w.flush_chain(family, table, chain);
+        let mut b = Batch::new(self.seq);
+        b.begin();
+        b.flush_chain(family, table, chain);
         for r in rules {
-            w.new_rule(family, table, chain, r);
+            b.new_rule(family, table, chain, r);
         }
-        w.batch_end();
-        self.exchange(w).map(|_| ())
+        b.end();
+        self.exchange(b)
     }
 
     /// Deletes a table; `Ok(false)` when there was none.
     pub fn delete_table(&mut self, family: Family, name: &str) -> Result<bool, NftError> {
         let existed = self.table_exists(family, name)?;
-        let mut w = Writer::new(self.seq);
-        w.batch_begin();
-        w.new_table(family, name);
-        w.del_table(family, name);
-        w.batch_end();
-        self.exchange(w)?;
+        let mut b = Batch::new(self.seq);
+        b.begin();
+        b.clear_table(family, name);
+        b.end();
+        self.exchange(b)?;
         Ok(existed)
     }
 
     pub fn table_exists(&mut self, family: Family, name: &str) -> Result<bool, NftError> {
-        let mut w = Writer::new(self.seq);
-        let s = w.nft_msg(NFT_MSG_GETTABLE, 0, family);
-        w.str_attr(NFTA_TABLE_NAME, name);
-        w.end(s, Some(format!("get table {name}")));
-        match self.exchange(w) {
-            Ok(_) => Ok(true),
+        let mut b = Batch::new(self.seq);
+        let get = nft(NFT_MSG_GETTABLE, family, vec![text(NFTA_TABLE_NAME, name)]);
+        b.request(get, 0, format!("get table {name}"));
+        match self.exchange(b) {
+            Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
@@ -719,13 +798,12 @@ pub fn host(ip: IpAddr) -> IpNetwork {
 
 /// Exposed for golden tests: the bytes of a batch installing `table` (sequence numbers from 1).
 pub fn encode_replace(table: &Table) -> Vec<u8> {
-    let mut w = Writer::new(1);
-    w.batch_begin();
-    w.new_table(table.family, &table.name);
-    w.del_table(table.family, &table.name);
-    w.table_contents(table);
-    w.batch_end();
-    w.buf
+    let mut b = Batch::new(1);
+    b.begin();
+    b.clear_table(table.family, &table.name);
+    b.table_contents(table);
+    b.end();
+    b.bytes()
 }
 
 #[cfg(test)]

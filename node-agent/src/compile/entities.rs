@@ -1,0 +1,134 @@
+//! Stage 1: every entity on the overlay, as the compiler needs it — this node's attachments first
+//! (authoritative for this node), then the pods other agents published, then the external
+//! entities. An overlay address is given to the first entity that claims it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use keyway_core::acl::FastSet;
+use keyway_core::key::KeyRing;
+
+use super::{KeyCache, LocalPod, NodeContext, external_entity, pod_entity};
+use crate::model::{Model, NamedPort};
+use crate::policy::Labels;
+
+/// An entity anywhere in the cluster: a pod or an external entity.
+#[derive(Debug, Clone)]
+pub(super) struct Entity {
+    pub name: Arc<str>,
+    pub namespace: String,
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+    pub overlay_ips: Vec<IpAddr>,
+    pub infra: SocketAddr,
+    pub sap: Option<SocketAddr>,
+    pub keys: KeyRing,
+    /// Served by this node.
+    pub local: bool,
+    /// For an external entity: `namespace/name`, as DirectPath peers name it.
+    pub external: Option<String>,
+}
+
+/// Where the SaP of `node_name` listens.
+fn sap_of(model: &Model, node: &NodeContext, node_name: &str) -> Option<SocketAddr> {
+    if node_name == node.node_name {
+        return node.local_sap;
+    }
+    model
+        .nodes
+        .get(node_name)
+        .and_then(|n| n.address)
+        .map(|a| SocketAddr::new(a, node.gue_port))
+}
+
+/// The entities, in a stable order: locals, then published pods, then external entities.
+pub(super) fn collect(
+    model: &Model,
+    locals: &[LocalPod],
+    node: &NodeContext,
+    keys: &mut KeyCache,
+    now_ms: u64,
+) -> Vec<Entity> {
+    let mut out = Vec::new();
+    let mut seen: FastSet<IpAddr> = FastSet::default();
+    for l in locals {
+        let pod = l.pod.as_ref().and_then(|k| model.pods.get(k));
+        out.push(Entity {
+            name: l.entity.clone(),
+            namespace: l
+                .pod
+                .as_ref()
+                .map(|k| k.namespace.clone())
+                .unwrap_or_default(),
+            labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+            ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
+            overlay_ips: l.overlay_ips.clone(),
+            infra: SocketAddr::new(l.infra_ip, node.gue_port),
+            sap: node.local_sap,
+            keys: keys.ring(&l.entity, node.rotation, now_ms),
+            local: true,
+            external: None,
+        });
+        seen.extend(l.overlay_ips.iter().copied());
+    }
+    published_pods(model, node, keys, now_ms, &mut seen, &mut out);
+    for e in model.externals.values() {
+        if e.spec.overlay_ips.iter().any(|ip| seen.contains(ip)) {
+            tracing::warn!(external = %format!("{}/{}", e.namespace, e.name), "overlay address already in use by another entity; ignoring");
+            continue;
+        }
+        seen.extend(e.spec.overlay_ips.iter().copied());
+        let name = external_entity(&e.namespace, &e.name);
+        out.push(Entity {
+            keys: keys.static_ring(&name),
+            name,
+            namespace: e.namespace.clone(),
+            labels: e.labels.clone(),
+            ports: Vec::new(),
+            overlay_ips: e.spec.overlay_ips.clone(),
+            infra: e.spec.address,
+            sap: sap_of(model, node, &e.spec.gateway),
+            local: false,
+            external: Some(format!("{}/{}", e.namespace, e.name)),
+        });
+    }
+    out
+}
+
+/// The pods other agents published (their own pods are this node's locals).
+fn published_pods(
+    model: &Model,
+    node: &NodeContext,
+    keys: &mut KeyCache,
+    now_ms: u64,
+    seen: &mut FastSet<IpAddr>,
+    out: &mut Vec<Entity>,
+) {
+    for (key, a) in &model.attachments {
+        if a.node == node.node_name {
+            continue;
+        }
+        // An attachment whose pod object is gone is stale: the pod was deleted.
+        let Some(pod) = model.pods.get(key) else {
+            continue;
+        };
+        if a.overlay_ips.iter().any(|ip| seen.contains(ip)) {
+            tracing::warn!(pod = %key, "overlay address already in use by another entity; ignoring");
+            continue;
+        }
+        seen.extend(a.overlay_ips.iter().copied());
+        let name = pod_entity(key);
+        out.push(Entity {
+            keys: keys.ring(&name, node.rotation, now_ms),
+            name,
+            namespace: key.namespace.clone(),
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
+            overlay_ips: a.overlay_ips.clone(),
+            infra: SocketAddr::new(a.infra_ip, node.gue_port),
+            sap: sap_of(model, node, &a.node),
+            local: false,
+            external: None,
+        });
+    }
+}

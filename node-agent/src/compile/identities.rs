@@ -1,0 +1,183 @@
+//! Stages 2 and 3: the ipBlocks policies name, and identities. Overlay addresses whose entities
+//! share every policy-relevant fact (namespace, labels, named ports, which ipBlocks hold the
+//! address) share an identity, so policy becomes allow sets per identity pair and a packet's check
+//! never looks at a rule.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use keyway_core::acl::Identity;
+
+use super::entities::Entity;
+use crate::model::{Model, NamedPort};
+use crate::policy::{self, Labels};
+
+/// An ipBlock: its CIDR and the exceptions.
+pub(super) type Block = (IpNetwork, Vec<IpNetwork>);
+
+pub(super) fn parse_block(b: &IPBlock) -> Option<Block> {
+    let cidr = b.cidr.parse().ok()?;
+    let except = b
+        .except
+        .iter()
+        .flatten()
+        .filter_map(|e| e.parse().ok())
+        .collect();
+    Some((cidr, except))
+}
+
+fn in_block(ip: IpAddr, b: &Block) -> bool {
+    b.0.contains(ip) && !b.1.iter().any(|e| e.contains(ip))
+}
+
+/// Stage 2: every distinct ipBlock any policy names, in order of first mention.
+pub(super) fn referenced_blocks(model: &Model) -> Vec<Block> {
+    let mut blocks: Vec<Block> = Vec::new();
+    for spec in model.policies.values().filter_map(|np| np.spec.as_ref()) {
+        let from = spec
+            .ingress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.from.iter().flatten());
+        let to = spec
+            .egress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.to.iter().flatten());
+        for p in from.chain(to) {
+            if let Some(b) = p.ip_block.as_ref().and_then(parse_block)
+                && !blocks.contains(&b)
+            {
+                blocks.push(b);
+            }
+        }
+    }
+    blocks
+}
+
+/// What the identity of an address is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Facts {
+    pub namespace: String,
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+    /// Indices into the blocks of stage 2 that hold the address.
+    pub ip_blocks: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(super) struct IdentityInfo {
+    pub facts: Facts,
+    pub ns_labels: Labels,
+}
+
+/// The identities, and which one each overlay address of each entity has.
+#[derive(Debug)]
+pub(super) struct Identities {
+    pub infos: Vec<IdentityInfo>,
+    pub blocks: Vec<Block>,
+    /// Per entity (in stage 1's order), per overlay address (in the entity's order).
+    pub of_entity: Vec<Vec<Identity>>,
+}
+
+/// Stage 3. A block holds an address when it holds the overlay address, or the pod IP that
+/// Kubernetes reports (the infrastructure address) in the same family: policies written against
+/// pod IPs keep their meaning on the overlay.
+pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> Identities {
+    let mut by_facts: HashMap<Facts, Identity> = HashMap::new();
+    let mut infos: Vec<IdentityInfo> = Vec::new();
+    let mut of_entity = Vec::with_capacity(entities.len());
+    for e in entities {
+        let infra = e.infra.ip();
+        let mut ports = e.ports.clone();
+        ports.sort();
+        let mut ids = Vec::new();
+        for ip in &e.overlay_ips {
+            let ip_blocks = (0..blocks.len() as u32)
+                .filter(|&i| {
+                    let b = &blocks[i as usize];
+                    in_block(*ip, b) || (infra.is_ipv4() == ip.is_ipv4() && in_block(infra, b))
+                })
+                .collect();
+            let facts = Facts {
+                namespace: e.namespace.clone(),
+                labels: e.labels.clone(),
+                ports: ports.clone(),
+                ip_blocks,
+            };
+            let id = *by_facts.entry(facts.clone()).or_insert_with(|| {
+                infos.push(IdentityInfo {
+                    ns_labels: model.namespace_labels(&facts.namespace),
+                    facts,
+                });
+                Identity((infos.len() - 1) as u32)
+            });
+            ids.push(id);
+        }
+        of_entity.push(ids);
+    }
+    Identities {
+        infos,
+        blocks,
+        of_entity,
+    }
+}
+
+impl Identities {
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    pub fn all(&self) -> Vec<Identity> {
+        (0..self.infos.len()).map(|i| Identity(i as u32)).collect()
+    }
+
+    /// Identities selected by a pod selector and a namespace selector (the namespace `ns` when
+    /// there is none), ANDed; a missing pod selector selects every pod.
+    pub fn select(
+        &self,
+        ns: &str,
+        pods: Option<&LabelSelector>,
+        namespaces: Option<&LabelSelector>,
+    ) -> Vec<Identity> {
+        (0..self.infos.len())
+            .filter(|&i| {
+                let info = &self.infos[i];
+                let ns_ok = match namespaces {
+                    Some(sel) => policy::matches(sel, &info.ns_labels),
+                    None => info.facts.namespace == ns,
+                };
+                ns_ok && pods.is_none_or(|sel| policy::matches(sel, &info.facts.labels))
+            })
+            .map(|i| Identity(i as u32))
+            .collect()
+    }
+
+    /// Identities a NetworkPolicy peer selects (in the policy's namespace `ns`).
+    pub fn peer(&self, ns: &str, peer: &NetworkPolicyPeer) -> Vec<Identity> {
+        let Some(b) = &peer.ip_block else {
+            return self.select(
+                ns,
+                peer.pod_selector.as_ref(),
+                peer.namespace_selector.as_ref(),
+            );
+        };
+        let Some(idx) =
+            parse_block(b).and_then(|block| self.blocks.iter().position(|x| *x == block))
+        else {
+            return Vec::new();
+        };
+        (0..self.infos.len())
+            .filter(|&i| self.infos[i].facts.ip_blocks.contains(&(idx as u32)))
+            .map(|i| Identity(i as u32))
+            .collect()
+    }
+
+    /// The named ports of an identity's pods.
+    pub fn ports(&self, id: Identity) -> &[NamedPort] {
+        &self.infos[id.0 as usize].facts.ports
+    }
+}

@@ -1,0 +1,204 @@
+//! The policy compiler: the cluster model and this node's attachments in; the data plane's tables
+//! (FIB, ACL, SaPs), every pod's keys, and each local pod's off-overlay egress rules out. A pure
+//! function of its inputs, in named stages:
+//!
+//! 1. [`entities`]: every entity on the overlay (this node's pods, the pods other agents
+//!    published, external entities) with its addresses, keys and SaP;
+//! 2. and 3. [`identities`]: the ipBlocks policies name, then one identity per set of
+//!    policy-relevant facts;
+//! 4. [`rules`]: NetworkPolicies, strict mode and DirectPaths into allow sets per identity pair;
+//! 5. [`assemble`]: the FIB, the ACL, the SaPs, and each local pod's keys and egress rules.
+//!
+//! Kubernetes NetworkPolicy semantics, per direction:
+//! - a policy selects pods of its namespace by `podSelector`; `policyTypes` (or their default)
+//!   say which directions it isolates them in; a pod no policy selects is not isolated (unless the
+//!   cluster is in strict mode, where every pod is ingress-isolated);
+//! - allow rules are additive; a rule without peers allows every peer, without ports every port;
+//! - a peer is pods by `podSelector` (in the policy's namespace), by `namespaceSelector`, or both
+//!   ANDed; or an `ipBlock` with `except`, which holds an entity when it holds its overlay
+//!   address or its pod IP (the primary CNI's address, which Kubernetes reports);
+//! - ports are numbers (with `endPort`) or names, resolved against the *destination's* container
+//!   ports with the same protocol; TCP is the default protocol.
+
+mod entities;
+mod identities;
+mod rules;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use keyway_core::acl::FastSet;
+use keyway_core::engine::Tables;
+use keyway_core::fib::{Fib, Route};
+use keyway_core::key::{ClusterSecret, Epoch, KeyRing, Rotation};
+use keyway_protocol::firewall::Egress;
+
+use crate::model::{Model, ObjectKey, OverlayNetwork};
+use crate::policy;
+
+/// An attachment this node serves, as the compiler needs it.
+#[derive(Debug, Clone)]
+pub struct LocalPod {
+    pub entity: Arc<str>,
+    pub pod: Option<ObjectKey>,
+    pub overlay_ips: Vec<IpAddr>,
+    pub infra_ip: IpAddr,
+}
+
+/// The entity name a pod's keys are derived from.
+pub fn pod_entity(key: &ObjectKey) -> Arc<str> {
+    format!("{}/{}", key.namespace, key.name).into()
+}
+
+/// The entity name an external entity's key is derived from.
+pub fn external_entity(namespace: &str, name: &str) -> Arc<str> {
+    format!("external/{namespace}/{name}").into()
+}
+
+/// Derives keys, remembering them: a compile re-derives only when an epoch turns.
+#[derive(Debug)]
+pub struct KeyCache {
+    secret: ClusterSecret,
+    cache: HashMap<(Arc<str>, Epoch), KeyRing>,
+}
+
+impl KeyCache {
+    pub fn new(secret: ClusterSecret) -> Self {
+        KeyCache {
+            secret,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn ring(&mut self, entity: &Arc<str>, rotation: Rotation, now_ms: u64) -> KeyRing {
+        let epoch = rotation.epoch_at(now_ms);
+        if self.cache.len() > 100_000 {
+            self.cache.retain(|(_, e), _| *e >= epoch);
+        }
+        *self
+            .cache
+            .entry((entity.clone(), epoch))
+            .or_insert_with(|| KeyRing::derive(&self.secret, entity, rotation, now_ms))
+    }
+
+    /// The key of an entity outside the cluster: provisioned once in its configuration, so it
+    /// does not rotate (epoch 0).
+    pub fn static_ring(&self, entity: &str) -> KeyRing {
+        KeyRing::Static(self.secret.derive(entity, Epoch(0)))
+    }
+}
+
+/// Where this node is and how the cluster's keys turn.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub node_name: String,
+    pub local_sap: Option<SocketAddr>,
+    pub gue_port: u16,
+    pub rotation: Rotation,
+}
+
+/// The output of a compile.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub tables: Tables,
+    /// Off-overlay egress of each local attachment, by entity.
+    pub egress: HashMap<Arc<str>, Egress>,
+    /// Each local attachment's own keys.
+    pub local_keys: HashMap<Arc<str>, KeyRing>,
+    pub identities: usize,
+    pub entities: usize,
+}
+
+/// Compiles the model and this node's attachments into the data plane's tables.
+pub fn compile(
+    model: &Model,
+    locals: &[LocalPod],
+    node: &NodeContext,
+    keys: &mut KeyCache,
+    now_ms: u64,
+    generation: u64,
+) -> Compiled {
+    let entities = entities::collect(model, locals, node, keys, now_ms);
+    let blocks = identities::referenced_blocks(model);
+    let ids = identities::assign(model, &entities, blocks);
+    let policy = rules::apply(model, &entities, &ids);
+    assemble(model, node, &entities, &ids, policy, generation)
+}
+
+/// Stage 5: the FIB (one route per overlay address), the ACL, the SaPs, and each local pod's keys
+/// and off-overlay egress.
+fn assemble(
+    model: &Model,
+    node: &NodeContext,
+    entities: &[entities::Entity],
+    ids: &identities::Identities,
+    policy: rules::Policy,
+    generation: u64,
+) -> Compiled {
+    let mut fib = Fib::builder();
+    let mut out = Compiled {
+        identities: ids.len(),
+        entities: entities.len(),
+        ..Default::default()
+    };
+    for (e, of_ip) in entities.iter().zip(&ids.of_entity) {
+        for (ip, id) in e.overlay_ips.iter().zip(of_ip) {
+            let route = Route {
+                entity: e.name.clone(),
+                identity: *id,
+                keys: e.keys,
+                infra: e.infra,
+                sap: e.sap,
+            };
+            if let Err(err) = fib.insert(IpNetwork::from(*ip), route) {
+                tracing::warn!(error = %err, entity = %e.name, "duplicate overlay address");
+            }
+        }
+        if e.local {
+            out.local_keys.insert(e.name.clone(), e.keys);
+            let egress = match of_ip.first() {
+                Some(id) if policy.isolation[id.0 as usize].egress => {
+                    Egress::Allow(policy.egress_allows[id.0 as usize].clone())
+                }
+                _ => Egress::Open,
+            };
+            out.egress.insert(e.name.clone(), egress);
+        }
+    }
+    let mut saps = FastSet::default();
+    saps.extend(node.local_sap.map(|s| s.ip()));
+    saps.extend(model.nodes.values().filter_map(|n| n.address));
+    out.tables = Tables {
+        fib: fib.build(),
+        acl: policy.acl.build(),
+        saps,
+        generation,
+    };
+    out
+}
+
+/// Which overlay networks a pod joins, by the networks' selectors.
+pub fn networks_for(model: &Model, pod: Option<&ObjectKey>) -> Vec<OverlayNetwork> {
+    let labels = pod
+        .and_then(|k| model.pods.get(k))
+        .map(|p| p.labels.clone())
+        .unwrap_or_default();
+    let ns_labels = pod
+        .map(|k| model.namespace_labels(&k.namespace))
+        .unwrap_or_default();
+    model
+        .overlay_networks()
+        .into_iter()
+        .filter(|n| {
+            let pods = n.spec.pod_selector.as_ref();
+            let namespaces = n.spec.namespace_selector.as_ref();
+            pods.is_none_or(|s| policy::matches(s, &labels))
+                && namespaces.is_none_or(|s| policy::matches(s, &ns_labels))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+//! The compiler's own tests: each stage, and NetworkPolicy's semantics on a small cluster of four
+//! pods on two nodes, checked on the compiled tables as the data path reads them.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use keyway_core::key::ClusterSecret;
+use keyway_core::packet::{self, PROTO_TCP, PROTO_UDP};
+
+use super::*;
+use crate::model::{Object, OverlayAttachmentSpec};
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: red}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {team: blue}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+"#;
+
+/// x/a (served here, on node-1), x/b, x/c and y/a (on node-2); every pod serves `http` on 8080.
+const PODS: [(&str, &str, &str, &str, &str); 4] = [
+    ("x", "a", "node-1", "100.64.0.1", "10.244.1.1"),
+    ("x", "b", "node-2", "100.64.1.1", "10.244.2.1"),
+    ("x", "c", "node-2", "100.64.1.2", "10.244.2.2"),
+    ("y", "a", "node-2", "100.64.1.3", "10.244.2.3"),
+];
+
+fn pod_doc(ns: &str, name: &str, node: &str, infra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{pod: {name}}}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{podIPs: [{{ip: {infra}}}]}}\n"
+    )
+}
+
+fn node() -> NodeContext {
+    NodeContext {
+        node_name: "node-1".into(),
+        local_sap: Some("192.168.0.1:6080".parse().unwrap()),
+        gue_port: 6080,
+        rotation: Rotation::default(),
+    }
+}
+
+/// The cluster with `extra` documents, compiled on node-1.
+fn compiled(extra: &str) -> (Model, Compiled) {
+    let mut text = BASE.to_string();
+    for (ns, name, node, _, infra) in PODS {
+        text.push_str("---\n");
+        text.push_str(&pod_doc(ns, name, node, infra));
+    }
+    text.push_str("---\n");
+    text.push_str(extra);
+    let mut objects = crate::source::parse_file(&text).unwrap();
+    for (ns, name, node, overlay, infra) in PODS.iter().skip(1) {
+        objects.push(Object::OverlayAttachment(OverlayAttachmentSpec {
+            namespace: ns.to_string(),
+            pod: name.to_string(),
+            node: node.to_string(),
+            infra_ip: infra.parse().unwrap(),
+            overlay_ips: vec![overlay.parse().unwrap()],
+        }));
+    }
+    let model = Model::from_objects(objects);
+    let (ns, name, _, overlay, infra) = PODS[0];
+    let key = ObjectKey::new(ns, name);
+    let local = LocalPod {
+        entity: pod_entity(&key),
+        pod: Some(key),
+        overlay_ips: vec![overlay.parse().unwrap()],
+        infra_ip: infra.parse().unwrap(),
+    };
+    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
+    let c = compile(&model, &[local], &node(), &mut keys, 0, 1);
+    (model, c)
+}
+
+fn overlay(ns: &str, name: &str) -> Ipv4Addr {
+    let p = PODS.iter().find(|p| p.0 == ns && p.1 == name).unwrap();
+    p.3.parse().unwrap()
+}
+
+/// Whether the tables let a new connection from one pod to another on `proto`/`port`.
+fn allows(c: &Compiled, from: (&str, &str), to: (&str, &str), proto: u8, port: u16) -> bool {
+    let (s, d) = (overlay(from.0, from.1), overlay(to.0, to.1));
+    let pkt = match proto {
+        PROTO_TCP => packet::build::syn4(s.octets(), 40000, d.octets(), port),
+        _ => packet::build::ipv4(s, d, proto, &packet::build::ports(proto, 40000, port, b"x")),
+    };
+    let k = packet::classify(&pkt).unwrap();
+    let id = |ip| c.tables.fib.lookup(ip).unwrap().identity;
+    c.tables.acl.allows(id(k.src), id(k.dst), &k)
+}
+
+const XA: (&str, &str) = ("x", "a");
+const XB: (&str, &str) = ("x", "b");
+const XC: (&str, &str) = ("x", "c");
+const YA: (&str, &str) = ("y", "a");
+
+fn policy(ns: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn a_pod_no_policy_selects_is_open_and_a_deny_all_isolates_only_what_it_selects() {
+    let (_, open) = compiled("");
+    assert!(allows(&open, XA, XB, PROTO_TCP, 80));
+    assert!(allows(&open, YA, XB, PROTO_UDP, 53));
+    let (_, c) = compiled(&policy("x", "{podSelector: {matchLabels: {pod: b}}}"));
+    assert!(
+        !allows(&c, XA, XB, PROTO_TCP, 80),
+        "x/b is ingress-isolated"
+    );
+    assert!(allows(&c, XB, XA, PROTO_TCP, 80), "its egress is not");
+    assert!(allows(&c, XA, XC, PROTO_TCP, 80), "x/c is not selected");
+}
+
+#[test]
+fn peers_by_namespace_and_pod_selector_are_anded() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}, podSelector: {matchLabels: {pod: a}}}]}]}",
+    ));
+    assert!(
+        allows(&c, YA, XB, PROTO_TCP, 80),
+        "y/a: team blue and pod a"
+    );
+    assert!(
+        !allows(&c, XA, XB, PROTO_TCP, 80),
+        "x/a: pod a, but team red"
+    );
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}, {podSelector: {matchLabels: {pod: a}}}]}]}",
+    ));
+    assert!(allows(&c, YA, XB, PROTO_TCP, 80), "either peer");
+    assert!(
+        allows(&c, XA, XB, PROTO_TCP, 80),
+        "a pod selector alone means the policy's namespace"
+    );
+    assert!(!allows(&c, XC, XB, PROTO_TCP, 80));
+}
+
+#[test]
+fn ports_by_number_range_and_name_resolve_against_the_destination() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{ports: [{port: http}, {protocol: UDP, port: 1000, endPort: 1010}]}]}",
+    ));
+    assert!(allows(&c, XA, XB, PROTO_TCP, 8080), "http is 8080 on x/b");
+    assert!(!allows(&c, XA, XB, PROTO_TCP, 80));
+    assert!(allows(&c, XA, XB, PROTO_UDP, 1005));
+    assert!(!allows(&c, XA, XB, PROTO_UDP, 1011));
+    assert!(!allows(&c, XA, XB, PROTO_TCP, 1005), "the range is UDP's");
+}
+
+#[test]
+fn ip_blocks_hold_pods_by_their_overlay_address_or_their_pod_ip() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.2/32]}}]}]}",
+    ));
+    assert!(
+        allows(&c, XA, XB, PROTO_TCP, 80),
+        "x/a's pod IP 10.244.1.1 is in the block"
+    );
+    assert!(allows(&c, YA, XB, PROTO_TCP, 80));
+    assert!(
+        !allows(&c, XC, XB, PROTO_TCP, 80),
+        "x/c's pod IP is excepted"
+    );
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 100.64.1.0/24}}]}]}",
+    ));
+    assert!(allows(&c, XC, XB, PROTO_TCP, 80), "by overlay address");
+    assert!(!allows(&c, XA, XB, PROTO_TCP, 80));
+}
+
+#[test]
+fn egress_ip_blocks_become_the_local_pods_firewall_and_other_pods_stay_open() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 8.8.8.0/24, except: [8.8.8.8/32]}}], ports: [{protocol: UDP, port: 53}, {port: http}]}]}",
+    ));
+    let Egress::Allow(allows_) = &c.egress[&pod_entity(&ObjectKey::new("x", "a"))] else {
+        panic!("x/a is egress-isolated: {:?}", c.egress);
+    };
+    assert_eq!(allows_.len(), 1);
+    assert_eq!(allows_[0].cidr, "8.8.8.0/24".parse::<IpNetwork>().unwrap());
+    assert_eq!(
+        allows_[0].except,
+        ["8.8.8.8/32".parse::<IpNetwork>().unwrap()]
+    );
+    assert_eq!(
+        allows_[0].ports,
+        [(PROTO_UDP, Some((53, 53)))],
+        "a named port cannot be resolved off the overlay"
+    );
+    assert!(
+        !allows(&c, XA, XB, PROTO_TCP, 80),
+        "no overlay peer is allowed"
+    );
+    assert_eq!(c.egress.len(), 1, "only local pods get firewall rules");
+    let (_, open) = compiled("");
+    assert!(matches!(open.egress.values().next(), Some(Egress::Open)));
+}
+
+#[test]
+fn strict_mode_isolates_every_ingress_until_a_policy_allows() {
+    let config = "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {name: c}\nspec: {policyMode: Strict}\n";
+    let (_, c) = compiled(config);
+    assert!(!allows(&c, XA, XB, PROTO_TCP, 80));
+    let allow = policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{podSelector: {}}]}]}",
+    );
+    let (_, c) = compiled(&format!("{config}---\n{allow}"));
+    assert!(allows(&c, XA, XB, PROTO_TCP, 80));
+    assert!(!allows(&c, XB, XA, PROTO_TCP, 80), "x/a stays isolated");
+}
+
+#[test]
+fn direct_paths_mark_the_pairs_they_name() {
+    let direct = "apiVersion: keyway.io/v1alpha1\nkind: DirectPath\nmetadata: {name: d, namespace: x}\nspec: {a: {podSelector: {matchLabels: {pod: a}}}, b: {podSelector: {matchLabels: {pod: b}}}}\n";
+    let (_, c) = compiled(direct);
+    let id = |p: (&str, &str)| {
+        c.tables
+            .fib
+            .lookup(IpAddr::V4(overlay(p.0, p.1)))
+            .unwrap()
+            .identity
+    };
+    assert!(c.tables.acl.is_direct(id(XA), id(XB)));
+    assert!(!c.tables.acl.is_direct(id(XA), id(XC)));
+}
+
+#[test]
+fn remote_pods_route_through_their_nodes_sap_and_local_ones_through_this_one() {
+    let (_, c) = compiled("");
+    let route = |p: (&str, &str)| c.tables.fib.lookup(IpAddr::V4(overlay(p.0, p.1))).unwrap();
+    assert_eq!(route(XB).sap, Some("192.168.0.2:6080".parse().unwrap()));
+    assert_eq!(route(XB).infra, "10.244.2.1:6080".parse().unwrap());
+    assert_eq!(route(XA).sap, node().local_sap);
+    assert_eq!(c.tables.fib.len(), 4);
+    assert!(
+        c.tables
+            .saps
+            .contains(&"192.168.0.2".parse::<IpAddr>().unwrap())
+    );
+    assert_eq!(c.local_keys.len(), 1);
+}
+
+#[test]
+fn stale_and_conflicting_attachments_are_left_out() {
+    let (mut model, _) = compiled("");
+    // y/a's pod object is gone: its attachment is stale.
+    model.pods.remove(&ObjectKey::new("y", "a"));
+    // x/c claims x/a's overlay address: the local pod keeps it.
+    model
+        .attachments
+        .get_mut(&ObjectKey::new("x", "c"))
+        .unwrap()
+        .overlay_ips = vec![IpAddr::V4(overlay("x", "a"))];
+    let key = ObjectKey::new("x", "a");
+    let local = LocalPod {
+        entity: pod_entity(&key),
+        pod: Some(key),
+        overlay_ips: vec![IpAddr::V4(overlay("x", "a"))],
+        infra_ip: "10.244.1.1".parse().unwrap(),
+    };
+    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
+    let c = compile(&model, &[local], &node(), &mut keys, 0, 1);
+    assert_eq!(c.entities, 2, "x/a and x/b");
+    let owner = c.tables.fib.lookup(IpAddr::V4(overlay("x", "a"))).unwrap();
+    assert_eq!(&*owner.entity, "x/a");
+}
+
+#[test]
+fn identities_are_shared_by_entities_with_the_same_facts() {
+    let twin = "apiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: x, labels: {pod: b}}\n\
+                spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n";
+    let (mut model, _) = compiled(twin);
+    model.insert(Object::OverlayAttachment(OverlayAttachmentSpec {
+        namespace: "x".into(),
+        pod: "d".into(),
+        node: "node-2".into(),
+        infra_ip: "10.244.2.9".parse().unwrap(),
+        overlay_ips: vec!["100.64.1.9".parse().unwrap()],
+    }));
+    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
+    let entities = entities::collect(&model, &[], &node(), &mut keys, 0);
+    assert_eq!(entities.len(), 4, "the remote pods; no local one given");
+    let of = |name: &str| entities.iter().position(|e| &*e.name == name).unwrap();
+    let ids = identities::assign(&model, &entities, vec![]);
+    assert_eq!(ids.len(), 3, "x/d has x/b's facts");
+    assert_eq!(ids.of_entity[of("x/b")], ids.of_entity[of("x/d")]);
+    // A block that holds only x/d's pod IP tells them apart.
+    let block = ("10.244.2.9/32".parse().unwrap(), vec![]);
+    let ids = identities::assign(&model, &entities, vec![block]);
+    assert_eq!(ids.len(), 4);
+    assert_ne!(ids.of_entity[of("x/b")], ids.of_entity[of("x/d")]);
+
+    let blocks = identities::referenced_blocks(&Model::from_objects(
+        crate::source::parse_file(&format!(
+            "{}---\n{}",
+            policy(
+                "x",
+                "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}"
+            ),
+            policy(
+                "y",
+                "{podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}"
+            )
+        ))
+        .unwrap(),
+    ));
+    assert_eq!(blocks.len(), 1, "the same block named twice is one");
+}
+
+#[test]
+fn networks_are_joined_by_their_selectors() {
+    let net = "apiVersion: keyway.io/v1alpha1\nkind: OverlayNetwork\nmetadata: {name: blue}\nspec: {cidr: 100.80.0.0/16, namespaceSelector: {matchLabels: {team: blue}}}\n";
+    let (model, _) = compiled(net);
+    let names = |ns: &str, n: &str| -> Vec<String> {
+        networks_for(&model, Some(&ObjectKey::new(ns, n)))
+            .into_iter()
+            .map(|n| n.name)
+            .collect()
+    };
+    assert_eq!(names("y", "a"), ["blue"]);
+    assert!(
+        names("x", "a").is_empty(),
+        "once networks are defined, the default is gone"
+    );
+}

@@ -1,0 +1,528 @@
+//! Classification of inner IP packets into what policy needs: addresses, protocol and ports.
+//!
+//! Documented behaviour for the awkward cases:
+//! - **Fragments.** A first fragment (offset 0) is classified like an unfragmented packet: its
+//!   transport header is there. A later fragment carries no transport header, so its ports are
+//!   [`Transport::LaterFragment`]: policy lets it through only where the protocol is allowed on
+//!   every port (a rule naming ports cannot be checked, so it does not match: fail closed).
+//! - **IPv6 extension headers.** Hop-by-hop, routing, destination options and fragment headers are
+//!   walked to find the transport header. AH, ESP and anything else end the walk: the packet is
+//!   classified with that protocol number and no ports.
+//! - **Unknown protocols** (anything but TCP, UDP, SCTP, ICMP, ICMPv6) have no ports: only rules
+//!   that allow every protocol match them, which is exactly Kubernetes' semantics (a rule with
+//!   ports names TCP, UDP or SCTP).
+//! - **ICMP/ICMPv6** have no ports; echo requests and replies carry their identifier so that the
+//!   reply can be matched to the request by flow tracking.
+//!
+//! Anything inconsistent (bad version, header lengths beyond the buffer, a transport header cut
+//! short in a first fragment) is a [`PacketError`], counted as a malformed drop.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// The transport protocols that policy names, as Kubernetes spells them (`protocol: TCP`).
+const POLICY_PROTOCOLS: [(&str, u8); 3] =
+    [("TCP", PROTO_TCP), ("UDP", PROTO_UDP), ("SCTP", PROTO_SCTP)];
+
+/// The IP protocol number of a protocol as Kubernetes spells it: `TCP`, `UDP` or `SCTP`.
+pub fn protocol_number(name: &str) -> Option<u8> {
+    POLICY_PROTOCOLS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| *p)
+}
+
+/// The inverse of [`protocol_number`].
+pub fn protocol_name(number: u8) -> Option<&'static str> {
+    POLICY_PROTOCOLS
+        .iter()
+        .find(|(_, p)| *p == number)
+        .map(|(n, _)| *n)
+}
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+const IPV6_HEADER_LEN: usize = 40;
+const IPV4_MIN_HEADER_LEN: usize = 20;
+/// Limit on IPv6 extension headers walked: a packet built to make us loop is malformed.
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+/// What the transport layer says about a packet, as far as policy is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// TCP, UDP or SCTP with both ports.
+    Ports { src: u16, dst: u16 },
+    /// ICMP or ICMPv6 echo request (`reply == false`) or reply, with its identifier.
+    Echo { id: u16, reply: bool },
+    /// Another ICMP message, or a protocol without ports.
+    NoPorts,
+    /// A fragment after the first: the transport header is in another packet.
+    LaterFragment,
+}
+
+/// The classification of one inner packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Classified {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number of the transport (after IPv6 extension headers).
+    pub proto: u8,
+    pub transport: Transport,
+    /// The packet opens a flow and so can never be a reply: a TCP SYN without ACK, or an ICMP
+    /// echo request. Lets a stateless check refuse it as a "reply".
+    pub opens_flow: bool,
+}
+
+impl Classified {
+    /// Destination port, where the packet has one.
+    pub fn dst_port(&self) -> Option<u16> {
+        match self.transport {
+            Transport::Ports { dst, .. } => Some(dst),
+            _ => None,
+        }
+    }
+
+    /// Source port, where the packet has one.
+    pub fn src_port(&self) -> Option<u16> {
+        match self.transport {
+            Transport::Ports { src, .. } => Some(src),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("empty packet")]
+    Empty,
+    #[error("IP version {0} is neither 4 nor 6")]
+    BadVersion(u8),
+    #[error("packet truncated: {got} bytes where {needed} are needed")]
+    Truncated { needed: usize, got: usize },
+    #[error("IPv4 header length {0} is below the minimum of 20 bytes")]
+    BadIhl(usize),
+    #[error("IP total length {total} is smaller than its own header ({header})")]
+    BadTotalLength { total: usize, header: usize },
+    #[error("too many IPv6 extension headers")]
+    TooManyExtensionHeaders,
+}
+
+fn need(buf: &[u8], needed: usize) -> Result<(), PacketError> {
+    if buf.len() < needed {
+        Err(PacketError::Truncated {
+            needed,
+            got: buf.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Classifies an IPv4 or IPv6 packet (the whole packet, starting at the IP header).
+pub fn classify(pkt: &[u8]) -> Result<Classified, PacketError> {
+    match pkt.first().map(|b| b >> 4) {
+        None => Err(PacketError::Empty),
+        Some(4) => classify_v4(pkt),
+        Some(6) => classify_v6(pkt),
+        Some(v) => Err(PacketError::BadVersion(v)),
+    }
+}
+
+fn classify_v4(pkt: &[u8]) -> Result<Classified, PacketError> {
+    need(pkt, IPV4_MIN_HEADER_LEN)?;
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    if ihl < IPV4_MIN_HEADER_LEN {
+        return Err(PacketError::BadIhl(ihl));
+    }
+    need(pkt, ihl)?;
+    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    if total < ihl {
+        return Err(PacketError::BadTotalLength { total, header: ihl });
+    }
+    need(pkt, total)?;
+    let frag_offset = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff;
+    let proto = pkt[9];
+    let src = IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
+    let dst = IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]));
+    let (transport, opens_flow) = if frag_offset != 0 {
+        (Transport::LaterFragment, false)
+    } else {
+        transport(proto, &pkt[ihl..total])?
+    };
+    Ok(Classified {
+        src,
+        dst,
+        proto,
+        transport,
+        opens_flow,
+    })
+}
+
+fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
+    need(pkt, IPV6_HEADER_LEN)?;
+    let payload_len = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+    let end = IPV6_HEADER_LEN + payload_len;
+    need(pkt, end)?;
+    let src = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&pkt[8..24]).expect("16 bytes"),
+    ));
+    let dst = IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&pkt[24..40]).expect("16 bytes"),
+    ));
+    let mut next = pkt[6];
+    let mut off = IPV6_HEADER_LEN;
+    let mut later_fragment = false;
+    for _ in 0..=MAX_EXTENSION_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                need(&pkt[..end], off + 2)?;
+                let len = (usize::from(pkt[off + 1]) + 1) * 8;
+                need(&pkt[..end], off + len)?;
+                next = pkt[off];
+                off += len;
+            }
+            IPV6_FRAGMENT => {
+                need(&pkt[..end], off + 8)?;
+                let frag_offset = u16::from_be_bytes([pkt[off + 2], pkt[off + 3]]) >> 3;
+                later_fragment |= frag_offset != 0;
+                next = pkt[off];
+                off += 8;
+            }
+            proto => {
+                let (transport, opens_flow) = if later_fragment {
+                    (Transport::LaterFragment, false)
+                } else {
+                    transport(proto, &pkt[off..end])?
+                };
+                return Ok(Classified {
+                    src,
+                    dst,
+                    proto,
+                    transport,
+                    opens_flow,
+                });
+            }
+        }
+    }
+    Err(PacketError::TooManyExtensionHeaders)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The transport facts, and whether the packet opens a flow.
+fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool), PacketError> {
+    match proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            need(l4, 4)?;
+            let ports = Transport::Ports {
+                src: u16::from_be_bytes([l4[0], l4[1]]),
+                dst: u16::from_be_bytes([l4[2], l4[3]]),
+            };
+            // A first fragment may stop before the TCP flags; it is then not known to open a flow.
+            let syn =
+                proto == PROTO_TCP && l4.len() > 13 && l4[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            Ok((ports, syn))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            need(l4, 4)?;
+            let (request, reply) = if proto == PROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
+            match l4[0] {
+                t if t == request || t == reply => {
+                    need(l4, 6)?;
+                    let echo = Transport::Echo {
+                        id: u16::from_be_bytes([l4[4], l4[5]]),
+                        reply: t == reply,
+                    };
+                    Ok((echo, t == request))
+                }
+                _ => Ok((Transport::NoPorts, false)),
+            }
+        }
+        _ => Ok((Transport::NoPorts, false)),
+    }
+}
+
+/// Builders of well-formed packets, for tests, benches and fuzz seeds. Checksums are left zero:
+/// nothing in keyway's data path reads them.
+pub mod build {
+    use super::*;
+
+    pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let total = IPV4_MIN_HEADER_LEN + l4.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20..].copy_from_slice(l4);
+        p
+    }
+
+    pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; IPV6_HEADER_LEN + payload.len()];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        p[6] = next;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&src.octets());
+        p[24..40].copy_from_slice(&dst.octets());
+        p[40..].copy_from_slice(payload);
+        p
+    }
+
+    /// A transport header with ports (TCP gets a 20-byte header, UDP 8, SCTP 12) and a payload.
+    pub fn ports(proto: u8, src: u16, dst: u16, payload: &[u8]) -> Vec<u8> {
+        let hlen = match proto {
+            PROTO_TCP => 20,
+            PROTO_SCTP => 12,
+            _ => 8,
+        };
+        let mut l4 = vec![0u8; hlen];
+        l4[0..2].copy_from_slice(&src.to_be_bytes());
+        l4[2..4].copy_from_slice(&dst.to_be_bytes());
+        if proto == PROTO_TCP {
+            l4[12] = 5 << 4;
+            l4[13] = 0x10; // ACK: an established segment unless a test says otherwise
+        }
+        if proto == PROTO_UDP {
+            l4[4..6].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
+        }
+        l4.extend_from_slice(payload);
+        l4
+    }
+
+    /// An ICMP (v4 or v6) echo request or reply.
+    pub fn echo(v6: bool, reply: bool, id: u16, seq: u16) -> Vec<u8> {
+        let t = match (v6, reply) {
+            (false, false) => 8,
+            (false, true) => 0,
+            (true, false) => 128,
+            (true, true) => 129,
+        };
+        let mut l4 = vec![t, 0, 0, 0];
+        l4.extend_from_slice(&id.to_be_bytes());
+        l4.extend_from_slice(&seq.to_be_bytes());
+        l4
+    }
+
+    pub fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        ipv4(
+            src.into(),
+            dst.into(),
+            PROTO_TCP,
+            &ports(PROTO_TCP, sport, dport, b""),
+        )
+    }
+
+    /// A TCP SYN (no ACK): the first packet of a connection.
+    pub fn syn4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut p = tcp4(src, sport, dst, dport);
+        p[20 + 13] = 0x02;
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+
+    #[test]
+    fn tcp_udp_sctp_over_ipv4() {
+        for proto in [PROTO_TCP, PROTO_UDP, PROTO_SCTP] {
+            let c = classify(&ipv4(A, B, proto, &ports(proto, 1234, 80, b"hi"))).unwrap();
+            assert_eq!(c.src, IpAddr::V4(A));
+            assert_eq!(c.dst, IpAddr::V4(B));
+            assert_eq!(c.proto, proto);
+            assert_eq!(c.transport, Transport::Ports { src: 1234, dst: 80 });
+            assert_eq!(c.dst_port(), Some(80));
+            assert_eq!(c.src_port(), Some(1234));
+        }
+    }
+
+    #[test]
+    fn icmp_echo_and_other_icmp() {
+        let c = classify(&ipv4(A, B, PROTO_ICMP, &echo(false, false, 77, 1))).unwrap();
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 77,
+                reply: false
+            }
+        );
+        let c = classify(&ipv4(A, B, PROTO_ICMP, &echo(false, true, 77, 1))).unwrap();
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 77,
+                reply: true
+            }
+        );
+        // Destination unreachable: no ports.
+        let c = classify(&ipv4(A, B, PROTO_ICMP, &[3, 1, 0, 0, 0, 0, 0, 0])).unwrap();
+        assert_eq!(c.transport, Transport::NoPorts);
+    }
+
+    #[test]
+    fn ipv6_with_extension_headers() {
+        let s: Ipv6Addr = "fd00::1".parse().unwrap();
+        let d: Ipv6Addr = "fd00::2".parse().unwrap();
+        // hop-by-hop (8 bytes) -> destination options (8 bytes) -> UDP
+        let mut payload = vec![IPV6_DEST_OPTS, 0, 0, 0, 0, 0, 0, 0];
+        payload.extend_from_slice(&[PROTO_UDP, 0, 0, 0, 0, 0, 0, 0]);
+        payload.extend_from_slice(&ports(PROTO_UDP, 5353, 53, b"q"));
+        let c = classify(&ipv6(s, d, IPV6_HOP_BY_HOP, &payload)).unwrap();
+        assert_eq!(c.proto, PROTO_UDP);
+        assert_eq!(c.transport, Transport::Ports { src: 5353, dst: 53 });
+
+        let c = classify(&ipv6(s, d, PROTO_ICMPV6, &echo(true, false, 9, 1))).unwrap();
+        assert_eq!(
+            c.transport,
+            Transport::Echo {
+                id: 9,
+                reply: false
+            }
+        );
+    }
+
+    #[test]
+    fn fragments_first_has_ports_later_does_not() {
+        let mut first = ipv4(A, B, PROTO_UDP, &ports(PROTO_UDP, 1, 2, b"x"));
+        first[6] = 0x20; // MF, offset 0
+        assert_eq!(
+            classify(&first).unwrap().transport,
+            Transport::Ports { src: 1, dst: 2 }
+        );
+        let mut later = ipv4(A, B, PROTO_UDP, b"rest of the datagram");
+        later[6] = 0x00;
+        later[7] = 0xb9; // offset 185 * 8
+        assert_eq!(
+            classify(&later).unwrap().transport,
+            Transport::LaterFragment
+        );
+
+        let s: Ipv6Addr = "fd00::1".parse().unwrap();
+        let frag = [PROTO_TCP, 0, 0x00, 0x08, 0, 0, 0, 1]; // offset 1 (8 bytes)
+        let mut payload = frag.to_vec();
+        payload.extend_from_slice(b"later");
+        let c = classify(&ipv6(s, s, IPV6_FRAGMENT, &payload)).unwrap();
+        assert_eq!(c.proto, PROTO_TCP);
+        assert_eq!(c.transport, Transport::LaterFragment);
+    }
+
+    #[test]
+    fn syns_and_echo_requests_open_flows() {
+        assert!(
+            classify(&syn4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80))
+                .unwrap()
+                .opens_flow
+        );
+        let mut synack = syn4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80);
+        synack[33] = 0x12;
+        assert!(!classify(&synack).unwrap().opens_flow);
+        assert!(
+            classify(&ipv4(A, B, PROTO_ICMP, &echo(false, false, 1, 1)))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&ipv4(A, B, PROTO_ICMP, &echo(false, true, 1, 1)))
+                .unwrap()
+                .opens_flow
+        );
+        assert!(
+            !classify(&ipv4(A, B, PROTO_UDP, &ports(PROTO_UDP, 1, 2, b"")))
+                .unwrap()
+                .opens_flow
+        );
+    }
+
+    #[test]
+    fn unknown_protocol_has_no_ports() {
+        let c = classify(&ipv4(A, B, 47, b"gre!")).unwrap();
+        assert_eq!(c.proto, 47);
+        assert_eq!(c.transport, Transport::NoPorts);
+    }
+
+    #[test]
+    fn malformed_packets() {
+        assert_eq!(classify(&[]), Err(PacketError::Empty));
+        assert_eq!(classify(&[0x50; 40]), Err(PacketError::BadVersion(5)));
+        assert!(matches!(
+            classify(&[0x45; 10]),
+            Err(PacketError::Truncated { .. })
+        ));
+        let mut p = tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        p[0] = 0x44;
+        assert_eq!(classify(&p), Err(PacketError::BadIhl(16)));
+        let mut p = tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        p[2..4].copy_from_slice(&500u16.to_be_bytes());
+        assert!(matches!(classify(&p), Err(PacketError::Truncated { .. })));
+        let mut p = tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        p[2..4].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(
+            classify(&p),
+            Err(PacketError::BadTotalLength {
+                total: 10,
+                header: 20
+            })
+        );
+        // UDP header cut to 2 bytes in an unfragmented packet.
+        let p = ipv4(A, B, PROTO_UDP, &[0, 1]);
+        assert!(matches!(classify(&p), Err(PacketError::Truncated { .. })));
+        // A loop of 20 destination-options headers.
+        let s: Ipv6Addr = "fd00::1".parse().unwrap();
+        let payload: Vec<u8> = (0..20)
+            .flat_map(|_| [IPV6_DEST_OPTS, 0, 0, 0, 0, 0, 0, 0])
+            .collect();
+        assert_eq!(
+            classify(&ipv6(s, s, IPV6_DEST_OPTS, &payload)),
+            Err(PacketError::TooManyExtensionHeaders)
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_beyond_total_length_are_ignored() {
+        let mut p = tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        p.extend_from_slice(&[0xff; 16]);
+        assert!(classify(&p).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn classify_never_panics(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = classify(&data);
+        }
+
+        #[test]
+        fn ports_round_trip(proto in prop::sample::select(vec![PROTO_TCP, PROTO_UDP, PROTO_SCTP]),
+                            s in any::<u16>(), d in any::<u16>(), a in any::<[u8;4]>(), b in any::<[u8;4]>()) {
+            let c = classify(&ipv4(a.into(), b.into(), proto, &ports(proto, s, d, b""))).unwrap();
+            prop_assert_eq!(c.transport, Transport::Ports { src: s, dst: d });
+            prop_assert_eq!(c.src, IpAddr::V4(a.into()));
+        }
+    }
+}
