@@ -71,6 +71,17 @@ impl HandoffError {
     }
 }
 
+/// Why a pod the state directory lists cannot be served again after a restart.
+#[derive(Debug, thiserror::Error)]
+enum Gone {
+    #[error(transparent)]
+    Netns(#[from] keyway_sap::sys::NetnsError),
+    #[error("{0} is now another namespace")]
+    Replaced(String),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+}
+
 fn answer(r: Result<Ack, HandoffError>) -> Ack {
     r.unwrap_or_else(|e| Ack::error(e.code(), e.to_string()))
 }
@@ -366,10 +377,12 @@ impl Agent {
             .open(&record, &attached, netns, self.keys_of(&record))
             .await?;
         self.endpoints.insert(req.attachment.clone(), ep);
-        let (effects, version) = {
+        let attached = {
             let mut s = self.state();
-            (s.attached(&req.attachment, attached), s.version())
+            s.attached(&req.attachment, attached)
+                .map(|e| (e, s.version()))
         };
+        let (effects, version) = attached.inspect_err(|_| self.endpoints.stop(&req.attachment))?;
         self.run(effects).await?;
         // Policy in force, egress rules applied, before the pod is let go.
         self.reconcile(Some(version)).await;
@@ -432,20 +445,16 @@ impl Agent {
     }
 
     /// Re-attaches to one restored record's pod; why not, when it is gone.
-    async fn reattach(&self, r: &Record) -> Result<(), String> {
+    async fn reattach(&self, r: &Record) -> Result<(), Gone> {
         let Some(a) = &r.attached else {
             // Allocated but never handed over: keep the addresses until DEL or GC.
             return Ok(());
         };
-        let netns = Netns::open(&a.netns_path).map_err(|e| e.to_string())?;
+        let netns = Netns::open(&a.netns_path)?;
         if netns.id() != a.netns_id {
-            return Err(format!("{} is now another namespace", a.netns_path));
+            return Err(Gone::Replaced(a.netns_path.clone()));
         }
-        let ep = self
-            .endpoints
-            .open(r, a, netns, self.keys_of(r))
-            .await
-            .map_err(|e| e.to_string())?;
+        let ep = self.endpoints.open(r, a, netns, self.keys_of(r)).await?;
         self.endpoints.insert(r.attachment.clone(), ep);
         Ok(())
     }

@@ -29,7 +29,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 /// The CRDs as one multi-document YAML file.
 pub fn render_yaml() -> String {
     let mut out = String::from(
-        "# Generated from node-agent/src/model.rs by node-agent/src/crds.rs; do not edit.\n\
+        "# Generated from node-agent/src/model/resources.rs by node-agent/src/crds.rs; do not edit.\n\
          # Regenerate: UPDATE_MANIFESTS=1 cargo test -p keyway-agent --lib crds\n",
     );
     for crd in all() {

@@ -165,16 +165,19 @@ impl State {
         Ok(r.clone())
     }
 
-    /// The pod was handed over and its endpoint runs: record where, and publish it.
-    pub fn attached(&mut self, att: &Attachment, attached: Attached) -> Vec<Effect> {
-        let Some(r) = self.records.get_mut(att) else {
-            return Vec::new();
-        };
+    /// The pod was handed over and its endpoint runs: record where, and publish it. Refused
+    /// when the allocation is gone meanwhile (a DEL that raced the ADD).
+    pub fn attached(
+        &mut self,
+        att: &Attachment,
+        attached: Attached,
+    ) -> Result<Vec<Effect>, Refused> {
+        let r = self.records.get_mut(att).ok_or(Refused::NotAllocated)?;
         r.attached = Some(attached);
         self.version += 1;
         let mut effects = vec![Effect::Save(r.clone())];
         effects.extend(self.publication(att).map(Effect::Publish));
-        effects
+        Ok(effects)
     }
 
     /// What other agents should know of an attached pod.
@@ -353,7 +356,7 @@ mod tests {
         };
         assert_eq!(s.check_add(&wrong), Err(Refused::OtherNetworks));
         assert!(s.locals().is_empty(), "allocated is not attached");
-        let effects = s.attached(&att(1), attached());
+        let effects = s.attached(&att(1), attached()).unwrap();
         assert_eq!(s.version(), 1);
         assert!(matches!(&effects[0], Effect::Save(r) if r.attached.is_some()));
         assert!(
@@ -370,7 +373,7 @@ mod tests {
         let (mut s, nets) = state();
         for i in [1, 2] {
             s.allocate(&alloc(i, "a"), &nets).unwrap();
-            s.attached(&att(i), attached());
+            s.attached(&att(i), attached()).unwrap();
         }
         let (_, effects) = s.forget(&att(1), false).unwrap();
         assert!(

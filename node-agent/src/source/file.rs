@@ -64,6 +64,19 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Why the directory cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot create {dir}: {source}", dir = dir.display())]
+    Create {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch for changes (inotify): {0}")]
+    Notify(#[from] notify::Error),
+}
+
 /// Why a file does not parse: which document (counting from 1), and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
@@ -203,25 +216,26 @@ impl FileSource {
     pub fn spawn(
         mut self,
         resync: Duration,
-    ) -> std::io::Result<(watch::Receiver<Arc<Model>>, Arc<SourceStats>)> {
+    ) -> Result<(watch::Receiver<Arc<Model>>, Arc<SourceStats>), WatchError> {
         use notify::{RecursiveMode, Watcher};
-        std::fs::create_dir_all(&self.dir)?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| WatchError::Create {
+            dir: self.dir.clone(),
+            source,
+        })?;
         let stats = self.stats.clone();
         let (tx, rx) = watch::channel(Arc::new(self.load()));
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            // Only changes count: opening and reading the files (as every reload does, in every
-            // agent sharing the directory) must not trigger another reload.
-            if let Ok(ev) = res
-                && (ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove())
-            {
-                let _ = ev_tx.send(());
-            }
-        })
-        .map_err(std::io::Error::other)?;
-        watcher
-            .watch(&self.dir, RecursiveMode::Recursive)
-            .map_err(std::io::Error::other)?;
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // Only changes count: opening and reading the files (as every reload does, in every
+                // agent sharing the directory) must not trigger another reload.
+                if let Ok(ev) = res
+                    && (ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove())
+                {
+                    let _ = ev_tx.send(());
+                }
+            })?;
+        watcher.watch(&self.dir, RecursiveMode::Recursive)?;
         tokio::spawn(async move {
             let _watcher = watcher;
             loop {
