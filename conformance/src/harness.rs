@@ -152,7 +152,7 @@ impl AgentProc {
         self.wait_ready(Duration::from_secs(15));
     }
 
-    /// GETs a path of the admin endpoint (from inside the node's namespace).
+    /// GETs a path of the admin server (from inside the node's namespace).
     pub fn get(&self, path: &str) -> (u16, String) {
         let admin = self.admin;
         let stream = self

@@ -1,4 +1,4 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process serves), `/readyz`
+//! The admin server: `/metrics` (Prometheus text), `/healthz` (the process serves), `/readyz`
 //! (state synced and pods re-attached), `/debug/attachments` (what the agent serves, as JSON).
 
 use std::convert::Infallible;

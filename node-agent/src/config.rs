@@ -73,7 +73,7 @@ pub struct Args {
     /// Where attachment records are kept across restarts.
     #[arg(long, env = "KEYWAY_STATE_DIR", default_value = "/var/lib/keyway")]
     pub state_dir: PathBuf,
-    /// The admin endpoint: /metrics, /healthz, /readyz.
+    /// The admin server: /metrics, /healthz, /readyz.
     #[arg(long, env = "KEYWAY_ADMIN", default_value = "127.0.0.1:9464")]
     pub admin: SocketAddr,
     /// The node's address, where its SaP listens (default: the source address of the default

@@ -6,7 +6,7 @@
 //!   transitions that return effects), [`records`] (the state on disk), `endpoints` (the L3
 //!   endpoints run for pods), [`agent`] (which drives them all), [`server`] (the plugin's socket);
 //! - the cluster again, in the background: [`cluster`] (publications, taint, reclaims,
-//!   EndpointSlices), [`slices`], [`kube_node`], [`crds`];
+//!   EndpointSlices), `slices`, [`kube_node`], [`crds`];
 //! - the operator: [`config`], [`metrics`], [`admin`].
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,6 @@ pub mod model;
 pub mod policy;
 pub mod records;
 pub mod server;
-pub mod slices;
+mod slices;
 pub mod source;
 mod state;

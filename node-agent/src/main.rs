@@ -1,6 +1,6 @@
 //! `keyway-agent`: one per node. Validates its configuration (exit 64 when it cannot be used),
 //! checks its privileges (exit 77 naming the missing capability), restores the pods it served,
-//! then serves the plugin, the pods and the admin endpoint.
+//! then serves the plugin, the pods and the admin server.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};

@@ -233,7 +233,7 @@ fn run(cmd: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// GETs the admin endpoint of the agent in namespace `netns`.
+/// GETs the admin server of the agent in namespace `netns`.
 pub fn agent_get(netns: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let ns = keyway_sap::sys::Netns::open(format!("/var/run/netns/{netns}"))?;
     let addr: SocketAddr = AGENT_ADMIN.parse().expect("valid");

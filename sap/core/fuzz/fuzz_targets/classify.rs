@@ -8,7 +8,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(c) = classify(data) {
         assert_eq!(c.src.is_ipv4(), data[0] >> 4 == 4);
         if c.opens_flow {
-            assert!(matches!(c.transport, Transport::Ports { .. } | Transport::Echo { reply: false, .. }));
+            assert!(matches!(
+                c.transport,
+                Transport::Ports { .. } | Transport::Echo { reply: false, .. }
+            ));
         }
     }
 });

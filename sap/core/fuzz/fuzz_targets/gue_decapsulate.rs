@@ -25,11 +25,29 @@ fn world() -> &'static World {
         let a = acl.identity(Isolation::default());
         let b = acl.identity(Isolation::default());
         let mut fib = Fib::builder();
-        for (net, id, key, infra) in [("100.64.0.1/32", a, 1, "10.0.0.1:6080"), ("100.64.0.2/32", b, 2, "10.0.0.2:6080"), ("fd00::2/128", b, 2, "10.0.0.2:6080")] {
-            fib.insert(net.parse().unwrap(), Route { entity: "x".into(), identity: id, keys: KeyRing::Static(Key(key)), infra: infra.parse().unwrap(), sap: None }).unwrap();
+        for (net, id, key, infra) in [
+            ("100.64.0.1/32", a, 1, "10.0.0.1:6080"),
+            ("100.64.0.2/32", b, 2, "10.0.0.2:6080"),
+            ("fd00::2/128", b, 2, "10.0.0.2:6080"),
+        ] {
+            fib.insert(
+                net.parse().unwrap(),
+                Route {
+                    entity: "x".into(),
+                    identity: id,
+                    keys: KeyRing::Static(Key(key)),
+                    infra: infra.parse().unwrap(),
+                    sap: None,
+                },
+            )
+            .unwrap();
         }
         World {
-            tables: Tables { fib: fib.build(), acl: acl.build(), ..Default::default() },
+            tables: Tables {
+                fib: fib.build(),
+                acl: acl.build(),
+                ..Default::default()
+            },
             local: LocalEndpoint {
                 entity: "b".into(),
                 overlay_ips: vec!["100.64.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
