@@ -8,15 +8,15 @@ use std::net::IpAddr;
 use std::os::fd::AsFd;
 
 use ipnetwork::IpNetwork;
+use keyway_protocol::firewall::steer_rule;
 use keyway_sap::io::endpoint::{self, DeviceSpec};
+use keyway_sap::io::netlink::NetlinkError;
 use keyway_sap::io::{netlink, nft};
 use keyway_sap::sys::{Netns, NetnsError};
 
 use crate::config::NetConf;
-use crate::spec::{
-    CniError, CniResult, Code, Environment, Interface, IpConfig, RouteConfig, Version,
-};
-use keyway_protocol::firewall::{self, Egress, PodFirewall};
+use crate::spec::{CniError, CniResult, Code, Environment, Interface, RouteConfig, Version};
+use keyway_protocol::firewall::{self, PodFirewall, PodRules};
 use keyway_protocol::handoff::{
     AddRequest, AllocateRequest, Attachment, AttachmentRequest, Client, ClientError, NetworkGrant,
     PodRef, Request,
@@ -117,20 +117,66 @@ fn node_addresses(conf: &NetConf, prev: &CniResult) -> Vec<IpNetwork> {
     v
 }
 
-fn firewall_of(conf: &NetConf, grants: &[NetworkGrant], nodes: Vec<IpNetwork>) -> PodFirewall {
+fn firewall_of(
+    conf: &NetConf,
+    grants: &[NetworkGrant],
+    pod_ip: IpAddr,
+    nodes: Vec<IpNetwork>,
+) -> PodFirewall {
     PodFirewall {
         overlay_devices: grants.iter().map(|g| g.device.clone()).collect(),
+        pod_ip,
         gue_port: conf.gue_port,
         node_addresses: nodes,
     }
 }
 
-/// Undoes a partial ADD unless disarmed: devices, the table, the agent's allocation.
+/// Routes what the pod's table marks for the overlay (traffic to protected pods' pod IPs, of the
+/// pod IP's family) into `device`: a table whose only route is the device, and a routing rule by
+/// mark. The pod's strict reverse-path filter, if set, becomes loose: steered replies arrive on
+/// the overlay device from pod IPs the main table routes through `eth0`.
+fn steer(netns: &Netns, device: &str, v6: bool) -> Result<(), NetlinkError> {
+    let device = device.to_string();
+    netns
+        .run(|| loose_rp_filter(&device, v6))?
+        .map_err(NetlinkError::Socket)?;
+    netlink::in_netns(netns, async move |nl| {
+        let link = nl.require_link(&device).await?;
+        nl.ensure_default_route(v6, firewall::STEER_TABLE, link.index)
+            .await?;
+        nl.ensure_mark_rule(steer_rule(v6)).await
+    })
+}
+
+/// Inside the pod's namespace: IPv4's reverse-path filter at most loose (the effective value is
+/// the larger of `all` and the device's); IPv6 on `device` when it carries the pod IP's family.
+fn loose_rp_filter(device: &str, v6: bool) -> std::io::Result<()> {
+    if v6 {
+        let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(device);
+        return match conf.exists() {
+            true => std::fs::write(conf.join("disable_ipv6"), "0"),
+            false => Ok(()),
+        };
+    }
+    let all = "/proc/sys/net/ipv4/conf/all/rp_filter";
+    match std::fs::read_to_string(all) {
+        Ok(v) if v.trim() == "1" => std::fs::write(all, "2"),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the steering rules of both families; what is not there is fine.
+fn unsteer(netns: &Netns) -> Result<(), NetlinkError> {
+    firewall::unsteer(netns)
+}
+
+/// Undoes a partial ADD unless disarmed: devices, steering, the table, the agent's allocation.
 struct Rollback<'a> {
     netns: &'a Netns,
     client: &'a Client,
     attachment: Attachment,
     devices: Vec<String>,
+    steered: bool,
     table: bool,
     armed: bool,
 }
@@ -152,6 +198,11 @@ impl Drop for Rollback<'_> {
                     tracing::warn!(error = %e, "rollback: cannot enter the namespace to remove the table")
                 }
             }
+        }
+        if self.steered
+            && let Err(e) = unsteer(self.netns)
+        {
+            tracing::warn!(error = %e, "rollback: cannot remove the steering rules");
         }
         for d in &self.devices {
             if let Err(e) = endpoint::remove(self.netns, d) {
@@ -190,6 +241,7 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
         client: &client,
         attachment: attachment.clone(),
         devices: vec![],
+        steered: false,
         table: false,
         armed: true,
     };
@@ -230,8 +282,18 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
         endpoint::provision(&netns, &spec)
             .map_err(|e| other(&format!("cannot provision {}", g.device), e))?;
     }
+    // Pod IPs of the pod IP's family go into the overlay device of that family, or the first.
+    let steer_dev = grants
+        .iter()
+        .find(|g| g.address.is_ipv4() == infra.is_ipv4())
+        .or(grants.first());
+    if let Some(g) = steer_dev {
+        rollback.steered = true;
+        steer(&netns, &g.device, infra.is_ipv6())
+            .map_err(|e| other("cannot steer pod IPs into the overlay", e))?;
+    }
     let nodes = node_addresses(&inv.conf, prev);
-    let table = firewall_of(&inv.conf, &grants, nodes.clone()).table(&Egress::Closed);
+    let table = firewall_of(&inv.conf, &grants, infra, nodes.clone()).table(&PodRules::closed());
     rollback.table = true;
     netns
         .run(|| nft::Socket::open()?.replace_table(&table))
@@ -253,6 +315,10 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
     rollback.armed = false;
     drop(rollback);
 
+    // The result names the devices keyway made, but not their overlay addresses: upstream
+    // plugins' CHECK (bridge's, ptp's) matches every address of the result against their own
+    // interface, and the pod IP the runtime reports stays the primary's. The overlay addresses
+    // are the agent's to publish.
     let mut result = prev.clone();
     for g in &grants {
         result.interfaces.push(Interface {
@@ -260,13 +326,6 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
             sandbox: inv.env.netns.clone(),
             mtu: Some(mtu),
             ..Default::default()
-        });
-        let idx = result.interfaces.len() - 1;
-        result.ips.push(IpConfig {
-            address: g.address,
-            gateway: None,
-            interface: Some(idx),
-            version: None,
         });
         for r in &g.routes {
             result.routes.push(RouteConfig {
@@ -321,6 +380,7 @@ pub fn del(inv: &Invocation) -> Result<(), CniError> {
         Err(NetnsError::Open { .. }) => return Ok(()),
         Err(e) => return Err(netns_error(&inv.env.netns, e)),
     };
+    unsteer(&netns).map_err(|e| other("cannot remove the steering rules", e))?;
     for d in our_devices(inv.conf.prev_result.as_ref(), &inv.env.netns, &released) {
         endpoint::remove(&netns, &d).map_err(|e| other(&format!("cannot remove {d}"), e))?;
     }
@@ -381,6 +441,18 @@ pub fn check(inv: &Invocation) -> Result<(), CniError> {
         return Err(CniError::new(
             Code::Other,
             "keyway's nftables table is missing from the pod",
+        ));
+    }
+    let steered =
+        netlink::in_netns(&netns, async move |nl| {
+            Ok(nl.has_mark_rule(steer_rule(false)).await?
+                || nl.has_mark_rule(steer_rule(true)).await?)
+        })
+        .map_err(|e| other("cannot read the pod's routing rules", e))?;
+    if !grants.is_empty() && !steered {
+        return Err(CniError::new(
+            Code::Other,
+            "the routing rule that steers pod IPs into the overlay is missing",
         ));
     }
     Ok(())

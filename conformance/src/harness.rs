@@ -402,7 +402,7 @@ impl TestCluster {
             .map_or(0.0, |e| e.elapsed_ms);
         TestPod {
             add_keyway_ms,
-            overlay_ip: ip_of(&result, "kw0"),
+            overlay_ip: self.overlay_ip(node, &rt.container_id),
             infra_ip: ip_of(&result, "eth0"),
             netns,
             namespace: namespace.into(),
@@ -412,6 +412,20 @@ impl TestCluster {
             list,
             result,
         }
+    }
+
+    /// The overlay address the agent of `node` gave an attachment (the plugin's result names the
+    /// device, not the address: see cni-plugin/README.md).
+    fn overlay_ip(&self, node: usize, container_id: &str) -> String {
+        let att = self.agent(node).attachments();
+        att["attachments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["containerId"] == container_id)
+            .and_then(|a| a["overlayIps"][0].as_str())
+            .unwrap_or_else(|| panic!("{container_id} has no overlay address: {att}"))
+            .to_string()
     }
 
     /// Deletes a pod through the chain (DEL in reverse order) and removes its object.
@@ -430,6 +444,40 @@ impl TestPod {
             .exec(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "1", to])
             .status
             .success()
+    }
+
+    /// `ping` from this pod's `eth0` (SO_BINDTODEVICE), around keyway's steering, as a workload
+    /// trying to bypass it would.
+    pub fn ping_bypassing(&self, to: &str, count: u32) -> bool {
+        self.netns
+            .exec(&[
+                "ping",
+                "-I",
+                "eth0",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                to,
+            ])
+            .status
+            .success()
+    }
+
+    /// The packets the pod's table dropped as service traffic that did not come over the overlay.
+    pub fn bypass_drops(&self) -> u64 {
+        let table = self
+            .netns
+            .sh(&["nft", "list", "chain", "inet", "keyway", "input"]);
+        table
+            .lines()
+            .find(|l| l.contains("did not come over the overlay"))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     /// A TCP exchange with `to:port`, where `server` listens (on all its addresses).

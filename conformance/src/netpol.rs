@@ -74,8 +74,9 @@ impl Probe {
     pub fn via(&self) -> anyhow::Result<Via> {
         match self.via.as_deref() {
             None | Some("overlay") => Ok(Via::Overlay),
+            Some("pod-ip") => Ok(Via::PodIp),
             Some("underlay") => Ok(Via::Underlay),
-            Some(v) => bail!("probe via {v:?}: expected overlay or underlay"),
+            Some(v) => bail!("probe via {v:?}: expected overlay, pod-ip or underlay"),
         }
     }
 
@@ -353,9 +354,9 @@ pub struct Outcome {
     pub failures: Vec<String>,
 }
 
-fn mismatch(case: &Case, step: usize, p: &Probe, got: &Matrix, want: &Matrix) -> String {
+fn mismatch(case: &Case, step: usize, p: &Probe, via: Via, got: &Matrix, want: &Matrix) -> String {
     format!(
-        "{} (step {}, {} {}{}): {}\nexpected:\n{}got:\n{}",
+        "{} (step {}, {} {} via {via:?}): {}\nexpected:\n{}got:\n{}",
         case.file
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -363,10 +364,6 @@ fn mismatch(case: &Case, step: usize, p: &Probe, got: &Matrix, want: &Matrix) ->
         step + 1,
         p.protocol,
         p.port,
-        p.via
-            .as_deref()
-            .map(|v| format!(" via {v}"))
-            .unwrap_or_default(),
         got.diff(want).join(", "),
         want,
         got
@@ -393,7 +390,8 @@ pub fn simulate(case: &Case, base: &str) -> anyhow::Result<Outcome> {
             let want = p.expected()?;
             let got = sim.probe(p.port, &p.protocol)?;
             if !got.diff(&want).is_empty() {
-                out.failures.push(mismatch(case, i, p, &got, &want));
+                out.failures
+                    .push(mismatch(case, i, p, Via::Overlay, &got, &want));
             }
         }
     }
@@ -487,13 +485,20 @@ pub fn run_in_lab(
             lab.delete_object(&r.kind, &r.namespace, &r.name)?;
         }
         for p in &step.probes {
-            out.probes += 1;
             let want = p.expected()?;
-            let (got, attempts) = probe_until(lab, p.port, &p.protocol, p.via()?, &want, how)?;
-            if !got.diff(&want).is_empty() {
-                out.failures.push(mismatch(case, i, p, &got, &want));
-            } else if attempts > 1 {
-                out.retried += 1;
+            // A truth table for the overlay holds for pod IPs too: they travel the overlay.
+            let ways = match p.via()? {
+                Via::Overlay => vec![Via::Overlay, Via::PodIp],
+                via => vec![via],
+            };
+            for via in ways {
+                out.probes += 1;
+                let (got, attempts) = probe_until(lab, p.port, &p.protocol, via, &want, how)?;
+                if !got.diff(&want).is_empty() {
+                    out.failures.push(mismatch(case, i, p, via, &got, &want));
+                } else if attempts > 1 {
+                    out.retried += 1;
+                }
             }
         }
     }

@@ -26,14 +26,22 @@ fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() 
     assert!(b.ping(&a.overlay_ip, 3), "b reaches a over the overlay");
     a.tcp(&b, &b.overlay_ip, 8080)
         .expect("TCP over the overlay");
-    // The underlay is closed: service traffic reaches a pod only over the overlay.
+    // By pod IP too: a's traffic to b's pod IP is steered into the overlay.
     assert!(
-        !a.ping(&b.infra_ip, 2),
-        "ping to b's infrastructure IP is dropped in b"
+        a.ping(&b.infra_ip, 2),
+        "a reaches b's pod IP, over the overlay"
+    );
+    a.tcp(&b, &b.infra_ip, 8081)
+        .expect("TCP to b's pod IP, over the overlay");
+    // Around keyway — from a's eth0 — nothing arrives: b drops it, and counts it.
+    let drops = b.bypass_drops();
+    assert!(
+        !a.ping_bypassing(&b.infra_ip, 2),
+        "ping from eth0 to b's pod IP is dropped in b"
     );
     assert!(
-        a.tcp(&b, &b.infra_ip, 8081).is_err(),
-        "TCP to b's infrastructure IP is dropped"
+        b.bypass_drops() >= drops + 2,
+        "b's table counted the bypass"
     );
 
     // A workload cannot speak GUE itself: datagrams from a's own socket to b's endpoint port
@@ -77,7 +85,11 @@ fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() 
     );
     assert!(!a.ping(&b.overlay_ip, 2));
     assert!(
-        agent.metric(series) >= before + 2.0,
+        !a.ping(&b.infra_ip, 2),
+        "denied by pod IP as by overlay address"
+    );
+    assert!(
+        agent.metric(series) >= before + 4.0,
         "drops counted by reason:\n{}",
         agent.metrics()
     );

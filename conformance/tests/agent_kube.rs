@@ -319,17 +319,13 @@ fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_
     let rt = runtime(&scratch, &node, &pod, "web-1");
     let (execs, result) = list.add(&rt);
     let result = result.unwrap_or_else(|| panic!("ADD failed: {execs:#?}\n{}", agent.log()));
-    let overlay_ip = result["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|ip| ip["address"].as_str().unwrap())
-        .find(|a| a.starts_with("100."))
-        .expect("an overlay address in the result")
-        .split('/')
-        .next()
-        .unwrap()
+    let attachments = agent.get("/debug/attachments").expect("the admin server").1;
+    let attachments: Value = serde_json::from_str(&attachments).unwrap();
+    let overlay_ip = attachments["attachments"][0]["overlayIps"][0]
+        .as_str()
+        .expect("an overlay address")
         .to_string();
+    assert!(overlay_ip.starts_with("100."), "{overlay_ip}");
 
     // The address comes from a block this node claimed through the API server.
     let blocks = api.objects("overlayblocks");

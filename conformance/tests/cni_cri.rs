@@ -138,32 +138,43 @@ fn containerd_runs_the_chain_through_cri() {
         "containerd's namespace: {netns_a}"
     );
 
-    // b probes a over the overlay, and over the underlay (blocked by a's nftables).
-    let probe = |cri: &mut Cri, target: &str| {
+    // b probes a over the overlay, by pod IP (steered into the overlay), and from its eth0 around
+    // keyway (blocked by a's nftables).
+    let probe = |cri: &mut Cri, target: &str, extra: &[&str]| {
+        let mut cmd: Vec<String> = [
+            "/agnhost",
+            "probe",
+            "--protocol",
+            "TCP",
+            "--timeout-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec();
+        cmd.extend(extra.iter().map(|s| s.to_string()));
+        cmd.push(target.into());
         let (code, out, err) = cri
-            .exec_sync(
-                &sandboxes[1].1,
-                &[
-                    "/agnhost".into(),
-                    "probe".into(),
-                    "--protocol".into(),
-                    "TCP".into(),
-                    "--timeout-ms".into(),
-                    "1000".into(),
-                    target.into(),
-                ],
-                Duration::from_secs(10),
-            )
+            .exec_sync(&sandboxes[1].1, &cmd, Duration::from_secs(10))
             .unwrap();
         assert_eq!(code, 0, "{err}");
         out
     };
     std::thread::sleep(Duration::from_millis(300));
-    let out = probe(&mut cri, &format!("{oa}:80"));
+    let out = probe(&mut cri, &format!("{oa}:80"), &[]);
     assert!(out.contains(" ok"), "b reaches a over the overlay: {out}");
-    let infra_a = cri.pod_ips(&sandboxes[0].0).unwrap()[0].clone();
-    let out = probe(&mut cri, &format!("{infra_a}:80"));
-    assert!(out.contains(" fail"), "the underlay is closed: {out}");
+    let pod_ips = cri.pod_ips(&sandboxes[0].0).unwrap();
+    assert!(
+        pod_ips.iter().all(|ip| !ip.starts_with("100.64.")),
+        "the runtime reports the primary's pod IP, not the overlay's: {pod_ips:?}"
+    );
+    let infra_a = pod_ips[0].clone();
+    let out = probe(&mut cri, &format!("{infra_a}:80"), &[]);
+    assert!(out.contains(" ok"), "b reaches a by pod IP: {out}");
+    let out = probe(&mut cri, &format!("{infra_a}:80"), &["--device", "eth0"]);
+    assert!(
+        out.contains(" fail"),
+        "around keyway, from eth0, it is closed: {out}"
+    );
     let _ = ob;
 
     // Stop (DEL with the namespace), then remove (DEL without it), as kubelet does.

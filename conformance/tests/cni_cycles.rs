@@ -1,6 +1,6 @@
 //! 200 ADD/DEL cycles through the real chain leave nothing behind: no overlay device, no nftables
-//! table, no IP allocation (keyway's or host-local's), no state file, no agent record, no published
-//! attachment.
+//! table, no routing rule, no IP allocation (keyway's or host-local's), no state file, no agent
+//! record, no published attachment.
 
 use std::path::Path;
 
@@ -34,6 +34,7 @@ fn two_hundred_add_del_cycles_leave_nothing_behind() {
         let name = format!("p{}", i % 7);
         let pod = c.pod(1, "cyc", &name, &[("app", "cyc")]);
         assert!(pod.netns.sh(&["ip", "link", "show", "kw0"]).contains("kw0"));
+        assert!(pod.netns.sh(&["ip", "rule"]).contains("lookup 6080"));
         c.delete(&pod);
         assert!(
             !pod.netns
@@ -48,6 +49,10 @@ fn two_hundred_add_del_cycles_leave_nothing_behind() {
                 .status
                 .success(),
             "cycle {i}: nftables table left behind"
+        );
+        assert!(
+            !pod.netns.sh(&["ip", "rule"]).contains("6080"),
+            "cycle {i}: steering rule left behind"
         );
     }
     eprintln!(
@@ -83,4 +88,5 @@ fn two_hundred_add_del_cycles_leave_nothing_behind() {
     let a = c.pod(1, "cyc", "x", &[("app", "x")]);
     let b = c.pod(1, "cyc", "y", &[("app", "y")]);
     assert!(a.ping(&b.overlay_ip, 2));
+    assert!(a.ping(&b.infra_ip, 2), "and by pod IP, through the overlay");
 }

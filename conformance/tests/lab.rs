@@ -112,6 +112,9 @@ fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
         let d = got.diff(&expected(file));
         assert!(d.is_empty(), "{proto} over the overlay: {d:?}\n{got}");
     }
+    let got = lab.probe(80, "TCP", Via::PodIp, t).unwrap();
+    let d = got.diff(&expected("pod-ip-TCP-80.txt"));
+    assert!(d.is_empty(), "TCP by pod IP: {d:?}\n{got}");
     let got = lab.probe(80, "TCP", Via::Underlay, t).unwrap();
     let d = got.diff(&expected("underlay-TCP-80.txt"));
     assert!(d.is_empty(), "TCP via the underlay: {d:?}\n{got}");

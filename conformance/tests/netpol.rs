@@ -134,19 +134,21 @@ fn the_upstream_cases_pass_in_the_lab() {
     assert_eq!(names.len(), 9, "x, y, z × a, b, c");
     let how = LabProbing::default();
 
-    // No policy: everything reaches everything over the overlay, on every port and protocol...
+    // No policy: everything reaches everything over the overlay, by overlay address and by pod
+    // IP, on every port and protocol...
     for proto in ["TCP", "UDP", "SCTP"] {
         for port in [80, 81] {
             let want = netpol::all_connected(&names);
-            let (got, _) =
-                netpol::probe_until(&lab, port, proto, Via::Overlay, &want, how).unwrap();
-            assert!(
-                got.diff(&want).is_empty(),
-                "{proto} {port} over the overlay:\n{got}"
-            );
+            for via in [Via::Overlay, Via::PodIp] {
+                let (got, _) = netpol::probe_until(&lab, port, proto, via, &want, how).unwrap();
+                assert!(
+                    got.diff(&want).is_empty(),
+                    "{proto} {port} via {via:?}:\n{got}"
+                );
+            }
         }
     }
-    // ... and nothing reaches anything over the underlay.
+    // ... and nothing reaches anything around keyway (from eth0, by pod IP).
     let closed = netpol::nothing_connected(&names);
     for proto in ["TCP", "UDP", "SCTP"] {
         let got = lab

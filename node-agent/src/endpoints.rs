@@ -13,7 +13,7 @@ use keyway_core::engine::LocalEndpoint;
 use keyway_core::flow::{FlowTable, FlowTimeouts};
 use keyway_core::key::KeyRing;
 use keyway_core::tables::{SharedLocal, SharedTables};
-use keyway_protocol::firewall::{self, Egress, PodFirewall};
+use keyway_protocol::firewall::{self, Egress, PodFirewall, PodRules};
 use keyway_protocol::handoff::Attachment;
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, EndpointError, Running};
@@ -50,8 +50,8 @@ pub struct Endpoint {
     running: Running,
     nft: Arc<Mutex<nft::Socket>>,
     firewall: PodFirewall,
-    /// The egress rules last applied; `None` when unknown (re-apply).
-    applied: Option<Egress>,
+    /// The rules last applied; `None` when unknown (re-apply).
+    applied: Option<PodRules>,
     netns: Netns,
 }
 
@@ -65,8 +65,8 @@ impl Endpoint {
     }
 }
 
-/// An egress change to apply: the attachment, its firewall socket, the table, the rules.
-type EgressChange = (Attachment, Arc<Mutex<nft::Socket>>, nft::Table, Egress);
+/// A firewall change to apply: the attachment, its firewall socket, the table, the rules.
+type FirewallChange = (Attachment, Arc<Mutex<nft::Socket>>, nft::Table, PodRules);
 
 /// Every endpoint this agent runs, by attachment.
 #[derive(Debug)]
@@ -142,10 +142,11 @@ impl Endpoints {
             nft: Arc::new(Mutex::new(sock)),
             firewall: PodFirewall {
                 overlay_devices: record.networks.iter().map(|g| g.device.clone()).collect(),
+                pod_ip: attached.infra_ip,
                 gue_port: self.gue_port,
                 node_addresses: attached.node_addresses.clone(),
             },
-            applied: Some(Egress::Closed),
+            applied: Some(PodRules::closed()),
             netns,
         })
     }
@@ -168,7 +169,9 @@ impl Endpoints {
 
     /// The egress rules last applied to the attachment's pod, for `/debug`.
     pub fn applied(&self, att: &Attachment) -> Option<Egress> {
-        self.map().get(att).and_then(|e| e.applied.clone())
+        self.map()
+            .get(att)
+            .and_then(|e| Some(e.applied.as_ref()?.egress.clone()))
     }
 
     pub fn len(&self) -> usize {
@@ -190,6 +193,7 @@ impl Endpoints {
         let Endpoint { netns, running, .. } = ep;
         drop(running);
         let _ = tokio::task::spawn_blocking(move || {
+            let _ = firewall::unsteer(&netns);
             for d in &devices {
                 let _ = endpoint::remove(&netns, d);
             }
@@ -201,9 +205,9 @@ impl Endpoints {
         .await;
     }
 
-    /// Gives every endpoint its current keys from a compile, and returns the pods whose egress
-    /// rules differ from those applied.
-    fn refresh(&self, compiled: &Compiled) -> Vec<EgressChange> {
+    /// Gives every endpoint its current keys from a compile, and returns the pods whose rules
+    /// (egress policy, steered pod IPs) differ from those applied.
+    fn refresh(&self, compiled: &Compiled) -> Vec<FirewallChange> {
         let mut changes = Vec::new();
         for (att, ep) in self.map().iter_mut() {
             if let Some(keys) = compiled.local_keys.get(&ep.entity) {
@@ -214,11 +218,14 @@ impl Endpoints {
                     ep.local.publish(next);
                 }
             }
-            let want = compiled
-                .egress
-                .get(&ep.entity)
-                .cloned()
-                .unwrap_or(Egress::Open);
+            let want = PodRules {
+                egress: compiled
+                    .egress
+                    .get(&ep.entity)
+                    .cloned()
+                    .unwrap_or(Egress::Open),
+                peers: compiled.pod_ips.clone(),
+            };
             if ep.applied.as_ref() != Some(&want) {
                 changes.push((att.clone(), ep.nft.clone(), ep.firewall.table(&want), want));
             }
@@ -227,7 +234,8 @@ impl Endpoints {
     }
 
     /// Brings every endpoint's keys and firewall in line with a compile; how many firewalls
-    /// could not be updated (they are tried again at the next compile).
+    /// could not be updated (they are tried again at the next compile). A pod's firewall holds
+    /// every protected pod's pod IP, so a change of the protected pods rewrites each one.
     pub async fn apply(&self, compiled: &Compiled) -> usize {
         let changes = self.refresh(compiled);
         if changes.is_empty() {

@@ -1,18 +1,57 @@
 //! The nf_tables encoder against the kernel: a table built here must be accepted and must read back
 //! through `nft list` as the rules we meant.
 
-use keyway_sap::io::nft::{Chain, Family, Hook, Policy, Rule, Socket, Table, Verdict, ct_state};
+use std::net::IpAddr;
+
+use keyway_sap::io::nft::{
+    Chain, ChainKind, Family, Hook, Policy, Rule, Set, Socket, Table, Verdict, ct_state,
+};
 use keyway_testing::{TestNetns, privileged};
 
+fn peers(n: u32) -> Set {
+    Set {
+        name: "peers4".into(),
+        ipv6: false,
+        id: 1,
+        elements: (0..n)
+            .map(|i| IpAddr::V4((0x0af4_0000 + i).into()))
+            .collect(),
+    }
+}
+
 fn table() -> Table {
+    let peers4 = peers(3);
+    let peers6 = Set {
+        name: "peers6".into(),
+        ipv6: true,
+        id: 2,
+        elements: vec!["fd00::1".parse().unwrap()],
+    };
+    let steer = Chain {
+        kind: ChainKind::Route,
+        ..Chain::base(
+            "steer",
+            Hook::Output,
+            -150,
+            Policy::Accept,
+            vec![
+                Rule::new().daddr_in(&peers4).or_mark(0x10000),
+                Rule::new().daddr_in(&peers6).or_mark(0x10000),
+                Rule::new().mark_bits(0x10000).counter().accept(),
+            ],
+        )
+    };
     Table {
         family: Family::Inet,
         name: "keyway".into(),
+        sets: vec![peers4, peers6],
         chains: vec![
-            Chain {
-                name: "input".into(),
-                hook: Some((Hook::Input, -10, Policy::Accept)),
-                rules: vec![
+            Chain::base(
+                "input",
+                Hook::Input,
+                -10,
+                Policy::Accept,
+                vec![
                     Rule::new().iifname("lo").accept().comment("loopback"),
                     Rule::new()
                         .ct_state(ct_state::ESTABLISHED | ct_state::RELATED)
@@ -23,19 +62,20 @@ fn table() -> Table {
                     Rule::new().l4proto(58).icmp_type_range(133, 137).accept(),
                     Rule::new().counter().drop_(),
                 ],
-            },
-            Chain {
-                name: "output".into(),
-                hook: Some((Hook::Output, -10, Policy::Accept)),
-                rules: vec![
+            ),
+            Chain::base(
+                "output",
+                Hook::Output,
+                -10,
+                Policy::Accept,
+                vec![
                     Rule::new().mark(0x6b77).l4proto(17).sport(6080).accept(),
                     Rule::new().verdict(Verdict::Jump("egress".into())),
                 ],
-            },
-            Chain {
-                name: "egress".into(),
-                hook: None,
-                rules: vec![
+            ),
+            Chain::regular(
+                "egress",
+                vec![
                     Rule::new()
                         .daddr("192.168.0.0/16".parse().unwrap())
                         .l4proto(6)
@@ -45,7 +85,8 @@ fn table() -> Table {
                         .daddr("192.168.5.0/24".parse().unwrap())
                         .verdict(Verdict::Return),
                 ],
-            },
+            ),
+            steer,
         ],
     }
 }
@@ -75,6 +116,15 @@ fn tables_round_trip_through_the_kernel() {
         "jump egress",
         "ip daddr 192.168.0.0/16 tcp dport 80-81 accept",
         "ip daddr 192.168.5.0/24 return",
+        "type ipv4_addr",
+        "elements = { 10.244.0.0, 10.244.0.1,",
+        "10.244.0.2 }",
+        "type ipv6_addr",
+        "elements = { fd00::1 }",
+        "type route hook output priority mangle; policy accept;",
+        "ip daddr @peers4 meta mark set meta mark | 0x00010000",
+        "ip6 daddr @peers6 meta mark set meta mark | 0x00010000",
+        "meta mark & 0x00010000 == 0x00010000 counter packets 0 bytes 0 accept",
     ] {
         assert!(
             listed.contains(expected),
@@ -118,11 +168,14 @@ fn refusals_name_the_operation() {
     let bad = Table {
         family: Family::Inet,
         name: "keyway".into(),
-        chains: vec![Chain {
-            name: "input".into(),
-            hook: Some((Hook::Input, 0, Policy::Accept)),
-            rules: vec![Rule::new().verdict(Verdict::Jump("missing".into()))],
-        }],
+        sets: vec![],
+        chains: vec![Chain::base(
+            "input",
+            Hook::Input,
+            0,
+            Policy::Accept,
+            vec![Rule::new().verdict(Verdict::Jump("missing".into()))],
+        )],
     };
     let err = sock.replace_table(&bad).unwrap_err();
     assert!(
@@ -132,5 +185,34 @@ fn refusals_name_the_operation() {
     assert!(
         !sock.table_exists(Family::Inet, "keyway").unwrap(),
         "transaction rolled back"
+    );
+}
+
+#[test]
+fn a_large_set_is_filled_in_one_transaction() {
+    if !privileged("nft_large_set") {
+        return;
+    }
+    let ns = TestNetns::new("nftbig", "a");
+    let mut sock = ns.netns().run(Socket::open).unwrap().unwrap();
+    let set = peers(20_000);
+    let table = Table {
+        family: Family::Inet,
+        name: "keyway".into(),
+        sets: vec![set.clone()],
+        chains: vec![Chain::base(
+            "output",
+            Hook::Output,
+            0,
+            Policy::Accept,
+            vec![Rule::new().daddr_in(&set).counter().accept()],
+        )],
+    };
+    sock.replace_table(&table).unwrap();
+    let listed = ns.sh(&["nft", "list", "set", "inet", "keyway", "peers4"]);
+    assert_eq!(
+        listed.matches("10.244.").count(),
+        20_000,
+        "every element, once"
     );
 }

@@ -1,5 +1,6 @@
 //! keyway's nftables table in each pod's network namespace: service traffic that reaches the pod
-//! any way but the overlay is dropped, and an egress-isolated pod reaches nothing off the overlay
+//! any way but the overlay is dropped, traffic the pod sends to another protected pod's pod IP is
+//! steered into its overlay device, and an egress-isolated pod reaches nothing off the overlay
 //! unless its policy's ipBlocks allow it.
 //!
 //! Every exemption is a rule with a comment saying why (`nft list table inet keyway` shows them):
@@ -13,23 +14,51 @@
 //!   probes, and NetworkPolicy never blocks traffic between a pod and its node;
 //! - IPv6 neighbour discovery, without which the pod's IPv6 underlay would not work.
 //!
-//! The table is replaced whole in one transaction, by the plugin at ADD (egress closed) and by
-//! the agent whenever the pod's egress policy changes.
+//! Steering: the `steer` chain (a route chain on the output hook) adds [`STEER_MARK`] to what the
+//! pod sends to a protected pod's pod IP (the set `peers4` or `peers6`, of the pod IP's family);
+//! the plugin's routing rule sends marked packets to table [`STEER_TABLE`], whose only route is
+//! the overlay device, and the output chain accepts them (the hook still names `eth0` as their
+//! way out, so `oifname` cannot tell). So
+//! a connection to a pod IP — a client handed one, a headless Service, a StatefulSet's pod name —
+//! travels the overlay, with its keys and policy checks, like one to an overlay address. keyway's
+//! own GUE (its socket's mark) is never steered.
+//!
+//! The table is replaced whole in one transaction, by the plugin at ADD (egress closed, nothing
+//! steered yet) and by the agent whenever the pod's egress policy or the protected pods change.
+
+use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use keyway_core::packet::{PROTO_ICMPV6, PROTO_UDP};
-use keyway_sap::io::nft::{Chain, Family, Hook, Policy, Rule, Table, Verdict, ct_state};
+use keyway_sap::io::netlink::{self, MarkRule, NetlinkError};
+use keyway_sap::io::nft::{
+    Chain, ChainKind, Family, Hook, Policy, Rule, Set, Table, Verdict, ct_state,
+};
 use keyway_sap::io::udp::GUE_MARK;
+use keyway_sap::sys::Netns;
 
 pub const TABLE: &str = "keyway";
 pub const FAMILY: Family = Family::Inet;
 /// Before other filter chains: keyway's drop is final whatever they accept.
 const PRIORITY: i32 = -10;
+/// The steering chain runs where mangling does, before the filter chains see the new route.
+const STEER_PRIORITY: i32 = -150;
+/// The mark bit that sends a packet to [`STEER_TABLE`] (one bit, added to whatever mark the packet
+/// has; clear of kube-proxy's, Istio's and keyway's GUE marks).
+pub const STEER_MARK: u32 = 0x0040_0000;
+/// The routing table whose only route is the pod's overlay device.
+pub const STEER_TABLE: u32 = 6080;
+/// The priority of the routing rule that looks marked packets up in [`STEER_TABLE`] (after the
+/// `local` table's rule, before `main`'s).
+pub const STEER_RULE_PRIORITY: u32 = 6080;
 
 /// What the pod's table is made from, besides its egress policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFirewall {
     pub overlay_devices: Vec<String>,
+    /// The pod's IP from the primary CNI: its family is the one steered (the plugin's routing rule
+    /// is for that family only).
+    pub pod_ip: IpAddr,
     pub gue_port: u16,
     pub node_addresses: Vec<IpNetwork>,
 }
@@ -46,6 +75,47 @@ pub struct EgressAllow {
     pub ports: Vec<PortMatch>,
 }
 
+/// The routing rule that sends what the pod's table marks into its overlay device, for one
+/// family (the plugin sets up the pod IP's family).
+pub fn steer_rule(v6: bool) -> MarkRule {
+    MarkRule {
+        v6,
+        mark: STEER_MARK,
+        table: STEER_TABLE,
+        priority: STEER_RULE_PRIORITY,
+    }
+}
+
+/// Removes the steering rules of both families from `netns` (the plugin's DEL, the agent's GC);
+/// what is not there is fine. The table's route goes with the overlay device.
+pub fn unsteer(netns: &Netns) -> Result<(), NetlinkError> {
+    netlink::in_netns(netns, async move |nl| {
+        for v6 in [false, true] {
+            nl.delete_mark_rule(steer_rule(v6)).await?;
+        }
+        Ok(())
+    })
+}
+
+/// What the agent keeps current in a pod's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRules {
+    /// The pod's egress policy for destinations off the overlay.
+    pub egress: Egress,
+    /// The pod IPs of the protected pods, which the pod reaches through its overlay device.
+    pub peers: Vec<IpAddr>,
+}
+
+impl PodRules {
+    /// What the plugin installs at ADD: egress closed, nothing steered, until the agent's word.
+    pub fn closed() -> PodRules {
+        PodRules {
+            egress: Egress::Closed,
+            peers: Vec::new(),
+        }
+    }
+}
+
 /// The pod's egress policy for destinations off the overlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Egress {
@@ -58,7 +128,26 @@ pub enum Egress {
 }
 
 impl PodFirewall {
-    pub fn table(&self, egress: &Egress) -> Table {
+    pub fn table(&self, rules: &PodRules) -> Table {
+        let peers = self.peer_set(&rules.peers);
+        let (input, output) = self.filter_rules(&peers);
+        let mut chains = vec![
+            Chain::base("input", Hook::Input, PRIORITY, Policy::Accept, input),
+            Chain::base("output", Hook::Output, PRIORITY, Policy::Accept, output),
+        ];
+        chains.extend(egress_chains(&rules.egress));
+        chains.push(self.steer_chain(&peers));
+        Table {
+            family: FAMILY,
+            name: TABLE.into(),
+            sets: vec![peers],
+            chains,
+        }
+    }
+
+    /// The input and output chains' rules: every exemption, then the drop, and the jump to the
+    /// egress policy.
+    fn filter_rules(&self, peers: &Set) -> (Vec<Rule>, Vec<Rule>) {
         let mut input = vec![
             Rule::new()
                 .iifname("lo")
@@ -121,6 +210,13 @@ impl PodFirewall {
                 .drop_()
                 .comment("GUE that keyway's endpoint did not send: workloads never speak it"),
         );
+        output.push(
+            Rule::new()
+                .daddr_in(peers)
+                .mark_bits(STEER_MARK)
+                .accept()
+                .comment("steered: rerouted into the overlay device (oifname still says eth0)"),
+        );
         for node in &self.node_addresses {
             input.push(
                 Rule::new()
@@ -151,78 +247,108 @@ impl PodFirewall {
                 .comment("service traffic that did not come over the overlay"),
         );
         output.push(Rule::new().verdict(Verdict::Jump("egress".into())));
+        (input, output)
+    }
+}
 
-        let mut chains = vec![
-            Chain {
-                name: "input".into(),
-                hook: Some((Hook::Input, PRIORITY, Policy::Accept)),
-                rules: input,
-            },
-            Chain {
-                name: "output".into(),
-                hook: Some((Hook::Output, PRIORITY, Policy::Accept)),
-                rules: output,
-            },
+impl PodFirewall {
+    /// The set of the protected pods' pod IPs of the pod IP's family (`peers4` or `peers6`); the
+    /// other family is not steered, and reaches a protected pod off the overlay, where its table
+    /// drops service traffic.
+    fn peer_set(&self, peers: &[IpAddr]) -> Set {
+        let ipv6 = self.pod_ip.is_ipv6();
+        Set {
+            name: if ipv6 { "peers6" } else { "peers4" }.into(),
+            ipv6,
+            id: 1,
+            elements: peers
+                .iter()
+                .copied()
+                .filter(|p| p.is_ipv6() == ipv6)
+                .collect(),
+        }
+    }
+
+    /// Marks what goes to a protected pod's pod IP for the overlay device. GUE is never steered:
+    /// keyway's own goes out as it is, and a workload's goes out `eth0`, where the output chain
+    /// drops it.
+    fn steer_chain(&self, peers: &Set) -> Chain {
+        let rules = vec![
+            Rule::new()
+                .mark(GUE_MARK)
+                .accept()
+                .comment("keyway's own GUE goes out as it is"),
+            Rule::new()
+                .l4proto(PROTO_UDP)
+                .dport_range(self.gue_port, self.gue_port)
+                .accept()
+                .comment("GUE is never steered into the overlay"),
+            Rule::new()
+                .daddr_in(peers)
+                .or_mark(STEER_MARK)
+                .comment("a protected pod's pod IP: through the overlay"),
         ];
-        let drop_rest = || {
+        Chain {
+            kind: ChainKind::Route,
+            ..Chain::base("steer", Hook::Output, STEER_PRIORITY, Policy::Accept, rules)
+        }
+    }
+}
+
+/// The egress chain (and its ipBlock chains) for the pod's policy off the overlay.
+fn egress_chains(egress: &Egress) -> Vec<Chain> {
+    let mut chains = Vec::new();
+    let drop_rest = || {
+        Rule::new()
+            .counter()
+            .drop_()
+            .comment("egress-isolated: nothing else leaves off the overlay")
+    };
+    let egress_rules = match egress {
+        Egress::Closed => vec![
             Rule::new()
                 .counter()
                 .drop_()
-                .comment("egress-isolated: nothing else leaves off the overlay")
-        };
-        let egress_rules = match egress {
-            Egress::Closed => vec![
-                Rule::new()
-                    .counter()
-                    .drop_()
-                    .comment("closed until the agent applies the pod's policy"),
-            ],
-            Egress::Open => vec![Rule::new().accept().comment("not egress-isolated")],
-            Egress::Allow(allows) => {
-                let mut rules = Vec::new();
-                for (i, a) in allows.iter().enumerate() {
-                    let name = format!("ipblock-{i}");
-                    rules.push(Rule::new().verdict(Verdict::Jump(name.clone())));
-                    let mut sub: Vec<Rule> = a
-                        .except
-                        .iter()
-                        .map(|e| {
-                            Rule::new()
-                                .daddr(*e)
-                                .verdict(Verdict::Return)
-                                .comment("ipBlock except")
-                        })
-                        .collect();
-                    if a.ports.is_empty() {
-                        sub.push(Rule::new().daddr(a.cidr).accept().comment("ipBlock"));
-                    }
-                    for (proto, range) in &a.ports {
-                        let r = Rule::new().daddr(a.cidr).l4proto(*proto);
-                        let r = match range {
-                            Some((s, e)) => r.dport_range(*s, *e),
-                            None => r,
-                        };
-                        sub.push(r.accept().comment("ipBlock with ports"));
-                    }
-                    chains.push(Chain {
-                        name,
-                        hook: None,
-                        rules: sub,
-                    });
-                }
-                rules.push(drop_rest());
-                rules
+                .comment("closed until the agent applies the pod's policy"),
+        ],
+        Egress::Open => vec![Rule::new().accept().comment("not egress-isolated")],
+        Egress::Allow(allows) => {
+            let mut rules = Vec::new();
+            for (i, a) in allows.iter().enumerate() {
+                let name = format!("ipblock-{i}");
+                rules.push(Rule::new().verdict(Verdict::Jump(name.clone())));
+                chains.push(Chain::regular(&name, ip_block_rules(a)));
             }
-        };
-        chains.push(Chain {
-            name: "egress".into(),
-            hook: None,
-            rules: egress_rules,
-        });
-        Table {
-            family: FAMILY,
-            name: TABLE.into(),
-            chains,
+            rules.push(drop_rest());
+            rules
         }
+    };
+    chains.push(Chain::regular("egress", egress_rules));
+    chains
+}
+
+/// One ipBlock: its exceptions return, then what it allows.
+fn ip_block_rules(a: &EgressAllow) -> Vec<Rule> {
+    let mut sub: Vec<Rule> = a
+        .except
+        .iter()
+        .map(|e| {
+            Rule::new()
+                .daddr(*e)
+                .verdict(Verdict::Return)
+                .comment("ipBlock except")
+        })
+        .collect();
+    if a.ports.is_empty() {
+        sub.push(Rule::new().daddr(a.cidr).accept().comment("ipBlock"));
     }
+    for (proto, range) in &a.ports {
+        let r = Rule::new().daddr(a.cidr).l4proto(*proto);
+        let r = match range {
+            Some((s, e)) => r.dport_range(*s, *e),
+            None => r,
+        };
+        sub.push(r.accept().comment("ipBlock with ports"));
+    }
+    sub
 }

@@ -4,7 +4,8 @@
 //! - `serve --port P --protocol TCP|UDP|SCTP`, or `serve P/PROTO...`: answers on exactly those
 //!   ports, IPv4 and IPv6 (or only on `--bind ADDR`). TCP and UDP answer with the pod's hostname;
 //!   SCTP completes the association set-up (see `sctp`).
-//! - `probe --protocol P [--timeout-ms T] ADDR:PORT...`: probes every target in parallel and prints
+//! - `probe --protocol P [--timeout-ms T] [--device IF] ADDR:PORT...`: probes every target in
+//!   parallel (with `--device`, from sockets bound to that interface) and prints
 //!   one line per target: `ADDR:PORT ok` or `ADDR:PORT fail REASON`.
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
 //!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
@@ -21,7 +22,7 @@ use socket2::{Domain, Socket, Type};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
     );
     ExitCode::from(64)
 }
@@ -205,11 +206,30 @@ fn tcp_conn(mut c: TcpStream, name: &str) {
     let _ = writeln!(c, "{name}");
 }
 
-fn probe_one(proto: &str, target: SocketAddr, timeout: Duration, seq: u16) -> Result<(), String> {
+/// A socket for a probe, bound to `device` when given (SO_BINDTODEVICE: it leaves through that
+/// interface whatever the routing rules say, as a workload trying to get around keyway would).
+fn probe_socket(target: SocketAddr, ty: Type, device: Option<&str>) -> Result<Socket, String> {
+    let s = Socket::new(Domain::for_address(target), ty, None).map_err(|e| e.to_string())?;
+    if let Some(d) = device {
+        s.bind_device(Some(d.as_bytes()))
+            .map_err(|e| format!("bind to {d}: {e}"))?;
+    }
+    Ok(s)
+}
+
+fn probe_one(
+    proto: &str,
+    target: SocketAddr,
+    timeout: Duration,
+    seq: u16,
+    device: Option<&str>,
+) -> Result<(), String> {
     match proto {
         "TCP" => {
-            let mut s =
-                TcpStream::connect_timeout(&target, timeout).map_err(|e| e.kind().to_string())?;
+            let s = probe_socket(target, Type::STREAM, device)?;
+            s.connect_timeout(&target.into(), timeout)
+                .map_err(|e| e.kind().to_string())?;
+            let mut s: TcpStream = s.into();
             s.set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
             s.write_all(b"probe\n").map_err(|e| e.kind().to_string())?;
@@ -226,7 +246,9 @@ fn probe_one(proto: &str, target: SocketAddr, timeout: Duration, seq: u16) -> Re
             } else {
                 "[::]:0".parse().unwrap()
             };
-            let u = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+            let u = probe_socket(target, Type::DGRAM, device)?;
+            u.bind(&any.into()).map_err(|e| e.to_string())?;
+            let u: UdpSocket = u.into();
             u.connect(target).map_err(|e| e.to_string())?;
             u.set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
@@ -258,7 +280,7 @@ fn probe_one(proto: &str, target: SocketAddr, timeout: Duration, seq: u16) -> Re
             }
             Err("timed out".into())
         }
-        "SCTP" => sctp::connect(target, 40000 + seq, timeout).map_err(|e| e.to_string()),
+        "SCTP" => sctp::connect(target, 40000 + seq, timeout, device).map_err(|e| e.to_string()),
         other => Err(format!("unknown protocol {other}")),
     }
 }
@@ -272,6 +294,7 @@ fn probe(args: &[String]) -> ExitCode {
             .and_then(|t| t.parse().ok())
             .unwrap_or(1000),
     );
+    let device = flag(args, "--device");
     let mut targets = Vec::new();
     let mut skip = false;
     for a in args {
@@ -295,8 +318,13 @@ fn probe(args: &[String]) -> ExitCode {
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            let proto = proto.clone();
-            std::thread::spawn(move || (t, probe_one(&proto, t, timeout, i as u16)))
+            let (proto, device) = (proto.clone(), device.clone());
+            std::thread::spawn(move || {
+                (
+                    t,
+                    probe_one(&proto, t, timeout, i as u16, device.as_deref()),
+                )
+            })
         })
         .collect();
     let mut out = String::new();

@@ -208,8 +208,16 @@ const RETRANSMIT: Duration = Duration::from_millis(200);
 
 /// Sets up an association with `to` (INIT … COOKIE ACK) and aborts it; `Ok` when the peer
 /// answered both steps within `timeout`.
-pub fn connect(to: SocketAddr, src_port: u16, timeout: Duration) -> io::Result<()> {
+pub fn connect(
+    to: SocketAddr,
+    src_port: u16,
+    timeout: Duration,
+    device: Option<&str>,
+) -> io::Result<()> {
     let sock = raw_socket(to.is_ipv6())?;
+    if let Some(d) = device {
+        sock.bind_device(Some(d.as_bytes()))?;
+    }
     let deadline = Instant::now() + timeout;
     let my_tag = 0x4b00_0000 | u32::from(src_port);
     let debug = std::env::var_os("KEYWAY_SCTP_DEBUG").is_some();

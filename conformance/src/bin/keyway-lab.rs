@@ -25,7 +25,11 @@ struct Args {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ViaArg {
+    /// By overlay address.
     Overlay,
+    /// By pod IP, as Kubernetes hands it out (steered into the overlay).
+    PodIp,
+    /// By pod IP from the pod's eth0, around keyway (a bypass attempt: blocked).
     Underlay,
 }
 
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
         } => Lab::load(&args.lab_dir).and_then(|l| {
             let via = match via {
                 ViaArg::Overlay => Via::Overlay,
+                ViaArg::PodIp => Via::PodIp,
                 ViaArg::Underlay => Via::Underlay,
             };
             let want = expect

@@ -121,7 +121,13 @@ pub struct Lab {
 /// How to reach a probe target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
+    /// By its overlay address.
     Overlay,
+    /// By its pod IP, as Kubernetes hands it out: a protected pod's pod IP is steered into the
+    /// overlay, so the matrix is policy's.
+    PodIp,
+    /// By its pod IP from a socket bound to the pod's `eth0`, around keyway's steering, as a
+    /// workload trying to bypass it would: a protected destination drops it.
     Underlay,
 }
 
@@ -816,13 +822,13 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until every agent routes to every overlay address of the lab.
+    /// Waits until every agent routes to every overlay address (and pod IP) of the lab.
     pub fn wait_converged(&self, within: Duration) -> anyhow::Result<()> {
         let want: usize = self
             .state
             .pods
             .iter()
-            .map(|p| p.overlay_ips.len())
+            .map(|p| p.overlay_ips.len() + usize::from(!p.overlay_ips.is_empty()))
             .sum::<usize>()
             + self
                 .state
@@ -936,7 +942,7 @@ impl Lab {
                         .iter()
                         .find(|d| src_overlay.iter().any(|s| s.is_ipv4() == d.is_ipv4()))
                         .copied(),
-                    Via::Underlay => dst_infra.parse().ok(),
+                    Via::PodIp | Via::Underlay => dst_infra.parse().ok(),
                 };
                 targets.push((j, ip.map(|ip| SocketAddr::new(ip, port))));
             }
@@ -947,11 +953,15 @@ impl Lab {
                 "--timeout-ms".into(),
                 timeout.as_millis().to_string(),
             ];
-            args.extend(targets.iter().filter_map(|(_, t)| t.map(|t| t.to_string())));
             let runner = self.runner(src)?;
+            if via == Via::Underlay && matches!(runner, Runner::Cri { .. }) {
+                args.extend(["--device".to_string(), "eth0".to_string()]);
+            }
+            let flags = args.len();
+            args.extend(targets.iter().filter_map(|(_, t)| t.map(|t| t.to_string())));
             handles.push(std::thread::spawn(
                 move || -> anyhow::Result<(usize, Vec<(usize, bool)>)> {
-                    let out = if args.len() > 5 {
+                    let out = if args.len() > flags {
                         runner.run(&args)?
                     } else {
                         String::new()

@@ -20,6 +20,9 @@ pub(super) struct Entity {
     pub labels: Labels,
     pub ports: Vec<NamedPort>,
     pub overlay_ips: Vec<IpAddr>,
+    /// A pod's pod IP (its infrastructure address): routed like its overlay addresses, so that
+    /// traffic to it travels the overlay too. External entities have none.
+    pub pod_ip: Option<IpAddr>,
     pub infra: SocketAddr,
     pub sap: Option<SocketAddr>,
     pub keys: KeyRing,
@@ -27,6 +30,13 @@ pub(super) struct Entity {
     pub local: bool,
     /// For an external entity: `namespace/name`, as DirectPath peers name it.
     pub external: Option<String>,
+}
+
+impl Entity {
+    /// Every address the FIB routes to the entity: its overlay IPs, then its pod IP.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.overlay_ips.iter().copied().chain(self.pod_ip)
+    }
 }
 
 /// Where the SaP of `node_name` listens.
@@ -63,6 +73,7 @@ pub(super) fn collect(
             labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
             ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
             overlay_ips: l.overlay_ips.clone(),
+            pod_ip: Some(l.infra_ip),
             infra: SocketAddr::new(l.infra_ip, node.gue_port),
             sap: node.local_sap,
             keys: keys.ring(&l.entity, node.rotation, now_ms),
@@ -70,6 +81,7 @@ pub(super) fn collect(
             external: None,
         });
         seen.extend(l.overlay_ips.iter().copied());
+        seen.insert(l.infra_ip);
     }
     published_pods(model, node, keys, now_ms, &mut seen, &mut out);
     for e in model.externals.values() {
@@ -86,6 +98,7 @@ pub(super) fn collect(
             labels: e.labels.clone(),
             ports: Vec::new(),
             overlay_ips: e.spec.overlay_ips.clone(),
+            pod_ip: None,
             infra: e.spec.address,
             sap: sap_of(model, node, &e.spec.gateway),
             local: false,
@@ -112,11 +125,13 @@ fn published_pods(
         let Some(pod) = model.pods.get(key) else {
             continue;
         };
-        if a.overlay_ips.iter().any(|ip| seen.contains(ip)) {
-            tracing::warn!(pod = %key, "overlay address already in use by another entity; ignoring");
+        let mut addresses = a.overlay_ips.iter().chain([&a.infra_ip]);
+        if addresses.any(|ip| seen.contains(ip)) {
+            tracing::warn!(pod = %key, "overlay address or pod IP already in use by another entity; ignoring");
             continue;
         }
         seen.extend(a.overlay_ips.iter().copied());
+        seen.insert(a.infra_ip);
         let name = pod_entity(key);
         out.push(Entity {
             keys: keys.ring(&name, node.rotation, now_ms),
@@ -125,6 +140,7 @@ fn published_pods(
             labels: pod.labels.clone(),
             ports: pod.ports.clone(),
             overlay_ips: a.overlay_ips.clone(),
+            pod_ip: Some(a.infra_ip),
             infra: SocketAddr::new(a.infra_ip, node.gue_port),
             sap: sap_of(model, node, &a.node),
             local: false,

@@ -79,28 +79,26 @@ pub(super) struct IdentityInfo {
 pub(super) struct Identities {
     pub infos: Vec<IdentityInfo>,
     pub blocks: Vec<Block>,
-    /// Per entity (in stage 1's order), per overlay address (in the entity's order).
+    /// Per entity (in stage 1's order), per address (in [`Entity::addresses`]' order).
     pub of_entity: Vec<Vec<Identity>>,
 }
 
-/// Stage 3. A block holds an address when it holds the overlay address, or the pod IP that
-/// Kubernetes reports (the infrastructure address) in the same family: policies written against
-/// pod IPs keep their meaning on the overlay.
+/// Stage 3. A block holds an entity's address when it holds any of the entity's addresses of the
+/// same family — its overlay address or its pod IP, the address Kubernetes reports — so policies
+/// written against pod IPs keep their meaning on the overlay, and an entity's overlay address
+/// and pod IP of one family share an identity.
 pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> Identities {
     let mut by_facts: HashMap<Facts, Identity> = HashMap::new();
     let mut infos: Vec<IdentityInfo> = Vec::new();
     let mut of_entity = Vec::with_capacity(entities.len());
     for e in entities {
-        let infra = e.infra.ip();
         let mut ports = e.ports.clone();
         ports.sort();
         let mut ids = Vec::new();
-        for ip in &e.overlay_ips {
+        for ip in e.addresses() {
+            let same_family = || e.addresses().filter(move |a| a.is_ipv4() == ip.is_ipv4());
             let ip_blocks = (0..blocks.len() as u32)
-                .filter(|&i| {
-                    let b = &blocks[i as usize];
-                    in_block(*ip, b) || (infra.is_ipv4() == ip.is_ipv4() && in_block(infra, b))
-                })
+                .filter(|&i| same_family().any(|a| in_block(a, &blocks[i as usize])))
                 .collect();
             let facts = Facts {
                 namespace: e.namespace.clone(),

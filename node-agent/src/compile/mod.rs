@@ -107,6 +107,8 @@ pub struct Compiled {
     pub egress: HashMap<Arc<str>, Egress>,
     /// Each local attachment's own keys.
     pub local_keys: HashMap<Arc<str>, KeyRing>,
+    /// Every protected pod's pod IP: what local pods steer into their overlay device.
+    pub pod_ips: Vec<IpAddr>,
     pub identities: usize,
     pub entities: usize,
 }
@@ -144,7 +146,8 @@ fn assemble(
         ..Default::default()
     };
     for (e, of_ip) in entities.iter().zip(&ids.of_entity) {
-        for (ip, id) in e.overlay_ips.iter().zip(of_ip) {
+        out.pod_ips.extend(e.pod_ip);
+        for (ip, id) in e.addresses().zip(of_ip) {
             let route = Route {
                 entity: e.name.clone(),
                 identity: *id,
@@ -152,7 +155,7 @@ fn assemble(
                 infra: e.infra,
                 sap: e.sap,
             };
-            if let Err(err) = fib.insert(IpNetwork::from(*ip), route) {
+            if let Err(err) = fib.insert(IpNetwork::from(ip), route) {
                 tracing::warn!(error = %err, entity = %e.name, "duplicate overlay address");
             }
         }
@@ -167,6 +170,8 @@ fn assemble(
             out.egress.insert(e.name.clone(), egress);
         }
     }
+    out.pod_ips.sort();
+    out.pod_ips.dedup();
     let mut saps = FastSet::default();
     saps.extend(node.local_sap.map(|s| s.ip()));
     saps.extend(model.nodes.values().filter_map(|n| n.address));

@@ -256,13 +256,51 @@ fn remote_pods_route_through_their_nodes_sap_and_local_ones_through_this_one() {
     assert_eq!(route(XB).sap, Some("192.168.0.2:6080".parse().unwrap()));
     assert_eq!(route(XB).infra, "10.244.2.1:6080".parse().unwrap());
     assert_eq!(route(XA).sap, node().local_sap);
-    assert_eq!(c.tables.fib.len(), 4);
+    assert_eq!(c.tables.fib.len(), 8, "each pod's overlay IP and pod IP");
     assert!(
         c.tables
             .saps
             .contains(&"192.168.0.2".parse::<IpAddr>().unwrap())
     );
     assert_eq!(c.local_keys.len(), 1);
+}
+
+fn pod_ip(ns: &str, name: &str) -> Ipv4Addr {
+    let p = PODS.iter().find(|p| p.0 == ns && p.1 == name).unwrap();
+    p.4.parse().unwrap()
+}
+
+/// Whether the tables let a new TCP connection from one pod's pod IP to another's.
+fn allows_by_pod_ip(c: &Compiled, from: (&str, &str), to: (&str, &str), port: u16) -> bool {
+    let (s, d) = (pod_ip(from.0, from.1), pod_ip(to.0, to.1));
+    let k = packet::classify(&packet::build::syn4(s.octets(), 40000, d.octets(), port)).unwrap();
+    let id = |ip| c.tables.fib.lookup(ip).unwrap().identity;
+    c.tables.acl.allows(id(k.src), id(k.dst), &k)
+}
+
+#[test]
+fn pod_ips_are_routed_like_overlay_addresses_and_judged_by_the_same_policy() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]}",
+    ));
+    for (ns, name, ..) in PODS {
+        let by_overlay = c.tables.fib.lookup(IpAddr::V4(overlay(ns, name))).unwrap();
+        let by_pod_ip = c.tables.fib.lookup(IpAddr::V4(pod_ip(ns, name))).unwrap();
+        assert_eq!(
+            by_pod_ip, by_overlay,
+            "{ns}/{name}: same entity, identity, keys, SaP"
+        );
+    }
+    assert!(allows_by_pod_ip(&c, XA, XB, 80));
+    assert!(
+        !allows_by_pod_ip(&c, XC, XB, 80),
+        "denied by pod IP as by overlay address"
+    );
+    let want: Vec<IpAddr> = PODS.iter().map(|p| p.4.parse().unwrap()).collect();
+    let mut want = want;
+    want.sort();
+    assert_eq!(c.pod_ips, want, "every protected pod's pod IP is steered");
 }
 
 #[test]

@@ -4,13 +4,16 @@
 //! time is passed in. The Linux I/O layer ([`crate::io`]) moves the bytes.
 //!
 //! The checks, in order (each failure is a [`DropReason`]):
-//! - egress: the packet parses → its source is one of the endpoint's own overlay IPs → the FIB
+//! - egress: the packet parses → its source is one of the endpoint's own addresses (its overlay
+//!   IPs, or its pod IP: traffic a pod sends to another protected pod's pod IP is steered into
+//!   its overlay device and carried like overlay traffic) → the FIB
 //!   knows the destination → policy allows it (or it replies to a tracked flow) → the destination
 //!   has a current key → encapsulate with the *destination's* key, send to the SaP that fronts it
 //!   (or straight to it for a direct pair). When that SaP is this node's own, its checks run here,
 //!   in process, and the datagram goes straight to the destination.
 //! - ingress: GUE parses → the key is the endpoint's own (current epoch, or a neighbour within the
-//!   grace window) → the inner destination is the endpoint's overlay IP → the outer source is the
+//!   grace window) → the inner destination is one of the endpoint's own addresses → the outer
+//!   source is the
 //!   infrastructure address the FIB holds for the inner source, or a known SaP → policy allows it
 //!   (or it replies to a tracked flow).
 //! - SaP: GUE and inner packet parse → the outer source matches the inner source (or is a SaP) →
@@ -40,7 +43,7 @@ pub enum DropReason {
     /// The inner source is not the sender's: not the pod's own overlay IP at egress; at ingress or
     /// a SaP, not an entity the FIB knows at the outer source's address.
     SpoofedSource,
-    /// The inner destination is not this endpoint's overlay IP.
+    /// The inner destination is not one of this endpoint's own addresses.
     WrongDestination,
     /// The GUE header or the inner packet does not parse.
     Malformed,
@@ -97,7 +100,8 @@ pub struct LocalEndpoint {
     pub entity: Arc<str>,
     /// The pod's overlay IPs (one per overlay network).
     pub overlay_ips: Vec<IpAddr>,
-    /// The pod's own GUE socket address (its infrastructure IP, port 6080).
+    /// The pod's own GUE socket address: its infrastructure IP (the pod IP Kubernetes reports),
+    /// port 6080. The pod IP is one of the endpoint's own addresses too.
     pub infra: SocketAddr,
     /// The pod's own keys, for checking what arrives.
     pub keys: KeyRing,
@@ -106,8 +110,9 @@ pub struct LocalEndpoint {
 }
 
 impl LocalEndpoint {
-    fn owns(&self, ip: IpAddr) -> bool {
-        self.overlay_ips.contains(&ip)
+    /// Whether `ip` is one of the endpoint's own addresses: an overlay IP, or its pod IP.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        self.overlay_ips.contains(&ip) || self.infra.ip() == ip
     }
 }
 
@@ -435,6 +440,58 @@ mod tests {
             }
         );
         endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
+    }
+
+    #[test]
+    fn pod_ips_travel_the_overlay_like_overlay_addresses() {
+        // The compiler routes each protected pod's pod IP like its overlay IP: same entity,
+        // identity, keys and SaP.
+        let mut w = world(false);
+        let mut fib = Fib::builder();
+        for r in w.tables.fib.routes() {
+            let infra = match r.infra.ip() {
+                IpAddr::V4(ip) => ip,
+                IpAddr::V6(_) => unreachable!(),
+            };
+            let overlay = match &*r.entity {
+                "ns/a" => A_IP,
+                "ns/b" => B_IP,
+                _ => C_IP,
+            };
+            fib.insert(IpAddr::V4(overlay.into()).into(), r.clone())
+                .unwrap();
+            fib.insert(IpAddr::V4(infra).into(), r.clone()).unwrap();
+        }
+        w.tables.fib = fib.build();
+        let (a_pod, b_pod, c_pod) = ([10, 1, 1, 1], [10, 1, 2, 1], [10, 1, 2, 2]);
+        let fa = flows();
+        let mut buf = with_headroom(build::tcp4(a_pod, 40000, b_pod, 80));
+        let send = endpoint_egress(&w.tables, &w.a, &fa, &mut buf, NOW).unwrap();
+        assert_eq!(
+            send.to,
+            addr("10.0.0.2:6080"),
+            "through b's SaP, as by overlay address"
+        );
+        assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
+        sap_forward(&w.tables, &buf, addr("10.1.1.1:6080"), NOW).unwrap();
+        let fb = flows();
+        let range =
+            endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
+        assert_eq!(&buf[range], &build::tcp4(a_pod, 40000, b_pod, 80)[..]);
+        let mut reply = with_headroom(build::tcp4(b_pod, 80, a_pod, 40000));
+        endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        // Policy is the same: c is reachable by no one, by pod IP either.
+        let mut denied = with_headroom(build::tcp4(a_pod, 40000, c_pod, 80));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &flows(), &mut denied, NOW),
+            Err(DropReason::DeniedByPolicy)
+        );
+        // A pod may not send as another pod's pod IP.
+        let mut spoofed = with_headroom(build::tcp4(c_pod, 40000, b_pod, 80));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &flows(), &mut spoofed, NOW),
+            Err(DropReason::SpoofedSource)
+        );
     }
 
     #[test]

@@ -353,6 +353,17 @@ impl std::fmt::Debug for OverlayDevice {
     }
 }
 
+/// The device an inner packet for `ip` (one of the endpoint's own addresses) is written to: the
+/// one that carries `ip`; for the pod IP, the one of its family (where the pod's steering sends
+/// that family), or the first.
+fn device_for(devices: &[OverlayDevice], ip: IpAddr) -> Option<usize> {
+    devices
+        .iter()
+        .position(|x| x.ip == ip)
+        .or_else(|| devices.iter().position(|x| x.ip.is_ipv4() == ip.is_ipv4()))
+        .or((!devices.is_empty()).then_some(0))
+}
+
 /// The GUE → TUN loop of an endpoint (all its devices). Runs until the socket fails.
 pub async fn endpoint_ingress(
     ctx: Arc<EndpointContext>,
@@ -396,9 +407,7 @@ pub async fn endpoint_ingress(
                         }
                     };
                     let inner = &datagram[range];
-                    let Some(d) =
-                        inner_dst(inner).and_then(|ip| devices.iter().position(|x| x.ip == ip))
-                    else {
+                    let Some(d) = inner_dst(inner).and_then(|ip| device_for(&devices, ip)) else {
                         ctx.counters
                             .dropped(Stage::Ingress, engine::DropReason::WrongDestination);
                         continue;

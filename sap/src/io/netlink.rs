@@ -1,5 +1,6 @@
-//! Links, addresses and routes through rtnetlink, as idempotent "ensure" helpers: an address or route
-//! that already exists, or a link already gone, is the success it means.
+//! Links, addresses, routes and routing rules through rtnetlink, as idempotent "ensure" helpers:
+//! an address, route or rule that already exists, or a link or rule already gone, is the success
+//! it means.
 //!
 //! A [`Netlink`] talks to the network namespace its socket was created in. To work on a pod's
 //! namespace, create it inside [`crate::sys::Netns::run`] (with a current-thread runtime running
@@ -9,8 +10,11 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::RouteHeader;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use crate::sys::{Netns, NetnsError};
@@ -206,9 +210,118 @@ impl Netlink {
         }
     }
 
+    /// Routes everything of one family out of link `index`, in routing table `table`.
+    pub async fn ensure_default_route(
+        &self,
+        v6: bool,
+        table: u32,
+        index: u32,
+    ) -> Result<(), NetlinkError> {
+        let msg = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .table_id(table)
+                .output_interface(index)
+                .build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .table_id(table)
+                .output_interface(index)
+                .build()
+        };
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(Self::req(format!("add default route to table {table}"))(e)),
+        }
+    }
+
+    /// Makes packets whose mark has every bit of `mark` look up routing table `table`, at
+    /// `priority`, for one family (`ip rule add fwmark M/M lookup T priority P`).
+    pub async fn ensure_mark_rule(&self, rule: MarkRule) -> Result<(), NetlinkError> {
+        let mut req = self.handle.rule().add();
+        *req.message_mut() = rule.message();
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(Self::req(format!("add {rule}"))(e)),
+        }
+    }
+
+    /// Whether such a rule is in place.
+    pub async fn has_mark_rule(&self, rule: MarkRule) -> Result<bool, NetlinkError> {
+        let version = if rule.v6 {
+            rtnetlink::IpVersion::V6
+        } else {
+            rtnetlink::IpVersion::V4
+        };
+        let want = rule.message().attributes;
+        let mut rules = self.handle.rule().get(version).execute();
+        while let Some(m) = rules
+            .try_next()
+            .await
+            .map_err(Self::req(format!("list rules for {rule}")))?
+        {
+            if want.iter().all(|a| m.attributes.contains(a)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes such a rule; `Ok(false)` when there was none.
+    pub async fn delete_mark_rule(&self, rule: MarkRule) -> Result<bool, NetlinkError> {
+        match self.handle.rule().del(rule.message()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(ENOENT) => Ok(false),
+            Err(e) => Err(Self::req(format!("delete {rule}"))(e)),
+        }
+    }
+
     /// The MTU of link `name` (the underlay MTU, when `name` is the pod's primary interface).
     pub async fn mtu(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
         Ok(self.link(name).await?.and_then(|l| l.mtu))
+    }
+}
+
+/// A routing rule by mark: packets whose mark has every bit of `mark` look up `table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkRule {
+    pub v6: bool,
+    pub mark: u32,
+    pub table: u32,
+    pub priority: u32,
+}
+
+impl MarkRule {
+    fn message(&self) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = if self.v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        m.header.action = RuleAction::ToTable;
+        m.attributes = vec![
+            RuleAttribute::Priority(self.priority),
+            RuleAttribute::FwMark(self.mark),
+            RuleAttribute::FwMask(self.mark),
+            RuleAttribute::Table(self.table),
+        ];
+        m
+    }
+}
+
+impl std::fmt::Display for MarkRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let family = if self.v6 { "-6 " } else { "" };
+        write!(
+            f,
+            "rule {family}fwmark {m:#x}/{m:#x} lookup {} priority {}",
+            self.table,
+            self.priority,
+            m = self.mark
+        )
     }
 }
 

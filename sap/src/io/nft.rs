@@ -41,6 +41,8 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -62,6 +64,24 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+/// Set elements per message: 1,000 IPv6 elements are 28 KB, well inside an attribute's 64 KiB.
+const ELEMENTS_PER_MESSAGE: usize = 1000;
+/// The send buffer a batch may need (a table with large sets is one `send`).
+const SEND_BUFFER: usize = 8 << 20;
+/// nft's data types for a set's keys (what `nft list` prints the elements as).
+const NFT_TYPE_IPADDR: u32 = 7;
+const NFT_TYPE_IP6ADDR: u32 = 8;
 /// libnftnl's user-data type for a rule comment, so `nft list` shows it.
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
@@ -156,6 +176,10 @@ enum Expr {
     CtState,
     Counter,
     Immediate(Verdict),
+    /// Register 1 looked up in the named set (the set's id within the batch alongside).
+    Lookup(String, u32),
+    /// A meta key set from register 1.
+    MetaSet(MetaKey),
 }
 
 /// A rule: a sequence of matches ending in a verdict, with an optional comment.
@@ -261,6 +285,42 @@ impl Rule {
         }
     }
 
+    /// `ip daddr @set` / `ip6 daddr @set` for a set of [`Table::sets`] (the family check is part of
+    /// the match; the set's family says which).
+    pub fn daddr_in(self, set: &Set) -> Self {
+        let (family, offset, len) = if set.ipv6 {
+            (Family::Ipv6, 24, 16)
+        } else {
+            (Family::Ipv4, 16, 4)
+        };
+        self.push(Expr::Meta(MetaKey::NfProto))
+            .push(Expr::Cmp(CmpOp::Eq, vec![family as u8]))
+            .push(Expr::Payload(PayloadBase::Network, offset, len))
+            .push(Expr::Lookup(set.name.clone(), set.id))
+    }
+
+    /// `meta mark & bits == bits`: every one of `bits` is set, whatever else the mark holds.
+    pub fn mark_bits(self, bits: u32) -> Self {
+        self.push(Expr::Meta(MetaKey::Mark))
+            .push(Expr::Bitwise {
+                len: 4,
+                mask: bits.to_ne_bytes().to_vec(),
+                xor: 0u32.to_ne_bytes().to_vec(),
+            })
+            .push(Expr::Cmp(CmpOp::Eq, bits.to_ne_bytes().to_vec()))
+    }
+
+    /// `meta mark set meta mark | bits`: adds `bits` to the packet's mark, keeping the rest.
+    pub fn or_mark(self, bits: u32) -> Self {
+        self.push(Expr::Meta(MetaKey::Mark))
+            .push(Expr::Bitwise {
+                len: 4,
+                mask: (!bits).to_ne_bytes().to_vec(),
+                xor: bits.to_ne_bytes().to_vec(),
+            })
+            .push(Expr::MetaSet(MetaKey::Mark))
+    }
+
     /// `ip saddr net` / `ip6 saddr net` (the family check is part of the match).
     pub fn saddr(self, net: IpNetwork) -> Self {
         self.addr_in(net, true)
@@ -312,12 +372,63 @@ impl Rule {
     }
 }
 
+/// What a base chain is for: filtering, or (`route`, on the output hook only) marking packets so
+/// that they are routed again with the new mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChainKind {
+    #[default]
+    Filter,
+    Route,
+}
+
+impl ChainKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ChainKind::Filter => "filter",
+            ChainKind::Route => "route",
+        }
+    }
+}
+
 /// A chain: a base chain when it has a hook, a regular one (a jump target) when not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     pub name: String,
     pub hook: Option<(Hook, i32, Policy)>,
+    pub kind: ChainKind,
     pub rules: Vec<Rule>,
+}
+
+impl Chain {
+    /// A filter chain on `hook` at `priority`.
+    pub fn base(name: &str, hook: Hook, priority: i32, policy: Policy, rules: Vec<Rule>) -> Chain {
+        Chain {
+            name: name.to_string(),
+            hook: Some((hook, priority, policy)),
+            kind: ChainKind::Filter,
+            rules,
+        }
+    }
+
+    /// A chain that only rules jump to.
+    pub fn regular(name: &str, rules: Vec<Rule>) -> Chain {
+        Chain {
+            name: name.to_string(),
+            hook: None,
+            kind: ChainKind::Filter,
+            rules,
+        }
+    }
+}
+
+/// A named set of addresses, one family, filled in the same transaction as its table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub ipv6: bool,
+    /// The set's id within the batch (rules refer to it by name and id); unique in its table.
+    pub id: u32,
+    pub elements: Vec<IpAddr>,
 }
 
 /// A whole table, installed or replaced in one transaction.
@@ -325,6 +436,7 @@ pub struct Chain {
 pub struct Table {
     pub family: Family,
     pub name: String,
+    pub sets: Vec<Set>,
     pub chains: Vec<Chain>,
 }
 
@@ -480,6 +592,8 @@ impl Expr {
             Expr::CtState => "ct",
             Expr::Counter => "counter",
             Expr::Immediate(_) => "immediate",
+            Expr::Lookup(..) => "lookup",
+            Expr::MetaSet(_) => "meta",
         }
     }
 
@@ -527,6 +641,10 @@ impl Expr {
                     Attr::Nested(2, vec![Attr::Nested(NFTA_DATA_VERDICT, verdict)]),
                 ]
             }
+            // NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_SET_ID
+            Expr::Lookup(set, id) => vec![text(1, set), be32(2, NFT_REG_1), be32(4, *id)],
+            // NFTA_META_KEY, NFTA_META_SREG
+            Expr::MetaSet(key) => vec![be32(2, *key as u32), be32(3, NFT_REG_1)],
         }
     }
 
@@ -624,7 +742,7 @@ impl Batch {
                 ],
             ));
             attrs.push(be32(NFTA_CHAIN_POLICY, policy as u32));
-            attrs.push(text(NFTA_CHAIN_TYPE, "filter"));
+            attrs.push(text(NFTA_CHAIN_TYPE, chain.kind.as_str()));
         }
         let what = format!("add chain {table} {}", chain.name);
         self.request(nft(NFT_MSG_NEWCHAIN, family, attrs), NLM_F_CREATE, what);
@@ -659,8 +777,52 @@ impl Batch {
         );
     }
 
+    fn new_set(&mut self, family: Family, table: &str, set: &Set) {
+        let (key_type, key_len) = if set.ipv6 {
+            (NFT_TYPE_IP6ADDR, 16)
+        } else {
+            (NFT_TYPE_IPADDR, 4)
+        };
+        let attrs = vec![
+            text(NFTA_SET_TABLE, table),
+            text(NFTA_SET_NAME, &set.name),
+            be32(NFTA_SET_FLAGS, 0),
+            be32(NFTA_SET_KEY_TYPE, key_type),
+            be32(NFTA_SET_KEY_LEN, key_len),
+            be32(NFTA_SET_ID, set.id),
+        ];
+        let what = format!("add set {table} {}", set.name);
+        self.request(nft(NFT_MSG_NEWSET, family, attrs), NLM_F_CREATE, what);
+        let elements: Vec<Attr> = set
+            .elements
+            .iter()
+            .filter(|ip| ip.is_ipv6() == set.ipv6)
+            .map(|ip| {
+                let key = match ip {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                Attr::Nested(NFTA_LIST_ELEM, vec![data_value(NFTA_SET_ELEM_KEY, &key)])
+            })
+            .collect();
+        // An attribute's length is 16 bits: a large set is filled by several messages.
+        for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
+            let attrs = vec![
+                text(NFTA_SET_ELEM_LIST_TABLE, table),
+                text(NFTA_SET_ELEM_LIST_SET, &set.name),
+                be32(NFTA_SET_ELEM_LIST_SET_ID, set.id),
+                Attr::Nested(NFTA_SET_ELEM_LIST_ELEMENTS, chunk.to_vec()),
+            ];
+            let what = format!("fill set {table} {}", set.name);
+            self.request(nft(NFT_MSG_NEWSETELEM, family, attrs), NLM_F_CREATE, what);
+        }
+    }
+
     fn table_contents(&mut self, table: &Table) {
         self.new_table(table.family, &table.name);
+        for set in &table.sets {
+            self.new_set(table.family, &table.name, set);
+        }
         for chain in &table.chains {
             self.new_chain(table.family, &table.name, chain);
         }
@@ -698,6 +860,11 @@ impl Socket {
         let timeout = nix::sys::time::TimeVal::new(5, 0);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
             .map_err(|e| NftError::Socket(e.into()))?;
+        // A batch is one datagram, which must fit the send buffer: raise it past the default
+        // (CAP_NET_ADMIN may exceed the system's maximum; without it, as far as that goes).
+        if setsockopt(&fd, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+            let _ = setsockopt(&fd, sockopt::SndBuf, &SEND_BUFFER);
+        }
         let seq = (crate::io::now_ms() as u32) | 1;
         Ok(Socket { fd, seq })
     }
@@ -815,6 +982,7 @@ mod tests {
         let t = Table {
             family: Family::Inet,
             name: "kw".into(),
+            sets: vec![],
             chains: vec![],
         };
         let b = encode_replace(&t);
