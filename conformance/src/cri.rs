@@ -25,6 +25,32 @@ pub struct PodSpec {
     pub uid: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub log_dir: PathBuf,
+    /// The pod's resolver, as kubelet sets it for `dnsPolicy: ClusterFirst` (the runtime writes
+    /// `/etc/resolv.conf` from it); `None`: the runtime's default.
+    pub dns: Option<DnsSpec>,
+}
+
+/// `/etc/resolv.conf` for a pod: nameservers, search domains, options.
+#[derive(Debug, Clone, Default)]
+pub struct DnsSpec {
+    pub servers: Vec<String>,
+    pub searches: Vec<String>,
+    pub options: Vec<String>,
+}
+
+impl DnsSpec {
+    /// What kubelet writes for a pod in `namespace` of a cluster whose DNS Service is `server`.
+    pub fn cluster_first(server: &str, namespace: &str) -> DnsSpec {
+        DnsSpec {
+            servers: vec![server.to_string()],
+            searches: vec![
+                format!("{namespace}.svc.cluster.local"),
+                "svc.cluster.local".into(),
+                "cluster.local".into(),
+            ],
+            options: vec!["ndots:5".into()],
+        }
+    }
 }
 
 /// A container of a pod: its name, command and host directories (host path, container path).
@@ -79,6 +105,11 @@ impl Cri {
             }),
             hostname: p.name.clone(),
             log_directory: p.log_dir.display().to_string(),
+            dns_config: p.dns.as_ref().map(|d| cri::DnsConfig {
+                servers: d.servers.clone(),
+                searches: d.searches.clone(),
+                options: d.options.clone(),
+            }),
             labels: p.labels.clone().into_iter().collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {

@@ -63,8 +63,9 @@ pub struct ObjectRef {
 pub struct Probe {
     pub port: u16,
     pub protocol: String,
-    /// `overlay` (default) or `underlay`: the pods' infrastructure addresses, which keyway must
-    /// keep closed whatever the policy.
+    /// `overlay` (default; also probed by pod IP and by Service), `pod-ip`, `service`, or
+    /// `underlay`: the pods' infrastructure addresses from `eth0`, which keyway must keep closed
+    /// whatever the policy.
     #[serde(default)]
     pub via: Option<String>,
     pub truth: String,
@@ -76,7 +77,9 @@ impl Probe {
             None | Some("overlay") => Ok(Via::Overlay),
             Some("pod-ip") => Ok(Via::PodIp),
             Some("underlay") => Ok(Via::Underlay),
-            Some(v) => bail!("probe via {v:?}: expected overlay, pod-ip or underlay"),
+            Some("service") => Ok(Via::Service),
+            Some("dns") => Ok(Via::Dns),
+            Some(v) => bail!("probe via {v:?}: expected overlay, pod-ip, service, dns or underlay"),
         }
     }
 
@@ -139,7 +142,7 @@ pub struct Addresses {
 impl Addresses {
     pub fn of_lab(lab: &Lab) -> Addresses {
         let mut a = Addresses::default();
-        for p in &lab.state.pods {
+        for p in lab.workloads() {
             if let Some(ip) = p.overlay_ips.iter().find(|i| i.is_ipv4()) {
                 a.overlay.insert(p.key(), *ip);
             }
@@ -486,9 +489,9 @@ pub fn run_in_lab(
         }
         for p in &step.probes {
             let want = p.expected()?;
-            // A truth table for the overlay holds for pod IPs too: they travel the overlay.
+            // A truth table for the overlay holds for pod IPs and Services too: both travel it.
             let ways = match p.via()? {
-                Via::Overlay => vec![Via::Overlay, Via::PodIp],
+                Via::Overlay => vec![Via::Overlay, Via::PodIp, Via::Service],
                 via => vec![via],
             };
             for via in ways {
@@ -514,7 +517,7 @@ pub fn run_in_lab(
     {
         lab.apply(&[base.to_path_buf()])?;
     }
-    let names: Vec<String> = lab.state.pods.iter().map(|p| p.key()).collect();
+    let names: Vec<String> = lab.workloads().map(|p| p.key()).collect();
     let mut names = names;
     names.sort();
     let (got, _) = probe_until(

@@ -83,6 +83,7 @@ fn containerd_runs_the_chain_through_cri() {
             uid: format!("uid-{name}"),
             labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
             log_dir: c.scratch.join(format!("logs-{name}")),
+            dns: None,
         };
         let id = cri.run_pod_sandbox(&spec).expect("RunPodSandbox");
         let ips = cri.pod_ips(&id).unwrap();
@@ -234,6 +235,7 @@ fn the_cluster_image_installs_keyway_from_a_container() {
         uid: "uid-keyway-node".into(),
         labels: BTreeMap::new(),
         log_dir: c.scratch.join("logs-kw"),
+        dns: None,
     };
     let sandbox = cri.run_pod_sandbox(&spec).expect("RunPodSandbox");
     let in_image = |name: &str| format!("/{}/{name}", images::KEYWAY_IMAGE_BIN);

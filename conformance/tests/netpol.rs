@@ -129,7 +129,7 @@ fn the_upstream_cases_pass_in_the_lab() {
     )
     .expect("lab up");
     eprintln!("lab up in {:.1} s", started.elapsed().as_secs_f64());
-    let mut names: Vec<String> = lab.state.pods.iter().map(|p| p.key()).collect();
+    let mut names: Vec<String> = lab.workloads().map(|p| p.key()).collect();
     names.sort();
     assert_eq!(names.len(), 9, "x, y, z × a, b, c");
     let how = LabProbing::default();

@@ -107,6 +107,10 @@ struct Compiler {
     generation: u64,
 }
 
+/// The first retry of tables that could not be updated, and the longest wait between retries.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct Agent {
     pub cfg: Config,
@@ -125,6 +129,8 @@ pub struct Agent {
     compiler: tokio::sync::Mutex<Compiler>,
     /// The state version the tables in force were compiled from.
     compiled: AtomicU64,
+    /// How many pods' tables the last reconcile could not update (the control loop retries soon).
+    unapplied: AtomicU64,
     ready: watch::Sender<bool>,
 }
 
@@ -151,6 +157,7 @@ impl Agent {
             metrics: p.metrics,
             model: p.model,
             compiled: AtomicU64::new(0),
+            unapplied: AtomicU64::new(0),
             ready: watch::channel(false).0,
         }))
     }
@@ -241,6 +248,7 @@ impl Agent {
         self.tables.publish(std::mem::take(&mut compiled.tables));
         let failed = self.endpoints.apply(&compiled).await;
         self.metrics.egress_apply_errors.inc_by(failed as u64);
+        self.unapplied.store(failed as u64, Ordering::Release);
         self.compiled.store(v, Ordering::Release);
         self.metrics.policy_generation.set(c.generation as i64);
         self.metrics.pods.set(self.endpoints.len() as i64);
@@ -518,12 +526,20 @@ impl Agent {
     }
 
     /// Recompiles on every state change, and at least a few times per key epoch so keys stay
-    /// current. Runs until the state source ends.
+    /// current; when pods' tables could not be updated, again soon (1 s, doubling to 30 s).
+    /// Runs until the state source ends.
     pub async fn control_loop(self: Arc<Self>) {
         let mut rx = self.model.clone();
+        let mut retry = RETRY_FIRST;
         loop {
             let period = self.rotation(&rx.borrow()).period_ms() / 4;
-            let period = Duration::from_millis(period.max(1000));
+            let mut period = Duration::from_millis(period.max(1000));
+            if self.unapplied.load(Ordering::Acquire) > 0 {
+                period = period.min(retry);
+                retry = (retry * 2).min(RETRY_MAX);
+            } else {
+                retry = RETRY_FIRST;
+            }
             if let Ok(Err(_)) = tokio::time::timeout(period, rx.changed()).await {
                 return;
             }

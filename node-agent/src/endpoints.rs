@@ -52,6 +52,8 @@ pub struct Endpoint {
     firewall: PodFirewall,
     /// The rules last applied; `None` when unknown (re-apply).
     applied: Option<PodRules>,
+    /// The Service table last installed, updated in place from it; `None` when unknown (replace).
+    services: Option<nft::Table>,
     netns: Netns,
 }
 
@@ -66,7 +68,30 @@ impl Endpoint {
 }
 
 /// A firewall change to apply: the attachment, its firewall socket, the table, the rules.
-type FirewallChange = (Attachment, Arc<Mutex<nft::Socket>>, nft::Table, PodRules);
+/// What a compile changes in one pod's tables.
+struct FirewallChange {
+    att: Attachment,
+    sock: Arc<Mutex<nft::Socket>>,
+    /// The pod's table, when its rules changed.
+    table: Option<nft::Table>,
+    /// The Service table, when it changed, with the one installed (to update in place).
+    services: Option<(Option<nft::Table>, nft::Table)>,
+    want: PodRules,
+}
+
+impl FirewallChange {
+    fn apply(&self) -> Result<(), NftError> {
+        let mut sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &self.table {
+            sock.replace_table(t)?;
+        }
+        match &self.services {
+            Some((Some(old), new)) => sock.update_table(old, new),
+            Some((None, new)) => sock.replace_table(new),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Every endpoint this agent runs, by attachment.
 #[derive(Debug)]
@@ -147,6 +172,7 @@ impl Endpoints {
                 node_addresses: attached.node_addresses.clone(),
             },
             applied: Some(PodRules::closed()),
+            services: None,
             netns,
         })
     }
@@ -198,15 +224,16 @@ impl Endpoints {
                 let _ = endpoint::remove(&netns, d);
             }
             let _ = netns.run(|| {
-                nft::Socket::open()
-                    .and_then(|mut s| s.delete_table(firewall::FAMILY, firewall::TABLE))
+                let mut s = nft::Socket::open()?;
+                s.delete_table(firewall::FAMILY, firewall::SERVICES_TABLE)?;
+                s.delete_table(firewall::FAMILY, firewall::TABLE)
             });
         })
         .await;
     }
 
     /// Gives every endpoint its current keys from a compile, and returns the pods whose rules
-    /// (egress policy, steered pod IPs) differ from those applied.
+    /// (egress policy, steered pod IPs, translated Services) differ from those applied.
     fn refresh(&self, compiled: &Compiled) -> Vec<FirewallChange> {
         let mut changes = Vec::new();
         for (att, ep) in self.map().iter_mut() {
@@ -225,9 +252,23 @@ impl Endpoints {
                     .cloned()
                     .unwrap_or(Egress::Open),
                 peers: compiled.pod_ips.clone(),
+                services: compiled.services.clone(),
             };
-            if ep.applied.as_ref() != Some(&want) {
-                changes.push((att.clone(), ep.nft.clone(), ep.firewall.table(&want), want));
+            let services = ep.firewall.services_table(&want);
+            let rules_changed = ep
+                .applied
+                .as_ref()
+                .is_none_or(|a| (&a.egress, &a.peers) != (&want.egress, &want.peers));
+            let change = FirewallChange {
+                att: att.clone(),
+                sock: ep.nft.clone(),
+                table: rules_changed.then(|| ep.firewall.table(&want)),
+                services: (ep.services.as_ref() != Some(&services))
+                    .then(|| (ep.services.clone(), services)),
+                want,
+            };
+            if change.table.is_some() || change.services.is_some() {
+                changes.push(change);
             }
         }
         changes
@@ -244,12 +285,9 @@ impl Endpoints {
         let results = tokio::task::spawn_blocking(move || {
             changes
                 .into_iter()
-                .map(|(att, sock, table, want)| {
-                    let r = sock
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .replace_table(&table);
-                    (att, want, r)
+                .map(|c| {
+                    let r = c.apply();
+                    (c, r)
                 })
                 .collect::<Vec<_>>()
         })
@@ -257,16 +295,23 @@ impl Endpoints {
         .unwrap_or_default();
         let mut failed = 0;
         let mut map = self.map();
-        for (att, want, r) in results {
+        for (c, r) in results {
+            let Some(ep) = map.get_mut(&c.att) else {
+                continue;
+            };
             match r {
                 Ok(()) => {
-                    if let Some(ep) = map.get_mut(&att) {
-                        ep.applied = Some(want);
+                    ep.applied = Some(c.want);
+                    if let Some((_, installed)) = c.services {
+                        ep.services = Some(installed);
                     }
                 }
                 Err(e) => {
                     failed += 1;
-                    tracing::error!(container = %att.container_id, error = %e, "cannot apply the pod's egress rules; will retry");
+                    // What was installed is unknown now: both tables are replaced next time.
+                    ep.applied = None;
+                    ep.services = None;
+                    tracing::error!(container = %c.att.container_id, error = %e, "cannot apply the pod's firewall or Service rules; will retry");
                 }
             }
         }

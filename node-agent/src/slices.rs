@@ -23,13 +23,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
-use crate::model::{CoveredService, Model, ObjectKey, Pod, TargetPort};
+use crate::model::{Model, ObjectKey, Pod, SERVICE_NAME_LABEL, Service, TargetPort};
 use crate::policy::protocol_name;
 
 /// The `endpointslice.kubernetes.io/managed-by` value on keyway's slices.
 pub const MANAGED_BY: &str = "keyway.io";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The node whose agent wrote the slice.
 pub const NODE_LABEL: &str = "keyway.io/node";
 /// The field manager of keyway's server-side applies.
@@ -58,7 +57,7 @@ pub fn node_label(node: &str) -> String {
 
 /// The service's ports as one pod serves them (named targets resolved against its container
 /// ports; a name the pod does not have leaves that port out, as Kubernetes does).
-fn ports_for(svc: &CoveredService, pod: &Pod) -> Vec<EndpointPort> {
+fn ports_for(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
     svc.ports
         .iter()
         .filter_map(|sp| {
@@ -88,17 +87,16 @@ type Group = (Vec<EndpointPort>, Vec<SliceEndpoint>);
 pub fn desired(model: &Model, node: &str) -> Vec<EndpointSlice> {
     let mut out = Vec::new();
     for svc in model.services.values() {
+        let Some(selector) = &svc.covered else {
+            continue;
+        };
         // (family, ports) → endpoints: pods whose ports resolve differently get their own slice.
         let mut groups: BTreeMap<(&'static str, String), Group> = BTreeMap::new();
         for (key, pod) in model.pods.range(ObjectKey::new(&svc.key.namespace, "")..) {
             if key.namespace != svc.key.namespace {
                 break;
             }
-            if !svc
-                .selector
-                .iter()
-                .all(|(k, v)| pod.labels.get(k) == Some(v))
-            {
+            if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
                 continue;
             }
             let Some(att) = model.attachments.get(key).filter(|a| a.node == node) else {
@@ -147,7 +145,7 @@ fn slice_endpoint(ip: IpAddr, pod: &Pod, node: &str) -> SliceEndpoint {
 }
 
 fn slice(
-    svc: &CoveredService,
+    svc: &Service,
     node: &str,
     family: &str,
     ports_key: &str,
@@ -502,7 +500,7 @@ mod tests {
             merge(&mut s, &patch);
             parse_object(s).unwrap_err().to_string()
         };
-        assert!(err(json!({"spec": {"clusterIP": "10.96.0.10"}})).contains("not headless"));
+        assert!(err(json!({"spec": {"clusterIP": "10.96.0.10"}})).contains("headless Services"));
         assert!(err(json!({"spec": {"selector": {"app": "web"}}})).contains("spec.selector"));
         assert!(
             err(json!({"metadata": {"annotations": {"keyway.io/selector": "app!=web"}}}))
@@ -512,11 +510,16 @@ mod tests {
             err(json!({"metadata": {"annotations": {"keyway.io/selector": " , "}}}))
                 .contains("empty")
         );
-        // Without the annotation the Service is Kubernetes' business.
+        // Without the annotation the Service is an ordinary one, which keyway publishes nothing for.
         let mut plain = service();
         plain["metadata"]["annotations"] = json!({});
         plain["spec"]["clusterIP"] = json!("10.96.0.10");
-        assert!(parse_object(plain).unwrap().is_none());
+        let Some(Object::Service(plain)) = parse_object(plain).unwrap() else {
+            panic!("a Service");
+        };
+        assert_eq!(plain.covered, None);
+        let model = Model::from_objects([Object::Service(plain)]);
+        assert!(desired(&model, "node-1").is_empty());
     }
 
     #[test]

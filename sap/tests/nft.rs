@@ -9,24 +9,15 @@ use keyway_sap::io::nft::{
 use keyway_testing::{TestNetns, privileged};
 
 fn peers(n: u32) -> Set {
-    Set {
-        name: "peers4".into(),
-        ipv6: false,
-        id: 1,
-        elements: (0..n)
-            .map(|i| IpAddr::V4((0x0af4_0000 + i).into()))
-            .collect(),
-    }
+    let elements = (0..n)
+        .map(|i| IpAddr::V4((0x0af4_0000 + i).into()))
+        .collect();
+    Set::of("peers4", false, 1, elements)
 }
 
 fn table() -> Table {
     let peers4 = peers(3);
-    let peers6 = Set {
-        name: "peers6".into(),
-        ipv6: true,
-        id: 2,
-        elements: vec!["fd00::1".parse().unwrap()],
-    };
+    let peers6 = Set::of("peers6", true, 2, vec!["fd00::1".parse().unwrap()]);
     let steer = Chain {
         kind: ChainKind::Route,
         ..Chain::base(
@@ -189,7 +180,7 @@ fn refusals_name_the_operation() {
 }
 
 #[test]
-fn a_large_set_is_filled_in_one_transaction() {
+fn a_large_set_and_many_rules_go_in_one_transaction() {
     if !privileged("nft_large_set") {
         return;
     }
@@ -209,10 +200,149 @@ fn a_large_set_is_filled_in_one_transaction() {
         )],
     };
     sock.replace_table(&table).unwrap();
+    // Thousands of messages in one batch (a rule each): answered without overflowing the socket.
+    let many = Table {
+        chains: vec![Chain::regular(
+            "many",
+            (0..5000u16)
+                .map(|p| Rule::new().l4proto(6).dport_range(p, p).accept())
+                .collect(),
+        )],
+        ..table.clone()
+    };
+    sock.update_table(&table, &many).unwrap();
+    let listed = ns.sh(&["nft", "list", "chain", "inet", "keyway", "many"]);
+    assert_eq!(listed.matches(" accept").count(), 5000);
     let listed = ns.sh(&["nft", "list", "set", "inet", "keyway", "peers4"]);
     assert_eq!(
         listed.matches("10.244.").count(),
         20_000,
         "every element, once"
     );
+}
+
+/// A Service-translation table: a nat chain choosing among endpoints at random or by a dynamic
+/// set of recent clients, marking the connection, and translating.
+fn services(endpoints: &[(&str, u16)]) -> Table {
+    let mut choose = Vec::new();
+    let mut chains = Vec::new();
+    let mut sets = Vec::new();
+    for (i, (addr, port)) in endpoints.iter().enumerate() {
+        let addr: IpAddr = addr.parse().unwrap();
+        let set = Set::dynamic(&format!("aff-{addr}"), false, i as u32 + 1);
+        let chain = format!("ep-{addr}:{port}");
+        choose.insert(
+            0,
+            Rule::new()
+                .saddr_in(&set)
+                .verdict(Verdict::Goto(chain.clone())),
+        );
+        chains.push(Chain::regular(
+            &chain,
+            vec![
+                Rule::new().remember_saddr(&set, 10_800),
+                Rule::new().or_ct_mark(0x40_0000).or_mark(0x40_0000),
+                Rule::new().l4proto(6).dnat(addr, *port),
+            ],
+        ));
+        let n = (endpoints.len() - i) as u32;
+        choose.push(Rule::new().random_is(n, 0).verdict(Verdict::Goto(chain)));
+        sets.push(set);
+    }
+    chains.push(Chain::regular("svc", choose));
+    chains.push(Chain::hooked(
+        ChainKind::Nat,
+        "services",
+        Hook::Output,
+        -100,
+        vec![
+            Rule::new()
+                .daddr_is("10.96.0.10".parse().unwrap())
+                .l4proto(6)
+                .dport_range(80, 80)
+                .verdict(Verdict::Jump("svc".into())),
+        ],
+    ));
+    chains.push(Chain::hooked(
+        ChainKind::Route,
+        "steer",
+        Hook::Output,
+        -150,
+        vec![Rule::new().ct_mark_bits(0x40_0000).or_mark(0x40_0000)],
+    ));
+    Table {
+        family: Family::Inet,
+        name: "svc".into(),
+        sets,
+        chains,
+    }
+}
+
+#[test]
+fn nat_tables_update_in_place_and_keep_what_rules_remembered() {
+    if !privileged("nft_nat") {
+        return;
+    }
+    let ns = TestNetns::new("nftnat", "a");
+    let mut sock = ns.netns().run(Socket::open).unwrap().unwrap();
+    let two = services(&[("10.244.1.2", 8080), ("10.244.2.2", 8081)]);
+    sock.replace_table(&two).unwrap();
+    let listed = ns.sh(&["nft", "list", "table", "inet", "svc"]);
+    for expected in [
+        "type nat hook output priority -100; policy accept;",
+        "ip daddr 10.96.0.10 tcp dport 80 jump svc",
+        "ip saddr @aff-10.244.1.2 goto ep-10.244.1.2:8080",
+        "numgen random mod 2 0 goto ep-10.244.1.2:8080",
+        "numgen random mod 1 0 goto ep-10.244.2.2:8081",
+        "update @aff-10.244.1.2 { ip saddr timeout 3h }",
+        "ct mark set ct mark | 0x00400000 meta mark set meta mark | 0x00400000",
+        "dnat ip to 10.244.2.2:8081",
+        "type ipv4_addr",
+        "flags dynamic,timeout",
+        "ct mark & 0x00400000 == 0x00400000 meta mark set meta mark | 0x00400000",
+    ] {
+        assert!(
+            listed.contains(expected),
+            "missing {expected:?} in:\n{listed}"
+        );
+    }
+
+    // What a rule remembered (here added by hand, as `update` would) survives an update that
+    // keeps its set, and goes with a set the update drops.
+    for ep in ["10.244.1.2", "10.244.2.2"] {
+        let set = format!("aff-{ep}");
+        ns.sh(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "svc",
+            &set,
+            "{ 10.0.0.7 timeout 1h }",
+        ]);
+    }
+    let one = services(&[("10.244.2.2", 8081)]);
+    sock.update_table(&two, &one).unwrap();
+    let listed = ns.sh(&["nft", "list", "table", "inet", "svc"]);
+    assert!(
+        !listed.contains("10.244.1.2"),
+        "the endpoint is gone:\n{listed}"
+    );
+    assert!(
+        listed.contains("numgen random mod 1 0 goto ep-10.244.2.2:8081"),
+        "{listed}"
+    );
+    let kept = ns.sh(&["nft", "list", "set", "inet", "svc", "aff-10.244.2.2"]);
+    assert!(
+        kept.contains("10.0.0.7"),
+        "the kept set keeps its element:\n{kept}"
+    );
+
+    // And back: the endpoint returns with an empty set; updating to the same table is a no-op.
+    sock.update_table(&one, &two).unwrap();
+    sock.update_table(&two, &two).unwrap();
+    let back = ns.sh(&["nft", "list", "set", "inet", "svc", "aff-10.244.1.2"]);
+    assert!(!back.contains("10.0.0.7"), "{back}");
+    let kept = ns.sh(&["nft", "list", "set", "inet", "svc", "aff-10.244.2.2"]);
+    assert!(kept.contains("10.0.0.7"), "{kept}");
 }

@@ -26,7 +26,8 @@
 //! The table is replaced whole in one transaction, by the plugin at ADD (egress closed, nothing
 //! steered yet) and by the agent whenever the pod's egress policy or the protected pods change.
 
-use std::net::IpAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 use keyway_core::packet::{PROTO_ICMPV6, PROTO_UDP};
@@ -38,6 +39,11 @@ use keyway_sap::io::udp::GUE_MARK;
 use keyway_sap::sys::Netns;
 
 pub const TABLE: &str = "keyway";
+/// The table of the Service ports a pod translates: kept apart from [`TABLE`], and updated in
+/// place rather than replaced, so that `sessionAffinity` outlives policy changes.
+pub const SERVICES_TABLE: &str = "keyway-services";
+/// Where the services chain runs: destination NAT's priority.
+const DNAT_PRIORITY: i32 = -100;
 pub const FAMILY: Family = Family::Inet;
 /// Before other filter chains: keyway's drop is final whatever they accept.
 const PRIORITY: i32 = -10;
@@ -97,13 +103,15 @@ pub fn unsteer(netns: &Netns) -> Result<(), NetlinkError> {
     })
 }
 
-/// What the agent keeps current in a pod's table.
+/// What the agent keeps current in a pod's tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRules {
     /// The pod's egress policy for destinations off the overlay.
     pub egress: Egress,
     /// The pod IPs of the protected pods, which the pod reaches through its overlay device.
     pub peers: Vec<IpAddr>,
+    /// The Service ports the pod's namespace translates itself.
+    pub services: Vec<ServiceNat>,
 }
 
 impl PodRules {
@@ -112,7 +120,46 @@ impl PodRules {
         PodRules {
             egress: Egress::Closed,
             peers: Vec::new(),
+            services: Vec::new(),
         }
+    }
+}
+
+/// One port of one cluster IP of a Service, with the endpoints a connection to it may go to:
+/// kube-proxy's job for it, done in the client pod's namespace before routing, so that the
+/// translated connection (to a protected pod's pod IP) is steered into the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceNat {
+    /// `namespace/name`.
+    pub service: String,
+    pub cluster_ip: IpAddr,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub port: u16,
+    /// `sessionAffinity: ClientIP`: the timeout in seconds.
+    pub affinity_secs: Option<u32>,
+    /// (address, target port), as kube-proxy would choose among them; never empty.
+    pub endpoints: Vec<(IpAddr, u16)>,
+}
+
+impl ServiceNat {
+    /// A name unique in the table: `ns/name/proto/ip:port`.
+    fn id(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.service,
+            proto_name(self.protocol),
+            SocketAddr::new(self.cluster_ip, self.port)
+        )
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
     }
 }
 
@@ -257,16 +304,13 @@ impl PodFirewall {
     /// drops service traffic.
     fn peer_set(&self, peers: &[IpAddr]) -> Set {
         let ipv6 = self.pod_ip.is_ipv6();
-        Set {
-            name: if ipv6 { "peers6" } else { "peers4" }.into(),
-            ipv6,
-            id: 1,
-            elements: peers
-                .iter()
-                .copied()
-                .filter(|p| p.is_ipv6() == ipv6)
-                .collect(),
-        }
+        let name = if ipv6 { "peers6" } else { "peers4" };
+        let elements = peers
+            .iter()
+            .copied()
+            .filter(|p| p.is_ipv6() == ipv6)
+            .collect();
+        Set::of(name, ipv6, 1, elements)
     }
 
     /// Marks what goes to a protected pod's pod IP for the overlay device. GUE is never steered:
@@ -287,12 +331,123 @@ impl PodFirewall {
                 .daddr_in(peers)
                 .or_mark(STEER_MARK)
                 .comment("a protected pod's pod IP: through the overlay"),
+            Rule::new()
+                .ct_mark_bits(STEER_MARK)
+                .or_mark(STEER_MARK)
+                .comment("a Service connection translated to a protected pod: through the overlay"),
         ];
         Chain {
             kind: ChainKind::Route,
             ..Chain::base("steer", Hook::Output, STEER_PRIORITY, Policy::Accept, rules)
         }
     }
+}
+
+impl PodFirewall {
+    /// The pod's Service translation: for each Service port of the pod IP's family, a choice
+    /// among its endpoints (uniform, or sticky per `sessionAffinity`), then DNAT; an endpoint
+    /// that is a protected pod gets the steering mark on the connection, so every packet of it
+    /// travels the overlay. Traffic to other Services is left to the node's kube-proxy.
+    pub fn services_table(&self, rules: &PodRules) -> Table {
+        let ipv6 = self.pod_ip.is_ipv6();
+        let peers: HashSet<IpAddr> = rules.peers.iter().copied().collect();
+        let mut dispatch = Vec::new();
+        let mut chains = Vec::new();
+        let mut sets = Vec::new();
+        for svc in &rules.services {
+            if svc.cluster_ip.is_ipv6() != ipv6 || svc.endpoints.is_empty() {
+                continue;
+            }
+            let name = format!("svc-{}", svc.id());
+            dispatch.push(
+                Rule::new()
+                    .daddr_is(svc.cluster_ip)
+                    .l4proto(svc.protocol)
+                    .dport_range(svc.port, svc.port)
+                    .verdict(Verdict::Goto(name.clone()))
+                    .comment(format!("Service {}", svc.service)),
+            );
+            let (choose, mut eps, mut affinity) = service_chains(svc, &peers, sets.len());
+            chains.push(Chain::regular(&name, choose));
+            chains.append(&mut eps);
+            sets.append(&mut affinity);
+        }
+        chains.insert(
+            0,
+            Chain::hooked(
+                ChainKind::Nat,
+                "services",
+                Hook::Output,
+                DNAT_PRIORITY,
+                dispatch,
+            ),
+        );
+        Table {
+            family: FAMILY,
+            name: SERVICES_TABLE.into(),
+            sets,
+            chains,
+        }
+    }
+}
+
+/// One Service port's choosing chain, its endpoints' chains and (with affinity) their sets of
+/// recent clients; set ids start after `sets_before`.
+fn service_chains(
+    svc: &ServiceNat,
+    peers: &HashSet<IpAddr>,
+    sets_before: usize,
+) -> (Vec<Rule>, Vec<Chain>, Vec<Set>) {
+    let n = svc.endpoints.len();
+    let mut sticky = Vec::new();
+    let mut random = Vec::new();
+    let mut chains = Vec::new();
+    let mut sets = Vec::new();
+    for (i, (addr, port)) in svc.endpoints.iter().enumerate() {
+        let ep = SocketAddr::new(*addr, *port);
+        let chain = format!("ep-{}/{ep}", svc.id());
+        let mut rules = Vec::new();
+        if let Some(secs) = svc.affinity_secs {
+            let set = Set::dynamic(
+                &format!("aff-{}/{ep}", svc.id()),
+                addr.is_ipv6(),
+                (sets_before + sets.len() + 1) as u32,
+            );
+            sticky.push(
+                Rule::new()
+                    .saddr_in(&set)
+                    .verdict(Verdict::Goto(chain.clone()))
+                    .comment("sessionAffinity: ClientIP"),
+            );
+            rules.push(Rule::new().remember_saddr(&set, secs));
+            sets.push(set);
+        }
+        if peers.contains(addr) {
+            rules.push(
+                Rule::new()
+                    .or_ct_mark(STEER_MARK)
+                    .or_mark(STEER_MARK)
+                    .comment("a protected pod: the connection travels the overlay"),
+            );
+        }
+        rules.push(
+            Rule::new()
+                .l4proto(svc.protocol)
+                .dnat(*addr, *port)
+                .comment(format!("endpoint {ep}")),
+        );
+        chains.push(Chain::regular(&chain, rules));
+        // Uniform: endpoint i is taken with probability 1/(n-i) among those left.
+        let pick = if i + 1 < n {
+            Rule::new().random_is((n - i) as u32, 0)
+        } else {
+            Rule::new()
+        };
+        random.push(pick.verdict(Verdict::Goto(chain)));
+    }
+    // A client seen recently keeps its endpoint; the others are spread.
+    sticky.append(&mut random);
+    (sticky, chains, sets)
 }
 
 /// The egress chain (and its ipBlock chains) for the pod's policy off the overlay.

@@ -4,13 +4,16 @@
 //! - `serve --port P --protocol TCP|UDP|SCTP`, or `serve P/PROTO...`: answers on exactly those
 //!   ports, IPv4 and IPv6 (or only on `--bind ADDR`). TCP and UDP answer with the pod's hostname;
 //!   SCTP completes the association set-up (see `sctp`).
-//! - `probe --protocol P [--timeout-ms T] [--device IF] ADDR:PORT...`: probes every target in
-//!   parallel (with `--device`, from sockets bound to that interface) and prints
-//!   one line per target: `ADDR:PORT ok` or `ADDR:PORT fail REASON`.
+//! - `probe --protocol P [--timeout-ms T] [--device IF] TARGET:PORT...`: probes every target in
+//!   parallel (with `--device`, from sockets bound to that interface) and prints one line per
+//!   target: `TARGET:PORT ok` or `TARGET:PORT fail REASON`. A target is an address or a name,
+//!   resolved through the pod's `/etc/resolv.conf` (see `dns`).
+//! - `dns-server --zone FILE [--port P]`: the lab's cluster DNS (see `dns`).
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
 //!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
 #![forbid(unsafe_code)]
 
+mod dns;
 mod sctp;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,7 +25,7 @@ use socket2::{Domain, Socket, Type};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] ADDR:PORT...\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
     );
     ExitCode::from(64)
 }
@@ -74,6 +77,15 @@ fn main() -> ExitCode {
             })
         }
         "probe" => return probe(rest),
+        "dns-server" => match flag(rest, "--zone") {
+            Some(zone) => dns::serve(
+                std::path::Path::new(&zone),
+                flag(rest, "--port")
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(53),
+            ),
+            None => return usage(),
+        },
         "bench-server" => match flag(rest, "--port").and_then(|p| p.parse().ok()) {
             Some(port) => bench_server(port),
             None => return usage(),
@@ -285,6 +297,17 @@ fn probe_one(
     }
 }
 
+/// A probe target's address: as given, or its name resolved (within `timeout`).
+fn target_addr(target: &str, timeout: Duration) -> Result<SocketAddr, String> {
+    if let Ok(a) = target.parse() {
+        return Ok(a);
+    }
+    let (host, port) = target.rsplit_once(':').ok_or("no port")?;
+    let port: u16 = port.parse().map_err(|_| "bad port")?;
+    let ip = dns::resolve(host, timeout).map_err(|e| format!("resolve: {e}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 fn probe(args: &[String]) -> ExitCode {
     let Some(proto) = flag(args, "--protocol") else {
         return usage();
@@ -306,13 +329,15 @@ fn probe(args: &[String]) -> ExitCode {
             skip = true;
             continue;
         }
-        match a.parse::<SocketAddr>() {
-            Ok(t) => targets.push(t),
-            Err(_) => {
-                eprintln!("not an ADDR:PORT: {a}");
-                return ExitCode::from(64);
-            }
+        let named = a
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty() && !host.contains(':'))
+            .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)));
+        if a.parse::<SocketAddr>().is_err() && named.is_none() {
+            eprintln!("not an ADDR:PORT or NAME:PORT: {a}");
+            return ExitCode::from(64);
         }
+        targets.push(a.clone());
     }
     let handles: Vec<_> = targets
         .into_iter()
@@ -320,10 +345,12 @@ fn probe(args: &[String]) -> ExitCode {
         .map(|(i, t)| {
             let (proto, device) = (proto.clone(), device.clone());
             std::thread::spawn(move || {
-                (
-                    t,
-                    probe_one(&proto, t, timeout, i as u16, device.as_deref()),
-                )
+                let started = Instant::now();
+                let r = target_addr(&t, timeout).and_then(|addr| {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    probe_one(&proto, addr, left, i as u16, device.as_deref())
+                });
+                (t, r)
             })
         })
         .collect();

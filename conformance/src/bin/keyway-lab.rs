@@ -31,6 +31,10 @@ enum ViaArg {
     PodIp,
     /// By pod IP from the pod's eth0, around keyway (a bypass attempt: blocked).
     Underlay,
+    /// By the cluster IP of a Service that selects the destination alone and has the port.
+    Service,
+    /// By that Service's name, resolved through the cluster DNS in the source pod.
+    Dns,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -140,6 +144,8 @@ fn main() -> ExitCode {
                 ViaArg::Overlay => Via::Overlay,
                 ViaArg::PodIp => Via::PodIp,
                 ViaArg::Underlay => Via::Underlay,
+                ViaArg::Service => Via::Service,
+                ViaArg::Dns => Via::Dns,
             };
             let want = expect
                 .map(|f| {

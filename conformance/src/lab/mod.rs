@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod objects;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::containerd::{self, Containerd};
-use crate::cri::{ContainerSpec, Cri, PodSpec};
+use crate::cri::{ContainerSpec, Cri, DnsSpec, PodSpec};
 use crate::harness::{agnhost, bin};
 use crate::images;
 use crate::topology::{Plan, SimNode};
@@ -110,6 +111,12 @@ pub struct LabState {
     pub networks: Vec<(String, ipnetwork::IpNetwork)>,
     pub agnhost: PathBuf,
     pub next_node: usize,
+    /// Services as the lab's API server holds them (with their cluster IPs and node ports).
+    #[serde(default)]
+    pub services: Vec<services::LabService>,
+    /// The EndpointSlices the lab's controller wrote, (namespace, name).
+    #[serde(default)]
+    pub slices: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -129,6 +136,11 @@ pub enum Via {
     /// By its pod IP from a socket bound to the pod's `eth0`, around keyway's steering, as a
     /// workload trying to bypass it would: a protected destination drops it.
     Underlay,
+    /// By the cluster IP of a Service that selects the destination alone and has the port.
+    Service,
+    /// By that Service's name (`SERVICE.NAMESPACE`), resolved in the source pod through the
+    /// cluster DNS and its search path.
+    Dns,
 }
 
 /// A reachability matrix: rows are sources, columns destinations (`namespace/name`).
@@ -359,6 +371,8 @@ impl Lab {
                 networks: Vec::new(),
                 agnhost: agnhost.clone(),
                 next_node: 0,
+                services: Vec::new(),
+                slices: Vec::new(),
             },
         };
         // Record before creating anything, so `down` finds whatever was made if `up` fails.
@@ -441,9 +455,16 @@ impl Lab {
             plan.nodes,
             started.elapsed().as_secs_f64()
         );
+        let mut docs = docs;
+        services::add_cluster_dns(&mut docs, &lab.dns_dir(), &lab.state.nodes[0].name)?;
         lab.apply_documents(docs)?;
         lab.save()?;
         Ok(lab)
+    }
+
+    /// Where the DNS server's zone lives (mounted into its pod).
+    pub fn dns_dir(&self) -> PathBuf {
+        self.dir.join("dns")
     }
 
     fn wait_agent_ready(&self, n: &NodeState) -> anyhow::Result<()> {
@@ -482,7 +503,14 @@ impl Lab {
             } else {
                 doc.clone()
             };
-            if kind != "ExternalEntity" {
+            if kind == "Service" {
+                let svc = services::allocate(&doc, &self.state.services)?;
+                self.write_object(kind, ns, name, &svc.doc)?;
+                self.state
+                    .services
+                    .retain(|s| s.namespace != svc.namespace || s.name != svc.name);
+                self.state.services.push(svc);
+            } else if kind != "ExternalEntity" {
                 self.write_object(kind, ns, name, &doc)?;
             }
         }
@@ -527,7 +555,62 @@ impl Lab {
             }
         }
         self.refresh_externals()?;
+        self.sync_services()?;
         self.wait_converged(Duration::from_secs(20))
+    }
+
+    /// Plays the EndpointSlice controller and kube-proxy after a change: the slices of every
+    /// Service with a selector are written for the agents (stale ones removed), and each node's
+    /// kube-proxy table is replaced.
+    pub fn sync_services(&mut self) -> anyhow::Result<()> {
+        let pods: Vec<services::PodView> = self
+            .state
+            .pods
+            .iter()
+            .filter_map(|p| {
+                Some(services::PodView {
+                    namespace: &p.spec.namespace,
+                    name: &p.spec.name,
+                    uid: &p.uid,
+                    node: &p.node,
+                    ip: p.infra_ip.parse().ok()?,
+                    doc: &p.spec.doc,
+                })
+            })
+            .collect();
+        let slices = services::slices(&self.state.services, &pods);
+        let keys: Vec<(String, String)> = slices
+            .iter()
+            .map(|(ns, n, _)| (ns.clone(), n.clone()))
+            .collect();
+        for (ns, name) in &self.state.slices {
+            if !keys.contains(&(ns.clone(), name.clone())) {
+                self.remove_object("EndpointSlice", ns, name);
+            }
+        }
+        for (ns, name, doc) in &slices {
+            let path = self.source().join(source_path("EndpointSlice", ns, name));
+            let text = serde_yaml_ng::to_string(doc)?;
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                write_atomic(&path, text.as_bytes(), 0o644)?;
+            }
+        }
+        self.state.slices = keys;
+        let zone = services::zone(&self.state.services, &slices);
+        std::fs::create_dir_all(self.dns_dir())?;
+        let zone_file = self.dns_dir().join(services::ZONE_FILE);
+        if std::fs::read_to_string(&zone_file).ok().as_deref() != Some(zone.as_str()) {
+            write_atomic(&zone_file, zone.as_bytes(), 0o644)?;
+        }
+        for n in &self.state.nodes {
+            let script = services::kube_proxy(&self.state.services, &slices, &n.name);
+            crate::proc::run_stdin(
+                &["ip", "netns", "exec", &n.netns, "nft", "-f", "-"],
+                &script,
+            )
+            .with_context(|| format!("kube-proxy's table on {}", n.name))?;
+        }
+        Ok(())
     }
 
     fn relabel(&mut self, i: usize, p: LabPod) -> anyhow::Result<()> {
@@ -581,6 +664,9 @@ impl Lab {
                 .join(&node)
                 .join("pod-logs")
                 .join(format!("{}_{}", p.namespace, p.name)),
+            dns: (!p.system).then(|| {
+                DnsSpec::cluster_first(&services::DNS_SERVICE_IP.to_string(), &p.namespace)
+            }),
         };
         let sandbox = cri
             .run_pod_sandbox(&spec)
@@ -612,7 +698,7 @@ impl Lab {
                     name: c.name.clone(),
                     image: images::AGNHOST_IMAGE.into(),
                     command,
-                    mounts: Vec::new(),
+                    mounts: c.mounts.clone(),
                 },
             )?;
             containers.push((c.name.clone(), id));
@@ -654,8 +740,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops and removes a pod through CRI (DEL with and then without its namespace).
+    /// Stops and removes a pod through CRI (DEL with and then without its namespace), and takes
+    /// it out of its Services' endpoints.
     pub fn delete_pod(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+        self.remove_pod(ns, name)?;
+        self.sync_services()
+    }
+
+    fn remove_pod(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
         let Some(i) = self
             .state
             .pods
@@ -891,21 +983,30 @@ impl Lab {
                     .map(|p| (p.spec.namespace.clone(), p.spec.name.clone()))
                     .collect();
                 for (pns, pname) in pods {
-                    self.delete_pod(&pns, &pname)?;
+                    self.remove_pod(&pns, &pname)?;
                 }
+                self.state.services.retain(|s| s.namespace != name);
+            }
+            "Service" => {
+                self.state
+                    .services
+                    .retain(|s| s.namespace != ns || s.name != name);
             }
             _ => {}
         }
         self.remove_object(kind, ns, name);
-        Ok(())
+        self.sync_services()
+    }
+
+    /// The pods the documents asked for (not the lab's own, such as its DNS server).
+    pub fn workloads(&self) -> impl Iterator<Item = &PodState> {
+        self.state.pods.iter().filter(|p| !p.spec.system)
     }
 
     /// Every probe source/target: pods, then externals, by `namespace/name`.
     fn endpoints(&self) -> Vec<(String, Vec<IpAddr>, String)> {
         let mut v: Vec<(String, Vec<IpAddr>, String)> = self
-            .state
-            .pods
-            .iter()
+            .workloads()
             .map(|p| (p.key(), p.overlay_ips.clone(), p.infra_ip.clone()))
             .collect();
         v.extend(
@@ -932,9 +1033,16 @@ impl Lab {
         let mut handles = Vec::new();
         for (i, (src, src_overlay, _)) in eps.iter().enumerate() {
             // Targets: the destination's address in a family the source is on (or its underlay).
-            let mut targets: Vec<(usize, Option<SocketAddr>)> = Vec::new();
-            for (j, (_, dst_overlay, dst_infra)) in eps.iter().enumerate() {
+            let mut targets: Vec<(usize, Option<String>)> = Vec::new();
+            for (j, (dst, dst_overlay, dst_infra)) in eps.iter().enumerate() {
                 if i == j {
+                    continue;
+                }
+                if via == Via::Dns {
+                    let name = self
+                        .service_of(dst, port, protocol)
+                        .map(|s| format!("{}.{}:{port}", s.name, s.namespace));
+                    targets.push((j, name));
                     continue;
                 }
                 let ip = match via {
@@ -943,8 +1051,11 @@ impl Lab {
                         .find(|d| src_overlay.iter().any(|s| s.is_ipv4() == d.is_ipv4()))
                         .copied(),
                     Via::PodIp | Via::Underlay => dst_infra.parse().ok(),
+                    Via::Service | Via::Dns => self
+                        .service_of(dst, port, protocol)
+                        .and_then(|s| s.cluster_ip()),
                 };
-                targets.push((j, ip.map(|ip| SocketAddr::new(ip, port))));
+                targets.push((j, ip.map(|ip| SocketAddr::new(ip, port).to_string())));
             }
             let mut args = vec![
                 "probe".to_string(),
@@ -958,7 +1069,7 @@ impl Lab {
                 args.extend(["--device".to_string(), "eth0".to_string()]);
             }
             let flags = args.len();
-            args.extend(targets.iter().filter_map(|(_, t)| t.map(|t| t.to_string())));
+            args.extend(targets.iter().filter_map(|(_, t)| t.clone()));
             handles.push(std::thread::spawn(
                 move || -> anyhow::Result<(usize, Vec<(usize, bool)>)> {
                     let out = if args.len() > flags {
@@ -975,7 +1086,7 @@ impl Lab {
                         i,
                         targets
                             .iter()
-                            .map(|(j, t)| (*j, t.is_some_and(|t| ok.contains(&t.to_string()))))
+                            .map(|(j, t)| (*j, t.as_ref().is_some_and(|t| ok.contains(t))))
                             .collect(),
                     ))
                 },
@@ -992,6 +1103,42 @@ impl Lab {
             }
         }
         Ok(Matrix { names, cells })
+    }
+
+    /// A Service that stands for the pod `key` alone (its selector picks no other pod) and has
+    /// `port`/`protocol`, with a cluster IP; the first by name.
+    pub fn service_of(
+        &self,
+        key: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Option<&services::LabService> {
+        let selected = |svc: &services::LabService| -> Vec<String> {
+            let sel: BTreeMap<String, String> = svc
+                .doc
+                .pointer("/spec/selector")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .unwrap_or_default();
+            if sel.is_empty() {
+                return Vec::new();
+            }
+            self.state
+                .pods
+                .iter()
+                .filter(|p| p.spec.namespace == svc.namespace)
+                .filter(|p| sel.iter().all(|(k, v)| p.spec.labels.get(k) == Some(v)))
+                .map(|p| p.key())
+                .collect()
+        };
+        let mut candidates: Vec<&services::LabService> = self
+            .state
+            .services
+            .iter()
+            .filter(|s| s.cluster_ip().is_some() && s.has_port(port, protocol))
+            .filter(|s| selected(s) == [key])
+            .collect();
+        candidates.sort_by_key(|s| s.key());
+        candidates.into_iter().next()
     }
 
     /// How to run agnhost as a source: ExecSync in a pod's first container, or directly in an

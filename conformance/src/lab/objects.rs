@@ -17,6 +17,9 @@ pub struct LabContainer {
     /// `command`, taken as arguments of the image's one binary (`/agnhost`), when given.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// Host directories (host path, container path): only the lab's own pods have any.
+    #[serde(default)]
+    pub mounts: Vec<(std::path::PathBuf, String)>,
 }
 
 /// A pod as the lab creates it.
@@ -29,6 +32,10 @@ pub struct LabPod {
     pub containers: Vec<LabContainer>,
     /// The document as given (the lab adds status to it when it records the pod).
     pub doc: Value,
+    /// One of the cluster's own pods (the lab's DNS server): not probed, not benched, and with
+    /// the runtime's resolver rather than the cluster's.
+    #[serde(default)]
+    pub system: bool,
 }
 
 /// What a set of files holds.
@@ -143,6 +150,7 @@ fn pod(v: &Value, ns: &str, name: &str) -> anyhow::Result<LabPod> {
             name: cname,
             ports,
             command,
+            mounts: Vec::new(),
         });
     }
     if containers.is_empty() {
@@ -155,6 +163,7 @@ fn pod(v: &Value, ns: &str, name: &str) -> anyhow::Result<LabPod> {
         labels,
         containers,
         doc: v.clone(),
+        system: false,
     })
 }
 

@@ -7,7 +7,8 @@
 //! 2. and 3. [`identities`]: the ipBlocks policies name, then one identity per set of
 //!    policy-relevant facts;
 //! 4. [`rules`]: NetworkPolicies, strict mode and DirectPaths into allow sets per identity pair;
-//! 5. [`assemble`]: the FIB, the ACL, the SaPs, and each local pod's keys and egress rules.
+//! 5. [`assemble`]: the FIB, the ACL, the SaPs, and each local pod's keys and egress rules;
+//! 6. [`services`]: the Service ports this node's pods translate to protected pods.
 //!
 //! Kubernetes NetworkPolicy semantics, per direction:
 //! - a policy selects pods of its namespace by `podSelector`; `policyTypes` (or their default)
@@ -23,6 +24,7 @@
 mod entities;
 mod identities;
 mod rules;
+mod services;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,7 +35,7 @@ use keyway_core::acl::FastSet;
 use keyway_core::engine::Tables;
 use keyway_core::fib::{Fib, Route};
 use keyway_core::key::{ClusterSecret, Epoch, KeyRing, Rotation};
-use keyway_protocol::firewall::Egress;
+use keyway_protocol::firewall::{Egress, ServiceNat};
 
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::policy;
@@ -109,6 +111,8 @@ pub struct Compiled {
     pub local_keys: HashMap<Arc<str>, KeyRing>,
     /// Every protected pod's pod IP: what local pods steer into their overlay device.
     pub pod_ips: Vec<IpAddr>,
+    /// The Service ports local pods translate (those with protected endpoints).
+    pub services: Vec<ServiceNat>,
     pub identities: usize,
     pub entities: usize,
 }
@@ -126,7 +130,10 @@ pub fn compile(
     let blocks = identities::referenced_blocks(model);
     let ids = identities::assign(model, &entities, blocks);
     let policy = rules::apply(model, &entities, &ids);
-    assemble(model, node, &entities, &ids, policy, generation)
+    let mut out = assemble(model, node, &entities, &ids, policy, generation);
+    let protected = out.pod_ips.iter().copied().collect();
+    out.services = services::translations(model, &node.node_name, &protected);
+    out
 }
 
 /// Stage 5: the FIB (one route per overlay address), the ACL, the SaPs, and each local pod's keys

@@ -28,6 +28,8 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// The Service annotation that asks keyway to publish a Service's endpoints on the overlay: an
 /// equality selector (`app=web,tier=front`) over the pods of the Service's namespace.
 pub const SERVICE_SELECTOR_ANNOTATION: &str = "keyway.io/selector";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Where a namespaced object is: its namespace and name (`namespace/name` when shown).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -74,7 +76,7 @@ pub struct Pod {
     pub ready: Option<bool>,
 }
 
-/// A port of a covered Service.
+/// A port of a Service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub name: Option<String>,
@@ -84,6 +86,8 @@ pub struct ServicePort {
     pub port: u16,
     /// Where the pods listen: a number, or a container port's name.
     pub target: TargetPort,
+    /// The port on every node, for NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -92,15 +96,53 @@ pub enum TargetPort {
     Name(String),
 }
 
-/// A Service keyway covers: headless, selector-less for Kubernetes, with the pods it stands for
-/// chosen by [`SERVICE_SELECTOR_ANNOTATION`]. keyway publishes its EndpointSlices with the pods'
-/// overlay addresses (see `docs/services.md`).
+/// A Service, as kube-proxy reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CoveredService {
+pub struct Service {
     pub key: ObjectKey,
     pub uid: String,
-    pub selector: Labels,
+    /// `spec.clusterIPs`: none for a headless or ExternalName Service.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its endpoint, in seconds.
+    pub affinity_secs: Option<u32>,
+    /// `internalTrafficPolicy: Local`: cluster IP traffic goes to endpoints on the client's node.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`: NodePort traffic goes to the node's own endpoints.
+    pub external_local: bool,
+    /// [`SERVICE_SELECTOR_ANNOTATION`]'s selector: a headless, selector-less Service whose
+    /// EndpointSlices keyway publishes with overlay addresses (see `docs/services.md`).
+    pub covered: Option<Labels>,
+}
+
+/// An EndpointSlice (`discovery.k8s.io/v1`) of a Service, IPv4 or IPv6.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub key: ObjectKey,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label), in its namespace.
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A port of an EndpointSlice: the Service port's name, and the number its endpoints use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+/// An endpoint of an EndpointSlice: its first address (kube-proxy uses no other) and conditions
+/// (an unset `ready` or `serving` counts as true, an unset `terminating` as false, as the API
+/// says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -122,7 +164,8 @@ pub enum Object {
     External(ExternalEntity),
     ClusterConfig(String, ClusterConfigSpec),
     OverlayAttachment(OverlayAttachmentSpec),
-    Service(Box<CoveredService>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 /// The kinds of API object the model holds. A Pod stands for its attachment too (the serving
@@ -138,6 +181,7 @@ pub enum Kind {
     ExternalEntity,
     ClusterConfig,
     Service,
+    EndpointSlice,
 }
 
 /// Everything the agent knows about the cluster. Cluster-scoped objects are keyed by name,
@@ -156,8 +200,8 @@ pub struct Model {
     pub configs: BTreeMap<String, ClusterConfigSpec>,
     /// Overlay attachments published by agents, by pod.
     pub attachments: BTreeMap<ObjectKey, OverlayAttachmentSpec>,
-    /// Services whose endpoints keyway publishes.
-    pub services: BTreeMap<ObjectKey, CoveredService>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
 
 impl Model {
@@ -206,6 +250,9 @@ impl Model {
             Object::Service(svc) => {
                 self.services.insert(svc.key.clone(), *svc);
             }
+            Object::EndpointSlice(slice) => {
+                self.endpoint_slices.insert(slice.key.clone(), *slice);
+            }
             Object::OverlayAttachment(a) => {
                 self.attachments
                     .insert(ObjectKey::new(&a.namespace, &a.pod), a);
@@ -229,6 +276,7 @@ impl Model {
             Kind::ExternalEntity => drop(self.externals.remove(key)),
             Kind::ClusterConfig => drop(self.configs.remove(&key.name)),
             Kind::Service => drop(self.services.remove(key)),
+            Kind::EndpointSlice => drop(self.endpoint_slices.remove(key)),
         }
     }
 
@@ -256,6 +304,7 @@ impl Model {
             Kind::ExternalEntity => keyed(&self.externals),
             Kind::ClusterConfig => named(&self.configs),
             Kind::Service => keyed(&self.services),
+            Kind::EndpointSlice => keyed(&self.endpoint_slices),
         }
     }
 

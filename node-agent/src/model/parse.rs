@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{
     Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice as K8sEndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -13,10 +14,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
-    ClusterConfigSpec, CoveredService, DirectPath, DirectPathSpec, ExternalEntity,
+    ClusterConfigSpec, DirectPath, DirectPathSpec, Endpoint, EndpointSlice, ExternalEntity,
     ExternalEntitySpec, KEYWAY_API_VERSION, NAMESPACE_NAME_LABEL, NamedPort, Node, Object,
-    ObjectKey, OverlayAttachmentSpec, OverlayNetwork, OverlayNetworkSpec, Pod,
-    SERVICE_SELECTOR_ANNOTATION, ServicePort, TargetPort,
+    ObjectKey, OverlayAttachmentSpec, OverlayNetwork, OverlayNetworkSpec, Pod, SERVICE_NAME_LABEL,
+    SERVICE_SELECTOR_ANNOTATION, Service, ServicePort, SlicePort, TargetPort,
 };
 use crate::policy::{self, Labels, PolicyError};
 
@@ -66,7 +67,10 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, ObjectError> {
     let parsed = match (api.as_str(), kind.as_str()) {
         ("v1", "Namespace") => namespace(doc),
         ("v1", "Pod") => pod(doc),
-        ("v1", "Service") => return service(doc).map_err(|source| invalid(kind, name, source)),
+        ("v1", "Service") => service(doc),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            return endpoint_slice(doc).map_err(|source| invalid(kind, name, source));
+        }
         ("v1", "Node") => node(doc),
         ("networking.k8s.io/v1", "NetworkPolicy") => network_policy(doc),
         (KEYWAY_API_VERSION, kind) => return keyway_resource(kind, &name, doc),
@@ -183,33 +187,20 @@ pub fn parse_selector(text: &str) -> Result<Labels, Invalid> {
     Ok(out)
 }
 
-/// A Service keyway covers; `Ok(None)` for one without keyway's annotation (Kubernetes
-/// publishes its endpoints as usual).
-fn service(doc: Value) -> Result<Option<Object>, Invalid> {
+/// A Service: its cluster IPs, ports and traffic policies; with keyway's annotation, the
+/// checks that its headless mechanism needs.
+fn service(doc: Value) -> Result<Object, Invalid> {
     let svc: K8sService = typed(doc)?;
-    let Some(selector) = svc
+    let spec = svc.spec.unwrap_or_default();
+    let covered = match svc
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(SERVICE_SELECTOR_ANNOTATION))
-    else {
-        return Ok(None);
+    {
+        Some(selector) => Some(covered_selector(selector, &spec)?),
+        None => None,
     };
-    let selector = parse_selector(selector)?;
-    let spec = svc.spec.unwrap_or_default();
-    if spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(field(format!(
-            "has both spec.selector and {SERVICE_SELECTOR_ANNOTATION}: Kubernetes would also \
-             publish the pods' infrastructure addresses, which keyway's pods drop; move the \
-             selector into the annotation"
-        )));
-    }
-    if spec.cluster_ip.as_deref() != Some("None") {
-        return Err(field(
-            "is not headless (clusterIP: None): a ClusterIP is translated by kube-proxy \
-             outside the pod and cannot reach overlay addresses",
-        ));
-    }
     let mut ports = Vec::new();
     for sp in spec.ports.iter().flatten() {
         let port = port_number("port", sp.port)?;
@@ -223,13 +214,127 @@ fn service(doc: Value) -> Result<Option<Object>, Invalid> {
             protocol: policy::protocol(sp.protocol.as_deref())?,
             port,
             target,
+            node_port: sp
+                .node_port
+                .map(|n| port_number("nodePort", n))
+                .transpose()?,
         });
     }
-    Ok(Some(Object::Service(Box::new(CoveredService {
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    let listed = spec.cluster_ips.iter().flatten().map(String::as_str);
+    for ip in listed.chain(spec.cluster_ip.as_deref()) {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| field(format!("clusterIP {ip:?} is not an address")))?;
+        if !cluster_ips.contains(&ip) {
+            cluster_ips.push(ip);
+        }
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        cluster_ips.clear();
+    }
+    let affinity_secs = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .and_then(|c| c.client_ip)
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_SECS)
+    });
+    Ok(Object::Service(Box::new(Service {
         key: key_of(&svc.metadata)?,
         uid: svc.metadata.uid.unwrap_or_default(),
-        selector,
+        cluster_ips,
         ports,
+        affinity_secs,
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        covered,
+    })))
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (three hours).
+const DEFAULT_AFFINITY_SECS: u32 = 10_800;
+
+/// The selector of keyway's annotation, on a Service it may be used on.
+fn covered_selector(
+    selector: &str,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<Labels, Invalid> {
+    let selector = parse_selector(selector)?;
+    if spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(field(format!(
+            "has both spec.selector and {SERVICE_SELECTOR_ANNOTATION}: remove the annotation \
+             (a Service with a selector reaches protected pods as it is)"
+        )));
+    }
+    if spec.cluster_ip.as_deref() != Some("None") {
+        return Err(field(format!(
+            "{SERVICE_SELECTOR_ANNOTATION} is for headless Services (clusterIP: None); remove \
+             it and give the Service its selector"
+        )));
+    }
+    Ok(selector)
+}
+
+/// An EndpointSlice of addresses; `Ok(None)` for an FQDN slice or one that belongs to no
+/// Service (kube-proxy uses neither).
+fn endpoint_slice(doc: Value) -> Result<Option<Object>, Invalid> {
+    let s: K8sEndpointSlice = typed(doc)?;
+    let ipv6 = match s.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return Ok(None),
+    };
+    let Some(service) = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let mut ports = Vec::new();
+    for p in s.ports.iter().flatten() {
+        let Some(port) = p.port else { continue };
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            port: port_number("port", port)?,
+            protocol: policy::protocol(p.protocol.as_deref())?,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for e in s.endpoints.iter().flatten() {
+        let Some(first) = e.addresses.first() else {
+            continue;
+        };
+        let address: IpAddr = first
+            .parse()
+            .ok()
+            .filter(|a: &IpAddr| a.is_ipv6() == ipv6)
+            .ok_or_else(|| {
+                field(format!(
+                    "endpoint address {first:?} is not {}",
+                    s.address_type
+                ))
+            })?;
+        let c = e.conditions.clone().unwrap_or_default();
+        endpoints.push(Endpoint {
+            address,
+            ready: c.ready.unwrap_or(true),
+            serving: c.serving.unwrap_or(true),
+            terminating: c.terminating.unwrap_or(false),
+            node: e.node_name.clone(),
+        });
+    }
+    Ok(Some(Object::EndpointSlice(Box::new(EndpointSlice {
+        key: key_of(&s.metadata)?,
+        service,
+        ports,
+        endpoints,
     }))))
 }
 

@@ -1,5 +1,5 @@
 //! The `kubernetes` state source: a kube-rs watcher and reflector store per kind (Namespaces,
-//! Nodes, Pods, NetworkPolicies, Services and keyway's resources) feeding the same [`Model`] as
+//! Nodes, Pods, NetworkPolicies, Services, EndpointSlices and keyway's resources) feeding the same [`Model`] as
 //! the `file` source through the same parser — objects are turned back into the documents the
 //! file source would read, so the two cannot disagree about what an object means.
 //!
@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
@@ -257,7 +258,8 @@ pub fn spawn(client: kube::Client) -> KubeSource {
     start::<ExternalEntityResource>(&client, Kind::ExternalEntity, &tx);
     start::<ClusterConfigResource>(&client, Kind::ClusterConfig, &tx);
     start::<Service>(&client, Kind::Service, &tx);
-    const KINDS: usize = 9;
+    start::<EndpointSlice>(&client, Kind::EndpointSlice, &tx);
+    const KINDS: usize = 10;
     drop(tx);
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     let (ready_tx, ready_rx) = watch::channel(false);

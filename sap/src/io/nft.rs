@@ -39,9 +39,11 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 
 const NFTA_TABLE_NAME: u16 = 1;
@@ -70,6 +72,8 @@ const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_ID: u16 = 10;
+/// `NFT_SET_TIMEOUT | NFT_SET_EVAL`: elements expire, and rules add them (`update @set`).
+const NFT_SET_DYNAMIC: u32 = 0x10 | 0x20;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -87,6 +91,7 @@ const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
 
 /// Address families (`NFPROTO_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +131,8 @@ pub enum Verdict {
     Drop,
     Return,
     Jump(String),
+    /// Continue in the chain and do not come back (a jump's return goes to the caller's caller).
+    Goto(String),
 }
 
 impl Verdict {
@@ -134,7 +141,15 @@ impl Verdict {
             Verdict::Drop => 0,
             Verdict::Accept => 1,
             Verdict::Jump(_) => -3,
+            Verdict::Goto(_) => -4,
             Verdict::Return => -5,
+        }
+    }
+
+    fn chain(&self) -> Option<&str> {
+        match self {
+            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
+            _ => None,
         }
     }
 }
@@ -156,6 +171,13 @@ enum MetaKey {
     L4Proto = 16,
 }
 
+/// Conntrack keys (`NFT_CT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtKey {
+    State = 0,
+    Mark = 3,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PayloadBase {
     Network = 1,
@@ -173,13 +195,26 @@ enum Expr {
         mask: Vec<u8>,
         xor: Vec<u8>,
     },
-    CtState,
+    /// A conntrack key into register 1.
+    Ct(CtKey),
+    /// A conntrack key set from register 1.
+    CtSet(CtKey),
     Counter,
     Immediate(Verdict),
+    /// Data into a register.
+    Load(u32, Vec<u8>),
     /// Register 1 looked up in the named set (the set's id within the batch alongside).
     Lookup(String, u32),
     /// A meta key set from register 1.
     MetaSet(MetaKey),
+    /// A random number below the modulus into register 1.
+    Random(u32),
+    /// Destination NAT to the address in register 1 and the port in register 2.
+    Dnat {
+        ipv6: bool,
+    },
+    /// Register 1 added to (or refreshed in) a dynamic set, expiring after the timeout (ms).
+    Update(String, u32, u64),
 }
 
 /// A rule: a sequence of matches ending in a verdict, with an optional comment.
@@ -187,6 +222,25 @@ enum Expr {
 pub struct Rule {
     exprs: Vec<Expr>,
     comment: Option<String>,
+}
+
+/// Where an address is in the network header: (offset, length).
+fn network_field(ipv6: bool, source: bool) -> (u32, u32) {
+    match (ipv6, source) {
+        (false, true) => (12, 4),
+        (false, false) => (16, 4),
+        (true, true) => (8, 16),
+        (true, false) => (24, 16),
+    }
+}
+
+/// Register 1 with `bits` set (`reg & !bits ^ bits`).
+fn or_bits(bits: u32) -> Expr {
+    Expr::Bitwise {
+        len: 4,
+        mask: (!bits).to_ne_bytes().to_vec(),
+        xor: bits.to_ne_bytes().to_vec(),
+    }
 }
 
 fn ifname_bytes(name: &str, exact: bool) -> Vec<u8> {
@@ -227,7 +281,7 @@ impl Rule {
 
     /// `ct state & mask != 0`.
     pub fn ct_state(self, mask: u32) -> Self {
-        self.push(Expr::CtState)
+        self.push(Expr::Ct(CtKey::State))
             .push(Expr::Bitwise {
                 len: 4,
                 mask: mask.to_ne_bytes().to_vec(),
@@ -288,11 +342,12 @@ impl Rule {
     /// `ip daddr @set` / `ip6 daddr @set` for a set of [`Table::sets`] (the family check is part of
     /// the match; the set's family says which).
     pub fn daddr_in(self, set: &Set) -> Self {
-        let (family, offset, len) = if set.ipv6 {
-            (Family::Ipv6, 24, 16)
-        } else {
-            (Family::Ipv4, 16, 4)
-        };
+        self.addr_lookup(set, false)
+    }
+
+    fn addr_lookup(self, set: &Set, source: bool) -> Self {
+        let family = if set.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+        let (offset, len) = network_field(set.ipv6, source);
         self.push(Expr::Meta(MetaKey::NfProto))
             .push(Expr::Cmp(CmpOp::Eq, vec![family as u8]))
             .push(Expr::Payload(PayloadBase::Network, offset, len))
@@ -313,12 +368,67 @@ impl Rule {
     /// `meta mark set meta mark | bits`: adds `bits` to the packet's mark, keeping the rest.
     pub fn or_mark(self, bits: u32) -> Self {
         self.push(Expr::Meta(MetaKey::Mark))
+            .push(or_bits(bits))
+            .push(Expr::MetaSet(MetaKey::Mark))
+    }
+
+    /// `ct mark & bits == bits`: the connection carries every one of `bits`.
+    pub fn ct_mark_bits(self, bits: u32) -> Self {
+        self.push(Expr::Ct(CtKey::Mark))
             .push(Expr::Bitwise {
                 len: 4,
-                mask: (!bits).to_ne_bytes().to_vec(),
-                xor: bits.to_ne_bytes().to_vec(),
+                mask: bits.to_ne_bytes().to_vec(),
+                xor: 0u32.to_ne_bytes().to_vec(),
             })
-            .push(Expr::MetaSet(MetaKey::Mark))
+            .push(Expr::Cmp(CmpOp::Eq, bits.to_ne_bytes().to_vec()))
+    }
+
+    /// `ct mark set ct mark | bits`: the connection remembers `bits` for its later packets.
+    pub fn or_ct_mark(self, bits: u32) -> Self {
+        self.push(Expr::Ct(CtKey::Mark))
+            .push(or_bits(bits))
+            .push(Expr::CtSet(CtKey::Mark))
+    }
+
+    /// `numgen random mod modulus == value`.
+    pub fn random_is(self, modulus: u32, value: u32) -> Self {
+        self.push(Expr::Random(modulus))
+            .push(Expr::Cmp(CmpOp::Eq, value.to_ne_bytes().to_vec()))
+    }
+
+    /// `dnat ip to addr:port` (or `ip6 to [addr]:port`); the rule must have matched the family.
+    pub fn dnat(self, addr: IpAddr, port: u16) -> Self {
+        let (ipv6, bytes) = match addr {
+            IpAddr::V4(a) => (false, a.octets().to_vec()),
+            IpAddr::V6(a) => (true, a.octets().to_vec()),
+        };
+        self.push(Expr::Load(NFT_REG_1, bytes))
+            .push(Expr::Load(NFT_REG_2, port.to_be_bytes().to_vec()))
+            .push(Expr::Dnat { ipv6 })
+    }
+
+    /// `ip saddr @set` / `ip6 saddr @set`.
+    pub fn saddr_in(self, set: &Set) -> Self {
+        self.addr_lookup(set, true)
+    }
+
+    /// `update @set { ip saddr timeout Ns }`: remembers the source in a dynamic set.
+    pub fn remember_saddr(self, set: &Set, timeout_secs: u32) -> Self {
+        let family = if set.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+        let (offset, len) = network_field(set.ipv6, true);
+        self.push(Expr::Meta(MetaKey::NfProto))
+            .push(Expr::Cmp(CmpOp::Eq, vec![family as u8]))
+            .push(Expr::Payload(PayloadBase::Network, offset, len))
+            .push(Expr::Update(
+                set.name.clone(),
+                set.id,
+                u64::from(timeout_secs) * 1000,
+            ))
+    }
+
+    /// `ip daddr ADDR` / `ip6 daddr ADDR` for one address (with its family check).
+    pub fn daddr_is(self, addr: IpAddr) -> Self {
+        self.daddr(IpNetwork::from(addr))
     }
 
     /// `ip saddr net` / `ip6 saddr net` (the family check is part of the match).
@@ -379,6 +489,8 @@ pub enum ChainKind {
     #[default]
     Filter,
     Route,
+    /// Address translation: only a connection's first packet passes; conntrack does the rest.
+    Nat,
 }
 
 impl ChainKind {
@@ -386,6 +498,7 @@ impl ChainKind {
         match self {
             ChainKind::Filter => "filter",
             ChainKind::Route => "route",
+            ChainKind::Nat => "nat",
         }
     }
 }
@@ -400,6 +513,20 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// A chain of `kind` on `hook` at `priority`.
+    pub fn hooked(
+        kind: ChainKind,
+        name: &str,
+        hook: Hook,
+        priority: i32,
+        rules: Vec<Rule>,
+    ) -> Chain {
+        Chain {
+            kind,
+            ..Chain::base(name, hook, priority, Policy::Accept, rules)
+        }
+    }
+
     /// A filter chain on `hook` at `priority`.
     pub fn base(name: &str, hook: Hook, priority: i32, policy: Policy, rules: Vec<Rule>) -> Chain {
         Chain {
@@ -429,6 +556,29 @@ pub struct Set {
     /// The set's id within the batch (rules refer to it by name and id); unique in its table.
     pub id: u32,
     pub elements: Vec<IpAddr>,
+    /// Filled by rules at run time, each element with a timeout (`update @set`), not by us.
+    pub dynamic: bool,
+}
+
+impl Set {
+    /// A set of `elements` of one family.
+    pub fn of(name: &str, ipv6: bool, id: u32, elements: Vec<IpAddr>) -> Set {
+        Set {
+            name: name.to_string(),
+            ipv6,
+            id,
+            elements,
+            dynamic: false,
+        }
+    }
+
+    /// An empty set that rules fill, whose elements expire.
+    pub fn dynamic(name: &str, ipv6: bool, id: u32) -> Set {
+        Set {
+            dynamic: true,
+            ..Set::of(name, ipv6, id, Vec::new())
+        }
+    }
 }
 
 /// A whole table, installed or replaced in one transaction.
@@ -589,11 +739,14 @@ impl Expr {
             Expr::Cmp(..) => "cmp",
             Expr::Payload(..) => "payload",
             Expr::Bitwise { .. } => "bitwise",
-            Expr::CtState => "ct",
+            Expr::Ct(_) | Expr::CtSet(_) => "ct",
             Expr::Counter => "counter",
-            Expr::Immediate(_) => "immediate",
+            Expr::Immediate(_) | Expr::Load(..) => "immediate",
             Expr::Lookup(..) => "lookup",
             Expr::MetaSet(_) => "meta",
+            Expr::Random(_) => "numgen",
+            Expr::Dnat { .. } => "nat",
+            Expr::Update(..) => "dynset",
         }
     }
 
@@ -623,8 +776,10 @@ impl Expr {
                 data_value(4, mask),
                 data_value(5, xor),
             ],
-            // NFTA_CT_DREG, NFTA_CT_KEY (NFT_CT_STATE)
-            Expr::CtState => vec![be32(1, NFT_REG_1), be32(2, 0)],
+            // NFTA_CT_DREG, NFTA_CT_KEY
+            Expr::Ct(key) => vec![be32(1, NFT_REG_1), be32(2, *key as u32)],
+            // NFTA_CT_KEY, NFTA_CT_SREG
+            Expr::CtSet(key) => vec![be32(2, *key as u32), be32(4, NFT_REG_1)],
             // NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS
             Expr::Counter => vec![
                 Attr::Bytes(1, 0u64.to_be_bytes().to_vec()),
@@ -633,7 +788,7 @@ impl Expr {
             // NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { code, chain } }
             Expr::Immediate(v) => {
                 let mut verdict = vec![be32(NFTA_VERDICT_CODE, v.code() as u32)];
-                if let Verdict::Jump(chain) = v {
+                if let Some(chain) = v.chain() {
                     verdict.push(text(NFTA_VERDICT_CHAIN, chain));
                 }
                 vec![
@@ -645,6 +800,28 @@ impl Expr {
             Expr::Lookup(set, id) => vec![text(1, set), be32(2, NFT_REG_1), be32(4, *id)],
             // NFTA_META_KEY, NFTA_META_SREG
             Expr::MetaSet(key) => vec![be32(2, *key as u32), be32(3, NFT_REG_1)],
+            // NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA { NFTA_DATA_VALUE }
+            Expr::Load(reg, value) => vec![be32(1, *reg), data_value(2, value)],
+            // NFTA_NG_DREG, NFTA_NG_MODULUS, NFTA_NG_TYPE (NFT_NG_RANDOM)
+            Expr::Random(modulus) => vec![be32(1, NFT_REG_1), be32(2, *modulus), be32(3, 1)],
+            // NFTA_NAT_TYPE (NFT_NAT_DNAT), _FAMILY, _REG_ADDR_MIN, _REG_PROTO_MIN
+            Expr::Dnat { ipv6 } => {
+                let family = if *ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+                vec![
+                    be32(1, 1),
+                    be32(2, family as u32),
+                    be32(3, NFT_REG_1),
+                    be32(5, NFT_REG_2),
+                ]
+            }
+            // NFTA_DYNSET_SET_NAME, _SET_ID, _OP (NFT_DYNSET_OP_UPDATE), _SREG_KEY, _TIMEOUT
+            Expr::Update(set, id, timeout_ms) => vec![
+                text(1, set),
+                be32(2, *id),
+                be32(3, 1),
+                be32(4, NFT_REG_1),
+                Attr::Bytes(6, timeout_ms.to_be_bytes().to_vec()),
+            ],
         }
     }
 
@@ -659,14 +836,18 @@ impl Expr {
     }
 }
 
-/// The messages of one batch, each with its sequence number and, when it expects an
-/// acknowledgement, what it does (for errors).
+/// The messages of one batch, each with its sequence number and, for requests, what it does
+/// (for errors). Only the last request asks for an acknowledgement: the kernel answers a
+/// failed request anyway, so one acknowledgement says the whole batch was processed, however
+/// large it is (one per message would overflow the socket's receive queue).
 #[derive(Debug)]
 struct Batch {
     messages: Vec<NetlinkMessage<NfMessage>>,
     seq: u32,
-    /// (sequence number, description) of each message that expects an acknowledgement.
+    /// (sequence number, description) of each request.
     acked: Vec<(u32, String)>,
+    /// The index in `messages` of the last request.
+    last_request: Option<usize>,
 }
 
 impl Batch {
@@ -675,6 +856,7 @@ impl Batch {
             messages: Vec::new(),
             seq,
             acked: Vec::new(),
+            last_request: None,
         }
     }
 
@@ -687,13 +869,22 @@ impl Batch {
         self.messages.push(m);
         if let Some(w) = what {
             self.acked.push((self.seq, w));
+            self.last_request = Some(self.messages.len() - 1);
         }
         self.seq = self.seq.wrapping_add(1);
     }
 
-    /// An nf_tables request that the kernel acknowledges.
+    /// An nf_tables request (the kernel answers it if it fails, or if it is the last).
     fn request(&mut self, msg: NfMessage, flags: u16, what: String) {
-        self.push(msg, NLM_F_REQUEST | NLM_F_ACK | flags, Some(what));
+        self.push(msg, NLM_F_REQUEST | flags, Some(what));
+    }
+
+    /// Asks for the acknowledgement of the last request; its sequence number.
+    fn ack_last(&mut self) -> Option<u32> {
+        let i = self.last_request?;
+        let m = &mut self.messages[i];
+        m.header.flags |= NLM_F_ACK;
+        Some(m.header.sequence_number)
     }
 
     fn begin(&mut self) {
@@ -748,6 +939,54 @@ impl Batch {
         self.request(nft(NFT_MSG_NEWCHAIN, family, attrs), NLM_F_CREATE, what);
     }
 
+    fn del_chain(&mut self, family: Family, table: &str, chain: &str) {
+        let attrs = vec![text(NFTA_CHAIN_TABLE, table), text(NFTA_CHAIN_NAME, chain)];
+        let what = format!("delete chain {table} {chain}");
+        self.request(nft(NFT_MSG_DELCHAIN, family, attrs), 0, what);
+    }
+
+    fn del_set(&mut self, family: Family, table: &str, set: &str) {
+        let attrs = vec![text(NFTA_SET_TABLE, table), text(NFTA_SET_NAME, set)];
+        let what = format!("delete set {table} {set}");
+        self.request(nft(NFT_MSG_DELSET, family, attrs), 0, what);
+    }
+
+    /// Turns the installed `old` into `new` without touching what both hold alike: a dynamic set
+    /// in both keeps its elements. Every old chain is flushed first (so nothing refers to what
+    /// goes), then what `new` lacks is deleted, then what is new or changed is added.
+    fn table_update(&mut self, old: &Table, new: &Table) {
+        let (family, name) = (new.family, new.name.as_str());
+        self.new_table(family, name);
+        for chain in &old.chains {
+            self.flush_chain(family, name, &chain.name);
+        }
+        for chain in &old.chains {
+            if !new.chains.iter().any(|c| c.name == chain.name) {
+                self.del_chain(family, name, &chain.name);
+            }
+        }
+        // A dynamic set is the same set if its name and type are (ids only matter in a batch).
+        let same =
+            |a: &Set, b: &Set| a.dynamic && b.dynamic && a.name == b.name && a.ipv6 == b.ipv6;
+        let kept = |set: &Set| old.sets.iter().any(|o| same(o, set));
+        for set in &old.sets {
+            if !new.sets.iter().any(|n| same(n, set)) {
+                self.del_set(family, name, &set.name);
+            }
+        }
+        for set in new.sets.iter().filter(|s| !kept(s)) {
+            self.new_set(family, name, set);
+        }
+        for chain in &new.chains {
+            self.new_chain(family, name, chain);
+        }
+        for chain in &new.chains {
+            for rule in &chain.rules {
+                self.new_rule(family, name, &chain.name, rule);
+            }
+        }
+    }
+
     fn flush_chain(&mut self, family: Family, table: &str, chain: &str) {
         let attrs = vec![text(NFTA_RULE_TABLE, table), text(NFTA_RULE_CHAIN, chain)];
         let what = format!("flush chain {table} {chain}");
@@ -786,7 +1025,10 @@ impl Batch {
         let attrs = vec![
             text(NFTA_SET_TABLE, table),
             text(NFTA_SET_NAME, &set.name),
-            be32(NFTA_SET_FLAGS, 0),
+            be32(
+                NFTA_SET_FLAGS,
+                if set.dynamic { NFT_SET_DYNAMIC } else { 0 },
+            ),
             be32(NFTA_SET_KEY_TYPE, key_type),
             be32(NFTA_SET_KEY_LEN, key_len),
             be32(NFTA_SET_ID, set.id),
@@ -869,16 +1111,20 @@ impl Socket {
         Ok(Socket { fd, seq })
     }
 
-    /// Sends a batch and reads the kernel's answers until every message that asked for an
-    /// acknowledgement has one; the first refusal is the error.
-    fn exchange(&mut self, batch: Batch) -> Result<(), NftError> {
+    /// Sends a batch and reads the kernel's answers until the last request's acknowledgement
+    /// (the kernel processes every message, reporting each that fails, before it answers); the
+    /// first refusal is the error.
+    fn exchange(&mut self, mut batch: Batch) -> Result<(), NftError> {
         self.seq = batch.seq;
-        let mut pending = batch.acked.clone();
+        let Some(last) = batch.ack_last() else {
+            return Ok(());
+        };
         send(self.fd.as_raw_fd(), &batch.bytes(), MsgFlags::empty())
             .map_err(|e| NftError::Io(e.into()))?;
         let mut first_error: Option<NftError> = None;
         let mut buf = vec![0u8; 256 * 1024];
-        while !pending.is_empty() {
+        let mut done = false;
+        while !done {
             let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(|e| NftError::Io(e.into()))?;
             let mut off = 0;
@@ -890,13 +1136,11 @@ impl Socket {
                     .map_err(|_| NftError::Malformed)?;
                 if let NetlinkPayload::Error(e) = msg.payload {
                     let seq = msg.header.sequence_number;
-                    let what = pending
-                        .iter()
-                        .position(|(s, _)| *s == seq)
-                        .map(|i| pending.remove(i));
+                    done |= seq == last;
                     if let (Some(code), None) = (e.code, &first_error) {
+                        let what = batch.acked.iter().find(|(s, _)| *s == seq);
                         first_error = Some(NftError::Refused {
-                            op: what.map(|(_, w)| w).unwrap_or_else(|| "a message".into()),
+                            op: what.map_or_else(|| "a message".into(), |(_, w)| w.clone()),
                             source: io::Error::from_raw_os_error(-code.get()),
                         });
                     }
@@ -913,6 +1157,16 @@ impl Socket {
         b.begin();
         b.clear_table(table.family, &table.name);
         b.table_contents(table);
+        b.end();
+        self.exchange(b)
+    }
+
+    /// Turns the installed table `old` (as last installed by this process) into `new` in one
+    /// transaction, keeping the run-time elements of the dynamic sets both hold.
+    pub fn update_table(&mut self, old: &Table, new: &Table) -> Result<(), NftError> {
+        let mut b = Batch::new(self.seq);
+        b.begin();
+        b.table_update(old, new);
         b.end();
         self.exchange(b)
     }
@@ -970,6 +1224,7 @@ pub fn encode_replace(table: &Table) -> Vec<u8> {
     b.clear_table(table.family, &table.name);
     b.table_contents(table);
     b.end();
+    b.ack_last();
     b.bytes()
 }
 
@@ -1004,6 +1259,12 @@ mod tests {
         );
         assert_eq!(
             u16::from_ne_bytes(newtable[6..8].try_into().unwrap()),
+            NLM_F_REQUEST | NLM_F_CREATE,
+            "only the last request asks for an acknowledgement"
+        );
+        let last = &b[20 + 36 + 28..20 + 36 + 28 + 36];
+        assert_eq!(
+            u16::from_ne_bytes(last[6..8].try_into().unwrap()),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
         );
         assert_eq!(
