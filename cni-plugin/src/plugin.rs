@@ -211,6 +211,7 @@ impl Drop for Rollback<'_> {
         }
         let del = Request::Delete(AttachmentRequest {
             attachment: self.attachment.clone(),
+            pod: None,
         });
         if let Err(e) = self.client.call(&del, None) {
             tracing::warn!(error = %e, "rollback: the agent did not release the allocation");
@@ -226,7 +227,7 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
     let attachment = inv.attachment();
     let pod = inv.pod();
 
-    let grants = client
+    let ack = client
         .call(
             &Request::Allocate(AllocateRequest {
                 attachment: attachment.clone(),
@@ -234,8 +235,12 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
             }),
             None,
         )
-        .map_err(agent_error)?
-        .networks;
+        .map_err(agent_error)?;
+    if ack.excluded {
+        tracing::info!(pod = %pod.name, namespace = %pod.namespace, "the pod opted out of keyway: passing the primary's result through");
+        return Ok(prev.clone());
+    }
+    let grants = ack.networks;
     let mut rollback = Rollback {
         netns: &netns,
         client: &client,
@@ -360,6 +365,7 @@ pub fn del(inv: &Invocation) -> Result<(), CniError> {
         c.call(
             &Request::Delete(AttachmentRequest {
                 attachment: inv.attachment(),
+                pod: None,
             }),
             None,
         )
@@ -401,15 +407,19 @@ pub fn check(inv: &Invocation) -> Result<(), CniError> {
     require_prev_result(&inv.conf)?;
     let netns = Netns::open(&inv.env.netns).map_err(|e| netns_error(&inv.env.netns, e))?;
     let client = inv.connect()?;
-    let grants = client
+    let ack = client
         .call(
             &Request::Check(AttachmentRequest {
                 attachment: inv.attachment(),
+                pod: Some(inv.pod()),
             }),
             None,
         )
-        .map_err(agent_error)?
-        .networks;
+        .map_err(agent_error)?;
+    if ack.excluded {
+        return Ok(());
+    }
+    let grants = ack.networks;
     for g in &grants {
         let dev = g.device.clone();
         let addrs = netlink::in_netns(&netns, async move |nl| match nl.link(&dev).await? {
@@ -494,6 +504,7 @@ pub fn gc(inv: &Invocation) -> Result<u32, CniError> {
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
             },
+            pod: None,
         });
         client.call(&keep, None).map_err(agent_error)?;
     }

@@ -6,6 +6,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub fn alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
     let pid = Pid::from_raw(pid as i32);
     if kill(pid, None).is_err() {
         return false;
@@ -17,8 +20,12 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// SIGTERM, then SIGKILL after `grace`; returns when the process is gone.
+/// SIGTERM, then SIGKILL after `grace`; returns when the process is gone. Pid 0 is no process
+/// (a stopped one's record), never the caller's process group.
 pub fn terminate(pid: u32, grace: Duration) {
+    if pid == 0 {
+        return;
+    }
     let p = Pid::from_raw(pid as i32);
     let _ = kill(p, Signal::SIGTERM);
     let deadline = Instant::now() + grace;

@@ -284,6 +284,7 @@ fn malformed_handoff_messages_are_refused_and_change_nothing() {
             container_id: a.rt.container_id.clone(),
             ifname: "eth0".into(),
         },
+        pod: None,
     })
     .encode();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![

@@ -1,5 +1,6 @@
 //! keyway-lab end to end on the paper's topology (examples/paper-topology.yaml): the reachability
-//! matrices over the overlay (TCP, UDP, SCTP) and the underlay equal the files in
+//! matrices over the overlay (TCP, UDP, SCTP), by pod IP, by cluster IP, by Service name and
+//! around the overlay equal the files in
 //! examples/paper-topology.expect/, the paths are those of the paper's Table I, objects applied
 //! and deleted while the lab runs take effect, and `down` leaves nothing behind (twice).
 
@@ -115,6 +116,14 @@ fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
     let got = lab.probe(80, "TCP", Via::PodIp, t).unwrap();
     let d = got.diff(&expected("pod-ip-TCP-80.txt"));
     assert!(d.is_empty(), "TCP by pod IP: {d:?}\n{got}");
+    for (via, file) in [
+        (Via::Service, "service-TCP-80.txt"),
+        (Via::Dns, "dns-TCP-80.txt"),
+    ] {
+        let got = lab.probe(80, "TCP", via, t).unwrap();
+        let d = got.diff(&expected(file));
+        assert!(d.is_empty(), "TCP via {via:?}: {d:?}\n{got}");
+    }
     let got = lab.probe(80, "TCP", Via::Underlay, t).unwrap();
     let d = got.diff(&expected("underlay-TCP-80.txt"));
     assert!(d.is_empty(), "TCP via the underlay: {d:?}\n{got}");

@@ -296,12 +296,33 @@ async fn install(
     }
 }
 
+/// Removes what the agent's gateway leaves on the node (its table and routing rules; the device
+/// goes with the agent). On its own thread, so that it runs the same from async and sync callers.
+/// A failure is logged: it leaves rules that route nothing once the agent is gone.
+fn remove_gateway() {
+    use keyway_protocol::gateway;
+    let removed = std::thread::spawn(|| -> anyhow::Result<bool> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(gateway::unroute())?;
+        Ok(gateway::delete_table()?)
+    })
+    .join();
+    match removed {
+        Ok(Ok(table)) => tracing::info!(table, "the node's gateway rules removed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove the node's gateway rules"),
+        Err(_) => tracing::warn!("removing the node's gateway rules panicked"),
+    }
+}
+
 fn uninstall(c: &Config) -> anyhow::Result<()> {
     let changed = c.dir.uninstall()?;
     tracing::info!(files = ?changed, "keyway taken out of the CNI configuration");
     for d in &c.bin_dirs {
         binary::uninstall(d)?;
     }
+    remove_gateway();
     if let Some(k) = &c.kubeconfig {
         match std::fs::remove_file(k) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),

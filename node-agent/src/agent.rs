@@ -20,16 +20,17 @@ use keyway_core::counters::Counters;
 use keyway_core::key::{ClusterSecret, KeyRing, Rotation};
 use keyway_core::tables::SharedTables;
 use keyway_protocol::Code;
-use keyway_protocol::handoff::{Ack, AddRequest, AllocateRequest, Attachment};
+use keyway_protocol::handoff::{Ack, AddRequest, AllocateRequest, Attachment, PodRef};
 use keyway_sap::io::now_ms;
 use keyway_sap::sys::Netns;
 use tokio::sync::watch;
 
 use crate::claims::{ClaimError, Claims};
 use crate::cluster::Publications;
-use crate::compile::{self, KeyCache, NodeContext};
+use crate::compile::{self, KeyCache, LocalPod, NodeContext};
 use crate::config::Config;
 use crate::endpoints::{AttachError, Endpoints};
+use crate::gateway::NodeTable;
 use crate::metrics::{Metrics, RequestLabel};
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::records::{Attached, Record, StateDir, StoreError};
@@ -131,12 +132,15 @@ pub struct Agent {
     compiled: AtomicU64,
     /// How many pods' tables the last reconcile could not update (the control loop retries soon).
     unapplied: AtomicU64,
+    /// The node's gateway table, unless `--no-gateway`.
+    gateway: Option<Arc<NodeTable>>,
     ready: watch::Sender<bool>,
 }
 
 impl Agent {
     pub fn new(p: Parts) -> Result<Arc<Agent>, StoreError> {
         let store = StateDir::new(&p.cfg.state_dir)?;
+        let gateway = p.cfg.gateway.clone().map(|g| Arc::new(NodeTable::new(g)));
         let tables = SharedTables::new(Default::default());
         Ok(Arc::new(Agent {
             endpoints: Endpoints::new(tables.clone(), p.counters, p.cfg.gue_port, p.node.local_sap),
@@ -158,6 +162,7 @@ impl Agent {
             model: p.model,
             compiled: AtomicU64::new(0),
             unapplied: AtomicU64::new(0),
+            gateway,
             ready: watch::channel(false).0,
         }))
     }
@@ -246,7 +251,8 @@ impl Agent {
             .fib_entries
             .set(compiled.tables.fib.len() as i64);
         self.tables.publish(std::mem::take(&mut compiled.tables));
-        let failed = self.endpoints.apply(&compiled).await;
+        let mut failed = self.endpoints.apply(&compiled).await;
+        failed += self.apply_gateway(&locals).await;
         self.metrics.egress_apply_errors.inc_by(failed as u64);
         self.unapplied.store(failed as u64, Ordering::Release);
         self.compiled.store(v, Ordering::Release);
@@ -264,6 +270,23 @@ impl Agent {
     }
 
     /// Waits (up to the configured time) for a pod to appear in the state.
+    /// Steers what reaches this node's protected pods from off the overlay into the gateway;
+    /// 1 when the table could not be installed (retried with the pods' tables).
+    async fn apply_gateway(&self, locals: &[LocalPod]) -> usize {
+        let Some(gw) = self.gateway.clone() else {
+            return 0;
+        };
+        let pods = locals.iter().map(|l| l.infra_ip).collect();
+        match tokio::task::spawn_blocking(move || gw.apply(pods)).await {
+            Ok(Ok(())) => 0,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot install the gateway table; will retry");
+                1
+            }
+            Err(_) => 1,
+        }
+    }
+
     async fn wait_for_pod(&self, key: &ObjectKey) -> bool {
         let mut rx = self.model.clone();
         let deadline = tokio::time::Instant::now() + self.cfg.pod_wait;
@@ -335,6 +358,15 @@ impl Agent {
             && !self.wait_for_pod(k).await
         {
             return Err(HandoffError::UnknownPod(k.clone()));
+        }
+        if let Some(k) = &key
+            && compile::opted_out(&self.model.borrow(), k)
+        {
+            tracing::info!(pod = %k, "the pod opted out of keyway (keyway.io/enabled=false): left to the primary CNI");
+            return Ok(Ack {
+                excluded: true,
+                ..Ack::ok()
+            });
         }
         let networks = compile::networks_for(&self.model.borrow(), key.as_ref());
         let record = loop {
@@ -415,9 +447,18 @@ impl Agent {
         }
     }
 
-    pub async fn check(&self, att: &Attachment) -> Ack {
+    pub async fn check(&self, att: &Attachment, pod: Option<&PodRef>) -> Ack {
         let networks = self.state().record(att).map(|r| r.networks.clone());
+        let excluded = || {
+            pod.filter(|p| p.is_kubernetes()).is_some_and(|p| {
+                compile::opted_out(&self.model.borrow(), &ObjectKey::new(&p.namespace, &p.name))
+            })
+        };
         let r = match (networks, self.endpoints.status(att)) {
+            (None, _) if excluded() => Ok(Ack {
+                excluded: true,
+                ..Ack::ok()
+            }),
             (Some(networks), Some(true)) => Ok(Ack {
                 networks,
                 ..Ack::ok()

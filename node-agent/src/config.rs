@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::Parser;
 use keyway_core::key::{KeyError, Rotation};
 use keyway_protocol::DEFAULT_AGENT_SOCKET;
+use keyway_sap::io::udp::GUE_MARK;
+
+use crate::gateway::GatewayConfig;
 
 /// What is wrong with the configuration: the flag, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +106,31 @@ pub struct Args {
     /// With `--source kubernetes`: keyway's namespace, where the cluster secret lives.
     #[arg(long, env = "KEYWAY_NAMESPACE", default_value = "keyway-system")]
     pub namespace: String,
+    /// The mark bit that sends what reaches a local protected pod from off the overlay to the
+    /// node's gateway (hex or decimal; one bit, free on this node).
+    #[arg(long, env = "KEYWAY_GATEWAY_MARK", default_value = "0x200000", value_parser = parse_mark)]
+    pub gateway_mark: u32,
+    /// The mark bit kube-proxy sets on what it masquerades (`--masquerade-bit`, 14 by default):
+    /// such traffic reaches the pod as the node, and does not need the gateway.
+    #[arg(
+        long,
+        env = "KEYWAY_KUBE_PROXY_MASQUERADE_MARK",
+        default_value = "0x4000",
+        value_parser = parse_mark
+    )]
+    pub kube_proxy_masquerade_mark: u32,
+    /// Run no gateway: traffic from off the overlay to protected pods (NodePorts with
+    /// `externalTrafficPolicy: Local`, unprotected pods, other nodes) is then dropped.
+    #[arg(long, env = "KEYWAY_NO_GATEWAY")]
+    pub no_gateway: bool,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    v.map_err(|_| format!("{s:?} is not a number"))
 }
 
 /// The validated configuration.
@@ -120,6 +148,8 @@ pub struct Config {
     pub pod_wait: Duration,
     pub log_json: bool,
     pub namespace: String,
+    /// The node's gateway, unless `--no-gateway`.
+    pub gateway: Option<GatewayConfig>,
 }
 
 impl Args {
@@ -148,6 +178,25 @@ impl Args {
             self.key_rotation_seconds * 1000,
             self.key_grace_seconds * 1000,
         )?;
+        for (flag, mark) in [
+            ("gateway-mark", self.gateway_mark),
+            (
+                "kube-proxy-masquerade-mark",
+                self.kube_proxy_masquerade_mark,
+            ),
+        ] {
+            if mark.count_ones() != 1 {
+                return Err(invalid(flag, format!("{mark:#x} must be one bit")));
+            }
+        }
+        if self.gateway_mark == self.kube_proxy_masquerade_mark || self.gateway_mark & GUE_MARK != 0
+        {
+            let why = format!(
+                "{:#x} is taken (kube-proxy's mark, or keyway's GUE mark {GUE_MARK:#x})",
+                self.gateway_mark
+            );
+            return Err(invalid("gateway-mark", why));
+        }
         if self.pod_wait_seconds > 60 {
             return Err(invalid("pod-wait-seconds", "must be at most 60"));
         }
@@ -168,6 +217,11 @@ impl Args {
             pod_wait: Duration::from_secs(self.pod_wait_seconds),
             log_json: self.log_json,
             namespace: self.namespace,
+            gateway: (!self.no_gateway).then_some(GatewayConfig {
+                mark: self.gateway_mark,
+                masquerade_mark: self.kube_proxy_masquerade_mark,
+                gue_port: self.gue_port,
+            }),
         })
     }
 }
@@ -221,5 +275,20 @@ mod tests {
             "file:/etc/keyway",
             "logged as it is given"
         );
+    }
+
+    #[test]
+    fn the_gateway_takes_one_free_mark_bit() {
+        let c = args(&[]).unwrap();
+        let gw = c.gateway.expect("on by default");
+        assert_eq!((gw.mark, gw.masquerade_mark), (0x20_0000, 0x4000));
+        let c = args(&["--gateway-mark", "0x1000000"]).unwrap();
+        assert_eq!(c.gateway.unwrap().mark, 0x100_0000);
+        assert!(args(&["--no-gateway"]).unwrap().gateway.is_none());
+        for bad in ["0x3", "0", "0x4000", &format!("{GUE_MARK:#x}")] {
+            let e = args(&["--gateway-mark", bad]).unwrap_err();
+            assert!(e.contains("gateway-mark"), "{bad}: {e}");
+        }
+        assert!(args(&["--gateway-mark", "seven"]).is_err());
     }
 }

@@ -18,6 +18,7 @@ pub mod compile;
 pub mod config;
 pub mod crds;
 mod endpoints;
+pub mod gateway;
 pub mod ipam;
 pub mod kube_node;
 pub mod metrics;

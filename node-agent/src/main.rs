@@ -15,6 +15,7 @@ use keyway_agent::claims::{Claims, FileClaims, KubeClaims};
 use keyway_agent::cluster::{self, Publications, Timing};
 use keyway_agent::compile::NodeContext;
 use keyway_agent::config::{Args, Config, Source};
+use keyway_agent::gateway::{self, GatewayConfig};
 use keyway_agent::metrics::Metrics;
 use keyway_agent::model::Model;
 use keyway_agent::records::load_secret;
@@ -238,7 +239,7 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.admin))?;
     tokio::spawn(admin::serve(agent.clone(), admin_listener));
-    let _sap = start_sap(local_sap, &agent, counters)?;
+    let _sap = start_sap(local_sap, &agent, counters).await?;
     agent.restore().await;
     let listener = server::bind_socket(&cfg.socket)
         .with_context(|| format!("cannot listen on {}", cfg.socket.display()))?;
@@ -260,8 +261,9 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
     stopped
 }
 
-/// The node's SaP, on the node's address (without one, the SaP serves only this node's pods).
-fn start_sap(
+/// The node's SaP, on the node's address (without one, the SaP serves only this node's pods),
+/// and its gateway device unless `--no-gateway`.
+async fn start_sap(
     local_sap: Option<SocketAddr>,
     agent: &Agent,
     counters: Arc<Counters>,
@@ -272,10 +274,46 @@ fn start_sap(
     };
     let sock = keyway_sap::io::udp::bind_gue(addr, None)
         .with_context(|| format!("cannot bind the SaP on {addr}"))?;
+    let device = match &agent.cfg.gateway {
+        Some(gw) => open_gateway(gw, addr.ip()).await,
+        None => None,
+    };
     let tables = agent.tables.clone();
     Ok(Some(keyway_sap::io::endpoint::spawn_sap(
-        tables, counters, sock,
+        tables, counters, sock, device,
     )?))
+}
+
+/// The gateway device and the routes into it. A node without it still enforces (what would
+/// have gone through it is dropped by the pods' tables), so a failure is logged, not fatal.
+async fn open_gateway(
+    gw: &GatewayConfig,
+    node_ip: IpAddr,
+) -> Option<keyway_sap::io::tun::SyncDevice> {
+    let overhead = if node_ip.is_ipv6() { 56 } else { 36 };
+    let underlay = match keyway_sap::io::netlink::Netlink::connect() {
+        Ok(nl) => nl.mtu_of_address(node_ip).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let mtu = underlay.unwrap_or(1500).saturating_sub(overhead) as u16;
+    let device = match keyway_sap::io::tun::create_gateway(gateway::DEVICE, mtu) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, device = gateway::DEVICE, "cannot create the gateway device; traffic from off the overlay to protected pods is dropped");
+            return None;
+        }
+    };
+    if let Err(e) = gateway::route(gw).await {
+        tracing::error!(error = %e, "cannot route into the gateway; traffic from off the overlay to protected pods is dropped");
+        return None;
+    }
+    tracing::info!(
+        device = gateway::DEVICE,
+        mtu,
+        mark = format_args!("{:#x}", gw.mark),
+        "gateway ready"
+    );
+    Some(device)
 }
 
 /// Serves until SIGTERM or an interrupt (pods keep their devices and rules, and a new agent

@@ -128,7 +128,7 @@ async fn connection(agent: Arc<Agent>, fd: OwnedFd) -> io::Result<()> {
                 ("add", ack)
             }
             Request::Delete(r) => ("delete", agent.delete(&r.attachment).await),
-            Request::Check(r) => ("check", agent.check(&r.attachment).await),
+            Request::Check(r) => ("check", agent.check(&r.attachment, r.pod.as_ref()).await),
             Request::Keep(r) => {
                 snapshot
                     .get_or_insert_with(BTreeSet::new)

@@ -298,7 +298,7 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
     let mut src = kube_source::spawn(api.client());
     let m = until(&mut src, "the first model", |_| true).await;
     assert!(!m.pods.is_empty() && !m.policies.is_empty() && !m.externals.is_empty());
-    assert_eq!(m.services.len(), 1, "the covered Service");
+    assert_eq!(m.services.len(), 3, "the Services s1, s2, s3");
     let (a, b) = (normalized(&from_file), normalized(&m));
     for k in a.keys() {
         assert_eq!(

@@ -312,6 +312,7 @@ impl Config {
                 keys: keys_for(&e.entity, e.key)?,
                 infra: e.infra,
                 sap: e.sap,
+                outside: false,
             });
             for p in &e.prefixes {
                 fib.prefix(*p, idx)

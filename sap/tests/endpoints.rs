@@ -81,6 +81,7 @@ fn tables(p: Policy) -> Tables {
             keys: ring("t/a"),
             infra: sock(A_INFRA),
             sap: None,
+            outside: false,
         },
     )
     .unwrap();
@@ -98,6 +99,7 @@ fn tables(p: Policy) -> Tables {
                 keys,
                 infra: sock(B_INFRA),
                 sap: None,
+                outside: false,
             },
         )
         .unwrap();

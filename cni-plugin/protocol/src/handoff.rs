@@ -108,6 +108,10 @@ pub struct AddRequest {
 #[serde(rename_all = "camelCase")]
 pub struct AttachmentRequest {
     pub attachment: Attachment,
+    /// `Check`: the pod, so that the agent can tell a pod that opted out of keyway (it holds no
+    /// record of it) from one whose record is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// A request from the plugin.
@@ -155,6 +159,10 @@ pub struct Ack {
     /// `Allocate`, `Delete`, `Check`: the attachment's networks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<NetworkGrant>,
+    /// `Allocate`, `Check`: the pod opted out of keyway (a label): the plugin leaves it as the
+    /// primary CNI made it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded: bool,
     /// `SnapshotDone`: how many attachments were forgotten.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub removed: u32,
@@ -477,9 +485,18 @@ mod tests {
                 attachment: att(),
                 pod: PodRef::default(),
             }),
-            Request::Delete(AttachmentRequest { attachment: att() }),
-            Request::Check(AttachmentRequest { attachment: att() }),
-            Request::Keep(AttachmentRequest { attachment: att() }),
+            Request::Delete(AttachmentRequest {
+                attachment: att(),
+                pod: None,
+            }),
+            Request::Check(AttachmentRequest {
+                attachment: att(),
+                pod: None,
+            }),
+            Request::Keep(AttachmentRequest {
+                attachment: att(),
+                pod: None,
+            }),
             Request::SnapshotDone,
             Request::Status,
         ] {
@@ -491,7 +508,11 @@ mod tests {
 
     #[test]
     fn bad_records_are_refused_with_their_reason() {
-        let good = Request::Delete(AttachmentRequest { attachment: att() }).encode();
+        let good = Request::Delete(AttachmentRequest {
+            attachment: att(),
+            pod: None,
+        })
+        .encode();
         assert_eq!(Request::decode(&good[..5], 0), Err(ProtocolError::Short(5)));
         let truncated = &good[..good.len() - 3];
         assert!(matches!(

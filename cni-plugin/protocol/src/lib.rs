@@ -5,11 +5,14 @@
 //!   anything malformed, with a reason), and the plugin's blocking client;
 //! - [`firewall`]: the pod's nftables table, which the plugin installs at ADD (egress closed) and
 //!   the agent replaces whenever the pod's egress policy changes;
+//! - [`gateway`]: the node's gateway table, device and routes, which the agent makes and the
+//!   installer removes;
 //! - [`Code`]: the CNI error codes an acknowledgement carries, which the plugin passes on;
 //! - [`DEFAULT_AGENT_SOCKET`]: where the agent listens unless told otherwise.
 #![forbid(unsafe_code)]
 
 pub mod firewall;
+pub mod gateway;
 pub mod handoff;
 
 /// Where the agent listens unless configured otherwise; the plugin's default too, so an agent

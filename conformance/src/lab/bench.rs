@@ -54,6 +54,23 @@ fn bench_pod(name: &str, node: &str, labels: &[(&str, &str)], server: bool) -> S
     )
 }
 
+/// A Service for the bench's server pods labelled `role`, on the bench port.
+fn bench_service(name: &str, role: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  selector: {{role: {role}}}\n  ports: [{{port: 5201, protocol: TCP, targetPort: 5201}}]\n---\n"
+    )
+}
+
+/// The cluster IP the lab gave Service `name`.
+fn cluster_ip(lab: &Lab, name: &str) -> anyhow::Result<IpAddr> {
+    lab.state
+        .services
+        .iter()
+        .find(|s| s.namespace == "bench" && s.name == name)
+        .and_then(|s| s.cluster_ip())
+        .with_context(|| format!("Service bench/{name} has no cluster IP"))
+}
+
 fn measure(
     runner: &Runner,
     target: SocketAddr,
@@ -149,9 +166,10 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
     std::fs::write(
         &docs,
         format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n{}{}",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n{}{}{}",
             bench_pod("native-client", "node-1", &[("role", "client")], false),
-            bench_pod("native-server", "node-2", &[("role", "server")], true)
+            bench_pod("native-server", "node-2", &[("role", "server")], true),
+            bench_service("native", "server"),
         ),
     )?;
     let result = (|| -> anyhow::Result<String> {
@@ -170,6 +188,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             SocketAddr::new(native_server, 5201),
             seconds,
             "native (no keyway)",
+        )?;
+        let native_svc = measure(
+            &lab.runner("bench/native-client")?,
+            SocketAddr::new(cluster_ip(&lab, "native")?, 5201),
+            seconds,
+            "native ClusterIP",
         )?;
         let add_native = runsandbox_latency(&mut lab, "add-native", 10)?;
 
@@ -192,9 +216,10 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         std::fs::write(
             &kw_docs,
             format!(
-                "{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
+                "{}{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
                 bench_pod("kw-client", "node-1", &[("role", "kwclient")], false),
-                bench_pod("kw-server", "node-2", &[("role", "kwserver")], true)
+                bench_pod("kw-server", "node-2", &[("role", "kwserver")], true),
+                bench_service("kw", "kwserver"),
             ),
         )?;
         lab.apply(&[kw_docs])?;
@@ -214,6 +239,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             kw_server,
             seconds,
             "overlay via SaP",
+        )?;
+        let svc_sap = measure(
+            &lab.runner("bench/kw-client")?,
+            SocketAddr::new(cluster_ip(&lab, "kw")?, 5201),
+            seconds,
+            "ClusterIP via SaP",
         )?;
         let direct_doc = dir.with_extension("direct.yaml");
         std::fs::write(
@@ -250,7 +281,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "http p50 ×",
             "tput ×"
         );
-        for f in [&native, &direct, &via_sap, &external] {
+        for f in [&native, &native_svc, &direct, &via_sap, &svc_sap, &external] {
             out += &format!(
                 "{:<26} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
                 f.name,

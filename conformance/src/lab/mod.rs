@@ -353,7 +353,6 @@ impl Lab {
         let started = Instant::now();
         let agnhost = agnhost();
         let keyway_cni = bin("keyway-cni");
-        let agent_bin = bin("keyway-agent");
         std::fs::create_dir_all(dir)?;
         let images = images::build(&agnhost, &dir.join("images"))?;
         let mut lab = Lab {
@@ -393,31 +392,7 @@ impl Lab {
             let nd = nodes_dir.join(&n.name);
             std::fs::create_dir_all(&nd)?;
             let agent_socket = nd.join("agent.sock");
-            let agent_pid = containerd::spawn_detached(
-                &n.netns,
-                &agent_bin,
-                &[
-                    "--node-name".into(),
-                    n.name.clone(),
-                    "--source".into(),
-                    format!("file:{}", lab.source().display()),
-                    "--socket".into(),
-                    agent_socket.display().to_string(),
-                    "--state-dir".into(),
-                    nd.join("agent-state").display().to_string(),
-                    "--secret-file".into(),
-                    secret.display().to_string(),
-                    "--admin".into(),
-                    AGENT_ADMIN.into(),
-                    "--node-ip".into(),
-                    n.ip.to_string(),
-                ],
-                &nd.join("agent.log"),
-                &[(
-                    "RUST_LOG",
-                    std::env::var("KEYWAY_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-                )],
-            )?;
+            let agent_pid = lab.spawn_agent(&n.name, &n.netns, IpAddr::V4(n.ip))?;
             let cni_bin = nd.join("cni-bin");
             let cni_conf = nd.join("cni-conf");
             containerd::populate_cni_bin(&cni_bin, &keyway_cni)?;
@@ -465,6 +440,108 @@ impl Lab {
     /// Where the DNS server's zone lives (mounted into its pod).
     pub fn dns_dir(&self) -> PathBuf {
         self.dir.join("dns")
+    }
+
+    /// Starts a node's agent (its state, socket and log in the node's directory).
+    fn spawn_agent(&self, node: &str, netns: &str, ip: IpAddr) -> anyhow::Result<u32> {
+        let nd = self.dir.join("nodes").join(node);
+        containerd::spawn_detached(
+            netns,
+            &bin("keyway-agent"),
+            &[
+                "--node-name".into(),
+                node.into(),
+                "--source".into(),
+                format!("file:{}", self.source().display()),
+                "--socket".into(),
+                nd.join("agent.sock").display().to_string(),
+                "--state-dir".into(),
+                nd.join("agent-state").display().to_string(),
+                "--secret-file".into(),
+                self.dir.join("cluster-secret").display().to_string(),
+                "--admin".into(),
+                AGENT_ADMIN.into(),
+                "--node-ip".into(),
+                ip.to_string(),
+            ],
+            &nd.join("agent.log"),
+            &[(
+                "RUST_LOG",
+                std::env::var("KEYWAY_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )],
+        )
+    }
+
+    /// Stops a node's agent as a DaemonSet rollout does (SIGTERM): its pods keep their devices
+    /// and tables.
+    pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self.node_index(node)?;
+        crate::proc::terminate(self.state.nodes[i].agent_pid, Duration::from_secs(3));
+        self.state.nodes[i].agent_pid = 0;
+        self.save()
+    }
+
+    /// Starts a stopped agent again and waits until it is ready.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self.node_index(node)?;
+        let n = &self.state.nodes[i];
+        let pid = self.spawn_agent(&n.name, &n.netns, n.ip)?;
+        self.state.nodes[i].agent_pid = pid;
+        self.save()?;
+        self.wait_agent_ready(&self.state.nodes[i])
+    }
+
+    fn node_index(&self, node: &str) -> anyhow::Result<usize> {
+        self.state
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .with_context(|| format!("no node {node}"))
+    }
+
+    /// A host outside the cluster on the underlay (namespace `<prefix>-c<idx>`, address
+    /// 192.168.<underlay>.<199 + idx>), with routes to the pod networks through the nodes: what
+    /// reaches NodePorts from outside.
+    pub fn add_client(&self, idx: u8) -> anyhow::Result<(String, IpAddr)> {
+        let plan = self.state.plan.plan();
+        let netns = format!("{}-c{idx}", plan.prefix);
+        let ip = std::net::Ipv4Addr::new(192, 168, plan.underlay_octet, 199 + idx);
+        let _ = run(&["ip", "netns", "del", &netns]);
+        run(&["ip", "netns", "add", &netns])?;
+        run(&[
+            "ip", "netns", "exec", &netns, "ip", "link", "set", "lo", "up",
+        ])?;
+        plan.attach(&netns, &format!("c{idx}"), ip)?;
+        plan.route_pods_from(&netns)?;
+        Ok((netns, IpAddr::V4(ip)))
+    }
+
+    /// Probes `targets` (`ADDRESS:PORT` or `NAME:PORT`) from a namespace that is not a pod (a
+    /// node, a client): which connected.
+    pub fn probe_from_netns(
+        &self,
+        netns: &str,
+        targets: &[String],
+        protocol: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<bool>> {
+        let runner = Runner::Netns {
+            netns: netns.into(),
+            agnhost: self.state.agnhost.clone(),
+        };
+        let mut args = vec![
+            "probe".to_string(),
+            "--protocol".into(),
+            protocol.into(),
+            "--timeout-ms".into(),
+            timeout.as_millis().to_string(),
+        ];
+        args.extend(targets.iter().cloned());
+        let out = runner.run(&args)?;
+        Ok(targets
+            .iter()
+            .map(|t| out.lines().any(|l| l == format!("{t} ok")))
+            .collect())
     }
 
     fn wait_agent_ready(&self, n: &NodeState) -> anyhow::Result<()> {
@@ -1040,7 +1117,7 @@ impl Lab {
                 }
                 if via == Via::Dns {
                     let name = self
-                        .service_of(dst, port, protocol)
+                        .named_service_of(dst, port, protocol)
                         .map(|s| format!("{}.{}:{port}", s.name, s.namespace));
                     targets.push((j, name));
                     continue;
@@ -1113,6 +1190,22 @@ impl Lab {
         port: u16,
         protocol: &str,
     ) -> Option<&services::LabService> {
+        self.services_of(key, port, protocol)
+            .into_iter()
+            .find(|s| s.cluster_ip().is_some())
+    }
+
+    /// As [`Lab::service_of`], headless Services too (DNS answers them with the pod IP).
+    pub fn named_service_of(
+        &self,
+        key: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Option<&services::LabService> {
+        self.services_of(key, port, protocol).into_iter().next()
+    }
+
+    fn services_of(&self, key: &str, port: u16, protocol: &str) -> Vec<&services::LabService> {
         let selected = |svc: &services::LabService| -> Vec<String> {
             let sel: BTreeMap<String, String> = svc
                 .doc
@@ -1134,11 +1227,11 @@ impl Lab {
             .state
             .services
             .iter()
-            .filter(|s| s.cluster_ip().is_some() && s.has_port(port, protocol))
+            .filter(|s| s.has_port(port, protocol))
             .filter(|s| selected(s) == [key])
             .collect();
         candidates.sort_by_key(|s| s.key());
-        candidates.into_iter().next()
+        candidates
     }
 
     /// How to run agnhost as a source: ExecSync in a pod's first container, or directly in an

@@ -1,6 +1,8 @@
 //! Stage 1: every entity on the overlay, as the compiler needs it — this node's attachments first
 //! (authoritative for this node), then the pods other agents published, then the external
-//! entities. An overlay address is given to the first entity that claims it.
+//! entities; and the pods that are not on the overlay (started before keyway, or kept off it),
+//! which reach protected pods through a gateway with their pod identity. An overlay address is
+//! given to the first entity that claims it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +32,9 @@ pub(super) struct Entity {
     pub local: bool,
     /// For an external entity: `namespace/name`, as DirectPath peers name it.
     pub external: Option<String>,
+    /// A pod off the overlay: no endpoint, no key; its pod IP is an outside address with the
+    /// pod's identity (see [`keyway_core::fib::Route::outside`]).
+    pub outside: bool,
 }
 
 impl Entity {
@@ -79,6 +84,7 @@ pub(super) fn collect(
             keys: keys.ring(&l.entity, node.rotation, now_ms),
             local: true,
             external: None,
+            outside: false,
         });
         seen.extend(l.overlay_ips.iter().copied());
         seen.insert(l.infra_ip);
@@ -103,9 +109,54 @@ pub(super) fn collect(
             sap: sap_of(model, node, &e.spec.gateway),
             local: false,
             external: Some(format!("{}/{}", e.namespace, e.name)),
+            outside: false,
         });
     }
+    unprotected_pods(model, node, keys, &mut seen, &mut out);
     out
+}
+
+/// The pods with a pod IP that no agent serves: outside entities with their pod identity, so
+/// that NetworkPolicy's pod selectors keep selecting them when they reach protected pods (through
+/// the gateway of the destination's node). A pod IP that is a node's address is a hostNetwork
+/// pod's: the node's, not the pod's.
+fn unprotected_pods(
+    model: &Model,
+    node: &NodeContext,
+    keys: &mut KeyCache,
+    seen: &mut FastSet<IpAddr>,
+    out: &mut Vec<Entity>,
+) {
+    let nodes: FastSet<IpAddr> = model.nodes.values().filter_map(|n| n.address).collect();
+    let gateway = node
+        .local_sap
+        .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), node.gue_port));
+    for (key, pod) in &model.pods {
+        if model.attachments.contains_key(key) {
+            continue;
+        }
+        for ip in &pod.infra_ips {
+            if seen.contains(ip) || nodes.contains(ip) {
+                continue;
+            }
+            seen.insert(*ip);
+            let name: Arc<str> = format!("unprotected/{key}/{ip}").into();
+            out.push(Entity {
+                keys: keys.static_ring(&name),
+                name,
+                namespace: key.namespace.clone(),
+                labels: pod.labels.clone(),
+                ports: pod.ports.clone(),
+                overlay_ips: Vec::new(),
+                pod_ip: Some(*ip),
+                infra: gateway,
+                sap: None,
+                local: false,
+                external: None,
+                outside: true,
+            });
+        }
+    }
 }
 
 /// The pods other agents published (their own pods are this node's locals).
@@ -145,6 +196,7 @@ fn published_pods(
             sap: sap_of(model, node, &a.node),
             local: false,
             external: None,
+            outside: false,
         });
     }
 }

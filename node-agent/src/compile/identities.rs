@@ -66,6 +66,8 @@ pub(super) struct Facts {
     pub ports: Vec<NamedPort>,
     /// Indices into the blocks of stage 2 that hold the address.
     pub ip_blocks: Vec<u32>,
+    /// An address region off the overlay (no pod, no namespace): only ipBlocks select it.
+    pub region: bool,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,13 @@ pub(super) struct Identities {
     pub blocks: Vec<Block>,
     /// Per entity (in stage 1's order), per address (in [`Entity::addresses`]' order).
     pub of_entity: Vec<Vec<Identity>>,
+    /// The address space off the overlay, by the ipBlocks that hold it: every CIDR and exception
+    /// the policies name, and each family's whole space, with the identity of what lies in it
+    /// but in none of the more specific prefixes (longest-prefix match gives exactly that).
+    pub regions: Vec<(IpNetwork, Identity)>,
+    /// Per identity, the pod IPs of its pods that are off the overlay (unprotected): a protected
+    /// pod's egress policy reaches them through its own table, not the overlay.
+    pub off_overlay_pods: Vec<Vec<IpAddr>>,
 }
 
 /// Stage 3. A block holds an entity's address when it holds any of the entity's addresses of the
@@ -105,23 +114,88 @@ pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> 
                 labels: e.labels.clone(),
                 ports: ports.clone(),
                 ip_blocks,
+                region: false,
             };
-            let id = *by_facts.entry(facts.clone()).or_insert_with(|| {
-                infos.push(IdentityInfo {
-                    ns_labels: model.namespace_labels(&facts.namespace),
-                    facts,
-                });
-                Identity((infos.len() - 1) as u32)
-            });
+            let id = identity(model, &mut by_facts, &mut infos, facts);
             ids.push(id);
         }
         of_entity.push(ids);
     }
+    let mut off_overlay_pods = vec![Vec::new(); infos.len()];
+    for (e, ids) in entities.iter().zip(&of_entity) {
+        if let (true, Some(ip), Some(id)) = (e.outside, e.pod_ip, ids.last()) {
+            off_overlay_pods[id.0 as usize].push(ip);
+        }
+    }
+    let regions = region_prefixes(&blocks)
+        .into_iter()
+        .map(|p| {
+            let facts = Facts {
+                namespace: String::new(),
+                labels: Labels::new(),
+                ports: Vec::new(),
+                ip_blocks: blocks_holding(&blocks, p),
+                region: true,
+            };
+            (p, identity(model, &mut by_facts, &mut infos, facts))
+        })
+        .collect();
     Identities {
         infos,
         blocks,
         of_entity,
+        regions,
+        off_overlay_pods,
     }
+}
+
+/// The identity of `facts`, made if new.
+fn identity(
+    model: &Model,
+    by_facts: &mut HashMap<Facts, Identity>,
+    infos: &mut Vec<IdentityInfo>,
+    facts: Facts,
+) -> Identity {
+    *by_facts.entry(facts.clone()).or_insert_with(|| {
+        infos.push(IdentityInfo {
+            ns_labels: model.namespace_labels(&facts.namespace),
+            facts,
+        });
+        Identity((infos.len() - 1) as u32)
+    })
+}
+
+/// Every prefix the blocks name (CIDRs and exceptions), and `0.0.0.0/0` and `::/0`, sorted.
+fn region_prefixes(blocks: &[Block]) -> Vec<IpNetwork> {
+    let mut v: Vec<IpNetwork> = blocks
+        .iter()
+        .flat_map(|(cidr, except)| std::iter::once(*cidr).chain(except.iter().copied()))
+        .map(|n| IpNetwork::new(n.network(), n.prefix()).expect("a network's own prefix"))
+        .chain([
+            "0.0.0.0/0".parse().expect("valid"),
+            "::/0".parse().expect("valid"),
+        ])
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The blocks that hold every address of `p` that no more specific named prefix holds: those
+/// whose CIDR covers `p` and none of whose exceptions does (an exception inside `p` is a named
+/// prefix of its own, with its own region).
+fn blocks_holding(blocks: &[Block], p: IpNetwork) -> Vec<u32> {
+    let covers = |outer: &IpNetwork| {
+        outer.is_ipv4() == p.is_ipv4()
+            && outer.prefix() <= p.prefix()
+            && outer.contains(p.network())
+    };
+    (0..blocks.len() as u32)
+        .filter(|&i| {
+            let (cidr, except) = &blocks[i as usize];
+            covers(cidr) && !except.iter().any(covers)
+        })
+        .collect()
 }
 
 impl Identities {
@@ -148,7 +222,9 @@ impl Identities {
                     Some(sel) => policy::matches(sel, &info.ns_labels),
                     None => info.facts.namespace == ns,
                 };
-                ns_ok && pods.is_none_or(|sel| policy::matches(sel, &info.facts.labels))
+                !info.facts.region
+                    && ns_ok
+                    && pods.is_none_or(|sel| policy::matches(sel, &info.facts.labels))
             })
             .map(|i| Identity(i as u32))
             .collect()

@@ -153,7 +153,9 @@ fn assemble(
         ..Default::default()
     };
     for (e, of_ip) in entities.iter().zip(&ids.of_entity) {
-        out.pod_ips.extend(e.pod_ip);
+        if !e.outside {
+            out.pod_ips.extend(e.pod_ip);
+        }
         for (ip, id) in e.addresses().zip(of_ip) {
             let route = Route {
                 entity: e.name.clone(),
@@ -161,6 +163,7 @@ fn assemble(
                 keys: e.keys,
                 infra: e.infra,
                 sap: e.sap,
+                outside: e.outside,
             };
             if let Err(err) = fib.insert(IpNetwork::from(ip), route) {
                 tracing::warn!(error = %err, entity = %e.name, "duplicate overlay address");
@@ -177,6 +180,7 @@ fn assemble(
             out.egress.insert(e.name.clone(), egress);
         }
     }
+    insert_regions(&mut fib, node, ids);
     out.pod_ips.sort();
     out.pod_ips.dedup();
     let mut saps = FastSet::default();
@@ -191,7 +195,50 @@ fn assemble(
     out
 }
 
+/// The address space off the overlay: what enters through this node's gateway comes from there,
+/// with the identity of its region. A region that is exactly an entity's address is the entity's.
+fn insert_regions(
+    fib: &mut keyway_core::fib::FibBuilder,
+    node: &NodeContext,
+    ids: &identities::Identities,
+) {
+    let gateway = node
+        .local_sap
+        .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), node.gue_port));
+    for (prefix, id) in &ids.regions {
+        let name: Arc<str> = format!("outside/{prefix}").into();
+        let route = Route {
+            keys: KeyRing::Static(keyway_core::key::Key::default()),
+            entity: name,
+            identity: *id,
+            infra: gateway,
+            sap: None,
+            outside: true,
+        };
+        if fib.insert(*prefix, route).is_err() {
+            tracing::debug!(%prefix, "an ipBlock prefix that is an entity's own address");
+        }
+    }
+}
+
 /// Which overlay networks a pod joins, by the networks' selectors.
+/// Whether the pod opted out of keyway by [`ENABLED_LABEL`](crate::model::ENABLED_LABEL), its
+/// own or else its namespace's.
+pub fn opted_out(model: &Model, pod: &ObjectKey) -> bool {
+    use crate::model::ENABLED_LABEL;
+    let own = model
+        .pods
+        .get(pod)
+        .and_then(|p| p.labels.get(ENABLED_LABEL).cloned());
+    let value = own.or_else(|| {
+        model
+            .namespace_labels(&pod.namespace)
+            .get(ENABLED_LABEL)
+            .cloned()
+    });
+    value.as_deref() == Some("false")
+}
+
 pub fn networks_for(model: &Model, pod: Option<&ObjectKey>) -> Vec<OverlayNetwork> {
     let labels = pod
         .and_then(|k| model.pods.get(k))

@@ -153,10 +153,16 @@ impl Policy {
                     add_ports(self.acl.egress(*x, *y), rule.ports.as_ref(), ids.ports(*y));
                 }
                 let Some(ports) = &ports else { continue };
-                for (cidr, except) in &off_overlay {
+                let unprotected = to.iter().flat_map(|y| {
+                    let pods = ids.off_overlay_pods.get(y.0 as usize);
+                    pods.into_iter()
+                        .flatten()
+                        .map(|ip| (IpNetwork::from(*ip), Vec::new()))
+                });
+                for (cidr, except) in off_overlay.iter().cloned().chain(unprotected) {
                     self.egress_allows[x.0 as usize].push(EgressAllow {
-                        cidr: *cidr,
-                        except: except.clone(),
+                        cidr,
+                        except,
                         ports: ports.clone(),
                     });
                 }

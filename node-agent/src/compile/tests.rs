@@ -189,6 +189,17 @@ fn ip_blocks_hold_pods_by_their_overlay_address_or_their_pod_ip() {
     ));
     assert!(allows(&c, XC, XB, PROTO_TCP, 80), "by overlay address");
     assert!(!allows(&c, XA, XB, PROTO_TCP, 80));
+    // A block that is exactly a protected pod's address leaves the pod its route.
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 10.244.2.2/32}}, {ipBlock: {cidr: 100.64.1.2/32}}]}]}",
+    ));
+    for addr in ["10.244.2.2", "100.64.1.2"] {
+        let r = c.tables.fib.lookup(addr.parse().unwrap()).unwrap();
+        assert_eq!(r.entity.as_ref(), "x/c", "{addr}");
+        assert!(!r.outside, "{addr}");
+    }
+    assert!(allows(&c, XC, XB, PROTO_TCP, 80));
 }
 
 #[test]
@@ -256,7 +267,11 @@ fn remote_pods_route_through_their_nodes_sap_and_local_ones_through_this_one() {
     assert_eq!(route(XB).sap, Some("192.168.0.2:6080".parse().unwrap()));
     assert_eq!(route(XB).infra, "10.244.2.1:6080".parse().unwrap());
     assert_eq!(route(XA).sap, node().local_sap);
-    assert_eq!(c.tables.fib.len(), 8, "each pod's overlay IP and pod IP");
+    assert_eq!(
+        c.tables.fib.len(),
+        10,
+        "each pod's overlay IP and pod IP, and each family's address space off the overlay"
+    );
     assert!(
         c.tables
             .saps
@@ -342,15 +357,23 @@ fn identities_are_shared_by_entities_with_the_same_facts() {
     }));
     let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
     let entities = entities::collect(&model, &[], &node(), &mut keys, 0);
-    assert_eq!(entities.len(), 4, "the remote pods; no local one given");
+    assert_eq!(
+        entities.len(),
+        5,
+        "the remote pods, and x/a off the overlay (no agent serves it: no local one given)"
+    );
     let of = |name: &str| entities.iter().position(|e| &*e.name == name).unwrap();
     let ids = identities::assign(&model, &entities, vec![]);
-    assert_eq!(ids.len(), 3, "x/d has x/b's facts");
+    assert_eq!(
+        ids.len(),
+        5,
+        "x/d has x/b's facts; x/a's own; both families' outside share one"
+    );
     assert_eq!(ids.of_entity[of("x/b")], ids.of_entity[of("x/d")]);
     // A block that holds only x/d's pod IP tells them apart.
     let block = ("10.244.2.9/32".parse().unwrap(), vec![]);
     let ids = identities::assign(&model, &entities, vec![block]);
-    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.len(), 7, "and the block's own region");
     assert_ne!(ids.of_entity[of("x/b")], ids.of_entity[of("x/d")]);
 
     let blocks = identities::referenced_blocks(&Model::from_objects(
@@ -384,5 +407,119 @@ fn networks_are_joined_by_their_selectors() {
     assert!(
         names("x", "a").is_empty(),
         "once networks are defined, the default is gone"
+    );
+}
+
+/// Whether a new TCP connection from `src` (any address) to x/b's pod IP on `port` is allowed, and
+/// whether `src` is routed as an outside address.
+fn from_outside(c: &Compiled, src: &str, port: u16) -> (bool, bool) {
+    let s: Ipv4Addr = src.parse().unwrap();
+    let d = pod_ip("x", "b");
+    let k = packet::classify(&packet::build::syn4(s.octets(), 40000, d.octets(), port)).unwrap();
+    let route = c.tables.fib.lookup(k.src).unwrap();
+    let id = c.tables.fib.lookup(k.dst).unwrap().identity;
+    (c.tables.acl.allows(route.identity, id, &k), route.outside)
+}
+
+#[test]
+fn outside_addresses_get_identities_by_the_ip_blocks_that_hold_them() {
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 203.0.113.0/24, except: [203.0.113.128/25]}}], ports: [{port: 80}]}, {from: [{namespaceSelector: {}}]}]}",
+    ));
+    assert_eq!(from_outside(&c, "203.0.113.5", 80), (true, true));
+    assert_eq!(
+        from_outside(&c, "203.0.113.5", 81),
+        (false, true),
+        "the block's port only"
+    );
+    assert_eq!(
+        from_outside(&c, "203.0.113.200", 80),
+        (false, true),
+        "the exception"
+    );
+    assert_eq!(
+        from_outside(&c, "198.51.100.1", 80),
+        (false, true),
+        "a namespace selector selects pods, never an outside address"
+    );
+    // Nothing routes to an outside address as a destination with a key: it has no endpoint.
+    assert!(!c.pod_ips.contains(&"203.0.113.5".parse().unwrap()));
+}
+
+#[test]
+fn pods_off_the_overlay_keep_their_pod_identity() {
+    // x/u has a pod IP but no agent serves it (it started before keyway, or was kept off).
+    let u = pod_doc("x", "u", "node-2", "10.244.2.50");
+    let allow_u = policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{podSelector: {matchLabels: {pod: u}}}]}]}",
+    );
+    let (_, c) = compiled(&format!("{u}---\n{allow_u}"));
+    assert_eq!(from_outside(&c, "10.244.2.50", 8080), (true, true));
+    assert!(
+        !c.pod_ips.contains(&"10.244.2.50".parse().unwrap()),
+        "protected pods do not steer to it: it has no overlay"
+    );
+    let (_, deny) = compiled(&format!(
+        "{u}---\n{}",
+        policy("x", "{podSelector: {matchLabels: {pod: b}}}")
+    ));
+    assert_eq!(from_outside(&deny, "10.244.2.50", 8080), (false, true));
+}
+
+#[test]
+fn a_label_keeps_pods_off_keyway_the_pods_own_first() {
+    let extra = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy, labels: {keyway.io/enabled: "false"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: node-1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: new, namespace: legacy, labels: {keyway.io/enabled: "true"}}
+spec: {nodeName: node-1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: x, labels: {keyway.io/enabled: "false"}}
+spec: {nodeName: node-1}
+"#;
+    let (model, _) = compiled(extra);
+    let out = |ns: &str, n: &str| opted_out(&model, &ObjectKey::new(ns, n));
+    assert!(out("legacy", "old"), "its namespace's label");
+    assert!(!out("legacy", "new"), "its own label wins");
+    assert!(out("x", "d"), "its own label");
+    assert!(!out("x", "a"), "no label: on keyway");
+}
+
+#[test]
+fn egress_to_pods_off_the_overlay_opens_their_pod_ips_in_the_firewall() {
+    // x/u has no overlay: x/a's traffic to it leaves by eth0, through x/a's own table.
+    let u = pod_doc("x", "u", "node-2", "10.244.2.50");
+    let (_, c) = compiled(&format!(
+        "{u}---\n{}",
+        policy(
+            "x",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {pod: u}}}], ports: [{protocol: TCP, port: 80}]}]}",
+        )
+    ));
+    let Egress::Allow(allows_) = &c.egress[&pod_entity(&ObjectKey::new("x", "a"))] else {
+        panic!("x/a is egress-isolated: {:?}", c.egress);
+    };
+    assert_eq!(allows_.len(), 1, "{allows_:?}");
+    assert_eq!(
+        allows_[0].cidr,
+        "10.244.2.50/32".parse::<IpNetwork>().unwrap()
+    );
+    assert_eq!(allows_[0].ports, [(PROTO_TCP, Some((80, 80)))]);
+    assert!(
+        !allows(&c, XA, XB, PROTO_TCP, 80),
+        "protected pods the rule does not name stay closed"
     );
 }

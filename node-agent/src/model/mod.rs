@@ -29,6 +29,9 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// equality selector (`app=web,tier=front`) over the pods of the Service's namespace.
 pub const SERVICE_SELECTOR_ANNOTATION: &str = "keyway.io/selector";
 /// The label that ties an EndpointSlice to its Service.
+/// The label that keeps pods off keyway: `"false"` on a namespace or a pod (a pod's own value
+/// wins). Read at the pod's ADD: a pod keeps what it was given until it is recreated.
+pub const ENABLED_LABEL: &str = "keyway.io/enabled";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Where a namespaced object is: its namespace and name (`namespace/name` when shown).

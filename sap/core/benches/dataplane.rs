@@ -66,6 +66,7 @@ fn route(i: u32) -> Route {
         keys: KeyRing::Static(Key(i)),
         infra: "10.0.0.1:6080".parse().unwrap(),
         sap: None,
+        outside: false,
     }
 }
 

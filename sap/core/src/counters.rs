@@ -14,16 +14,19 @@ pub enum Stage {
     Ingress,
     /// SaP forwarding.
     Sap,
+    /// The node's gateway: traffic from off the overlay into it.
+    Gateway,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Egress, Stage::Ingress, Stage::Sap];
+    pub const ALL: [Stage; 4] = [Stage::Egress, Stage::Ingress, Stage::Sap, Stage::Gateway];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Egress => "egress",
             Stage::Ingress => "ingress",
             Stage::Sap => "sap",
+            Stage::Gateway => "gateway",
         }
     }
 }

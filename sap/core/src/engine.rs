@@ -47,16 +47,20 @@ pub enum DropReason {
     WrongDestination,
     /// The GUE header or the inner packet does not parse.
     Malformed,
+    /// A protected entity's address arrived off the overlay (at a gateway): a workload getting
+    /// around its overlay device, or a forged source.
+    OffOverlay,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoRoute,
         DropReason::DeniedByPolicy,
         DropReason::BadKey,
         DropReason::SpoofedSource,
         DropReason::WrongDestination,
         DropReason::Malformed,
+        DropReason::OffOverlay,
     ];
 
     /// The label used in metrics and logs.
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::WrongDestination => "wrong_destination",
             DropReason::Malformed => "malformed",
+            DropReason::OffOverlay => "off_overlay",
         }
     }
 
@@ -134,8 +139,10 @@ pub struct Send {
     pub hop: Hop,
 }
 
+/// Whether a datagram's outer source may speak for the inner source: a SaP may for anyone, an
+/// entity for itself; an outside address only through a SaP (its gateway).
 fn outer_source_ok(tables: &Tables, src_route: &Route, outer: SocketAddr) -> bool {
-    src_route.infra.ip() == outer.ip() || tables.saps.contains(&outer.ip())
+    tables.saps.contains(&outer.ip()) || (!src_route.outside && src_route.infra.ip() == outer.ip())
 }
 
 /// Endpoint egress. `buf[gue::HEADER_LEN..]` holds the packet read from the TUN device; on success
@@ -153,7 +160,7 @@ pub fn endpoint_egress(
         return Err(DropReason::SpoofedSource);
     }
     let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
-    let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
+    let dst = overlay_route(tables, c.dst)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
     if !flows.admit(&c, allowed, now_ms) {
         return Err(DropReason::DeniedByPolicy);
@@ -224,8 +231,42 @@ pub fn sap_forward(
     let header = gue::decode(datagram).map_err(|_| DropReason::Malformed)?;
     let c = classify(&datagram[header.payload_offset..]).map_err(|_| DropReason::Malformed)?;
     let src = tables.fib.lookup(c.src).ok_or(DropReason::SpoofedSource)?;
-    let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
+    let dst = overlay_route(tables, c.dst)?;
     sap_checks(tables, &c, header.key, src, dst, outer_src, now_ms)
+}
+
+/// The route of an overlay destination: one with an endpoint (an outside address has none).
+fn overlay_route(tables: &Tables, dst: IpAddr) -> Result<&Route, DropReason> {
+    tables
+        .fib
+        .lookup(dst)
+        .filter(|r| !r.outside)
+        .ok_or(DropReason::NoRoute)
+}
+
+/// The node's gateway: a packet from off the overlay (read from the gateway device, where the
+/// node routes what is not GUE for a local protected pod), at `buf[gue::HEADER_LEN..]`. Its source
+/// must be an outside address — one of a protected entity arriving here got around its overlay
+/// device — and policy must admit it from the identity the FIB gives that address; it is then
+/// encapsulated with the destination's key, as its SaP would send it, and goes to the destination
+/// endpoint. Replies do not come back this way: the destination answers natively.
+pub fn gateway_ingress(tables: &Tables, buf: &mut [u8], now_ms: u64) -> Result<Send, DropReason> {
+    let inner = buf.get(gue::HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    let c = classify(inner).map_err(|_| DropReason::Malformed)?;
+    let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
+    if !src.outside {
+        return Err(DropReason::OffOverlay);
+    }
+    let dst = overlay_route(tables, c.dst)?;
+    if !tables.acl.allows(src.identity, dst.identity, &c) {
+        return Err(DropReason::DeniedByPolicy);
+    }
+    let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
+    gue::encapsulate_in_place(key, buf).map_err(|_| DropReason::Malformed)?;
+    Ok(Send {
+        to: dst.infra,
+        hop: Hop::Direct,
+    })
 }
 
 fn sap_checks(
@@ -309,6 +350,7 @@ mod tests {
             keys: KeyRing::derive(&secret, name, rot, NOW),
             infra: addr(infra),
             sap: Some(addr(sap)),
+            outside: false,
         };
         fib.insert(
             "100.64.1.1/32".parse().unwrap(),
@@ -700,6 +742,7 @@ mod tests {
                     keys: KeyRing::derive(&secret, name, rot, NOW),
                     infra: addr(infra),
                     sap: None,
+                    outside: false,
                 },
             )
             .unwrap();
@@ -723,5 +766,122 @@ mod tests {
         let send = endpoint_egress(&tables, &local, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(send.to, addr("10.1.1.2:6080"));
         assert_eq!(buf[1], gue::PROTO_IPV6);
+    }
+
+    /// The world, with b's pod IP routed and the rest of the address space outside: one region
+    /// (203.0.113.0/24) that policy lets reach b on TCP 80, the remainder that it does not.
+    fn gateway_world() -> World {
+        let mut w = world(false);
+        let mut acl = crate::acl::Acl::builder();
+        let open = Isolation {
+            ingress: false,
+            egress: false,
+        };
+        let (ia, ib, ic) = (
+            acl.identity(open),
+            acl.identity(Isolation {
+                ingress: true,
+                egress: true,
+            }),
+            acl.identity(open),
+        );
+        let (admitted, rest) = (acl.identity(open), acl.identity(open));
+        acl.ingress(admitted, ib)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
+        let mut fib = Fib::builder();
+        for r in w.tables.fib.routes() {
+            let id = match &*r.entity {
+                "ns/a" => ia,
+                "ns/b" => ib,
+                _ => ic,
+            };
+            let overlay = match &*r.entity {
+                "ns/a" => A_IP,
+                "ns/b" => B_IP,
+                _ => C_IP,
+            };
+            let route = Route {
+                identity: id,
+                ..r.clone()
+            };
+            fib.insert(IpAddr::V4(overlay.into()).into(), route.clone())
+                .unwrap();
+            fib.insert(
+                IpAddr::V4(match route.infra.ip() {
+                    IpAddr::V4(ip) => ip,
+                    IpAddr::V6(_) => unreachable!(),
+                })
+                .into(),
+                route,
+            )
+            .unwrap();
+        }
+        let outside = |name: &str, id| Route {
+            entity: name.into(),
+            identity: id,
+            keys: KeyRing::derive(&w.secret, name, w.rot, NOW),
+            infra: addr("10.0.0.2:6080"),
+            sap: None,
+            outside: true,
+        };
+        fib.insert(
+            "203.0.113.0/24".parse().unwrap(),
+            outside("outside/admitted", admitted),
+        )
+        .unwrap();
+        fib.insert("0.0.0.0/0".parse().unwrap(), outside("outside/rest", rest))
+            .unwrap();
+        w.tables.fib = fib.build();
+        w.tables.acl = acl.build();
+        w
+    }
+
+    #[test]
+    fn the_gateway_carries_outside_traffic_that_policy_admits_and_nothing_else() {
+        let w = gateway_world();
+        let b_pod = [10, 1, 2, 1];
+        // An admitted outside address reaches b's pod IP on TCP 80, with b's key, straight to b.
+        let pkt = build::tcp4([203, 0, 113, 5], 40000, b_pod, 80);
+        let mut buf = with_headroom(pkt.clone());
+        let send = gateway_ingress(&w.tables, &mut buf, NOW).unwrap();
+        assert_eq!(send.to, addr("10.1.2.1:6080"));
+        assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
+        // b takes it from the gateway (a SaP), and checks policy again.
+        let fb = flows();
+        let mut b = w.b.clone();
+        b.infra = addr("10.1.2.1:6080");
+        let range = endpoint_ingress(&w.tables, &b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
+        assert_eq!(&buf[range], &pkt[..]);
+        // The same datagram from the outside address itself is not vouched for by any SaP.
+        assert_eq!(
+            endpoint_ingress(&w.tables, &b, &flows(), &buf, addr("203.0.113.5:6080"), NOW),
+            Err(DropReason::SpoofedSource)
+        );
+
+        let gate = |src: [u8; 4], dst: [u8; 4], port: u16| {
+            let mut buf = with_headroom(build::tcp4(src, 40000, dst, port));
+            gateway_ingress(&w.tables, &mut buf, NOW).map(|s| s.to)
+        };
+        assert_eq!(
+            gate([203, 0, 113, 5], b_pod, 81),
+            Err(DropReason::DeniedByPolicy)
+        );
+        assert_eq!(
+            gate([198, 51, 100, 7], b_pod, 80),
+            Err(DropReason::DeniedByPolicy)
+        );
+        // A protected pod's own address arriving off the overlay got around its device.
+        assert_eq!(gate(A_IP, b_pod, 80), Err(DropReason::OffOverlay));
+        assert_eq!(gate([10, 1, 1, 1], b_pod, 80), Err(DropReason::OffOverlay));
+        // Nothing goes to an outside address over the overlay.
+        assert_eq!(
+            gate([203, 0, 113, 5], [203, 0, 113, 9], 80),
+            Err(DropReason::NoRoute)
+        );
+        let mut out = with_headroom(build::tcp4(A_IP, 40000, [203, 0, 113, 9], 80));
+        assert_eq!(
+            endpoint_egress(&w.tables, &w.a, &flows(), &mut out, NOW),
+            Err(DropReason::NoRoute)
+        );
     }
 }

@@ -26,6 +26,10 @@ pub struct Route {
     /// The SaP that fronts the entity: its node's SaP, or the gateway of an external entity. `None`
     /// when no SaP is known; traffic then goes direct.
     pub sap: Option<SocketAddr>,
+    /// An address off the overlay (outside the cluster, an unprotected pod, a node): it has no
+    /// endpoint, so nothing is sent to it over the overlay; what it sends enters through a node's
+    /// gateway, which vouches for it (`infra` is that gateway's SaP).
+    pub outside: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +69,7 @@ impl Address for u128 {
 }
 
 impl<A: Address> Lpm<A> {
+    /// Adds `addr/len` unless it is there already (the first holder keeps it); whether it was new.
     fn insert(&mut self, addr: A, len: u8, idx: u32) -> bool {
         let pos = match self.levels.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(p) => p,
@@ -73,10 +78,13 @@ impl<A: Address> Lpm<A> {
                 p
             }
         };
-        self.levels[pos]
-            .1
-            .insert(addr & A::mask(len), idx)
-            .is_none()
+        match self.levels[pos].1.entry(addr & A::mask(len)) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(idx);
+                true
+            }
+        }
     }
 
     #[inline]
@@ -135,9 +143,13 @@ pub struct FibBuilder {
 impl FibBuilder {
     /// Adds a prefix. Several prefixes may share one route (a pod with an IPv4 and an IPv6 overlay
     /// address): pass the index returned by [`FibBuilder::route`] to [`FibBuilder::prefix`].
+    /// A prefix that is there already keeps its route: the new one is refused, not stored.
     pub fn insert(&mut self, prefix: IpNetwork, route: Route) -> Result<u32, FibError> {
         let idx = self.route(route);
-        self.prefix(prefix, idx)?;
+        if let Err(e) = self.prefix(prefix, idx) {
+            self.fib.routes.pop();
+            return Err(e);
+        }
         Ok(idx)
     }
 
@@ -178,6 +190,7 @@ mod tests {
             keys: KeyRing::Static(Key(id)),
             infra: "10.0.0.1:6080".parse().unwrap(),
             sap: None,
+            outside: false,
         }
     }
 
@@ -231,8 +244,20 @@ mod tests {
             b.prefix("100.64.0.1/32".parse().unwrap(), idx),
             Err(FibError::Duplicate("100.64.0.1/32".parse().unwrap()))
         );
+        assert!(
+            b.insert("100.64.0.1/32".parse().unwrap(), route("q", 2))
+                .is_err()
+        );
         let fib = b.build();
-        assert_eq!(fib.routes().len(), 1);
+        assert_eq!(fib.routes().len(), 1, "a refused route is not stored");
+        assert_eq!(
+            fib.lookup("100.64.0.1".parse().unwrap())
+                .unwrap()
+                .entity
+                .as_ref(),
+            "p",
+            "the first holder keeps its prefix"
+        );
         assert_eq!(
             fib.lookup("fd00::1".parse().unwrap())
                 .unwrap()

@@ -134,7 +134,7 @@ async fn run(compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
         _ => {
             let sock = keyway_sap::io::udp::bind_gue(compiled.listen, None)?;
             tracing::info!(listen = %compiled.listen, "SaP up");
-            endpoint::spawn_sap(tables.clone(), counters.clone(), sock)?
+            endpoint::spawn_sap(tables.clone(), counters.clone(), sock, None)?
         }
     };
     let mut term = signal(SignalKind::terminate())?;

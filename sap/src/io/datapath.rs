@@ -452,6 +452,38 @@ pub async fn endpoint_ingress(
     }
 }
 
+/// A gateway's loop: packets from off the overlay, read from the gateway device, checked and
+/// carried to their destination's endpoint from the SaP's socket. Returns when the device goes.
+pub async fn gateway(
+    tables: Arc<SharedTables>,
+    counters: Arc<Counters>,
+    tun: Arc<AsyncDevice>,
+    sock: Arc<GueSocket>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; gue::HEADER_LEN + MAX_PACKET];
+    loop {
+        let n = match tun.recv(&mut buf[gue::HEADER_LEN..]).await {
+            Ok(n) => n,
+            Err(e) if device_gone(&e) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway read failed");
+                continue;
+            }
+        };
+        let datagram = &mut buf[..gue::HEADER_LEN + n];
+        let t = tables.load();
+        match engine::gateway_ingress(&t, datagram, super::now_ms()) {
+            Ok(send) => {
+                counters.forwarded(Stage::Gateway, n);
+                if let Err(e) = sock.send(send.to, datagram, None).await {
+                    tracing::debug!(to = %send.to, error = %e, "gateway send failed");
+                }
+            }
+            Err(reason) => counters.dropped(Stage::Gateway, reason),
+        }
+    }
+}
+
 /// A SaP's loop: datagrams in, checked, forwarded unchanged. Runs until the socket fails.
 pub async fn sap(
     tables: Arc<SharedTables>,

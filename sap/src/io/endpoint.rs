@@ -184,14 +184,25 @@ pub fn spawn(ctx: Arc<EndpointContext>, opened: Opened) -> io::Result<Running> {
     Ok(Running { tasks })
 }
 
-/// Starts a SaP on a bound socket.
+/// Starts a SaP on a bound socket, and the node's gateway on its device when given (it sends
+/// from the SaP's socket: the endpoints take what a SaP vouches for).
 pub fn spawn_sap(
     tables: Arc<SharedTables>,
     counters: Arc<Counters>,
     socket: std::net::UdpSocket,
+    gateway: Option<tun_rs::SyncDevice>,
 ) -> io::Result<Running> {
     let sock = Arc::new(GueSocket::new(socket)?);
-    Ok(Running {
-        tasks: vec![tokio::spawn(datapath::sap(tables, counters, sock))],
-    })
+    let mut tasks = Vec::new();
+    if let Some(dev) = gateway {
+        let tun = Arc::new(AsyncDevice::new(dev)?);
+        tasks.push(tokio::spawn(datapath::gateway(
+            tables.clone(),
+            counters.clone(),
+            tun,
+            sock.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(datapath::sap(tables, counters, sock)));
+    Ok(Running { tasks })
 }

@@ -277,6 +277,33 @@ impl Netlink {
         }
     }
 
+    /// The MTU of the link that holds address `ip` (the underlay's, for the node's address).
+    pub async fn mtu_of_address(&self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        let mut stream = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(Self::req("list addresses"))?
+        {
+            let holds = msg.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Local(x) | AddressAttribute::Address(x) if *x == ip)
+            });
+            if holds {
+                index = Some(msg.header.index);
+            }
+        }
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(link_of(&msg).mtu),
+            Ok(None) => Ok(None),
+            Err(e) => Err(Self::req(format!("get link {index}"))(e)),
+        }
+    }
+
     /// The MTU of link `name` (the underlay MTU, when `name` is the pod's primary interface).
     pub async fn mtu(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
         Ok(self.link(name).await?.and_then(|l| l.mtu))
@@ -304,10 +331,14 @@ impl MarkRule {
         m.header.action = RuleAction::ToTable;
         m.attributes = vec![
             RuleAttribute::Priority(self.priority),
-            RuleAttribute::FwMark(self.mark),
-            RuleAttribute::FwMask(self.mark),
             RuleAttribute::Table(self.table),
         ];
+        // Mark 0 matches any mark when deleting: the kernel treats a missing attribute as a
+        // wildcard (an uninstall need not know which bit the agent was told to use).
+        if self.mark != 0 {
+            m.attributes.push(RuleAttribute::FwMark(self.mark));
+            m.attributes.push(RuleAttribute::FwMask(self.mark));
+        }
         m
     }
 }

@@ -175,6 +175,7 @@ enum MetaKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CtKey {
     State = 0,
+    Direction = 1,
     Mark = 3,
 }
 
@@ -370,6 +371,12 @@ impl Rule {
         self.push(Expr::Meta(MetaKey::Mark))
             .push(or_bits(bits))
             .push(Expr::MetaSet(MetaKey::Mark))
+    }
+
+    /// `ct direction reply`: the packet goes the way of its connection's replies.
+    pub fn ct_reply(self) -> Self {
+        self.push(Expr::Ct(CtKey::Direction))
+            .push(Expr::Cmp(CmpOp::Eq, vec![1]))
     }
 
     /// `ct mark & bits == bits`: the connection carries every one of `bits`.

@@ -5,7 +5,8 @@
 use std::io;
 use std::path::Path;
 
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::DeviceBuilder;
+pub use tun_rs::SyncDevice;
 
 /// Where the TUN character device is opened. A container that lacks it gets it made (CAP_MKNOD).
 pub const TUN_NODE: &str = "/dev/net/tun";
@@ -24,6 +25,14 @@ pub fn create_persistent(name: &str, mtu: u16) -> io::Result<()> {
         .build_sync()?;
     dev.persist()?;
     Ok(())
+}
+
+/// Creates (or takes over) the TUN device `name` in the calling thread's namespace for a gateway:
+/// not persistent, so it goes with the process, and what the node routes into it is then routed
+/// no further (fail closed).
+pub fn create_gateway(name: &str, mtu: u16) -> io::Result<SyncDevice> {
+    crate::sys::ensure_tun_node(Path::new(TUN_NODE))?;
+    DeviceBuilder::new().name(name).mtu(mtu).build_sync()
 }
 
 /// Attaches to the persistent TUN device `name` in the calling thread's namespace, with TCP (and,

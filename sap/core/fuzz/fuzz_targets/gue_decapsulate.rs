@@ -38,6 +38,7 @@ fn world() -> &'static World {
                     keys: KeyRing::Static(Key(key)),
                     infra: infra.parse().unwrap(),
                     sap: None,
+                    outside: false,
                 },
             )
             .unwrap();

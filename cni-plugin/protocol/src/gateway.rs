@@ -1,0 +1,161 @@
+//! The node's gateway (the paper's SaP in its gateway role): what reaches a protected pod on this
+//! node from off the overlay — a NodePort or LoadBalancer connection that kube-proxy sent here,
+//! an unprotected pod, another node — enters the overlay here instead of arriving on the pod's
+//! `eth0`, where the pod's table would drop it. The data path (`keyway_core::engine::gateway_ingress`)
+//! gives it the identity of its source address (an unprotected pod's own, or the ipBlock region
+//! it lies in), checks policy, and sends it with the destination's key from the SaP's socket.
+//!
+//! How traffic gets here, in the node's namespace:
+//! - the `inet keyway-gateway` table's prerouting chain (after kube-proxy's DNAT) marks new
+//!   traffic for a local protected pod's pod IP — not GUE (the overlay itself), not replies to
+//!   connections the pod opened (they go back as they came), and not what kube-proxy is about to
+//!   masquerade (it leaves as the node, which NetworkPolicy always admits);
+//! - a routing rule sends marked packets to a table whose only route is the gateway device.
+//!
+//! Traffic the node itself sends (kubelet's probes, hostNetwork pods) is never marked: it goes to
+//! the pod directly, and the pod's table admits the node. So probes keep working while the agent
+//! restarts. Without the agent the device is gone and marked traffic is routed nowhere: closed.
+
+use std::net::IpAddr;
+
+use keyway_core::packet::PROTO_UDP;
+use keyway_sap::io::netlink::{self, MarkRule, NetlinkError};
+use keyway_sap::io::nft::{self, Chain, Family, Hook, Policy, Rule, Set, Table, Verdict};
+
+/// The gateway device in the node's namespace.
+pub const DEVICE: &str = "kwgw0";
+/// The node's nftables table.
+pub const TABLE: &str = "keyway-gateway";
+/// The routing table whose only route is the gateway device, and its rule's priority.
+pub const ROUTE_TABLE: u32 = 6081;
+pub const RULE_PRIORITY: u32 = 6081;
+/// After kube-proxy's DNAT (-100), so the destination is the pod IP it chose.
+const PRIORITY: i32 = -90;
+
+/// What the node's gateway needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The mark bit that sends a packet to the gateway.
+    pub mark: u32,
+    /// The mark bit kube-proxy sets on what it masquerades.
+    pub masquerade_mark: u32,
+    pub gue_port: u16,
+}
+
+/// The node's table for this node's protected pods' pod IPs.
+pub fn table(cfg: &GatewayConfig, pods: &[IpAddr]) -> Table {
+    let sets: Vec<Set> = [("pods4", false, 1), ("pods6", true, 2)]
+        .into_iter()
+        .map(|(name, v6, id)| {
+            let of_family = pods.iter().copied().filter(|p| p.is_ipv6() == v6).collect();
+            Set::of(name, v6, id, of_family)
+        })
+        .collect();
+    let mut rules = vec![
+        Rule::new()
+            .ct_reply()
+            .verdict(Verdict::Return)
+            .comment("replies go back as they came"),
+        Rule::new()
+            .l4proto(PROTO_UDP)
+            .dport_range(cfg.gue_port, cfg.gue_port)
+            .verdict(Verdict::Return)
+            .comment("GUE: the overlay itself"),
+        Rule::new()
+            .mark_bits(cfg.masquerade_mark)
+            .verdict(Verdict::Return)
+            .comment("kube-proxy masquerades it: it arrives as the node, which is always admitted"),
+    ];
+    for set in &sets {
+        rules.push(
+            Rule::new()
+                .daddr_in(set)
+                .or_mark(cfg.mark)
+                .comment("a local protected pod, from off the overlay: through the gateway"),
+        );
+    }
+    Table {
+        family: Family::Inet,
+        name: TABLE.into(),
+        sets,
+        chains: vec![Chain::base(
+            "prerouting",
+            Hook::Prerouting,
+            PRIORITY,
+            Policy::Accept,
+            rules,
+        )],
+    }
+}
+
+/// Deletes the node's table (the installer's uninstall); whether there was one.
+pub fn delete_table() -> Result<bool, nft::NftError> {
+    nft::Socket::open()?.delete_table(Family::Inet, TABLE)
+}
+
+fn rule(cfg: &GatewayConfig, v6: bool) -> MarkRule {
+    MarkRule {
+        v6,
+        mark: cfg.mark,
+        table: ROUTE_TABLE,
+        priority: RULE_PRIORITY,
+    }
+}
+
+/// Routes what the table marks into the gateway device (both families), in the calling
+/// process's namespace: the device up, the routing table, the rules. Idempotent.
+pub async fn route(cfg: &GatewayConfig) -> Result<(), NetlinkError> {
+    let nl = netlink::Netlink::connect()?;
+    let link = nl.require_link(DEVICE).await?;
+    nl.set_up(link.index, None).await?;
+    for v6 in [false, true] {
+        if v6 && !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            continue;
+        }
+        nl.ensure_default_route(v6, ROUTE_TABLE, link.index).await?;
+        nl.ensure_mark_rule(rule(cfg, v6)).await?;
+    }
+    Ok(())
+}
+
+/// Removes the rules and the device that [`route`] made, whatever mark they used (the
+/// installer's uninstall): what is not there is fine. The device goes with the agent anyway.
+pub async fn unroute() -> Result<(), NetlinkError> {
+    let nl = netlink::Netlink::connect()?;
+    for v6 in [false, true] {
+        let any_mark = MarkRule {
+            v6,
+            mark: 0,
+            table: ROUTE_TABLE,
+            priority: RULE_PRIORITY,
+        };
+        while nl.delete_mark_rule(any_mark).await? {}
+    }
+    nl.delete_link(DEVICE).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_marks_only_new_non_gue_traffic_for_local_pods() {
+        let cfg = GatewayConfig {
+            mark: 0x0020_0000,
+            masquerade_mark: 0x4000,
+            gue_port: 6080,
+        };
+        let t = table(
+            &cfg,
+            &["10.244.1.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+        );
+        assert_eq!(
+            t.sets[0].elements,
+            ["10.244.1.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(t.sets[1].elements, ["fd00::2".parse::<IpAddr>().unwrap()]);
+        let rules = &t.chains[0].rules;
+        assert_eq!(rules.len(), 5, "three exemptions, then one mark per family");
+    }
+}
