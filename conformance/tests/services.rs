@@ -117,9 +117,11 @@ fn services_pod_ips_dns_and_node_ports_reach_protected_pods_as_policy_says() {
     assert!(d.is_empty(), "TCP by cluster IP: {d:?}\n{got}");
 
     // The opted-out pod (app=front, on node-1) enters through the gateway as itself: cart
-    // (node-2) admits app=front, db admits only cart; by Service on its own node too.
+    // (node-2) admits app=front, db admits only cart; front on its own bridge too (the node's
+    // bridge table hands the frame to the node's routing), and by Service.
     let by_ip = lab.probe(80, "TCP", Via::PodIp, t).unwrap();
     assert!(cell(&by_ip, "legacy/old", "shop/cart"), "{by_ip}");
+    assert!(cell(&by_ip, "legacy/old", "shop/front"), "{by_ip}");
     assert!(!cell(&by_ip, "legacy/old", "shop/db-0"), "{by_ip}");
     assert!(cell(&by_ip, "shop/cart", "legacy/old"), "{by_ip}");
     let by_svc = lab.probe(80, "TCP", Via::Service, t).unwrap();

@@ -30,7 +30,7 @@ use crate::cluster::Publications;
 use crate::compile::{self, KeyCache, LocalPod, NodeContext};
 use crate::config::Config;
 use crate::endpoints::{AttachError, Endpoints};
-use crate::gateway::NodeTable;
+use crate::gateway::{NodeFacts, NodeTable};
 use crate::metrics::{Metrics, RequestLabel};
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::records::{Attached, Record, StateDir, StoreError};
@@ -276,8 +276,19 @@ impl Agent {
         let Some(gw) = self.gateway.clone() else {
             return 0;
         };
-        let pods = locals.iter().map(|l| l.infra_ip).collect();
-        match tokio::task::spawn_blocking(move || gw.apply(pods)).await {
+        let bridges = match keyway_sap::io::netlink::Netlink::connect() {
+            Ok(nl) => nl.bridges().await,
+            Err(e) => Err(e),
+        };
+        let bridges = bridges.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the node's bridges; same-bridge pods will not reach the gateway");
+            Vec::new()
+        });
+        let facts = NodeFacts {
+            pods: locals.iter().map(|l| l.infra_ip).collect(),
+            bridges,
+        };
+        match tokio::task::spawn_blocking(move || gw.apply(facts)).await {
             Ok(Ok(())) => 0,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot install the gateway table; will retry");

@@ -7,11 +7,19 @@ use std::sync::Mutex;
 pub use keyway_protocol::gateway::*;
 use keyway_sap::io::nft;
 
-/// The node's table as last installed: replaced when this node's protected pods change.
+/// What the node's tables were made for: the node's protected pods' pod IPs, and its bridges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub pods: Vec<IpAddr>,
+    pub bridges: Vec<keyway_sap::io::netlink::Bridge>,
+}
+
+/// The node's tables as last installed: replaced when this node's protected pods or bridges
+/// change.
 #[derive(Debug)]
 pub struct NodeTable {
     cfg: GatewayConfig,
-    installed: Mutex<Option<Vec<IpAddr>>>,
+    installed: Mutex<Option<NodeFacts>>,
 }
 
 impl NodeTable {
@@ -22,19 +30,32 @@ impl NodeTable {
         }
     }
 
-    /// Installs the table for `pods` (this node's protected pods' pod IPs) in the calling
-    /// process's namespace, unless it is installed already.
-    pub fn apply(&self, mut pods: Vec<IpAddr>) -> Result<(), nft::NftError> {
-        pods.sort();
-        pods.dedup();
+    /// Installs both tables for `facts` in the calling process's namespace, unless they are
+    /// installed already.
+    pub fn apply(&self, mut facts: NodeFacts) -> Result<(), nft::NftError> {
+        facts.pods.sort();
+        facts.pods.dedup();
+        if facts.bridges.len() < 2 {
+            // With one bridge the rules do not name ports: a new port changes nothing.
+            for b in &mut facts.bridges {
+                b.ports.clear();
+            }
+        }
         let mut installed = self.installed.lock().unwrap_or_else(|e| e.into_inner());
-        if installed.as_ref() == Some(&pods) {
+        if installed.as_ref() == Some(&facts) {
             return Ok(());
         }
         *installed = None;
-        nft::Socket::open()?.replace_table(&table(&self.cfg, &pods))?;
-        tracing::info!(pods = pods.len(), table = TABLE, "gateway table installed");
-        *installed = Some(pods);
+        let mut sock = nft::Socket::open()?;
+        sock.replace_table(&table(&self.cfg, &facts.pods))?;
+        sock.replace_table(&bridge_table(&self.cfg, &facts.bridges))?;
+        tracing::info!(
+            pods = facts.pods.len(),
+            bridges = facts.bridges.len(),
+            table = TABLE,
+            "gateway tables installed"
+        );
+        *installed = Some(facts);
         Ok(())
     }
 }

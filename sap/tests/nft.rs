@@ -346,3 +346,47 @@ fn nat_tables_update_in_place_and_keep_what_rules_remembered() {
     let kept = ns.sh(&["nft", "list", "set", "inet", "svc", "aff-10.244.2.2"]);
     assert!(kept.contains("10.0.0.7"), "{kept}");
 }
+
+#[test]
+fn a_bridge_table_hands_marked_frames_to_the_bridge() {
+    if !privileged("a_bridge_table_hands_marked_frames_to_the_bridge") {
+        return;
+    }
+    let ns = TestNetns::new("nftbr", "a");
+    let mut sock = ns.netns().run(Socket::open).unwrap().unwrap();
+    let mac = [0x02, 0, 0, 0, 0, 0x01];
+    for (what, rule) in [
+        ("mark", Rule::new().mark_bits(0x20_0000).counter()),
+        ("deliver", Rule::new().deliver_to_bridge(mac)),
+        (
+            "both",
+            Rule::new()
+                .iifname("veth1")
+                .mark_bits(0x20_0000)
+                .deliver_to_bridge(mac)
+                .comment("to the bridge"),
+        ),
+    ] {
+        let t = Table {
+            family: Family::Bridge,
+            name: "kw-bridge".into(),
+            sets: vec![],
+            chains: vec![Chain::base(
+                "prerouting",
+                Hook::Prerouting,
+                100,
+                Policy::Accept,
+                vec![rule],
+            )],
+        };
+        sock.replace_table(&t)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    let listed = ns.sh(&["nft", "list", "table", "bridge", "kw-bridge"]);
+    assert!(
+        listed.contains("ether daddr set 02:00:00:00:00:01")
+            && listed.contains("meta pkttype set host")
+            && listed.contains("iifname \"veth1\""),
+        "{listed}"
+    );
+}

@@ -10,7 +10,11 @@
 //!   traffic for a local protected pod's pod IP — not GUE (the overlay itself), not replies to
 //!   connections the pod opened (they go back as they came), and not what kube-proxy is about to
 //!   masquerade (it leaves as the node, which NetworkPolicy always admits);
-//! - a routing rule sends marked packets to a table whose only route is the gateway device.
+//! - a routing rule sends marked packets to a table whose only route is the gateway device;
+//! - a pod on the same bridge would be switched to the protected pod at layer 2, past the node's
+//!   routing (the prerouting chain still sees it, through `br_netfilter`, as Kubernetes nodes
+//!   run it): the `bridge keyway-gateway` table hands marked frames to the bridge itself, so
+//!   the node routes them into the gateway too.
 //!
 //! Traffic the node itself sends (kubelet's probes, hostNetwork pods) is never marked: it goes to
 //! the pod directly, and the pod's table admits the node. So probes keep working while the agent
@@ -19,7 +23,7 @@
 use std::net::IpAddr;
 
 use keyway_core::packet::PROTO_UDP;
-use keyway_sap::io::netlink::{self, MarkRule, NetlinkError};
+use keyway_sap::io::netlink::{self, Bridge, MarkRule, NetlinkError};
 use keyway_sap::io::nft::{self, Chain, Family, Hook, Policy, Rule, Set, Table, Verdict};
 
 /// The gateway device in the node's namespace.
@@ -88,9 +92,50 @@ pub fn table(cfg: &GatewayConfig, pods: &[IpAddr]) -> Table {
     }
 }
 
-/// Deletes the node's table (the installer's uninstall); whether there was one.
+/// After `br_netfilter` (0), which runs the IP prerouting hooks (and so the mark) for bridged
+/// frames.
+const BRIDGE_PRIORITY: i32 = 100;
+
+/// The node's bridge table: frames the prerouting chain marked are delivered to the bridge they
+/// came in on, to be routed into the gateway. Which bridge is told by the port the frame came in
+/// on when the node has several (this kernel's nftables cannot name a frame's bridge).
+pub fn bridge_table(cfg: &GatewayConfig, bridges: &[Bridge]) -> Table {
+    let rule = |mac: [u8; 6], port: Option<&str>| {
+        let r = match port {
+            Some(p) => Rule::new().iifname(p),
+            None => Rule::new(),
+        };
+        r.mark_bits(cfg.mark)
+            .deliver_to_bridge(mac)
+            .comment("switched to a protected pod from off the overlay: routed, to the gateway")
+    };
+    let rules = match bridges {
+        [only] => vec![rule(only.mac, None)],
+        _ => bridges
+            .iter()
+            .flat_map(|b| b.ports.iter().map(|p| rule(b.mac, Some(p))))
+            .collect(),
+    };
+    Table {
+        family: Family::Bridge,
+        name: TABLE.into(),
+        sets: Vec::new(),
+        chains: vec![Chain::base(
+            "prerouting",
+            Hook::Prerouting,
+            BRIDGE_PRIORITY,
+            Policy::Accept,
+            rules,
+        )],
+    }
+}
+
+/// Deletes the node's tables (the installer's uninstall); whether there were any.
 pub fn delete_table() -> Result<bool, nft::NftError> {
-    nft::Socket::open()?.delete_table(Family::Inet, TABLE)
+    let mut sock = nft::Socket::open()?;
+    let inet = sock.delete_table(Family::Inet, TABLE)?;
+    let bridge = sock.delete_table(Family::Bridge, TABLE)?;
+    Ok(inet || bridge)
 }
 
 fn rule(cfg: &GatewayConfig, v6: bool) -> MarkRule {
@@ -157,5 +202,19 @@ mod tests {
         assert_eq!(t.sets[1].elements, ["fd00::2".parse::<IpAddr>().unwrap()]);
         let rules = &t.chains[0].rules;
         assert_eq!(rules.len(), 5, "three exemptions, then one mark per family");
+        let bridge = |name: &str, ports: &[&str]| Bridge {
+            name: name.into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            ports: ports.iter().map(|p| p.to_string()).collect(),
+        };
+        let b = bridge_table(&cfg, &[bridge("cni0", &["veth1", "veth2"])]);
+        assert_eq!(b.family, Family::Bridge);
+        assert_eq!(b.chains[0].rules.len(), 1, "one bridge: every frame is its");
+        let two = [
+            bridge("cni0", &["veth1", "veth2"]),
+            bridge("br1", &["veth3"]),
+        ];
+        assert_eq!(bridge_table(&cfg, &two).chains[0].rules.len(), 3, "by port");
+        assert!(bridge_table(&cfg, &[]).chains[0].rules.is_empty());
     }
 }

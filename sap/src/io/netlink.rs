@@ -110,6 +110,51 @@ impl Netlink {
         }
     }
 
+    /// Every bridge in the namespace: its name, hardware address and ports.
+    pub async fn bridges(&self) -> Result<Vec<Bridge>, NetlinkError> {
+        use rtnetlink::packet_route::link::{InfoKind, LinkInfo};
+        let mut stream = self.handle.link().get().execute();
+        let mut bridges: Vec<(u32, Bridge)> = Vec::new();
+        let mut ports: Vec<(u32, String)> = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(Self::req("list links"))? {
+            let mut name = None;
+            let mut mac = None;
+            let mut master = None;
+            let mut bridge = false;
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::Address(m) => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
+                    LinkAttribute::Controller(i) => master = Some(*i),
+                    LinkAttribute::LinkInfo(infos) => {
+                        bridge = infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                    }
+                    _ => {}
+                }
+            }
+            let Some(name) = name else { continue };
+            if let (true, Some(mac)) = (bridge, mac) {
+                let ports = Vec::new();
+                bridges.push((msg.header.index, Bridge { name, mac, ports }));
+            } else if let Some(m) = master {
+                ports.push((m, name));
+            }
+        }
+        for (master, port) in ports {
+            if let Some((_, b)) = bridges.iter_mut().find(|(i, _)| *i == master) {
+                b.ports.push(port);
+            }
+        }
+        let mut out: Vec<Bridge> = bridges.into_iter().map(|(_, b)| b).collect();
+        for b in &mut out {
+            b.ports.sort();
+        }
+        out.sort();
+        Ok(out)
+    }
+
     pub async fn require_link(&self, name: &str) -> Result<Link, NetlinkError> {
         self.link(name)
             .await?
@@ -311,6 +356,14 @@ impl Netlink {
 }
 
 /// A routing rule by mark: packets whose mark has every bit of `mark` look up `table`.
+/// A bridge: its name, hardware address and the links enslaved to it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bridge {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub ports: Vec<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MarkRule {
     pub v6: bool,

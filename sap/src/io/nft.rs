@@ -91,6 +91,8 @@ const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+/// `PACKET_HOST`: a frame addressed to this host.
+const PACKET_HOST: u8 = 0;
 const NFT_REG_2: u32 = 2;
 
 /// Address families (`NFPROTO_*`).
@@ -98,6 +100,7 @@ const NFT_REG_2: u32 = 2;
 pub enum Family {
     Inet = 1,
     Ipv4 = 2,
+    Bridge = 7,
     Ipv6 = 10,
 }
 
@@ -167,6 +170,7 @@ enum MetaKey {
     Mark = 3,
     IifName = 6,
     OifName = 7,
+    PktType = 19,
     NfProto = 15,
     L4Proto = 16,
 }
@@ -181,6 +185,7 @@ enum CtKey {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PayloadBase {
+    LinkLayer = 0,
     Network = 1,
     Transport = 2,
 }
@@ -191,6 +196,8 @@ enum Expr {
     Meta(MetaKey),
     Cmp(CmpOp, Vec<u8>),
     Payload(PayloadBase, u32, u32),
+    /// Register 1 written into the packet at (base, offset, length), no checksum to fix.
+    PayloadSet(PayloadBase, u32, u32),
     Bitwise {
         len: u32,
         mask: Vec<u8>,
@@ -371,6 +378,15 @@ impl Rule {
         self.push(Expr::Meta(MetaKey::Mark))
             .push(or_bits(bits))
             .push(Expr::MetaSet(MetaKey::Mark))
+    }
+
+    /// `ether daddr set MAC meta pkttype set host` (bridge family): the bridge delivers the frame
+    /// to itself, so the node routes it instead of switching it to a port.
+    pub fn deliver_to_bridge(self, mac: [u8; 6]) -> Self {
+        self.push(Expr::Load(NFT_REG_1, mac.to_vec()))
+            .push(Expr::PayloadSet(PayloadBase::LinkLayer, 0, 6))
+            .push(Expr::Load(NFT_REG_1, vec![PACKET_HOST]))
+            .push(Expr::MetaSet(MetaKey::PktType))
     }
 
     /// `ct direction reply`: the packet goes the way of its connection's replies.
@@ -744,7 +760,7 @@ impl Expr {
         match self {
             Expr::Meta(_) => "meta",
             Expr::Cmp(..) => "cmp",
-            Expr::Payload(..) => "payload",
+            Expr::Payload(..) | Expr::PayloadSet(..) => "payload",
             Expr::Bitwise { .. } => "bitwise",
             Expr::Ct(_) | Expr::CtSet(_) => "ct",
             Expr::Counter => "counter",
@@ -774,6 +790,14 @@ impl Expr {
                 be32(2, *base as u32),
                 be32(3, *offset),
                 be32(4, *len),
+            ],
+            // NFTA_PAYLOAD_SREG, _BASE, _OFFSET, _LEN, _CSUM_TYPE (none)
+            Expr::PayloadSet(base, offset, len) => vec![
+                be32(5, NFT_REG_1),
+                be32(2, *base as u32),
+                be32(3, *offset),
+                be32(4, *len),
+                be32(6, 0),
             ],
             // NFTA_BITWISE_SREG, _DREG, _LEN, _MASK, _XOR
             Expr::Bitwise { len, mask, xor } => vec![
