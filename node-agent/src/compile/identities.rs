@@ -92,10 +92,11 @@ pub(super) struct Identities {
     pub off_overlay_pods: Vec<Vec<IpAddr>>,
 }
 
-/// Stage 3. A block holds an entity's address when it holds any of the entity's addresses of the
-/// same family — its overlay address or its pod IP, the address Kubernetes reports — so policies
-/// written against pod IPs keep their meaning on the overlay, and an entity's overlay address
-/// and pod IP of one family share an identity.
+/// Stage 3. A block holds an entity's address of one family when it holds the address that
+/// names the entity in that family: its pod IP, the address Kubernetes reports and users write
+/// policies against; without one (an external entity, or the family of an overlay the pod IP is
+/// not in), its overlay address. So an `except` of the pod CIDR excepts the pods, whatever their
+/// overlay addresses, and an entity's overlay address and pod IP of one family share an identity.
 pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> Identities {
     let mut by_facts: HashMap<Facts, Identity> = HashMap::new();
     let mut infos: Vec<IdentityInfo> = Vec::new();
@@ -105,9 +106,17 @@ pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> 
         ports.sort();
         let mut ids = Vec::new();
         for ip in e.addresses() {
-            let same_family = || e.addresses().filter(move |a| a.is_ipv4() == ip.is_ipv4());
+            let named_by = match e.pod_ip.filter(|p| p.is_ipv4() == ip.is_ipv4()) {
+                Some(pod_ip) => vec![pod_ip],
+                None => e
+                    .overlay_ips
+                    .iter()
+                    .copied()
+                    .filter(|a| a.is_ipv4() == ip.is_ipv4())
+                    .collect(),
+            };
             let ip_blocks = (0..blocks.len() as u32)
-                .filter(|&i| same_family().any(|a| in_block(a, &blocks[i as usize])))
+                .filter(|&i| named_by.iter().any(|a| in_block(*a, &blocks[i as usize])))
                 .collect();
             let facts = Facts {
                 namespace: e.namespace.clone(),

@@ -169,7 +169,7 @@ fn ports_by_number_range_and_name_resolve_against_the_destination() {
 }
 
 #[test]
-fn ip_blocks_hold_pods_by_their_overlay_address_or_their_pod_ip() {
+fn ip_blocks_hold_pods_by_their_pod_ip_whatever_their_overlay_address() {
     let (_, c) = compiled(&policy(
         "x",
         "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.2/32]}}]}]}",
@@ -187,8 +187,19 @@ fn ip_blocks_hold_pods_by_their_overlay_address_or_their_pod_ip() {
         "x",
         "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 100.64.1.0/24}}]}]}",
     ));
-    assert!(allows(&c, XC, XB, PROTO_TCP, 80), "by overlay address");
-    assert!(!allows(&c, XA, XB, PROTO_TCP, 80));
+    assert!(
+        !allows(&c, XC, XB, PROTO_TCP, 80),
+        "a pod is named by its pod IP, not its overlay address"
+    );
+    // Everything but the pod network: no pod, whatever its overlay address (the block holds
+    // every overlay address, and no except names one).
+    let (_, c) = compiled(&policy(
+        "x",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.244.0.0/16]}}]}]}",
+    ));
+    for from in [XA, XC, YA] {
+        assert!(!allows(&c, from, XB, PROTO_TCP, 80), "{from:?}");
+    }
     // A block that is exactly a protected pod's address leaves the pod its route.
     let (_, c) = compiled(&policy(
         "x",
