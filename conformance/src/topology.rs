@@ -103,7 +103,7 @@ impl Plan {
     }
 
     /// Puts namespace `ns` on the underlay with `ip`, its underlay-side port named `port`.
-    pub fn attach(&self, ns: &str, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    fn attach(&self, ns: &str, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
         let ul = self.underlay_netns();
         sh(&[
             "ip", "link", "add", "uplink", "netns", ns, "type", "veth", "peer", "name", port,
@@ -126,8 +126,18 @@ impl Plan {
         let _ = sh(&["ip", "netns", "del", &self.underlay_netns()]);
     }
 
+    /// A host outside the cluster: namespace `ns` (made afresh) on the underlay at `ip`, through
+    /// the underlay bridge's port `port`, routing the pod networks through the nodes.
+    pub fn add_host(&self, ns: &str, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let _ = sh(&["ip", "netns", "del", ns]);
+        sh(&["ip", "netns", "add", ns])?;
+        in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        self.attach(ns, port, ip)?;
+        self.route_pods_from(ns)
+    }
+
     /// Routes every other node's pod CIDR from namespace `ns` (an outside host) through the nodes.
-    pub fn route_pods_from(&self, ns: &str) -> anyhow::Result<()> {
+    fn route_pods_from(&self, ns: &str) -> anyhow::Result<()> {
         for m in self.all_nodes() {
             in_ns(
                 ns,

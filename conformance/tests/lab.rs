@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use keyway_conformance::lab::{Lab, Matrix, Via};
+use keyway_conformance::lab::{DownOnDrop, Lab, Matrix, Via};
 use keyway_conformance::topology::Plan;
 use keyway_testing::Scratch;
 use keyway_testing::privileged;
@@ -67,14 +67,6 @@ fn traces(dir: &Path) -> Vec<String> {
     v
 }
 
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Lab::down(&self.0);
-    }
-}
-
 #[test]
 fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
     if !privileged("the_papers_topology_end_to_end") {
@@ -82,7 +74,7 @@ fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
     }
     let scratch = Scratch::new("lab");
     let dir = scratch.join("lab");
-    let _down = Down(dir.clone());
+    let _down = DownOnDrop(dir.clone());
     // The example as a user runs it, moved onto this test's own underlay.
     let topology = std::fs::read_to_string(repo().join("examples/paper-topology.yaml"))
         .unwrap()

@@ -5,10 +5,9 @@
 //!
 //! `KEYWAY_NETPOL_CASES=17,20` runs only the cases whose file names start with those numbers.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use keyway_conformance::lab::{Lab, Via};
+use keyway_conformance::lab::{DownOnDrop, Lab, Via};
 use keyway_conformance::netpol::{self, Case, LabProbing};
 use keyway_conformance::topology::Plan;
 use keyway_testing::Scratch;
@@ -94,17 +93,6 @@ fn the_compiled_policy_gives_every_truth_table() {
     );
 }
 
-/// Takes the lab down however the test ends.
-struct LabGuard(PathBuf);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = Lab::down(&self.0) {
-            eprintln!("lab down: {e:#}");
-        }
-    }
-}
-
 #[test]
 fn the_upstream_cases_pass_in_the_lab() {
     if !privileged("the_upstream_cases_pass_in_the_lab") {
@@ -112,7 +100,7 @@ fn the_upstream_cases_pass_in_the_lab() {
     }
     let scratch = Scratch::new("netpol");
     let dir = scratch.join("lab");
-    let _guard = LabGuard(dir.clone());
+    let _guard = DownOnDrop(dir.clone());
     let base = netpol::base_file();
     let started = Instant::now();
     let mut lab = Lab::up_with(

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keyway_conformance::lab::{Lab, Matrix, Via, agent_get};
+use keyway_conformance::lab::{DownOnDrop, Lab, Matrix, Via};
 use keyway_conformance::topology::Plan;
 use keyway_testing::{Scratch, privileged};
 
@@ -47,24 +47,7 @@ fn cell(m: &Matrix, from: &str, to: &str) -> bool {
 
 /// A datapath counter summed over the lab's nodes.
 fn counter(lab: &Lab, series: &str) -> f64 {
-    lab.state
-        .nodes
-        .iter()
-        .filter_map(|n| agent_get(&n.netns, "/metrics").ok())
-        .flat_map(|(_, m)| {
-            m.lines()
-                .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
-
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Lab::down(&self.0);
-    }
+    lab.node_metric(series).iter().sum()
 }
 
 #[test]
@@ -74,7 +57,7 @@ fn services_pod_ips_dns_and_node_ports_reach_protected_pods_as_policy_says() {
     }
     let scratch = Scratch::new("services");
     let dir = scratch.join("lab");
-    let _down = Down(dir.clone());
+    let _down = DownOnDrop(dir.clone());
     let topology = std::fs::read_to_string(repo().join("conformance/services/cluster.yaml"))
         .unwrap()
         .replace("UNDERLAY", &UNDERLAY_OCTET.to_string());

@@ -269,18 +269,13 @@ impl Agent {
         );
     }
 
-    /// Waits (up to the configured time) for a pod to appear in the state.
     /// Steers what reaches this node's protected pods from off the overlay into the gateway;
     /// 1 when the table could not be installed (retried with the pods' tables).
     async fn apply_gateway(&self, locals: &[LocalPod]) -> usize {
         let Some(gw) = self.gateway.clone() else {
             return 0;
         };
-        let bridges = match keyway_sap::io::netlink::Netlink::connect() {
-            Ok(nl) => nl.bridges().await,
-            Err(e) => Err(e),
-        };
-        let bridges = bridges.unwrap_or_else(|e| {
+        let bridges = gw.bridges().await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot list the node's bridges; same-bridge pods will not reach the gateway");
             Vec::new()
         });
@@ -298,6 +293,7 @@ impl Agent {
         }
     }
 
+    /// Waits (up to the configured time) for a pod to appear in the state.
     async fn wait_for_pod(&self, key: &ObjectKey) -> bool {
         let mut rx = self.model.clone();
         let deadline = tokio::time::Instant::now() + self.cfg.pod_wait;

@@ -5,13 +5,14 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 pub use keyway_protocol::gateway::*;
+use keyway_sap::io::netlink::{Bridge, Netlink, NetlinkError};
 use keyway_sap::io::nft;
 
 /// What the node's tables were made for: the node's protected pods' pod IPs, and its bridges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeFacts {
     pub pods: Vec<IpAddr>,
-    pub bridges: Vec<keyway_sap::io::netlink::Bridge>,
+    pub bridges: Vec<Bridge>,
 }
 
 /// The node's tables as last installed: replaced when this node's protected pods or bridges
@@ -20,6 +21,9 @@ pub struct NodeFacts {
 pub struct NodeTable {
     cfg: GatewayConfig,
     installed: Mutex<Option<NodeFacts>>,
+    /// The session the node's bridges are listed on, opened at first use (and again after one
+    /// fails).
+    netlink: Mutex<Option<Netlink>>,
 }
 
 impl NodeTable {
@@ -27,7 +31,24 @@ impl NodeTable {
         NodeTable {
             cfg,
             installed: Mutex::new(None),
+            netlink: Mutex::new(None),
         }
+    }
+
+    /// The node's bridges and their ports.
+    pub async fn bridges(&self) -> Result<Vec<Bridge>, NetlinkError> {
+        let nl = {
+            let mut held = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
+            match &*held {
+                Some(nl) => nl.clone(),
+                None => held.insert(Netlink::connect()?).clone(),
+            }
+        };
+        let listed = nl.bridges().await;
+        if listed.is_err() {
+            *self.netlink.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        listed
     }
 
     /// Installs both tables for `facts` in the calling process's namespace, unless they are

@@ -319,14 +319,7 @@ fn ask(
                 return Ok(addresses(&buf[..n], id));
             }
             Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if crate::timed_out(&e) => continue,
             Err(e) => return Err(format!("DNS: {}", e.kind())),
         }
     }

@@ -23,6 +23,14 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+/// A read that ran out of time (a socket read timeout reports either kind).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 fn usage() -> ExitCode {
     eprintln!(
         "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
@@ -279,14 +287,7 @@ fn probe_one(
                 .map_err(|e| e.to_string())?;
                 match u.recv(&mut b) {
                     Ok(_) => return Ok(()),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        continue;
-                    }
+                    Err(e) if timed_out(&e) => continue,
                     Err(e) => return Err(e.kind().to_string()),
                 }
             }

@@ -246,14 +246,7 @@ pub fn connect(
             sock.set_read_timeout(Some(left))?;
             let (from, p) = match recv(&sock, &mut buf) {
                 Ok(r) => r,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue 'send;
-                }
+                Err(e) if crate::timed_out(&e) => continue 'send,
                 Err(e) => return Err(e),
             };
             if debug {

@@ -259,6 +259,17 @@ pub fn agent_get(netns: &str, path: &str) -> anyhow::Result<(u16, String)> {
     Ok(crate::harness::http_get(stream, path)?)
 }
 
+/// agnhost's `probe` command line, before its targets.
+fn probe_args(protocol: &str, timeout: Duration) -> Vec<String> {
+    vec![
+        "probe".into(),
+        "--protocol".into(),
+        protocol.into(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+    ]
+}
+
 fn random_hex(n: usize) -> anyhow::Result<String> {
     let b = random_bytes(n).context("no randomness")?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
@@ -506,13 +517,7 @@ impl Lab {
         let plan = self.state.plan.plan();
         let netns = format!("{}-c{idx}", plan.prefix);
         let ip = std::net::Ipv4Addr::new(192, 168, plan.underlay_octet, 199 + idx);
-        let _ = run(&["ip", "netns", "del", &netns]);
-        run(&["ip", "netns", "add", &netns])?;
-        run(&[
-            "ip", "netns", "exec", &netns, "ip", "link", "set", "lo", "up",
-        ])?;
-        plan.attach(&netns, &format!("c{idx}"), ip)?;
-        plan.route_pods_from(&netns)?;
+        plan.add_host(&netns, &format!("c{idx}"), ip)?;
         Ok((netns, IpAddr::V4(ip)))
     }
 
@@ -529,13 +534,7 @@ impl Lab {
             netns: netns.into(),
             agnhost: self.state.agnhost.clone(),
         };
-        let mut args = vec![
-            "probe".to_string(),
-            "--protocol".into(),
-            protocol.into(),
-            "--timeout-ms".into(),
-            timeout.as_millis().to_string(),
-        ];
+        let mut args = probe_args(protocol, timeout);
         args.extend(targets.iter().cloned());
         let out = runner.run(&args)?;
         Ok(targets
@@ -876,13 +875,7 @@ impl Lab {
                 );
             }
         }
-        let _ = run(&["ip", "netns", "del", &netns]);
-        run(&["ip", "netns", "add", &netns])?;
-        run(&[
-            "ip", "netns", "exec", &netns, "ip", "link", "set", "lo", "up",
-        ])?;
-        plan.attach(&netns, &format!("x{idx}"), addr)?;
-        plan.route_pods_from(&netns)?;
+        plan.add_host(&netns, &format!("x{idx}"), addr)?;
         let ports: Vec<(u16, String)> = doc
             .pointer("/metadata/annotations/keyway.io~1serve")
             .and_then(Value::as_str)
@@ -1134,13 +1127,7 @@ impl Lab {
                 };
                 targets.push((j, ip.map(|ip| SocketAddr::new(ip, port).to_string())));
             }
-            let mut args = vec![
-                "probe".to_string(),
-                "--protocol".into(),
-                protocol.to_string(),
-                "--timeout-ms".into(),
-                timeout.as_millis().to_string(),
-            ];
+            let mut args = probe_args(protocol, timeout);
             let runner = self.runner(src)?;
             if via == Via::Underlay && matches!(runner, Runner::Cri { .. }) {
                 args.extend(["--device".to_string(), "eth0".to_string()]);
@@ -1256,7 +1243,8 @@ impl Lab {
         })
     }
 
-    fn sap_counters(&self) -> Vec<f64> {
+    /// A series of the agents' metrics, per node (0 where an agent does not answer or lacks it).
+    pub fn node_metric(&self, series: &str) -> Vec<f64> {
         self.state
             .nodes
             .iter()
@@ -1265,13 +1253,20 @@ impl Lab {
                     .ok()
                     .and_then(|(_, m)| {
                         m.lines().find_map(|l| {
-                            l.strip_prefix("keyway_datapath_packets_total{stage=\"sap\"} ")
-                                .and_then(|v| v.trim().parse().ok())
+                            l.strip_prefix(series)?
+                                .strip_prefix(' ')?
+                                .trim()
+                                .parse()
+                                .ok()
                         })
                     })
                     .unwrap_or(0.0)
             })
             .collect()
+    }
+
+    fn sap_counters(&self) -> Vec<f64> {
+        self.node_metric("keyway_datapath_packets_total{stage=\"sap\"}")
     }
 
     /// For every pair the overlay connects, which SaPs its packets went through (the paper's
@@ -1463,6 +1458,19 @@ impl Lab {
         } else {
             report.join("\n")
         })
+    }
+}
+
+/// Takes the lab in a directory down when dropped, so that a test that fails half-way leaves
+/// nothing behind.
+#[derive(Debug)]
+pub struct DownOnDrop(pub PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = Lab::down(&self.0) {
+            eprintln!("lab down: {e:#}");
+        }
     }
 }
 

@@ -102,6 +102,20 @@ impl LabService {
     }
 
     /// The Service's port for `port`/`protocol`, if it has one.
+    /// Its EndpointSlices among `slices` (namespace, name, document): those of its namespace
+    /// labelled with its name, as kube-proxy and CoreDNS find them.
+    pub fn slices_in<'a>(
+        &self,
+        slices: &'a [(String, String, Value)],
+    ) -> impl Iterator<Item = &'a Value> {
+        slices.iter().filter_map(move |(ns, _, doc)| {
+            let of = doc
+                .pointer("/metadata/labels/kubernetes.io~1service-name")
+                .and_then(Value::as_str);
+            (*ns == self.namespace && of == Some(self.name.as_str())).then_some(doc)
+        })
+    }
+
     pub fn has_port(&self, port: u16, proto: &str) -> bool {
         self.ports().iter().any(|p| {
             p.get("port").and_then(Value::as_u64) == Some(u64::from(port))
@@ -431,13 +445,7 @@ fn targets(
     node: &str,
 ) -> Vec<Target> {
     let mut out = Vec::new();
-    for (ns, _, doc) in slices {
-        let of_svc = doc
-            .pointer("/metadata/labels/kubernetes.io~1service-name")
-            .and_then(Value::as_str);
-        if *ns != svc.namespace || of_svc != Some(svc.name.as_str()) {
-            continue;
-        }
+    for doc in svc.slices_in(slices) {
         let Some(port) = doc["ports"].as_array().into_iter().flatten().find(|p| {
             p["name"].as_str() == Some(port_name) && protocol(p).eq_ignore_ascii_case(proto)
         }) else {
@@ -532,13 +540,7 @@ pub fn zone(services: &[LabService], slices: &[(String, String, Value)]) -> Stri
             lines.push(format!("{fqdn} A {ip}"));
             continue;
         }
-        for (ns, _, doc) in slices {
-            let of_svc = doc
-                .pointer("/metadata/labels/kubernetes.io~1service-name")
-                .and_then(Value::as_str);
-            if *ns != svc.namespace || of_svc != Some(svc.name.as_str()) {
-                continue;
-            }
+        for doc in svc.slices_in(slices) {
             for e in doc["endpoints"].as_array().into_iter().flatten() {
                 let Some(ip) = e["addresses"][0].as_str() else {
                     continue;

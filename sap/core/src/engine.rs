@@ -6,16 +6,15 @@
 //! The checks, in order (each failure is a [`DropReason`]):
 //! - egress: the packet parses → its source is one of the endpoint's own addresses (its overlay
 //!   IPs, or its pod IP: traffic a pod sends to another protected pod's pod IP is steered into
-//!   its overlay device and carried like overlay traffic) → the FIB
-//!   knows the destination → policy allows it (or it replies to a tracked flow) → the destination
-//!   has a current key → encapsulate with the *destination's* key, send to the SaP that fronts it
-//!   (or straight to it for a direct pair). When that SaP is this node's own, its checks run here,
-//!   in process, and the datagram goes straight to the destination.
+//!   its overlay device and carried like overlay traffic) → the FIB knows the destination →
+//!   policy allows it (or it replies to a tracked flow) → the destination has a current key →
+//!   encapsulate with the *destination's* key, send to the SaP that fronts it (or straight to it
+//!   for a direct pair). When that SaP is this node's own, its checks run here, in process, and
+//!   the datagram goes straight to the destination.
 //! - ingress: GUE parses → the key is the endpoint's own (current epoch, or a neighbour within the
 //!   grace window) → the inner destination is one of the endpoint's own addresses → the outer
-//!   source is the
-//!   infrastructure address the FIB holds for the inner source, or a known SaP → policy allows it
-//!   (or it replies to a tracked flow).
+//!   source is the infrastructure address the FIB holds for the inner source, or a known SaP →
+//!   policy allows it (or it replies to a tracked flow).
 //! - SaP: GUE and inner packet parse → the outer source matches the inner source (or is a SaP) →
 //!   the FIB knows the destination → the key is the destination's → policy allows the pair in
 //!   one direction or the other → forward the datagram unchanged to the destination.

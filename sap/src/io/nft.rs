@@ -364,13 +364,17 @@ impl Rule {
 
     /// `meta mark & bits == bits`: every one of `bits` is set, whatever else the mark holds.
     pub fn mark_bits(self, bits: u32) -> Self {
-        self.push(Expr::Meta(MetaKey::Mark))
-            .push(Expr::Bitwise {
-                len: 4,
-                mask: bits.to_ne_bytes().to_vec(),
-                xor: 0u32.to_ne_bytes().to_vec(),
-            })
-            .push(Expr::Cmp(CmpOp::Eq, bits.to_ne_bytes().to_vec()))
+        self.push(Expr::Meta(MetaKey::Mark)).has_bits(bits)
+    }
+
+    /// Register 1 (a 32-bit mark) holds every one of `bits`: `& bits == bits`.
+    fn has_bits(self, bits: u32) -> Self {
+        self.push(Expr::Bitwise {
+            len: 4,
+            mask: bits.to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        })
+        .push(Expr::Cmp(CmpOp::Eq, bits.to_ne_bytes().to_vec()))
     }
 
     /// `meta mark set meta mark | bits`: adds `bits` to the packet's mark, keeping the rest.
@@ -397,13 +401,7 @@ impl Rule {
 
     /// `ct mark & bits == bits`: the connection carries every one of `bits`.
     pub fn ct_mark_bits(self, bits: u32) -> Self {
-        self.push(Expr::Ct(CtKey::Mark))
-            .push(Expr::Bitwise {
-                len: 4,
-                mask: bits.to_ne_bytes().to_vec(),
-                xor: 0u32.to_ne_bytes().to_vec(),
-            })
-            .push(Expr::Cmp(CmpOp::Eq, bits.to_ne_bytes().to_vec()))
+        self.push(Expr::Ct(CtKey::Mark)).has_bits(bits)
     }
 
     /// `ct mark set ct mark | bits`: the connection remembers `bits` for its later packets.
