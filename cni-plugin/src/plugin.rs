@@ -133,12 +133,11 @@ fn firewall_of(
 
 /// Routes what the pod's table marks for the overlay (traffic to protected pods' pod IPs, of the
 /// pod IP's family) into `device`: a table whose only route is the device, and a routing rule by
-/// mark. The pod's strict reverse-path filter, if set, becomes loose: steered replies arrive on
-/// the overlay device from pod IPs the main table routes through `eth0`.
-fn steer(netns: &Netns, device: &str, v6: bool) -> Result<(), NetlinkError> {
+/// mark. Sets the reverse-path filters (below).
+fn steer(netns: &Netns, ifname: &str, device: &str, v6: bool) -> Result<(), NetlinkError> {
     let device = device.to_string();
     netns
-        .run(|| loose_rp_filter(&device, v6))?
+        .run(|| reverse_path_filters(ifname, &device, v6))?
         .map_err(NetlinkError::Socket)?;
     netlink::in_netns(netns, async move |nl| {
         let link = nl.require_link(&device).await?;
@@ -148,9 +147,12 @@ fn steer(netns: &Netns, device: &str, v6: bool) -> Result<(), NetlinkError> {
     })
 }
 
-/// Inside the pod's namespace: IPv4's reverse-path filter at most loose (the effective value is
-/// the larger of `all` and the device's); IPv6 on `device` when it carries the pod IP's family.
-fn loose_rp_filter(device: &str, v6: bool) -> std::io::Result<()> {
+/// Inside the pod's namespace, IPv4's reverse-path filters (the effective value of a device is
+/// the larger of `all` and its own): strict on the primary's interface, so that a neighbour cannot
+/// send it a packet from an address routed elsewhere (an overlay address); loose on the overlay
+/// device, where steered replies arrive from pod IPs the main table routes through `eth0`; `all`
+/// no stricter than loose. IPv6 (no such filter) gets the overlay device enabled.
+fn reverse_path_filters(ifname: &str, device: &str, v6: bool) -> std::io::Result<()> {
     if v6 {
         let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(device);
         return match conf.exists() {
@@ -158,11 +160,13 @@ fn loose_rp_filter(device: &str, v6: bool) -> std::io::Result<()> {
             false => Ok(()),
         };
     }
-    let all = "/proc/sys/net/ipv4/conf/all/rp_filter";
-    match std::fs::read_to_string(all) {
-        Ok(v) if v.trim() == "1" => std::fs::write(all, "2"),
-        _ => Ok(()),
+    let conf = std::path::Path::new("/proc/sys/net/ipv4/conf");
+    let all = conf.join("all/rp_filter");
+    if std::fs::read_to_string(&all).is_ok_and(|v| v.trim() == "1") {
+        std::fs::write(&all, "2")?;
     }
+    std::fs::write(conf.join(device).join("rp_filter"), "2")?;
+    std::fs::write(conf.join(ifname).join("rp_filter"), "1")
 }
 
 /// Removes the steering rules of both families; what is not there is fine.
@@ -294,7 +298,7 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
         .or(grants.first());
     if let Some(g) = steer_dev {
         rollback.steered = true;
-        steer(&netns, &g.device, infra.is_ipv6())
+        steer(&netns, &inv.env.ifname, &g.device, infra.is_ipv6())
             .map_err(|e| other("cannot steer pod IPs into the overlay", e))?;
     }
     let nodes = node_addresses(&inv.conf, prev);

@@ -60,9 +60,8 @@ pub fn plugin_dir(dir: &Path) -> PathBuf {
 }
 
 /// A plain HTTP/1.0 GET over a connected stream.
-pub fn http_get(stream: TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+pub fn http_get<S: Read + Write>(stream: S, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = stream;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
@@ -76,6 +75,20 @@ pub fn http_get(stream: TcpStream, path: &str) -> std::io::Result<(u16, String)>
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// GETs `path` from the agent's local admin socket (debug detail lives only there), found next
+/// to its handoff socket `handoff`.
+pub fn debug_get(handoff: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    let s = std::os::unix::net::UnixStream::connect(handoff.with_extension("debug.sock"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    http_get(s, path)
+}
+
+/// GETs `path` from an agent's network admin server, over `stream`.
+pub fn tcp_get(stream: TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    http_get(stream, path)
 }
 
 /// A `keyway-agent` running in a node namespace.
@@ -102,7 +115,8 @@ impl AgentProc {
         std::fs::create_dir_all(&source).unwrap();
         let secret = dir.join("cluster-secret");
         if !secret.exists() {
-            std::fs::write(&secret, b"conformance tests share this 32B!").unwrap();
+            keyway_sap::io::fs::write_atomic(&secret, b"conformance tests share this 32B!", 0o600)
+                .unwrap();
         }
         let mut a = AgentProc {
             node: node.to_string(),
@@ -160,7 +174,7 @@ impl AgentProc {
             .run(|| TcpStream::connect_timeout(&admin, Duration::from_secs(2)))
             .unwrap();
         match stream {
-            Ok(s) => http_get(s, path).unwrap_or((0, String::new())),
+            Ok(s) => tcp_get(s, path).unwrap_or((0, String::new())),
             Err(_) => (0, String::new()),
         }
     }
@@ -201,7 +215,8 @@ impl AgentProc {
     }
 
     pub fn attachments(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get("/debug/attachments").1).unwrap_or_default()
+        let body = debug_get(&self.socket, "/debug/attachments").map(|(_, b)| b);
+        serde_json::from_str(&body.unwrap_or_default()).unwrap_or_default()
     }
 
     pub fn pid(&self) -> Option<u32> {

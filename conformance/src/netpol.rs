@@ -227,6 +227,11 @@ pub struct Simulation {
     attachments: BTreeMap<ObjectKey, OverlayAttachmentSpec>,
 }
 
+/// The simulated cluster's secret, which its simulated agents attest with.
+fn simulated_secret() -> anyhow::Result<ClusterSecret> {
+    Ok(ClusterSecret::new(vec![7u8; 32])?)
+}
+
 impl Simulation {
     /// The base topology, pods spread over two nodes as the lab spreads them.
     pub fn new(base: &str) -> anyhow::Result<Simulation> {
@@ -241,6 +246,7 @@ impl Simulation {
             .collect();
         let mut addrs = Addresses::default();
         let mut attachments = BTreeMap::new();
+        let secret = simulated_secret()?;
         for (i, p) in pods.iter().enumerate() {
             let (ns, name) = p.split_once('/').expect("namespace/name");
             let node = i % 2;
@@ -256,7 +262,9 @@ impl Simulation {
                     node: format!("node-{}", node + 1),
                     infra_ip: infra,
                     overlay_ips: vec![overlay],
-                },
+                    proof: None,
+                }
+                .attest(&secret),
             );
         }
         Ok(Simulation {
@@ -294,6 +302,13 @@ impl Simulation {
             .filter_map(|v| keyway_agent::model::parse_object(v.clone()).ok().flatten());
         let mut m = Model::from_objects(objects);
         m.attachments = self.attachments.clone();
+        // The scheduler's and kubelet's part: each pod runs where its agent published it.
+        for (key, a) in &self.attachments {
+            if let Some(p) = m.pods.get_mut(key) {
+                p.node = Some(a.node.clone());
+                p.infra_ips = vec![a.infra_ip];
+            }
+        }
         m
     }
 
@@ -308,7 +323,7 @@ impl Simulation {
             gue_port: keyway_core::gue::DEFAULT_PORT,
             rotation: Rotation::new(3_600_000, 60_000)?,
         };
-        let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32])?);
+        let mut keys = KeyCache::new(simulated_secret()?);
         let tables = compile::compile(&self.model(), &[], &node, &mut keys, 0, 1).tables;
         let mut cells = vec![vec![true; self.pods.len()]; self.pods.len()];
         for (i, from) in self.pods.iter().enumerate() {

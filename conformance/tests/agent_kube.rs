@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use keyway_conformance::cni_exec::{ConfList, Runtime};
-use keyway_conformance::harness::{DEBIAN_CNI_DIR, bin, http_get, plugin_dir};
+use keyway_conformance::harness::{DEBIAN_CNI_DIR, bin, debug_get, plugin_dir, tcp_get};
 use keyway_testing::fake_api::{Server, kubeconfig};
 use keyway_testing::{FakeApi, Scratch, TestNetns, eventually_or, privileged};
 use serde_json::{Value, json};
@@ -79,7 +79,7 @@ impl Agent {
                 )
             })
             .unwrap();
-        s.ok().and_then(|s| http_get(s, path).ok())
+        s.ok().and_then(|s| tcp_get(s, path).ok())
     }
 
     fn metrics(&self) -> String {
@@ -319,7 +319,9 @@ fn a_pod_added_on_a_cluster_gets_a_block_address_its_annotation_and_its_service_
     let rt = runtime(&scratch, &node, &pod, "web-1");
     let (execs, result) = list.add(&rt);
     let result = result.unwrap_or_else(|| panic!("ADD failed: {execs:#?}\n{}", agent.log()));
-    let attachments = agent.get("/debug/attachments").expect("the admin server").1;
+    let attachments = debug_get(&scratch.join("agent.sock"), "/debug/attachments")
+        .expect("the local admin socket")
+        .1;
     let attachments: Value = serde_json::from_str(&attachments).unwrap();
     let overlay_ip = attachments["attachments"][0]["overlayIps"][0]
         .as_str()

@@ -31,7 +31,7 @@ use crate::compile::{self, KeyCache, LocalPod, NodeContext};
 use crate::config::Config;
 use crate::endpoints::{AttachError, Endpoints};
 use crate::gateway::{NodeFacts, NodeTable};
-use crate::metrics::{Metrics, RequestLabel};
+use crate::metrics::{Metrics, ReasonLabel, RequestLabel};
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::records::{Attached, Record, StateDir, StoreError};
 use crate::source::Publisher;
@@ -214,7 +214,7 @@ impl Agent {
                         tracing::error!(error = %e, "cannot remove the attachment record");
                     }
                 }
-                Effect::Publish(spec) => self.publications.publish(spec),
+                Effect::Publish(spec) => self.publications.publish(spec.attest(&self.secret)),
                 Effect::Withdraw(pod) => self.publications.withdraw(pod),
                 Effect::Stop(att) => self.endpoints.stop(&att),
                 Effect::Teardown {
@@ -247,6 +247,15 @@ impl Agent {
         let mut compiled =
             compile::compile(&model, &locals, &node, &mut c.keys, now_ms(), generation);
         self.metrics.identities.set(compiled.identities as i64);
+        for why in crate::compile::Refusal::ALL {
+            let n = compiled.refused.iter().filter(|(_, r)| *r == why).count();
+            self.metrics
+                .attachments_refused
+                .get_or_create(&ReasonLabel {
+                    reason: why.as_str(),
+                })
+                .set(n as i64);
+        }
         self.metrics
             .fib_entries
             .set(compiled.tables.fib.len() as i64);
@@ -515,25 +524,66 @@ impl Agent {
         Ok(())
     }
 
+    async fn forget_gone(&self, r: &Record, why: &Gone) {
+        tracing::info!(container = %r.attachment.container_id, reason = %why, "pod is gone; forgetting it");
+        let forgotten = self.state().forget(&r.attachment, false);
+        if let Some((_, effects)) = forgotten {
+            let _ = self.run(effects).await;
+        }
+    }
+
+    /// Retries re-attaching, backing off up to 30 s, until each pod is served again or gone
+    /// (or deleted meanwhile: DEL forgets it).
+    async fn retry_reattach(self: Arc<Self>, mut pending: Vec<Record>) {
+        let mut delay = RETRY_FIRST;
+        while !pending.is_empty() {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+            let mut still = Vec::new();
+            for r in pending {
+                if self.state().record(&r.attachment).is_none() {
+                    continue;
+                }
+                match self.reattach(&r).await {
+                    Ok(()) => {
+                        tracing::info!(container = %r.attachment.container_id, "re-attached");
+                        self.reconcile(None).await;
+                    }
+                    Err(Gone::Attach(_)) => {
+                        self.metrics.reattach_failures.inc();
+                        still.push(r);
+                    }
+                    Err(why) => self.forget_gone(&r, &why).await,
+                }
+            }
+            pending = still;
+        }
+    }
+
     /// At start-up: re-attach to every pod the state directory lists, forget those that are gone,
-    /// make sure every network has a free address, compile, and only then report ready.
-    pub async fn restore(&self) {
+    /// make sure every network has a free address, compile, and only then report ready. A pod
+    /// whose namespace is still there but cannot be re-attached (its GUE port taken by a
+    /// workload, say) is not forgotten — its address is never given away — and is retried.
+    pub async fn restore(self: &Arc<Self>) {
         let started = Instant::now();
         let records = self.store.load_all();
         self.state().restore(records.clone());
         let mut reattached = 0;
+        let mut pending = Vec::new();
         for r in &records {
             match self.reattach(r).await {
                 Ok(()) if r.attached.is_some() => reattached += 1,
                 Ok(()) => {}
-                Err(why) => {
-                    tracing::info!(container = %r.attachment.container_id, reason = %why, "pod is gone; forgetting it");
-                    let forgotten = self.state().forget(&r.attachment, false);
-                    if let Some((_, effects)) = forgotten {
-                        let _ = self.run(effects).await;
-                    }
+                Err(Gone::Attach(e)) => {
+                    tracing::warn!(container = %r.attachment.container_id, error = %e, "cannot re-attach to a pod that is still there; keeping it, retrying");
+                    self.metrics.reattach_failures.inc();
+                    pending.push(r.clone());
                 }
+                Err(why) => self.forget_gone(r, &why).await,
             }
+        }
+        if !pending.is_empty() {
+            tokio::spawn(self.clone().retry_reattach(pending));
         }
         self.republish();
         let networks = self.model.borrow().overlay_networks();
@@ -564,7 +614,7 @@ impl Agent {
             (s.served(), specs)
         };
         for spec in specs {
-            self.publications.publish(spec);
+            self.publications.publish(spec.attest(&self.secret));
         }
         for pod in self.publisher.published() {
             if !served.contains(&pod) {

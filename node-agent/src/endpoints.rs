@@ -156,7 +156,11 @@ impl Endpoints {
         let ctx = Arc::new(EndpointContext {
             tables: self.tables.clone(),
             local: local.clone(),
-            flows: FlowTable::new(FLOWS_PER_ENDPOINT, FlowTimeouts::default()),
+            flows: FlowTable::counted(
+                FLOWS_PER_ENDPOINT,
+                FlowTimeouts::default(),
+                self.counters.flows.clone(),
+            ),
             counters: self.counters.clone(),
         });
         let running = endpoint::spawn(ctx, opened).map_err(AttachError::Spawn)?;

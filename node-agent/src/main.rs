@@ -158,6 +158,7 @@ async fn file_source(
     secret: ClusterSecret,
 ) -> anyhow::Result<Sourced> {
     let (model, stats) = FileSource::new(dir)
+        .keeping(source::LastGood::new(&cfg.state_dir))
         .spawn(Duration::from_secs(10))
         .context("cannot watch the state directory")?;
     Ok(Sourced {
@@ -180,7 +181,7 @@ async fn kube_source(cfg: &Config) -> anyhow::Result<Sourced> {
         .await
         .context("cannot get the cluster secret")?;
     let secret = ClusterSecret::new(bytes).context("the cluster secret")?;
-    let mut src = source::kube::spawn(client.clone());
+    let mut src = source::kube::spawn(client.clone(), source::LastGood::new(&cfg.state_dir));
     tracing::info!("waiting for the API server's first lists");
     src.ready
         .wait_for(|r| *r)
@@ -239,6 +240,10 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.admin))?;
     tokio::spawn(admin::serve(agent.clone(), admin_listener));
+    let local_admin = admin::local_socket_path(&cfg.socket);
+    let local_listener = admin::bind_local(&local_admin)
+        .with_context(|| format!("cannot listen on {}", local_admin.display()))?;
+    tokio::spawn(admin::serve_local(agent.clone(), local_listener));
     let _sap = start_sap(local_sap, &agent, counters).await?;
     agent.restore().await;
     let listener = server::bind_socket(&cfg.socket)

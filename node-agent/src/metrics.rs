@@ -50,6 +50,23 @@ impl Collector for DataPath {
                     .encode_counter::<NoLabelSet, _, u64>(&self.counters.bytes(s), None)?;
             }
         }
+        {
+            let flows = &self.counters.flows;
+            let mut m = enc.encode_descriptor(
+                "keyway_flow_table_pressure",
+                "Flow-table events under pressure: evicted (a flow never answered, or idle, made room for a new one), full (a new flow not tracked: the table held only answered, live flows), peer_quota (not tracked: its remote opener already had a quarter of the table)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, n) in [
+                ("evicted", &flows.evictions),
+                ("full", &flows.overflows),
+                ("peer_quota", &flows.over_quota),
+            ] {
+                m.encode_family(&[("event", event)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n.load(Ordering::Relaxed), None)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
             "keyway_datapath_drops",
             "Packets dropped, by stage and reason",
@@ -101,6 +118,18 @@ pub struct Metrics {
     /// Pods' places on the overlay published or withdrawn.
     pub publications: Family<WriteLabel, Counter>,
     pub publication_errors: Counter,
+    /// Admin connections closed at once: the server had its cap.
+    pub admin_refused: Counter,
+    /// Pods whose re-attachment after a restart failed while their namespace was still there
+    /// (kept, and retried).
+    pub reattach_failures: Counter,
+    /// Published attachments the last compile did not count, by reason.
+    pub attachments_refused: Family<ReasonLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +157,9 @@ impl Metrics {
             endpointslice_errors: Counter::default(),
             publications: Family::default(),
             publication_errors: Counter::default(),
+            admin_refused: Counter::default(),
+            reattach_failures: Counter::default(),
+            attachments_refused: Family::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -199,6 +231,20 @@ impl Metrics {
             "keyway_publication_errors",
             help,
             self.publication_errors.clone(),
+        );
+        let help = "Admin connections closed unserved: the server had its connection cap";
+        r.register("keyway_admin_refused", help, self.admin_refused.clone());
+        let help = "Other agents' published attachments not counted, by reason (unattested, wrong_node, not_pod_ip, node_address, outside_network, conflict)";
+        r.register(
+            "keyway_attachments_refused",
+            help,
+            self.attachments_refused.clone(),
+        );
+        let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
+        r.register(
+            "keyway_reattach_failures",
+            help,
+            self.reattach_failures.clone(),
         );
     }
 

@@ -145,6 +145,10 @@ impl StateDir {
 pub enum SecretError {
     #[error(transparent)]
     File(#[from] StoreError),
+    #[error(
+        "{path} can be read by others (mode {mode:o}): every key derives from it; make it owner-only (chmod 600) and consider it leaked", path = path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
     #[error("{path}: {source}", path = path.display())]
     Unusable {
         path: PathBuf,
@@ -153,15 +157,24 @@ pub enum SecretError {
     },
 }
 
-/// Reads the cluster secret, creating one (owner-only, with a warning) when the file does not
-/// exist.
+/// Reads the cluster secret, creating one (owner-only, durably, with a warning) when the file
+/// does not exist. A secret that others than its owner may read is refused.
 pub fn load_secret(path: &Path) -> Result<ClusterSecret, SecretError> {
     let err = |source| StoreError {
         path: path.to_path_buf(),
         source,
     };
     let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+        Ok(b) => {
+            let mode = keyway_sap::io::fs::mode_of(path, 0);
+            if mode & 0o077 != 0 {
+                return Err(SecretError::Exposed {
+                    path: path.to_path_buf(),
+                    mode,
+                });
+            }
+            b
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let b = keyway_sap::io::fs::random_bytes(32).map_err(err)?;
             write_atomic(path, &b, 0o600).map_err(err)?;
@@ -198,5 +211,17 @@ mod tests {
             load_secret(&path),
             Err(SecretError::Unusable { .. })
         ));
+        // Readable by the group or the world: refused, whatever it holds.
+        for mode in [0o640, 0o604, 0o644] {
+            write_atomic(&path, b"long enough to be a secret, 32B!", mode).unwrap();
+            let e = load_secret(&path).unwrap_err();
+            assert!(matches!(e, SecretError::Exposed { .. }), "{mode:o}: {e}");
+            assert!(
+                !e.to_string().contains("long enough"),
+                "the message never shows the secret: {e}"
+            );
+        }
+        write_atomic(&path, b"long enough to be a secret, 32B!", 0o400).unwrap();
+        assert!(load_secret(&path).is_ok(), "owner read-only is fine");
     }
 }

@@ -321,6 +321,7 @@ mod tests {
                     node: node.to_string(),
                     infra_ip: "10.0.0.9".parse().unwrap(),
                     overlay_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+                    proof: None,
                 },
             ));
         }

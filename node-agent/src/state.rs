@@ -190,6 +190,7 @@ impl State {
             node: self.node.clone(),
             infra_ip: a.infra_ip,
             overlay_ips: r.networks.iter().map(|g| g.address.ip()).collect(),
+            proof: None,
         })
     }
 

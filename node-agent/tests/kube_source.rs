@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_agent::model::Model;
+use keyway_agent::source::LastGood;
 use keyway_agent::source::kube::{self as kube_source, KubeSource};
 use keyway_testing::FakeApi;
 use keyway_testing::fake_api::{Reply, event, list};
@@ -122,7 +123,8 @@ async fn watch_events_bookmarks_and_a_410_relist_keep_the_model_right() {
             open: true,
         },
     );
-    let mut src = kube_source::spawn(api.client());
+    let state = keyway_testing::Scratch::new("kube-source-state-1");
+    let mut src = kube_source::spawn(api.client(), LastGood::new(state.path()));
     let m = until(&mut src, "pod a gone after the relist", |m| {
         m.pods.len() == 1
             && m.pods.values().all(|p| p.key.name == "b")
@@ -201,7 +203,8 @@ async fn not_ready_before_every_list_and_the_last_good_state_survives_errors() {
     );
     // Then the API server goes away for the pods' watch, for good.
     api.script("WATCH", PODS, Reply::Json(503, unavailable));
-    let mut src = kube_source::spawn(api.client());
+    let state = keyway_testing::Scratch::new("kube-source-state-2");
+    let mut src = kube_source::spawn(api.client(), LastGood::new(state.path()));
     assert!(!*src.ready.borrow(), "not ready before the first lists");
     until(&mut src, "the first model", |m| m.pods.len() == 1).await;
     let log = api.log();
@@ -295,7 +298,8 @@ async fn the_same_objects_make_the_same_model_as_the_file_source() {
     for (path, items) in &by_path {
         api.script("GET", path, Reply::Json(200, list(items, "7")));
     }
-    let mut src = kube_source::spawn(api.client());
+    let state = keyway_testing::Scratch::new("kube-source-state-3");
+    let mut src = kube_source::spawn(api.client(), LastGood::new(state.path()));
     let m = until(&mut src, "the first model", |_| true).await;
     assert!(!m.pods.is_empty() && !m.policies.is_empty() && !m.externals.is_empty());
     assert_eq!(m.services.len(), 3, "the Services s1, s2, s3");

@@ -57,6 +57,18 @@ pub const STEER_TABLE: u32 = 6080;
 /// The priority of the routing rule that looks marked packets up in [`STEER_TABLE`] (after the
 /// `local` table's rule, before `main`'s).
 pub const STEER_RULE_PRIORITY: u32 = 6080;
+/// The conntrack mark bit of a connection that travels the overlay: its replies are accepted on
+/// the overlay device only, never on `eth0` (where a neighbour could forge them).
+pub const OVERLAY_CT_MARK: u32 = 0x0080_0000;
+/// The source address Istio's CNI gives kubelet's probes of an ambient pod, IPv4 and IPv6: the
+/// node, for the pod's table.
+pub const ISTIO_PROBE_SOURCES: [&str; 2] =
+    ["169.254.7.127", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"];
+/// The ICMPv6 types neighbour discovery needs between a pod and its neighbours (RFC 4861): router
+/// solicitations and advertisements and redirects are not among them (a pod's routes come from
+/// its CNI).
+const NEIGHBOUR_SOLICITATION: u8 = 135;
+const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
 /// What the pod's table is made from, besides its egress policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +193,18 @@ impl PodFirewall {
         let mut chains = vec![
             Chain::base("input", Hook::Input, PRIORITY, Policy::Accept, input),
             Chain::base("output", Hook::Output, PRIORITY, Policy::Accept, output),
+            Chain::base(
+                "forward",
+                Hook::Forward,
+                PRIORITY,
+                Policy::Accept,
+                vec![
+                    Rule::new()
+                        .counter()
+                        .drop_()
+                        .comment("a pod does not route: nothing passes through it"),
+                ],
+            ),
         ];
         chains.extend(egress_chains(&rules.egress));
         chains.push(self.steer_chain(&peers));
@@ -217,16 +241,28 @@ impl PodFirewall {
             output.push(
                 Rule::new()
                     .oifname(dev)
+                    .or_ct_mark(OVERLAY_CT_MARK)
                     .accept()
-                    .comment("the overlay: keyway's endpoint enforces policy"),
+                    .comment(
+                        "the overlay: keyway's endpoint enforces policy; replies come back on it",
+                    ),
             );
         }
+        output.push(
+            Rule::new()
+                .daddr_in(peers)
+                .mark_bits(STEER_MARK)
+                .or_ct_mark(OVERLAY_CT_MARK)
+                .accept()
+                .comment("steered: rerouted into the overlay device (oifname still says eth0)"),
+        );
         let established = ct_state::ESTABLISHED | ct_state::RELATED;
         input.push(
             Rule::new()
                 .ct_state(established)
+                .ct_mark_lacks(OVERLAY_CT_MARK | STEER_MARK)
                 .accept()
-                .comment("replies to connections the pod opened"),
+                .comment("replies to connections the pod opened off the overlay (an overlay connection's come back on the overlay only)"),
         );
         output.push(
             Rule::new()
@@ -236,10 +272,12 @@ impl PodFirewall {
         );
         input.push(
             Rule::new()
+                .daddr(IpNetwork::from(self.pod_ip))
                 .l4proto(PROTO_UDP)
                 .dport_range(self.gue_port, self.gue_port)
+                .socket_mark(GUE_MARK)
                 .accept()
-                .comment("GUE to the pod's keyway endpoint: each datagram is checked by key"),
+                .comment("GUE to keyway's endpoint socket (its address, its mark): each datagram is checked by key"),
         );
         output.push(
             Rule::new()
@@ -247,7 +285,9 @@ impl PodFirewall {
                 .l4proto(PROTO_UDP)
                 .sport(self.gue_port)
                 .accept()
-                .comment("GUE from keyway's endpoint (marked; workloads cannot set marks)"),
+                .comment(
+                    "GUE from keyway's endpoint (marked; a workload needs CAP_NET_RAW to mark)",
+                ),
         );
         output.push(
             Rule::new()
@@ -257,34 +297,26 @@ impl PodFirewall {
                 .drop_()
                 .comment("GUE that keyway's endpoint did not send: workloads never speak it"),
         );
-        output.push(
-            Rule::new()
-                .daddr_in(peers)
-                .mark_bits(STEER_MARK)
-                .accept()
-                .comment("steered: rerouted into the overlay device (oifname still says eth0)"),
-        );
+        for node in self.node_sources() {
+            input.push(Rule::new().saddr(node).accept().comment(
+                "the node itself: kubelet's (and Istio's) probes; policy never blocks the node",
+            ));
+        }
         for node in &self.node_addresses {
-            input.push(
-                Rule::new()
-                    .saddr(*node)
-                    .accept()
-                    .comment("the node: kubelet probes; policy never blocks the node"),
-            );
             output.push(
                 Rule::new()
                     .daddr(*node)
                     .accept()
-                    .comment("the node: policy never blocks the node"),
+                    .comment("the node: policy never blocks the node (what it forwards to a protected pod goes through its gateway)"),
             );
         }
         for rules in [&mut input, &mut output] {
             rules.push(
                 Rule::new()
                     .l4proto(PROTO_ICMPV6)
-                    .icmp_type_range(133, 137)
+                    .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
                     .accept()
-                    .comment("IPv6 neighbour discovery on the pod network"),
+                    .comment("IPv6 neighbour discovery (solicitations, advertisements) on the pod network"),
             );
         }
         input.push(
@@ -295,6 +327,19 @@ impl PodFirewall {
         );
         output.push(Rule::new().verdict(Verdict::Jump("egress".into())));
         (input, output)
+    }
+
+    /// The sources the pod admits as its node: the node's addresses, and the address Istio's
+    /// CNI gives kubelet's probes (`169.254.7.127`, and its IPv6 twin) in ambient mode.
+    fn node_sources(&self) -> Vec<IpNetwork> {
+        let mut v = self.node_addresses.clone();
+        for probe in ISTIO_PROBE_SOURCES {
+            let probe = IpNetwork::from(probe.parse::<IpAddr>().expect("a constant address"));
+            if !v.contains(&probe) {
+                v.push(probe);
+            }
+        }
+        v
     }
 }
 

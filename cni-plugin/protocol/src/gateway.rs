@@ -8,8 +8,9 @@
 //! How traffic gets here, in the node's namespace:
 //! - the `inet keyway-gateway` table's prerouting chain (after kube-proxy's DNAT) marks new
 //!   traffic for a local protected pod's pod IP — not GUE (the overlay itself), not replies to
-//!   connections the pod opened (they go back as they came), and not what kube-proxy is about to
-//!   masquerade (it leaves as the node, which NetworkPolicy always admits);
+//!   connections the pod opened (they go back as they came). What kube-proxy is about to
+//!   that kube-proxy marked for masquerade is taken too, and the mark cleared: it would arrive as
+//!   the node, which NetworkPolicy always admits, so it is checked as its real source instead;
 //! - a routing rule sends marked packets to a table whose only route is the gateway device;
 //! - a pod on the same bridge would be switched to the protected pod at layer 2, past the node's
 //!   routing (the prerouting chain still sees it, through `br_netfilter`, as Kubernetes nodes
@@ -25,6 +26,8 @@ use std::net::IpAddr;
 use keyway_core::packet::PROTO_UDP;
 use keyway_sap::io::netlink::{self, Bridge, MarkRule, NetlinkError};
 use keyway_sap::io::nft::{self, Chain, Family, Hook, Policy, Rule, Set, Table, Verdict};
+
+use crate::firewall;
 
 /// The gateway device in the node's namespace.
 pub const DEVICE: &str = "kwgw0";
@@ -65,17 +68,13 @@ pub fn table(cfg: &GatewayConfig, pods: &[IpAddr]) -> Table {
             .dport_range(cfg.gue_port, cfg.gue_port)
             .verdict(Verdict::Return)
             .comment("GUE: the overlay itself"),
-        Rule::new()
-            .mark_bits(cfg.masquerade_mark)
-            .verdict(Verdict::Return)
-            .comment("kube-proxy masquerades it: it arrives as the node, which is always admitted"),
     ];
     for set in &sets {
         rules.push(
             Rule::new()
                 .daddr_in(set)
-                .or_mark(cfg.mark)
-                .comment("a local protected pod, from off the overlay: through the gateway"),
+                .set_mark_bits(cfg.mark, cfg.masquerade_mark)
+                .comment("a local protected pod, from off the overlay: through the gateway, as its real source (never masqueraded as the node)"),
         );
     }
     Table {
@@ -99,7 +98,38 @@ const BRIDGE_PRIORITY: i32 = 100;
 /// The node's bridge table: frames the prerouting chain marked are delivered to the bridge they
 /// came in on, to be routed into the gateway. Which bridge is told by the port the frame came in
 /// on when the node has several (this kernel's nftables cannot name a frame's bridge).
+///
+/// First, anti-spoofing: a frame that comes in on a bridge port (from a pod, never from the node,
+/// whose frames the bridge's output hook sees) with the source address of the node itself — a
+/// bridge's own address, or Istio's probe address — is dropped. Pods admit the node's addresses
+/// as the node; a neighbour must not be able to borrow them.
 pub fn bridge_table(cfg: &GatewayConfig, bridges: &[Bridge]) -> Table {
+    let mut node = bridges
+        .iter()
+        .flat_map(|b| b.addresses.iter().copied())
+        .collect::<Vec<_>>();
+    node.extend(
+        firewall::ISTIO_PROBE_SOURCES
+            .iter()
+            .map(|a| a.parse::<IpAddr>().expect("a constant address")),
+    );
+    let sets: Vec<Set> = [("node4", false, 1), ("node6", true, 2)]
+        .into_iter()
+        .map(|(name, v6, id)| {
+            let of_family = node.iter().copied().filter(|p| p.is_ipv6() == v6).collect();
+            Set::of(name, v6, id, of_family)
+        })
+        .collect();
+    let mut rules: Vec<Rule> = sets
+        .iter()
+        .map(|set| {
+            Rule::new()
+                .frame_saddr_in(set)
+                .counter()
+                .drop_()
+                .comment("a pod claiming the node's address: spoofed")
+        })
+        .collect();
     let rule = |mac: [u8; 6], port: Option<&str>| {
         let r = match port {
             Some(p) => Rule::new().iifname(p),
@@ -109,17 +139,18 @@ pub fn bridge_table(cfg: &GatewayConfig, bridges: &[Bridge]) -> Table {
             .deliver_to_bridge(mac)
             .comment("switched to a protected pod from off the overlay: routed, to the gateway")
     };
-    let rules = match bridges {
-        [only] => vec![rule(only.mac, None)],
-        _ => bridges
-            .iter()
-            .flat_map(|b| b.ports.iter().map(|p| rule(b.mac, Some(p))))
-            .collect(),
+    match bridges {
+        [only] => rules.push(rule(only.mac, None)),
+        _ => rules.extend(
+            bridges
+                .iter()
+                .flat_map(|b| b.ports.iter().map(|p| rule(b.mac, Some(p)))),
+        ),
     };
     Table {
         family: Family::Bridge,
         name: TABLE.into(),
-        sets: Vec::new(),
+        sets,
         chains: vec![Chain::base(
             "prerouting",
             Hook::Prerouting,
@@ -201,20 +232,32 @@ mod tests {
         );
         assert_eq!(t.sets[1].elements, ["fd00::2".parse::<IpAddr>().unwrap()]);
         let rules = &t.chains[0].rules;
-        assert_eq!(rules.len(), 5, "three exemptions, then one mark per family");
+        assert_eq!(rules.len(), 4, "two exemptions, then one mark per family");
         let bridge = |name: &str, ports: &[&str]| Bridge {
             name: name.into(),
             mac: [2, 0, 0, 0, 0, 1],
             ports: ports.iter().map(|p| p.to_string()).collect(),
+            addresses: vec!["10.244.1.1".parse().unwrap()],
         };
         let b = bridge_table(&cfg, &[bridge("cni0", &["veth1", "veth2"])]);
         assert_eq!(b.family, Family::Bridge);
-        assert_eq!(b.chains[0].rules.len(), 1, "one bridge: every frame is its");
+        assert_eq!(
+            b.sets[0].elements,
+            ["10.244.1.1", "169.254.7.127"]
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .to_vec(),
+            "the bridge's address and Istio's probe address are the node's"
+        );
+        assert_eq!(
+            b.chains[0].rules.len(),
+            3,
+            "anti-spoofing per family; one bridge: every frame is its"
+        );
         let two = [
             bridge("cni0", &["veth1", "veth2"]),
             bridge("br1", &["veth3"]),
         ];
-        assert_eq!(bridge_table(&cfg, &two).chains[0].rules.len(), 3, "by port");
-        assert!(bridge_table(&cfg, &[]).chains[0].rules.is_empty());
+        assert_eq!(bridge_table(&cfg, &two).chains[0].rules.len(), 5, "by port");
+        assert_eq!(bridge_table(&cfg, &[]).chains[0].rules.len(), 2);
     }
 }

@@ -30,6 +30,7 @@ use objects::{LabPod, meta, source_path};
 
 pub const DEFAULT_DIR: &str = "/run/keyway-lab";
 const AGENT_ADMIN: &str = "127.0.0.1:9464";
+const AGENT_LISTEN: &str = "0.0.0.0:9464";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanState {
@@ -256,7 +257,7 @@ pub fn agent_get(netns: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let ns = keyway_sap::sys::Netns::open(format!("/var/run/netns/{netns}"))?;
     let addr: SocketAddr = AGENT_ADMIN.parse().expect("valid");
     let stream = ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
-    Ok(crate::harness::http_get(stream, path)?)
+    Ok(crate::harness::tcp_get(stream, path)?)
 }
 
 /// agnhost's `probe` command line, before its targets.
@@ -471,7 +472,8 @@ impl Lab {
                 "--secret-file".into(),
                 self.dir.join("cluster-secret").display().to_string(),
                 "--admin".into(),
-                AGENT_ADMIN.into(),
+                // On every address, as the DaemonSet has it (Prometheus scrapes the node).
+                AGENT_LISTEN.into(),
                 "--node-ip".into(),
                 ip.to_string(),
             ],
@@ -790,7 +792,7 @@ impl Lab {
             netns_path: String::new(),
         };
         // The pod's overlay addresses, from the agent that serves it.
-        let (_, body) = agent_get(&n.netns, "/debug/attachments")?;
+        let (_, body) = crate::harness::debug_get(&n.agent_socket, "/debug/attachments")?;
         let att: Value = serde_json::from_str(&body)?;
         if let Some(a) = att["attachments"].as_array().and_then(|v| {
             v.iter()

@@ -181,6 +181,7 @@ fn spec(ip: &str) -> OverlayAttachmentSpec {
         node: "node-1".into(),
         infra_ip: "10.244.1.5".parse().unwrap(),
         overlay_ips: vec![ip.parse().unwrap()],
+        proof: None,
     }
 }
 

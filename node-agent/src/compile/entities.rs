@@ -7,11 +7,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use keyway_core::acl::FastSet;
+use keyway_core::acl::{FastMap, FastSet};
 use keyway_core::key::KeyRing;
 
 use super::{KeyCache, LocalPod, NodeContext, external_entity, pod_entity};
-use crate::model::{Model, NamedPort};
+use crate::model::{Model, NamedPort, ObjectKey, OverlayNetwork};
 use crate::policy::Labels;
 
 /// An entity anywhere in the cluster: a pod or an external entity.
@@ -63,6 +63,7 @@ pub(super) fn collect(
     node: &NodeContext,
     keys: &mut KeyCache,
     now_ms: u64,
+    refused: &mut Vec<(ObjectKey, Refusal)>,
 ) -> Vec<Entity> {
     let mut out = Vec::new();
     let mut seen: FastSet<IpAddr> = FastSet::default();
@@ -89,7 +90,7 @@ pub(super) fn collect(
         seen.extend(l.overlay_ips.iter().copied());
         seen.insert(l.infra_ip);
     }
-    published_pods(model, node, keys, now_ms, &mut seen, &mut out);
+    published_pods(model, node, keys, now_ms, &mut seen, &mut out, refused);
     for e in model.externals.values() {
         if e.spec.overlay_ips.iter().any(|ip| seen.contains(ip)) {
             tracing::warn!(external = %format!("{}/{}", e.namespace, e.name), "overlay address already in use by another entity; ignoring");
@@ -159,7 +160,78 @@ fn unprotected_pods(
     }
 }
 
-/// The pods other agents published (their own pods are this node's locals).
+/// Why a published attachment does not count (each counted, by reason, in
+/// `keyway_attachments_refused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// No agent attested it: whoever wrote it does not hold the cluster secret.
+    Unattested,
+    /// It names another node than the pod's `spec.nodeName`.
+    WrongNode,
+    /// Its infrastructure address is not among the pod's `status.podIPs` (yet).
+    NotPodIp,
+    /// Its infrastructure address is a node's (a SaP would send to itself).
+    NodeAddress,
+    /// An overlay address outside every overlay network.
+    OutsideNetwork,
+    /// An address another entity holds or claims too: a local or external entity keeps it; two
+    /// published claims both lose it.
+    Conflict,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Unattested,
+        Refusal::WrongNode,
+        Refusal::NotPodIp,
+        Refusal::NodeAddress,
+        Refusal::OutsideNetwork,
+        Refusal::Conflict,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unattested => "unattested",
+            Refusal::WrongNode => "wrong_node",
+            Refusal::NotPodIp => "not_pod_ip",
+            Refusal::NodeAddress => "node_address",
+            Refusal::OutsideNetwork => "outside_network",
+            Refusal::Conflict => "conflict",
+        }
+    }
+}
+
+/// Whether a published attachment is consistent with its pod and the cluster, and attested by
+/// an agent: only then does it count.
+fn check_published(
+    networks: &[OverlayNetwork],
+    node: &NodeContext,
+    keys: &KeyCache,
+    pod: &crate::model::Pod,
+    a: &crate::model::OverlayAttachmentSpec,
+    nodes: &FastSet<IpAddr>,
+) -> Result<(), Refusal> {
+    if !keys.attests(a) {
+        return Err(Refusal::Unattested);
+    }
+    if pod.node.as_deref() != Some(a.node.as_str()) {
+        return Err(Refusal::WrongNode);
+    }
+    if !pod.infra_ips.contains(&a.infra_ip) {
+        return Err(Refusal::NotPodIp);
+    }
+    if nodes.contains(&a.infra_ip) || node.local_sap.map(|s| s.ip()) == Some(a.infra_ip) {
+        return Err(Refusal::NodeAddress);
+    }
+    let inside = |ip: &IpAddr| networks.iter().any(|n| n.spec.cidr.contains(*ip));
+    if !a.overlay_ips.iter().all(inside) {
+        return Err(Refusal::OutsideNetwork);
+    }
+    Ok(())
+}
+
+/// The pods other agents published (their own pods are this node's locals), each only when
+/// [`check_published`] holds and its addresses are free.
 fn published_pods(
     model: &Model,
     node: &NodeContext,
@@ -167,7 +239,11 @@ fn published_pods(
     now_ms: u64,
     seen: &mut FastSet<IpAddr>,
     out: &mut Vec<Entity>,
+    refused: &mut Vec<(ObjectKey, Refusal)>,
 ) {
+    let nodes: FastSet<IpAddr> = model.nodes.values().filter_map(|n| n.address).collect();
+    let networks = model.overlay_networks();
+    let mut candidates = Vec::new();
     for (key, a) in &model.attachments {
         if a.node == node.node_name {
             continue;
@@ -176,9 +252,27 @@ fn published_pods(
         let Some(pod) = model.pods.get(key) else {
             continue;
         };
+        match check_published(&networks, node, keys, pod, a, &nodes) {
+            Ok(()) => candidates.push((key, a, pod)),
+            Err(why) => {
+                tracing::debug!(pod = %key, reason = why.as_str(), "attachment refused");
+                refused.push((key.clone(), why));
+            }
+        }
+    }
+    // Two claims on one address: neither gets it (which is true cannot be told here), and an
+    // address this node holds stays its own.
+    let mut claims: FastMap<IpAddr, u32> = FastMap::default();
+    for (_, a, _) in &candidates {
+        for ip in a.overlay_ips.iter().chain([&a.infra_ip]) {
+            *claims.entry(*ip).or_default() += 1;
+        }
+    }
+    for (key, a, pod) in candidates {
         let mut addresses = a.overlay_ips.iter().chain([&a.infra_ip]);
-        if addresses.any(|ip| seen.contains(ip)) {
-            tracing::warn!(pod = %key, "overlay address or pod IP already in use by another entity; ignoring");
+        if addresses.any(|ip| seen.contains(ip) || claims[ip] > 1) {
+            tracing::warn!(pod = %key, "overlay address or pod IP claimed by another entity too; ignoring");
+            refused.push((key.clone(), Refusal::Conflict));
             continue;
         }
         seen.extend(a.overlay_ips.iter().copied());

@@ -22,6 +22,8 @@
 //!   ports with the same protocol; TCP is the default protocol.
 
 mod entities;
+
+pub use entities::Refusal;
 mod identities;
 mod rules;
 mod services;
@@ -85,6 +87,11 @@ impl KeyCache {
             .or_insert_with(|| KeyRing::derive(&self.secret, entity, rotation, now_ms))
     }
 
+    /// Whether an agent attested `a` (see [`crate::model::OverlayAttachmentSpec::attest`]).
+    pub fn attests(&self, a: &crate::model::OverlayAttachmentSpec) -> bool {
+        a.attested_by(&self.secret)
+    }
+
     /// The key of an entity outside the cluster: provisioned once in its configuration, so it
     /// does not rotate (epoch 0).
     pub fn static_ring(&self, entity: &str) -> KeyRing {
@@ -115,6 +122,8 @@ pub struct Compiled {
     pub services: Vec<ServiceNat>,
     pub identities: usize,
     pub entities: usize,
+    /// Published attachments that did not count, and why.
+    pub refused: Vec<(ObjectKey, Refusal)>,
 }
 
 /// Compiles the model and this node's attachments into the data plane's tables.
@@ -126,13 +135,15 @@ pub fn compile(
     now_ms: u64,
     generation: u64,
 ) -> Compiled {
-    let entities = entities::collect(model, locals, node, keys, now_ms);
+    let mut refused = Vec::new();
+    let entities = entities::collect(model, locals, node, keys, now_ms, &mut refused);
     let blocks = identities::referenced_blocks(model);
     let ids = identities::assign(model, &entities, blocks);
     let policy = rules::apply(model, &entities, &ids);
     let mut out = assemble(model, node, &entities, &ids, policy, generation);
     let protected = out.pod_ips.iter().copied().collect();
     out.services = services::translations(model, &node.node_name, &protected);
+    out.refused = refused;
     out
 }
 

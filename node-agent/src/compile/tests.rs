@@ -54,6 +54,11 @@ fn node() -> NodeContext {
     }
 }
 
+/// The cluster secret of the tests: the agents that published the attachments held it.
+fn secret() -> ClusterSecret {
+    ClusterSecret::new(vec![7u8; 32]).unwrap()
+}
+
 /// The cluster with `extra` documents, compiled on node-1.
 fn compiled(extra: &str) -> (Model, Compiled) {
     let mut text = BASE.to_string();
@@ -65,13 +70,17 @@ fn compiled(extra: &str) -> (Model, Compiled) {
     text.push_str(extra);
     let mut objects = crate::source::parse_file(&text).unwrap();
     for (ns, name, node, overlay, infra) in PODS.iter().skip(1) {
-        objects.push(Object::OverlayAttachment(OverlayAttachmentSpec {
-            namespace: ns.to_string(),
-            pod: name.to_string(),
-            node: node.to_string(),
-            infra_ip: infra.parse().unwrap(),
-            overlay_ips: vec![overlay.parse().unwrap()],
-        }));
+        objects.push(Object::OverlayAttachment(
+            OverlayAttachmentSpec {
+                namespace: ns.to_string(),
+                pod: name.to_string(),
+                node: node.to_string(),
+                infra_ip: infra.parse().unwrap(),
+                overlay_ips: vec![overlay.parse().unwrap()],
+                proof: None,
+            }
+            .attest(&secret()),
+        ));
     }
     let model = Model::from_objects(objects);
     let (ns, name, _, overlay, infra) = PODS[0];
@@ -82,7 +91,7 @@ fn compiled(extra: &str) -> (Model, Compiled) {
         overlay_ips: vec![overlay.parse().unwrap()],
         infra_ip: infra.parse().unwrap(),
     };
-    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
+    let mut keys = KeyCache::new(secret());
     let c = compile(&model, &[local], &node(), &mut keys, 0, 1);
     (model, c)
 }
@@ -347,27 +356,113 @@ fn stale_and_conflicting_attachments_are_left_out() {
         overlay_ips: vec![IpAddr::V4(overlay("x", "a"))],
         infra_ip: "10.244.1.1".parse().unwrap(),
     };
-    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
+    let mut keys = KeyCache::new(secret());
     let c = compile(&model, &[local], &node(), &mut keys, 0, 1);
     assert_eq!(c.entities, 2, "x/a and x/b");
     let owner = c.tables.fib.lookup(IpAddr::V4(overlay("x", "a"))).unwrap();
     assert_eq!(&*owner.entity, "x/a");
 }
 
+/// A change to a published attachment; whether to attest it again (as an agent would).
+type Edit = dyn Fn(&mut OverlayAttachmentSpec) -> bool;
+
+#[test]
+fn an_attachment_counts_only_when_attested_and_true_to_its_pod() {
+    let (model, _) = compiled("");
+    let key = ObjectKey::new("x", "b");
+    let good = model.attachments[&key].clone();
+    let refusal = |edit: &Edit| {
+        let mut m = model.clone();
+        let mut a = good.clone();
+        if edit(&mut a) {
+            a.proof = None;
+            a = a.attest(&secret());
+        }
+        m.attachments.insert(key.clone(), a);
+        let c = compile(&m, &[], &node(), &mut KeyCache::new(secret()), 0, 1);
+        let routed = c
+            .tables
+            .fib
+            .lookup("100.64.1.1".parse().unwrap())
+            .is_some_and(|r| &*r.entity == "x/b");
+        (c.refused.first().map(|(_, r)| *r), routed)
+    };
+    assert_eq!(
+        refusal(&|_| false),
+        (None, true),
+        "as the agent published it"
+    );
+    // Written by someone without the cluster secret: an annotation writer.
+    assert_eq!(
+        refusal(&|a| {
+            a.overlay_ips = vec!["100.64.1.2".parse().unwrap()];
+            false
+        }),
+        (Some(Refusal::Unattested), false)
+    );
+    // Attested, but not true to the pod (an agent's stale or mistaken word).
+    let cases: [(&Edit, Refusal); 4] = [
+        (
+            &|a| {
+                a.node = "node-3".into();
+                true
+            },
+            Refusal::WrongNode,
+        ),
+        (
+            &|a| {
+                a.infra_ip = "10.244.2.77".parse().unwrap();
+                true
+            },
+            Refusal::NotPodIp,
+        ),
+        (
+            &|a| {
+                a.overlay_ips = vec!["10.9.9.9".parse().unwrap()];
+                true
+            },
+            Refusal::OutsideNetwork,
+        ),
+        (
+            &|a| {
+                a.overlay_ips = vec!["100.64.1.2".parse().unwrap()];
+                true
+            },
+            Refusal::Conflict,
+        ),
+    ];
+    for (edit, want) in cases {
+        assert_eq!(refusal(edit).0, Some(want));
+    }
+    // Pointed at a node's address: a SaP would forward to itself.
+    let mut m = model.clone();
+    m.pods.get_mut(&key).unwrap().infra_ips = vec!["192.168.0.2".parse().unwrap()];
+    let mut a = good.clone();
+    a.infra_ip = "192.168.0.2".parse().unwrap();
+    m.attachments.insert(key.clone(), a.attest(&secret()));
+    let c = compile(&m, &[], &node(), &mut KeyCache::new(secret()), 0, 1);
+    assert_eq!(c.refused, [(key.clone(), Refusal::NodeAddress)]);
+}
+
 #[test]
 fn identities_are_shared_by_entities_with_the_same_facts() {
     let twin = "apiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: x, labels: {pod: b}}\n\
-                spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n";
+                spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n\
+                status: {podIPs: [{ip: 10.244.2.9}]}\n";
     let (mut model, _) = compiled(twin);
-    model.insert(Object::OverlayAttachment(OverlayAttachmentSpec {
-        namespace: "x".into(),
-        pod: "d".into(),
-        node: "node-2".into(),
-        infra_ip: "10.244.2.9".parse().unwrap(),
-        overlay_ips: vec!["100.64.1.9".parse().unwrap()],
-    }));
-    let mut keys = KeyCache::new(ClusterSecret::new(vec![7u8; 32]).unwrap());
-    let entities = entities::collect(&model, &[], &node(), &mut keys, 0);
+    model.insert(Object::OverlayAttachment(
+        OverlayAttachmentSpec {
+            namespace: "x".into(),
+            pod: "d".into(),
+            node: "node-2".into(),
+            infra_ip: "10.244.2.9".parse().unwrap(),
+            overlay_ips: vec!["100.64.1.9".parse().unwrap()],
+            proof: None,
+        }
+        .attest(&secret()),
+    ));
+    let mut keys = KeyCache::new(secret());
+    let entities = entities::collect(&model, &[], &node(), &mut keys, 0, &mut Vec::new());
     assert_eq!(
         entities.len(),
         5,

@@ -373,6 +373,7 @@ mod tests {
             node: "n".into(),
             infra_ip: "10.0.0.1".parse().unwrap(),
             overlay_ips: vec![],
+            proof: None,
         }));
         m.remove(Kind::Pod, &ObjectKey::new("x", "a"));
         assert_eq!(

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use keyway_core::key::{Attestation, ClusterSecret};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -208,4 +209,41 @@ pub struct OverlayAttachmentSpec {
     pub node: String,
     pub infra_ip: IpAddr,
     pub overlay_ips: Vec<IpAddr>,
+    /// The publishing agent's attestation of the facts above (see [`OverlayAttachmentSpec::attest`]):
+    /// whoever can write a pod's annotations cannot make one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+}
+
+/// The context attestations of attachments are made in.
+const ATTACHMENT_CONTEXT: &str = "overlay-attachment";
+
+impl OverlayAttachmentSpec {
+    /// The attested facts, in one canonical form.
+    fn facts(&self) -> Vec<u8> {
+        let ips: Vec<String> = self.overlay_ips.iter().map(IpAddr::to_string).collect();
+        format!(
+            "{}/{}\0{}\0{}\0{}",
+            self.namespace,
+            self.pod,
+            self.node,
+            self.infra_ip,
+            ips.join(",")
+        )
+        .into_bytes()
+    }
+
+    /// The same facts, attested by an agent (a holder of the cluster secret).
+    pub fn attest(mut self, secret: &ClusterSecret) -> Self {
+        self.proof = Some(secret.attest(ATTACHMENT_CONTEXT, &self.facts()).to_string());
+        self
+    }
+
+    /// Whether an agent attested these facts.
+    pub fn attested_by(&self, secret: &ClusterSecret) -> bool {
+        self.proof
+            .as_deref()
+            .and_then(|p| p.parse::<Attestation>().ok())
+            .is_some_and(|a| secret.attests(ATTACHMENT_CONTEXT, &self.facts(), &a))
+    }
 }

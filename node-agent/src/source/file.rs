@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{PublishError, SourceStats};
+use super::{LastGood, PublishError, SourceStats};
 use crate::model::{
     KEYWAY_API_VERSION, Model, Object, ObjectError, ObjectKey, OverlayAttachmentSpec, parse_object,
 };
@@ -41,6 +41,8 @@ pub struct FileSource {
     dir: PathBuf,
     cache: BTreeMap<PathBuf, Cached>,
     pub stats: Arc<SourceStats>,
+    /// Where each file's last good text survives a restart.
+    last_good: Option<LastGood>,
 }
 
 fn is_document(p: &Path) -> bool {
@@ -138,7 +140,21 @@ impl FileSource {
             dir: dir.into(),
             cache: BTreeMap::new(),
             stats: Arc::default(),
+            last_good: None,
         }
+    }
+
+    /// Keeps each file's last good text in `last_good` too, so that it outlives the agent.
+    pub fn keeping(mut self, last_good: LastGood) -> FileSource {
+        self.last_good = Some(last_good);
+        self
+    }
+
+    /// What a file that does not parse (and has no last good objects in memory) stands for:
+    /// its last good text kept on disk, if any.
+    fn recalled(&self, f: &Path) -> Option<Vec<Object>> {
+        let text = self.last_good.as_ref()?.recall_file(f)?;
+        parse_file(&text).ok()
     }
 
     pub fn dir(&self) -> &Path {
@@ -163,11 +179,18 @@ impl FileSource {
                 next.insert(f, c.clone());
                 continue;
             }
-            let parsed = std::fs::read_to_string(&f)
-                .map_err(DocumentError::Read)
-                .and_then(|t| parse_file(&t));
+            let (text, parsed) = match std::fs::read_to_string(&f) {
+                Ok(t) => {
+                    let parsed = parse_file(&t);
+                    (Some(t), parsed)
+                }
+                Err(e) => (None, Err(DocumentError::Read(e))),
+            };
             match parsed {
                 Ok(objects) => {
+                    if let (Some(lg), Some(t)) = (&self.last_good, &text) {
+                        lg.keep_file(&f, t);
+                    }
                     next.insert(
                         f,
                         Cached {
@@ -193,18 +216,32 @@ impl FileSource {
                             );
                         }
                         None => {
-                            tracing::error!(file = %f.display(), error = %e, "file does not parse; ignoring it until it does");
+                            let objects = match self.recalled(&f) {
+                                Some(objects) => {
+                                    tracing::error!(file = %f.display(), error = %e, "file does not parse; keeping its last good contents, kept from before a restart");
+                                    objects
+                                }
+                                None => {
+                                    tracing::error!(file = %f.display(), error = %e, "file does not parse; ignoring it until it does");
+                                    Vec::new()
+                                }
+                            };
                             next.insert(
                                 f,
                                 Cached {
                                     modified,
                                     len,
-                                    objects: Vec::new(),
+                                    objects,
                                 },
                             );
                         }
                     }
                 }
+            }
+        }
+        if let Some(lg) = &self.last_good {
+            for gone in self.cache.keys().filter(|f| !next.contains_key(*f)) {
+                lg.forget_file(gone);
             }
         }
         self.cache = next;
@@ -363,6 +400,37 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_stops_parsing_keeps_its_last_good_objects_across_a_restart() {
+        let t = Scratch::new("src-keep-restart");
+        let dir = t.join("source");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        std::fs::write(&f, POLICY).unwrap();
+        let state = t.join("state");
+        let mut src = FileSource::new(&dir).keeping(LastGood::new(&state));
+        assert_eq!(src.load().policies.len(), 1);
+        // The agent stops; the file is broken meanwhile; a new agent starts.
+        std::fs::write(&f, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny}\nspec: {podSelector: {matchExpressions: [{key: a, operator: In}]}}\n").unwrap();
+        let mut after = FileSource::new(&dir).keeping(LastGood::new(&state));
+        assert_eq!(
+            after.load().policies.len(),
+            1,
+            "the last good version from before the restart is enforced"
+        );
+        let mut without = FileSource::new(&dir);
+        assert!(
+            without.load().policies.is_empty(),
+            "what it would be without"
+        );
+        std::fs::remove_file(&f).unwrap();
+        assert!(after.load().policies.is_empty());
+        assert!(
+            LastGood::new(&state).recall_file(&f).is_none(),
+            "a removed file's last good text goes too"
+        );
+    }
+
+    #[test]
     fn lists_and_errors_name_the_document() {
         let objs = parse_file("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: a}}\n").unwrap();
         assert_eq!(objs.len(), 1);
@@ -384,6 +452,7 @@ mod tests {
             node: "node-1".into(),
             infra_ip: "10.244.1.5".parse().unwrap(),
             overlay_ips: vec!["100.64.1.1".parse().unwrap()],
+            proof: None,
         };
         p.publish(&a).unwrap();
         assert_eq!(p.published(), vec![ObjectKey::new("x", "a")]);

@@ -34,7 +34,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use super::{PublishError, SourceStats};
+use super::{LastGood, PublishError, SourceStats};
 use crate::model::resources::{
     ClusterConfigResource, DirectPathResource, ExternalEntityResource, OverlayNetworkResource,
 };
@@ -52,6 +52,9 @@ pub struct OverlayAnnotation {
     pub node: String,
     pub infra_ip: std::net::IpAddr,
     pub overlay_ips: Vec<std::net::IpAddr>,
+    /// The publishing agent's attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 /// The objects one API object stands for (a pod can also stand for its attachment).
@@ -73,6 +76,7 @@ pub fn objects_of(doc: Value) -> Result<Vec<Object>, ObjectError> {
             node: a.node,
             infra_ip: a.infra_ip,
             overlay_ips: a.overlay_ips,
+            proof: a.proof,
         })),
         Some(Err(e)) => {
             tracing::warn!(pod = %key, error = %e, "ignoring an unreadable {OVERLAY_ANNOTATION} annotation");
@@ -106,12 +110,12 @@ type Parsed = Result<Vec<Object>, ObjectError>;
 /// What a kind's watcher tells the model.
 #[derive(Debug)]
 enum Update {
-    /// One object was added or changed.
-    Apply(ObjectKey, Parsed),
+    /// One object was added or changed: its document and what it parsed into.
+    Apply(ObjectKey, Value, Parsed),
     /// One object is gone.
     Delete(ObjectKey),
     /// The kind was (re)listed: these are all its objects now.
-    Listed(Vec<(ObjectKey, Parsed)>),
+    Listed(Vec<(ObjectKey, Value, Parsed)>),
     Error(watcher::Error),
 }
 
@@ -119,8 +123,10 @@ fn key_of<K: Resource>(o: &K) -> ObjectKey {
     ObjectKey::new(ResourceExt::namespace(o).unwrap_or_default(), o.name_any())
 }
 
-fn parse<K: Serialize>(o: &K) -> Parsed {
-    objects_of(serde_json::to_value(o).expect("API objects serialize"))
+/// An object's document, and what it parses into.
+fn parse<K: Serialize>(o: &K) -> (Value, Parsed) {
+    let doc = serde_json::to_value(o).expect("API objects serialize");
+    (doc.clone(), objects_of(doc))
 }
 
 /// Runs one kind's watcher into its reflector store, forwarding what changed.
@@ -139,14 +145,20 @@ async fn watch_kind<K>(
         .boxed();
     while let Some(ev) = stream.next().await {
         let u = match ev {
-            Ok(Event::Apply(o)) => Update::Apply(key_of(&o), parse(&o)),
+            Ok(Event::Apply(o)) => {
+                let (doc, parsed) = parse(&o);
+                Update::Apply(key_of(&o), doc, parsed)
+            }
             Ok(Event::Delete(o)) => Update::Delete(key_of(&o)),
             // The store swapped the relist in before passing the event on.
             Ok(Event::InitDone) => Update::Listed(
                 store
                     .state()
                     .iter()
-                    .map(|o| (key_of(o.as_ref()), parse(o.as_ref())))
+                    .map(|o| {
+                        let (doc, parsed) = parse(o.as_ref());
+                        (key_of(o.as_ref()), doc, parsed)
+                    })
                     .collect(),
             ),
             Ok(Event::Init | Event::InitApply(_)) => continue,
@@ -163,14 +175,27 @@ async fn watch_kind<K>(
 struct Builder {
     model: Model,
     listed: BTreeSet<Kind>,
+    /// Where last good versions outlive the agent.
+    last_good: Option<LastGood>,
 }
 
 impl Builder {
     /// Puts one object's parse in the model; on a parse error the object keeps its last good
     /// version. Whether the model changed.
-    fn apply(&mut self, kind: Kind, key: &ObjectKey, parsed: Parsed, stats: &SourceStats) -> bool {
+    /// After a restart the last good version comes from disk.
+    fn apply(
+        &mut self,
+        kind: Kind,
+        key: &ObjectKey,
+        doc: &Value,
+        parsed: Parsed,
+        stats: &SourceStats,
+    ) -> bool {
         match parsed {
             Ok(objects) => {
+                if let Some(lg) = &self.last_good {
+                    lg.keep(kind, key, doc);
+                }
                 self.model.remove(kind, key);
                 for o in objects {
                     self.model.insert(o);
@@ -179,6 +204,19 @@ impl Builder {
             }
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                if !self.model.keys(kind).contains(key)
+                    && let Some(objects) = self
+                        .last_good
+                        .as_ref()
+                        .and_then(|lg| lg.recall(kind, key))
+                        .and_then(|d| objects_of(d).ok())
+                {
+                    tracing::error!(?kind, object = %key, error = %e, "object does not parse; keeping its last good version, kept from before a restart");
+                    for o in objects {
+                        self.model.insert(o);
+                    }
+                    return true;
+                }
                 tracing::error!(?kind, object = %key, error = %e, "object does not parse; keeping its last good version");
                 false
             }
@@ -188,21 +226,27 @@ impl Builder {
     /// Whether the model changed.
     fn update(&mut self, kind: Kind, u: Update, stats: &SourceStats) -> bool {
         match u {
-            Update::Apply(key, parsed) => self.apply(kind, &key, parsed, stats),
+            Update::Apply(key, doc, parsed) => self.apply(kind, &key, &doc, parsed, stats),
             Update::Delete(key) => {
                 self.model.remove(kind, &key);
+                if let Some(lg) = &self.last_good {
+                    lg.forget(kind, &key);
+                }
                 true
             }
             Update::Listed(objects) => {
-                let listed: BTreeSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
+                let listed: BTreeSet<&ObjectKey> = objects.iter().map(|(k, _, _)| k).collect();
                 for gone in self.model.keys(kind).iter().filter(|k| !listed.contains(k)) {
                     self.model.remove(kind, gone);
+                    if let Some(lg) = &self.last_good {
+                        lg.forget(kind, gone);
+                    }
                 }
                 if self.listed.insert(kind) {
                     tracing::info!(?kind, objects = objects.len(), "listed");
                 }
-                for (key, parsed) in objects {
-                    self.apply(kind, &key, parsed, stats);
+                for (key, doc, parsed) in objects {
+                    self.apply(kind, &key, &doc, parsed, stats);
                 }
                 true
             }
@@ -246,7 +290,8 @@ where
 }
 
 /// Starts the watchers on `client` and the task that keeps the model.
-pub fn spawn(client: kube::Client) -> KubeSource {
+/// Last good versions are kept in `last_good`.
+pub fn spawn(client: kube::Client, last_good: LastGood) -> KubeSource {
     let stats: Arc<SourceStats> = Arc::default();
     let (tx, mut rx) = mpsc::unbounded_channel();
     start::<Namespace>(&client, Kind::Namespace, &tx);
@@ -265,7 +310,10 @@ pub fn spawn(client: kube::Client) -> KubeSource {
     let (ready_tx, ready_rx) = watch::channel(false);
     let st = stats.clone();
     tokio::spawn(async move {
-        let mut b = Builder::default();
+        let mut b = Builder {
+            last_good: Some(last_good),
+            ..Builder::default()
+        };
         while let Some(first) = rx.recv().await {
             let mut changed = false;
             let mut next = Some(first);
@@ -340,6 +388,7 @@ impl KubePublisher {
             node: a.node.clone(),
             infra_ip: a.infra_ip,
             overlay_ips: a.overlay_ips.clone(),
+            proof: a.proof.clone(),
         };
         let text = serde_json::to_string(&ann).expect("an annotation serializes");
         let pod = ObjectKey::new(&a.namespace, &a.pod);
@@ -382,6 +431,59 @@ mod tests {
         objects_of(v)
     }
 
+    fn listed(key: ObjectKey, v: Value) -> (ObjectKey, Value, Parsed) {
+        (key, v.clone(), parsed(v))
+    }
+
+    fn policy(name: &str, protocol: &str) -> Value {
+        serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "x"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                     "ingress": [{"ports": [{"port": 80, "protocol": protocol}]}]}})
+    }
+
+    #[test]
+    fn a_policy_that_stops_parsing_stays_in_force_across_a_restart() {
+        let t = keyway_testing::Scratch::new("kube-last-good");
+        let stats = SourceStats::default();
+        let key = ObjectKey::new("x", "web");
+        let mut b = Builder {
+            last_good: Some(LastGood::new(t.path())),
+            ..Builder::default()
+        };
+        let good = policy("web", "TCP");
+        b.update(
+            Kind::NetworkPolicy,
+            Update::Listed(vec![listed(key.clone(), good)]),
+            &stats,
+        );
+        assert_eq!(b.model.policies.len(), 1);
+        // The agent restarts; meanwhile the policy was changed into one that does not parse.
+        let bad = policy("web", "ICMP");
+        assert!(parsed(bad.clone()).is_err());
+        let mut after = Builder {
+            last_good: Some(LastGood::new(t.path())),
+            ..Builder::default()
+        };
+        after.update(
+            Kind::NetworkPolicy,
+            Update::Listed(vec![listed(key.clone(), bad)]),
+            &stats,
+        );
+        assert_eq!(
+            after.model.policies.len(),
+            1,
+            "the last good version from before the restart is enforced"
+        );
+        // Deleted: gone for good, also from disk.
+        after.update(Kind::NetworkPolicy, Update::Delete(key.clone()), &stats);
+        assert!(
+            LastGood::new(t.path())
+                .recall(Kind::NetworkPolicy, &key)
+                .is_none()
+        );
+    }
+
     #[test]
     fn events_change_one_object_and_a_relist_replaces_the_kind() {
         let stats = SourceStats::default();
@@ -390,8 +492,8 @@ mod tests {
         b.update(
             Kind::Pod,
             Update::Listed(vec![
-                (key("a"), parsed(pod("a", serde_json::json!({"v": "1"})))),
-                (key("b"), parsed(pod("b", serde_json::json!({})))),
+                listed(key("a"), pod("a", serde_json::json!({"v": "1"}))),
+                listed(key("b"), pod("b", serde_json::json!({}))),
             ]),
             &stats,
         );
@@ -399,7 +501,11 @@ mod tests {
         // An update that does not parse keeps the last good version.
         let bad = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "x"},
             "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}});
-        assert!(!b.update(Kind::Pod, Update::Apply(key("a"), parsed(bad)), &stats));
+        assert!(!b.update(
+            Kind::Pod,
+            Update::Apply(key("a"), bad.clone(), parsed(bad)),
+            &stats
+        ));
         assert_eq!(b.model.pods[&key("a")].labels["v"], "1");
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
         b.update(Kind::Pod, Update::Delete(key("b")), &stats);
@@ -407,7 +513,7 @@ mod tests {
         // A relist without a: a was deleted while the watch was away.
         b.update(
             Kind::Pod,
-            Update::Listed(vec![(key("c"), parsed(pod("c", serde_json::json!({}))))]),
+            Update::Listed(vec![listed(key("c"), pod("c", serde_json::json!({})))]),
             &stats,
         );
         assert_eq!(b.model.pods.keys().cloned().collect::<Vec<_>>(), [key("c")]);

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod last_good;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -12,6 +13,7 @@ use crate::model::{ObjectKey, OverlayAttachmentSpec};
 
 pub use file::{AGENT_DIR, FilePublisher, FileSource, parse_file};
 pub use kube::KubePublisher;
+pub use last_good::LastGood;
 
 /// Counts what a source did, for metrics.
 #[derive(Debug, Default)]

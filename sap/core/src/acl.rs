@@ -326,6 +326,7 @@ impl Acl {
                 other => other,
             },
             opens_flow: false,
+            resets_flow: c.resets_flow,
         };
         self.allows(dst, src, &reversed)
     }

@@ -40,6 +40,8 @@ pub struct Counters {
     packets: [AtomicU64; STAGES],
     bytes: [AtomicU64; STAGES],
     drops: [[AtomicU64; REASONS]; STAGES],
+    /// What the endpoints' flow tables did under pressure.
+    pub flows: std::sync::Arc<crate::flow::FlowCounters>,
 }
 
 impl Counters {

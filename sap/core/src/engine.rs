@@ -49,10 +49,13 @@ pub enum DropReason {
     /// A protected entity's address arrived off the overlay (at a gateway): a workload getting
     /// around its overlay device, or a forged source.
     OffOverlay,
+    /// The next hop would be a SaP again (a destination whose infrastructure address is a
+    /// node's): a SaP forwards only to endpoints, so no datagram goes around twice.
+    Loop,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::NoRoute,
         DropReason::DeniedByPolicy,
         DropReason::BadKey,
@@ -60,6 +63,7 @@ impl DropReason {
         DropReason::WrongDestination,
         DropReason::Malformed,
         DropReason::OffOverlay,
+        DropReason::Loop,
     ];
 
     /// The label used in metrics and logs.
@@ -72,6 +76,7 @@ impl DropReason {
             DropReason::WrongDestination => "wrong_destination",
             DropReason::Malformed => "malformed",
             DropReason::OffOverlay => "off_overlay",
+            DropReason::Loop => "loop",
         }
     }
 
@@ -161,7 +166,7 @@ pub fn endpoint_egress(
     let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
     let dst = overlay_route(tables, c.dst)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
-    if !flows.admit(&c, allowed, now_ms) {
+    if !flows.admit(&c, allowed, false, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
@@ -214,7 +219,7 @@ pub fn endpoint_ingress(
     }
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
-    if !flows.admit(&c, allowed, now_ms) {
+    if !flows.admit(&c, allowed, true, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     Ok(header.payload_offset..datagram.len())
@@ -260,6 +265,9 @@ pub fn gateway_ingress(tables: &Tables, buf: &mut [u8], now_ms: u64) -> Result<S
     if !tables.acl.allows(src.identity, dst.identity, &c) {
         return Err(DropReason::DeniedByPolicy);
     }
+    if tables.saps.contains(&dst.infra.ip()) {
+        return Err(DropReason::Loop);
+    }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
     gue::encapsulate_in_place(key, buf).map_err(|_| DropReason::Malformed)?;
     Ok(Send {
@@ -288,6 +296,10 @@ fn sap_checks(
         && !acl.allows_as_reply(src.identity, dst.identity, c)
     {
         return Err(DropReason::DeniedByPolicy);
+    }
+    // A SaP hands a datagram to its destination's endpoint, never to a SaP: one hop, no loop.
+    if tables.saps.contains(&dst.infra.ip()) {
+        return Err(DropReason::Loop);
     }
     Ok(dst.infra)
 }
@@ -405,6 +417,32 @@ mod tests {
         KeyRing::derive(&w.secret, entity, w.rot, NOW)
             .key_at(NOW)
             .unwrap()
+    }
+
+    #[test]
+    fn a_sap_never_hands_a_datagram_to_a_sap() {
+        // b's infrastructure address rewritten to node-2's own: the SaP would send to itself.
+        let mut w = world(false);
+        let mut fib = Fib::builder();
+        for r in w.tables.fib.routes() {
+            let mut r = r.clone();
+            if &*r.entity == "ns/b" {
+                r.infra = addr("10.0.0.2:6080");
+            }
+            let overlay = match &*r.entity {
+                "ns/a" => A_IP,
+                "ns/b" => B_IP,
+                _ => C_IP,
+            };
+            fib.insert(IpAddr::V4(overlay.into()).into(), r).unwrap();
+        }
+        w.tables.fib = fib.build();
+        let mut buf = with_headroom(build::syn4(A_IP, 40000, B_IP, 80));
+        endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        assert_eq!(
+            sap_forward(&w.tables, &buf, addr("10.1.1.1:6080"), NOW),
+            Err(DropReason::Loop)
+        );
     }
 
     #[test]

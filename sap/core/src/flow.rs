@@ -5,12 +5,19 @@
 //!
 //! A forward packet is always checked against the current policy (a revoked rule stops new
 //! requests at once); only the reverse direction rides on the table. Entries expire when idle.
-//! The table is bounded: when full of live flows, a new flow is not tracked (its replies are then
-//! dropped, failing closed) and [`FlowTable::overflows`] counts it.
+//! The table is bounded, and a peer cannot fill it (every cost per packet is constant):
+//! - a TCP flow gets the long timeout only once the other side answered within it (a handshake);
+//!   segments of no connection (ACKs a peer makes up) get a short one, and a RST ends a flow;
+//! - one remote peer may open at most a quarter of the table ([`FlowTable::over_quota`]);
+//! - a full table evicts the oldest flow never answered, else the oldest idle one, looking at a
+//!   bounded number of candidates ([`FlowTable::evictions`]);
+//! - only when none is found is a new flow not tracked (its replies are then dropped, failing
+//!   closed), counted by [`FlowTable::overflows`].
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::acl::FastMap;
 use crate::packet::{Classified, PROTO_TCP, Transport};
@@ -56,10 +63,13 @@ impl FlowKey {
     }
 }
 
-/// Idle timeouts: long for TCP (connections idle between keepalives), short for everything else.
+/// Idle timeouts: long for TCP connections that completed a handshake (idle between
+/// keepalives), short for a TCP flow the other side never answered, medium for everything else.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowTimeouts {
     pub tcp_ms: u64,
+    /// A TCP flow not (yet) answered: a SYN waiting, or segments of no connection.
+    pub embryonic_ms: u64,
     pub other_ms: u64,
 }
 
@@ -67,14 +77,85 @@ impl Default for FlowTimeouts {
     fn default() -> Self {
         FlowTimeouts {
             tcp_ms: 7_440_000,
+            embryonic_ms: 60_000,
             other_ms: 180_000,
         }
     }
 }
 
-#[derive(Debug)]
+/// How many queued candidates one insertion into a full table looks at, at most: the work per
+/// packet stays constant however full the table is.
+const EVICTION_BUDGET: usize = 32;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seen: u64,
+    /// The other side answered within the flow.
+    answered: bool,
+    /// The remote peer that opened the flow, whose quota it counts against.
+    opener: Option<IpAddr>,
+    /// Which insertion this is, to tell a queued key's current entry from an earlier one.
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
 struct Inner {
-    flows: FastMap<FlowKey, u64>,
+    flows: FastMap<FlowKey, Entry>,
+    /// Every insertion, oldest first: where idle entries are looked for.
+    order: VecDeque<(FlowKey, u64)>,
+    /// Insertions of flows not yet answered, oldest first: evicted before anything else.
+    unanswered: VecDeque<(FlowKey, u64)>,
+    /// Live flows per remote opener.
+    per_peer: FastMap<IpAddr, u32>,
+    generation: u64,
+}
+
+impl Inner {
+    fn current(&self, key: &FlowKey, generation: u64) -> Option<&Entry> {
+        self.flows.get(key).filter(|e| e.generation == generation)
+    }
+
+    fn remove(&mut self, key: &FlowKey) {
+        if let Some(e) = self.flows.remove(key)
+            && let Some(peer) = e.opener
+            && let Some(n) = self.per_peer.get_mut(&peer)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&peer);
+            }
+        }
+    }
+
+    /// Drops queued keys whose entries are gone, once the queues hold twice the table: the
+    /// cost is paid by the insertions that made them, so each stays O(1) on average.
+    fn compact(&mut self, capacity: usize) {
+        let limit = 2 * capacity + 64;
+        if self.order.len() > limit {
+            let flows = &self.flows;
+            self.order
+                .retain(|(k, g)| flows.get(k).is_some_and(|e| e.generation == *g));
+        }
+        if self.unanswered.len() > limit {
+            let flows = &self.flows;
+            self.unanswered.retain(|(k, g)| {
+                flows
+                    .get(k)
+                    .is_some_and(|e| e.generation == *g && !e.answered)
+            });
+        }
+    }
+}
+
+/// What flow tables did under pressure, shared by the tables of a whole agent for its metrics.
+#[derive(Debug, Default)]
+pub struct FlowCounters {
+    /// Flows not tracked: the table was full of answered, live flows.
+    pub overflows: AtomicU64,
+    /// Flows not tracked: their remote opener had its quota.
+    pub over_quota: AtomicU64,
+    /// Flows evicted (never answered, or idle) to make room for a new one.
+    pub evictions: AtomicU64,
 }
 
 /// The flows of one endpoint.
@@ -82,60 +163,134 @@ struct Inner {
 pub struct FlowTable {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// How many live flows one remote peer may have opened.
+    peer_quota: u32,
     timeouts: FlowTimeouts,
-    overflows: AtomicU64,
+    counters: Arc<FlowCounters>,
 }
 
 impl FlowTable {
+    /// A table of `capacity` flows, of which one remote peer may open a quarter.
     pub fn new(capacity: usize, timeouts: FlowTimeouts) -> Self {
+        Self::counted(capacity, timeouts, Arc::default())
+    }
+
+    /// The same, counting into `counters`.
+    pub fn counted(capacity: usize, timeouts: FlowTimeouts, counters: Arc<FlowCounters>) -> Self {
         FlowTable {
-            inner: Mutex::new(Inner {
-                flows: FastMap::default(),
-            }),
+            inner: Mutex::new(Inner::default()),
             capacity,
+            peer_quota: (capacity / 4).max(1) as u32,
             timeouts,
-            overflows: AtomicU64::new(0),
+            counters,
         }
     }
 
-    fn timeout(&self, key: &FlowKey) -> u64 {
-        if key.proto == PROTO_TCP {
-            self.timeouts.tcp_ms
-        } else {
-            self.timeouts.other_ms
+    fn timeout(&self, key: &FlowKey, e: &Entry) -> u64 {
+        match (key.proto == PROTO_TCP, e.answered) {
+            (true, true) => self.timeouts.tcp_ms,
+            (true, false) => self.timeouts.embryonic_ms,
+            (false, _) => self.timeouts.other_ms,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves a map of plain timestamps: still consistent.
+        // A panic while holding the lock leaves plain data: still consistent enough to serve.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (or refreshes) the flow that `c`, allowed by policy, belongs to.
+    /// Records (or refreshes) the flow that `c`, allowed by policy and sent by this endpoint,
+    /// belongs to.
     pub fn track(&self, c: &Classified, now_ms: u64) {
         if let Some(key) = FlowKey::forward(c) {
-            self.insert(&mut self.lock(), key, now_ms);
+            self.forward(&mut self.lock(), key, c, None, now_ms);
         }
     }
 
-    fn insert(&self, inner: &mut Inner, key: FlowKey, now_ms: u64) {
-        if let Some(seen) = inner.flows.get_mut(&key) {
-            *seen = now_ms;
+    /// The forward direction of a flow: refreshed if tracked (ended by a RST), else tracked.
+    fn forward(
+        &self,
+        inner: &mut Inner,
+        key: FlowKey,
+        c: &Classified,
+        opener: Option<IpAddr>,
+        now_ms: u64,
+    ) {
+        if let Some(e) = inner.flows.get_mut(&key) {
+            e.seen = now_ms;
+            if c.resets_flow {
+                inner.remove(&key);
+            }
             return;
         }
-        if inner.flows.len() >= self.capacity {
-            inner
-                .flows
-                .retain(|k, seen| now_ms.saturating_sub(*seen) < self.timeout(k));
-            if inner.flows.len() >= self.capacity {
-                self.overflows.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if !c.resets_flow {
+            self.insert(inner, key, opener, now_ms);
         }
-        inner.flows.insert(key, now_ms);
     }
 
-    /// A live tracked flow that `c` replies within, refreshed; expired entries go on sight.
+    fn insert(&self, inner: &mut Inner, key: FlowKey, opener: Option<IpAddr>, now_ms: u64) {
+        if let Some(peer) = opener
+            && inner.per_peer.get(&peer).copied().unwrap_or(0) >= self.peer_quota
+        {
+            self.counters.over_quota.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if inner.flows.len() >= self.capacity && !self.evict_one(inner, now_ms) {
+            self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        inner.generation += 1;
+        let generation = inner.generation;
+        inner.flows.insert(
+            key,
+            Entry {
+                seen: now_ms,
+                answered: false,
+                opener,
+                generation,
+            },
+        );
+        if let Some(peer) = opener {
+            *inner.per_peer.entry(peer).or_default() += 1;
+        }
+        inner.order.push_back((key, generation));
+        inner.unanswered.push_back((key, generation));
+        inner.compact(self.capacity);
+    }
+
+    /// Makes room in a full table, looking at a bounded number of candidates: the oldest flow
+    /// never answered, else the oldest idle one. Whether it made room.
+    fn evict_one(&self, inner: &mut Inner, now_ms: u64) -> bool {
+        for _ in 0..EVICTION_BUDGET {
+            let Some((key, generation)) = inner.unanswered.pop_front() else {
+                break;
+            };
+            if inner.current(&key, generation).is_some_and(|e| !e.answered) {
+                inner.remove(&key);
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        for _ in 0..EVICTION_BUDGET {
+            let Some((key, generation)) = inner.order.pop_front() else {
+                break;
+            };
+            let Some(e) = inner.current(&key, generation).copied() else {
+                continue;
+            };
+            if now_ms.saturating_sub(e.seen) >= self.timeout(&key, &e) {
+                inner.remove(&key);
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            // Live: back of the queue, to be looked at again after the others.
+            inner.order.push_back((key, generation));
+        }
+        false
+    }
+
+    /// A live tracked flow that `c` replies within, refreshed (answered from now on, or ended
+    /// by a RST); expired entries go on sight.
     fn live_reverse(&self, inner: &mut Inner, c: &Classified, now_ms: u64) -> bool {
         // A packet that opens a flow (a TCP SYN, an echo request) is never a reply.
         if c.opens_flow {
@@ -144,18 +299,20 @@ impl FlowTable {
         let Some(key) = FlowKey::reverse(c) else {
             return false;
         };
-        let timeout = self.timeout(&key);
-        match inner.flows.get_mut(&key) {
-            Some(seen) if now_ms.saturating_sub(*seen) < timeout => {
-                *seen = now_ms;
-                true
-            }
-            Some(_) => {
-                inner.flows.remove(&key);
-                false
-            }
-            None => false,
+        let Some(e) = inner.flows.get(&key).copied() else {
+            return false;
+        };
+        if now_ms.saturating_sub(e.seen) >= self.timeout(&key, &e) {
+            inner.remove(&key);
+            return false;
         }
+        if c.resets_flow {
+            inner.remove(&key);
+        } else if let Some(e) = inner.flows.get_mut(&key) {
+            e.seen = now_ms;
+            e.answered = true;
+        }
+        true
     }
 
     /// Whether `c` is a reply within a live tracked flow; refreshes the flow if so.
@@ -165,11 +322,13 @@ impl FlowTable {
 
     /// Whether `c` may pass, `allowed` being the current policy's verdict on it: a reply within a
     /// live tracked flow passes; otherwise an allowed packet passes and its flow is tracked.
+    /// `inbound`: `c` came from the remote peer (an ingress check), whose quota a flow it opens
+    /// counts against.
     ///
     /// The reply test comes first so that a reply is never tracked as a flow of its own: if it
     /// were, the peer could later reuse the same ports and pass as a "reply to the reply" after
     /// policy stopped allowing it (a UDP or SCTP client whose source port repeats would).
-    pub fn admit(&self, c: &Classified, allowed: bool, now_ms: u64) -> bool {
+    pub fn admit(&self, c: &Classified, allowed: bool, inbound: bool, now_ms: u64) -> bool {
         let mut inner = self.lock();
         if self.live_reverse(&mut inner, c, now_ms) {
             return true;
@@ -178,7 +337,8 @@ impl FlowTable {
             return false;
         }
         if let Some(key) = FlowKey::forward(c) {
-            self.insert(&mut inner, key, now_ms);
+            let opener = inbound.then_some(c.src);
+            self.forward(&mut inner, key, c, opener, now_ms);
         }
         true
     }
@@ -191,9 +351,19 @@ impl FlowTable {
         self.len() == 0
     }
 
-    /// Flows that could not be tracked because the table was full of live flows.
+    /// Flows that could not be tracked because the table was full of answered, live flows.
     pub fn overflows(&self) -> u64 {
-        self.overflows.load(Ordering::Relaxed)
+        self.counters.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Flows that could not be tracked because their remote opener had its quota.
+    pub fn over_quota(&self) -> u64 {
+        self.counters.over_quota.load(Ordering::Relaxed)
+    }
+
+    /// Flows evicted (never answered, or idle) to make room for a new one.
+    pub fn evictions(&self) -> u64 {
+        self.counters.evictions.load(Ordering::Relaxed)
     }
 }
 
@@ -262,6 +432,7 @@ mod tests {
             16,
             FlowTimeouts {
                 tcp_ms: 100,
+                embryonic_ms: 100,
                 other_ms: 10,
             },
         );
@@ -286,25 +457,120 @@ mod tests {
         assert_eq!(t.len(), 0, "expired entry removed on sight");
     }
 
+    const SHORT: FlowTimeouts = FlowTimeouts {
+        tcp_ms: 1000,
+        embryonic_ms: 100,
+        other_ms: 100,
+    };
+
+    /// Opens and answers a TCP flow from `a`'s port to `b`'s 80.
+    fn handshake(t: &FlowTable, port: u16, now: u64) {
+        assert!(t.admit(
+            &c(build::syn4([1, 0, 0, 1], port, [1, 0, 0, 2], 80)),
+            true,
+            false,
+            now
+        ));
+        assert!(t.admit(
+            &c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], port)),
+            false,
+            true,
+            now
+        ));
+    }
+
     #[test]
-    fn a_full_table_sweeps_then_refuses() {
-        let t = FlowTable::new(
-            2,
-            FlowTimeouts {
-                tcp_ms: 100,
-                other_ms: 100,
-            },
+    fn a_full_table_evicts_the_unanswered_then_the_idle_then_refuses() {
+        let t = FlowTable::new(2, SHORT);
+        handshake(&t, 1, 0);
+        t.track(&c(build::tcp4([1, 0, 0, 1], 2, [1, 0, 0, 2], 80)), 0);
+        // Full: the flow never answered makes room, the answered one stays.
+        t.track(&c(build::tcp4([1, 0, 0, 1], 3, [1, 0, 0, 2], 80)), 10);
+        assert_eq!((t.len(), t.evictions(), t.overflows()), (2, 1, 0));
+        assert!(t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 1)), 11));
+        assert!(!t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 2)), 11));
+        // Both answered and live: nothing to evict, refused.
+        assert!(t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 3)), 12));
+        t.track(&c(build::tcp4([1, 0, 0, 1], 4, [1, 0, 0, 2], 80)), 13);
+        assert_eq!((t.len(), t.overflows()), (2, 1));
+        // Once they are idle past their timeout, the oldest makes room.
+        t.track(&c(build::tcp4([1, 0, 0, 1], 4, [1, 0, 0, 2], 80)), 2000);
+        assert_eq!((t.len(), t.evictions(), t.overflows()), (2, 2, 1));
+    }
+
+    #[test]
+    fn an_unanswered_tcp_flow_gets_the_short_timeout_an_answered_one_the_long() {
+        let t = FlowTable::new(16, SHORT);
+        handshake(&t, 1, 0);
+        // A segment of no connection from a peer: tracked, but only briefly.
+        let made_up = c(build::tcp4([1, 0, 0, 3], 5000, [1, 0, 0, 1], 80));
+        assert!(t.admit(&made_up, true, true, 0));
+        let answer = |p| c(build::tcp4([1, 0, 0, 1], 80, [1, 0, 0, 3], p));
+        assert!(
+            !t.is_reply(&answer(5000), 150),
+            "unanswered: gone after 100 ms"
         );
-        for port in 1..=2 {
-            t.track(&c(build::tcp4([1, 0, 0, 1], port, [1, 0, 0, 2], 80)), 0);
+        assert!(t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 1)), 500));
+    }
+
+    #[test]
+    fn a_reset_ends_the_flow_and_is_never_tracked() {
+        let t = FlowTable::new(16, SHORT);
+        // A peer's made-up ACK, answered by the pod's RST: nothing is left.
+        assert!(t.admit(
+            &c(build::tcp4([1, 0, 0, 3], 5000, [1, 0, 0, 1], 80)),
+            true,
+            true,
+            0
+        ));
+        let rst = c(build::rst4([1, 0, 0, 1], 80, [1, 0, 0, 3], 5000));
+        assert!(t.admit(&rst, false, false, 1), "the RST passes as a reply");
+        assert!(t.is_empty(), "and ends the flow");
+        assert!(t.admit(&rst, true, false, 2));
+        assert!(t.is_empty(), "a RST opens nothing");
+    }
+
+    #[test]
+    fn one_peer_cannot_take_more_than_its_quota() {
+        let t = FlowTable::new(8, SHORT);
+        for port in 0..8 {
+            t.admit(
+                &c(build::tcp4([1, 0, 0, 3], port, [1, 0, 0, 1], 80)),
+                true,
+                true,
+                0,
+            );
         }
-        t.track(&c(build::tcp4([1, 0, 0, 1], 3, [1, 0, 0, 2], 80)), 50);
-        assert_eq!(t.overflows(), 1);
-        assert_eq!(t.len(), 2);
-        // After the first two expire, the sweep makes room.
-        t.track(&c(build::tcp4([1, 0, 0, 1], 3, [1, 0, 0, 2], 80)), 150);
-        assert_eq!(t.len(), 1);
-        assert!(t.is_reply(&c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 3)), 151));
+        assert_eq!((t.len(), t.over_quota()), (2, 6), "a quarter of 8");
+        // The pod's own flows and another peer's are not held back.
+        for port in 0..4 {
+            t.track(&c(build::tcp4([1, 0, 0, 1], port, [1, 0, 0, 3], 443)), 1);
+        }
+        t.admit(
+            &c(build::tcp4([1, 0, 0, 4], 1, [1, 0, 0, 1], 80)),
+            true,
+            true,
+            1,
+        );
+        assert_eq!(t.len(), 7);
+    }
+
+    #[test]
+    fn the_queues_stay_bounded_when_flows_come_and_go() {
+        let t = FlowTable::new(4, SHORT);
+        for i in 0..10_000u64 {
+            let port = (i % 60_000) as u16;
+            t.track(
+                &c(build::tcp4([1, 0, 0, 1], port, [1, 0, 0, 2], 80)),
+                i * 1000,
+            );
+            t.is_reply(
+                &c(build::rst4([1, 0, 0, 2], 80, [1, 0, 0, 1], port)),
+                i * 1000,
+            );
+        }
+        let inner = t.lock();
+        assert!(inner.order.len() <= 2 * 4 + 64 + 1 && inner.unanswered.len() <= 2 * 4 + 64 + 1);
     }
 
     #[test]
@@ -320,13 +586,16 @@ mod tests {
             ))
         };
         // b asks a (policy allows it then); a answers.
-        assert!(t.admit(&udp(b, 40000, a, 80), true, 0));
-        assert!(t.admit(&udp(a, 80, b, 40000), true, 1), "the reply passes");
+        assert!(t.admit(&udp(b, 40000, a, 80), true, true, 0));
+        assert!(
+            t.admit(&udp(a, 80, b, 40000), true, false, 1),
+            "the reply passes"
+        );
         // Policy now denies b -> a: the same request from the same port must not pass as a
         // reply to a's answer.
-        assert!(!t.admit(&udp(b, 40000, a, 80), false, 2));
+        assert!(!t.admit(&udp(b, 40000, a, 80), false, true, 2));
         // a's own answers still pass within b's flow while it lives.
-        assert!(t.admit(&udp(a, 80, b, 40000), false, 3));
+        assert!(t.admit(&udp(a, 80, b, 40000), false, false, 3));
     }
 
     #[test]
@@ -337,8 +606,11 @@ mod tests {
         // ... which does not let b open a connection on the reversed ports.
         let syn = c(build::syn4([1, 0, 0, 2], 40000, [1, 0, 0, 1], 80));
         assert!(!t.is_reply(&syn, 1));
-        assert!(!t.admit(&syn, false, 1));
+        assert!(!t.admit(&syn, false, true, 1));
         let ack = c(build::tcp4([1, 0, 0, 2], 40000, [1, 0, 0, 1], 80));
-        assert!(t.admit(&ack, false, 2), "a segment within it is a reply");
+        assert!(
+            t.admit(&ack, false, true, 2),
+            "a segment within it is a reply"
+        );
     }
 }

@@ -39,6 +39,8 @@ pub enum KeyError {
         "grace window ({grace_ms} ms) must be shorter than half the rotation period ({period_ms} ms)"
     )]
     GraceTooLong { grace_ms: u64, period_ms: u64 },
+    #[error("an attestation is {ATTESTATION_LEN} bytes in hex")]
+    BadAttestation,
 }
 
 impl fmt::Debug for ClusterSecret {
@@ -66,6 +68,65 @@ impl ClusterSecret {
         mac.update(&epoch.0.to_be_bytes());
         let tag = mac.finalize().into_bytes();
         Key(u32::from_be_bytes([tag[0], tag[1], tag[2], tag[3]]))
+    }
+
+    fn attestation_mac(&self, context: &str, message: &[u8]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length");
+        mac.update(b"keyway/attest/v1\0");
+        mac.update(context.as_bytes());
+        mac.update(b"\0");
+        mac.update(message);
+        mac
+    }
+
+    /// `Attestation = first 128 bits of HMAC-SHA256(secret, "keyway/attest/v1" 0 context 0
+    /// message)`: what only a holder of the secret (an agent) can say about `message`, such as
+    /// where a pod is on the overlay. Separate from key derivation by its prefix.
+    pub fn attest(&self, context: &str, message: &[u8]) -> Attestation {
+        let tag = self
+            .attestation_mac(context, message)
+            .finalize()
+            .into_bytes();
+        let mut a = [0u8; ATTESTATION_LEN];
+        a.copy_from_slice(&tag[..ATTESTATION_LEN]);
+        Attestation(a)
+    }
+
+    /// Whether `attestation` is this secret's over `message` in `context` (compared in constant
+    /// time).
+    pub fn attests(&self, context: &str, message: &[u8], attestation: &Attestation) -> bool {
+        self.attestation_mac(context, message)
+            .verify_truncated_left(&attestation.0)
+            .is_ok()
+    }
+}
+
+const ATTESTATION_LEN: usize = 16;
+
+/// A 128-bit attestation (see [`ClusterSecret::attest`]), written as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attestation([u8; ATTESTATION_LEN]);
+
+impl fmt::Display for Attestation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::str::FromStr for Attestation {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        let bad = || KeyError::BadAttestation;
+        if s.len() != 2 * ATTESTATION_LEN || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut a = [0u8; ATTESTATION_LEN];
+        for (i, b) in a.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Attestation(a))
     }
 }
 
@@ -195,6 +256,22 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attestation_holds_for_its_message_and_context_only() {
+        let s = ClusterSecret::new(vec![1u8; 32]).unwrap();
+        let other = ClusterSecret::new(vec![2u8; 32]).unwrap();
+        let a = s.attest("attachment", b"x/a node-1");
+        let text = a.to_string();
+        assert_eq!(text.len(), 32);
+        let back: Attestation = text.parse().unwrap();
+        assert!(s.attests("attachment", b"x/a node-1", &back));
+        assert!(!s.attests("attachment", b"x/a node-2", &back));
+        assert!(!s.attests("other", b"x/a node-1", &back));
+        assert!(!other.attests("attachment", b"x/a node-1", &back));
+        assert!("zz".parse::<Attestation>().is_err());
+        assert!("é".repeat(16).parse::<Attestation>().is_err());
+    }
 
     fn secret() -> ClusterSecret {
         ClusterSecret::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap()

@@ -78,6 +78,8 @@ pub struct Classified {
     /// The packet opens a flow and so can never be a reply: a TCP SYN without ACK, or an ICMP
     /// echo request. Lets a stateless check refuse it as a "reply".
     pub opens_flow: bool,
+    /// The packet ends its flow at once: a TCP segment with RST.
+    pub resets_flow: bool,
 }
 
 impl Classified {
@@ -151,8 +153,8 @@ fn classify_v4(pkt: &[u8]) -> Result<Classified, PacketError> {
     let proto = pkt[9];
     let src = IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]));
-    let (transport, opens_flow) = if frag_offset != 0 {
-        (Transport::LaterFragment, false)
+    let (transport, opens_flow, resets_flow) = if frag_offset != 0 {
+        (Transport::LaterFragment, false, false)
     } else {
         transport(proto, &pkt[ihl..total])?
     };
@@ -162,6 +164,7 @@ fn classify_v4(pkt: &[u8]) -> Result<Classified, PacketError> {
         proto,
         transport,
         opens_flow,
+        resets_flow,
     })
 }
 
@@ -196,8 +199,8 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
                 off += 8;
             }
             proto => {
-                let (transport, opens_flow) = if later_fragment {
-                    (Transport::LaterFragment, false)
+                let (transport, opens_flow, resets_flow) = if later_fragment {
+                    (Transport::LaterFragment, false, false)
                 } else {
                     transport(proto, &pkt[off..end])?
                 };
@@ -207,6 +210,7 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
                     proto,
                     transport,
                     opens_flow,
+                    resets_flow,
                 });
             }
         }
@@ -216,9 +220,11 @@ fn classify_v6(pkt: &[u8]) -> Result<Classified, PacketError> {
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
 
 /// The transport facts, and whether the packet opens a flow.
-fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool), PacketError> {
+/// The transport, whether the packet opens a flow, and whether it resets one.
+fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool, bool), PacketError> {
     match proto {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             need(l4, 4)?;
@@ -227,9 +233,10 @@ fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool), PacketError> {
                 dst: u16::from_be_bytes([l4[2], l4[3]]),
             };
             // A first fragment may stop before the TCP flags; it is then not known to open a flow.
-            let syn =
-                proto == PROTO_TCP && l4.len() > 13 && l4[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            Ok((ports, syn))
+            let flags = (proto == PROTO_TCP && l4.len() > 13).then(|| l4[13]);
+            let syn = flags.is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN);
+            let rst = flags.is_some_and(|f| f & TCP_RST != 0);
+            Ok((ports, syn, rst))
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             need(l4, 4)?;
@@ -245,12 +252,12 @@ fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool), PacketError> {
                         id: u16::from_be_bytes([l4[4], l4[5]]),
                         reply: t == reply,
                     };
-                    Ok((echo, t == request))
+                    Ok((echo, t == request, false))
                 }
-                _ => Ok((Transport::NoPorts, false)),
+                _ => Ok((Transport::NoPorts, false, false)),
             }
         }
-        _ => Ok((Transport::NoPorts, false)),
+        _ => Ok((Transport::NoPorts, false, false)),
     }
 }
 
@@ -332,6 +339,13 @@ pub mod build {
     pub fn syn4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
         let mut p = tcp4(src, sport, dst, dport);
         p[20 + 13] = 0x02;
+        p
+    }
+
+    /// A TCP RST (with ACK): the end of a connection, or the answer to a segment of none.
+    pub fn rst4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut p = tcp4(src, sport, dst, dport);
+        p[20 + 13] = 0x14;
         p
     }
 }

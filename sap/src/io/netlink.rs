@@ -110,7 +110,7 @@ impl Netlink {
         }
     }
 
-    /// Every bridge in the namespace: its name, hardware address and ports.
+    /// Every bridge in the namespace: its name, hardware address, ports and addresses.
     pub async fn bridges(&self) -> Result<Vec<Bridge>, NetlinkError> {
         use rtnetlink::packet_route::link::{InfoKind, LinkInfo};
         let mut stream = self.handle.link().get().execute();
@@ -136,8 +136,13 @@ impl Netlink {
             }
             let Some(name) = name else { continue };
             if let (true, Some(mac)) = (bridge, mac) {
-                let ports = Vec::new();
-                bridges.push((msg.header.index, Bridge { name, mac, ports }));
+                let bridge = Bridge {
+                    name,
+                    mac,
+                    ports: Vec::new(),
+                    addresses: Vec::new(),
+                };
+                bridges.push((msg.header.index, bridge));
             } else if let Some(m) = master {
                 ports.push((m, name));
             }
@@ -147,9 +152,26 @@ impl Netlink {
                 b.ports.push(port);
             }
         }
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(Self::req("list addresses"))?
+        {
+            let Some((_, b)) = bridges.iter_mut().find(|(i, _)| *i == msg.header.index) else {
+                continue;
+            };
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    b.addresses.push(*ip);
+                }
+            }
+        }
         let mut out: Vec<Bridge> = bridges.into_iter().map(|(_, b)| b).collect();
         for b in &mut out {
             b.ports.sort();
+            b.addresses.sort();
+            b.addresses.dedup();
         }
         out.sort();
         Ok(out)
@@ -362,6 +384,8 @@ pub struct Bridge {
     pub name: String,
     pub mac: [u8; 6],
     pub ports: Vec<String>,
+    /// The bridge's own addresses: the node, as the pods on it see it.
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

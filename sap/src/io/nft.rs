@@ -167,6 +167,8 @@ enum CmpOp {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MetaKey {
+    /// The frame's ethertype (bridge family), big-endian.
+    Protocol = 1,
     Mark = 3,
     IifName = 6,
     OifName = 7,
@@ -211,6 +213,8 @@ enum Expr {
     Immediate(Verdict),
     /// Data into a register.
     Load(u32, Vec<u8>),
+    /// The mark of the local socket the packet is for (`socket mark`) into register 1.
+    SocketMark,
     /// Register 1 looked up in the named set (the set's id within the batch alongside).
     Lookup(String, u32),
     /// A meta key set from register 1.
@@ -384,6 +388,18 @@ impl Rule {
             .push(Expr::MetaSet(MetaKey::Mark))
     }
 
+    /// `meta mark set meta mark & ~clear | set`: sets `set` and clears `clear` in the packet's
+    /// mark, keeping the rest.
+    pub fn set_mark_bits(self, set: u32, clear: u32) -> Self {
+        self.push(Expr::Meta(MetaKey::Mark))
+            .push(Expr::Bitwise {
+                len: 4,
+                mask: (!(set | clear)).to_ne_bytes().to_vec(),
+                xor: set.to_ne_bytes().to_vec(),
+            })
+            .push(Expr::MetaSet(MetaKey::Mark))
+    }
+
     /// `ether daddr set MAC meta pkttype set host` (bridge family): the bridge delivers the frame
     /// to itself, so the node routes it instead of switching it to a port.
     pub fn deliver_to_bridge(self, mac: [u8; 6]) -> Self {
@@ -402,6 +418,34 @@ impl Rule {
     /// `ct mark & bits == bits`: the connection carries every one of `bits`.
     pub fn ct_mark_bits(self, bits: u32) -> Self {
         self.push(Expr::Ct(CtKey::Mark)).has_bits(bits)
+    }
+
+    /// `ct mark & bits == 0`: the connection carries none of `bits`.
+    pub fn ct_mark_lacks(self, bits: u32) -> Self {
+        self.push(Expr::Ct(CtKey::Mark))
+            .push(Expr::Bitwise {
+                len: 4,
+                mask: bits.to_ne_bytes().to_vec(),
+                xor: 0u32.to_ne_bytes().to_vec(),
+            })
+            .push(Expr::Cmp(CmpOp::Eq, vec![0; 4]))
+    }
+
+    /// `socket mark MARK`: the local socket the packet is delivered to carries `mark` (input
+    /// and prerouting hooks; no socket, no match).
+    pub fn socket_mark(self, mark: u32) -> Self {
+        self.push(Expr::SocketMark)
+            .push(Expr::Cmp(CmpOp::Eq, mark.to_ne_bytes().to_vec()))
+    }
+
+    /// `ether type ip saddr @set` (bridge family): a frame whose IP source is in the set.
+    pub fn frame_saddr_in(self, set: &Set) -> Self {
+        let ethertype: u16 = if set.ipv6 { 0x86dd } else { 0x0800 };
+        let (offset, len) = network_field(set.ipv6, true);
+        self.push(Expr::Meta(MetaKey::Protocol))
+            .push(Expr::Cmp(CmpOp::Eq, ethertype.to_be_bytes().to_vec()))
+            .push(Expr::Payload(PayloadBase::Network, offset, len))
+            .push(Expr::Lookup(set.name.clone(), set.id))
     }
 
     /// `ct mark set ct mark | bits`: the connection remembers `bits` for its later packets.
@@ -768,6 +812,7 @@ impl Expr {
             Expr::Random(_) => "numgen",
             Expr::Dnat { .. } => "nat",
             Expr::Update(..) => "dynset",
+            Expr::SocketMark => "socket",
         }
     }
 
@@ -843,6 +888,8 @@ impl Expr {
                     be32(5, NFT_REG_2),
                 ]
             }
+            // NFTA_SOCKET_KEY (NFT_SOCKET_MARK), NFTA_SOCKET_DREG
+            Expr::SocketMark => vec![be32(1, 1), be32(2, NFT_REG_1)],
             // NFTA_DYNSET_SET_NAME, _SET_ID, _OP (NFT_DYNSET_OP_UPDATE), _SREG_KEY, _TIMEOUT
             Expr::Update(set, id, timeout_ms) => vec![
                 text(1, set),

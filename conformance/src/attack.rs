@@ -1,0 +1,184 @@
+//! What an attacker does, with real packets, from where an attacker would be: a pod with the
+//! default capabilities (CAP_NET_RAW among them) crafting packets with a raw socket, a workload
+//! binding a port, a neighbour on the pod bridge. And what the defender reads afterwards: whether
+//! a packet arrived, and the counters of the rules that dropped it. Used by
+//! `conformance/tests/attacks.rs`.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keyway_core::packet::{PROTO_UDP, build};
+use keyway_sap::sys::Netns;
+use socket2::{Domain, Protocol, Socket, Type};
+
+const PROTO_ICMP: u8 = 1;
+
+/// Sends whole IPv4 packets (their own headers, any source address) from `netns` with a raw
+/// socket, as a process with CAP_NET_RAW there can; the kernel routes each by its destination.
+pub fn send_raw(netns: &Path, packets: &[Vec<u8>]) -> anyhow::Result<()> {
+    let ns = Netns::open(netns)?;
+    ns.run(|| -> anyhow::Result<()> {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
+            .context("a raw socket (IPPROTO_RAW)")?;
+        for p in packets {
+            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            sock.send_to(p, &SocketAddr::V4(SocketAddrV4::new(dst, 0)).into())
+                .with_context(|| format!("send {} bytes to {dst}", p.len()))?;
+        }
+        Ok(())
+    })?
+}
+
+/// A UDP datagram (checksum 0: "none", as IPv4 allows).
+pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    build::ipv4(
+        src,
+        dst,
+        PROTO_UDP,
+        &build::ports(PROTO_UDP, sport, dport, payload),
+    )
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP "port unreachable" from `src` to `dst` quoting `quoted` (the offending packet's IP
+/// header and first 8 bytes), with a valid checksum, as a router or host would send it.
+pub fn port_unreachable4(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let quoted = &quoted[..quoted.len().min(28)];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    build::ipv4(src, dst, PROTO_ICMP, &icmp)
+}
+
+/// A UDP socket bound in `netns` (it stays there, whichever thread uses it).
+pub fn udp_socket(netns: &Path, bind: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let ns = Netns::open(netns)?;
+    let sock = ns
+        .run(|| UdpSocket::bind(bind))?
+        .with_context(|| format!("bind {bind} in {}", netns.display()))?;
+    Ok(sock)
+}
+
+/// What `sock` receives within `window`: payloads, or the error the socket reported (an ICMP
+/// error for a connected socket).
+pub fn received(sock: &UdpSocket, window: Duration) -> Vec<Result<Vec<u8>, std::io::ErrorKind>> {
+    let deadline = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(Ok(buf[..n].to_vec())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => got.push(Err(e.kind())),
+        }
+    }
+    got
+}
+
+/// The packets counted by the rules of `family table` in `netns` whose comment contains
+/// `comment`, summed (`nft -j list table`).
+pub fn rule_packets(netns: &Path, family: &str, table: &str, comment: &str) -> anyhow::Result<u64> {
+    let name = netns
+        .file_name()
+        .context("a namespace under /var/run/netns")?
+        .to_string_lossy()
+        .into_owned();
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &name, "nft", "-j", "list", "table", family, table,
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "nft list table {family} {table} in {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut sum = 0;
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let rule = &item["rule"];
+        if !rule["comment"]
+            .as_str()
+            .is_some_and(|c| c.contains(comment))
+        {
+            continue;
+        }
+        for e in rule["expr"].as_array().into_iter().flatten() {
+            sum += e["counter"]["packets"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(sum)
+}
+
+/// The network namespace under `/var/run/netns` that holds `addr` (a pod keyway does not
+/// serve has no record of its namespace elsewhere).
+pub fn netns_holding(addr: Ipv4Addr) -> anyhow::Result<std::path::PathBuf> {
+    for entry in std::fs::read_dir("/var/run/netns")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let out = Command::new("ip")
+            .args(["-n", &name, "-4", "-o", "addr", "show"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text
+            .split_whitespace()
+            .any(|w| w.split('/').next() == Some(&addr.to_string()))
+        {
+            return Ok(entry.path());
+        }
+    }
+    bail!("no network namespace holds {addr}")
+}
+
+/// An IPv4 address (the lab's are).
+pub fn v4(addr: impl AsRef<str>) -> anyhow::Result<Ipv4Addr> {
+    let a = addr.as_ref();
+    a.parse()
+        .with_context(|| format!("{a} is not an IPv4 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checksum_of_a_packet_with_its_checksum_is_zero() {
+        let p = port_unreachable4(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            &udp4(
+                Ipv4Addr::new(10, 0, 0, 2),
+                40000,
+                Ipv4Addr::new(10, 0, 0, 1),
+                80,
+                b"x",
+            ),
+        );
+        assert_eq!(checksum(&p[20..]), 0);
+    }
+}

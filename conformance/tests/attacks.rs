@@ -1,0 +1,562 @@
+//! The ways around enforcement (issue 15), each performed with real packets from where an
+//! attacker would be, against a two-node lab with kube-proxy's rules (the Services topology of
+//! `conformance/services/cluster.yaml`): a host on the underlay, a pod with the default
+//! capabilities (raw sockets: CAP_NET_RAW), a neighbour on the pod bridge (the opted-out pod
+//! `legacy/old`, which no keyway table constrains), a workload binding keyway's port while the
+//! agent restarts. Each asserts that the secure outcome holds and that the refusal is counted
+//! where an operator would look (a metric, or the counter of the nftables rule that dropped it).
+//!
+//! Every attack is run and reported before anything is asserted, so that a run against an older
+//! build prints the whole "before" table (`cargo test --test attacks -- --nocapture`).
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use keyway_conformance::attack::{
+    netns_holding, port_unreachable4, received, rule_packets, send_raw, udp_socket, udp4, v4,
+};
+use keyway_conformance::lab::{DownOnDrop, Lab, PodState, Via};
+use keyway_conformance::topology::Plan;
+use keyway_testing::{Scratch, privileged};
+
+const PREFIX: &str = "kwa";
+const UNDERLAY_OCTET: u8 = 84;
+const POD_OCTET: u8 = 247;
+const T: Duration = Duration::from_millis(1000);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One attack's result: whether it got through, and whether its refusal was counted.
+struct Outcome {
+    item: u8,
+    attack: &'static str,
+    got_through: bool,
+    counted: bool,
+    detail: String,
+}
+
+fn pod<'a>(lab: &'a Lab, key: &str) -> &'a PodState {
+    lab.state
+        .pods
+        .iter()
+        .find(|p| p.key() == key)
+        .unwrap_or_else(|| panic!("no pod {key}"))
+}
+
+fn netns(p: &PodState) -> PathBuf {
+    if p.netns_path.is_empty() {
+        // A pod keyway does not serve (opted out): found by its address.
+        return netns_holding(ip(p)).unwrap();
+    }
+    PathBuf::from(&p.netns_path)
+}
+
+fn netns_name(p: &PodState) -> String {
+    netns(p).file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn ip(p: &PodState) -> Ipv4Addr {
+    v4(&p.infra_ip).unwrap()
+}
+
+fn overlay(p: &PodState) -> Ipv4Addr {
+    p.overlay_ips
+        .iter()
+        .find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        })
+        .expect("an IPv4 overlay address")
+}
+
+/// The node's address on the pod's bridge (the primary's gateway): `.1` of the pod's /24.
+fn bridge_ip(p: &PodState) -> Ipv4Addr {
+    let o = ip(p).octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 1)
+}
+
+fn metric(lab: &Lab, node: usize, series: &str) -> f64 {
+    lab.node_metric(series)[node]
+}
+
+/// The counter of the pod table's final input drop.
+fn pod_drops(p: &PodState) -> u64 {
+    rule_packets(&netns(p), "inet", "keyway", "did not come over the overlay").unwrap_or(0)
+}
+
+fn node_netns(lab: &Lab, i: usize) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(&lab.state.nodes[i].netns)
+}
+
+/// Whether the server still holds `s` open (no EOF, no reset, within 100 ms).
+fn still_open(s: &TcpStream) -> bool {
+    let mut s = s;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut b = [0u8; 512];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) => {
+                return matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    }
+}
+
+/// GET `path` from the agent's admin server at `addr`, from inside `netns`.
+fn admin_get(netns: &Path, addr: SocketAddr, path: &str) -> Option<u16> {
+    let ns = keyway_sap::sys::Netns::open(netns).ok()?;
+    let s = ns
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .ok()?
+        .ok()?;
+    keyway_conformance::harness::tcp_get(s, path)
+        .ok()
+        .map(|(c, _)| c)
+}
+
+#[test]
+fn attacks_on_enforcement_are_refused_and_counted() {
+    if !privileged("attacks_on_enforcement") {
+        return;
+    }
+    let scratch = Scratch::new("attacks");
+    let dir = scratch.join("lab");
+    let _down = DownOnDrop(dir.clone());
+    let topology = std::fs::read_to_string(repo().join("conformance/services/cluster.yaml"))
+        .unwrap()
+        .replace("UNDERLAY", &UNDERLAY_OCTET.to_string());
+    let file = scratch.join("cluster.yaml");
+    std::fs::write(&file, topology).unwrap();
+    let plan = Plan {
+        prefix: PREFIX.into(),
+        nodes: 0,
+        pod_octet: POD_OCTET,
+        underlay_octet: UNDERLAY_OCTET,
+    };
+    let mut lab = Lab::up_with(&dir, std::slice::from_ref(&file), 2, plan, true).expect("lab up");
+    let mut out = Vec::new();
+
+    let flow = overlay_flow(&lab);
+    out.push(forged_attachment(&lab));
+    out.extend(node_exemption(&lab));
+    out.extend(conntrack_without_interfaces(&lab, &flow, "agent running"));
+    out.push(routing_through_a_pod(&lab));
+    out.extend(flow_table_exhaustion(&lab));
+    out.extend(admin_endpoint(&lab));
+    out.extend(gue_port_and_restart(&mut lab, &flow));
+
+    let mut table = String::from("item | attack | got through | counted | detail\n");
+    for o in &out {
+        let _ = writeln!(
+            table,
+            "{} | {} | {} | {} | {}",
+            o.item, o.attack, o.got_through, o.counted, o.detail
+        );
+    }
+    println!("{table}");
+    let failed: Vec<&Outcome> = out.iter().filter(|o| o.got_through || !o.counted).collect();
+    assert!(
+        failed.is_empty(),
+        "attacks that got through or went uncounted:\n{table}"
+    );
+}
+
+/// Item 1: an object writer claims front's overlay address for another pod (the opted-out
+/// `legacy/old`, whose own facts are otherwise true: its node, its pod IP). Every other node
+/// would route front's address to old; cart (node-2) could no longer reach front.
+fn forged_attachment(lab: &Lab) -> Outcome {
+    let front = pod(lab, "shop/front");
+    let old = pod(lab, "legacy/old");
+    let claim = format!(
+        "apiVersion: keyway.io/v1alpha1\nkind: OverlayAttachment\n\
+         metadata: {{name: legacy.old, namespace: legacy}}\n\
+         spec: {{namespace: legacy, pod: old, node: {}, infraIp: {}, overlayIps: [{}]}}\n",
+        old.node,
+        ip(old),
+        overlay(front)
+    );
+    std::fs::write(lab.source().join("zz-claim.yaml"), claim).unwrap();
+    let series = "keyway_attachments_refused{reason=\"unattested\"}";
+    let target = vec![format!("{}:80", overlay(front))];
+    let cart = pod(lab, "shop/cart");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let n = metric(lab, 1, series);
+        if n > 0.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Whatever the agents made of it, give them the time to act on it.
+    std::thread::sleep(Duration::from_millis(500));
+    let got = lab
+        .probe_from_netns(&netns_name(cart), &target, "TCP", T)
+        .unwrap();
+    std::fs::remove_file(lab.source().join("zz-claim.yaml")).unwrap();
+    Outcome {
+        item: 1,
+        attack: "object writer publishes another pod's overlay address for its own pod",
+        got_through: !got[0],
+        counted: refused > 0.0,
+        detail: format!(
+            "legacy/old claims {}; cart -> front {target:?} afterwards: {}; {series} {refused}",
+            overlay(front),
+            got[0]
+        ),
+    }
+}
+
+/// Item 3: what the node forwards to a pod is not the node. A NodePort with
+/// `externalTrafficPolicy: Cluster` is masqueraded by kube-proxy; it used to arrive as the node,
+/// which the pod admits unchecked. And a neighbour on the bridge claiming the node's address.
+fn node_exemption(lab: &Lab) -> Vec<Outcome> {
+    let cart_np = lab
+        .state
+        .services
+        .iter()
+        .find(|s| s.name == "cart-public")
+        .unwrap()
+        .node_ports()[0]
+        .2;
+    let node2 = lab.state.nodes[1].ip;
+    let cart = pod(lab, "shop/cart");
+    let mut v = Vec::new();
+
+    // A host on the underlay that only front's ipBlock admits, to cart's NodePort on cart's
+    // node: kube-proxy DNATs and masquerades it.
+    let (c1, _) = lab.add_client(1).unwrap();
+    let series = "keyway_datapath_drops_total{stage=\"gateway\",reason=\"denied_by_policy\"}";
+    let before = metric(lab, 1, series);
+    let got = lab
+        .probe_from_netns(&c1, &[format!("{node2}:{cart_np}")], "TCP", T)
+        .unwrap();
+    v.push(Outcome {
+        item: 3,
+        attack: "underlay host -> NodePort (Cluster, masqueraded) -> pod that does not admit it",
+        got_through: got[0],
+        counted: metric(lab, 1, series) > before,
+        detail: format!("{c1} -> {node2}:{cart_np}; {series}"),
+    });
+
+    // A pod cart does not admit, through its own node's forwarded port (node address and the
+    // bridge's).
+    let intruder = pod(lab, "other/intruder");
+    let series = "keyway_datapath_drops_total{stage=\"gateway\",reason=\"off_overlay\"}";
+    let before = metric(lab, 1, series);
+    let targets = vec![
+        format!("{node2}:{cart_np}"),
+        format!("{}:{cart_np}", bridge_ip(cart)),
+    ];
+    let got = lab
+        .probe_from_netns(&netns_name(intruder), &targets, "TCP", T)
+        .unwrap();
+    v.push(Outcome {
+        item: 3,
+        attack: "denied pod -> its node's NodePort -> pod that denies it",
+        got_through: got.iter().any(|g| *g),
+        counted: metric(lab, 1, series) > before,
+        detail: format!("{targets:?}: {got:?}; {series}"),
+    });
+
+    v.push(spoofed_node_source(lab, "agent running"));
+    v
+}
+
+/// A neighbour on front's bridge sends front a datagram from the node's address (which the pod
+/// admits as its node): the node's bridge table drops it, with the agent running or not.
+fn spoofed_node_source(lab: &Lab, when: &'static str) -> Outcome {
+    let front = pod(lab, "shop/front");
+    let old = pod(lab, "legacy/old");
+    let listener = udp_socket(&netns(front), "0.0.0.0:9999".parse().unwrap()).unwrap();
+    let node1 = node_netns(lab, 0);
+    let drops = || rule_packets(&node1, "bridge", "keyway-gateway", "spoofed").unwrap_or(0);
+    let before = drops();
+    let spoofed = udp4(bridge_ip(front), 5555, ip(front), 9999, b"from-the-node?");
+    send_raw(&netns(old), &[spoofed]).unwrap();
+    let got = received(&listener, T);
+    Outcome {
+        item: 3,
+        attack: "bridge neighbour -> pod, claiming the node's address",
+        got_through: got.iter().any(|g| g.as_deref() == Ok(b"from-the-node?")),
+        counted: drops() > before,
+        detail: format!(
+            "{when}: {} as {} -> {}:9999; bridge keyway-gateway 'spoofed' counter",
+            ip(old),
+            bridge_ip(front),
+            ip(front)
+        ),
+    }
+}
+
+/// A pod does not route: with forwarding on in front's namespace (as a privileged init
+/// container might leave it), a neighbour on its bridge sends through front to cart's overlay
+/// address, which cart admits from front.
+fn routing_through_a_pod(lab: &Lab) -> Outcome {
+    let front = pod(lab, "shop/front");
+    let cart = pod(lab, "shop/cart");
+    let old = pod(lab, "legacy/old");
+    let listener = udp_socket(
+        &netns(cart),
+        SocketAddr::new(IpAddr::V4(overlay(cart)), 7777),
+    )
+    .unwrap();
+    let sh = |ns: &Path, args: &[&str]| {
+        let name = ns.file_name().unwrap().to_string_lossy().into_owned();
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{args:?} in {name}");
+    };
+    sh(&netns(front), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    // The attacker's frames: to front's MAC, for cart's overlay address.
+    let route = format!("{}/32", overlay(cart));
+    sh(
+        &netns(old),
+        &[
+            "ip",
+            "route",
+            "replace",
+            &route,
+            "via",
+            &ip(front).to_string(),
+        ],
+    );
+    let forward = || rule_packets(&netns(front), "inet", "keyway", "does not route").unwrap_or(0);
+    let spoofed = "keyway_datapath_drops_total{stage=\"egress\",reason=\"spoofed_source\"}";
+    let counted = || forward() + lab.node_metric(spoofed)[0] as u64;
+    let before = counted();
+    send_raw(
+        &netns(old),
+        &[udp4(ip(old), 5555, overlay(cart), 7777, b"through-front")],
+    )
+    .unwrap();
+    let got = received(&listener, T);
+    sh(&netns(front), &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    sh(&netns(old), &["ip", "route", "del", &route]);
+    Outcome {
+        item: 4,
+        attack: "bridge neighbour routes through a pod into the overlay",
+        got_through: got.iter().any(|g| g.as_deref() == Ok(b"through-front")),
+        counted: counted() > before,
+        detail: format!(
+            "{} -> {} via {}; front's forward-chain counter + {spoofed}",
+            ip(old),
+            overlay(cart),
+            ip(front)
+        ),
+    }
+}
+
+/// front's UDP flow to cart's pod IP, steered into the overlay and answered there.
+fn overlay_flow(lab: &Lab) -> UdpSocket {
+    let front = pod(lab, "shop/front");
+    let cart = pod(lab, "shop/cart");
+    let sock = udp_socket(&netns(front), "0.0.0.0:40404".parse().unwrap()).unwrap();
+    sock.connect(SocketAddr::new(IpAddr::V4(ip(cart)), 80))
+        .unwrap();
+    sock.send(b"hello").unwrap();
+    assert!(
+        !received(&sock, T).is_empty(),
+        "cart answers front over the overlay"
+    );
+    sock
+}
+
+/// Item 4: a connection's replies only on the interface it uses. A neighbour on front's bridge
+/// forges cart's reply to front's flow (`overlay_flow`), and an ICMP error quoting it, on
+/// front's eth0. With the agent running the node's gateway takes them first (a packet claiming
+/// a protected pod's address never enters there); with it stopped they reach front's own table.
+fn conntrack_without_interfaces(lab: &Lab, sock: &UdpSocket, when: &'static str) -> Vec<Outcome> {
+    let front = pod(lab, "shop/front");
+    let cart = pod(lab, "shop/cart");
+    let old = pod(lab, "legacy/old");
+    let gateway = "keyway_datapath_drops_total{stage=\"gateway\",reason=\"off_overlay\"}";
+    let drops = || {
+        let at_gateway = lab.node_metric(gateway).first().copied().unwrap_or(0.0) as u64;
+        pod_drops(front) + at_gateway
+    };
+    let mut v = Vec::new();
+
+    let before = drops();
+    let forged = udp4(ip(cart), 80, ip(front), 40404, b"forged-reply");
+    send_raw(&netns(old), &[forged]).unwrap();
+    let got = received(sock, T);
+    v.push(Outcome {
+        item: 4,
+        attack: "bridge neighbour forges a reply to a pod's overlay flow on its eth0",
+        got_through: got.iter().any(|g| g.as_deref() == Ok(b"forged-reply")),
+        counted: drops() > before,
+        detail: format!(
+            "{when}: {} as {}:80 -> {}:40404; front's table drop counter + {gateway}",
+            ip(old),
+            ip(cart),
+            ip(front),
+        ),
+    });
+
+    let before = drops();
+    let quoted = udp4(ip(front), 40404, ip(cart), 80, b"hello");
+    let icmp = port_unreachable4(ip(cart), ip(front), &quoted);
+    send_raw(&netns(old), &[icmp]).unwrap();
+    // An accepted error is reported by the socket's next call.
+    std::thread::sleep(Duration::from_millis(200));
+    let got = received(sock, T);
+    v.push(Outcome {
+        item: 4,
+        attack: "bridge neighbour sends an ICMP error quoting the overlay flow",
+        got_through: got.contains(&Err(std::io::ErrorKind::ConnectionRefused)),
+        counted: drops() > before,
+        detail: format!(
+            "{when}: port unreachable from {} quoting front->cart",
+            ip(old)
+        ),
+    });
+    v
+}
+
+/// Item 7: an allowed peer (front may reach cart) fills cart's flow table with flows it makes
+/// up; cart must still open its own connections (to db-0, whose replies only the flow table
+/// admits: cart admits only app=front).
+fn flow_table_exhaustion(lab: &Lab) -> Vec<Outcome> {
+    let front = pod(lab, "shop/front");
+    let cart = pod(lab, "shop/cart");
+    let series = "keyway_flow_table_pressure_total{event=\"peer_quota\"}";
+    let before = metric(lab, 1, series);
+    let packets: Vec<Vec<u8>> = (1..=20_000u16)
+        .map(|p| udp4(overlay(front), p, overlay(cart), 80, b"f"))
+        .collect();
+    for batch in packets.chunks(500) {
+        send_raw(&netns(front), batch).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let db = pod(lab, "shop/db-0");
+    let target = vec![format!("{}:80", overlay(db))];
+    let got = lab
+        .probe_from_netns(&netns_name(cart), &target, "TCP", T)
+        .unwrap();
+    vec![Outcome {
+        item: 7,
+        attack: "allowed peer fills a pod's flow table (20,000 made-up UDP flows)",
+        got_through: !got[0],
+        counted: metric(lab, 1, series) > before,
+        detail: format!(
+            "afterwards cart -> db-0 {target:?} connects: {}; {series}",
+            got[0]
+        ),
+    }]
+}
+
+/// Item 6: the admin server, as the DaemonSet exposes it (every address of the node).
+fn admin_endpoint(lab: &Lab) -> Vec<Outcome> {
+    let intruder = pod(lab, "other/intruder");
+    let admin = SocketAddr::new(lab.state.nodes[1].ip, 9464);
+    let mut v = Vec::new();
+    let debug = admin_get(&netns(intruder), admin, "/debug/attachments");
+    let metrics = admin_get(&netns(intruder), admin, "/metrics");
+    v.push(Outcome {
+        item: 6,
+        attack: "pod reads every pod's netns and policy from the node's admin port",
+        got_through: debug == Some(200),
+        counted: debug == Some(404),
+        detail: format!("/debug/attachments: {debug:?}; /metrics still: {metrics:?}"),
+    });
+    assert_eq!(metrics, Some(200), "Prometheus still scrapes the node");
+
+    // A pod holds connections open without a word.
+    let series = "keyway_admin_refused_total";
+    let before = metric(lab, 1, series);
+    let ns = keyway_sap::sys::Netns::open(netns(intruder)).unwrap();
+    let held: Vec<TcpStream> = (0..20)
+        .filter_map(|_| {
+            ns.run(|| TcpStream::connect_timeout(&admin, Duration::from_secs(2)))
+                .ok()?
+                .ok()
+        })
+        .collect();
+    let node = node_netns(lab, 1);
+    let healthz = admin_get(&node, "127.0.0.1:9464".parse().unwrap(), "/healthz");
+    std::thread::sleep(Duration::from_secs(6));
+    let open = held.into_iter().filter(still_open).count();
+    v.push(Outcome {
+        item: 6,
+        attack: "pod holds 20 idle connections to the admin port",
+        got_through: open > 0 || healthz != Some(200),
+        counted: metric(lab, 1, series) > before,
+        detail: format!(
+            "still open after 6 s: {open}; kubelet's /healthz meanwhile: {healthz:?}; {series}"
+        ),
+    });
+    v
+}
+
+/// Item 5: keyway's port, and a restart. With node-1's agent stopped, a workload in front binds
+/// front's GUE address and port; a neighbour sends to it; then the agent starts while the port
+/// is taken. The agent must keep front (never give its address away) and serve it again once
+/// the port is free.
+fn gue_port_and_restart(lab: &mut Lab, flow: &UdpSocket) -> Vec<Outcome> {
+    let front = pod(lab, "shop/front").clone();
+    let old = pod(lab, "legacy/old").clone();
+    lab.stop_agent("node-1").unwrap();
+    let mut v = conntrack_without_interfaces(lab, flow, "agent stopped");
+    v.push(spoofed_node_source(lab, "agent stopped"));
+    let squatter = udp_socket(
+        &netns(&front),
+        SocketAddr::new(IpAddr::V4(ip(&front)), 6080),
+    )
+    .expect("the GUE port is free while the agent is down");
+    let before = pod_drops(&front);
+    send_raw(
+        &netns(&old),
+        &[udp4(ip(&old), 6080, ip(&front), 6080, b"to-the-squatter")],
+    )
+    .unwrap();
+    let got = received(&squatter, T);
+    v.push(Outcome {
+        item: 5,
+        attack: "workload takes the GUE port while the agent restarts; underlay sends to it",
+        got_through: got.iter().any(|g| g.as_deref() == Ok(b"to-the-squatter")),
+        counted: pod_drops(&front) > before,
+        detail: format!("{} -> {}:6080", ip(&old), ip(&front)),
+    });
+
+    lab.start_agent("node-1").unwrap();
+    let failures = metric(lab, 0, "keyway_reattach_failures_total");
+    drop(squatter);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let served = loop {
+        let m = lab.probe(80, "TCP", Via::Overlay, T).unwrap();
+        let at = |n: &str| m.names.iter().position(|x| x == n).unwrap();
+        if m.cells[at("shop/db-0")][at("shop/front")] {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    v.push(Outcome {
+        item: 5,
+        attack: "the squatted port at the agent's start makes it forget the pod",
+        got_through: !served,
+        counted: failures > 0.0,
+        detail: format!(
+            "front served again by overlay once the port is free: {served}; \
+             keyway_reattach_failures_total {failures}"
+        ),
+    });
+    v
+}
