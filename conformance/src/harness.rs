@@ -261,6 +261,21 @@ pub fn pod_yaml(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]
     )
 }
 
+/// The same pod once kubelet reported its IP (`status.podIPs`), as every agent checks another
+/// node's attachment against.
+pub fn pod_yaml_running(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+    ip: &str,
+) -> String {
+    format!(
+        "{}status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n",
+        pod_yaml(namespace, name, node, labels)
+    )
+}
+
 /// A simulated cluster for a test: nodes on an underlay, a `keyway-agent` on each sharing one
 /// state source, and pods made through the real chain (bridge + host-local + keyway).
 #[derive(Debug)]
@@ -411,6 +426,11 @@ impl TestCluster {
             );
         }
         let result = result.unwrap();
+        let infra_ip = ip_of(&result, "eth0");
+        self.apply(
+            &format!("pod-{namespace}-{name}.yaml"),
+            &pod_yaml_running(namespace, name, &n.name, labels, &infra_ip),
+        );
         let add_keyway_ms = execs
             .iter()
             .find(|e| e.plugin == "keyway")
@@ -418,7 +438,7 @@ impl TestCluster {
         TestPod {
             add_keyway_ms,
             overlay_ip: self.overlay_ip(node, &rt.container_id),
-            infra_ip: ip_of(&result, "eth0"),
+            infra_ip,
             netns,
             namespace: namespace.into(),
             name: name.into(),

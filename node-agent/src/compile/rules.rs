@@ -86,6 +86,14 @@ fn numeric_ports(ports: Option<&Vec<NetworkPolicyPort>>) -> Option<Vec<PortMatch
     if v.is_empty() { None } else { Some(v) }
 }
 
+/// Whether a rule names a port by name (resolved against each destination's ports).
+fn names_ports(ports: Option<&Vec<NetworkPolicyPort>>) -> bool {
+    ports
+        .into_iter()
+        .flatten()
+        .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+}
+
 /// The identities a rule's peers select; every identity when it names none.
 fn peers(ids: &Identities, ns: &str, list: Option<&Vec<NetworkPolicyPeer>>) -> Vec<Identity> {
     let Some(list) = list.filter(|l| !l.is_empty()) else {
@@ -123,6 +131,17 @@ impl Policy {
             self.isolation[x.0 as usize].ingress = true;
         }
         for rule in spec.ingress.iter().flatten() {
+            if rule.from.as_ref().is_none_or(|f| f.is_empty()) {
+                // Every source: one allow set per selected identity, not one per pair.
+                for x in selected {
+                    add_ports(
+                        self.acl.ingress_from_any(*x),
+                        rule.ports.as_ref(),
+                        ids.ports(*x),
+                    );
+                }
+                continue;
+            }
             let from = peers(ids, ns, rule.from.as_ref());
             for x in selected {
                 for y in &from {
@@ -146,9 +165,15 @@ impl Policy {
                     .filter_map(|p| p.ip_block.as_ref().and_then(parse_block))
                     .collect(),
             };
-            let to = peers(ids, ns, to);
+            // Every destination, with ports that need no destination to resolve (no names): one
+            // allow set per selected identity, not one per pair.
+            let any = to.is_none() && !names_ports(rule.ports.as_ref());
+            let to = if any { Vec::new() } else { peers(ids, ns, to) };
             let ports = numeric_ports(rule.ports.as_ref());
             for x in selected {
+                if any {
+                    add_ports(self.acl.egress_to_any(*x), rule.ports.as_ref(), &[]);
+                }
                 for y in &to {
                     add_ports(self.acl.egress(*x, *y), rule.ports.as_ref(), ids.ports(*y));
                 }

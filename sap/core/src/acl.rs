@@ -268,11 +268,22 @@ struct PairEntry {
     direct: bool,
 }
 
+/// What one identity allows whoever the peer (a rule without peers): its egress to any
+/// destination, its ingress from any source. Kept per identity rather than per pair, so that
+/// such rules cost one entry per selected identity, not one per identity pair.
+#[derive(Debug, Clone, Copy)]
+struct AnyPeer {
+    egress: u32,
+    ingress: u32,
+}
+
 /// The compiled policy of a cluster, immutable once built; replaced whole on change.
 #[derive(Debug, Clone, Default)]
 pub struct Acl {
     isolation: Vec<Isolation>,
     pairs: FastMap<u64, PairEntry>,
+    /// By identity.
+    any: Vec<AnyPeer>,
     sets: Vec<AllowSet>,
 }
 
@@ -302,10 +313,17 @@ impl Acl {
         if !s.egress && !d.ingress {
             return true;
         }
-        let Some(e) = self.pairs.get(&pair(src, dst)) else {
-            return false;
+        let e = self.pairs.get(&pair(src, dst));
+        let any = |id: Identity| self.any.get(id.0 as usize);
+        let egress = || {
+            any(src).is_some_and(|a| self.admitted(a.egress, c))
+                || e.is_some_and(|e| self.admitted(e.egress, c))
         };
-        (!s.egress || self.admitted(e.egress, c)) && (!d.ingress || self.admitted(e.ingress, c))
+        let ingress = || {
+            any(dst).is_some_and(|a| self.admitted(a.ingress, c))
+                || e.is_some_and(|e| self.admitted(e.ingress, c))
+        };
+        (!s.egress || egress()) && (!d.ingress || ingress())
     }
 
     /// Whether `c` from `src` to `dst` could be a reply within a flow that policy allows from
@@ -340,6 +358,11 @@ impl Acl {
     pub fn allow_set_count(&self) -> usize {
         self.sets.len()
     }
+
+    /// Number of identity pairs policy names (what grows when rules name peers).
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
 }
 
 /// Builds an [`Acl`]; identical allow sets are stored once.
@@ -348,6 +371,8 @@ pub struct AclBuilder {
     isolation: Vec<Isolation>,
     ingress: FastMap<u64, AllowSetBuilder>,
     egress: FastMap<u64, AllowSetBuilder>,
+    ingress_any: FastMap<u32, AllowSetBuilder>,
+    egress_any: FastMap<u32, AllowSetBuilder>,
     direct: FastSet<u64>,
 }
 
@@ -369,6 +394,16 @@ impl AclBuilder {
     /// The egress rules of `src` admitting traffic to `dst`.
     pub fn egress(&mut self, src: Identity, dst: Identity) -> &mut AllowSetBuilder {
         self.egress.entry(pair(src, dst)).or_default()
+    }
+
+    /// The ingress rules of `dst` admitting traffic from any source (a rule without `from`).
+    pub fn ingress_from_any(&mut self, dst: Identity) -> &mut AllowSetBuilder {
+        self.ingress_any.entry(dst.0).or_default()
+    }
+
+    /// The egress rules of `src` admitting traffic to any destination (a rule without `to`).
+    pub fn egress_to_any(&mut self, src: Identity) -> &mut AllowSetBuilder {
+        self.egress_any.entry(src.0).or_default()
     }
 
     /// Marks the pair direct in both directions.
@@ -402,9 +437,27 @@ impl AclBuilder {
         for k in self.direct {
             pairs.entry(k).or_insert(blank).direct = true;
         }
+        let mut any = vec![
+            AnyPeer {
+                egress: NONE,
+                ingress: NONE,
+            };
+            self.isolation.len()
+        ];
+        for (id, b) in self.egress_any {
+            if let Some(a) = any.get_mut(id as usize) {
+                a.egress = intern(b);
+            }
+        }
+        for (id, b) in self.ingress_any {
+            if let Some(a) = any.get_mut(id as usize) {
+                a.ingress = intern(b);
+            }
+        }
         Acl {
             isolation: self.isolation,
             pairs,
+            any,
             sets,
         }
     }
@@ -445,6 +498,28 @@ mod tests {
         ingress: false,
         egress: false,
     };
+
+    #[test]
+    fn a_rule_without_peers_is_kept_per_identity_and_adds_to_pair_rules() {
+        let mut b = Acl::builder();
+        let server = b.identity(ISOLATED);
+        let clients: Vec<Identity> = (0..100).map(|_| b.identity(OPEN)).collect();
+        b.ingress_from_any(server)
+            .allow(PROTO_TCP, Some(PortRange::single(80)));
+        b.ingress(clients[0], server)
+            .allow(PROTO_TCP, Some(PortRange::single(443)));
+        b.egress_to_any(server)
+            .allow(PROTO_UDP, Some(PortRange::single(53)));
+        let acl = b.build();
+        assert_eq!(acl.pair_count(), 1, "no pair for the any-peer rule");
+        for c in &clients {
+            assert!(acl.allows(*c, server, &tcp(80)));
+            assert!(acl.allows(server, *c, &udp(53)));
+            assert!(!acl.allows(server, *c, &tcp(53)));
+        }
+        assert!(acl.allows(clients[0], server, &tcp(443)), "pair rules add");
+        assert!(!acl.allows(clients[1], server, &tcp(443)));
+    }
 
     #[test]
     fn unisolated_identities_allow_everything() {

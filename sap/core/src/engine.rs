@@ -143,10 +143,17 @@ pub struct Send {
     pub hop: Hop,
 }
 
-/// Whether a datagram's outer source may speak for the inner source: a SaP may for anyone, an
-/// entity for itself; an outside address only through a SaP (its gateway).
-fn outer_source_ok(tables: &Tables, src_route: &Route, outer: SocketAddr) -> bool {
-    tables.saps.contains(&outer.ip()) || (!src_route.outside && src_route.infra.ip() == outer.ip())
+/// Whether a datagram's outer source may speak for the inner source: the entity itself (its
+/// infrastructure address), the SaP it sends through (its node's, or its gateway's: a
+/// masquerading primary makes a pod's GUE leave from its node's address), or `this_sap`, the
+/// SaP that serves the receiving endpoint (it forwards what reaches its endpoints, and its
+/// gateway carries outside traffic in). Any other SaP may not: a node does not speak for
+/// another node's pods.
+fn outer_source_ok(src: &Route, outer: SocketAddr, this_sap: Option<SocketAddr>) -> bool {
+    let ip = outer.ip();
+    (!src.outside && src.infra.ip() == ip)
+        || src.sap.is_some_and(|s| s.ip() == ip)
+        || this_sap.is_some_and(|s| s.ip() == ip)
 }
 
 /// Endpoint egress. `buf[gue::HEADER_LEN..]` holds the packet read from the TUN device; on success
@@ -214,7 +221,7 @@ pub fn endpoint_ingress(
         return Err(DropReason::WrongDestination);
     }
     let src = tables.fib.lookup(c.src).ok_or(DropReason::SpoofedSource)?;
-    if !outer_source_ok(tables, src, outer_src) {
+    if !outer_source_ok(src, outer_src, local.local_sap) {
         return Err(DropReason::SpoofedSource);
     }
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
@@ -285,7 +292,7 @@ fn sap_checks(
     outer_src: SocketAddr,
     now_ms: u64,
 ) -> Result<SocketAddr, DropReason> {
-    if !outer_source_ok(tables, src, outer_src) {
+    if !outer_source_ok(src, outer_src, None) {
         return Err(DropReason::SpoofedSource);
     }
     if !dst.keys.accepts(key, now_ms) {
@@ -417,6 +424,41 @@ mod tests {
         KeyRing::derive(&w.secret, entity, w.rot, NOW)
             .key_at(NOW)
             .unwrap()
+    }
+
+    #[test]
+    fn a_node_speaks_only_for_its_own_pods() {
+        let mut w = world(false);
+        w.tables.saps.insert("10.0.0.3".parse().unwrap());
+        let datagram = |src: [u8; 4]| {
+            let mut buf = with_headroom(build::syn4(src, 40000, B_IP, 80));
+            gue::encapsulate_in_place(key_of(&w, "ns/b"), &mut buf).unwrap();
+            buf
+        };
+        let ingress = |buf: &[u8], outer: &str| {
+            endpoint_ingress(&w.tables, &w.b, &flows(), buf, addr(outer), NOW)
+        };
+        // a's own address, a's node (a masquerading primary), b's own SaP: may speak for a.
+        for outer in ["10.1.1.1:6080", "10.0.0.1:6080", "10.0.0.2:6080"] {
+            assert!(ingress(&datagram(A_IP), outer).is_ok(), "{outer}");
+        }
+        // Another node's address may not, whoever it claims.
+        assert_eq!(
+            ingress(&datagram(A_IP), "10.0.0.3:6080"),
+            Err(DropReason::SpoofedSource)
+        );
+        assert_eq!(
+            ingress(&datagram(C_IP), "10.0.0.1:6080"),
+            Err(DropReason::SpoofedSource),
+            "node-1 does not speak for c, a pod of node-2"
+        );
+        // At a SaP: the source itself or its node.
+        let buf = datagram(A_IP);
+        assert!(sap_forward(&w.tables, &buf, addr("10.0.0.1:6080"), NOW).is_ok());
+        assert_eq!(
+            sap_forward(&w.tables, &buf, addr("10.0.0.3:6080"), NOW),
+            Err(DropReason::SpoofedSource)
+        );
     }
 
     #[test]
