@@ -146,7 +146,7 @@ impl Agent {
             endpoints: Endpoints::new(tables.clone(), p.counters, p.cfg.gue_port, p.node.local_sap),
             state: Mutex::new(State::new(&p.cfg.node_name)),
             compiler: tokio::sync::Mutex::new(Compiler {
-                keys: KeyCache::new(p.secret.clone()),
+                keys: KeyCache::new(p.secret.clone()).accepting_unattested(p.cfg.accept_unattested),
                 generation: 0,
             }),
             tables,

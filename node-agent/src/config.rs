@@ -111,7 +111,7 @@ pub struct Args {
     #[arg(long, env = "KEYWAY_GATEWAY_MARK", default_value = "0x200000", value_parser = parse_mark)]
     pub gateway_mark: u32,
     /// The mark bit kube-proxy sets on what it masquerades (`--masquerade-bit`, 14 by default):
-    /// such traffic reaches the pod as the node, and does not need the gateway.
+    /// the gateway clears it on what it takes, so that such traffic keeps its real source.
     #[arg(
         long,
         env = "KEYWAY_KUBE_PROXY_MASQUERADE_MARK",
@@ -123,6 +123,11 @@ pub struct Args {
     /// `externalTrafficPolicy: Local`, unprotected pods, other nodes) is then dropped.
     #[arg(long, env = "KEYWAY_NO_GATEWAY")]
     pub no_gateway: bool,
+    /// For a rolling upgrade from a keyway that did not attest attachments: count other agents'
+    /// unattested attachments too (every other check still applies). Remove once every node
+    /// runs this version: while it is on, whoever can write pod annotations can claim addresses.
+    #[arg(long, env = "KEYWAY_ACCEPT_UNATTESTED_ATTACHMENTS")]
+    pub accept_unattested_attachments: bool,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -150,6 +155,8 @@ pub struct Config {
     pub namespace: String,
     /// The node's gateway, unless `--no-gateway`.
     pub gateway: Option<GatewayConfig>,
+    /// `--accept-unattested-attachments`.
+    pub accept_unattested: bool,
 }
 
 impl Args {
@@ -222,6 +229,7 @@ impl Args {
                 masquerade_mark: self.kube_proxy_masquerade_mark,
                 gue_port: self.gue_port,
             }),
+            accept_unattested: self.accept_unattested_attachments,
         })
     }
 }

@@ -5,14 +5,23 @@
 //!
 //! Every exemption is a rule with a comment saying why (`nft list table inet keyway` shows them):
 //! - loopback, both ways: a pod talking to itself is never blocked;
-//! - the overlay devices, both ways: keyway's endpoint enforces policy there;
-//! - replies to connections the pod opened (`ct state established,related`);
-//! - GUE to the pod's keyway endpoint (UDP 6080 in; out only with keyway's socket mark, which a
-//!   workload cannot set): every datagram is then checked by key. Unmarked GUE going out is
-//!   dropped whatever the egress policy: a workload has no business speaking it;
-//! - the node's addresses (the primary CNI's gateways and `nodeAddresses`): kubelet's health
-//!   probes, and NetworkPolicy never blocks traffic between a pod and its node;
-//! - IPv6 neighbour discovery, without which the pod's IPv6 underlay would not work.
+//! - the overlay devices, both ways: keyway's endpoint enforces policy there. A connection that
+//!   travels the overlay gets [`OVERLAY_CT_MARK`];
+//! - replies to connections the pod opened off the overlay (`ct state established,related`
+//!   without that mark): an overlay connection's replies, and ICMP errors about it, are accepted
+//!   on the overlay device only, never on `eth0`, where a neighbour could forge them;
+//! - GUE to the pod's keyway endpoint: UDP 6080 in only to the pod's address and to a socket
+//!   with keyway's mark; out only with keyway's socket mark (which needs CAP_NET_RAW). Every
+//!   datagram is then checked by key. Unmarked GUE going out is dropped whatever the egress
+//!   policy: a workload has no business speaking it;
+//! - the node itself: in, from the primary CNI's gateways, `nodeAddresses` and Istio's probe
+//!   addresses ([`ISTIO_PROBE_SOURCES`]): kubelet's health probes; out, to the node's addresses
+//!   (NetworkPolicy never blocks traffic between a pod and its node; what the node forwards to
+//!   a protected pod goes through its gateway, checked);
+//! - IPv6 neighbour solicitations and advertisements, without which the pod's IPv6 underlay
+//!   would not work (router advertisements and redirects are not admitted).
+//!
+//! The `forward` chain drops everything: a pod does not route.
 //!
 //! Steering: the `steer` chain (a route chain on the output hook) adds [`STEER_MARK`] to what the
 //! pod sends to a protected pod's pod IP (the set `peers4` or `peers6`, of the pod IP's family);

@@ -66,6 +66,8 @@ pub fn external_entity(namespace: &str, name: &str) -> Arc<str> {
 pub struct KeyCache {
     secret: ClusterSecret,
     cache: HashMap<(Arc<str>, Epoch), KeyRing>,
+    /// Attachments without an attestation count too (`--accept-unattested-attachments`).
+    accept_unattested: bool,
 }
 
 impl KeyCache {
@@ -73,7 +75,15 @@ impl KeyCache {
         KeyCache {
             secret,
             cache: HashMap::new(),
+            accept_unattested: false,
         }
+    }
+
+    /// Counts attachments without an attestation too (a forged one is still refused): for a
+    /// rolling upgrade from agents that did not attest.
+    pub fn accepting_unattested(mut self, accept: bool) -> Self {
+        self.accept_unattested = accept;
+        self
     }
 
     pub fn ring(&mut self, entity: &Arc<str>, rotation: Rotation, now_ms: u64) -> KeyRing {
@@ -89,7 +99,7 @@ impl KeyCache {
 
     /// Whether an agent attested `a` (see [`crate::model::OverlayAttachmentSpec::attest`]).
     pub fn attests(&self, a: &crate::model::OverlayAttachmentSpec) -> bool {
-        a.attested_by(&self.secret)
+        (self.accept_unattested && a.proof.is_none()) || a.attested_by(&self.secret)
     }
 
     /// The key of an entity outside the cluster: provisioned once in its configuration, so it

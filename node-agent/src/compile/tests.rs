@@ -400,6 +400,21 @@ fn an_attachment_counts_only_when_attested_and_true_to_its_pod() {
         }),
         (Some(Refusal::Unattested), false)
     );
+    // During a rolling upgrade from agents that did not attest: counted, unless forged.
+    let mut m = model.clone();
+    let mut unattested = good.clone();
+    unattested.proof = None;
+    m.attachments.insert(key.clone(), unattested.clone());
+    let mut upgrading = KeyCache::new(secret()).accepting_unattested(true);
+    assert!(
+        compile(&m, &[], &node(), &mut upgrading, 0, 1)
+            .refused
+            .is_empty()
+    );
+    unattested.proof = Some("00".repeat(16));
+    m.attachments.insert(key.clone(), unattested);
+    let c = compile(&m, &[], &node(), &mut upgrading, 0, 1);
+    assert_eq!(c.refused, [(key.clone(), Refusal::Unattested)]);
     // Attested, but not true to the pod (an agent's stale or mistaken word).
     let cases: [(&Edit, Refusal); 4] = [
         (

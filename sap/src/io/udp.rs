@@ -7,8 +7,11 @@ use std::net::{SocketAddr, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The fwmark on keyway's own GUE packets ("kw"): the pod's output chain accepts GUE only with it.
-/// Setting a mark needs CAP_NET_ADMIN, which workloads do not have.
+/// The fwmark on keyway's own GUE packets ("kw"): the pod's output chain accepts GUE only with it,
+/// and its input chain delivers GUE only to a socket carrying it. Setting a mark needs
+/// CAP_NET_ADMIN or CAP_NET_RAW; a workload with CAP_NET_RAW could set it, but could as well write
+/// frames below netfilter, so the receiver's checks (keys, the outer source) are what holds
+/// (`docs/threat-model.md`).
 pub const GUE_MARK: u32 = 0x6b77;
 
 /// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
