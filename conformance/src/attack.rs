@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use keyway_core::packet::{PROTO_UDP, build};
 use keyway_sap::sys::Netns;
+
+use crate::topology::in_ns;
 use socket2::{Domain, Protocol, Socket, Type};
 
 const PROTO_ICMP: u8 = 1;
@@ -108,18 +110,8 @@ pub fn rule_packets(netns: &Path, family: &str, table: &str, comment: &str) -> a
         .context("a namespace under /var/run/netns")?
         .to_string_lossy()
         .into_owned();
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", &name, "nft", "-j", "list", "table", family, table,
-        ])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "nft list table {family} {table} in {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let out = in_ns(&name, &["nft", "-j", "list", "table", family, table])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
     let mut sum = 0;
     for item in v["nftables"].as_array().into_iter().flatten() {
         let rule = &item["rule"];

@@ -31,7 +31,8 @@ pub struct SimNode {
     pub gateway: Ipv4Addr,
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<String> {
+/// Runs a command; its stdout, or an error with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -46,7 +47,8 @@ fn sh(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+/// Runs a command in network namespace `ns` (`ip netns exec`), as [`sh`] does.
+pub fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut v = vec!["ip", "netns", "exec", ns];
     v.extend_from_slice(args);
     sh(&v)

@@ -19,7 +19,7 @@ use keyway_conformance::attack::{
     netns_holding, port_unreachable4, received, rule_packets, send_raw, udp_socket, udp4, v4,
 };
 use keyway_conformance::lab::{DownOnDrop, Lab, PodState, Via};
-use keyway_conformance::topology::Plan;
+use keyway_conformance::topology::{Plan, in_ns};
 use keyway_testing::{Scratch, privileged};
 
 const PREFIX: &str = "kwa";
@@ -311,14 +311,7 @@ fn routing_through_a_pod(lab: &Lab) -> Outcome {
     )
     .unwrap();
     let sh = |ns: &Path, args: &[&str]| {
-        let name = ns.file_name().unwrap().to_string_lossy().into_owned();
-        let ok = std::process::Command::new("ip")
-            .args(["netns", "exec", &name])
-            .args(args)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{args:?} in {name}");
+        in_ns(&ns.file_name().unwrap().to_string_lossy(), args).unwrap();
     };
     sh(&netns(front), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     // The attacker's frames: to front's MAC, for cart's overlay address.

@@ -25,7 +25,7 @@ use crate::containerd::{self, Containerd};
 use crate::cri::{ContainerSpec, Cri, DnsSpec, PodSpec};
 use crate::harness::{agnhost, bin};
 use crate::images;
-use crate::topology::{Plan, SimNode};
+use crate::topology::{Plan, SimNode, in_ns, sh};
 use objects::{LabPod, meta, source_path};
 
 pub const DEFAULT_DIR: &str = "/run/keyway-lab";
@@ -235,21 +235,6 @@ impl Matrix {
         }
         v
     }
-}
-
-fn run(cmd: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .with_context(|| format!("cannot run {}", cmd[0]))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// GETs the admin server of the agent in namespace `netns`.
@@ -962,7 +947,7 @@ impl Lab {
                 &[],
             )?;
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !run(&["ip", "netns", "exec", &e.netns, "ip", "link", "show", "kw0"])
+            while !in_ns(&e.netns, &["ip", "link", "show", "kw0"])
                 .is_ok_and(|o| o.contains("LOWER_UP"))
             {
                 if Instant::now() > deadline || !crate::proc::alive(sap_pid) {
@@ -1431,7 +1416,7 @@ impl Lab {
         }
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in &mounts {
-            let _ = run(&["umount", "-l", m]);
+            let _ = sh(&["umount", "-l", m]);
             if m.starts_with("/var/run/netns/") || m.starts_with("/run/netns/") {
                 let _ = std::fs::remove_file(m);
             }
@@ -1442,11 +1427,11 @@ impl Lab {
             .as_ref()
             .map(|s| s.plan.prefix.clone())
             .unwrap_or_else(|| "kwl".into());
-        let names = run(&["ip", "netns", "list"]).unwrap_or_default();
+        let names = sh(&["ip", "netns", "list"]).unwrap_or_default();
         for l in names.lines() {
             let name = l.split_whitespace().next().unwrap_or_default();
             if name.starts_with(&format!("{prefix}-")) {
-                let _ = run(&["ip", "netns", "del", name]);
+                let _ = sh(&["ip", "netns", "del", name]);
                 report.push(format!("namespace {name} deleted"));
             }
         }
@@ -1497,16 +1482,10 @@ impl Runner {
                 Ok(out)
             }
             Runner::Netns { netns, agnhost } => {
-                let mut cmd = vec![
-                    "ip".to_string(),
-                    "netns".into(),
-                    "exec".into(),
-                    netns.clone(),
-                    agnhost.display().to_string(),
-                ];
-                cmd.extend_from_slice(args);
-                let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-                run(&refs)
+                let agnhost = agnhost.display().to_string();
+                let mut cmd = vec![agnhost.as_str()];
+                cmd.extend(args.iter().map(String::as_str));
+                in_ns(netns, &cmd)
             }
         }
     }
