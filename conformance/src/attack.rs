@@ -6,10 +6,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use keyway_core::packet::{PROTO_UDP, build};
 use keyway_sap::sys::Netns;
 
@@ -126,25 +125,6 @@ pub fn rule_packets(netns: &Path, family: &str, table: &str, comment: &str) -> a
         }
     }
     Ok(sum)
-}
-
-/// The network namespace under `/var/run/netns` that holds `addr` (a pod keyway does not
-/// serve has no record of its namespace elsewhere).
-pub fn netns_holding(addr: Ipv4Addr) -> anyhow::Result<std::path::PathBuf> {
-    for entry in std::fs::read_dir("/var/run/netns")?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let out = Command::new("ip")
-            .args(["-n", &name, "-4", "-o", "addr", "show"])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text
-            .split_whitespace()
-            .any(|w| w.split('/').next() == Some(&addr.to_string()))
-        {
-            return Ok(entry.path());
-        }
-    }
-    bail!("no network namespace holds {addr}")
 }
 
 /// An IPv4 address (the lab's are).

@@ -139,6 +139,27 @@ impl Cri {
         Ok(r.into_inner().pod_sandbox_id)
     }
 
+    /// The sandbox's network namespace path, from the runtime's verbose status (its OCI spec).
+    pub fn netns_path(&mut self, id: &str) -> anyhow::Result<String> {
+        let r = self.rt.block_on(
+            self.client
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.into(),
+                    verbose: true,
+                }),
+        )?;
+        let info = r.into_inner().info.remove("info").unwrap_or_default();
+        let info: serde_json::Value = serde_json::from_str(&info)?;
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("sandbox {id} reports no network namespace"))
+    }
+
     /// The sandbox's IPs (the primary interface's, as kubelet reports them).
     pub fn pod_ips(&mut self, id: &str) -> anyhow::Result<Vec<String>> {
         let r = self.rt.block_on(

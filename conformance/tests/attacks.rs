@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use keyway_conformance::attack::{
-    netns_holding, port_unreachable4, received, rule_packets, send_raw, udp_socket, udp4, v4,
+    port_unreachable4, received, rule_packets, send_raw, udp_socket, udp4, v4,
 };
 use keyway_conformance::lab::{DownOnDrop, Lab, PodState, Via};
 use keyway_conformance::topology::{Plan, in_ns};
@@ -49,10 +49,6 @@ fn pod<'a>(lab: &'a Lab, key: &str) -> &'a PodState {
 }
 
 fn netns(p: &PodState) -> PathBuf {
-    if p.netns_path.is_empty() {
-        // A pod keyway does not serve (opted out): found by its address.
-        return netns_holding(ip(p)).unwrap();
-    }
     PathBuf::from(&p.netns_path)
 }
 

@@ -71,6 +71,8 @@ pub struct PodState {
     pub containers: Vec<(String, String)>,
     pub infra_ip: String,
     pub overlay_ips: Vec<IpAddr>,
+    /// The pod's network namespace (the agent's word for a protected pod, the runtime's for
+    /// one that opted out).
     pub netns_path: String,
 }
 
@@ -790,6 +792,9 @@ impl Lab {
                 .filter_map(|i| i.as_str()?.parse().ok())
                 .collect();
             st.netns_path = a["netns"].as_str().unwrap_or_default().to_string();
+        } else {
+            // Not keyway's (opted out): the runtime knows where it is.
+            st.netns_path = cri.netns_path(&st.sandbox)?;
         }
         doc["status"] = self.status_of(&st);
         self.write_object("Pod", &st.spec.namespace, &st.spec.name, &doc)?;
