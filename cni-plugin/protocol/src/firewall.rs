@@ -36,7 +36,7 @@
 //! steered yet) and by the agent whenever the pod's egress policy or the protected pods change.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 use keyway_core::packet::{PROTO_ICMPV6, PROTO_UDP};
@@ -71,8 +71,12 @@ pub const STEER_RULE_PRIORITY: u32 = 6080;
 pub const OVERLAY_CT_MARK: u32 = 0x0080_0000;
 /// The source address Istio's CNI gives kubelet's probes of an ambient pod, IPv4 and IPv6: the
 /// node, for the pod's table.
-pub const ISTIO_PROBE_SOURCES: [&str; 2] =
-    ["169.254.7.127", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"];
+pub const ISTIO_PROBE_SOURCES: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 7, 127)),
+    IpAddr::V6(Ipv6Addr::new(
+        0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+    )),
+];
 /// The ICMPv6 types neighbour discovery needs between a pod and its neighbours (RFC 4861): router
 /// solicitations and advertisements and redirects are not among them (a pod's routes come from
 /// its CNI).
@@ -342,8 +346,7 @@ impl PodFirewall {
     /// CNI gives kubelet's probes (`169.254.7.127`, and its IPv6 twin) in ambient mode.
     fn node_sources(&self) -> Vec<IpNetwork> {
         let mut v = self.node_addresses.clone();
-        for probe in ISTIO_PROBE_SOURCES {
-            let probe = IpNetwork::from(probe.parse::<IpAddr>().expect("a constant address"));
+        for probe in ISTIO_PROBE_SOURCES.map(IpNetwork::from) {
             if !v.contains(&probe) {
                 v.push(probe);
             }

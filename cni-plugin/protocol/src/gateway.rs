@@ -49,15 +49,29 @@ pub struct GatewayConfig {
     pub gue_port: u16,
 }
 
+/// Two sets of `addresses`, named `<name>4` (IPv4, id 1) and `<name>6` (IPv6, id 2).
+fn sets_by_family(name: &str, addresses: &[IpAddr]) -> Vec<Set> {
+    [(false, 1), (true, 2)]
+        .into_iter()
+        .map(|(v6, id)| {
+            let of_family = addresses
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv6() == v6)
+                .collect();
+            Set::of(
+                &format!("{name}{}", if v6 { 6 } else { 4 }),
+                v6,
+                id,
+                of_family,
+            )
+        })
+        .collect()
+}
+
 /// The node's table for this node's protected pods' pod IPs.
 pub fn table(cfg: &GatewayConfig, pods: &[IpAddr]) -> Table {
-    let sets: Vec<Set> = [("pods4", false, 1), ("pods6", true, 2)]
-        .into_iter()
-        .map(|(name, v6, id)| {
-            let of_family = pods.iter().copied().filter(|p| p.is_ipv6() == v6).collect();
-            Set::of(name, v6, id, of_family)
-        })
-        .collect();
+    let sets = sets_by_family("pods", pods);
     let mut rules = vec![
         Rule::new()
             .ct_reply()
@@ -104,22 +118,12 @@ const BRIDGE_PRIORITY: i32 = 100;
 /// bridge's own address, or Istio's probe address — is dropped. Pods admit the node's addresses
 /// as the node; a neighbour must not be able to borrow them.
 pub fn bridge_table(cfg: &GatewayConfig, bridges: &[Bridge]) -> Table {
-    let mut node = bridges
+    let mut node: Vec<IpAddr> = bridges
         .iter()
         .flat_map(|b| b.addresses.iter().copied())
-        .collect::<Vec<_>>();
-    node.extend(
-        firewall::ISTIO_PROBE_SOURCES
-            .iter()
-            .map(|a| a.parse::<IpAddr>().expect("a constant address")),
-    );
-    let sets: Vec<Set> = [("node4", false, 1), ("node6", true, 2)]
-        .into_iter()
-        .map(|(name, v6, id)| {
-            let of_family = node.iter().copied().filter(|p| p.is_ipv6() == v6).collect();
-            Set::of(name, v6, id, of_family)
-        })
         .collect();
+    node.extend(firewall::ISTIO_PROBE_SOURCES);
+    let sets = sets_by_family("node", &node);
     let mut rules: Vec<Rule> = sets
         .iter()
         .map(|set| {
