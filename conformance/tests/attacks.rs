@@ -27,10 +27,6 @@ const UNDERLAY_OCTET: u8 = 84;
 const POD_OCTET: u8 = 247;
 const T: Duration = Duration::from_millis(1000);
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// One attack's result: whether it got through, and whether its refusal was counted.
 struct Outcome {
     item: u8,
@@ -128,18 +124,13 @@ fn attacks_on_enforcement_are_refused_and_counted() {
     let scratch = Scratch::new("attacks");
     let dir = scratch.join("lab");
     let _down = DownOnDrop(dir.clone());
-    let topology = std::fs::read_to_string(repo().join("conformance/services/cluster.yaml"))
-        .unwrap()
-        .replace("UNDERLAY", &UNDERLAY_OCTET.to_string());
-    let file = scratch.join("cluster.yaml");
-    std::fs::write(&file, topology).unwrap();
     let plan = Plan {
         prefix: PREFIX.into(),
         nodes: 0,
         pod_octet: POD_OCTET,
         underlay_octet: UNDERLAY_OCTET,
     };
-    let mut lab = Lab::up_with(&dir, std::slice::from_ref(&file), 2, plan, true).expect("lab up");
+    let mut lab = Lab::up_services_topology(&dir, plan).expect("lab up");
     let mut out = Vec::new();
 
     let flow = overlay_flow(&lab);

@@ -58,18 +58,13 @@ fn services_pod_ips_dns_and_node_ports_reach_protected_pods_as_policy_says() {
     let scratch = Scratch::new("services");
     let dir = scratch.join("lab");
     let _down = DownOnDrop(dir.clone());
-    let topology = std::fs::read_to_string(repo().join("conformance/services/cluster.yaml"))
-        .unwrap()
-        .replace("UNDERLAY", &UNDERLAY_OCTET.to_string());
-    let file = scratch.join("cluster.yaml");
-    std::fs::write(&file, topology).unwrap();
     let plan = Plan {
         prefix: PREFIX.into(),
         nodes: 0,
         pod_octet: 249,
         underlay_octet: UNDERLAY_OCTET,
     };
-    let mut lab = Lab::up_with(&dir, std::slice::from_ref(&file), 2, plan, true).expect("lab up");
+    let mut lab = Lab::up_services_topology(&dir, plan).expect("lab up");
     let legacy = lab
         .state
         .pods

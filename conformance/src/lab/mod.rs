@@ -324,6 +324,19 @@ impl Lab {
         )
     }
 
+    /// The Services topology (`conformance/services/cluster.yaml`, a template whose underlay
+    /// octet is written `UNDERLAY`) on two nodes and `plan`'s underlay, with keyway: what the
+    /// Services and attack suites run against. The rendered file is `dir` with `.yaml`.
+    pub fn up_services_topology(dir: &Path, plan: Plan) -> anyhow::Result<Lab> {
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("services/cluster.yaml");
+        let topology = std::fs::read_to_string(&template)
+            .with_context(|| format!("cannot read {}", template.display()))?
+            .replace("UNDERLAY", &plan.underlay_octet.to_string());
+        let file = dir.with_extension("yaml");
+        std::fs::write(&file, topology)?;
+        Self::up_with(dir, &[file], 2, plan, true)
+    }
+
     pub fn up_with(
         dir: &Path,
         files: &[PathBuf],
