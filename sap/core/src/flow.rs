@@ -299,20 +299,22 @@ impl FlowTable {
         let Some(key) = FlowKey::reverse(c) else {
             return false;
         };
-        let Some(e) = inner.flows.get(&key).copied() else {
-            return false;
+        // One lookup for the common case, a live reply refreshed in place; removal (expired,
+        // or ended by a RST) is the rare one.
+        let live = match inner.flows.get_mut(&key) {
+            None => return false,
+            Some(e) => {
+                let live = now_ms.saturating_sub(e.seen) < self.timeout(&key, e);
+                if live && !c.resets_flow {
+                    e.seen = now_ms;
+                    e.answered = true;
+                    return true;
+                }
+                live
+            }
         };
-        if now_ms.saturating_sub(e.seen) >= self.timeout(&key, &e) {
-            inner.remove(&key);
-            return false;
-        }
-        if c.resets_flow {
-            inner.remove(&key);
-        } else if let Some(e) = inner.flows.get_mut(&key) {
-            e.seen = now_ms;
-            e.answered = true;
-        }
-        true
+        inner.remove(&key);
+        live
     }
 
     /// Whether `c` is a reply within a live tracked flow; refreshes the flow if so.
