@@ -265,9 +265,9 @@ pub fn add(inv: &Invocation) -> Result<CniResult, CniError> {
             )
         })?;
     let overhead = if infra.is_ipv4() {
-        keyway_core::gue::OVERHEAD_IPV4
+        keyway_core::gue::MTU_RESERVE_IPV4
     } else {
-        keyway_core::gue::OVERHEAD_IPV6
+        keyway_core::gue::MTU_RESERVE_IPV6
     } as u32;
     let mtu = inv
         .conf

@@ -132,7 +132,7 @@ fn lifecycle(test: &str, version: &str) {
 
     // What ADD made, in the pod.
     let link = pod.sh(&["ip", "-d", "link", "show", "kw0"]);
-    assert!(link.contains("mtu 1464") && link.contains("tun"), "{link}");
+    assert!(link.contains("mtu 1456") && link.contains("tun"), "{link}");
     assert!(pod.sh(&["ip", "addr", "show", "kw0"]).contains(&addr));
     assert!(
         pod.sh(&["ip", "route", "show", "100.64.0.0/10"])

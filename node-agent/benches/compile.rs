@@ -1,9 +1,10 @@
 //! The policy compiler at scale: 3,000 pods, each with a label of its own (as tenant-controlled
 //! labels can make them), so that every pod is an identity of its own. The baseline is the
-//! cluster with a policy whose rule names one peer; the case under test is a policy selecting
-//! every pod with a rule that names none (`ingress: [{}]`: every source). Before rules without
-//! peers were kept per identity, the second expanded to 3,000² identity pairs. The bench prints
-//! the pairs each compiles to and the process's peak resident memory after each.
+//! cluster with a policy whose rule names one peer; the cases under test are policies selecting
+//! every pod with rules whose peers are every pod: a rule that names none (`ingress: [{ports}]`),
+//! one whose peer is `namespaceSelector: {}`, and an egress rule to every pod on a named port.
+//! Before such rules were kept per selected identity, each expanded to 3,000² identity pairs. The
+//! bench prints what each compiles to and the process's peak resident memory after each.
 
 use std::hint::black_box;
 
@@ -20,7 +21,7 @@ fn cluster(policy: &str) -> Model {
     for i in 0..PODS {
         text.push_str(&format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: t, labels: {{app: x, unique: u{i}}}}}\n\
-             spec: {{nodeName: node-1}}\nstatus: {{podIPs: [{{ip: 10.{}.{}.{}}}]}}\n",
+             spec: {{nodeName: node-1, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIPs: [{{ip: 10.{}.{}.{}}}]}}\n",
             i / 65536,
             (i / 256) % 256,
             i % 256
@@ -35,6 +36,10 @@ const ONE_PEER: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPoli
     spec: {podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {unique: u0}}}]}]}\n";
 const EVERY_SOURCE: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: all, namespace: t}\n\
     spec: {podSelector: {}, ingress: [{ports: [{port: 80}]}]}\n";
+const EVERY_NAMESPACE: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: all, namespace: t}\n\
+    spec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 80}]}]}\n";
+const EVERY_POD_NAMED_PORT: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: all, namespace: t}\n\
+    spec: {podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}], ports: [{port: http}]}]}\n";
 
 fn node() -> NodeContext {
     NodeContext {
@@ -64,12 +69,16 @@ fn compiler(c: &mut Criterion) {
     for (name, policy) in [
         ("baseline_one_peer", ONE_PEER),
         ("every_source", EVERY_SOURCE),
+        ("every_namespace", EVERY_NAMESPACE),
+        ("egress_every_pod_named_port", EVERY_POD_NAMED_PORT),
     ] {
         let model = cluster(policy);
         let mut keys = KeyCache::new(secret.clone());
         let out = compile(&model, &[], &node(), &mut keys, 0, 1);
+        let (group_rules, groups) = out.tables.acl.group_rule_count();
         eprintln!(
-            "{name}: {} identities, {} identity pairs, {} allow sets; peak RSS so far {:.0} MiB",
+            "{name}: {} identities, {} identity pairs, {group_rules} rules on {groups} peer groups, \
+             {} allow sets; peak RSS so far {:.0} MiB",
             out.identities,
             out.tables.acl.pair_count(),
             out.tables.acl.allow_set_count(),

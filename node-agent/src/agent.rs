@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyway_core::counters::Counters;
+use keyway_core::engine::PacketAuth;
 use keyway_core::key::{ClusterSecret, KeyRing, Rotation};
 use keyway_core::tables::SharedTables;
 use keyway_protocol::Code;
@@ -31,7 +32,7 @@ use crate::compile::{self, KeyCache, LocalPod, NodeContext};
 use crate::config::Config;
 use crate::endpoints::{AttachError, Endpoints};
 use crate::gateway::{NodeFacts, NodeTable};
-use crate::metrics::{Metrics, ReasonLabel, RequestLabel};
+use crate::metrics::{Metrics, ModeLabel, ReasonLabel, RequestLabel};
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::records::{Attached, Record, StateDir, StoreError};
 use crate::source::Publisher;
@@ -259,6 +260,20 @@ impl Agent {
         self.metrics
             .fib_entries
             .set(compiled.tables.fib.len() as i64);
+        let in_force = compiled.tables.packet_auth;
+        if self.tables.load().packet_auth != in_force {
+            tracing::info!(mode = ?in_force, "packet authentication mode in force");
+        }
+        for (mode, label) in [
+            (PacketAuth::Disabled, "disabled"),
+            (PacketAuth::Permissive, "permissive"),
+            (PacketAuth::Strict, "strict"),
+        ] {
+            self.metrics
+                .packet_authentication
+                .get_or_create(&ModeLabel { mode: label })
+                .set(i64::from(mode == in_force));
+        }
         self.tables.publish(std::mem::take(&mut compiled.tables));
         let mut failed = self.endpoints.apply(&compiled).await;
         failed += self.apply_gateway(&locals).await;

@@ -125,6 +125,13 @@ pub struct Metrics {
     pub reattach_failures: Counter,
     /// Published attachments the last compile did not count, by reason.
     pub attachments_refused: Family<ReasonLabel, Gauge>,
+    /// The packet-authentication mode the data path runs: 1 for the mode in force, 0 for others.
+    pub packet_authentication: Family<ModeLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,6 +167,7 @@ impl Metrics {
             admin_refused: Counter::default(),
             reattach_failures: Counter::default(),
             attachments_refused: Family::default(),
+            packet_authentication: Family::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -239,6 +247,12 @@ impl Metrics {
             "keyway_attachments_refused",
             help,
             self.attachments_refused.clone(),
+        );
+        let help = "Packet authentication in force (1) by mode: disabled, permissive, strict";
+        r.register(
+            "keyway_packet_authentication",
+            help,
+            self.packet_authentication.clone(),
         );
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(

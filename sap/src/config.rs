@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::io::endpoint::DeviceSpec;
 use keyway_core::acl::{Acl, AllowSetBuilder, FastSet, Identity, Isolation, PortRange};
-use keyway_core::engine::{LocalEndpoint, Tables};
+use keyway_core::engine::{LocalEndpoint, PacketAuth, Tables};
 use keyway_core::fib::{Fib, Route};
 use keyway_core::key::{ClusterSecret, Key, KeyRing, Rotation};
 use keyway_core::packet::protocol_number;
@@ -49,6 +49,31 @@ pub struct Config {
     /// directions and only these pairs (with these ports) are allowed.
     #[serde(default)]
     pub allow: Vec<AllowConfig>,
+    /// Per-packet MAC: `disabled` (the default), `permissive` (seal, accept unsealed) or
+    /// `strict` (seal, refuse unsealed), as the cluster's ClusterConfig says. Needs keys derived
+    /// from `secretFile`: a static key has no MAC key.
+    #[serde(default)]
+    pub packet_authentication: PacketAuthConfig,
+}
+
+/// [`PacketAuth`] as configuration spells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PacketAuthConfig {
+    #[default]
+    Disabled,
+    Permissive,
+    Strict,
+}
+
+impl From<PacketAuthConfig> for PacketAuth {
+    fn from(c: PacketAuthConfig) -> Self {
+        match c {
+            PacketAuthConfig::Disabled => PacketAuth::Disabled,
+            PacketAuthConfig::Permissive => PacketAuth::Permissive,
+            PacketAuthConfig::Strict => PacketAuth::Strict,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,8 +250,13 @@ impl Config {
                 .map_err(|e| invalid(e.to_string()))?,
             None => Rotation::default(),
         };
+        let auth = PacketAuth::from(self.packet_authentication);
         let keys_for = |entity: &str, key: Option<HexKey>| -> Result<KeyRing, ConfigError> {
             match (key, &secret) {
+                (Some(_), _) if auth.seals() => Err(invalid(format!(
+                    "entity {entity:?} has a static key, which has no MAC key: \
+                     packetAuthentication needs keys derived from secretFile"
+                ))),
                 (Some(k), _) => Ok(KeyRing::Static(k.0)),
                 (None, Some(s)) => Ok(KeyRing::derive(s, entity, rotation, now_ms)),
                 (None, None) => Err(invalid(format!(
@@ -262,9 +292,9 @@ impl Config {
                     key: e.key,
                 });
                 let overhead = if self.listen.is_ipv4() {
-                    keyway_core::gue::OVERHEAD_IPV4
+                    keyway_core::gue::MTU_RESERVE_IPV4
                 } else {
-                    keyway_core::gue::OVERHEAD_IPV6
+                    keyway_core::gue::MTU_RESERVE_IPV6
                 };
                 let mtu = e.mtu.unwrap_or((1500 - overhead) as u16);
                 if mtu < 576 {
@@ -348,6 +378,7 @@ impl Config {
                 acl: acl.build(),
                 saps,
                 generation: 1,
+                packet_auth: auth,
             },
             endpoint,
         })
@@ -386,7 +417,7 @@ allow:
         let compiled = c.compile(0).unwrap();
         let (dev, local) = compiled.endpoint.unwrap();
         assert_eq!(dev.name, "kw1");
-        assert_eq!(dev.mtu, 1464);
+        assert_eq!(dev.mtu, 1456, "1500 less GUE's 36 bytes and the MAC's 8");
         assert_eq!(local.keys, KeyRing::Static(Key(0xabcd)));
         let s1 = compiled
             .tables

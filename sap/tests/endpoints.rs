@@ -109,6 +109,7 @@ fn tables(p: Policy) -> Tables {
         acl: acl.build(),
         saps: Default::default(),
         generation: 1,
+        packet_auth: Default::default(),
     }
 }
 
@@ -122,7 +123,7 @@ struct Pod {
 async fn pod(ns: TestNetns, entity: &str, overlay: &str, infra: &str, tables: Tables) -> Pod {
     let spec = DeviceSpec {
         name: "kw0".into(),
-        mtu: 1500 - 36,
+        mtu: (1500 - keyway_core::gue::MTU_RESERVE_IPV4) as u16,
         address: format!("{overlay}/32").parse().unwrap(),
         routes: vec!["100.64.0.0/10".parse().unwrap()],
     };

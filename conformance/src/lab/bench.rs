@@ -266,6 +266,21 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "external via gateway SaP",
         )?;
         let add_keyway = runsandbox_latency(&mut lab, "add-keyway", 10)?;
+        // Last, as it stops the external endpoint (its static key has no MAC key): every
+        // datagram sealed and checked.
+        let strict_doc = dir.with_extension("strict.yaml");
+        std::fs::write(
+            &strict_doc,
+            "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {name: cluster}\nspec: {packetAuthentication: Strict}\n",
+        )?;
+        lab.apply(&[strict_doc])?;
+        lab.await_metric("keyway_packet_authentication{mode=\"strict\"}", 1.0)?;
+        let sealed = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server,
+            seconds,
+            "overlay via SaP, MAC",
+        )?;
 
         let mut out = String::new();
         out += "request/response latency (µs) and TCP throughput between pods on two nodes; ratios to native\n";
@@ -281,7 +296,15 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "http p50 ×",
             "tput ×"
         );
-        for f in [&native, &native_svc, &direct, &via_sap, &svc_sap, &external] {
+        for f in [
+            &native,
+            &native_svc,
+            &direct,
+            &via_sap,
+            &svc_sap,
+            &external,
+            &sealed,
+        ] {
             out += &format!(
                 "{:<26} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
                 f.name,
@@ -306,7 +329,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         Ok(out)
     })();
     let _ = Lab::down(&dir);
-    for ext in ["native.yaml", "keyway.yaml", "direct.yaml"] {
+    for ext in ["native.yaml", "keyway.yaml", "direct.yaml", "strict.yaml"] {
         let _ = std::fs::remove_file(dir.with_extension(ext));
     }
     result

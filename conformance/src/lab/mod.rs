@@ -1249,6 +1249,22 @@ impl Lab {
     }
 
     /// A series of the agents' metrics, per node (0 where an agent does not answer or lacks it).
+    /// Waits (up to 15 s) until every node's agent reports `value` for `series`: a change of the
+    /// state source has reached every data path.
+    pub fn await_metric(&self, series: &str, value: f64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.node_metric(series);
+            if now.iter().all(|v| *v == value) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{series} is {now:?} on the nodes after 15 s, not {value}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn node_metric(&self, series: &str) -> Vec<f64> {
         self.state
             .nodes

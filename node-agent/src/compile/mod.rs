@@ -34,12 +34,12 @@ use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use keyway_core::acl::FastSet;
-use keyway_core::engine::Tables;
+use keyway_core::engine::{PacketAuth, Tables};
 use keyway_core::fib::{Fib, Route};
 use keyway_core::key::{ClusterSecret, Epoch, KeyRing, Rotation};
 use keyway_protocol::firewall::{Egress, ServiceNat};
 
-use crate::model::{Model, ObjectKey, OverlayNetwork};
+use crate::model::{Model, ObjectKey, OverlayNetwork, PacketAuthentication};
 use crate::policy;
 
 /// An attachment this node serves, as the compiler needs it.
@@ -212,6 +212,11 @@ fn assemble(
         acl: policy.acl.build(),
         saps,
         generation,
+        packet_auth: match model.config().packet_authentication {
+            PacketAuthentication::Disabled => PacketAuth::Disabled,
+            PacketAuthentication::Permissive => PacketAuth::Permissive,
+            PacketAuthentication::Strict => PacketAuth::Strict,
+        },
     };
     out
 }

@@ -2,12 +2,17 @@
 //! select in the directions they name and add their rules' peers and ports; strict mode isolates
 //! every identity's ingress; DirectPaths mark pairs that bypass the SaPs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use keyway_core::acl::{Acl, AclBuilder, AllowSetBuilder, Identity, Isolation, PortRange};
+
+/// A rule whose peers are more identities than this is kept once per selected identity with its
+/// peers as a group (a bitmap), not once per identity pair: beyond it, pairs would make compiled
+/// state grow with identities². At or under it, pairs keep a packet's check at one lookup.
+const PAIRS_PER_RULE_MAX: usize = 8;
 use keyway_protocol::firewall::{EgressAllow, PortMatch};
 
 use super::entities::Entity;
@@ -143,6 +148,14 @@ impl Policy {
                 continue;
             }
             let from = peers(ids, ns, rule.from.as_ref());
+            if from.len() > PAIRS_PER_RULE_MAX {
+                let group = self.acl.peer_group(&from);
+                for x in selected {
+                    let b = self.acl.ingress_from_group(group, *x);
+                    add_ports(b, rule.ports.as_ref(), ids.ports(*x));
+                }
+                continue;
+            }
             for x in selected {
                 for y in &from {
                     add_ports(self.acl.ingress(*y, *x), rule.ports.as_ref(), ids.ports(*x));
@@ -167,24 +180,44 @@ impl Policy {
             };
             // Every destination, with ports that need no destination to resolve (no names): one
             // allow set per selected identity, not one per pair.
-            let any = to.is_none() && !names_ports(rule.ports.as_ref());
+            let names = names_ports(rule.ports.as_ref());
+            let any = to.is_none() && !names;
             let to = if any { Vec::new() } else { peers(ids, ns, to) };
+            // Many destinations: one group per set of named ports they declare (names resolve
+            // against the destination), so that each group's ports are the same for all.
+            let groups = if to.len() > PAIRS_PER_RULE_MAX {
+                let mut by_ports: BTreeMap<&[NamedPort], Vec<Identity>> = BTreeMap::new();
+                for y in &to {
+                    let key = if names { ids.ports(*y) } else { &[] };
+                    by_ports.entry(key).or_default().push(*y);
+                }
+                by_ports
+                    .into_iter()
+                    .map(|(named, members)| (self.acl.peer_group(&members), named))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let pairs: &[Identity] = if groups.is_empty() { &to } else { &[] };
             let ports = numeric_ports(rule.ports.as_ref());
+            let unprotected: Vec<Block> = to
+                .iter()
+                .flat_map(|y| ids.off_overlay_pods.get(y.0 as usize).into_iter().flatten())
+                .map(|ip| (IpNetwork::from(*ip), Vec::new()))
+                .collect();
             for x in selected {
                 if any {
                     add_ports(self.acl.egress_to_any(*x), rule.ports.as_ref(), &[]);
                 }
-                for y in &to {
+                for (group, named) in &groups {
+                    let b = self.acl.egress_to_group(*x, *group);
+                    add_ports(b, rule.ports.as_ref(), named);
+                }
+                for y in pairs {
                     add_ports(self.acl.egress(*x, *y), rule.ports.as_ref(), ids.ports(*y));
                 }
                 let Some(ports) = &ports else { continue };
-                let unprotected = to.iter().flat_map(|y| {
-                    let pods = ids.off_overlay_pods.get(y.0 as usize);
-                    pods.into_iter()
-                        .flatten()
-                        .map(|ip| (IpNetwork::from(*ip), Vec::new()))
-                });
-                for (cidr, except) in off_overlay.iter().cloned().chain(unprotected) {
+                for (cidr, except) in off_overlay.iter().chain(&unprotected).cloned() {
                     self.egress_allows[x.0 as usize].push(EgressAllow {
                         cidr,
                         except,

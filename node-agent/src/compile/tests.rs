@@ -61,6 +61,11 @@ fn secret() -> ClusterSecret {
 
 /// The cluster with `extra` documents, compiled on node-1.
 fn compiled(extra: &str) -> (Model, Compiled) {
+    compiled_with(extra, Vec::new())
+}
+
+/// The cluster with `extra` documents and `more` objects, compiled on node-1.
+fn compiled_with(extra: &str, more: Vec<Object>) -> (Model, Compiled) {
     let mut text = BASE.to_string();
     for (ns, name, node, _, infra) in PODS {
         text.push_str("---\n");
@@ -82,6 +87,7 @@ fn compiled(extra: &str) -> (Model, Compiled) {
             .attest(&secret()),
         ));
     }
+    objects.extend(more);
     let model = Model::from_objects(objects);
     let (ns, name, _, overlay, infra) = PODS[0];
     let key = ObjectKey::new(ns, name);
@@ -642,5 +648,78 @@ fn egress_to_pods_off_the_overlay_opens_their_pod_ips_in_the_firewall() {
     assert!(
         !allows(&c, XA, XB, PROTO_TCP, 80),
         "protected pods the rule does not name stay closed"
+    );
+}
+
+/// Twelve more pods on node-2, `z/p0`…`z/p11`, each with labels of its own (an identity each);
+/// the even ones serve `http` on 8080, the odd ones on 9090.
+fn with_many_pods(extra: &str) -> (Compiled, impl Fn(usize) -> Ipv4Addr) {
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n");
+    let mut attachments = Vec::new();
+    for i in 0..12u8 {
+        let port = if i % 2 == 0 { 8080 } else { 9090 };
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: z, labels: {{pod: p{i}}}}}\n\
+             spec: {{nodeName: node-2, containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\n\
+             status: {{podIPs: [{{ip: 10.244.3.{i}}}]}}\n"
+        ));
+        attachments.push(Object::OverlayAttachment(
+            OverlayAttachmentSpec {
+                namespace: "z".into(),
+                pod: format!("p{i}"),
+                node: "node-2".into(),
+                infra_ip: IpAddr::from([10, 244, 3, i]),
+                overlay_ips: vec![IpAddr::from([100, 64, 3, i])],
+                proof: None,
+            }
+            .attest(&secret()),
+        ));
+    }
+    text.push_str("---\n");
+    text.push_str(extra);
+    let (_, c) = compiled_with(&text, attachments);
+    (c, |i: usize| Ipv4Addr::new(100, 64, 3, i as u8))
+}
+
+fn allows_between(c: &Compiled, s: Ipv4Addr, d: Ipv4Addr, port: u16) -> bool {
+    let k = packet::classify(&packet::build::syn4(s.octets(), 40000, d.octets(), port)).unwrap();
+    let id = |ip| c.tables.fib.lookup(ip).unwrap().identity;
+    c.tables.acl.allows(id(k.src), id(k.dst), &k)
+}
+
+#[test]
+fn rules_naming_many_peers_compile_per_selected_identity_with_the_same_meaning() {
+    let (c, z) = with_many_pods(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: z}\n\
+         spec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 80}, {port: http}]}]}\n\
+         ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: \
+         {matchLabels: {kubernetes.io/metadata.name: z}}}], ports: [{port: http}]}]}\n",
+    );
+    assert_eq!(c.tables.acl.pair_count(), 0, "no rule expanded per pair");
+    let (rules, groups) = c.tables.acl.group_rule_count();
+    assert_eq!(
+        groups, 3,
+        "every pod; z's pods serving http on 8080; on 9090"
+    );
+    assert_eq!(rules, 12 + 2, "one per z pod, and x/a's two");
+    let xb = overlay("x", "b");
+    assert!(allows_between(&c, xb, z(3), 80), "every namespace's pods");
+    assert!(allows_between(&c, z(5), z(3), 80));
+    assert!(!allows_between(&c, xb, z(3), 81), "ports still count");
+    assert!(allows_between(&c, xb, z(3), 9090) && !allows_between(&c, xb, z(3), 8080));
+    let xa = overlay("x", "a");
+    assert!(
+        !allows_between(&c, xa, z(0), 80),
+        "x/a's egress allows http only"
+    );
+    assert!(allows_between(&c, xa, z(0), 8080) && allows_between(&c, xa, z(1), 9090));
+    assert!(
+        !allows_between(&c, xa, z(0), 9090) && !allows_between(&c, xa, z(1), 8080),
+        "the name resolves against each destination"
+    );
+    assert!(
+        !allows_between(&c, xa, xb, 8080),
+        "x/b is not among x/a's peers"
     );
 }

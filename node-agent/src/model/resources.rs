@@ -151,6 +151,20 @@ pub enum PolicyMode {
     Strict,
 }
 
+/// Per-packet authentication (a MAC keyed per destination and epoch in every datagram), turned
+/// on in two steps so that no node refuses what another still sends: every agent `Permissive`,
+/// then every agent `Strict`. See docs/threat-model.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PacketAuthentication {
+    /// No MAC is sent (one that arrives is still checked).
+    #[default]
+    Disabled,
+    /// Every datagram is sealed with a MAC; datagrams without one are still accepted.
+    Permissive,
+    /// Every datagram is sealed, and datagrams without a MAC are dropped.
+    Strict,
+}
+
 /// `keyway.io/v1alpha1` ClusterConfig (a singleton, any name): cluster-wide settings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
 #[kube(
@@ -159,7 +173,8 @@ pub enum PolicyMode {
     kind = "ClusterConfig",
     root = "ClusterConfigResource",
     shortname = "kwconfig",
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.policyMode"}"#
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.policyMode"}"#,
+    printcolumn = r#"{"name":"PacketAuth","type":"string","jsonPath":".spec.packetAuthentication"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterConfigSpec {
@@ -172,6 +187,10 @@ pub struct ClusterConfigSpec {
     /// How long a key stays accepted around its epoch (default: --key-grace-seconds).
     #[serde(default)]
     pub key_grace_seconds: Option<u64>,
+    /// `Disabled`, `Permissive` (seal, accept unsealed: the step between) or `Strict` (seal,
+    /// refuse unsealed): a MAC per datagram, so that a key seen on the wire lets no one send.
+    #[serde(default)]
+    pub packet_authentication: PacketAuthentication,
 }
 
 /// `keyway.io/v1alpha1` OverlayBlock: one block of an overlay network claimed by one node. The

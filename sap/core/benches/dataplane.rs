@@ -8,11 +8,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
-use keyway_core::engine::{self, LocalEndpoint, Tables};
+use keyway_core::engine::{self, LocalEndpoint, PacketAuth, Tables};
 use keyway_core::fib::{Fib, Route};
 use keyway_core::flow::{FlowTable, FlowTimeouts};
 use keyway_core::gue;
-use keyway_core::key::{Key, KeyRing};
+use keyway_core::key::{ClusterSecret, Key, KeyRing, MacKey, Rotation};
 use keyway_core::packet::{self, PROTO_TCP, build};
 
 const PACKET: usize = 1400;
@@ -41,12 +41,27 @@ fn codec(c: &mut Criterion) {
     g.bench_function("encapsulate", |b| {
         b.iter(|| black_box(gue::encapsulate(Key(7), black_box(&inner), &mut out).unwrap()))
     });
-    let mut inplace = vec![0u8; gue::HEADER_LEN];
+    let mut inplace = vec![0u8; gue::HEADROOM];
     inplace.extend_from_slice(&inner);
     g.bench_function("encapsulate_in_place", |b| {
         b.iter(|| {
-            gue::encapsulate_in_place(Key(7), black_box(&mut inplace)).unwrap();
+            black_box(gue::seal(Key(7), None, black_box(&mut inplace)).unwrap());
             black_box(&inplace);
+        })
+    });
+    let mac = MacKey::from_bytes([7; 16]);
+    g.bench_function("seal_with_mac", |b| {
+        b.iter(|| {
+            black_box(gue::seal(Key(7), Some(&mac), black_box(&mut inplace)).unwrap());
+            black_box(&inplace);
+        })
+    });
+    let sealed = inplace.clone();
+    g.bench_function("decapsulate_and_check_mac", |b| {
+        b.iter(|| {
+            let d = black_box(&sealed[..]);
+            let h = gue::decode(d).unwrap();
+            black_box(gue::authentic(d, &h, &mac))
         })
     });
     let datagram = out.clone();
@@ -200,6 +215,7 @@ fn engines(c: &mut Criterion) {
         acl: acl.build(),
         saps: Default::default(),
         generation: 1,
+        packet_auth: PacketAuth::Disabled,
     };
     let local = LocalEndpoint {
         entity: "ns/pod-0".into(),
@@ -210,7 +226,7 @@ fn engines(c: &mut Criterion) {
     };
     let flows = FlowTable::new(65536, FlowTimeouts::default());
     let inner = inner_packet();
-    let mut buf = vec![0u8; gue::HEADER_LEN];
+    let mut buf = vec![0u8; gue::HEADROOM];
     buf.extend_from_slice(&inner);
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Bytes(inner.len() as u64));
@@ -221,7 +237,7 @@ fn engines(c: &mut Criterion) {
             )
         })
     });
-    let datagram = buf.clone();
+    let datagram = buf[gue::HEADROOM - gue::HEADER_LEN..].to_vec();
     let local_b = LocalEndpoint {
         entity: "ns/pod-1".into(),
         overlay_ips: vec!["100.64.0.2".parse().unwrap()],
@@ -243,5 +259,78 @@ fn engines(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, fib, policy, engines);
+/// Packet authentication's cost on the engines: the same two pods, keys derived from a cluster
+/// secret (a static key has no MAC key), with authentication off (the baseline) and strict.
+fn packet_auth(c: &mut Criterion) {
+    let secret = ClusterSecret::new(vec![7u8; 32]).expect("long enough");
+    let rotation = Rotation::default();
+    let now = 1_000_000;
+    let mut acl = Acl::builder();
+    let ids = [
+        acl.identity(Isolation::default()),
+        acl.identity(Isolation::default()),
+    ];
+    let mut fib = Fib::builder();
+    for (i, id) in ids.iter().enumerate() {
+        let entity = format!("ns/pod-{i}");
+        let keys = KeyRing::derive(&secret, &entity, rotation, now);
+        let r = Route {
+            entity: entity.into(),
+            identity: *id,
+            keys,
+            infra: format!("10.0.0.{}:6080", i + 1).parse().unwrap(),
+            sap: None,
+            outside: false,
+        };
+        let overlay = format!("100.64.0.{}/32", i + 1).parse().unwrap();
+        fib.insert(overlay, r).unwrap();
+    }
+    let mut tables = Tables {
+        fib: fib.build(),
+        acl: acl.build(),
+        saps: Default::default(),
+        generation: 1,
+        packet_auth: PacketAuth::Disabled,
+    };
+    let endpoint = |i: u32| LocalEndpoint {
+        entity: format!("ns/pod-{i}").into(),
+        overlay_ips: vec![format!("100.64.0.{}", i + 1).parse().unwrap()],
+        infra: format!("10.0.0.{}:6080", i + 1).parse().unwrap(),
+        keys: KeyRing::derive(&secret, &format!("ns/pod-{i}"), rotation, now),
+        local_sap: None,
+    };
+    let (a, b) = (endpoint(0), endpoint(1));
+    let flows = FlowTable::new(65536, FlowTimeouts::default());
+    let inner = inner_packet();
+    let mut g = c.benchmark_group("packet_auth");
+    g.throughput(Throughput::Bytes(inner.len() as u64));
+    for (name, mode) in [
+        ("off", PacketAuth::Disabled),
+        ("strict", PacketAuth::Strict),
+    ] {
+        tables.packet_auth = mode;
+        let mut buf = vec![0u8; gue::HEADROOM];
+        buf.extend_from_slice(&inner);
+        g.bench_function(format!("endpoint_egress_{name}"), |bn| {
+            bn.iter(|| {
+                let send = engine::endpoint_egress(&tables, &a, &flows, black_box(&mut buf), now);
+                black_box(send.unwrap())
+            })
+        });
+        let start = engine::endpoint_egress(&tables, &a, &flows, &mut buf, now)
+            .unwrap()
+            .start;
+        let datagram = buf[start..].to_vec();
+        let from = a.infra;
+        g.bench_function(format!("endpoint_ingress_{name}"), |bn| {
+            bn.iter(|| {
+                let d = black_box(&datagram[..]);
+                black_box(engine::endpoint_ingress(&tables, &b, &flows, d, from, now).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, fib, policy, engines, packet_auth);
 criterion_main!(benches);

@@ -1,7 +1,11 @@
 //! Policy tables: identities (sets of overlay endpoints that policy cannot tell apart) and, per
 //! ordered pair of identities, the set of protocols and ports allowed. A packet's check is at most
 //! two hash lookups and one constant-time port test, whatever the number of rules or pods: the
-//! policy compiler does the work once, the packet path never iterates rules.
+//! policy compiler does the work once, the packet path never iterates rules — except for rules
+//! whose peers are many identities ([`PeerGroup`]): those are kept once per rule and selected
+//! identity, not once per identity pair, so that compiled state grows with rules × selected
+//! identities and never with identities²; a packet then costs one bit test per such rule of its
+//! two identities.
 //!
 //! Semantics are Kubernetes NetworkPolicy's, per direction: a packet from `s` to `d` is allowed iff
 //! (`s` is not egress-isolated, or `s`'s egress allow set for `d` admits it) and (`d` is not
@@ -277,6 +281,29 @@ struct AnyPeer {
     ingress: u32,
 }
 
+/// A set of identities a rule names as its peers, interned by membership: one bitmap shared by
+/// every rule and identity that names the same peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerGroup(u32);
+
+/// One rule of one identity whose peers are a [`PeerGroup`].
+#[derive(Debug, Clone, Copy)]
+struct GroupRule {
+    group: u32,
+    set: u32,
+}
+
+/// Identity numbers as a bitmap.
+#[derive(Debug, Clone)]
+struct Members(Box<[u64]>);
+
+impl Members {
+    fn contains(&self, id: Identity) -> bool {
+        let i = id.0 as usize;
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
 /// The compiled policy of a cluster, immutable once built; replaced whole on change.
 #[derive(Debug, Clone, Default)]
 pub struct Acl {
@@ -284,6 +311,10 @@ pub struct Acl {
     pairs: FastMap<u64, PairEntry>,
     /// By identity.
     any: Vec<AnyPeer>,
+    /// By identity: its egress rules towards peer groups, and its ingress rules from them.
+    egress_groups: Vec<Box<[GroupRule]>>,
+    ingress_groups: Vec<Box<[GroupRule]>>,
+    groups: Vec<Members>,
     sets: Vec<AllowSet>,
 }
 
@@ -304,6 +335,19 @@ impl Acl {
         set != NONE && self.sets[set as usize].admits(c.proto, &c.transport)
     }
 
+    /// Whether one of `rules` names `peer` among its peers and admits `c`.
+    fn admitted_by_group(
+        &self,
+        rules: Option<&[GroupRule]>,
+        peer: Identity,
+        c: &Classified,
+    ) -> bool {
+        rules
+            .into_iter()
+            .flatten()
+            .any(|r| self.groups[r.group as usize].contains(peer) && self.admitted(r.set, c))
+    }
+
     /// Whether policy allows `c` from `src` to `dst`.
     #[inline]
     pub fn allows(&self, src: Identity, dst: Identity, c: &Classified) -> bool {
@@ -318,10 +362,20 @@ impl Acl {
         let egress = || {
             any(src).is_some_and(|a| self.admitted(a.egress, c))
                 || e.is_some_and(|e| self.admitted(e.egress, c))
+                || self.admitted_by_group(
+                    self.egress_groups.get(src.0 as usize).map(|r| &r[..]),
+                    dst,
+                    c,
+                )
         };
         let ingress = || {
             any(dst).is_some_and(|a| self.admitted(a.ingress, c))
                 || e.is_some_and(|e| self.admitted(e.ingress, c))
+                || self.admitted_by_group(
+                    self.ingress_groups.get(dst.0 as usize).map(|r| &r[..]),
+                    src,
+                    c,
+                )
         };
         (!s.egress || egress()) && (!d.ingress || ingress())
     }
@@ -359,9 +413,15 @@ impl Acl {
         self.sets.len()
     }
 
-    /// Number of identity pairs policy names (what grows when rules name peers).
+    /// Number of identity pairs policy names (what grows when rules name a few peers).
     pub fn pair_count(&self) -> usize {
         self.pairs.len()
+    }
+
+    /// Number of rules kept per identity with a peer group, and of distinct peer groups.
+    pub fn group_rule_count(&self) -> (usize, usize) {
+        let rules = self.egress_groups.iter().chain(&self.ingress_groups);
+        (rules.map(|r| r.len()).sum(), self.groups.len())
     }
 }
 
@@ -373,6 +433,11 @@ pub struct AclBuilder {
     egress: FastMap<u64, AllowSetBuilder>,
     ingress_any: FastMap<u32, AllowSetBuilder>,
     egress_any: FastMap<u32, AllowSetBuilder>,
+    /// Keyed by identity and group.
+    ingress_group: FastMap<u64, AllowSetBuilder>,
+    egress_group: FastMap<u64, AllowSetBuilder>,
+    groups: Vec<Vec<u32>>,
+    interned_groups: HashMap<Vec<u32>, u32>,
     direct: FastSet<u64>,
 }
 
@@ -404,6 +469,33 @@ impl AclBuilder {
     /// The egress rules of `src` admitting traffic to any destination (a rule without `to`).
     pub fn egress_to_any(&mut self, src: Identity) -> &mut AllowSetBuilder {
         self.egress_any.entry(src.0).or_default()
+    }
+
+    /// The group of `members` (in any order, repeats allowed), the same group for the same set.
+    pub fn peer_group(&mut self, members: &[Identity]) -> PeerGroup {
+        let mut key: Vec<u32> = members.iter().map(|i| i.0).collect();
+        key.sort_unstable();
+        key.dedup();
+        let next = self.groups.len() as u32;
+        let id = *self.interned_groups.entry(key.clone()).or_insert(next);
+        if id == next {
+            self.groups.push(key);
+        }
+        PeerGroup(id)
+    }
+
+    /// The ingress rules of `dst` admitting traffic from every member of `from`.
+    pub fn ingress_from_group(&mut self, from: PeerGroup, dst: Identity) -> &mut AllowSetBuilder {
+        self.ingress_group
+            .entry(pair(dst, Identity(from.0)))
+            .or_default()
+    }
+
+    /// The egress rules of `src` admitting traffic to every member of `to`.
+    pub fn egress_to_group(&mut self, src: Identity, to: PeerGroup) -> &mut AllowSetBuilder {
+        self.egress_group
+            .entry(pair(src, Identity(to.0)))
+            .or_default()
     }
 
     /// Marks the pair direct in both directions.
@@ -454,10 +546,45 @@ impl AclBuilder {
                 a.ingress = intern(b);
             }
         }
+        let n = self.isolation.len();
+        let groups: Vec<Members> = self
+            .groups
+            .iter()
+            .map(|ids| {
+                let mut bits = vec![0u64; n.div_ceil(64)];
+                for &i in ids.iter().filter(|&&i| (i as usize) < n) {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+                Members(bits.into_boxed_slice())
+            })
+            .collect();
+        let mut by_identity = |rules: FastMap<u64, AllowSetBuilder>| {
+            let mut v: Vec<Vec<GroupRule>> = vec![Vec::new(); n];
+            for (k, b) in rules {
+                let (id, group) = ((k >> 32) as usize, k as u32);
+                if let Some(list) = v.get_mut(id) {
+                    list.push(GroupRule {
+                        group,
+                        set: intern(b),
+                    });
+                }
+            }
+            v.into_iter()
+                .map(|mut l| {
+                    l.sort_unstable_by_key(|r| (r.group, r.set));
+                    l.into_boxed_slice()
+                })
+                .collect::<Vec<_>>()
+        };
+        let egress_groups = by_identity(self.egress_group);
+        let ingress_groups = by_identity(self.ingress_group);
         Acl {
             isolation: self.isolation,
             pairs,
             any,
+            egress_groups,
+            ingress_groups,
+            groups,
             sets,
         }
     }
@@ -519,6 +646,38 @@ mod tests {
         }
         assert!(acl.allows(clients[0], server, &tcp(443)), "pair rules add");
         assert!(!acl.allows(clients[1], server, &tcp(443)));
+    }
+
+    #[test]
+    fn a_rule_with_a_peer_group_is_kept_per_identity_and_admits_only_members() {
+        let mut b = Acl::builder();
+        let ids: Vec<Identity> = (0..200).map(|_| b.identity(ISOLATED)).collect();
+        let (evens, odds): (Vec<Identity>, Vec<Identity>) = ids.iter().partition(|i| i.0 % 2 == 0);
+        let g = b.peer_group(&evens);
+        let mut shuffled = evens.clone();
+        shuffled.reverse();
+        shuffled.push(evens[0]);
+        assert_eq!(b.peer_group(&shuffled), g, "interned by membership");
+        for &x in &ids {
+            b.ingress_from_group(g, x)
+                .allow(PROTO_TCP, Some(PortRange::single(80)));
+            b.egress_to_group(x, g)
+                .allow(PROTO_TCP, Some(PortRange::single(80)));
+        }
+        let acl = b.build();
+        assert_eq!(acl.pair_count(), 0);
+        assert_eq!(acl.group_rule_count(), (400, 1));
+        assert!(acl.allows(evens[3], evens[7], &tcp(80)));
+        assert!(
+            !acl.allows(evens[3], odds[7], &tcp(80)),
+            "egress names only members as destinations"
+        );
+        assert!(!acl.allows(odds[3], evens[7], &tcp(80)), "not a member");
+        assert!(
+            !acl.allows(evens[3], evens[7], &tcp(81)),
+            "ports still count"
+        );
+        assert!(!acl.allows(evens[3], Identity(9999), &tcp(80)));
     }
 
     #[test]

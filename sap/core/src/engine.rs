@@ -14,10 +14,16 @@
 //! - ingress: GUE parses → the key is the endpoint's own (current epoch, or a neighbour within the
 //!   grace window) → the inner destination is one of the endpoint's own addresses → the outer
 //!   source is the infrastructure address the FIB holds for the inner source, or a known SaP →
-//!   policy allows it (or it replies to a tracked flow).
+//!   packet authentication holds → policy allows it (or it replies to a tracked flow).
 //! - SaP: GUE and inner packet parse → the outer source matches the inner source (or is a SaP) →
 //!   the FIB knows the destination → the key is the destination's → policy allows the pair in
-//!   one direction or the other → forward the datagram unchanged to the destination.
+//!   one direction or the other → packet authentication holds → forward the datagram unchanged
+//!   to the destination.
+//!
+//! Packet authentication ([`PacketAuth`]): a sender seals each datagram with a MAC keyed by the
+//! destination and epoch; a receiver (endpoint or SaP) checks a MAC whenever one is present,
+//! whatever the mode, and in strict mode refuses a datagram without one. So a 32-bit key seen on
+//! the wire lets no one send: the MAC key is never on the wire and never in a pod.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -27,7 +33,7 @@ use crate::acl::{Acl, FastSet};
 use crate::fib::{Fib, Route};
 use crate::flow::FlowTable;
 use crate::gue;
-use crate::key::KeyRing;
+use crate::key::{Key, KeyRing};
 use crate::packet::{Classified, classify};
 
 /// Why a packet was dropped. Every variant has a counter ([`crate::counters::DropCounters`]).
@@ -52,10 +58,35 @@ pub enum DropReason {
     /// The next hop would be a SaP again (a destination whose infrastructure address is a
     /// node's): a SaP forwards only to endpoints, so no datagram goes around twice.
     Loop,
+    /// The datagram's MAC is not the one its destination's MAC key gives (forged, altered, or
+    /// sealed for another destination or epoch).
+    BadMac,
+    /// Packet authentication is strict and the datagram carries no MAC.
+    Unauthenticated,
+}
+
+/// Packet authentication, a cluster-wide switch, turned on in two steps so that no node ever
+/// refuses what another still sends: every node first seals (`Permissive`), then every node
+/// requires (`Strict`). A MAC that is present is checked in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PacketAuth {
+    /// Datagrams are sent without a MAC.
+    #[default]
+    Disabled,
+    /// Datagrams are sealed; datagrams without a MAC are still accepted (the step between).
+    Permissive,
+    /// Datagrams are sealed, and those without a MAC are dropped ([`DropReason::Unauthenticated`]).
+    Strict,
+}
+
+impl PacketAuth {
+    pub fn seals(self) -> bool {
+        self != PacketAuth::Disabled
+    }
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::NoRoute,
         DropReason::DeniedByPolicy,
         DropReason::BadKey,
@@ -64,6 +95,8 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::OffOverlay,
         DropReason::Loop,
+        DropReason::BadMac,
+        DropReason::Unauthenticated,
     ];
 
     /// The label used in metrics and logs.
@@ -77,6 +110,8 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::OffOverlay => "off_overlay",
             DropReason::Loop => "loop",
+            DropReason::BadMac => "bad_mac",
+            DropReason::Unauthenticated => "unauthenticated",
         }
     }
 
@@ -101,6 +136,7 @@ pub struct Tables {
     pub saps: FastSet<IpAddr>,
     /// Increases with each compilation: tells which policy a packet was judged by.
     pub generation: u64,
+    pub packet_auth: PacketAuth,
 }
 
 /// What an endpoint knows about itself.
@@ -141,6 +177,38 @@ pub enum Hop {
 pub struct Send {
     pub to: SocketAddr,
     pub hop: Hop,
+    /// Where the datagram starts in the buffer (the header is longer with a MAC).
+    pub start: usize,
+}
+
+/// Encapsulates the packet at `buf[gue::HEADROOM..]` with `key`, sealed with its MAC key from
+/// `keys` when packet authentication is on; returns where the datagram starts.
+fn seal(tables: &Tables, keys: &KeyRing, key: Key, buf: &mut [u8]) -> Result<usize, DropReason> {
+    let mac = if tables.packet_auth.seals() {
+        keys.mac_for(key)
+    } else {
+        None
+    };
+    gue::seal(key, mac, buf).map_err(|_| DropReason::Malformed)
+}
+
+/// Packet authentication at a receiver holding `keys` (the destination's), for a datagram whose
+/// key they accept.
+fn authenticated(
+    tables: &Tables,
+    keys: &KeyRing,
+    datagram: &[u8],
+    header: &gue::Header,
+) -> Result<(), DropReason> {
+    match header.mac {
+        Some(_) => keys
+            .mac_for(header.key)
+            .filter(|m| gue::authentic(datagram, header, m))
+            .map(|_| ())
+            .ok_or(DropReason::BadMac),
+        None if tables.packet_auth == PacketAuth::Strict => Err(DropReason::Unauthenticated),
+        None => Ok(()),
+    }
 }
 
 /// Whether a datagram's outer source may speak for the inner source: the entity itself (its
@@ -156,8 +224,8 @@ fn outer_source_ok(src: &Route, outer: SocketAddr, this_sap: Option<SocketAddr>)
         || this_sap.is_some_and(|s| s.ip() == ip)
 }
 
-/// Endpoint egress. `buf[gue::HEADER_LEN..]` holds the packet read from the TUN device; on success
-/// the header has been written in front of it, so `buf` is the datagram to send.
+/// Endpoint egress. `buf[gue::HEADROOM..]` holds the packet read from the TUN device; on success
+/// the header has been written in front of it, so `buf[send.start..]` is the datagram to send.
 pub fn endpoint_egress(
     tables: &Tables,
     local: &LocalEndpoint,
@@ -165,7 +233,7 @@ pub fn endpoint_egress(
     buf: &mut [u8],
     now_ms: u64,
 ) -> Result<Send, DropReason> {
-    let inner = buf.get(gue::HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    let inner = buf.get(gue::HEADROOM..).ok_or(DropReason::Malformed)?;
     let c = classify(inner).map_err(|_| DropReason::Malformed)?;
     if !local.owns(c.src) {
         return Err(DropReason::SpoofedSource);
@@ -177,29 +245,18 @@ pub fn endpoint_egress(
         return Err(DropReason::DeniedByPolicy);
     }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
-    gue::encapsulate_in_place(key, buf).map_err(|_| DropReason::Malformed)?;
+    let start = seal(tables, &dst.keys, key, buf)?;
     let direct = tables.acl.is_direct(src.identity, dst.identity);
-    match dst.sap {
-        Some(sap) if !direct => {
-            if Some(sap) == local.local_sap {
-                // This node's SaP: run its checks now and skip the hop.
-                let to = sap_checks(tables, &c, key, src, dst, local.infra, now_ms)?;
-                Ok(Send {
-                    to,
-                    hop: Hop::LocalSap,
-                })
-            } else {
-                Ok(Send {
-                    to: sap,
-                    hop: Hop::Sap,
-                })
-            }
-        }
-        _ => Ok(Send {
-            to: dst.infra,
-            hop: Hop::Direct,
-        }),
-    }
+    let (to, hop) = match dst.sap {
+        // This node's SaP: run its checks now and skip the hop.
+        Some(sap) if !direct && Some(sap) == local.local_sap => (
+            sap_checks(tables, &c, key, src, dst, local.infra, now_ms)?,
+            Hop::LocalSap,
+        ),
+        Some(sap) if !direct => (sap, Hop::Sap),
+        _ => (dst.infra, Hop::Direct),
+    };
+    Ok(Send { to, hop, start })
 }
 
 /// Endpoint ingress: returns the range of `datagram` holding the inner packet to write to the TUN.
@@ -224,6 +281,8 @@ pub fn endpoint_ingress(
     if !outer_source_ok(src, outer_src, local.local_sap) {
         return Err(DropReason::SpoofedSource);
     }
+    // Before policy: a datagram that is not authentic must not open or refresh a flow.
+    authenticated(tables, &local.keys, datagram, &header)?;
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
     if !flows.admit(&c, allowed, true, now_ms) {
@@ -243,7 +302,9 @@ pub fn sap_forward(
     let c = classify(&datagram[header.payload_offset..]).map_err(|_| DropReason::Malformed)?;
     let src = tables.fib.lookup(c.src).ok_or(DropReason::SpoofedSource)?;
     let dst = overlay_route(tables, c.dst)?;
-    sap_checks(tables, &c, header.key, src, dst, outer_src, now_ms)
+    let to = sap_checks(tables, &c, header.key, src, dst, outer_src, now_ms)?;
+    authenticated(tables, &dst.keys, datagram, &header)?;
+    Ok(to)
 }
 
 /// The route of an overlay destination: one with an endpoint (an outside address has none).
@@ -256,13 +317,13 @@ fn overlay_route(tables: &Tables, dst: IpAddr) -> Result<&Route, DropReason> {
 }
 
 /// The node's gateway: a packet from off the overlay (read from the gateway device, where the
-/// node routes what is not GUE for a local protected pod), at `buf[gue::HEADER_LEN..]`. Its source
+/// node routes what is not GUE for a local protected pod), at `buf[gue::HEADROOM..]`. Its source
 /// must be an outside address — one of a protected entity arriving here got around its overlay
 /// device — and policy must admit it from the identity the FIB gives that address; it is then
 /// encapsulated with the destination's key, as its SaP would send it, and goes to the destination
 /// endpoint. Replies do not come back this way: the destination answers natively.
 pub fn gateway_ingress(tables: &Tables, buf: &mut [u8], now_ms: u64) -> Result<Send, DropReason> {
-    let inner = buf.get(gue::HEADER_LEN..).ok_or(DropReason::Malformed)?;
+    let inner = buf.get(gue::HEADROOM..).ok_or(DropReason::Malformed)?;
     let c = classify(inner).map_err(|_| DropReason::Malformed)?;
     let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
     if !src.outside {
@@ -276,17 +337,18 @@ pub fn gateway_ingress(tables: &Tables, buf: &mut [u8], now_ms: u64) -> Result<S
         return Err(DropReason::Loop);
     }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
-    gue::encapsulate_in_place(key, buf).map_err(|_| DropReason::Malformed)?;
+    let start = seal(tables, &dst.keys, key, buf)?;
     Ok(Send {
         to: dst.infra,
         hop: Hop::Direct,
+        start,
     })
 }
 
 fn sap_checks(
     tables: &Tables,
     c: &Classified,
-    key: crate::key::Key,
+    key: Key,
     src: &Route,
     dst: &Route,
     outer_src: SocketAddr,
@@ -393,6 +455,7 @@ mod tests {
             acl: acl.build(),
             saps,
             generation: 1,
+            packet_auth: PacketAuth::Disabled,
         };
         let local = |name: &str, ip: [u8; 4], infra: &str, sap: &str| LocalEndpoint {
             entity: name.into(),
@@ -415,9 +478,28 @@ mod tests {
     }
 
     fn with_headroom(pkt: Vec<u8>) -> Vec<u8> {
-        let mut b = vec![0u8; gue::HEADER_LEN];
+        let mut b = vec![0u8; gue::HEADROOM];
         b.extend_from_slice(&pkt);
         b
+    }
+
+    /// [`endpoint_egress`], leaving in `buf` the datagram alone.
+    fn egress(
+        tables: &Tables,
+        local: &LocalEndpoint,
+        flows: &FlowTable,
+        buf: &mut Vec<u8>,
+        now_ms: u64,
+    ) -> Result<Send, DropReason> {
+        let send = endpoint_egress(tables, local, flows, buf, now_ms)?;
+        buf.drain(..send.start);
+        Ok(send)
+    }
+
+    /// Seals the packet at `buf[gue::HEADROOM..]` with `key` and no MAC, leaving the datagram.
+    fn seal_plain(key: Key, buf: &mut Vec<u8>) {
+        let start = gue::seal(key, None, buf).unwrap();
+        buf.drain(..start);
     }
 
     fn key_of(w: &World, entity: &str) -> Key {
@@ -432,7 +514,7 @@ mod tests {
         w.tables.saps.insert("10.0.0.3".parse().unwrap());
         let datagram = |src: [u8; 4]| {
             let mut buf = with_headroom(build::syn4(src, 40000, B_IP, 80));
-            gue::encapsulate_in_place(key_of(&w, "ns/b"), &mut buf).unwrap();
+            seal_plain(key_of(&w, "ns/b"), &mut buf);
             buf
         };
         let ingress = |buf: &[u8], outer: &str| {
@@ -462,6 +544,94 @@ mod tests {
     }
 
     #[test]
+    fn packet_authentication_makes_a_known_key_worth_nothing() {
+        let mut w = world(false);
+        w.tables.packet_auth = PacketAuth::Permissive;
+        let pkt = build::tcp4(A_IP, 40000, B_IP, 80);
+        let mut sealed = with_headroom(pkt.clone());
+        let send = egress(&w.tables, &w.a, &flows(), &mut sealed, NOW).unwrap();
+        assert_eq!(send.start, 0, "the header grew by the MAC");
+        let h = gue::decode(&sealed).unwrap();
+        assert!(h.mac.is_some() && h.key == key_of(&w, "ns/b"));
+        let from_a = addr("10.1.1.1:6080");
+        let from_sap = addr("10.0.0.2:6080");
+        assert!(sap_forward(&w.tables, &sealed, from_a, NOW).is_ok());
+        let range = endpoint_ingress(&w.tables, &w.b, &flows(), &sealed, from_sap, NOW).unwrap();
+        assert_eq!(&sealed[range], &pkt[..]);
+
+        // An attacker who saw b's key on the wire: the key is right, the MAC cannot be.
+        let mut forged = with_headroom(build::tcp4(A_IP, 40001, B_IP, 80));
+        let start = gue::seal(
+            key_of(&w, "ns/b"),
+            Some(&crate::key::MacKey::from_bytes([0x5a; 16])),
+            &mut forged,
+        )
+        .unwrap();
+        let forged = &forged[start..];
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        for (what, d) in [("forged", forged), ("altered", &altered[..])] {
+            assert_eq!(
+                sap_forward(&w.tables, d, from_a, NOW),
+                Err(DropReason::BadMac),
+                "{what}, at the SaP"
+            );
+            assert_eq!(
+                endpoint_ingress(&w.tables, &w.b, &flows(), d, from_sap, NOW),
+                Err(DropReason::BadMac),
+                "{what}, at b"
+            );
+        }
+        // Sealed for c (a key and MAC key of its own): not b's.
+        let mut for_c = with_headroom(pkt.clone());
+        let kc = key_of(&w, "ns/c");
+        let rc = KeyRing::derive(&w.secret, "ns/c", w.rot, NOW);
+        let start = gue::seal(kc, rc.mac_for(kc), &mut for_c).unwrap();
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &flows(), &for_c[start..], from_sap, NOW),
+            Err(DropReason::BadKey)
+        );
+
+        // Without a MAC: accepted while permissive (nodes still turning it on), refused when strict.
+        let plain = encapsulated(key_of(&w, "ns/b"), pkt.clone());
+        assert!(endpoint_ingress(&w.tables, &w.b, &flows(), &plain, from_sap, NOW).is_ok());
+        w.tables.packet_auth = PacketAuth::Strict;
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &flows(), &plain, from_sap, NOW),
+            Err(DropReason::Unauthenticated)
+        );
+        assert_eq!(
+            sap_forward(&w.tables, &plain, from_a, NOW),
+            Err(DropReason::Unauthenticated)
+        );
+        assert!(endpoint_ingress(&w.tables, &w.b, &flows(), &sealed, from_sap, NOW).is_ok());
+        // A MAC is checked even where sealing is off.
+        w.tables.packet_auth = PacketAuth::Disabled;
+        assert_eq!(
+            endpoint_ingress(&w.tables, &w.b, &flows(), &altered, from_sap, NOW),
+            Err(DropReason::BadMac)
+        );
+        assert!(endpoint_ingress(&w.tables, &w.b, &flows(), &sealed, from_sap, NOW).is_ok());
+    }
+
+    #[test]
+    fn sealed_datagrams_survive_key_rotation_within_grace() {
+        let mut w = world(false);
+        w.tables.packet_auth = PacketAuth::Strict;
+        // Sealed with the epoch before NOW's, arriving within the grace window after the boundary.
+        let boundary = w.rot.start_of(w.rot.epoch_at(NOW));
+        let before = boundary - 1;
+        let old = KeyRing::derive(&w.secret, "ns/b", w.rot, before);
+        let k = old.key_at(before).unwrap();
+        let mut buf = with_headroom(build::tcp4(A_IP, 1, B_IP, 80));
+        let start = gue::seal(k, old.mac_for(k), &mut buf).unwrap();
+        let d = &buf[start..];
+        let from_sap = addr("10.0.0.2:6080");
+        assert!(endpoint_ingress(&w.tables, &w.b, &flows(), d, from_sap, boundary + 1).is_ok());
+        assert!(sap_forward(&w.tables, d, addr("10.1.1.1:6080"), boundary + 1).is_ok());
+    }
+
+    #[test]
     fn a_sap_never_hands_a_datagram_to_a_sap() {
         // b's infrastructure address rewritten to node-2's own: the SaP would send to itself.
         let mut w = world(false);
@@ -480,7 +650,7 @@ mod tests {
         }
         w.tables.fib = fib.build();
         let mut buf = with_headroom(build::syn4(A_IP, 40000, B_IP, 80));
-        endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(
             sap_forward(&w.tables, &buf, addr("10.1.1.1:6080"), NOW),
             Err(DropReason::Loop)
@@ -491,12 +661,13 @@ mod tests {
     fn allowed_flow_goes_through_the_destination_sap_with_the_destination_key() {
         let w = world(false);
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
-        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        let send = egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(
             send,
             Send {
                 to: addr("10.0.0.2:6080"),
-                hop: Hop::Sap
+                hop: Hop::Sap,
+                start: gue::HEADROOM - gue::HEADER_LEN
             }
         );
         assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
@@ -511,7 +682,7 @@ mod tests {
             endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
         assert_eq!(&buf[range], &build::tcp4(A_IP, 40000, B_IP, 80)[..]);
         let mut reply = with_headroom(build::tcp4(B_IP, 80, A_IP, 40000));
-        let send = endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        let send = egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
         assert_eq!(
             send.to,
             addr("10.0.0.1:6080"),
@@ -524,26 +695,26 @@ mod tests {
         let w = world(false);
         let fa = flows();
         let mut req = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
-        endpoint_egress(&w.tables, &w.a, &fa, &mut req, NOW).unwrap();
+        egress(&w.tables, &w.a, &fa, &mut req, NOW).unwrap();
         let fb = flows();
         endpoint_ingress(&w.tables, &w.b, &fb, &req, addr("10.0.0.2:6080"), NOW).unwrap();
 
         let mut reply = with_headroom(build::tcp4(B_IP, 80, A_IP, 40000));
-        endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
         sap_forward(&w.tables, &reply, addr("10.1.2.1:6080"), NOW).unwrap();
         endpoint_ingress(&w.tables, &w.a, &fa, &reply, addr("10.0.0.1:6080"), NOW).unwrap();
 
         // Unsolicited traffic from b to a on the same ports is refused by a's own flow table.
         let unsolicited = with_headroom(build::tcp4(B_IP, 80, A_IP, 40001));
         let mut enc = unsolicited.clone();
-        gue::encapsulate_in_place(key_of(&w, "ns/a"), &mut enc).unwrap();
+        seal_plain(key_of(&w, "ns/a"), &mut enc);
         assert_eq!(
             endpoint_ingress(&w.tables, &w.a, &fa, &enc, addr("10.0.0.1:6080"), NOW),
             Err(DropReason::DeniedByPolicy)
         );
         let mut enc = unsolicited;
         assert_eq!(
-            endpoint_egress(&w.tables, &w.b, &fb, &mut enc, NOW),
+            egress(&w.tables, &w.b, &fb, &mut enc, NOW),
             Err(DropReason::DeniedByPolicy)
         );
     }
@@ -552,12 +723,13 @@ mod tests {
     fn direct_pairs_skip_the_sap() {
         let w = world(true);
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
-        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        let send = egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(
             send,
             Send {
                 to: addr("10.1.2.1:6080"),
-                hop: Hop::Direct
+                hop: Hop::Direct,
+                start: gue::HEADROOM - gue::HEADER_LEN
             }
         );
         endpoint_ingress(&w.tables, &w.b, &flows(), &buf, addr("10.1.1.1:6080"), NOW).unwrap();
@@ -587,7 +759,7 @@ mod tests {
         let (a_pod, b_pod, c_pod) = ([10, 1, 1, 1], [10, 1, 2, 1], [10, 1, 2, 2]);
         let fa = flows();
         let mut buf = with_headroom(build::tcp4(a_pod, 40000, b_pod, 80));
-        let send = endpoint_egress(&w.tables, &w.a, &fa, &mut buf, NOW).unwrap();
+        let send = egress(&w.tables, &w.a, &fa, &mut buf, NOW).unwrap();
         assert_eq!(
             send.to,
             addr("10.0.0.2:6080"),
@@ -600,17 +772,17 @@ mod tests {
             endpoint_ingress(&w.tables, &w.b, &fb, &buf, addr("10.0.0.2:6080"), NOW).unwrap();
         assert_eq!(&buf[range], &build::tcp4(a_pod, 40000, b_pod, 80)[..]);
         let mut reply = with_headroom(build::tcp4(b_pod, 80, a_pod, 40000));
-        endpoint_egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
+        egress(&w.tables, &w.b, &fb, &mut reply, NOW).unwrap();
         // Policy is the same: c is reachable by no one, by pod IP either.
         let mut denied = with_headroom(build::tcp4(a_pod, 40000, c_pod, 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &flows(), &mut denied, NOW),
+            egress(&w.tables, &w.a, &flows(), &mut denied, NOW),
             Err(DropReason::DeniedByPolicy)
         );
         // A pod may not send as another pod's pod IP.
         let mut spoofed = with_headroom(build::tcp4(c_pod, 40000, b_pod, 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &flows(), &mut spoofed, NOW),
+            egress(&w.tables, &w.a, &flows(), &mut spoofed, NOW),
             Err(DropReason::SpoofedSource)
         );
     }
@@ -621,12 +793,13 @@ mod tests {
         // Put b's SaP on a's node: the egress resolves the SaP hop itself.
         w.a.local_sap = Some(addr("10.0.0.2:6080"));
         let mut buf = with_headroom(build::tcp4(A_IP, 40000, B_IP, 80));
-        let send = endpoint_egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
+        let send = egress(&w.tables, &w.a, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(
             send,
             Send {
                 to: addr("10.1.2.1:6080"),
-                hop: Hop::LocalSap
+                hop: Hop::LocalSap,
+                start: gue::HEADROOM - gue::HEADER_LEN
             }
         );
         // b sees a's own infra address as the outer source: accepted.
@@ -639,40 +812,40 @@ mod tests {
         let f = flows();
         let mut spoofed = with_headroom(build::tcp4([100, 64, 9, 9], 1, B_IP, 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut spoofed, NOW),
+            egress(&w.tables, &w.a, &f, &mut spoofed, NOW),
             Err(DropReason::SpoofedSource)
         );
         let mut nowhere = with_headroom(build::tcp4(A_IP, 1, [100, 64, 7, 7], 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut nowhere, NOW),
+            egress(&w.tables, &w.a, &f, &mut nowhere, NOW),
             Err(DropReason::NoRoute)
         );
         let mut denied = with_headroom(build::tcp4(A_IP, 1, B_IP, 81));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut denied, NOW),
+            egress(&w.tables, &w.a, &f, &mut denied, NOW),
             Err(DropReason::DeniedByPolicy)
         );
         let mut to_c = with_headroom(build::tcp4(A_IP, 1, C_IP, 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut to_c, NOW),
+            egress(&w.tables, &w.a, &f, &mut to_c, NOW),
             Err(DropReason::DeniedByPolicy)
         );
         let mut garbage = with_headroom(vec![0x45, 0, 0]);
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut garbage, NOW),
+            egress(&w.tables, &w.a, &f, &mut garbage, NOW),
             Err(DropReason::Malformed)
         );
         // A ring far out of date has no key for now: fail closed.
         let mut stale = with_headroom(build::tcp4(A_IP, 1, B_IP, 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &f, &mut stale, NOW + 10 * 60_000),
+            egress(&w.tables, &w.a, &f, &mut stale, NOW + 10 * 60_000),
             Err(DropReason::BadKey)
         );
     }
 
     fn encapsulated(key: Key, pkt: Vec<u8>) -> Vec<u8> {
         let mut b = with_headroom(pkt);
-        gue::encapsulate_in_place(key, &mut b).unwrap();
+        seal_plain(key, &mut b);
         b
     }
 
@@ -842,7 +1015,7 @@ mod tests {
         let IpAddr::V6(ys) = y else { unreachable!() };
         let pkt = build::ipv6(xs, ys, PROTO_TCP, &build::ports(PROTO_TCP, 1, 2, b""));
         let mut buf = with_headroom(pkt);
-        let send = endpoint_egress(&tables, &local, &flows(), &mut buf, NOW).unwrap();
+        let send = egress(&tables, &local, &flows(), &mut buf, NOW).unwrap();
         assert_eq!(send.to, addr("10.1.1.2:6080"));
         assert_eq!(buf[1], gue::PROTO_IPV6);
     }
@@ -923,6 +1096,7 @@ mod tests {
         let pkt = build::tcp4([203, 0, 113, 5], 40000, b_pod, 80);
         let mut buf = with_headroom(pkt.clone());
         let send = gateway_ingress(&w.tables, &mut buf, NOW).unwrap();
+        buf.drain(..send.start);
         assert_eq!(send.to, addr("10.1.2.1:6080"));
         assert_eq!(gue::decode(&buf).unwrap().key, key_of(&w, "ns/b"));
         // b takes it from the gateway (a SaP), and checks policy again.
@@ -959,7 +1133,7 @@ mod tests {
         );
         let mut out = with_headroom(build::tcp4(A_IP, 40000, [203, 0, 113, 9], 80));
         assert_eq!(
-            endpoint_egress(&w.tables, &w.a, &flows(), &mut out, NOW),
+            egress(&w.tables, &w.a, &flows(), &mut out, NOW),
             Err(DropReason::NoRoute)
         );
     }

@@ -11,20 +11,32 @@
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |              Group identifier: the authorization key          |  extension field
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! |                                                               |  private data, with
+//! +           MAC: SipHash-2-4 tag (packet authentication)        +  packet authentication
+//! |                                                               |  only (Hlen 3)
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                 inner IPv4 or IPv6 packet ...                 |
 //! ```
 //!
 //! - `Ver` is 0 (variant 0: a GUE header follows). Variant 1 (direct IP) is refused.
 //! - `C` is 0 (data message). Control messages are refused: keyway defines none.
-//! - `Hlen` counts the 32-bit words after the primary word; with only `G` set it is 1.
+//! - `Hlen` counts the 32-bit words after the primary word; with only `G` set it is 1. The GUE
+//!   draft puts private data after the extension fields the flags imply, its length being what
+//!   `Hlen` counts beyond them: keyway's only private data is the 8-byte MAC of packet
+//!   authentication (`Hlen` 3), a SipHash-2-4 tag over the primary word, the key and the inner
+//!   packet, keyed per destination and epoch ([`crate::key::MacKey`]). Any other length is refused.
 //! - `Proto/ctype` is the IP protocol number of the inner packet: 4 (IPv4) or 41 (IPv6).
 //! - `G` (the first flag bit, bit 16 of the header) says the group-identifier field is present.
 //!   keyway requires it: a data message without a key is refused. No other flag is understood, so a
 //!   header with any other flag set is refused rather than misparsed.
 //!
-//! Over an IPv4 underlay the overhead is 20 (IPv4) + 8 (UDP) + 8 (GUE) = 36 bytes; over IPv6, 56.
+//! Over an IPv4 underlay the overhead is 20 (IPv4) + 8 (UDP) + 8 (GUE) = 36 bytes; over IPv6, 56;
+//! 8 more with the MAC. Overlay devices leave room for the MAC whether or not it is on, so that
+//! packet authentication is switched on and off cluster-wide without changing any pod's MTU.
 
-use crate::key::Key;
+use std::hash::Hasher;
+
+use crate::key::{Key, MacKey};
 
 /// Bytes in the primary GUE word.
 pub const PRIMARY_LEN: usize = 4;
@@ -32,6 +44,12 @@ pub const PRIMARY_LEN: usize = 4;
 pub const GROUP_ID_LEN: usize = 4;
 /// Bytes of GUE header keyway writes and expects: primary word + group identifier.
 pub const HEADER_LEN: usize = PRIMARY_LEN + GROUP_ID_LEN;
+/// Bytes of the MAC, GUE private data after the group identifier.
+pub const MAC_LEN: usize = 8;
+/// Bytes of GUE header with the MAC.
+pub const HEADER_LEN_WITH_MAC: usize = HEADER_LEN + MAC_LEN;
+/// Room the engines expect in front of an inner packet they encapsulate: the longest header.
+pub const HEADROOM: usize = HEADER_LEN_WITH_MAC;
 /// Offset of the group-identifier field.
 const GROUP_ID_OFFSET: usize = PRIMARY_LEN;
 /// Offset of the 16-bit flags field inside the primary word.
@@ -43,6 +61,8 @@ const PROTO_OFFSET: usize = 1;
 pub const FLAG_GROUP_ID: u16 = 0x8000;
 /// `Hlen` when only `G` is set: one 32-bit word of extension fields.
 const HLEN_WITH_KEY: u8 = (GROUP_ID_LEN / 4) as u8;
+/// `Hlen` with the MAC as private data.
+const HLEN_WITH_MAC: u8 = ((GROUP_ID_LEN + MAC_LEN) / 4) as u8;
 
 /// IANA protocol number of an inner IPv4 packet.
 pub const PROTO_IPV4: u8 = 4;
@@ -56,6 +76,11 @@ pub const DEFAULT_PORT: u16 = 6080;
 pub const OVERHEAD_IPV4: usize = 20 + 8 + HEADER_LEN;
 /// Bytes added to each inner packet on an IPv6 underlay (IPv6 + UDP + GUE).
 pub const OVERHEAD_IPV6: usize = 40 + 8 + HEADER_LEN;
+/// What an overlay device's MTU leaves below the underlay's on an IPv4 underlay: the overhead
+/// and room for the MAC.
+pub const MTU_RESERVE_IPV4: usize = OVERHEAD_IPV4 + MAC_LEN;
+/// The same on an IPv6 underlay.
+pub const MTU_RESERVE_IPV6: usize = OVERHEAD_IPV6 + MAC_LEN;
 
 /// The inner packet's family, from the `Proto/ctype` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +108,15 @@ impl InnerProto {
     }
 }
 
-/// A decoded GUE header: the key and where the inner packet starts.
+/// A decoded GUE header: the key, the MAC when there is one, and where the inner packet starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub key: Key,
     pub proto: InnerProto,
     /// Offset of the inner packet in the datagram.
     pub payload_offset: usize,
+    /// The packet-authentication tag, when the sender added one (not yet checked).
+    pub mac: Option<[u8; MAC_LEN]>,
 }
 
 /// Why a datagram is not a GUE data message keyway accepts. Every variant is a "malformed" drop.
@@ -105,7 +132,7 @@ pub enum DecodeError {
     UnknownFlags { flags: u16 },
     #[error("GUE data message carries no group identifier (authorization key)")]
     MissingKey,
-    #[error("GUE Hlen is {hlen} words, but the flags imply {expected}")]
+    #[error("GUE Hlen is {hlen} words, but the flags imply {expected} (or 3 with a MAC)")]
     HeaderLengthMismatch { hlen: u8, expected: u8 },
     #[error("GUE inner protocol {0} is not IPv4 (4) or IPv6 (41)")]
     UnsupportedProtocol(u8),
@@ -126,13 +153,27 @@ pub enum EncodeError {
     EmptyPacket,
 }
 
-/// Writes keyway's 8-byte GUE header for `proto` and `key` into `out[..HEADER_LEN]`.
-pub fn write_header(out: &mut [u8; HEADER_LEN], proto: InnerProto, key: Key) {
-    // Ver = 0, C = 0, Hlen = 1.
-    out[0] = HLEN_WITH_KEY;
+/// Writes keyway's 8-byte GUE header for `proto` and `key` into `out[..HEADER_LEN]`; `Hlen`
+/// says whether a MAC follows (the caller writes it).
+fn write_header(out: &mut [u8], proto: InnerProto, key: Key, with_mac: bool) {
+    // Ver = 0, C = 0, Hlen.
+    out[0] = if with_mac {
+        HLEN_WITH_MAC
+    } else {
+        HLEN_WITH_KEY
+    };
     out[PROTO_OFFSET] = proto.number();
     out[FLAGS_OFFSET..FLAGS_OFFSET + 2].copy_from_slice(&FLAG_GROUP_ID.to_be_bytes());
     out[GROUP_ID_OFFSET..GROUP_ID_OFFSET + GROUP_ID_LEN].copy_from_slice(&key.0.to_be_bytes());
+}
+
+/// The MAC of a datagram: SipHash-2-4 under `mac`, over the header's first 8 bytes (primary word
+/// and key: the tag binds the key, the inner protocol and its own presence) and the inner packet.
+fn tag(mac: &MacKey, header: &[u8], inner: &[u8]) -> [u8; MAC_LEN] {
+    let mut h = siphasher::sip::SipHasher24::new_with_key(mac.bytes());
+    h.write(&header[..HEADER_LEN]);
+    h.write(inner);
+    h.finish().to_be_bytes()
 }
 
 /// Encapsulates `inner` into `out` (header then a copy of the packet); returns the datagram length.
@@ -146,22 +187,39 @@ pub fn encapsulate(key: Key, inner: &[u8], out: &mut [u8]) -> Result<usize, Enco
         });
     }
     let (header, rest) = out.split_at_mut(HEADER_LEN);
-    write_header(header.try_into().expect("split at HEADER_LEN"), proto, key);
+    write_header(header, proto, key, false);
     rest[..inner.len()].copy_from_slice(inner);
     Ok(total)
 }
 
-/// Encapsulates in place: `buf[HEADER_LEN..]` already holds the inner packet (the caller read it
-/// there, leaving headroom); the header is written into `buf[..HEADER_LEN]`.
-pub fn encapsulate_in_place(key: Key, buf: &mut [u8]) -> Result<(), EncodeError> {
-    if buf.len() <= HEADER_LEN {
+/// Encapsulates in place: `buf[HEADROOM..]` already holds the inner packet (the caller read it
+/// there, leaving headroom); the header, with a MAC under `mac` when given, is written right in
+/// front of it. Returns where the datagram starts in `buf`.
+pub fn seal(key: Key, mac: Option<&MacKey>, buf: &mut [u8]) -> Result<usize, EncodeError> {
+    if buf.len() <= HEADROOM {
         return Err(EncodeError::EmptyPacket);
     }
-    let proto = InnerProto::of_packet(&buf[HEADER_LEN..])?;
-    let header: &mut [u8; HEADER_LEN] =
-        (&mut buf[..HEADER_LEN]).try_into().expect("length checked");
-    write_header(header, proto, key);
-    Ok(())
+    let (head, inner) = buf.split_at_mut(HEADROOM);
+    let proto = InnerProto::of_packet(inner)?;
+    let start = match mac {
+        Some(_) => HEADROOM - HEADER_LEN_WITH_MAC,
+        None => HEADROOM - HEADER_LEN,
+    };
+    let header = &mut head[start..];
+    write_header(header, proto, key, mac.is_some());
+    if let Some(mac) = mac {
+        let t = tag(mac, header, inner);
+        header[HEADER_LEN..].copy_from_slice(&t);
+    }
+    Ok(start)
+}
+
+/// Whether a datagram's MAC (see [`Header::mac`]) is the one `mac` gives, in constant time.
+/// A datagram without a MAC is never authentic.
+pub fn authentic(datagram: &[u8], header: &Header, mac: &MacKey) -> bool {
+    let Some(got) = header.mac else { return false };
+    let want = tag(mac, datagram, &datagram[header.payload_offset..]);
+    want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Decodes and validates the GUE header of a datagram.
@@ -189,15 +247,19 @@ pub fn decode(datagram: &[u8]) -> Result<Header, DecodeError> {
     if flags & FLAG_GROUP_ID == 0 {
         return Err(DecodeError::MissingKey);
     }
-    if hlen != HLEN_WITH_KEY {
-        return Err(DecodeError::HeaderLengthMismatch {
-            hlen,
-            expected: HLEN_WITH_KEY,
-        });
-    }
-    if datagram.len() < HEADER_LEN {
+    let header_len = match hlen {
+        HLEN_WITH_KEY => HEADER_LEN,
+        HLEN_WITH_MAC => HEADER_LEN_WITH_MAC,
+        _ => {
+            return Err(DecodeError::HeaderLengthMismatch {
+                hlen,
+                expected: HLEN_WITH_KEY,
+            });
+        }
+    };
+    if datagram.len() < header_len {
         return Err(DecodeError::Truncated {
-            needed: HEADER_LEN,
+            needed: header_len,
             got: datagram.len(),
         });
     }
@@ -206,7 +268,7 @@ pub fn decode(datagram: &[u8]) -> Result<Header, DecodeError> {
         PROTO_IPV6 => InnerProto::Ipv6,
         other => return Err(DecodeError::UnsupportedProtocol(other)),
     };
-    let Some(first) = datagram.get(HEADER_LEN) else {
+    let Some(first) = datagram.get(header_len) else {
         return Err(DecodeError::EmptyPayload);
     };
     let inner_version = first >> 4;
@@ -223,10 +285,16 @@ pub fn decode(datagram: &[u8]) -> Result<Header, DecodeError> {
     let key_bytes: [u8; 4] = datagram[GROUP_ID_OFFSET..GROUP_ID_OFFSET + GROUP_ID_LEN]
         .try_into()
         .expect("length checked");
+    let mac = (header_len == HEADER_LEN_WITH_MAC).then(|| {
+        datagram[HEADER_LEN..HEADER_LEN_WITH_MAC]
+            .try_into()
+            .expect("length checked")
+    });
     Ok(Header {
         key: Key(u32::from_be_bytes(key_bytes)),
         proto,
-        payload_offset: HEADER_LEN,
+        payload_offset: header_len,
+        mac,
     })
 }
 
@@ -288,10 +356,52 @@ mod tests {
         let inner = ipv4_packet();
         let mut copied = [0u8; 64];
         let n = encapsulate(Key(7), &inner, &mut copied).unwrap();
-        let mut buf = vec![0u8; HEADER_LEN];
+        let mut buf = vec![0u8; HEADROOM];
         buf.extend_from_slice(&inner);
-        encapsulate_in_place(Key(7), &mut buf).unwrap();
-        assert_eq!(&buf[..], &copied[..n]);
+        let start = seal(Key(7), None, &mut buf).unwrap();
+        assert_eq!(start, HEADROOM - HEADER_LEN);
+        assert_eq!(&buf[start..], &copied[..n]);
+    }
+
+    const GOLDEN_TAG: [u8; MAC_LEN] = [0x09, 0x08, 0x2b, 0x32, 0x59, 0x62, 0xa9, 0xc2];
+
+    fn mac_key(b: u8) -> MacKey {
+        MacKey::from_bytes([b; 16])
+    }
+
+    #[test]
+    fn golden_sealed_datagram_and_its_check() {
+        let inner = ipv4_packet();
+        let mut buf = vec![0u8; HEADROOM];
+        buf.extend_from_slice(&inner);
+        let start = seal(Key(0xdead_beef), Some(&mac_key(1)), &mut buf).unwrap();
+        assert_eq!(start, 0);
+        let d = &buf[start..];
+        // Hlen 3: the key word and two words of private data.
+        assert_eq!(&d[..8], &[0x03, 0x04, 0x80, 0x00, 0xde, 0xad, 0xbe, 0xef]);
+        // SipHash-2-4 under the key 01…01 over these 8 header bytes and the inner packet,
+        // computed independently (Python's reference implementation of SipHash-2-4).
+        assert_eq!(&d[8..16], &GOLDEN_TAG);
+        assert_eq!(&d[16..], &inner[..]);
+        let h = decode(d).unwrap();
+        assert_eq!((h.payload_offset, h.mac), (16, Some(GOLDEN_TAG)));
+        assert!(authentic(d, &h, &mac_key(1)));
+        assert!(
+            !authentic(d, &h, &mac_key(2)),
+            "another destination or epoch"
+        );
+        for i in [0, 4, 7, 8, 15, 16, d.len() - 1] {
+            let mut bad = d.to_vec();
+            bad[i] ^= 0x01;
+            let ok = decode(&bad).is_ok_and(|h| authentic(&bad, &h, &mac_key(1)));
+            assert!(!ok, "a flipped bit at {i} is caught");
+        }
+        let plain = decode(&valid()).unwrap();
+        assert_eq!(plain.mac, None);
+        assert!(
+            !authentic(&valid(), &plain, &mac_key(1)),
+            "no MAC, not authentic"
+        );
     }
 
     fn valid() -> Vec<u8> {
@@ -326,6 +436,17 @@ mod tests {
                 hlen: 2,
                 expected: 1
             })
+        );
+        let mut d = valid();
+        d[0] = 0x03;
+        d.truncate(12);
+        assert_eq!(
+            decode(&d),
+            Err(DecodeError::Truncated {
+                needed: 16,
+                got: 12
+            }),
+            "a MAC cut short"
         );
         assert_eq!(
             decode(&valid()[..6]),
@@ -374,6 +495,19 @@ mod tests {
             prop_assert_eq!(h.key, Key(key));
             prop_assert_eq!(h.proto, if v6 { InnerProto::Ipv6 } else { InnerProto::Ipv4 });
             prop_assert_eq!(&out[h.payload_offset..n], &inner[..]);
+        }
+
+        #[test]
+        fn sealed_round_trip(key in any::<u32>(), m in any::<[u8; 16]>(), body in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let mut buf = vec![0u8; HEADROOM];
+            buf.push(0x45);
+            buf.extend_from_slice(&body);
+            let mac = MacKey::from_bytes(m);
+            let start = seal(Key(key), Some(&mac), &mut buf).unwrap();
+            let h = decode(&buf[start..]).unwrap();
+            prop_assert_eq!(h.key, Key(key));
+            prop_assert!(authentic(&buf[start..], &h, &mac));
+            prop_assert_eq!(&buf[start + h.payload_offset..], &buf[HEADROOM..]);
         }
 
         #[test]

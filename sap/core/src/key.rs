@@ -18,6 +18,28 @@ impl fmt::Debug for Key {
     }
 }
 
+/// The key of packet authentication's MAC (SipHash-2-4) for one entity and epoch: known to the
+/// control plane and SaPs, never to workloads, so a 32-bit [`Key`] seen on the wire does not let
+/// anyone seal a datagram. Its bytes never appear in logs.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct MacKey([u8; 16]);
+
+impl MacKey {
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        MacKey(bytes)
+    }
+
+    pub fn bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MacKey(redacted)")
+    }
+}
+
 /// A rotation epoch: `floor(now / period)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Epoch(pub u64);
@@ -68,6 +90,21 @@ impl ClusterSecret {
         mac.update(&epoch.0.to_be_bytes());
         let tag = mac.finalize().into_bytes();
         Key(u32::from_be_bytes([tag[0], tag[1], tag[2], tag[3]]))
+    }
+
+    /// `MacKey = first 128 bits of HMAC-SHA256(secret, "keyway/mac/v1" 0 entity 0 epoch_be64)`:
+    /// separate from the authorization key by its prefix, so one never tells anything of the other.
+    pub fn derive_mac(&self, entity: &str, epoch: Epoch) -> MacKey {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length");
+        mac.update(b"keyway/mac/v1\0");
+        mac.update(entity.as_bytes());
+        mac.update(b"\0");
+        mac.update(&epoch.0.to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&tag[..16]);
+        MacKey(k)
     }
 
     fn attestation_mac(&self, context: &str, message: &[u8]) -> Hmac<Sha256> {
@@ -192,23 +229,34 @@ pub enum KeyRing {
         centre: Epoch,
         /// Keys of epochs `centre - 1`, `centre`, `centre + 1`.
         keys: [Key; 3],
+        /// The MAC keys of the same epochs.
+        macs: [MacKey; 3],
     },
     /// A key that never rotates: provisioned by configuration for an endpoint outside the cluster.
+    /// It has no MAC key: packet authentication needs keys derived from the cluster secret.
     Static(Key),
 }
 
 impl KeyRing {
     pub fn derive(secret: &ClusterSecret, entity: &str, rotation: Rotation, now_ms: u64) -> Self {
         let centre = rotation.epoch_at(now_ms);
-        let at = |e: u64| secret.derive(entity, Epoch(e));
+        let epochs = [centre.0.saturating_sub(1), centre.0, centre.0 + 1].map(Epoch);
         KeyRing::Rotating {
             rotation,
             centre,
-            keys: [
-                at(centre.0.saturating_sub(1)),
-                at(centre.0),
-                at(centre.0 + 1),
-            ],
+            keys: epochs.map(|e| secret.derive(entity, e)),
+            macs: epochs.map(|e| secret.derive_mac(entity, e)),
+        }
+    }
+
+    /// The MAC key that goes with `key` (one this ring holds): what seals a datagram sent with
+    /// `key`, and checks one that arrives with it. `None` for a static key.
+    pub fn mac_for(&self, key: Key) -> Option<&MacKey> {
+        match self {
+            KeyRing::Static(_) => None,
+            KeyRing::Rotating { keys, macs, .. } => {
+                keys.iter().position(|k| *k == key).map(|i| &macs[i])
+            }
         }
     }
 
@@ -256,6 +304,25 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_keys_go_with_their_epochs_key_and_differ_from_it() {
+        let s = secret();
+        let r = Rotation::new(10_000, 1_000).unwrap();
+        let ring = KeyRing::derive(&s, "x/a", r, 25_000);
+        for e in [1, 2, 3] {
+            let k = s.derive("x/a", Epoch(e));
+            assert_eq!(ring.mac_for(k), Some(&s.derive_mac("x/a", Epoch(e))));
+        }
+        assert_ne!(s.derive_mac("x/a", Epoch(2)), s.derive_mac("x/b", Epoch(2)));
+        assert_ne!(s.derive_mac("x/a", Epoch(2)), s.derive_mac("x/a", Epoch(3)));
+        assert_eq!(ring.mac_for(s.derive("x/a", Epoch(5))), None, "not held");
+        assert_eq!(KeyRing::Static(Key(1)).mac_for(Key(1)), None);
+        assert_eq!(
+            format!("{:?}", s.derive_mac("x/a", Epoch(2))),
+            "MacKey(redacted)"
+        );
+    }
 
     #[test]
     fn an_attestation_holds_for_its_message_and_context_only() {

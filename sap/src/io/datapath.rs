@@ -12,6 +12,7 @@
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -19,7 +20,7 @@ use tokio::net::UdpSocket;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use keyway_core::counters::{Counters, Stage};
-use keyway_core::engine;
+use keyway_core::engine::{self, DropReason};
 use keyway_core::flow::FlowTable;
 use keyway_core::gue;
 use keyway_core::tables::{SharedLocal, SharedTables};
@@ -179,6 +180,82 @@ impl GsoBatch {
     }
 }
 
+/// How often at most a kind of suspicious drop is logged.
+const DROP_LOG_INTERVAL_MS: u64 = 10_000;
+const STAGES: usize = Stage::ALL.len();
+const REASONS: usize = DropReason::ALL.len();
+
+/// Logs drops that can be an attack — a wrong key or MAC, a missing MAC, a forged source — at
+/// most once per [`DROP_LOG_INTERVAL_MS`] per stage and reason, with how many went unlogged in
+/// between: a flood of forged datagrams costs a counter increment each, never a log line each.
+struct DropLog {
+    next: [[AtomicU64; REASONS]; STAGES],
+    quiet: [[AtomicU64; REASONS]; STAGES],
+}
+
+impl DropLog {
+    const fn new() -> Self {
+        DropLog {
+            next: [const { [const { AtomicU64::new(0) }; REASONS] }; STAGES],
+            quiet: [const { [const { AtomicU64::new(0) }; REASONS] }; STAGES],
+        }
+    }
+
+    fn suspicious(reason: DropReason) -> bool {
+        matches!(
+            reason,
+            DropReason::BadKey
+                | DropReason::BadMac
+                | DropReason::Unauthenticated
+                | DropReason::SpoofedSource
+        )
+    }
+
+    /// `Some(unlogged since the last line)` when this drop is to be logged now.
+    fn due(&self, stage: Stage, reason: DropReason, now_ms: u64) -> Option<u64> {
+        if !Self::suspicious(reason) {
+            return None;
+        }
+        let (next, quiet) = (
+            &self.next[stage as usize][reason.index()],
+            &self.quiet[stage as usize][reason.index()],
+        );
+        let due = next.load(Ordering::Relaxed);
+        let won = now_ms >= due
+            && next
+                .compare_exchange(
+                    due,
+                    now_ms + DROP_LOG_INTERVAL_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if won {
+            Some(quiet.swap(0, Ordering::Relaxed))
+        } else {
+            quiet.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+static DROP_LOG: DropLog = DropLog::new();
+
+/// Counts a datagram's drop, and logs it when it looks like an attack (rate-limited).
+fn refused(counters: &Counters, stage: Stage, reason: DropReason, from: SocketAddr, now_ms: u64) {
+    counters.dropped(stage, reason);
+    if let Some(unlogged) = DROP_LOG.due(stage, reason, now_ms) {
+        tracing::warn!(
+            stage = stage.as_str(),
+            reason = reason.as_str(),
+            %from,
+            unlogged,
+            "GUE datagram refused (at most one line per stage and reason every 10 s; every one \
+             is counted in keyway_datapath_drops_total)"
+        );
+    }
+}
+
 /// What an endpoint's loops share.
 #[derive(Debug)]
 pub struct EndpointContext {
@@ -219,7 +296,7 @@ impl ThreadBuffers {
 
     /// Egress buffers sized for a device's MTU (they grow, never shrink).
     fn egress_bufs(&mut self, mtu: usize) {
-        let want = gue::HEADER_LEN + mtu;
+        let want = gue::HEADROOM + mtu;
         if self.bufs.len() < BATCH || self.bufs[0].len() < want {
             self.bufs = vec![vec![0u8; want]; BATCH];
         }
@@ -279,7 +356,7 @@ pub async fn endpoint_egress(
                 batch,
                 ..
             } = b;
-            let n = match tun.try_recv_multiple(original, bufs, sizes, gue::HEADER_LEN) {
+            let n = match tun.try_recv_multiple(original, bufs, sizes, gue::HEADROOM) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if device_gone(&e) => return true,
@@ -292,9 +369,10 @@ pub async fn endpoint_egress(
             let local = ctx.local.load();
             let now = super::now_ms();
             for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
-                let datagram = &mut buf[..gue::HEADER_LEN + size];
-                match engine::endpoint_egress(&tables, &local, &ctx.flows, datagram, now) {
+                let buf = &mut buf[..gue::HEADROOM + size];
+                match engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now) {
                     Ok(send) => {
+                        let datagram = &buf[send.start..];
                         ctx.counters.forwarded(Stage::Egress, size);
                         if send.hop == engine::Hop::LocalSap {
                             // This node's SaP decided too: count it with the SaP's own forwards.
@@ -402,7 +480,7 @@ pub async fn endpoint_ingress(
                     ) {
                         Ok(r) => r,
                         Err(reason) => {
-                            ctx.counters.dropped(Stage::Ingress, reason);
+                            refused(&ctx.counters, Stage::Ingress, reason, m.addr, now);
                             continue;
                         }
                     };
@@ -460,9 +538,9 @@ pub async fn gateway(
     tun: Arc<AsyncDevice>,
     sock: Arc<GueSocket>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; gue::HEADER_LEN + MAX_PACKET];
+    let mut buf = vec![0u8; gue::HEADROOM + MAX_PACKET];
     loop {
-        let n = match tun.recv(&mut buf[gue::HEADER_LEN..]).await {
+        let n = match tun.recv(&mut buf[gue::HEADROOM..]).await {
             Ok(n) => n,
             Err(e) if device_gone(&e) => return Ok(()),
             Err(e) => {
@@ -470,12 +548,12 @@ pub async fn gateway(
                 continue;
             }
         };
-        let datagram = &mut buf[..gue::HEADER_LEN + n];
+        let packet = &mut buf[..gue::HEADROOM + n];
         let t = tables.load();
-        match engine::gateway_ingress(&t, datagram, super::now_ms()) {
+        match engine::gateway_ingress(&t, packet, super::now_ms()) {
             Ok(send) => {
                 counters.forwarded(Stage::Gateway, n);
-                if let Err(e) = sock.send(send.to, datagram, None).await {
+                if let Err(e) = sock.send(send.to, &packet[send.start..], None).await {
                     tracing::debug!(to = %send.to, error = %e, "gateway send failed");
                 }
             }
@@ -515,7 +593,7 @@ pub async fn sap(
                         counters.forwarded(Stage::Sap, datagram.len());
                         batch.add(&sock, to, datagram).await;
                     }
-                    Err(reason) => counters.dropped(Stage::Sap, reason),
+                    Err(reason) => refused(&counters, Stage::Sap, reason, m.addr, now),
                 }
             }
         }
@@ -539,6 +617,33 @@ mod tests {
         );
         assert_eq!(inner_dst(&v6), Some("fd00::2".parse().unwrap()));
         assert_eq!(inner_dst(&[0x45, 0, 0]), None);
+    }
+
+    #[test]
+    fn suspicious_drops_are_logged_once_per_interval_with_the_rest_counted() {
+        let log = DropLog::new();
+        let t = 1_000_000;
+        assert_eq!(log.due(Stage::Ingress, DropReason::BadMac, t), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.due(Stage::Ingress, DropReason::BadMac, t + i), None);
+        }
+        assert_eq!(
+            log.due(Stage::Sap, DropReason::BadMac, t),
+            Some(0),
+            "each stage has its own budget"
+        );
+        assert_eq!(log.due(Stage::Ingress, DropReason::BadKey, t), Some(0));
+        assert_eq!(
+            log.due(Stage::Ingress, DropReason::DeniedByPolicy, t),
+            None,
+            "policy drops are not suspicious: counted only"
+        );
+        let later = t + DROP_LOG_INTERVAL_MS;
+        assert_eq!(
+            log.due(Stage::Ingress, DropReason::BadMac, later),
+            Some(5),
+            "the next line says how many went unlogged"
+        );
     }
 
     #[test]
