@@ -151,7 +151,8 @@ fn steer(netns: &Netns, ifname: &str, device: &str, v6: bool) -> Result<(), Netl
 /// the larger of `all` and its own): strict on the primary's interface, so that a neighbour cannot
 /// send it a packet from an address routed elsewhere (an overlay address); loose on the overlay
 /// device, where steered replies arrive from pod IPs the main table routes through `eth0`; `all`
-/// no stricter than loose. IPv6 (no such filter) gets the overlay device enabled.
+/// no stricter than loose. IPv6 has no such sysctl (the pod's table filters it with a `fib`
+/// lookup instead); it gets the overlay device enabled.
 fn reverse_path_filters(ifname: &str, device: &str, v6: bool) -> std::io::Result<()> {
     if v6 {
         let conf = std::path::Path::new("/proc/sys/net/ipv6/conf").join(device);

@@ -267,6 +267,16 @@ impl Simulation {
                 .attest(&secret),
             );
         }
+        // Each node holds the block its pods' addresses are in, as its agent would have claimed.
+        for node in 0..2u64 {
+            let name = format!("default-{node}");
+            let block = serde_json::json!({
+                "apiVersion": "keyway.io/v1alpha1", "kind": "OverlayBlock",
+                "metadata": {"name": name},
+                "spec": {"network": "default", "index": node, "node": format!("node-{}", node + 1)},
+            });
+            objects.insert(("OverlayBlock".to_string(), String::new(), name), block);
+        }
         Ok(Simulation {
             objects,
             addrs,

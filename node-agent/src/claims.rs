@@ -1,6 +1,8 @@
 //! Where a node claims overlay blocks, so that no two nodes ever hand out the same address:
-//! - `file` source: one file per block in the shared directory (`<dir>/<network>/<index>`, holding
-//!   the node's name), created with O_EXCL, so the directory is the lock;
+//! - `file` source: one file per block in the shared directory (`<dir>/<network>/<index>.yaml`,
+//!   an `OverlayBlock` document, so the file source reads every node's blocks as the kube source
+//!   watches them), created whole by a hard link that fails when the name exists, so the
+//!   directory is the lock;
 //! - `kubernetes` source: one `OverlayBlock` object per block, named `<network>-<index>`. The API
 //!   server creates a name once — a second create is 409 Conflict — so the create is the lock.
 //!
@@ -47,36 +49,56 @@ fn file_err(path: PathBuf) -> impl FnOnce(io::Error) -> ClaimError {
 
 impl FileClaims {
     fn try_claim(&self, network: &str, index: u128, node: &str) -> Result<bool, ClaimError> {
-        use std::io::Write;
         let dir = self.dir.join(network);
         std::fs::create_dir_all(&dir).map_err(file_err(dir.clone()))?;
-        let path = dir.join(index.to_string());
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                f.write_all(node.as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(file_err(path))?;
-                Ok(true)
-            }
+        let path = dir.join(format!("{index}.yaml"));
+        if dir.join(index.to_string()).exists() {
+            // Claimed by a version that wrote the holder's name alone.
+            return Ok(false);
+        }
+        let index_u64 = u64::try_from(index).map_err(|_| ClaimError::Index(index))?;
+        let doc = serde_json::json!({
+            "apiVersion": "keyway.io/v1alpha1",
+            "kind": "OverlayBlock",
+            "metadata": {"name": block_name(network, index_u64)},
+            "spec": OverlayBlockSpec {
+                network: network.to_string(),
+                index: index_u64,
+                node: node.to_string(),
+            },
+        });
+        let text = serde_yaml_ng::to_string(&doc).expect("a block serializes");
+        // Written whole under a name of its own, then linked into place: link(2) fails when the
+        // name exists, so the claim is atomic and a reader never sees half a document.
+        let tmp = dir.join(format!(".{index}.{node}.{}.tmp", std::process::id()));
+        keyway_sap::io::fs::write_atomic(&tmp, text.as_bytes(), 0o644)
+            .map_err(file_err(tmp.clone()))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(file_err(path)(e)),
         }
     }
 
-    /// Every (index, holder) of `network`.
+    /// Every (index, holder) of `network`: `OverlayBlock` documents, and the bare holder names
+    /// earlier versions wrote.
     fn all(&self, network: &str) -> Vec<(u128, String)> {
         let Ok(rd) = std::fs::read_dir(self.dir.join(network)) else {
             return Vec::new();
         };
         rd.flatten()
             .filter_map(|e| {
-                let idx = e.file_name().to_str()?.parse::<u128>().ok()?;
-                let holder = std::fs::read_to_string(e.path()).unwrap_or_default();
-                Some((idx, holder.trim().to_string()))
+                let name = e.file_name().to_str()?.to_string();
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                if let Some(idx) = name.strip_suffix(".yaml") {
+                    let doc: serde_json::Value = serde_yaml_ng::from_str(&text).ok()?;
+                    let spec: OverlayBlockSpec =
+                        serde_json::from_value(doc.get("spec")?.clone()).ok()?;
+                    return Some((idx.parse().ok()?, spec.node));
+                }
+                Some((name.parse().ok()?, text.trim().to_string()))
             })
             .collect()
     }
@@ -259,6 +281,26 @@ mod tests {
             claims.claim_next(&n, "node-3").await,
             Err(ClaimError::Exhausted { .. })
         ));
+        // What the file source reads: the same blocks as objects.
+        let text = std::fs::read_to_string(t.path().join("v4/2.yaml")).unwrap();
+        let objects = crate::source::parse_file(&text).unwrap();
+        assert!(
+            matches!(&objects[..], [crate::model::Object::OverlayBlock(name, b)]
+                if name == "v4-2" && b.node == "node-1" && b.index == 2),
+            "{objects:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn blocks_claimed_by_an_earlier_version_stay_theirs() {
+        let t = Scratch::new("claims-old");
+        std::fs::create_dir_all(t.path().join("v4")).unwrap();
+        std::fs::write(t.path().join("v4/0"), "node-1\n").unwrap();
+        let claims = Claims::Files(FileClaims {
+            dir: t.path().to_path_buf(),
+        });
+        assert_eq!(claims.held("v4", "node-1").await.unwrap(), [0]);
+        assert!(!claims.try_claim("v4", 0, "node-2").await.unwrap());
     }
 
     #[tokio::test]

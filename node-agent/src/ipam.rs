@@ -72,6 +72,17 @@ impl Blocks {
         }
     }
 
+    /// The block `ip` lies in, when it lies in the network.
+    pub fn index_of(&self, ip: IpAddr) -> Option<u128> {
+        let a = match ip {
+            IpAddr::V4(a) if self.v4 => u128::from(u32::from(a)),
+            IpAddr::V6(a) if !self.v4 => u128::from(a),
+            _ => return None,
+        };
+        let block = a.checked_sub(self.base)? >> self.block_bits;
+        (block < self.count).then_some(block)
+    }
+
     /// The block as a prefix, for logs.
     pub fn prefix(&self, block: u128) -> String {
         let len = if self.v4 { 32 } else { 128 } - self.block_bits;

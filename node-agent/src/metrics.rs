@@ -242,7 +242,7 @@ impl Metrics {
         );
         let help = "Admin connections closed unserved: the server had its connection cap";
         r.register("keyway_admin_refused", help, self.admin_refused.clone());
-        let help = "Other agents' published attachments not counted, by reason (unattested, wrong_node, not_pod_ip, node_address, outside_network, conflict)";
+        let help = "Other agents' published attachments not counted, by reason (unattested, wrong_node, not_pod_ip, node_address, outside_network, wrong_block, conflict)";
         r.register(
             "keyway_attachments_refused",
             help,

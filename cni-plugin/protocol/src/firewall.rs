@@ -261,6 +261,22 @@ impl PodFirewall {
                     ),
             );
         }
+        input.push(
+            Rule::new()
+                .l4proto(PROTO_ICMPV6)
+                .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
+                .accept()
+                .comment(
+                    "IPv6 neighbour discovery (solicitations, advertisements) on the pod network",
+                ),
+        );
+        input.push(
+            Rule::new()
+                .ipv6_reverse_path_fails()
+                .counter()
+                .drop_()
+                .comment("IPv6 source not routed back through the interface it came in on (strict reverse-path filter; IPv4's is the sysctl)"),
+        );
         output.push(
             Rule::new()
                 .daddr_in(peers)
@@ -323,15 +339,15 @@ impl PodFirewall {
                     .comment("the node: policy never blocks the node (what it forwards to a protected pod goes through its gateway)"),
             );
         }
-        for rules in [&mut input, &mut output] {
-            rules.push(
-                Rule::new()
-                    .l4proto(PROTO_ICMPV6)
-                    .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
-                    .accept()
-                    .comment("IPv6 neighbour discovery (solicitations, advertisements) on the pod network"),
-            );
-        }
+        output.push(
+            Rule::new()
+                .l4proto(PROTO_ICMPV6)
+                .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
+                .accept()
+                .comment(
+                    "IPv6 neighbour discovery (solicitations, advertisements) on the pod network",
+                ),
+        );
         input.push(
             Rule::new()
                 .counter()

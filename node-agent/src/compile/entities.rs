@@ -11,6 +11,7 @@ use keyway_core::acl::{FastMap, FastSet};
 use keyway_core::key::KeyRing;
 
 use super::{KeyCache, LocalPod, NodeContext, external_entity, pod_entity};
+use crate::ipam::Blocks;
 use crate::model::{Model, NamedPort, ObjectKey, OverlayNetwork};
 use crate::policy::Labels;
 
@@ -174,18 +175,22 @@ pub enum Refusal {
     NodeAddress,
     /// An overlay address outside every overlay network.
     OutsideNetwork,
+    /// An overlay address in a block its node does not hold: addresses belong to the node whose
+    /// claim on the block the API server (or the shared directory) granted.
+    WrongBlock,
     /// An address another entity holds or claims too: a local or external entity keeps it; two
     /// published claims both lose it.
     Conflict,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::Unattested,
         Refusal::WrongNode,
         Refusal::NotPodIp,
         Refusal::NodeAddress,
         Refusal::OutsideNetwork,
+        Refusal::WrongBlock,
         Refusal::Conflict,
     ];
 
@@ -196,6 +201,7 @@ impl Refusal {
             Refusal::NotPodIp => "not_pod_ip",
             Refusal::NodeAddress => "node_address",
             Refusal::OutsideNetwork => "outside_network",
+            Refusal::WrongBlock => "wrong_block",
             Refusal::Conflict => "conflict",
         }
     }
@@ -205,6 +211,7 @@ impl Refusal {
 /// an agent: only then does it count.
 fn check_published(
     networks: &[OverlayNetwork],
+    blocks: &BlockHolders,
     node: &NodeContext,
     keys: &KeyCache,
     pod: &crate::model::Pod,
@@ -223,11 +230,28 @@ fn check_published(
     if nodes.contains(&a.infra_ip) || node.local_sap.map(|s| s.ip()) == Some(a.infra_ip) {
         return Err(Refusal::NodeAddress);
     }
-    let inside = |ip: &IpAddr| networks.iter().any(|n| n.spec.cidr.contains(*ip));
-    if !a.overlay_ips.iter().all(inside) {
-        return Err(Refusal::OutsideNetwork);
+    for ip in &a.overlay_ips {
+        let Some(net) = networks.iter().find(|n| n.spec.cidr.contains(*ip)) else {
+            return Err(Refusal::OutsideNetwork);
+        };
+        let index = Blocks::of(net).index_of(*ip);
+        let holder = index.and_then(|i| blocks.get(&(net.name.as_str(), i)));
+        if holder != Some(&a.node.as_str()) {
+            return Err(Refusal::WrongBlock);
+        }
     }
     Ok(())
+}
+
+/// Who holds each block: (network, index) → node.
+type BlockHolders<'a> = FastMap<(&'a str, u128), &'a str>;
+
+fn block_holders(model: &Model) -> BlockHolders<'_> {
+    model
+        .blocks
+        .values()
+        .map(|b| ((b.network.as_str(), u128::from(b.index)), b.node.as_str()))
+        .collect()
 }
 
 /// The pods other agents published (their own pods are this node's locals), each only when
@@ -243,6 +267,7 @@ fn published_pods(
 ) {
     let nodes: FastSet<IpAddr> = model.nodes.values().filter_map(|n| n.address).collect();
     let networks = model.overlay_networks();
+    let blocks = block_holders(model);
     let mut candidates = Vec::new();
     for (key, a) in &model.attachments {
         if a.node == node.node_name {
@@ -252,7 +277,7 @@ fn published_pods(
         let Some(pod) = model.pods.get(key) else {
             continue;
         };
-        match check_published(&networks, node, keys, pod, a, &nodes) {
+        match check_published(&networks, &blocks, node, keys, pod, a, &nodes) {
             Ok(()) => candidates.push((key, a, pod)),
             Err(why) => {
                 tracing::debug!(pod = %key, reason = why.as_str(), "attachment refused");
@@ -260,8 +285,9 @@ fn published_pods(
             }
         }
     }
-    // Two claims on one address: neither gets it (which is true cannot be told here), and an
-    // address this node holds stays its own.
+    // An overlay address is its block holder's alone, so two claims on one come from the same
+    // node (or on one pod IP): neither gets it, as which is true cannot be told here. An address
+    // this node holds stays its own.
     let mut claims: FastMap<IpAddr, u32> = FastMap::default();
     for (_, a, _) in &candidates {
         for ip in a.overlay_ips.iter().chain([&a.infra_ip]) {

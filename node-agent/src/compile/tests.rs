@@ -27,6 +27,16 @@ apiVersion: v1
 kind: Node
 metadata: {name: node-2}
 status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+---
+apiVersion: keyway.io/v1alpha1
+kind: OverlayBlock
+metadata: {name: default-1}
+spec: {network: default, index: 1, node: node-2}
+---
+apiVersion: keyway.io/v1alpha1
+kind: OverlayBlock
+metadata: {name: default-3}
+spec: {network: default, index: 3, node: node-2}
 "#;
 
 /// x/a (served here, on node-1), x/b, x/c and y/a (on node-2); every pod serves `http` on 8080.
@@ -369,6 +379,35 @@ fn stale_and_conflicting_attachments_are_left_out() {
     assert_eq!(&*owner.entity, "x/a");
 }
 
+#[test]
+fn an_address_stays_with_the_node_that_holds_its_block() {
+    // An agent on node-1 (compromised, or mistaken) publishes x/b's address, in node-2's block,
+    // for a pod of its own. Seen from a third node, x/b keeps it: before blocks were checked,
+    // both claims lost it.
+    let w = pod_doc("x", "w", "node-1", "10.244.1.9");
+    let claim = Object::OverlayAttachment(
+        OverlayAttachmentSpec {
+            namespace: "x".into(),
+            pod: "w".into(),
+            node: "node-1".into(),
+            infra_ip: "10.244.1.9".parse().unwrap(),
+            overlay_ips: vec![IpAddr::V4(overlay("x", "b"))],
+            proof: None,
+        }
+        .attest(&secret()),
+    );
+    let (model, _) = compiled_with(&w, vec![claim]);
+    let third = NodeContext {
+        node_name: "node-3".into(),
+        local_sap: None,
+        ..node()
+    };
+    let c = compile(&model, &[], &third, &mut KeyCache::new(secret()), 0, 1);
+    assert_eq!(c.refused, [(ObjectKey::new("x", "w"), Refusal::WrongBlock)]);
+    let owner = c.tables.fib.lookup(IpAddr::V4(overlay("x", "b"))).unwrap();
+    assert_eq!(&*owner.entity, "x/b");
+}
+
 /// A change to a published attachment; whether to attest it again (as an agent would).
 type Edit = dyn Fn(&mut OverlayAttachmentSpec) -> bool;
 
@@ -422,7 +461,7 @@ fn an_attachment_counts_only_when_attested_and_true_to_its_pod() {
     let c = compile(&m, &[], &node(), &mut upgrading, 0, 1);
     assert_eq!(c.refused, [(key.clone(), Refusal::Unattested)]);
     // Attested, but not true to the pod (an agent's stale or mistaken word).
-    let cases: [(&Edit, Refusal); 4] = [
+    let cases: [(&Edit, Refusal); 5] = [
         (
             &|a| {
                 a.node = "node-3".into();
@@ -443,6 +482,14 @@ fn an_attachment_counts_only_when_attested_and_true_to_its_pod() {
                 true
             },
             Refusal::OutsideNetwork,
+        ),
+        (
+            // In the overlay, but in a block nobody holds (node-2 holds blocks 1 and 3).
+            &|a| {
+                a.overlay_ips = vec!["100.64.2.5".parse().unwrap()];
+                true
+            },
+            Refusal::WrongBlock,
         ),
         (
             &|a| {

@@ -167,6 +167,8 @@ pub enum Object {
     External(ExternalEntity),
     ClusterConfig(String, ClusterConfigSpec),
     OverlayAttachment(OverlayAttachmentSpec),
+    /// A block of an overlay network and the node that holds it, by object name.
+    OverlayBlock(String, OverlayBlockSpec),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
 }
@@ -183,6 +185,7 @@ pub enum Kind {
     DirectPath,
     ExternalEntity,
     ClusterConfig,
+    OverlayBlock,
     Service,
     EndpointSlice,
 }
@@ -203,6 +206,8 @@ pub struct Model {
     pub configs: BTreeMap<String, ClusterConfigSpec>,
     /// Overlay attachments published by agents, by pod.
     pub attachments: BTreeMap<ObjectKey, OverlayAttachmentSpec>,
+    /// Overlay blocks and their holders, by object name (`<network>-<index>`).
+    pub blocks: BTreeMap<String, OverlayBlockSpec>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
@@ -260,6 +265,9 @@ impl Model {
                 self.attachments
                     .insert(ObjectKey::new(&a.namespace, &a.pod), a);
             }
+            Object::OverlayBlock(name, b) => {
+                self.blocks.insert(name, b);
+            }
         }
     }
 
@@ -278,6 +286,7 @@ impl Model {
             Kind::DirectPath => drop(self.direct_paths.remove(key)),
             Kind::ExternalEntity => drop(self.externals.remove(key)),
             Kind::ClusterConfig => drop(self.configs.remove(&key.name)),
+            Kind::OverlayBlock => drop(self.blocks.remove(&key.name)),
             Kind::Service => drop(self.services.remove(key)),
             Kind::EndpointSlice => drop(self.endpoint_slices.remove(key)),
         }
@@ -306,6 +315,7 @@ impl Model {
             Kind::DirectPath => keyed(&self.direct_paths),
             Kind::ExternalEntity => keyed(&self.externals),
             Kind::ClusterConfig => named(&self.configs),
+            Kind::OverlayBlock => named(&self.blocks),
             Kind::Service => keyed(&self.services),
             Kind::EndpointSlice => keyed(&self.endpoint_slices),
         }

@@ -16,8 +16,8 @@ use serde_json::Value;
 use super::{
     ClusterConfigSpec, DirectPath, DirectPathSpec, Endpoint, EndpointSlice, ExternalEntity,
     ExternalEntitySpec, KEYWAY_API_VERSION, NAMESPACE_NAME_LABEL, NamedPort, Node, Object,
-    ObjectKey, OverlayAttachmentSpec, OverlayNetwork, OverlayNetworkSpec, Pod, SERVICE_NAME_LABEL,
-    SERVICE_SELECTOR_ANNOTATION, Service, ServicePort, SlicePort, TargetPort,
+    ObjectKey, OverlayAttachmentSpec, OverlayBlockSpec, OverlayNetwork, OverlayNetworkSpec, Pod,
+    SERVICE_NAME_LABEL, SERVICE_SELECTOR_ANNOTATION, Service, ServicePort, SlicePort, TargetPort,
 };
 use crate::policy::{self, Labels, PolicyError};
 
@@ -399,6 +399,8 @@ fn keyway_resource(kind: &str, name: &str, doc: Value) -> Result<Option<Object>,
         "OverlayAttachment" => {
             spec_of::<OverlayAttachmentSpec>(&doc).map(Object::OverlayAttachment)
         }
+        "OverlayBlock" => spec_of::<OverlayBlockSpec>(&doc)
+            .map(|spec| Object::OverlayBlock(name.to_string(), spec)),
         _ => return Ok(None),
     };
     parsed

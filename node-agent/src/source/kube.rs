@@ -36,7 +36,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::{LastGood, PublishError, SourceStats};
 use crate::model::resources::{
-    ClusterConfigResource, DirectPathResource, ExternalEntityResource, OverlayNetworkResource,
+    ClusterConfigResource, DirectPathResource, ExternalEntityResource, OverlayBlockResource,
+    OverlayNetworkResource,
 };
 use crate::model::{
     Kind, Model, Object, ObjectError, ObjectKey, OverlayAttachmentSpec, parse_object,
@@ -302,9 +303,10 @@ pub fn spawn(client: kube::Client, last_good: LastGood) -> KubeSource {
     start::<DirectPathResource>(&client, Kind::DirectPath, &tx);
     start::<ExternalEntityResource>(&client, Kind::ExternalEntity, &tx);
     start::<ClusterConfigResource>(&client, Kind::ClusterConfig, &tx);
+    start::<OverlayBlockResource>(&client, Kind::OverlayBlock, &tx);
     start::<Service>(&client, Kind::Service, &tx);
     start::<EndpointSlice>(&client, Kind::EndpointSlice, &tx);
-    const KINDS: usize = 10;
+    const KINDS: usize = 11;
     drop(tx);
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     let (ready_tx, ready_rx) = watch::channel(false);

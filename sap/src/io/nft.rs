@@ -91,6 +91,9 @@ const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+/// `nft_fib_flags`: look up by the source address, through the input interface only.
+const NFTA_FIB_F_SADDR: u32 = 1 << 0;
+const NFTA_FIB_F_IIF: u32 = 1 << 3;
 /// `PACKET_HOST`: a frame addressed to this host.
 const PACKET_HOST: u8 = 0;
 const NFT_REG_2: u32 = 2;
@@ -227,6 +230,9 @@ enum Expr {
     },
     /// Register 1 added to (or refreshed in) a dynamic set, expiring after the timeout (ms).
     Update(String, u32, u64),
+    /// `fib saddr . iif oif`: the interface the route back to the source leaves by, looked up
+    /// only through the interface the packet came in on (0 when there is none), into register 1.
+    FibReversePath,
 }
 
 /// A rule: a sequence of matches ending in a verdict, with an optional comment.
@@ -300,6 +306,16 @@ impl Rule {
                 xor: vec![0; 4],
             })
             .push(Expr::Cmp(CmpOp::Neq, vec![0; 4]))
+    }
+
+    /// `meta nfproto ipv6 fib saddr . iif oif 0`: an IPv6 packet whose source is not routed back
+    /// through the interface it came in on — IPv6's strict reverse-path filter, which has no
+    /// sysctl.
+    pub fn ipv6_reverse_path_fails(self) -> Self {
+        self.push(Expr::Meta(MetaKey::NfProto))
+            .push(Expr::Cmp(CmpOp::Eq, vec![Family::Ipv6 as u8]))
+            .push(Expr::FibReversePath)
+            .push(Expr::Cmp(CmpOp::Eq, vec![0; 4]))
     }
 
     /// `meta l4proto proto`.
@@ -813,6 +829,7 @@ impl Expr {
             Expr::Dnat { .. } => "nat",
             Expr::Update(..) => "dynset",
             Expr::SocketMark => "socket",
+            Expr::FibReversePath => "fib",
         }
     }
 
@@ -890,6 +907,12 @@ impl Expr {
             }
             // NFTA_SOCKET_KEY (NFT_SOCKET_MARK), NFTA_SOCKET_DREG
             Expr::SocketMark => vec![be32(1, 1), be32(2, NFT_REG_1)],
+            // NFTA_FIB_DREG, NFTA_FIB_RESULT (NFT_FIB_RESULT_OIF), NFTA_FIB_FLAGS (saddr | iif)
+            Expr::FibReversePath => vec![
+                be32(1, NFT_REG_1),
+                be32(2, 1),
+                be32(3, NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF),
+            ],
             // NFTA_DYNSET_SET_NAME, _SET_ID, _OP (NFT_DYNSET_OP_UPDATE), _SREG_KEY, _TIMEOUT
             Expr::Update(set, id, timeout_ms) => vec![
                 text(1, set),
