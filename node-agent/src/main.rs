@@ -295,12 +295,17 @@ async fn open_gateway(
     gw: &GatewayConfig,
     node_ip: IpAddr,
 ) -> Option<keyway_sap::io::tun::SyncDevice> {
-    let overhead = if node_ip.is_ipv6() { 56 } else { 36 };
+    // Room for GUE and packet authentication's MAC, as the pods' overlay devices leave.
+    let overhead = if node_ip.is_ipv6() {
+        keyway_core::gue::MTU_RESERVE_IPV6
+    } else {
+        keyway_core::gue::MTU_RESERVE_IPV4
+    };
     let underlay = match keyway_sap::io::netlink::Netlink::connect() {
         Ok(nl) => nl.mtu_of_address(node_ip).await.ok().flatten(),
         Err(_) => None,
     };
-    let mtu = underlay.unwrap_or(1500).saturating_sub(overhead) as u16;
+    let mtu = underlay.unwrap_or(1500).saturating_sub(overhead as u32) as u16;
     let device = match keyway_sap::io::tun::create_gateway(gateway::DEVICE, mtu) {
         Ok(d) => d,
         Err(e) => {
