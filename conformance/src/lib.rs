@@ -2,6 +2,7 @@
 //! (with the lab) simulated clusters.
 #![forbid(unsafe_code)]
 
+pub mod ambient;
 pub mod attack;
 pub mod cni_exec;
 pub mod containerd;

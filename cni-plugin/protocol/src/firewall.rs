@@ -69,6 +69,13 @@ pub const STEER_RULE_PRIORITY: u32 = 6080;
 /// The conntrack mark bit of a connection that travels the overlay: its replies are accepted on
 /// the overlay device only, never on `eth0` (where a neighbour could forge them).
 pub const OVERLAY_CT_MARK: u32 = 0x0080_0000;
+/// The conntrack mark (in the bits of [`ISTIO_INPOD_MARK_MASK`]) Istio's in-pod rules give a
+/// connection that ztunnel opened inside an ambient pod to deliver to its application, with the
+/// client's address as source: its replies must go back to ztunnel (Istio's routing rule for
+/// this mark), not into keyway's overlay.
+pub const ISTIO_INPOD_CONN_MARK: u32 = 0x111;
+/// The bits of the packet and connection marks Istio's in-pod rules use.
+pub const ISTIO_INPOD_MARK_MASK: u32 = 0xfff;
 /// The source address Istio's CNI gives kubelet's probes of an ambient pod, IPv4 and IPv6: the
 /// node, for the pod's table.
 pub const ISTIO_PROBE_SOURCES: [IpAddr; 2] = [
@@ -400,6 +407,10 @@ impl PodFirewall {
                 .dport_range(self.gue_port, self.gue_port)
                 .accept()
                 .comment("GUE is never steered into the overlay"),
+            Rule::new()
+                .ct_mark_masked(ISTIO_INPOD_MARK_MASK, ISTIO_INPOD_CONN_MARK)
+                .accept()
+                .comment("Istio ambient: what ztunnel delivered in this pod is answered to ztunnel, here"),
             Rule::new()
                 .daddr_in(peers)
                 .or_mark(STEER_MARK)

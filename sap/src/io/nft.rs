@@ -447,6 +447,17 @@ impl Rule {
             .push(Expr::Cmp(CmpOp::Eq, vec![0; 4]))
     }
 
+    /// `ct mark & mask == value`.
+    pub fn ct_mark_masked(self, mask: u32, value: u32) -> Self {
+        self.push(Expr::Ct(CtKey::Mark))
+            .push(Expr::Bitwise {
+                len: 4,
+                mask: mask.to_ne_bytes().to_vec(),
+                xor: 0u32.to_ne_bytes().to_vec(),
+            })
+            .push(Expr::Cmp(CmpOp::Eq, (value & mask).to_ne_bytes().to_vec()))
+    }
+
     /// `socket mark MARK`: the local socket the packet is delivered to carries `mark` (input
     /// and prerouting hooks; no socket, no match).
     pub fn socket_mark(self, mark: u32) -> Self {
