@@ -11,11 +11,12 @@ use keyway_install::confdir::{ConfDir, Reconciled};
 use keyway_install::conflist;
 use serde_json::Value;
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 6] = [
     "calico",
     "flannel",
     "bridge",
     "istio-after-calico",
+    "istio-owned-calico",
     "single-conf",
 ];
 
@@ -141,6 +142,9 @@ fn primary_name(case: &str) -> String {
         "flannel" => "10-flannel.conflist",
         "bridge" => "10-bridge.conflist",
         "single-conf" => "10-mynet.conflist",
+        // Istio's own copy of the primary's chain with istio-cni appended, named to sort first
+        // (`istioOwnedCNIConfig`): the file the runtime reads, so the one keyway joins.
+        "istio-owned-calico" => "02-istio-cni.conflist",
         _ => unreachable!(),
     }
     .to_string()
@@ -159,13 +163,15 @@ fn what_keyway_writes_is_what_the_issue_asks() {
             "calico" => &["calico", "portmap", "bandwidth", "keyway"],
             "flannel" => &["flannel", "portmap", "keyway"],
             "bridge" => &["bridge", "portmap", "keyway"],
-            "istio-after-calico" => &["calico", "portmap", "bandwidth", "istio-cni", "keyway"],
+            "istio-after-calico" | "istio-owned-calico" => {
+                &["calico", "portmap", "bandwidth", "istio-cni", "keyway"]
+            }
             "single-conf" => &["bridge", "keyway"],
             _ => unreachable!(),
         };
         assert_eq!(types, want, "{case}");
         let version = match case {
-            "calico" | "flannel" | "istio-after-calico" => "0.3.1",
+            "calico" | "flannel" | "istio-after-calico" | "istio-owned-calico" => "0.3.1",
             "bridge" => "1.0.0",
             _ => "0.4.0",
         };
@@ -174,6 +180,13 @@ fn what_keyway_writes_is_what_the_issue_asks() {
             "{case}: the primary's version is kept"
         );
     }
+    // With Istio owning its file, the primary's own file is left as it was.
+    let node = Node::new("shape-istio-owned", "istio-owned-calico");
+    node.dir.reconcile(&entry()).unwrap();
+    assert_eq!(
+        node.conf()["10-calico.conflist"],
+        before("istio-owned-calico")["10-calico.conflist"]
+    );
     // Only the primary is touched: the broken file before it and podman's after it stay as they were.
     let node = Node::new("shape-others", "bridge");
     node.dir.reconcile(&entry()).unwrap();
