@@ -4,7 +4,7 @@
 //! a packet arrived, and the counters of the rules that dropped it. Used by
 //! `conformance/tests/attacks.rs`.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,44 @@ pub fn send_raw(netns: &Path, packets: &[Vec<u8>]) -> anyhow::Result<()> {
             sock.send_to(p, &SocketAddr::V4(SocketAddrV4::new(dst, 0)).into())
                 .with_context(|| format!("send {} bytes to {dst}", p.len()))?;
         }
+        Ok(())
+    })?
+}
+
+/// A router advertisement (ICMPv6 134), from `netns`'s `ifname` to `to` (an address on that
+/// link), announcing the sender as a default router for 30 minutes and `prefix`/64 as on-link and
+/// for addresses: what a rogue neighbour sends to take a pod's IPv6 routing. The kernel fills in
+/// the link-local source and the checksum (an ICMPv6 raw socket); the hop limit is 255, as
+/// receivers require of neighbour discovery.
+pub fn router_advertisement(
+    netns: &Path,
+    ifname: &str,
+    to: Ipv6Addr,
+    prefix: Ipv6Addr,
+) -> anyhow::Result<()> {
+    let ns = Netns::open(netns)?;
+    ns.run(|| -> anyhow::Result<()> {
+        let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+            .context("a raw ICMPv6 socket")?;
+        sock.set_unicast_hops_v6(255)?;
+        sock.set_multicast_hops_v6(255)?;
+        let ifindex = nix::net::if_::if_nametoindex(ifname)?;
+        // Type, code, checksum; current hop limit 64, no flags, router lifetime 1800 s; reachable
+        // time and retransmission timer unspecified.
+        let mut ra = vec![134, 0, 0, 0, 64, 0];
+        ra.extend(1800u16.to_be_bytes());
+        ra.extend([0u8; 8]);
+        // Prefix information: type 3, 4 × 8 bytes, /64, on-link and autonomous; lifetimes.
+        ra.extend([3, 4, 64, 0xc0]);
+        ra.extend(86_400u32.to_be_bytes());
+        ra.extend(14_400u32.to_be_bytes());
+        ra.extend([0u8; 4]);
+        ra.extend(prefix.octets());
+        sock.send_to(
+            &ra,
+            &SocketAddr::V6(SocketAddrV6::new(to, 0, 0, ifindex)).into(),
+        )
+        .with_context(|| format!("send a router advertisement to {to}%{ifname}"))?;
         Ok(())
     })?
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use keyway_conformance::attack::{
-    port_unreachable4, received, rule_packets, send_raw, udp_socket, udp4, v4,
+    port_unreachable4, received, router_advertisement, rule_packets, send_raw, udp_socket, udp4, v4,
 };
 use keyway_conformance::lab::{DownOnDrop, Lab, PodState, Via};
 use keyway_conformance::topology::{Plan, in_ns};
@@ -152,6 +152,7 @@ fn attacks_on_enforcement_are_refused_and_counted() {
     out.extend(node_exemption(&lab));
     out.extend(conntrack_without_interfaces(&lab, &flow, "agent running"));
     out.push(routing_through_a_pod(&lab));
+    out.push(rogue_router(&lab));
     out.extend(flow_table_exhaustion(&lab));
     out.extend(admin_endpoint(&lab));
     out.extend(gue_port_and_restart(&mut lab, &flow));
@@ -358,6 +359,41 @@ fn routing_through_a_pod(lab: &Lab) -> Outcome {
             overlay(cart),
             ip(front)
         ),
+    }
+}
+
+/// Item 10: a neighbour on front's bridge sends it a router advertisement (a default route and
+/// a prefix to take an address from); front takes neither, and its table counts the drop.
+fn rogue_router(lab: &Lab) -> Outcome {
+    let front = pod(lab, "shop/front");
+    let old = pod(lab, "legacy/old");
+    let ns = netns_name(front);
+    let link_local = in_ns(
+        &ns,
+        &[
+            "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+    )
+    .unwrap_or_default()
+    .split_whitespace()
+    .find_map(|w| w.split('/').next()?.parse::<std::net::Ipv6Addr>().ok())
+    .expect("front's eth0 has an IPv6 link-local address");
+    let prefix: std::net::Ipv6Addr = "2001:db8:77::".parse().unwrap();
+    let taken = || {
+        let routes = in_ns(&ns, &["ip", "-6", "route", "show"]).unwrap_or_default();
+        let addrs = in_ns(&ns, &["ip", "-6", "addr", "show"]).unwrap_or_default();
+        routes.lines().any(|l| l.starts_with("default")) || addrs.contains("2001:db8:77")
+    };
+    let before = pod_drops(front);
+    router_advertisement(&netns(old), "eth0", link_local, prefix).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    Outcome {
+        item: 10,
+        residual: false,
+        attack: "bridge neighbour sends a pod a router advertisement (default route, prefix)",
+        got_through: taken(),
+        counted: pod_drops(front) > before,
+        detail: format!("{} -> {link_local}: front's table drop counter", ip(old)),
     }
 }
 
