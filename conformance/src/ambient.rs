@@ -245,11 +245,7 @@ fn redirection(netns: &str) -> anyhow::Result<()> {
   }
 }
 ";
-    let file = std::env::temp_dir().join(format!("istio-inpod-{netns}.nft"));
-    std::fs::write(&file, rules)?;
-    let applied = in_ns(netns, &["nft", "-f", &file.display().to_string()]);
-    let _ = std::fs::remove_file(&file);
-    applied?;
+    nft(netns, rules)?;
     in_ns(
         netns,
         &[
@@ -304,15 +300,17 @@ fn probe_snat(node_netns: &str, node_sources: &[IpAddr], pods: &[IpAddr]) -> any
         list(node_sources),
         list(pods)
     );
-    let file = std::env::temp_dir().join(format!("istio-probes-{node_netns}.nft"));
-    std::fs::write(&file, rules)?;
     let _ = in_ns(
         node_netns,
         &["nft", "delete", "table", "ip", "istio-probes"],
     );
-    let applied = in_ns(node_netns, &["nft", "-f", &file.display().to_string()]);
-    let _ = std::fs::remove_file(&file);
-    applied.map(|_| ())
+    nft(node_netns, &rules)
+}
+
+/// Applies an nftables script in network namespace `netns`.
+fn nft(netns: &str, script: &str) -> anyhow::Result<()> {
+    let cmd = ["ip", "netns", "exec", netns, "nft", "-f", "-"];
+    crate::proc::run_stdin(&cmd, script).map(|_| ())
 }
 
 /// The pods of namespaces labelled for ambient.

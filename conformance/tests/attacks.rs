@@ -156,7 +156,7 @@ fn attacks_on_enforcement_are_refused_and_counted() {
     out.extend(flow_table_exhaustion(&lab));
     out.extend(admin_endpoint(&lab));
     out.extend(gue_port_and_restart(&mut lab, &flow));
-    out.extend(sniffed_key(&mut lab, &scratch.join("strict.yaml")));
+    out.extend(sniffed_key(&mut lab));
 
     let mut table = String::from("item | attack | got through | counted | detail\n");
     for o in &out {
@@ -611,7 +611,7 @@ fn gue_port_and_restart(lab: &mut Lab, flow: &UdpSocket) -> Vec<Outcome> {
 /// IP as outer source. With packet authentication off that is delivered (the residual the threat
 /// model states); once the cluster is `Strict`, neither that datagram nor one with a made-up MAC
 /// is, each counted, while front's real traffic to cart still flows.
-fn sniffed_key(lab: &mut Lab, strict_yaml: &Path) -> Vec<Outcome> {
+fn sniffed_key(lab: &mut Lab) -> Vec<Outcome> {
     use keyway_core::gue;
     use keyway_core::key::{ClusterSecret, KeyRing, MacKey, Rotation};
     let (front, cart, old) = (
@@ -668,11 +668,7 @@ fn sniffed_key(lab: &mut Lab, strict_yaml: &Path) -> Vec<Outcome> {
         ),
     });
 
-    let strict = "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {name: cluster}\n\
-                  spec: {packetAuthentication: Strict}\n";
-    std::fs::write(strict_yaml, strict).unwrap();
-    lab.apply(&[strict_yaml.to_path_buf()]).unwrap();
-    lab.await_metric("keyway_packet_authentication{mode=\"strict\"}", 1.0)
+    lab.set_packet_authentication("Strict")
         .expect("the agents turn strict");
     // Real traffic is sealed and checked end to end: front still reaches cart, and back.
     let sock = udp_socket(&netns(&front), "0.0.0.0:40406".parse().unwrap()).unwrap();

@@ -262,16 +262,17 @@ impl Agent {
             .set(compiled.tables.fib.len() as i64);
         let in_force = compiled.tables.packet_auth;
         if self.tables.load().packet_auth != in_force {
-            tracing::info!(mode = ?in_force, "packet authentication mode in force");
+            tracing::info!(
+                mode = in_force.as_str(),
+                "packet authentication mode in force"
+            );
         }
-        for (mode, label) in [
-            (PacketAuth::Disabled, "disabled"),
-            (PacketAuth::Permissive, "permissive"),
-            (PacketAuth::Strict, "strict"),
-        ] {
+        for mode in PacketAuth::ALL {
             self.metrics
                 .packet_authentication
-                .get_or_create(&ModeLabel { mode: label })
+                .get_or_create(&ModeLabel {
+                    mode: mode.as_str(),
+                })
                 .set(i64::from(mode == in_force));
         }
         self.tables.publish(std::mem::take(&mut compiled.tables));

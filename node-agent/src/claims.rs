@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::PathBuf;
 
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Error};
 
 use crate::ipam::Blocks;
@@ -56,18 +56,8 @@ impl FileClaims {
             // Claimed by a version that wrote the holder's name alone.
             return Ok(false);
         }
-        let index_u64 = u64::try_from(index).map_err(|_| ClaimError::Index(index))?;
-        let doc = serde_json::json!({
-            "apiVersion": "keyway.io/v1alpha1",
-            "kind": "OverlayBlock",
-            "metadata": {"name": block_name(network, index_u64)},
-            "spec": OverlayBlockSpec {
-                network: network.to_string(),
-                index: index_u64,
-                node: node.to_string(),
-            },
-        });
-        let text = serde_yaml_ng::to_string(&doc).expect("a block serializes");
+        let text =
+            serde_yaml_ng::to_string(&block(network, index, node)?).expect("a block serializes");
         // Written whole under a name of its own, then linked into place: link(2) fails when the
         // name exists, so the claim is atomic and a reader never sees half a document.
         let tmp = dir.join(format!(".{index}.{node}.{}.tmp", std::process::id()));
@@ -93,10 +83,8 @@ impl FileClaims {
                 let name = e.file_name().to_str()?.to_string();
                 let text = std::fs::read_to_string(e.path()).ok()?;
                 if let Some(idx) = name.strip_suffix(".yaml") {
-                    let doc: serde_json::Value = serde_yaml_ng::from_str(&text).ok()?;
-                    let spec: OverlayBlockSpec =
-                        serde_json::from_value(doc.get("spec")?.clone()).ok()?;
-                    return Some((idx.parse().ok()?, spec.node));
+                    let b: OverlayBlockResource = serde_yaml_ng::from_str(&text).ok()?;
+                    return Some((idx.parse().ok()?, b.spec.node));
                 }
                 Some((name.parse().ok()?, text.trim().to_string()))
             })
@@ -114,6 +102,19 @@ impl std::fmt::Debug for KubeClaims {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeClaims").finish_non_exhaustive()
     }
+}
+
+/// Block `index` of `network`, held by `node`: what either kind of claim writes.
+fn block(network: &str, index: u128, node: &str) -> Result<OverlayBlockResource, ClaimError> {
+    let index = u64::try_from(index).map_err(|_| ClaimError::Index(index))?;
+    Ok(OverlayBlockResource::new(
+        &block_name(network, index),
+        OverlayBlockSpec {
+            network: network.to_string(),
+            index,
+            node: node.to_string(),
+        },
+    ))
 }
 
 /// The object name of block `index` of `network`.
@@ -134,19 +135,8 @@ impl KubeClaims {
     }
 
     async fn try_claim(&self, network: &str, index: u128, node: &str) -> Result<bool, ClaimError> {
-        let index = u64::try_from(index).map_err(|_| ClaimError::Index(index))?;
-        let name = block_name(network, index);
-        let block = OverlayBlockResource {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                ..ObjectMeta::default()
-            },
-            spec: OverlayBlockSpec {
-                network: network.to_string(),
-                index,
-                node: node.to_string(),
-            },
-        };
+        let block = block(network, index, node)?;
+        let name = block.metadata.name.clone().unwrap_or_default();
         match self.api.create(&PostParams::default(), &block).await {
             Ok(_) => Ok(true),
             Err(Error::Api(s)) if s.code == 409 => {

@@ -268,15 +268,7 @@ impl PodFirewall {
                     ),
             );
         }
-        input.push(
-            Rule::new()
-                .l4proto(PROTO_ICMPV6)
-                .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
-                .accept()
-                .comment(
-                    "IPv6 neighbour discovery (solicitations, advertisements) on the pod network",
-                ),
-        );
+        input.push(neighbour_discovery());
         input.push(
             Rule::new()
                 .ipv6_reverse_path_fails()
@@ -346,15 +338,7 @@ impl PodFirewall {
                     .comment("the node: policy never blocks the node (what it forwards to a protected pod goes through its gateway)"),
             );
         }
-        output.push(
-            Rule::new()
-                .l4proto(PROTO_ICMPV6)
-                .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
-                .accept()
-                .comment(
-                    "IPv6 neighbour discovery (solicitations, advertisements) on the pod network",
-                ),
-        );
+        output.push(neighbour_discovery());
         input.push(
             Rule::new()
                 .counter()
@@ -376,6 +360,15 @@ impl PodFirewall {
         }
         v
     }
+}
+
+/// What neighbour discovery needs, accepted both ways on the pod network.
+fn neighbour_discovery() -> Rule {
+    Rule::new()
+        .l4proto(PROTO_ICMPV6)
+        .icmp_type_range(NEIGHBOUR_SOLICITATION, NEIGHBOUR_ADVERTISEMENT)
+        .accept()
+        .comment("IPv6 neighbour discovery (solicitations, advertisements) on the pod network")
 }
 
 impl PodFirewall {

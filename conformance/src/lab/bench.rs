@@ -268,13 +268,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         let add_keyway = runsandbox_latency(&mut lab, "add-keyway", 10)?;
         // Last, as it stops the external endpoint (its static key has no MAC key): every
         // datagram sealed and checked.
-        let strict_doc = dir.with_extension("strict.yaml");
-        std::fs::write(
-            &strict_doc,
-            "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {name: cluster}\nspec: {packetAuthentication: Strict}\n",
-        )?;
-        lab.apply(&[strict_doc])?;
-        lab.await_metric("keyway_packet_authentication{mode=\"strict\"}", 1.0)?;
+        lab.set_packet_authentication("Strict")?;
         let sealed = measure(
             &lab.runner("bench/kw-client")?,
             kw_server,
@@ -329,7 +323,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         Ok(out)
     })();
     let _ = Lab::down(&dir);
-    for ext in ["native.yaml", "keyway.yaml", "direct.yaml", "strict.yaml"] {
+    for ext in ["native.yaml", "keyway.yaml", "direct.yaml"] {
         let _ = std::fs::remove_file(dir.with_extension(ext));
     }
     result

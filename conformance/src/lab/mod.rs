@@ -1249,9 +1249,26 @@ impl Lab {
     }
 
     /// A series of the agents' metrics, per node (0 where an agent does not answer or lacks it).
+    /// Switches the cluster's packet authentication (`Disabled`, `Permissive`, `Strict`) in its
+    /// ClusterConfig, as an operator would, and waits until every node's agent runs the mode.
+    pub fn set_packet_authentication(&mut self, mode: &str) -> anyhow::Result<()> {
+        let file = self.dir.join("packet-authentication.yaml");
+        let doc = format!(
+            "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {{name: cluster}}\n\
+             spec: {{packetAuthentication: {mode}}}\n"
+        );
+        std::fs::write(&file, doc)?;
+        self.apply(&[file])?;
+        let series = format!(
+            "keyway_packet_authentication{{mode=\"{}\"}}",
+            mode.to_lowercase()
+        );
+        self.await_metric(&series, 1.0)
+    }
+
     /// Waits (up to 15 s) until every node's agent reports `value` for `series`: a change of the
     /// state source has reached every data path.
-    pub fn await_metric(&self, series: &str, value: f64) -> anyhow::Result<()> {
+    fn await_metric(&self, series: &str, value: f64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let now = self.node_metric(series);

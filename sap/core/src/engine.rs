@@ -80,8 +80,23 @@ pub enum PacketAuth {
 }
 
 impl PacketAuth {
+    pub const ALL: [PacketAuth; 3] = [
+        PacketAuth::Disabled,
+        PacketAuth::Permissive,
+        PacketAuth::Strict,
+    ];
+
     pub fn seals(self) -> bool {
         self != PacketAuth::Disabled
+    }
+
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketAuth::Disabled => "disabled",
+            PacketAuth::Permissive => "permissive",
+            PacketAuth::Strict => "strict",
+        }
     }
 }
 
