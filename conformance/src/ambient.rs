@@ -128,6 +128,82 @@ pub struct AmbientPod {
     pub node: String,
     pub pod_ip: IpAddr,
     pub netns: PathBuf,
+    /// The Service that stands for the pod (port 80), as istiod would tell ztunnel of it.
+    pub service: Option<MeshService>,
+}
+
+/// A Service as ztunnel knows it: its hostname, cluster IP and ports (port, target port).
+#[derive(Debug, Clone)]
+pub struct MeshService {
+    pub name: String,
+    pub hostname: String,
+    pub vip: IpAddr,
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl MeshService {
+    fn of(s: &crate::lab::services::LabService) -> Option<MeshService> {
+        let ports = s
+            .doc
+            .pointer("/spec/ports")?
+            .as_array()?
+            .iter()
+            .filter(|p| p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = p.get("port")?.as_u64()? as u16;
+                let target = p.get("targetPort").and_then(|t| t.as_u64());
+                Some((port, target.map_or(port, |t| t as u16)))
+            })
+            .collect();
+        Some(MeshService {
+            name: s.name.clone(),
+            hostname: format!(
+                "{}.{}.svc.{}",
+                s.name,
+                s.namespace,
+                crate::lab::services::CLUSTER_DOMAIN
+            ),
+            vip: s.cluster_ip()?,
+            ports,
+        })
+    }
+
+    fn ports_map(&self) -> BTreeMap<u16, u16> {
+        self.ports.iter().copied().collect()
+    }
+}
+
+/// ztunnel's local configuration (its `LocalConfig`), the parts the lab fills. Typed rather than
+/// JSON values: ztunnel reads ports as numbers, and a JSON map's keys are strings.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalWorkload {
+    uid: String,
+    name: String,
+    namespace: String,
+    service_account: String,
+    workload_ips: Vec<IpAddr>,
+    protocol: &'static str,
+    node: String,
+    network: &'static str,
+    /// By `namespace/hostname`: port to target port.
+    services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LocalService {
+    name: String,
+    namespace: String,
+    hostname: String,
+    /// `network/address`.
+    vips: Vec<String>,
+    ports: BTreeMap<u16, u16>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LocalConfig {
+    workloads: Vec<LocalWorkload>,
+    services: Vec<LocalService>,
 }
 
 impl AmbientPod {
@@ -203,24 +279,72 @@ fn serve(listener: Socket, pods: Vec<AmbientPod>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The static workload file ztunnel reads instead of xDS: every ambient pod, HBONE.
-fn workload_file(pods: &[AmbientPod]) -> serde_json::Value {
-    let workloads: Vec<serde_json::Value> = pods
+/// Istio's mutual TLS mode, mesh-wide (a `PeerAuthentication` in the root namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mtls {
+    /// Meshed clients use mTLS; plaintext from outside the mesh is accepted.
+    Permissive,
+    /// Plaintext is refused: only meshed clients connect.
+    Strict,
+}
+
+/// The static workload file ztunnel reads instead of xDS: every ambient pod, HBONE; with
+/// [`Mtls::Strict`], the policy istiod makes of a mesh-wide STRICT `PeerAuthentication` (deny
+/// every connection without a peer identity). YAML text: ztunnel's string matches are enums,
+/// which its YAML reader takes as tags (`!Presence []`), which JSON values cannot carry.
+fn workload_file(pods: &[AmbientPod], mtls: Mtls) -> anyhow::Result<String> {
+    let workloads = pods
         .iter()
-        .map(|p| {
-            serde_json::json!({
-                "uid": p.uid(), "name": p.name, "namespace": p.namespace,
-                "serviceAccount": "default", "workloadIps": [p.pod_ip.to_string()],
-                "protocol": "HBONE", "node": p.node, "network": "", "services": {},
+        .map(|p| LocalWorkload {
+            uid: p.uid(),
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            service_account: "default".into(),
+            workload_ips: vec![p.pod_ip],
+            protocol: "HBONE",
+            node: p.node.clone(),
+            network: "",
+            services: p
+                .service
+                .iter()
+                .map(|s| (format!("{}/{}", p.namespace, s.hostname), s.ports_map()))
+                .collect(),
+        })
+        .collect();
+    let services = pods
+        .iter()
+        .filter_map(|p| {
+            let s = p.service.as_ref()?;
+            Some(LocalService {
+                name: s.name.clone(),
+                namespace: p.namespace.clone(),
+                hostname: s.hostname.clone(),
+                vips: vec![format!("/{}", s.vip)],
+                ports: s.ports_map(),
             })
         })
         .collect();
-    serde_json::json!({"workloads": workloads, "policies": [], "services": []})
+    let file = LocalConfig {
+        workloads,
+        services,
+    };
+    let policies = match mtls {
+        Mtls::Permissive => "policies: []\n",
+        Mtls::Strict => {
+            "policies:\n- name: istio_converted_static_strict\n  namespace: istio-system\n  \
+             scope: Global\n  action: Deny\n  dryRun: false\n  \
+             rules: [[[{notPrincipals: [!Presence []]}]]]\n"
+        }
+    };
+    Ok(serde_yaml_ng::to_string(&file)? + policies)
 }
 
 /// Istio's in-pod redirection, for one pod's namespace (see the module's notes).
 fn redirection(netns: &str) -> anyhow::Result<()> {
-    let rules = "table inet istio-inpod {
+    // Declared, deleted and declared again: the same rules whenever it is applied.
+    let rules = "table inet istio-inpod
+delete table inet istio-inpod
+table inet istio-inpod {
   chain prerouting_mangle {
     type filter hook prerouting priority mangle;
     meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111
@@ -334,6 +458,9 @@ pub fn ambient_pods(
                 node: p.spec.node.clone()?,
                 pod_ip: p.infra_ip.parse().ok()?,
                 netns: PathBuf::from(&p.netns_path),
+                service: lab
+                    .service_of(&p.key(), 80, "TCP")
+                    .and_then(MeshService::of),
             })
         })
         .collect()
@@ -349,16 +476,21 @@ pub struct Ambient {
 }
 
 impl Ambient {
-    /// Enrols `pods` (on the lab's nodes) with the ztunnel at `ztunnel`; files go to `dir`.
+    /// Enrols `pods` (on the lab's nodes) with the ztunnel at `ztunnel`, mesh-wide mTLS `mtls`;
+    /// files go to `dir`.
     pub fn start(
         lab: &Lab,
         ztunnel: &Path,
         pods: &[AmbientPod],
         dir: &Path,
+        mtls: Mtls,
     ) -> anyhow::Result<Ambient> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("ztunnel-workloads.yaml");
-        std::fs::write(&config, serde_yaml_ng::to_string(&workload_file(pods))?)?;
+        std::fs::write(&config, workload_file(pods, mtls)?)?;
+        let resolv = dir.join("resolv.conf");
+        let dns = crate::lab::services::DNS_SERVICE_IP;
+        std::fs::write(&resolv, format!("nameserver {dns}\noptions ndots:5\n"))?;
         for p in pods {
             let ns = p
                 .netns
@@ -411,10 +543,23 @@ impl Ambient {
                 ("NODE_NAME", node.name.clone()),
                 ("RUST_LOG", "info".into()),
             ];
+            // In a mount namespace of its own whose resolv.conf names the cluster's DNS, as a
+            // ztunnel pod's (ClusterFirst) would: its DNS proxy forwards what it does not know there.
+            let run = [
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/resolv.conf && exec \"$1\" proxy ztunnel",
+            ];
+            let mut args: Vec<String> = run.iter().map(|s| s.to_string()).collect();
+            args.push(resolv.display().to_string());
+            args.push(ztunnel.display().to_string());
             let pid = crate::containerd::spawn_detached(
                 &node.netns,
-                ztunnel,
-                &["proxy".into(), "ztunnel".into()],
+                Path::new("unshare"),
+                &args,
                 &log,
                 &env,
             )?;
@@ -438,9 +583,28 @@ impl Ambient {
                 return Err(e.context("a ZDS server"));
             }
         }
+        let tails: Vec<String> = me
+            .logs
+            .iter()
+            .map(|l| {
+                let text = std::fs::read_to_string(l).unwrap_or_default();
+                // Its last messages, not a backtrace's frames.
+                let last: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.starts_with(' '))
+                    .rev()
+                    .take(5)
+                    .collect();
+                format!(
+                    "{}:\n{}",
+                    l.display(),
+                    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
         bail!(
-            "the ztunnels did not take their pods within 20 s (logs: {:?})",
-            me.logs
+            "the ztunnels did not take their pods within 20 s; their logs end:\n{}",
+            tails.join("\n")
         )
     }
 }

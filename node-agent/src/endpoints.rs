@@ -257,12 +257,12 @@ impl Endpoints {
                     .unwrap_or(Egress::Open),
                 peers: compiled.pod_ips.clone(),
                 services: compiled.services.clone(),
+                mesh: compiled.mesh.get(&ep.entity).cloned(),
             };
             let services = ep.firewall.services_table(&want);
-            let rules_changed = ep
-                .applied
-                .as_ref()
-                .is_none_or(|a| (&a.egress, &a.peers) != (&want.egress, &want.peers));
+            let rules_changed = ep.applied.as_ref().is_none_or(|a| {
+                (&a.egress, &a.peers, &a.mesh) != (&want.egress, &want.peers, &want.mesh)
+            });
             let change = FirewallChange {
                 att: att.clone(),
                 sock: ep.nft.clone(),

@@ -4,7 +4,9 @@
 //! unless its policy's ipBlocks allow it.
 //!
 //! Every exemption is a rule with a comment saying why (`nft list table inet keyway` shows them):
-//! - loopback, both ways: a pod talking to itself is never blocked;
+//! - loopback, both ways: a pod talking to itself is never blocked — except what ztunnel (Istio
+//!   ambient) hands to the pod's applications from another meshed workload, which policy checks
+//!   on its real port in the `mesh-ingress` chain ([`MeshIngress`]);
 //! - the overlay devices, both ways: keyway's endpoint enforces policy there. A connection that
 //!   travels the overlay gets [`OVERLAY_CT_MARK`];
 //! - replies to connections the pod opened off the overlay (`ct state established,related`
@@ -39,7 +41,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnetwork::IpNetwork;
-use keyway_core::packet::{PROTO_ICMPV6, PROTO_UDP};
+use keyway_core::packet::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use keyway_sap::io::netlink::{self, MarkRule, NetlinkError};
 use keyway_sap::io::nft::{
     Chain, ChainKind, Family, Hook, Policy, Rule, Set, Table, Verdict, ct_state,
@@ -51,8 +53,11 @@ pub const TABLE: &str = "keyway";
 /// The table of the Service ports a pod translates: kept apart from [`TABLE`], and updated in
 /// place rather than replaced, so that `sessionAffinity` outlives policy changes.
 pub const SERVICES_TABLE: &str = "keyway-services";
-/// Where the services chain runs: destination NAT's priority.
-const DNAT_PRIORITY: i32 = -100;
+/// Where the services chain runs: just after destination NAT's priority (-100), so that a mesh's
+/// in-pod redirection at dstnat (Istio ambient's, to ztunnel) takes the application's connection
+/// first, and keyway translates what the mesh's proxy then opens (the first NAT of a connection
+/// is the one that holds).
+const DNAT_PRIORITY: i32 = -99;
 pub const FAMILY: Family = Family::Inet;
 /// Before other filter chains: keyway's drop is final whatever they accept.
 const PRIORITY: i32 = -10;
@@ -71,8 +76,10 @@ pub const STEER_RULE_PRIORITY: u32 = 6080;
 pub const OVERLAY_CT_MARK: u32 = 0x0080_0000;
 /// The conntrack mark (in the bits of [`ISTIO_INPOD_MARK_MASK`]) Istio's in-pod rules give a
 /// connection that ztunnel opened inside an ambient pod to deliver to its application, with the
-/// client's address as source: its replies must go back to ztunnel (Istio's routing rule for
-/// this mark), not into keyway's overlay.
+/// client's address as source (from the mark 0x539 of ztunnel's sockets, at prerouting, so its
+/// first packet has it on input): its replies must go back to ztunnel (Istio's routing rule for
+/// this mark), not into keyway's overlay. Only the connection mark tells such a connection's
+/// packets apart: after the first, Istio's rules replace the packets' mark with it.
 pub const ISTIO_INPOD_CONN_MARK: u32 = 0x111;
 /// The bits of the packet and connection marks Istio's in-pod rules use.
 pub const ISTIO_INPOD_MARK_MASK: u32 = 0xfff;
@@ -83,6 +90,12 @@ pub const ISTIO_PROBE_SOURCES: [IpAddr; 2] = [
     IpAddr::V6(Ipv6Addr::new(
         0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
     )),
+];
+/// The loopback addresses: a connection redirected to a local socket (destination NAT in the
+/// output hook) is routed to `lo` again, but later chains still see the first route's device.
+const LOOPBACK: [IpNetwork; 2] = [
+    IpNetwork::V4(ipnetwork::Ipv4Network::new_checked(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap()),
+    IpNetwork::V6(ipnetwork::Ipv6Network::new_checked(Ipv6Addr::LOCALHOST, 128).unwrap()),
 ];
 /// The ICMPv6 types neighbour discovery needs between a pod and its neighbours (RFC 4861): router
 /// solicitations and advertisements and redirects are not among them (a pod's routes come from
@@ -144,6 +157,8 @@ pub struct PodRules {
     pub peers: Vec<IpAddr>,
     /// The Service ports the pod's namespace translates itself.
     pub services: Vec<ServiceNat>,
+    /// For a pod in Istio's ambient mesh: what ztunnel may hand to its applications.
+    pub mesh: Option<MeshIngress>,
 }
 
 impl PodRules {
@@ -153,8 +168,31 @@ impl PodRules {
             egress: Egress::Closed,
             peers: Vec::new(),
             services: Vec::new(),
+            mesh: None,
         }
     }
+}
+
+/// Istio ambient: ztunnel carries a meshed client's connection as HBONE to the pod's port 15008
+/// (which keyway's policy allows when the pair allows some TCP port) and hands it to the
+/// application over `lo`, from the client's address, on the application's real port. Here that
+/// last hop is checked against policy for the real port. A connection ztunnel hands over from an
+/// address that is not a meshed workload's arrived in plaintext on its real port, through
+/// keyway's checks, and is not checked again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshIngress {
+    /// The addresses (overlay and pod IPs) of every other meshed workload.
+    pub sources: Vec<IpAddr>,
+    /// The TCP ports policy allows from each group of them; a source in no group is allowed
+    /// nothing.
+    pub allows: Vec<MeshAllow>,
+}
+
+/// Sources and the TCP port ranges (inclusive) policy allows from them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MeshAllow {
+    pub sources: Vec<IpAddr>,
+    pub ports: Vec<(u16, u16)>,
 }
 
 /// One port of one cluster IP of a Service, with the endpoints a connection to it may go to:
@@ -209,7 +247,16 @@ pub enum Egress {
 impl PodFirewall {
     pub fn table(&self, rules: &PodRules) -> Table {
         let peers = self.peer_set(&rules.peers);
-        let (input, output) = self.filter_rules(&peers);
+        let (mut input, output) = self.filter_rules(&peers);
+        let mut sets = vec![peers.clone()];
+        let mut mesh_chain = None;
+        if let Some(mesh) = &rules.mesh {
+            let (jumps, chain, mut mesh_sets) = mesh_ingress(mesh, sets.len() as u32 + 1);
+            // Before loopback's exemption, which would accept it.
+            input.splice(0..0, jumps);
+            mesh_chain = Some(chain);
+            sets.append(&mut mesh_sets);
+        }
         let mut chains = vec![
             Chain::base("input", Hook::Input, PRIORITY, Policy::Accept, input),
             Chain::base("output", Hook::Output, PRIORITY, Policy::Accept, output),
@@ -227,11 +274,12 @@ impl PodFirewall {
             ),
         ];
         chains.extend(egress_chains(&rules.egress));
+        chains.extend(mesh_chain);
         chains.push(self.steer_chain(&peers));
         Table {
             family: FAMILY,
             name: TABLE.into(),
-            sets: vec![peers],
+            sets,
             chains,
         }
     }
@@ -251,6 +299,11 @@ impl PodFirewall {
                 .accept()
                 .comment("loopback is never blocked"),
         ];
+        for lo in LOOPBACK {
+            output.push(Rule::new().daddr(lo).accept().comment(
+                "loopback is never blocked: redirected to the pod itself (as Istio's in-pod rules redirect to ztunnel), oifname still says eth0",
+            ));
+        }
         for dev in &self.overlay_devices {
             input.push(
                 Rule::new()
@@ -360,6 +413,70 @@ impl PodFirewall {
         }
         v
     }
+}
+
+/// The input rules that send what ztunnel hands over from a meshed workload to the
+/// `mesh-ingress` chain, the chain, and the sets they use (ids from `first_id`).
+fn mesh_ingress(mesh: &MeshIngress, first_id: u32) -> (Vec<Rule>, Chain, Vec<Set>) {
+    let mut sets = Vec::new();
+    let mut set_of = |name: String, addrs: &[IpAddr], ipv6: bool| -> Option<Set> {
+        let elements: Vec<IpAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv6() == ipv6)
+            .collect();
+        if elements.is_empty() {
+            return None;
+        }
+        let id = first_id + sets.len() as u32;
+        let set = Set::of(&name, ipv6, id, elements);
+        sets.push(set.clone());
+        Some(set)
+    };
+    let mut jumps = Vec::new();
+    let mut rules = vec![
+        Rule::new()
+            .ct_state(ct_state::ESTABLISHED | ct_state::RELATED)
+            .accept()
+            .comment("within a connection this chain admitted"),
+    ];
+    for ipv6 in [false, true] {
+        let family = if ipv6 { "6" } else { "4" };
+        let Some(all) = set_of(format!("mesh{family}"), &mesh.sources, ipv6) else {
+            continue;
+        };
+        jumps.push(
+            Rule::new()
+                .iifname("lo")
+                .ct_mark_masked(ISTIO_INPOD_MARK_MASK, ISTIO_INPOD_CONN_MARK)
+                .saddr_in(&all)
+                .verdict(Verdict::Jump("mesh-ingress".into()))
+                .comment("Istio ambient: ztunnel hands a meshed client's connection to the application; policy on its real port"),
+        );
+        for (i, allow) in mesh.allows.iter().enumerate() {
+            let Some(from) = set_of(format!("mesh-allow-{i}-{family}"), &allow.sources, ipv6)
+            else {
+                continue;
+            };
+            for &(start, end) in &allow.ports {
+                rules.push(
+                    Rule::new()
+                        .saddr_in(&from)
+                        .l4proto(PROTO_TCP)
+                        .dport_range(start, end)
+                        .accept()
+                        .comment("a port policy allows from these meshed workloads"),
+                );
+            }
+        }
+    }
+    rules.push(
+        Rule::new()
+            .counter()
+            .drop_()
+            .comment("Istio ambient: a port policy does not allow from this meshed workload"),
+    );
+    (jumps, Chain::regular("mesh-ingress", rules), sets)
 }
 
 /// What neighbour discovery needs, accepted both ways on the pod network.

@@ -43,6 +43,16 @@ pub struct PathFigures {
 }
 
 fn bench_pod(name: &str, node: &str, labels: &[(&str, &str)], server: bool) -> String {
+    bench_pod_in("bench", name, node, labels, server)
+}
+
+fn bench_pod_in(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+    server: bool,
+) -> String {
     let labels: String = labels.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
     let c = if server {
         "    - {name: bench, image: agnhost, ports: [{containerPort: 5201, protocol: TCP}], command: [bench-server, --port, \"5201\"]}"
@@ -50,7 +60,7 @@ fn bench_pod(name: &str, node: &str, labels: &[(&str, &str)], server: bool) -> S
         "    - {name: pause, image: agnhost}"
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers:\n{c}\n---\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers:\n{c}\n---\n"
     )
 }
 
@@ -128,6 +138,61 @@ fn measure(
     })
 }
 
+/// Istio ambient between the client and server pods of `namespace` (labelled for ambient): a
+/// real ztunnel per node, measured by the server's pod IP through both; `None` without a
+/// ztunnel binary. The ztunnels stop on return.
+fn measure_ambient(
+    lab: &Lab,
+    namespace: &str,
+    seconds: f64,
+    name: &str,
+) -> anyhow::Result<Option<PathFigures>> {
+    use crate::ambient::{AMBIENT, Ambient, DATAPLANE_MODE_LABEL, Mtls, ambient_pods};
+    let Some(ztunnel) = crate::ambient::find_ztunnel() else {
+        return Ok(None);
+    };
+    let labels = [(
+        namespace.to_string(),
+        [(DATAPLANE_MODE_LABEL.to_string(), AMBIENT.to_string())].into(),
+    )]
+    .into();
+    let pods = ambient_pods(lab, &labels);
+    let server = pods
+        .iter()
+        .find(|p| p.name.ends_with("server"))
+        .with_context(|| format!("no server pod in {namespace}"))?;
+    let dir = lab.dir.join(format!("ztunnel-{namespace}"));
+    let _ztunnels = Ambient::start(lab, &ztunnel, &pods, &dir, Mtls::Permissive)?;
+    let client = pods
+        .iter()
+        .find(|p| p.name.ends_with("client"))
+        .with_context(|| format!("no client pod in {namespace}"))?;
+    let runner = lab.runner(&format!("{namespace}/{}", client.name))?;
+    let target = SocketAddr::new(server.pod_ip, 5201);
+    measure(&runner, target, seconds, name).map(Some)
+}
+
+/// A namespace enrolled in Istio ambient, with a bench client on node-1 and server on node-2.
+fn ambient_bench_pods(namespace: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n{}{}",
+        bench_pod_in(
+            namespace,
+            "amb-client",
+            "node-1",
+            &[("role", "client")],
+            false
+        ),
+        bench_pod_in(
+            namespace,
+            "amb-server",
+            "node-2",
+            &[("role", "server")],
+            true
+        ),
+    )
+}
+
 fn runsandbox_latency(lab: &mut Lab, prefix: &str, count: usize) -> anyhow::Result<(f64, f64)> {
     let mut v = Vec::new();
     for i in 0..count {
@@ -166,10 +231,11 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
     std::fs::write(
         &docs,
         format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n{}{}{}",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n---\n{}{}{}{}",
             bench_pod("native-client", "node-1", &[("role", "client")], false),
             bench_pod("native-server", "node-2", &[("role", "server")], true),
             bench_service("native", "server"),
+            ambient_bench_pods("bench-ambient-alone"),
         ),
     )?;
     let result = (|| -> anyhow::Result<String> {
@@ -196,6 +262,13 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "native ClusterIP",
         )?;
         let add_native = runsandbox_latency(&mut lab, "add-native", 10)?;
+        // Istio ambient without keyway: HBONE between the ztunnels on the underlay.
+        let ambient_alone = measure_ambient(
+            &lab,
+            "bench-ambient-alone",
+            seconds,
+            "ambient alone (ztunnel)",
+        )?;
 
         // keyway in the chain (containerd reloads its CNI configuration on change).
         for (n, sim) in lab.state.nodes.iter().zip(plan.all_nodes()) {
@@ -216,10 +289,11 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         std::fs::write(
             &kw_docs,
             format!(
-                "{}{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
+                "{}{}{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
                 bench_pod("kw-client", "node-1", &[("role", "kwclient")], false),
                 bench_pod("kw-server", "node-2", &[("role", "kwserver")], true),
                 bench_service("kw", "kwserver"),
+                ambient_bench_pods("bench-ambient"),
             ),
         )?;
         lab.apply(&[kw_docs])?;
@@ -266,6 +340,9 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "external via gateway SaP",
         )?;
         let add_keyway = runsandbox_latency(&mut lab, "add-keyway", 10)?;
+        // Istio ambient on keyway: HBONE carried by the overlay, through the SaP.
+        let ambient_keyway =
+            measure_ambient(&lab, "bench-ambient", seconds, "ambient over keyway")?;
         // Last, as it stops the external endpoint (its static key has no MAC key): every
         // datagram sealed and checked.
         lab.set_packet_authentication("Strict")?;
@@ -290,15 +367,18 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "http p50 ×",
             "tput ×"
         );
-        for f in [
-            &native,
-            &native_svc,
-            &direct,
-            &via_sap,
-            &svc_sap,
-            &external,
-            &sealed,
-        ] {
+        let rows = [
+            Some(&native),
+            Some(&native_svc),
+            ambient_alone.as_ref(),
+            Some(&direct),
+            Some(&via_sap),
+            Some(&svc_sap),
+            Some(&external),
+            ambient_keyway.as_ref(),
+            Some(&sealed),
+        ];
+        for f in rows.into_iter().flatten() {
             out += &format!(
                 "{:<26} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
                 f.name,
@@ -311,6 +391,9 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
                 f.http_p50 / native.http_p50,
                 f.gbps / native.gbps
             );
+        }
+        if ambient_keyway.is_none() {
+            out += &format!("ambient rows left out: {}\n", crate::ambient::BUILD_ZTUNNEL);
         }
         out += &format!(
             "RunPodSandbox (CNI ADD, 10 pods): native p50 {:.0} ms p99 {:.0} ms; with keyway p50 {:.0} ms p99 {:.0} ms (p50 × {:.2})\n",

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use keyway_core::acl::Identity;
 
 use super::entities::Entity;
-use crate::model::{Model, NamedPort};
+use crate::model::{Model, NamedPort, in_ambient_mesh};
 use crate::policy::{self, Labels};
 
 /// An ipBlock: its CIDR and the exceptions.
@@ -68,6 +68,8 @@ pub(super) struct Facts {
     pub ip_blocks: Vec<u32>,
     /// An address region off the overlay (no pod, no namespace): only ipBlocks select it.
     pub region: bool,
+    /// A pod in Istio's ambient mesh: its TCP travels as HBONE.
+    pub mesh: bool,
 }
 
 #[derive(Debug)]
@@ -124,6 +126,8 @@ pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> 
                 ports: ports.clone(),
                 ip_blocks,
                 region: false,
+                mesh: e.external.is_none()
+                    && in_ambient_mesh(&e.labels, &model.namespace_labels(&e.namespace)),
             };
             let id = identity(model, &mut by_facts, &mut infos, facts);
             ids.push(id);
@@ -145,6 +149,7 @@ pub(super) fn assign(model: &Model, entities: &[Entity], blocks: Vec<Block>) -> 
                 ports: Vec::new(),
                 ip_blocks: blocks_holding(&blocks, p),
                 region: true,
+                mesh: false,
             };
             (p, identity(model, &mut by_facts, &mut infos, facts))
         })

@@ -8,7 +8,9 @@
 //!    policy-relevant facts;
 //! 4. [`rules`]: NetworkPolicies, strict mode and DirectPaths into allow sets per identity pair;
 //! 5. [`assemble`]: the FIB, the ACL, the SaPs, and each local pod's keys and egress rules;
-//! 6. [`services`]: the Service ports this node's pods translate to protected pods.
+//! 6. [`services`]: the Service ports this node's pods translate to protected pods;
+//! 7. [`mesh`]: for this node's pods in Istio's ambient mesh, the ports policy allows where
+//!    ztunnel hands a meshed client's connection to the application.
 //!
 //! Kubernetes NetworkPolicy semantics, per direction:
 //! - a policy selects pods of its namespace by `podSelector`; `policyTypes` (or their default)
@@ -25,6 +27,7 @@ mod entities;
 
 pub use entities::Refusal;
 mod identities;
+mod mesh;
 mod rules;
 mod services;
 
@@ -37,7 +40,7 @@ use keyway_core::acl::FastSet;
 use keyway_core::engine::{PacketAuth, Tables};
 use keyway_core::fib::{Fib, Route};
 use keyway_core::key::{ClusterSecret, Epoch, KeyRing, Rotation};
-use keyway_protocol::firewall::{Egress, ServiceNat};
+use keyway_protocol::firewall::{Egress, MeshIngress, ServiceNat};
 
 use crate::model::{Model, ObjectKey, OverlayNetwork, PacketAuthentication};
 use crate::policy;
@@ -130,6 +133,8 @@ pub struct Compiled {
     pub pod_ips: Vec<IpAddr>,
     /// The Service ports local pods translate (those with protected endpoints).
     pub services: Vec<ServiceNat>,
+    /// What ztunnel may hand to each local pod in the mesh, by entity.
+    pub mesh: HashMap<Arc<str>, MeshIngress>,
     pub identities: usize,
     pub entities: usize,
     /// Published attachments that did not count, and why.
@@ -153,6 +158,7 @@ pub fn compile(
     let mut out = assemble(model, node, &entities, &ids, policy, generation);
     let protected = out.pod_ips.iter().copied().collect();
     out.services = services::translations(model, &node.node_name, &protected);
+    out.mesh = mesh::ingress(&entities, &ids.of_entity, &out.tables.acl);
     out.refused = refused;
     out
 }

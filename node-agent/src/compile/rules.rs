@@ -114,8 +114,11 @@ impl Policy {
     fn new(ids: &Identities, strict: bool) -> Policy {
         let n = ids.len();
         let mut acl = Acl::builder();
-        for _ in 0..n {
-            acl.identity(Isolation::default());
+        for info in &ids.infos {
+            let id = acl.identity(Isolation::default());
+            if info.facts.mesh {
+                acl.mesh(id);
+            }
         }
         Policy {
             acl,

@@ -770,3 +770,73 @@ fn rules_naming_many_peers_compile_per_selected_identity_with_the_same_meaning()
         "x/b is not among x/a's peers"
     );
 }
+
+#[test]
+fn ambient_pods_get_hbone_for_some_allowed_tcp_port_and_their_real_ports_at_the_last_hop() {
+    use keyway_core::acl::HBONE_PORT;
+    use keyway_protocol::firewall::MeshAllow;
+    let ambient_x = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: red, istio.io/dataplane-mode: ambient}}\n---\n";
+    let (_, c) = compiled(&format!(
+        "{ambient_x}{}",
+        policy(
+            "x",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 8080}]}]}",
+        )
+    ));
+    assert!(allows(&c, XB, XA, PROTO_TCP, 8080));
+    assert!(
+        !allows(&c, XB, XA, PROTO_TCP, 9090),
+        "plaintext keeps its port"
+    );
+    assert!(
+        allows(&c, XB, XA, PROTO_TCP, HBONE_PORT),
+        "HBONE from a meshed client that may reach some TCP port"
+    );
+    assert!(
+        !allows(&c, XC, XA, PROTO_TCP, HBONE_PORT),
+        "no port allowed: no HBONE"
+    );
+    assert!(
+        !allows(&c, YA, XA, PROTO_TCP, HBONE_PORT),
+        "y is not in the mesh"
+    );
+
+    let mesh = c
+        .mesh
+        .get(&pod_entity(&ObjectKey::new("x", "a")))
+        .expect("x/a is meshed");
+    let addrs = |name: &str| {
+        let p = PODS.iter().find(|p| p.0 == "x" && p.1 == name).unwrap();
+        [p.3, p.4].map(|a| a.parse::<IpAddr>().unwrap())
+    };
+    let mut sources = mesh.sources.clone();
+    sources.sort();
+    let mut want: Vec<IpAddr> = addrs("b").into_iter().chain(addrs("c")).collect();
+    want.sort();
+    assert_eq!(
+        sources, want,
+        "every other meshed workload, not x/a, not y/a"
+    );
+    let mut from_b = addrs("b").to_vec();
+    from_b.sort();
+    let allows_: Vec<MeshAllow> = mesh
+        .allows
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            a.sources.sort();
+            a
+        })
+        .collect();
+    assert_eq!(
+        allows_,
+        vec![MeshAllow {
+            sources: from_b,
+            ports: vec![(8080, 8080)]
+        }],
+        "x/b on 8080 only; x/c nothing"
+    );
+
+    let (_, plain) = compiled("");
+    assert!(plain.mesh.is_empty(), "no pod in the mesh");
+}

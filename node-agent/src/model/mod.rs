@@ -33,6 +33,18 @@ pub const SERVICE_SELECTOR_ANNOTATION: &str = "keyway.io/selector";
 /// wins). Read at the pod's ADD: a pod keeps what it was given until it is recreated.
 pub const ENABLED_LABEL: &str = "keyway.io/enabled";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Istio's label that enrols workloads in ambient: `ambient` on a namespace (or a pod), `none` on
+/// a pod to keep it out of its namespace's mesh.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// Whether a pod with `labels` in a namespace with `ns_labels` is in Istio's ambient mesh, as
+/// istio-cni decides it: the pod's own [`DATAPLANE_MODE_LABEL`] wins, else its namespace's.
+pub fn in_ambient_mesh(labels: &Labels, ns_labels: &Labels) -> bool {
+    let mode = labels
+        .get(DATAPLANE_MODE_LABEL)
+        .or_else(|| ns_labels.get(DATAPLANE_MODE_LABEL));
+    mode.is_some_and(|m| m == "ambient")
+}
 
 /// Where a namespaced object is: its namespace and name (`namespace/name` when shown).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -82,36 +82,37 @@ impl ClusterSecret {
 
     /// `Key = first 32 bits of HMAC-SHA256(secret, "keyway/key/v1" 0 entity 0 epoch_be64)`.
     pub fn derive(&self, entity: &str, epoch: Epoch) -> Key {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .expect("HMAC accepts keys of any length");
-        mac.update(b"keyway/key/v1\0");
-        mac.update(entity.as_bytes());
-        mac.update(b"\0");
-        mac.update(&epoch.0.to_be_bytes());
-        let tag = mac.finalize().into_bytes();
+        let tag = self
+            .labelled("keyway/key/v1", entity, &epoch.0.to_be_bytes())
+            .finalize()
+            .into_bytes();
         Key(u32::from_be_bytes([tag[0], tag[1], tag[2], tag[3]]))
     }
 
     /// `MacKey = first 128 bits of HMAC-SHA256(secret, "keyway/mac/v1" 0 entity 0 epoch_be64)`:
     /// separate from the authorization key by its prefix, so one never tells anything of the other.
     pub fn derive_mac(&self, entity: &str, epoch: Epoch) -> MacKey {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .expect("HMAC accepts keys of any length");
-        mac.update(b"keyway/mac/v1\0");
-        mac.update(entity.as_bytes());
-        mac.update(b"\0");
-        mac.update(&epoch.0.to_be_bytes());
-        let tag = mac.finalize().into_bytes();
+        let tag = self
+            .labelled("keyway/mac/v1", entity, &epoch.0.to_be_bytes())
+            .finalize()
+            .into_bytes();
         let mut k = [0u8; 16];
         k.copy_from_slice(&tag[..16]);
         MacKey(k)
     }
 
     fn attestation_mac(&self, context: &str, message: &[u8]) -> Hmac<Sha256> {
+        self.labelled("keyway/attest/v1", context, message)
+    }
+
+    /// `HMAC-SHA256(secret, label 0 name 0 message)`, not yet finalised: every derivation from
+    /// the secret, told apart by its label.
+    fn labelled(&self, label: &str, name: &str, message: &[u8]) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
             .expect("HMAC accepts keys of any length");
-        mac.update(b"keyway/attest/v1\0");
-        mac.update(context.as_bytes());
+        mac.update(label.as_bytes());
+        mac.update(b"\0");
+        mac.update(name.as_bytes());
         mac.update(b"\0");
         mac.update(message);
         mac
@@ -304,6 +305,27 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The derivations as their documentation states them, computed here without the code
+    /// under test: a change would break every cluster whose agents run mixed versions.
+    #[test]
+    fn derivations_are_the_documented_hmacs() {
+        let secret = ClusterSecret::new(vec![7u8; 32]).unwrap();
+        let hmac = |label: &str, entity: &str, epoch: u64| {
+            let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&[7u8; 32]).unwrap();
+            let mut input = format!("{label}\0{entity}\0").into_bytes();
+            input.extend_from_slice(&epoch.to_be_bytes());
+            m.update(&input);
+            m.finalize().into_bytes()
+        };
+        let tag = hmac("keyway/key/v1", "ns/pod", 5);
+        assert_eq!(
+            secret.derive("ns/pod", Epoch(5)),
+            Key(u32::from_be_bytes([tag[0], tag[1], tag[2], tag[3]]))
+        );
+        let tag = hmac("keyway/mac/v1", "ns/pod", 5);
+        assert_eq!(secret.derive_mac("ns/pod", Epoch(5)).0[..], tag[..16]);
+    }
 
     #[test]
     fn mac_keys_go_with_their_epochs_key_and_differ_from_it() {

@@ -449,13 +449,22 @@ impl Rule {
 
     /// `ct mark & mask == value`.
     pub fn ct_mark_masked(self, mask: u32, value: u32) -> Self {
-        self.push(Expr::Ct(CtKey::Mark))
-            .push(Expr::Bitwise {
-                len: 4,
-                mask: mask.to_ne_bytes().to_vec(),
-                xor: 0u32.to_ne_bytes().to_vec(),
-            })
-            .push(Expr::Cmp(CmpOp::Eq, (value & mask).to_ne_bytes().to_vec()))
+        self.push(Expr::Ct(CtKey::Mark)).masked_is(mask, value)
+    }
+
+    /// `meta mark & mask == value`.
+    pub fn mark_masked(self, mask: u32, value: u32) -> Self {
+        self.push(Expr::Meta(MetaKey::Mark)).masked_is(mask, value)
+    }
+
+    /// Register 1 (a 32-bit mark) `& mask == value`.
+    fn masked_is(self, mask: u32, value: u32) -> Self {
+        self.push(Expr::Bitwise {
+            len: 4,
+            mask: mask.to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        })
+        .push(Expr::Cmp(CmpOp::Eq, (value & mask).to_ne_bytes().to_vec()))
     }
 
     /// `socket mark MARK`: the local socket the packet is delivered to carries `mark` (input
