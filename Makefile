@@ -9,7 +9,7 @@ CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-ping nftables \
 	tcpdump tshark containerd runc containernetworking-plugins procps util-linux psmisc iperf3 \
 	ca-certificates
-FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?= 1000000
 
 .PHONY: all deps build image test lint unit demo bench fuzz clean manifests
 
@@ -65,14 +65,21 @@ bench:
 	$(CARGO) bench -p keyway-core --bench dataplane
 	./scripts/bench-ratios
 
-# Fuzz each target for FUZZ_SECONDS (needs the nightly toolchain; installs cargo-fuzz if missing):
-# the data-plane core's decoders, and the handoff protocol's.
+# Fuzz each target for FUZZ_RUNS executions (libFuzzer, coverage-guided; needs the nightly
+# toolchain; installs cargo-fuzz if missing): every decoder that takes outside input. Each
+# target's corpus grows in its fuzz/corpus/TARGET; the file source's starts from the lab's YAML.
+# `make test` runs the same checks for a few seconds each on stable (conformance/tests/fuzz.rs).
 FUZZ_TARGETS := sap/core/fuzz:gue_decapsulate sap/core/fuzz:classify \
-	cni-plugin/protocol/fuzz:handoff_decode
+	cni-plugin/protocol/fuzz:handoff_decode cni-plugin/fuzz:cni_config \
+	node-agent/fuzz:file_source
+FUZZ_SEEDS_file_source := ../../conformance/netpol ../../examples
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	for t in $(FUZZ_TARGETS); do \
-		(cd $${t%%:*} && $(CARGO) +nightly fuzz run $${t##*:} -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
+		dir=$${t%%:*}; target=$${t##*:}; \
+		seeds=$$(case $$target in file_source) echo "$(FUZZ_SEEDS_file_source)";; esac); \
+		mkdir -p $$dir/corpus/$$target; \
+		(cd $$dir && $(CARGO) +nightly fuzz run $$target corpus/$$target $$seeds -- -runs=$(FUZZ_RUNS)) || exit 1; \
 	done
 
 clean:

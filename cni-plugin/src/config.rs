@@ -170,9 +170,44 @@ impl NetConf {
     }
 }
 
+/// Any bytes as the plugin's stdin: a configuration or an error with a CNI code and message,
+/// never a panic; a parsed `prevResult` answers the questions the plugin asks of it and
+/// serialises for the configuration's version. The check of the fuzz target
+/// (`cni-plugin/fuzz/`, `make fuzz`) and of the short run in the tests.
+#[cfg(any(test, fuzzing))]
+pub fn check_any_stdin(data: &[u8]) {
+    let version = sniff_version(data);
+    match NetConf::parse(data) {
+        Ok(conf) => {
+            if let Some(prev) = conf.prev_result {
+                let _ = prev.ips_of("eth0", "/var/run/netns/x");
+                let _ = prev.gateways();
+                let out = prev.for_version(conf.version);
+                serde_json::to_vec(&out).expect("a result serialises");
+            }
+        }
+        Err(e) => {
+            let j = e.to_json(&version);
+            assert!(j.get("code").is_some() && j.get("msg").is_some(), "{j}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The short fuzz run of `make test` (the long one: `make fuzz`).
+    #[test]
+    fn any_stdin_parses_or_is_refused_with_a_code() {
+        let seeds: [&[u8]; 3] = [
+            br#"{"cniVersion":"1.0.0","name":"k8s","type":"keyway","agentSocket":"/run/a.sock","mtu":1450,"nodeAddresses":["10.0.0.1/32"],"log":{"level":"info"},"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"10.244.1.5/24","gateway":"10.244.1.1","interface":0}],"routes":[{"dst":"0.0.0.0/0","gw":"10.244.1.1"}],"dns":{}}}"#,
+            br#"{"cniVersion":"0.4.0","name":"k8s","type":"keyway","prevResult":{"cniVersion":"0.4.0","interfaces":[{"name":"eth0"}],"ips":[{"version":"6","address":"fd00::5/64","interface":0}]}}"#,
+            br#"{"cniVersion":"1.1.0","name":"k8s","type":"keyway","agentTimeoutSeconds":3,"guePort":6080}"#,
+        ];
+        let n = keyway_testing::fuzz::run("cni_config", &seeds, 30_000, check_any_stdin);
+        assert_eq!(n, 30_003);
+    }
 
     fn parse(s: &str) -> Result<NetConf, CniError> {
         NetConf::parse(s.as_bytes())

@@ -7,7 +7,8 @@
 //!   endpoints run for pods), [`agent`] (which drives them all), [`server`] (the plugin's socket);
 //! - the cluster again, in the background: [`cluster`] (publications, taint, reclaims,
 //!   EndpointSlices), `slices`, [`kube_node`], [`crds`];
-//! - the operator: [`config`], [`metrics`], [`admin`].
+//! - the operator: [`config`], [`metrics`], [`admin`];
+//! - [`fuzzing`]: the check the file source's fuzz target makes on arbitrary input.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod compile;
 pub mod config;
 pub mod crds;
 mod endpoints;
+pub mod fuzzing;
 pub mod gateway;
 pub mod ipam;
 pub mod kube_node;

@@ -8,10 +8,12 @@
 //! - [`gateway`]: the node's gateway table, device and routes, which the agent makes and the
 //!   installer removes;
 //! - [`Code`]: the CNI error codes an acknowledgement carries, which the plugin passes on;
-//! - [`DEFAULT_AGENT_SOCKET`]: where the agent listens unless told otherwise.
+//! - [`DEFAULT_AGENT_SOCKET`]: where the agent listens unless told otherwise;
+//! - [`fuzzing`]: the checks the handoff decoder's fuzz target makes on arbitrary input.
 #![forbid(unsafe_code)]
 
 pub mod firewall;
+pub mod fuzzing;
 pub mod gateway;
 pub mod handoff;
 

@@ -1,10 +1,11 @@
 //! Test support for the whole workspace, in one place: real network namespaces named after their
 //! test ([`netns`]), scratch directories ([`Scratch`]), waiting for a condition ([`eventually`]),
-//! and an in-memory Kubernetes API server ([`fake_api`]) for kube's client, in process or over
-//! HTTP. Everything here cleans up on drop, whether the test passed or not.
+//! an in-memory Kubernetes API server ([`fake_api`]) for kube's client, in process or over
+//! HTTP, and a small mutation fuzzer for the short fuzz runs ([`fuzz`]). Everything here cleans up on drop, whether the test passed or not.
 #![forbid(unsafe_code)]
 
 pub mod fake_api;
+pub mod fuzz;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

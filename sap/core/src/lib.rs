@@ -8,7 +8,8 @@
 //! - [`packet`]: classification of inner packets, and the transport protocols' names;
 //! - [`fib`], [`acl`], [`key`], [`flow`]: the tables the control plane compiles;
 //! - [`engine`]: endpoint egress and ingress, SaP forwarding; every drop has a reason;
-//! - [`tables`], [`counters`]: lock-free publication of compiled tables, and the drop counters.
+//! - [`tables`], [`counters`]: lock-free publication of compiled tables, and the drop counters;
+//! - [`fuzzing`]: the checks the fuzz targets make on arbitrary input.
 #![forbid(unsafe_code)]
 
 pub mod acl;
@@ -16,6 +17,7 @@ pub mod counters;
 pub mod engine;
 pub mod fib;
 pub mod flow;
+pub mod fuzzing;
 pub mod gue;
 pub mod key;
 pub mod packet;
