@@ -2,7 +2,8 @@
 //!
 //! - `pause`: the sandbox's process: waits for SIGTERM/SIGINT, reaps children.
 //! - `serve --port P --protocol TCP|UDP|SCTP`, or `serve P/PROTO...`: answers on exactly those
-//!   ports, IPv4 and IPv6 (or only on `--bind ADDR`). TCP and UDP answer with the pod's hostname;
+//!   ports, IPv4 and IPv6 (or only on `--bind ADDR`). TCP and UDP answer with the pod's hostname
+//!   (UDP echoes `soak-client`'s datagrams instead);
 //!   SCTP completes the association set-up (see `sctp`).
 //! - `probe --protocol P [--timeout-ms T] [--device IF] TARGET:PORT...`: probes every target in
 //!   parallel (with `--device`, from sockets bound to that interface) and prints one line per
@@ -11,6 +12,9 @@
 //! - `dns-server --zone FILE [--port P]`: the lab's cluster DNS (see `dns`).
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
 //!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
+//! - `soak-client --target ADDR:PORT --rate R --seconds S`: sequence-numbered UDP datagrams at a
+//!   fixed rate to a UDP `serve` port (which echoes them), and which of them were lost, printed as
+//!   one JSON line: the soak's exact loss count.
 #![forbid(unsafe_code)]
 
 mod dns;
@@ -33,7 +37,7 @@ fn timed_out(e: &std::io::Error) -> bool {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S"
     );
     ExitCode::from(64)
 }
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
             None => return usage(),
         },
         "bench-client" => return bench_client(rest),
+        "soak-client" => return soak_client(rest),
         _ => return usage(),
     };
     match r {
@@ -190,8 +195,8 @@ fn serve(port: u16, proto: &str, bind: Option<IpAddr>) -> std::io::Result<()> {
             eprintln!("serving UDP {port}");
             let mut buf = [0u8; 2048];
             loop {
-                if let Ok((_, from)) = u.recv_from(&mut buf) {
-                    let _ = u.send_to(name.as_bytes(), from);
+                if let Ok((n, from)) = u.recv_from(&mut buf) {
+                    let _ = u.send_to(udp_answer(&buf[..n], name.as_bytes()), from);
                 }
             }
         }
@@ -519,5 +524,162 @@ fn bench_client(args: &[String]) -> ExitCode {
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The start of a soak datagram: `soak-client`'s, which a UDP `serve` port echoes whole.
+const SOAK_MAGIC: &[u8; 8] = b"KWSOAK1\0";
+
+/// What a UDP `serve` port answers: a soak datagram itself, anything else the pod's name.
+fn udp_answer<'a>(datagram: &'a [u8], name: &'a [u8]) -> &'a [u8] {
+    if datagram.starts_with(SOAK_MAGIC) {
+        datagram
+    } else {
+        name
+    }
+}
+
+/// What one soak run saw: datagrams sent, echoes received, and the lost sequence numbers as
+/// inclusive ranges.
+#[derive(Debug, PartialEq, Eq)]
+struct SoakRun {
+    sent: u64,
+    received: u64,
+    lost: Vec<(u64, u64)>,
+}
+
+/// Sends `rate` datagrams a second for `seconds` to `target` and waits a second for the last
+/// echoes. A datagram is lost when its echo never comes.
+fn soak_udp(target: SocketAddr, rate: u64, seconds: f64) -> std::io::Result<SoakRun> {
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let u = UdpSocket::bind(any)?;
+    u.connect(target)?;
+    u.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let total = (rate as f64 * seconds).round() as u64;
+    let rx = u.try_clone()?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen = vec![false; total as usize];
+            let mut buf = [0u8; 64];
+            let mut drain_until: Option<Instant> = None;
+            loop {
+                if drain_until.is_none() && done.load(std::sync::atomic::Ordering::Acquire) {
+                    drain_until = Some(Instant::now() + Duration::from_secs(1));
+                }
+                if drain_until.is_some_and(|d| Instant::now() > d) {
+                    return seen;
+                }
+                if let Ok(n) = rx.recv(&mut buf)
+                    && n == 16
+                    && buf.starts_with(SOAK_MAGIC)
+                {
+                    let seq = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+                    if let Some(s) = seen.get_mut(seq as usize) {
+                        *s = true;
+                    }
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut datagram = [0u8; 16];
+    datagram[..8].copy_from_slice(SOAK_MAGIC);
+    for seq in 0..total {
+        let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        datagram[8..].copy_from_slice(&seq.to_be_bytes());
+        // A send that fails (no route while an agent restarts) is a loss like any other.
+        let _ = u.send(&datagram);
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let seen = receiver
+        .join()
+        .map_err(|_| std::io::Error::other("receiver panicked"))?;
+    let mut lost: Vec<(u64, u64)> = Vec::new();
+    for (i, ok) in seen.iter().enumerate() {
+        let i = i as u64;
+        if *ok {
+            continue;
+        }
+        match lost.last_mut() {
+            Some(r) if r.1 + 1 == i => r.1 = i,
+            _ => lost.push((i, i)),
+        }
+    }
+    Ok(SoakRun {
+        sent: total,
+        received: seen.iter().filter(|s| **s).count() as u64,
+        lost,
+    })
+}
+
+fn soak_client(args: &[String]) -> ExitCode {
+    let (Some(target), Some(rate), Some(seconds)) = (
+        flag(args, "--target").and_then(|t| t.parse::<SocketAddr>().ok()),
+        flag(args, "--rate")
+            .and_then(|r| r.parse::<u64>().ok())
+            .filter(|r| *r > 0),
+        flag(args, "--seconds")
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s > 0.0),
+    ) else {
+        return usage();
+    };
+    let v = match soak_udp(target, rate, seconds) {
+        Ok(r) => serde_json::json!({
+            "sent": r.sent, "received": r.received, "rate": rate,
+            "lost": r.lost.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+        }),
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
+    println!("{v}");
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on loopback that answers as `serve` does, but drops every `nth` datagram.
+    fn echo(nth: u64) -> SocketAddr {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = u.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut k = 0u64;
+            while let Ok((n, from)) = u.recv_from(&mut buf) {
+                k += 1;
+                if nth == 0 || !k.is_multiple_of(nth) {
+                    let _ = u.send_to(udp_answer(&buf[..n], b"pod"), from);
+                }
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn soak_datagrams_are_echoed_and_every_loss_is_named() {
+        let clean = soak_udp(echo(0), 500, 0.5).unwrap();
+        assert_eq!((clean.sent, clean.received), (250, 250));
+        assert!(clean.lost.is_empty());
+        let lossy = soak_udp(echo(10), 500, 0.5).unwrap();
+        assert_eq!(lossy.sent, 250);
+        assert_eq!(lossy.received, 225);
+        assert_eq!(lossy.lost.len(), 25);
+        assert_eq!(lossy.lost[0], (9, 9), "the tenth datagram, sequence 9");
+    }
+
+    #[test]
+    fn other_datagrams_still_get_the_pod_name() {
+        assert_eq!(udp_answer(b"probe", b"pod"), b"pod");
+        assert_eq!(udp_answer(b"KWSOAK1\0\0\0\0\0\0\0\0\x07", b"pod").len(), 16);
     }
 }
