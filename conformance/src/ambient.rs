@@ -144,11 +144,9 @@ pub struct MeshService {
 impl MeshService {
     fn of(s: &crate::lab::services::LabService) -> Option<MeshService> {
         let ports = s
-            .doc
-            .pointer("/spec/ports")?
-            .as_array()?
+            .ports()
             .iter()
-            .filter(|p| p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP") == "TCP")
+            .filter(|p| crate::lab::services::protocol(p) == "TCP")
             .filter_map(|p| {
                 let port = p.get("port")?.as_u64()? as u16;
                 let target = p.get("targetPort").and_then(|t| t.as_u64());

@@ -40,11 +40,9 @@ fn packets() -> Vec<Vec<u8>> {
 
 #[test]
 fn classification_takes_any_packet() {
-    let seeds = packets();
-    let seeds: Vec<&[u8]> = seeds.iter().map(|p| &p[..]).collect();
     fuzz::run(
         "classify",
-        &seeds,
+        &packets(),
         1_000_000,
         keyway_core::fuzzing::classify_packet,
     );
@@ -63,10 +61,9 @@ fn gue_and_the_ingress_and_sap_paths_take_any_datagram() {
             })
         })
         .collect();
-    let seeds: Vec<&[u8]> = datagrams.iter().map(|d| &d[..]).collect();
     fuzz::run(
         "gue_decapsulate",
-        &seeds,
+        &datagrams,
         1_000_000,
         keyway_core::fuzzing::gue_decapsulate,
     );
@@ -102,10 +99,9 @@ fn the_file_source_takes_any_text() {
         .filter_map(|f| std::fs::read(root.join(f)).ok())
         .collect();
     assert!(!texts.is_empty(), "seed documents under {}", root.display());
-    let seeds: Vec<&[u8]> = texts.iter().map(|t| &t[..]).collect();
     fuzz::run(
         "file_source",
-        &seeds,
+        &texts,
         20_000,
         keyway_agent::fuzzing::file_source,
     );

@@ -75,7 +75,8 @@ impl LabService {
         (!s.is_empty()).then_some(s)
     }
 
-    fn ports(&self) -> Vec<Value> {
+    /// The Service's `spec.ports` entries.
+    pub(crate) fn ports(&self) -> Vec<Value> {
         self.doc
             .pointer("/spec/ports")
             .and_then(Value::as_array)
@@ -124,7 +125,8 @@ impl LabService {
     }
 }
 
-fn protocol(port: &Value) -> String {
+/// A port entry's protocol (TCP when absent, as the API server defaults it).
+pub(crate) fn protocol(port: &Value) -> String {
     port.get("protocol")
         .and_then(Value::as_str)
         .unwrap_or("TCP")

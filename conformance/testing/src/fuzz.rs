@@ -95,13 +95,18 @@ fn hex(b: &[u8]) -> String {
 /// Runs `check` on `iterations` inputs mutated from `seeds` (and on the seeds themselves); the
 /// generator's seed comes from `KEYWAY_FUZZ_SEED` or is fixed, so a run repeats. A panic in
 /// `check` fails the run with the input, in hex, and the seed. Returns the number of inputs run.
-pub fn run(name: &str, seeds: &[&[u8]], iterations: usize, check: impl Fn(&[u8])) -> usize {
+pub fn run<S: AsRef<[u8]>>(
+    name: &str,
+    seeds: &[S],
+    iterations: usize,
+    check: impl Fn(&[u8]),
+) -> usize {
     let seed = std::env::var("KEYWAY_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x6b65_7977_6179_u64);
     let mut rng = Rng(seed | 1);
-    let corpus: Vec<Vec<u8>> = seeds.iter().map(|s| s.to_vec()).collect();
+    let corpus: Vec<Vec<u8>> = seeds.iter().map(|s| s.as_ref().to_vec()).collect();
     let mut ran = 0;
     let mut try_one = |input: &[u8]| {
         if catch_unwind(AssertUnwindSafe(|| check(input))).is_err() {
