@@ -216,6 +216,10 @@ pub struct Compiled {
     pub tables: Tables,
     /// Endpoint mode: the device to provision and what the endpoint knows of itself.
     pub endpoint: Option<(DeviceSpec, LocalEndpoint)>,
+    /// How often to compile again so that derived keys follow their epochs (a key ring holds
+    /// only the epochs around the time it was derived): a few times per rotation period, as the
+    /// node agent does. `None` when every key is static.
+    pub rekey_every_ms: Option<u64>,
 }
 
 impl Config {
@@ -381,6 +385,9 @@ impl Config {
                 packet_auth: auth,
             },
             endpoint,
+            rekey_every_ms: secret
+                .is_some()
+                .then(|| (rotation.period_ms() / 4).max(1000)),
         })
     }
 }
@@ -437,6 +444,43 @@ allow:
                 .saps
                 .contains(&"192.168.77.11".parse::<IpAddr>().unwrap())
         );
+    }
+
+    #[test]
+    fn derived_keys_are_compiled_again_a_few_times_per_period_and_move_with_their_epochs() {
+        assert_eq!(
+            serde_yaml_ng::from_str::<Config>(ENDPOINT)
+                .unwrap()
+                .compile(0)
+                .unwrap()
+                .rekey_every_ms,
+            None,
+            "static keys never change"
+        );
+        let dir = std::env::temp_dir().join(format!("kw-sap-rekey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, [7u8; 32]).unwrap();
+        let yaml = ENDPOINT.replace("    key: 0x12345678\n", "").replace(
+            "saps: [",
+            &format!(
+                "secretFile: {}\nrotation: {{periodSeconds: 10, graceSeconds: 4}}\nsaps: [",
+                secret.display()
+            ),
+        );
+        let c: Config = serde_yaml_ng::from_str(&yaml).unwrap();
+        let s1 = "fd6b:7779::1".parse().unwrap();
+        let at = |ms: u64| {
+            let compiled = c.compile(ms).unwrap();
+            assert_eq!(compiled.rekey_every_ms, Some(2500));
+            compiled.tables.fib.lookup(s1).unwrap().keys.key_at(ms)
+        };
+        // Three epochs on, the first compile's ring no longer holds the key in force.
+        let first = c.compile(0).unwrap().tables.fib.lookup(s1).unwrap().keys;
+        assert!(at(30_000).is_some());
+        assert_eq!(first.key_at(30_000), None);
+        assert_ne!(at(0), at(30_000));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -67,7 +67,9 @@ fn report(counters: &Counters) {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logs(args.log_json);
-    let compiled = match Config::load(&args.config).and_then(|c| c.compile(now_ms())) {
+    let (config, compiled) = match Config::load(&args.config)
+        .and_then(|c| c.compile(now_ms()).map(|compiled| (c, compiled)))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("keyway-sap: {e}");
@@ -90,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(compiled)) {
+    match rt.block_on(run(config, compiled)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "keyway-sap stopped");
@@ -99,9 +101,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
+/// Compiles the configuration again every `every_ms` and publishes the tables (and the
+/// endpoint's own facts), so that derived keys move on with their epochs; a compile that fails
+/// (the secret file unreadable) keeps the current tables and says so.
+async fn rekey(
+    config: Config,
+    every_ms: u64,
+    tables: Arc<SharedTables>,
+    local: Option<Arc<SharedLocal>>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(every_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match config.compile(now_ms()) {
+            Ok(c) => {
+                tables.publish(c.tables);
+                if let (Some(l), Some((_, new))) = (&local, c.endpoint) {
+                    l.publish(new);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot derive the keys of the coming epochs; keeping the current ones");
+            }
+        }
+    }
+}
+
+async fn run(config: Config, compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let tables = SharedTables::new(compiled.tables);
+    let mut local_handle = None;
     let counters = Arc::new(Counters::new());
     let here = Netns::current()?;
     let mut device = None;
@@ -123,9 +154,11 @@ async fn run(compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
             .await??;
             device = Some(name.clone());
             tracing::info!(device = %name, overlay = %ip, "endpoint up");
+            let local = SharedLocal::new(local);
+            local_handle = Some(local.clone());
             let ctx = Arc::new(EndpointContext {
                 tables: tables.clone(),
-                local: SharedLocal::new(local),
+                local,
                 flows: FlowTable::new(65536, FlowTimeouts::default()),
                 counters: counters.clone(),
             });
@@ -137,6 +170,9 @@ async fn run(compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
             endpoint::spawn_sap(tables.clone(), counters.clone(), sock, None)?
         }
     };
+    let rekeying = compiled
+        .rekey_every_ms
+        .map(|every| tokio::spawn(rekey(config, every, tables.clone(), local_handle)));
     let mut term = signal(SignalKind::terminate())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
@@ -147,6 +183,9 @@ async fn run(compiled: keyway_sap::config::Compiled) -> anyhow::Result<()> {
         }
     }
     report(&counters);
+    if let Some(r) = rekeying {
+        r.abort();
+    }
     drop(_running);
     if let Some(name) = device {
         let ns = here.try_clone()?;
