@@ -10,8 +10,9 @@ APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-pi
 	tcpdump tshark containerd runc containernetworking-plugins procps util-linux psmisc iperf3 \
 	ca-certificates
 FUZZ_RUNS ?= 1000000
+SOAK_MINUTES ?= 30
 
-.PHONY: all deps build image test lint unit demo bench fuzz clean manifests
+.PHONY: all deps build image test lint unit demo bench soak fuzz clean manifests
 
 all: build
 
@@ -64,6 +65,12 @@ demo: build
 bench:
 	$(CARGO) bench -p keyway-core --bench dataplane
 	./scripts/bench-ratios
+
+# Everything at once for SOAK_MINUTES on a two-node lab (traffic on every path, pod churn with
+# policies, key rotation every 10 s, agent SIGKILLs): see conformance/README.md. Exits 1 when an
+# invariant did not hold.
+soak: build
+	$(BIN)/keyway-lab soak --minutes $(SOAK_MINUTES)
 
 # Fuzz each target for FUZZ_RUNS executions (libFuzzer, coverage-guided; needs the nightly
 # toolchain; installs cargo-fuzz if missing): every decoder that takes outside input. Each

@@ -41,6 +41,22 @@ pub fn terminate(pid: u32, grace: Duration) {
     }
 }
 
+/// SIGKILL, as the OOM killer or a node's crash would; returns when the process is gone from
+/// `/proc` (reaped), not merely a zombie: a thread group's leader turns zombie while its other
+/// threads may still be exiting and holding its sockets.
+pub fn sigkill(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    let p = Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Processes whose command line mentions `needle` (the lab's directory), for a thorough `down`.
 pub fn find(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();

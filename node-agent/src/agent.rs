@@ -243,6 +243,10 @@ impl Agent {
         let model = self.model.borrow().clone();
         let mut node = self.node.clone();
         node.rotation = self.rotation(&model);
+        let epoch = node.rotation.epoch_at(now_ms()).0;
+        self.metrics
+            .key_epoch
+            .set(i64::try_from(epoch).unwrap_or(i64::MAX));
         c.generation += 1;
         let generation = c.generation;
         let mut compiled =

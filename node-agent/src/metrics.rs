@@ -127,6 +127,8 @@ pub struct Metrics {
     pub attachments_refused: Family<ReasonLabel, Gauge>,
     /// The packet-authentication mode the data path runs: 1 for the mode in force, 0 for others.
     pub packet_authentication: Family<ModeLabel, Gauge>,
+    /// The key epoch the data path's keys are centred on (rises once per rotation period).
+    pub key_epoch: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +170,7 @@ impl Metrics {
             reattach_failures: Counter::default(),
             attachments_refused: Family::default(),
             packet_authentication: Family::default(),
+            key_epoch: Gauge::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -254,6 +257,8 @@ impl Metrics {
             help,
             self.packet_authentication.clone(),
         );
+        let help = "The key epoch of the last compile: rises by one each rotation period";
+        r.register("keyway_key_epoch", help, self.key_epoch.clone());
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(
             "keyway_reattach_failures",

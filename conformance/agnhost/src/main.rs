@@ -12,9 +12,11 @@
 //! - `dns-server --zone FILE [--port P]`: the lab's cluster DNS (see `dns`).
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
 //!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
-//! - `soak-client --target ADDR:PORT --rate R --seconds S`: sequence-numbered UDP datagrams at a
-//!   fixed rate to a UDP `serve` port (which echoes them), and which of them were lost, printed as
-//!   one JSON line: the soak's exact loss count.
+//! - `soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT --tcp-rate R]`:
+//!   sequence-numbered UDP datagrams at a fixed rate to a UDP `serve` port (which echoes them),
+//!   and which of them were lost; with `--tcp`, at the same time, one TCP connection to a
+//!   `bench-server` carrying a request/response at a fixed rate, and every connection error and
+//!   slow answer with its time. One JSON line: the soak's exact loss count.
 #![forbid(unsafe_code)]
 
 mod dns;
@@ -37,7 +39,7 @@ fn timed_out(e: &std::io::Error) -> bool {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT] [--tcp-rate R]"
     );
     ExitCode::from(64)
 }
@@ -549,8 +551,14 @@ struct SoakRun {
 }
 
 /// Sends `rate` datagrams a second for `seconds` to `target` and waits a second for the last
-/// echoes. A datagram is lost when its echo never comes.
-fn soak_udp(target: SocketAddr, rate: u64, seconds: f64) -> std::io::Result<SoakRun> {
+/// echoes. A datagram is lost when its echo never comes. Sequence number `n` is due `n / rate`
+/// seconds after `start`.
+fn soak_udp(
+    target: SocketAddr,
+    rate: u64,
+    seconds: f64,
+    start: Instant,
+) -> std::io::Result<SoakRun> {
     let any: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid")
     } else {
@@ -587,7 +595,6 @@ fn soak_udp(target: SocketAddr, rate: u64, seconds: f64) -> std::io::Result<Soak
             }
         })
     };
-    let start = Instant::now();
     let mut datagram = [0u8; 16];
     datagram[..8].copy_from_slice(SOAK_MAGIC);
     for seq in 0..total {
@@ -621,6 +628,110 @@ fn soak_udp(target: SocketAddr, rate: u64, seconds: f64) -> std::io::Result<Soak
     })
 }
 
+/// A round trip slower than this is reported with its time (a retransmission, an outage).
+const TCP_SLOW: Duration = Duration::from_millis(200);
+
+/// How long an answer may take before the connection counts as broken.
+const TCP_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one TCP soak run saw: round trips asked and answered, connection errors (each with its
+/// time after `start` in ms and its kind; the connection is opened again), and slow round trips
+/// (time after `start` in ms, round trip in ms).
+#[derive(Debug, Default, PartialEq)]
+struct TcpRun {
+    requests: u64,
+    answered: u64,
+    errors: Vec<(u64, String)>,
+    slow: Vec<(u64, u64)>,
+}
+
+/// The name of a connection error, as the soak reports it.
+fn tcp_error_kind(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => "reset".into(),
+        K::ConnectionRefused => "refused".into(),
+        K::UnexpectedEof => "closed".into(),
+        _ if timed_out(e) => "timeout".into(),
+        _ => e.kind().to_string(),
+    }
+}
+
+/// One `bench-server` connection in request/response mode for `seconds`, a 16-byte round trip
+/// `rate` times a second; a connection that fails is counted and opened again.
+fn soak_tcp(target: SocketAddr, rate: u64, seconds: f64, start: Instant) -> TcpRun {
+    const SIZE: usize = 16;
+    let mut run = TcpRun::default();
+    let end = start + Duration::from_secs_f64(seconds);
+    let ms = |t: Instant| t.saturating_duration_since(start).as_millis() as u64;
+    let open = || -> std::io::Result<TcpStream> {
+        let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(TCP_ANSWER_TIMEOUT))?;
+        c.write_all(b"R")?;
+        c.write_all(&(SIZE as u32).to_be_bytes())?;
+        Ok(c)
+    };
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = [0u8; SIZE];
+    let mut n: u64 = 0;
+    loop {
+        if Instant::now() >= end {
+            return run;
+        }
+        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        if due >= end {
+            return run;
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        n += 1;
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match open() {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    run.errors.push((ms(Instant::now()), tcp_error_kind(&e)));
+                    n = skip_missed(n, start, rate);
+                    continue;
+                }
+            },
+        };
+        run.requests += 1;
+        let sent = Instant::now();
+        let r = c
+            .write_all(&n.to_be_bytes().repeat(2))
+            .and_then(|()| c.read_exact(&mut buf));
+        match r {
+            Ok(()) => {
+                run.answered += 1;
+                let rtt = sent.elapsed();
+                if rtt > TCP_SLOW {
+                    run.slow.push((ms(sent), rtt.as_millis() as u64));
+                }
+            }
+            Err(e) => {
+                run.errors.push((ms(sent), tcp_error_kind(&e)));
+                conn = None;
+                n = skip_missed(n, start, rate);
+            }
+        }
+    }
+}
+
+/// After a failure: the round trips that fell due meanwhile are not made up in a burst.
+fn skip_missed(n: u64, start: Instant, rate: u64) -> u64 {
+    n.max((start.elapsed().as_secs_f64() * rate as f64) as u64)
+}
+
+/// Milliseconds since the Unix epoch: what the soak maps sequence numbers to.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn soak_client(args: &[String]) -> ExitCode {
     let (Some(target), Some(rate), Some(seconds)) = (
         flag(args, "--target").and_then(|t| t.parse::<SocketAddr>().ok()),
@@ -633,13 +744,36 @@ fn soak_client(args: &[String]) -> ExitCode {
     ) else {
         return usage();
     };
-    let v = match soak_udp(target, rate, seconds) {
+    let tcp = match flag(args, "--tcp").map(|t| t.parse::<SocketAddr>()) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => return usage(),
+    };
+    let tcp_rate = match flag(args, "--tcp-rate").map(|r| r.parse::<u64>()) {
+        None => 20,
+        Some(Ok(r)) if r > 0 => r,
+        Some(_) => return usage(),
+    };
+    let start_unix_ms = unix_ms();
+    let start = Instant::now();
+    let tcp = tcp.map(|t| std::thread::spawn(move || soak_tcp(t, tcp_rate, seconds, start)));
+    let mut v = match soak_udp(target, rate, seconds, start) {
         Ok(r) => serde_json::json!({
+            "start_unix_ms": start_unix_ms,
             "sent": r.sent, "received": r.received, "rate": rate,
             "lost": r.lost.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
         }),
         Err(e) => serde_json::json!({"error": e.to_string()}),
     };
+    if let Some(t) = tcp {
+        v["tcp"] = match t.join() {
+            Ok(r) => serde_json::json!({
+                "rate": tcp_rate, "requests": r.requests, "answered": r.answered,
+                "errors": r.errors, "slow": r.slow,
+            }),
+            Err(_) => serde_json::json!({"error": "the TCP thread panicked"}),
+        };
+    }
     println!("{v}");
     ExitCode::SUCCESS
 }
@@ -667,14 +801,68 @@ mod tests {
 
     #[test]
     fn soak_datagrams_are_echoed_and_every_loss_is_named() {
-        let clean = soak_udp(echo(0), 500, 0.5).unwrap();
+        let clean = soak_udp(echo(0), 500, 0.5, Instant::now()).unwrap();
         assert_eq!((clean.sent, clean.received), (250, 250));
         assert!(clean.lost.is_empty());
-        let lossy = soak_udp(echo(10), 500, 0.5).unwrap();
+        let lossy = soak_udp(echo(10), 500, 0.5, Instant::now()).unwrap();
         assert_eq!(lossy.sent, 250);
         assert_eq!(lossy.received, 225);
         assert_eq!(lossy.lost.len(), 25);
         assert_eq!(lossy.lost[0], (9, 9), "the tenth datagram, sequence 9");
+    }
+
+    /// A `bench-server` on loopback whose connections end after `answers` round trips (0: never).
+    fn rr_server(answers: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    if answers == 0 {
+                        let _ = bench_conn(c);
+                        return;
+                    }
+                    let mut c = c;
+                    let mut head = [0u8; 5];
+                    let mut req = [0u8; 16];
+                    if c.read_exact(&mut head).is_err() {
+                        return;
+                    }
+                    for _ in 0..answers {
+                        if c.read_exact(&mut req).is_err() || c.write_all(&req).is_err() {
+                            return;
+                        }
+                    }
+                    // Dropped here: the client's next round trip finds the connection closed.
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn soak_tcp_answers_every_round_trip_of_a_healthy_connection() {
+        let r = soak_tcp(rr_server(0), 100, 0.5, Instant::now());
+        assert_eq!(r.requests, 50);
+        assert_eq!(r.answered, 50);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    #[test]
+    fn soak_tcp_counts_a_broken_connection_and_opens_another() {
+        let r = soak_tcp(rr_server(10), 100, 0.5, Instant::now());
+        assert_eq!(r.requests, 50);
+        // Every eleventh round trip finds its connection closed.
+        assert_eq!(r.answered, 50 - 4, "{r:?}");
+        assert_eq!(r.errors.len(), 4, "{r:?}");
+        assert!(
+            r.errors.iter().all(|(_, k)| k == "closed" || k == "reset"),
+            "{r:?}"
+        );
+        assert!(
+            r.errors[0].0 >= 100,
+            "the first break comes after 10 answers: {r:?}"
+        );
     }
 
     #[test]

@@ -108,6 +108,25 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         trials: usize,
     },
+    /// Everything at once on a lab of its own: traffic on every path (UDP sequence numbers, TCP
+    /// round trips), pod churn with policies, key rotation, the SIGKILL of node-1's agent; per
+    /// sample and in total: losses, errors, agents' memory and fds, devices, tables, leases,
+    /// files; and what `down` left. Exits 1 when an invariant did not hold.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// UDP datagrams a second, per path.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// The key rotation period (ClusterConfig `keyRotationSeconds`).
+        #[arg(long, default_value_t = 10)]
+        rotation_seconds: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 60)]
+        sample_seconds: u64,
+    },
     /// Stops everything the lab started and removes every trace of it.
     Down,
     /// Writes keyway's cluster image (the one the manifests run) as a `docker save` tarball, for
@@ -177,6 +196,28 @@ fn main() -> ExitCode {
         Cmd::BenchCni { pods } => lab::bench::bench_cni(pods).map(|r| print!("{r}")),
         Cmd::BenchPolicy { pods, trials } => {
             lab::bench::bench_policy(pods, trials).map(|r| print!("{r}"))
+        }
+        Cmd::Soak {
+            minutes,
+            nodes,
+            rate,
+            rotation_seconds,
+            sample_seconds,
+        } => {
+            let mut o = lab::soak::SoakOptions::new(minutes, nodes);
+            o.rate = rate;
+            o.rotation_seconds = rotation_seconds;
+            o.sample_seconds = sample_seconds;
+            lab::soak::soak(&args.lab_dir, &o).and_then(|r| {
+                print!("{}", r.text);
+                anyhow::ensure!(
+                    r.violations.is_empty(),
+                    "the soak did not show what it must:\n  {}",
+                    r.violations.join("\n  ")
+                );
+                println!("all invariants held");
+                Ok(())
+            })
         }
         Cmd::Down => Lab::down(&args.lab_dir).map(|r| println!("{r}")),
         Cmd::Image { out, tag, bin_dir } => {

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod objects;
 pub mod services;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -29,6 +30,9 @@ use crate::topology::{Plan, SimNode, in_ns, sh};
 use objects::{LabPod, meta, source_path};
 
 pub const DEFAULT_DIR: &str = "/run/keyway-lab";
+
+/// The name of the cluster's one ClusterConfig.
+const CLUSTER_CONFIG: &str = "cluster";
 const AGENT_ADMIN: &str = "127.0.0.1:9464";
 const AGENT_LISTEN: &str = "0.0.0.0:9464";
 
@@ -558,7 +562,12 @@ impl Lab {
                 let log =
                     std::fs::read_to_string(self.dir.join("nodes").join(&n.name).join("agent.log"))
                         .unwrap_or_default();
-                bail!("the agent of {} is not ready; its log:\n{log}", n.name);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                bail!(
+                    "the agent of {} is not ready; the end of its log:\n{tail}",
+                    n.name
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -736,12 +745,7 @@ impl Lab {
             name: p.name.clone(),
             uid: uid.clone(),
             labels: p.labels.clone(),
-            log_dir: self
-                .dir
-                .join("nodes")
-                .join(&node)
-                .join("pod-logs")
-                .join(format!("{}_{}", p.namespace, p.name)),
+            log_dir: self.pod_log_dir(&node, &p.namespace, &p.name),
             dns: (!p.system).then(|| {
                 DnsSpec::cluster_first(&services::DNS_SERVICE_IP.to_string(), &p.namespace)
             }),
@@ -843,7 +847,18 @@ impl Lab {
         cri.stop_pod_sandbox(&st.sandbox)?;
         cri.remove_pod_sandbox(&st.sandbox)?;
         self.remove_object("Pod", ns, name);
+        // kubelet removes a deleted pod's log directory; so does the lab.
+        let _ = std::fs::remove_dir_all(self.pod_log_dir(&st.node, ns, name));
         Ok(())
+    }
+
+    /// Where the runtime writes a pod's container logs.
+    fn pod_log_dir(&self, node: &str, ns: &str, name: &str) -> PathBuf {
+        self.dir
+            .join("nodes")
+            .join(node)
+            .join("pod-logs")
+            .join(format!("{ns}_{name}"))
     }
 
     fn overlay_route(&self, ip: IpAddr) -> ipnetwork::IpNetwork {
@@ -936,7 +951,7 @@ impl Lab {
                     "entity": p.key(), "prefixes": prefixes, "infra": format!("{}:6080", p.infra_ip), "sap": format!("{gw}:6080")
                 }));
             }
-            let config = serde_json::json!({
+            let mut config = serde_json::json!({
                 "mode": "endpoint",
                 "listen": e.address.to_string(),
                 "saps": [gw.to_string()],
@@ -950,7 +965,21 @@ impl Lab {
                 },
                 "entities": entities,
             });
-            std::fs::write(&e.config, serde_yaml_ng::to_string(&config)?)?;
+            // The cluster's key rotation, as its operator would configure the endpoint.
+            let cc = self.cluster_config();
+            if let Some(period) = cc["keyRotationSeconds"].as_u64() {
+                config["rotation"] = serde_json::json!({
+                    "periodSeconds": period,
+                    "graceSeconds": cc["keyGraceSeconds"].as_u64().unwrap_or(period / 4),
+                });
+            }
+            let text = serde_yaml_ng::to_string(&config)?;
+            if crate::proc::alive(e.sap_pid)
+                && std::fs::read_to_string(&e.config).is_ok_and(|old| old == text)
+            {
+                continue;
+            }
+            std::fs::write(&e.config, text)?;
             if e.sap_pid != 0 {
                 crate::proc::terminate(e.sap_pid, Duration::from_secs(3));
             }
@@ -1252,18 +1281,47 @@ impl Lab {
     /// Switches the cluster's packet authentication (`Disabled`, `Permissive`, `Strict`) in its
     /// ClusterConfig, as an operator would, and waits until every node's agent runs the mode.
     pub fn set_packet_authentication(&mut self, mode: &str) -> anyhow::Result<()> {
-        let file = self.dir.join("packet-authentication.yaml");
-        let doc = format!(
-            "apiVersion: keyway.io/v1alpha1\nkind: ClusterConfig\nmetadata: {{name: cluster}}\n\
-             spec: {{packetAuthentication: {mode}}}\n"
-        );
-        std::fs::write(&file, doc)?;
-        self.apply(&[file])?;
+        self.patch_cluster_config(serde_json::json!({ "packetAuthentication": mode }))?;
         let series = format!(
             "keyway_packet_authentication{{mode=\"{}\"}}",
             mode.to_lowercase()
         );
         self.await_metric(&series, 1.0)
+    }
+
+    /// The spec of the cluster's ClusterConfig as the state source holds it (empty without one).
+    fn cluster_config(&self) -> Value {
+        std::fs::read_to_string(self.source().join(source_path(
+            "ClusterConfig",
+            "",
+            CLUSTER_CONFIG,
+        )))
+        .ok()
+        .and_then(|t| serde_yaml_ng::from_str::<Value>(&t).ok())
+        .map(|d| d["spec"].clone())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}))
+    }
+
+    /// Sets fields of the cluster's ClusterConfig and keeps the others, as `kubectl patch` does.
+    pub fn patch_cluster_config(&mut self, fields: Value) -> anyhow::Result<()> {
+        let mut spec = self.cluster_config();
+        for (k, v) in fields.as_object().context("ClusterConfig fields")? {
+            spec[k] = v.clone();
+        }
+        let doc = serde_json::json!({
+            "apiVersion": "keyway.io/v1alpha1", "kind": "ClusterConfig",
+            "metadata": {"name": CLUSTER_CONFIG}, "spec": spec,
+        });
+        self.apply_documents(objects::Documents {
+            pods: Vec::new(),
+            others: vec![(
+                "ClusterConfig".into(),
+                String::new(),
+                CLUSTER_CONFIG.into(),
+                doc,
+            )],
+        })
     }
 
     /// Waits (up to 15 s) until every node's agent reports `value` for `series`: a change of the

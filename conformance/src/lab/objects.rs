@@ -99,7 +99,8 @@ pub fn read(files: &[impl AsRef<Path>]) -> anyhow::Result<Documents> {
     Ok(out)
 }
 
-fn pod(v: &Value, ns: &str, name: &str) -> anyhow::Result<LabPod> {
+/// A pod document as the lab runs it.
+pub(crate) fn pod(v: &Value, ns: &str, name: &str) -> anyhow::Result<LabPod> {
     let labels: BTreeMap<String, String> = v
         .pointer("/metadata/labels")
         .and_then(|l| serde_json::from_value(l.clone()).ok())
