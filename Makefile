@@ -5,10 +5,11 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# Debian packages the build, the tests and the lab need.
+# Debian packages the build, the tests and the lab need (clang and libbpf-dev: keyway's eBPF
+# programs, compiled by sap/build.rs with clang's BPF target against libbpf's headers).
 APT_PACKAGES := build-essential pkg-config protobuf-compiler iproute2 iputils-ping nftables \
 	tcpdump tshark containerd runc containernetworking-plugins procps util-linux psmisc iperf3 \
-	ca-certificates
+	ca-certificates clang libbpf-dev
 FUZZ_RUNS ?= 1000000
 SOAK_MINUTES ?= 30
 

@@ -100,6 +100,13 @@ fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() 
         b.ping(&a.overlay_ip, 2),
         "a is not isolated: b still reaches it"
     );
+    // These machines' kernel loads keyway's eBPF programs, and the agent says so.
+    assert_eq!(
+        agent.metric("keyway_bpf_available"),
+        1.0,
+        "{}",
+        agent.metrics()
+    );
 
     c.remove("deny-b.yaml");
     eventually(

@@ -216,6 +216,20 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
     };
     let counters = Arc::new(Counters::new());
     let metrics = Arc::new(Metrics::new(counters.clone(), sourced.stats.clone()));
+    // Whether this kernel loads keyway's eBPF programs, said once. Nothing attaches them yet:
+    // the user-space path serves every pod either way.
+    match tokio::task::spawn_blocking(keyway_sap::io::bpf::probe).await {
+        Ok(Ok(())) => {
+            metrics.bpf_available.set(1);
+            tracing::info!(
+                "eBPF: the kernel loads keyway's programs (the fast path is not built yet; the user-space path serves)"
+            );
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "eBPF: the kernel does not load keyway's programs; the user-space path serves");
+        }
+        Err(e) => tracing::warn!(error = %e, "eBPF: the probe did not finish"),
+    }
     let timing = Timing::default();
     let publications = Publications::spawn(sourced.publisher.clone(), metrics.clone(), timing);
     let agent = Agent::new(Parts {

@@ -129,6 +129,8 @@ pub struct Metrics {
     pub packet_authentication: Family<ModeLabel, Gauge>,
     /// The key epoch the data path's keys are centred on (rises once per rotation period).
     pub key_epoch: Gauge,
+    /// 1 when the kernel loads keyway's eBPF programs (probed once at start).
+    pub bpf_available: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,6 +173,7 @@ impl Metrics {
             attachments_refused: Family::default(),
             packet_authentication: Family::default(),
             key_epoch: Gauge::default(),
+            bpf_available: Gauge::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -259,6 +262,8 @@ impl Metrics {
         );
         let help = "The key epoch of the last compile: rises by one each rotation period";
         r.register("keyway_key_epoch", help, self.key_epoch.clone());
+        let help = "1 when this kernel loads keyway's eBPF programs (probed at start), else 0";
+        r.register("keyway_bpf_available", help, self.bpf_available.clone());
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(
             "keyway_reattach_failures",

@@ -282,6 +282,25 @@ impl KeyRing {
 
     /// Whether a receiver accepts `key` at `now_ms`: the current epoch's key always, the previous
     /// one within the grace window after the boundary, the next one within it before the boundary.
+    /// Every key [`accepts`](Self::accepts) takes at `now_ms` (one to three): what the kernel
+    /// fast path is given, to check a key by comparison alone.
+    pub fn accepted_at(&self, now_ms: u64) -> Vec<Key> {
+        match self {
+            KeyRing::Static(k) => vec![*k],
+            KeyRing::Rotating { rotation, .. } => {
+                let now = rotation.epoch_at(now_ms);
+                let mut keys: Vec<Key> = [now.0.checked_sub(1), Some(now.0), Some(now.0 + 1)]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| self.key_of(Epoch(e)))
+                    .filter(|k| self.accepts(*k, now_ms))
+                    .collect();
+                keys.dedup();
+                keys
+            }
+        }
+    }
+
     pub fn accepts(&self, key: Key, now_ms: u64) -> bool {
         match self {
             KeyRing::Static(k) => *k == key,
@@ -428,6 +447,28 @@ mod tests {
         assert_eq!(ring.key_at(45_000), None);
         assert!(!ring.accepts(k(4), 45_000));
         assert!(!ring.accepts(Key(0), 25_000));
+    }
+
+    #[test]
+    fn the_accepted_set_is_exactly_what_accepts_takes() {
+        let rotation = Rotation::new(10_000, 4_000).unwrap();
+        let ring = KeyRing::derive(&secret(), "ns/pod", rotation, 50_000);
+        let candidates: Vec<Key> = (3..=7)
+            .map(|e| secret().derive("ns/pod", Epoch(e)))
+            .chain([Key(0), Key(1)])
+            .collect();
+        // Every 250 ms across the ring's three epochs and the edges of its grace windows.
+        for now in (40_000..70_000)
+            .step_by(250)
+            .chain([43_999, 44_000, 56_000, 55_999])
+        {
+            let set = ring.accepted_at(now);
+            assert!((1..=3).contains(&set.len()), "{now}: {set:?}");
+            for k in &candidates {
+                assert_eq!(set.contains(k), ring.accepts(*k, now), "{now}: {k:?}");
+            }
+        }
+        assert_eq!(KeyRing::Static(Key(9)).accepted_at(5), vec![Key(9)]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+pub mod bpf;
 pub mod datapath;
 pub mod endpoint;
 pub mod fs;
