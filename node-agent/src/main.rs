@@ -216,20 +216,6 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
     };
     let counters = Arc::new(Counters::new());
     let metrics = Arc::new(Metrics::new(counters.clone(), sourced.stats.clone()));
-    // Whether this kernel loads keyway's eBPF programs, said once. Nothing attaches them yet:
-    // the user-space path serves every pod either way.
-    match tokio::task::spawn_blocking(keyway_sap::io::bpf::probe).await {
-        Ok(Ok(())) => {
-            metrics.bpf_available.set(1);
-            tracing::info!(
-                "eBPF: the kernel loads keyway's programs (the fast path is not built yet; the user-space path serves)"
-            );
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "eBPF: the kernel does not load keyway's programs; the user-space path serves");
-        }
-        Err(e) => tracing::warn!(error = %e, "eBPF: the probe did not finish"),
-    }
     let timing = Timing::default();
     let publications = Publications::spawn(sourced.publisher.clone(), metrics.clone(), timing);
     let agent = Agent::new(Parts {
@@ -249,6 +235,28 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
         publications,
     })
     .context("cannot set up the agent")?;
+    // Whether this kernel loads keyway's eBPF programs, said once, and only once the agent
+    // serves: a restarted agent's pods come back first. Nothing attaches the programs yet; the
+    // user-space path serves every pod either way.
+    {
+        let metrics = metrics.clone();
+        let mut ready = agent.readiness();
+        tokio::spawn(async move {
+            let _ = ready.wait_for(|r| *r).await;
+            match tokio::task::spawn_blocking(keyway_sap::io::bpf::probe).await {
+                Ok(Ok(())) => {
+                    metrics.bpf_available.set(1);
+                    tracing::info!(
+                        "eBPF: the kernel loads keyway's programs (the fast path is not built yet; the user-space path serves)"
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "eBPF: the kernel does not load keyway's programs; the user-space path serves")
+                }
+                Err(e) => tracing::warn!(error = %e, "eBPF: the probe did not finish"),
+            }
+        });
+    }
 
     let admin_listener = admin::bind(cfg.admin)
         .await

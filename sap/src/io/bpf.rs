@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{Array, MapError, PerCpuArray};
 use aya::programs::{ProgramError, SchedClassifier};
-use aya::{Ebpf, EbpfError, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
 use keyway_core::engine::DropReason;
 use keyway_core::key::Key;
 
@@ -112,7 +112,12 @@ pub struct IngressCheck {
 impl IngressCheck {
     /// Loads the program and its maps: needs CAP_BPF (or root) and a kernel with BPF.
     pub fn load() -> Result<IngressCheck, BpfError> {
-        let mut ebpf = Ebpf::load(INGRESS_OBJECT).map_err(|e| BpfError::Object(Box::new(e)))?;
+        // No kernel BTF: the programs use no CO-RE relocations, and parsing the kernel's BTF
+        // (which `Ebpf::load` does, twice) costs tens of milliseconds and megabytes.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(INGRESS_OBJECT)
+            .map_err(|e| BpfError::Object(Box::new(e)))?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(INGRESS_PROGRAM)
             .ok_or(BpfError::Missing(INGRESS_PROGRAM))?
