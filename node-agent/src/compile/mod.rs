@@ -64,11 +64,15 @@ pub fn external_entity(namespace: &str, name: &str) -> Arc<str> {
     format!("external/{namespace}/{name}").into()
 }
 
-/// Derives keys, remembering them: a compile re-derives only when an epoch turns.
+/// Derives keys, remembering them: a compile re-derives only when an epoch turns. It holds the
+/// current epoch's rings only: with keys rotating every few seconds and pods coming and going,
+/// anything more would grow for as long as the agent runs.
 #[derive(Debug)]
 pub struct KeyCache {
     secret: ClusterSecret,
     cache: HashMap<(Arc<str>, Epoch), KeyRing>,
+    /// The epoch the cache holds.
+    epoch: Option<Epoch>,
     /// Attachments without an attestation count too (`--accept-unattested-attachments`).
     accept_unattested: bool,
 }
@@ -78,6 +82,7 @@ impl KeyCache {
         KeyCache {
             secret,
             cache: HashMap::new(),
+            epoch: None,
             accept_unattested: false,
         }
     }
@@ -91,13 +96,22 @@ impl KeyCache {
 
     pub fn ring(&mut self, entity: &Arc<str>, rotation: Rotation, now_ms: u64) -> KeyRing {
         let epoch = rotation.epoch_at(now_ms);
-        if self.cache.len() > 100_000 {
-            self.cache.retain(|(_, e), _| *e >= epoch);
+        // A new epoch (or a new rotation period, which numbers epochs afresh): the rings of
+        // every other epoch, and of entities gone since, are never asked for again.
+        if self.epoch != Some(epoch) {
+            self.cache.retain(|(_, e), _| *e == epoch);
+            self.epoch = Some(epoch);
         }
         *self
             .cache
             .entry((entity.clone(), epoch))
             .or_insert_with(|| KeyRing::derive(&self.secret, entity, rotation, now_ms))
+    }
+
+    /// Rings held (for tests of the cache's bound).
+    #[cfg(test)]
+    pub fn rings_held(&self) -> usize {
+        self.cache.len()
     }
 
     /// Whether an agent attested `a` (see [`crate::model::OverlayAttachmentSpec::attest`]).

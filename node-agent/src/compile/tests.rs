@@ -840,3 +840,33 @@ fn ambient_pods_get_hbone_for_some_allowed_tcp_port_and_their_real_ports_at_the_
     let (_, plain) = compiled("");
     assert!(plain.mesh.is_empty(), "no pod in the mesh");
 }
+
+#[test]
+fn the_key_cache_holds_the_current_epochs_rings_only() {
+    let mut keys = KeyCache::new(keyway_core::key::ClusterSecret::new(vec![3u8; 32]).unwrap());
+    let rotation = keyway_core::key::Rotation::new(10_000, 4_000).unwrap();
+    let entity = |i: u32| -> Arc<str> { format!("ns/pod-{i}").into() };
+    for i in 0..10 {
+        keys.ring(&entity(i), rotation, 100_000);
+    }
+    assert_eq!(keys.rings_held(), 10);
+    let first = keys.ring(&entity(0), rotation, 105_000);
+    assert_eq!(
+        keys.rings_held(),
+        10,
+        "the same epoch: remembered, not derived again"
+    );
+    // A thousand epochs on, with pods coming and going: never more than one epoch's rings.
+    for step in 1..1000u64 {
+        let now = 100_000 + step * 10_000;
+        for i in 0..5 {
+            keys.ring(&entity((step as u32) * 5 + i), rotation, now);
+        }
+        assert_eq!(keys.rings_held(), 5, "epoch {step}");
+    }
+    assert_ne!(
+        keys.ring(&entity(0), rotation, 100_000 + 1000 * 10_000),
+        first,
+        "a later epoch's ring is derived afresh"
+    );
+}
