@@ -635,6 +635,22 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
         "keyRotationSeconds": o.rotation_seconds,
         "keyGraceSeconds": grace,
     }))?;
+    // Every agent on the new rotation before anything is counted: its epochs are numbered by the
+    // period, so the epochs the report counts are the soak's.
+    let period_ms = o.rotation_seconds * 1000;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let want = unix_ms() / period_ms;
+        let epochs = lab.node_metric("keyway_key_epoch");
+        if epochs.iter().all(|e| (*e as u64).abs_diff(want) <= 1) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agents' key epochs are {epochs:?}, not {want}: the rotation did not take"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let server = lab
         .state
         .pods
