@@ -1,10 +1,12 @@
 //! The kernel's ingress checks (`sap/bpf/ingress.bpf.c`) against the user-space engine's
 //! (`keyway_core::engine::endpoint_ingress`), over the same datagrams: hand-made ones for every
-//! check, then tens of thousands of seeded mutations of them. Run in the kernel through
+//! check, then tens of thousands of mutations of them by the workspace's seeded fuzzer. Run in the kernel through
 //! `BPF_PROG_TEST_RUN` (root). Every drop in the kernel must be the engine's drop with the same
 //! reason; every datagram the kernel fully parses (GUE, inner IPv4) and passes on must be one the
 //! engine does not drop for those reasons; only an inner IPv6 packet is left to the engine whole.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -134,40 +136,6 @@ fn vectors(mine: Key, previous: Key, next: Key, other: Key) -> Vec<(&'static str
     v
 }
 
-/// A small deterministic generator for the mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn mutate(r: &mut Rng, d: &[u8]) -> Vec<u8> {
-    let mut m = d.to_vec();
-    for _ in 0..1 + r.below(3) {
-        match r.below(6) {
-            0..=2 if !m.is_empty() => {
-                let i = r.below(m.len());
-                m[i] ^= 1 << r.below(8);
-            }
-            3 if !m.is_empty() => {
-                let i = r.below(m.len());
-                m[i] = r.next() as u8;
-            }
-            4 => m.truncate(r.below(m.len() + 1)),
-            _ => m.push(r.next() as u8),
-        }
-    }
-    m
-}
-
 #[test]
 fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_reasons() {
     if !privileged("the_kernels_ingress_checks_drop_exactly_what_the_engine_drops") {
@@ -200,9 +168,9 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     })
     .unwrap();
 
-    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     let judge = |bpf: &mut IngressCheck,
-                 tally: &mut std::collections::BTreeMap<String, usize>,
+                 tally: &mut BTreeMap<String, usize>,
                  name: &str,
                  d: &[u8]|
      -> Verdict {
@@ -277,13 +245,14 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
         "another port is not counted"
     );
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for (name, d) in &hand_made {
-        for _ in 0..1500 {
-            let m = mutate(&mut rng, d);
-            judge(&mut bpf, &mut tally, name, &m);
-        }
-    }
+    // Mutations of them by the workspace's seeded fuzzer (a failure names the input in hex).
+    let seeds: Vec<&[u8]> = hand_made.iter().map(|(_, d)| d.as_slice()).collect();
+    let state = RefCell::new((bpf, tally));
+    keyway_testing::fuzz::run("bpf_ingress", &seeds, hand_made.len() * 1500, |d| {
+        let (bpf, tally) = &mut *state.borrow_mut();
+        judge(bpf, tally, "mutated", d);
+    });
+    let (_, tally) = state.into_inner();
     eprintln!("verdicts: {tally:?}");
     for v in [
         "Pass",

@@ -213,13 +213,7 @@ fn runsandbox_latency(lab: &mut Lab, prefix: &str, count: usize) -> anyhow::Resu
 
 /// `keyway-lab bench`.
 pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
-    let dir = base_dir.with_file_name(format!(
-        "{}-bench",
-        base_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("keyway-lab")
-    ));
+    let dir = super::sibling_dir(base_dir, "bench");
     let _ = Lab::down(&dir);
     let plan = Plan {
         prefix: "kwb".into(),

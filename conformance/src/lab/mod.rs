@@ -1557,6 +1557,17 @@ impl Lab {
     }
 }
 
+/// A lab directory beside `base` for a command that brings up its own lab (`bench`, `soak`):
+/// `<base's name>-<suffix>`.
+pub fn sibling_dir(base: &Path, suffix: &str) -> PathBuf {
+    base.with_file_name(format!(
+        "{}-{suffix}",
+        base.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keyway-lab")
+    ))
+}
+
 /// Takes the lab in a directory down when dropped, so that a test that fails half-way leaves
 /// nothing behind.
 #[derive(Debug)]

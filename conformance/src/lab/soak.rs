@@ -546,13 +546,7 @@ fn sample(lab: &Lab, deleted: &[(String, String, String)]) -> Sample {
 
 /// Runs the soak on its own lab (`<dir>-soak`) and takes it down.
 pub fn soak(base_dir: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
-    let dir = base_dir.with_file_name(format!(
-        "{}-soak",
-        base_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("keyway-lab")
-    ));
+    let dir = super::sibling_dir(base_dir, "soak");
     let _ = Lab::down(&dir);
     let docs = dir.with_extension("yaml");
     std::fs::write(&docs, topology(o))?;
