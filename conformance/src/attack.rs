@@ -81,16 +81,8 @@ pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]
     )
 }
 
-/// The Internet checksum (RFC 1071).
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    keyway_core::packet::checksum(bytes, 0)
 }
 
 /// An ICMP "port unreachable" from `src` to `dst` quoting `quoted` (the offending packet's IP

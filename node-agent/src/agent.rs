@@ -144,7 +144,13 @@ impl Agent {
         let gateway = p.cfg.gateway.clone().map(|g| Arc::new(NodeTable::new(g)));
         let tables = SharedTables::new(Default::default());
         Ok(Arc::new(Agent {
-            endpoints: Endpoints::new(tables.clone(), p.counters, p.cfg.gue_port, p.node.local_sap),
+            endpoints: Endpoints::new(
+                tables.clone(),
+                p.counters,
+                p.cfg.gue_port,
+                p.node.local_sap,
+                p.cfg.datapath,
+            ),
             state: Mutex::new(State::new(&p.cfg.node_name)),
             compiler: tokio::sync::Mutex::new(Compiler {
                 keys: KeyCache::new(p.secret.clone()).accepting_unattested(p.cfg.accept_unattested),
@@ -177,6 +183,19 @@ impl Agent {
     }
 
     /// Becomes true once the agent serves (state synced, pods re-attached).
+    /// Keeps every pod's kernel fast path in step with the engine, every second: keys and
+    /// lease, flows judged again and idle ones handed back, the kernel's counts added to the
+    /// agent's. Runs for the agent's life.
+    pub async fn fast_path_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.endpoints.sync_fast(true).await;
+            self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
+        }
+    }
+
     pub fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }

@@ -128,6 +128,29 @@ pub struct Args {
     /// runs this version: while it is on, whoever can write pod annotations can claim addresses.
     #[arg(long, env = "KEYWAY_ACCEPT_UNATTESTED_ATTACHMENTS")]
     pub accept_unattested_attachments: bool,
+    /// Which path carries pods' established flows: `kernel` (keyway's eBPF programs, with the
+    /// user-space path deciding each flow's first packets), `user` (the user-space path alone),
+    /// or `auto` (the kernel's where it loads keyway's programs).
+    #[arg(long, env = "KEYWAY_DATAPATH", default_value = "auto")]
+    pub datapath: Datapath,
+}
+
+/// `--datapath`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Datapath {
+    Auto,
+    Kernel,
+    User,
+}
+
+impl Datapath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Datapath::Auto => "auto",
+            Datapath::Kernel => "kernel",
+            Datapath::User => "user",
+        }
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -157,6 +180,7 @@ pub struct Config {
     pub gateway: Option<GatewayConfig>,
     /// `--accept-unattested-attachments`.
     pub accept_unattested: bool,
+    pub datapath: Datapath,
 }
 
 impl Args {
@@ -230,6 +254,7 @@ impl Args {
                 gue_port: self.gue_port,
             }),
             accept_unattested: self.accept_unattested_attachments,
+            datapath: self.datapath,
         })
     }
 }

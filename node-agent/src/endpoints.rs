@@ -17,11 +17,13 @@ use keyway_protocol::firewall::{self, Egress, PodFirewall, PodRules};
 use keyway_protocol::handoff::Attachment;
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, EndpointError, Running};
+use keyway_sap::io::fastpath::{FastPath, NodeFastPath};
 use keyway_sap::io::nft::{self, NftError};
 use keyway_sap::io::udp::GUE_MARK;
 use keyway_sap::sys::{Netns, NetnsError};
 
 use crate::compile::Compiled;
+use crate::config::Datapath;
 use crate::records::{Attached, Record};
 
 /// Flow-table size per endpoint.
@@ -47,6 +49,7 @@ pub enum AttachError {
 pub struct Endpoint {
     entity: Arc<str>,
     local: Arc<SharedLocal>,
+    ctx: Arc<EndpointContext>,
     running: Running,
     nft: Arc<Mutex<nft::Socket>>,
     firewall: PodFirewall,
@@ -100,6 +103,13 @@ pub struct Endpoints {
     counters: Arc<Counters>,
     gue_port: u16,
     local_sap: Option<SocketAddr>,
+    datapath: Datapath,
+    /// Set once the kernel has refused keyway's programs under `--datapath auto`: said once,
+    /// not tried again for every pod.
+    no_kernel: std::sync::atomic::AtomicBool,
+    /// The node's part of the fast path, loaded with the first pod's: `None` inside when the
+    /// kernel refused it (pods' fast paths still work, through the bridge).
+    node_fast: std::sync::OnceLock<Option<Arc<NodeFastPath>>>,
     running: Mutex<BTreeMap<Attachment, Endpoint>>,
 }
 
@@ -109,14 +119,78 @@ impl Endpoints {
         counters: Arc<Counters>,
         gue_port: u16,
         local_sap: Option<SocketAddr>,
+        datapath: Datapath,
     ) -> Endpoints {
         Endpoints {
             tables,
             counters,
             gue_port,
             local_sap,
+            datapath,
+            no_kernel: Default::default(),
+            node_fast: std::sync::OnceLock::new(),
             running: Mutex::default(),
         }
+    }
+
+    /// Whether new endpoints try the kernel fast path.
+    fn wants_kernel(&self) -> bool {
+        match self.datapath {
+            Datapath::User => false,
+            Datapath::Kernel => true,
+            Datapath::Auto => !self.no_kernel.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The node's part of the fast path (loaded on first use).
+    async fn node_fast(&self) -> Option<Arc<NodeFastPath>> {
+        if let Some(n) = self.node_fast.get() {
+            return n.clone();
+        }
+        let port = self.gue_port;
+        let loaded = match tokio::task::spawn_blocking(move || NodeFastPath::load(port)).await {
+            Ok(Ok(n)) => Some(Arc::new(n)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the node's fast path cannot load: GUE to pods behind a bridge is segmented there");
+                None
+            }
+            Err(_) => None,
+        };
+        // Two first pods at once: one load wins, the other's program is dropped unattached.
+        self.node_fast.get_or_init(|| loaded).clone()
+    }
+
+    /// How many endpoints the kernel fast path serves.
+    pub fn fast(&self) -> usize {
+        self.map().values().filter(|e| e.ctx.fast.is_some()).count()
+    }
+
+    /// Brings every endpoint's fast path in line with the engine (keys, lease, the flows it
+    /// carries, counters): `periodic` also hands idle flows back to the engine. On a blocking
+    /// thread; map system calls only.
+    pub async fn sync_fast(&self, periodic: bool) {
+        let ctxs: Vec<Arc<EndpointContext>> = self
+            .map()
+            .values()
+            .filter(|e| e.ctx.fast.is_some())
+            .map(|e| e.ctx.clone())
+            .collect();
+        if ctxs.is_empty() {
+            return;
+        }
+        let node = self.node_fast.get().cloned().flatten();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let (Some(n), true) = (&node, periodic) {
+                n.renew();
+            }
+            let now = keyway_sap::io::now_ms();
+            for ctx in ctxs {
+                if let Some(f) = &ctx.fast {
+                    f.sync(&ctx, now, periodic);
+                }
+            }
+        })
+        .await;
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Attachment, Endpoint>> {
@@ -139,12 +213,57 @@ impl Endpoints {
             .map(|g| (g.device.clone(), g.address.ip()))
             .collect();
         let listen = SocketAddr::new(attached.infra_ip, self.gue_port);
-        let (opened, sock, netns) = tokio::task::spawn_blocking(move || {
+        // The kernel fast path carries IPv4 flows: the pod's IPv4 overlay device, and its pod IP.
+        let v4 = devices
+            .iter()
+            .find_map(|(name, ip)| match (ip, listen.ip()) {
+                (IpAddr::V4(o), IpAddr::V4(i)) => Some((name.clone(), *o, i)),
+                _ => None,
+            });
+        let want_kernel = self.wants_kernel();
+        let gue_port = self.gue_port;
+        let node = if want_kernel && v4.is_some() {
+            self.node_fast().await
+        } else {
+            None
+        };
+        let (opened, sock, fast, netns) = tokio::task::spawn_blocking(move || {
             let opened = endpoint::open(&netns, &devices, listen, Some(GUE_MARK))?;
             let sock = netns.run(nft::Socket::open)??;
-            Ok::<_, AttachError>((opened, sock, netns))
+            let fast = match v4 {
+                Some((tun, overlay, infra)) if want_kernel => {
+                    let fast = FastPath::open(&netns, &tun, overlay, infra, gue_port);
+                    if let (Ok(_), Some(node)) = (&fast, &node)
+                        && let Err(e) = node.add_pod(&netns, infra)
+                    {
+                        tracing::warn!(error = %e, "the node's fast path cannot serve this pod");
+                    }
+                    Some(fast)
+                }
+                // A fast path a previous agent attached must not outlive the choice not to
+                // have one: its flows would go on unchecked until its lease ran out.
+                _ => {
+                    let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
+                    FastPath::detach_all(&netns, &names, listen.ip());
+                    None
+                }
+            };
+            Ok::<_, AttachError>((opened, sock, fast, netns))
         })
         .await??;
+        let fast = match fast {
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                let first = !self
+                    .no_kernel
+                    .swap(true, std::sync::atomic::Ordering::Relaxed);
+                if self.datapath == Datapath::Kernel || first {
+                    tracing::warn!(container = %record.attachment.container_id, error = %e, datapath = self.datapath.as_str(), "the kernel fast path cannot serve this pod; the user-space path does");
+                }
+                None
+            }
+            None => None,
+        };
         let entity = record.entity();
         let local = SharedLocal::new(LocalEndpoint {
             entity: entity.clone(),
@@ -162,11 +281,17 @@ impl Endpoints {
                 self.counters.flows.clone(),
             ),
             counters: self.counters.clone(),
+            fast,
         });
-        let running = endpoint::spawn(ctx, opened).map_err(AttachError::Spawn)?;
+        if let Some(f) = &ctx.fast {
+            // Keys and a lease now, so the pod's first flows can go fast.
+            f.sync(&ctx, keyway_sap::io::now_ms(), false);
+        }
+        let running = endpoint::spawn(ctx.clone(), opened).map_err(AttachError::Spawn)?;
         Ok(Endpoint {
             entity,
             local,
+            ctx,
             running,
             nft: Arc::new(Mutex::new(sock)),
             firewall: PodFirewall {
@@ -211,7 +336,20 @@ impl Endpoints {
     /// Stops an endpoint: its loops end, its devices and socket close; what it made in the pod's
     /// namespace stays (the plugin's DEL removes it).
     pub fn stop(&self, att: &Attachment) {
-        self.map().remove(att);
+        if let Some(ep) = self.map().remove(att) {
+            self.forget_node_pod(&ep);
+        }
+    }
+
+    /// The node's fast path no longer hands this endpoint's pod its GUE.
+    fn forget_node_pod(&self, ep: &Endpoint) {
+        if let (Some(Some(node)), IpAddr::V4(ip), true) = (
+            self.node_fast.get(),
+            ep.firewall.pod_ip,
+            ep.ctx.fast.is_some(),
+        ) {
+            node.remove_pod(ip);
+        }
     }
 
     /// Stops an endpoint and removes its devices and the pod's table, if the namespace still
@@ -220,9 +358,20 @@ impl Endpoints {
         let Some(ep) = self.map().remove(att) else {
             return;
         };
-        let Endpoint { netns, running, .. } = ep;
+        self.forget_node_pod(&ep);
+        let Endpoint {
+            netns,
+            running,
+            ctx,
+            firewall,
+            ..
+        } = ep;
         drop(running);
         let _ = tokio::task::spawn_blocking(move || {
+            match &ctx.fast {
+                Some(f) => f.detach(&netns),
+                None => FastPath::detach_all(&netns, &devices, firewall.pod_ip),
+            }
             let _ = firewall::unsteer(&netns);
             for d in &devices {
                 let _ = endpoint::remove(&netns, d);
@@ -283,6 +432,9 @@ impl Endpoints {
     /// every protected pod's pod IP, so a change of the protected pods rewrites each one.
     pub async fn apply(&self, compiled: &Compiled) -> usize {
         let changes = self.refresh(compiled);
+        // The kernel carries flows the engine admitted under the tables just replaced: each is
+        // judged again now, and goes if the engine no longer admits it.
+        self.sync_fast(false).await;
         if changes.is_empty() {
             return 0;
         }

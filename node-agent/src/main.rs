@@ -236,10 +236,12 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
     })
     .context("cannot set up the agent")?;
     // Whether this kernel loads keyway's eBPF programs, said once, and only once the agent
-    // serves: a restarted agent's pods come back first. Nothing attaches the programs yet; the
-    // user-space path serves every pod either way.
+    // serves: a restarted agent's pods come back first. Pods' fast paths are attached as pods
+    // are, by `--datapath`.
+    tokio::spawn(agent.clone().fast_path_loop());
     {
         let metrics = metrics.clone();
+        let datapath = cfg.datapath;
         let mut ready = agent.readiness();
         tokio::spawn(async move {
             let _ = ready.wait_for(|r| *r).await;
@@ -247,11 +249,12 @@ async fn run(cfg: Config, secret: Option<ClusterSecret>) -> anyhow::Result<()> {
                 Ok(Ok(())) => {
                     metrics.bpf_available.set(1);
                     tracing::info!(
-                        "eBPF: the kernel loads keyway's programs (the fast path is not built yet; the user-space path serves)"
+                        datapath = datapath.as_str(),
+                        "eBPF: the kernel loads keyway's programs"
                     );
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "eBPF: the kernel does not load keyway's programs; the user-space path serves")
+                    tracing::warn!(error = %e, datapath = datapath.as_str(), "eBPF: the kernel does not load keyway's programs; the user-space path serves every pod")
                 }
                 Err(e) => tracing::warn!(error = %e, "eBPF: the probe did not finish"),
             }

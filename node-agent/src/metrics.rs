@@ -131,6 +131,8 @@ pub struct Metrics {
     pub key_epoch: Gauge,
     /// 1 when the kernel loads keyway's eBPF programs (probed once at start).
     pub bpf_available: Gauge,
+    /// Pods whose established flows the kernel fast path carries.
+    pub fastpath_pods: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -174,6 +176,7 @@ impl Metrics {
             packet_authentication: Family::default(),
             key_epoch: Gauge::default(),
             bpf_available: Gauge::default(),
+            fastpath_pods: Gauge::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -264,6 +267,8 @@ impl Metrics {
         r.register("keyway_key_epoch", help, self.key_epoch.clone());
         let help = "1 when this kernel loads keyway's eBPF programs (probed at start), else 0";
         r.register("keyway_bpf_available", help, self.bpf_available.clone());
+        let help = "Pods whose established flows keyway's eBPF fast path carries (the user-space path decides each flow's first packets)";
+        r.register("keyway_fastpath_pods", help, self.fastpath_pods.clone());
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(
             "keyway_reattach_failures",

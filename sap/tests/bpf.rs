@@ -1,4 +1,4 @@
-//! The kernel's ingress checks (`sap/bpf/ingress.bpf.c`) against the user-space engine's
+//! The kernel's ingress checks (`kw_ingress` in `sap/bpf/endpoint.bpf.c`) against the user-space engine's
 //! (`keyway_core::engine::endpoint_ingress`), over the same datagrams: hand-made ones for every
 //! check, then tens of thousands of mutations of them by the workspace's seeded fuzzer. Run in the kernel through
 //! `BPF_PROG_TEST_RUN` (root). Every drop in the kernel must be the engine's drop with the same
@@ -15,7 +15,7 @@ use keyway_core::flow::{FlowTable, FlowTimeouts};
 use keyway_core::gue::{self, InnerProto};
 use keyway_core::key::{ClusterSecret, Epoch, Key, KeyRing, Rotation};
 use keyway_core::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, build};
-use keyway_sap::io::bpf::{IngressCheck, IngressConfig, TC_ACT_OK, TC_ACT_SHOT, Verdict};
+use keyway_sap::io::bpf::{EndpointConfig, EndpointPrograms, TC_ACT_OK, TC_ACT_SHOT, Verdict};
 use keyway_testing::privileged;
 
 const OVERLAY: [u8; 4] = [100, 64, 0, 2];
@@ -159,23 +159,24 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     let flows = FlowTable::new(1024, FlowTimeouts::default());
     let outer = SocketAddr::new(IpAddr::from(OUTER_SRC), 6080);
 
-    let mut bpf = IngressCheck::load().expect("the kernel loads keyway's ingress program");
-    bpf.configure(&IngressConfig {
+    let mut bpf = EndpointPrograms::load().expect("the kernel loads keyway's programs");
+    bpf.configure(&EndpointConfig {
         overlay: Some(Ipv4Addr::from(OVERLAY)),
         infra: Some(Ipv4Addr::from(INFRA)),
         gue_port: 6080,
         keys: ring.accepted_at(NOW),
+        ..EndpointConfig::default()
     })
     .unwrap();
 
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-    let judge = |bpf: &mut IngressCheck,
+    let judge = |bpf: &mut EndpointPrograms,
                  tally: &mut BTreeMap<String, usize>,
                  name: &str,
                  d: &[u8]|
      -> Verdict {
         let engine = endpoint_ingress(&tables, &local, &flows, d, outer, NOW);
-        let (action, verdict) = bpf.run(&frame(d, 6080)).unwrap();
+        let (action, verdict) = bpf.run_ingress(&frame(d, 6080)).unwrap();
         let whole = match gue::decode(d) {
             Err(_) => true,
             Ok(h) => h.proto == InnerProto::Ipv4,
@@ -237,7 +238,7 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     }
     // Not GUE to the pod's port: not the program's to judge, and not counted.
     let before = bpf.verdicts().unwrap();
-    let (action, _) = bpf.run(&frame(&hand_made[0].1, 6081)).unwrap();
+    let (action, _) = bpf.run_ingress(&frame(&hand_made[0].1, 6081)).unwrap();
     assert_eq!(action, TC_ACT_OK);
     assert_eq!(
         bpf.verdicts().unwrap(),

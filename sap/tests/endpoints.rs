@@ -17,6 +17,7 @@ use keyway_core::packet::PROTO_TCP;
 use keyway_core::tables::{SharedLocal, SharedTables};
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, DeviceSpec, Running};
+use keyway_sap::io::fastpath::FastPath;
 use keyway_testing::{TestNetns, privileged, veth};
 
 const A_OVERLAY: &str = "100.64.1.1";
@@ -117,10 +118,41 @@ struct Pod {
     ns: TestNetns,
     tables: Arc<SharedTables>,
     counters: Arc<Counters>,
+    ctx: Arc<EndpointContext>,
     _running: Running,
+    _sync: Option<AbortOnDrop>,
 }
 
-async fn pod(ns: TestNetns, entity: &str, overlay: &str, infra: &str, tables: Tables) -> Pod {
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Pod {
+    fn carried(&self) -> keyway_sap::io::bpf::Carried {
+        self.ctx.fast.as_ref().expect("a fast pod").carried()
+    }
+
+    /// What the agent does after a compile: re-derive the kernel's flows now.
+    fn resync(&self) {
+        let fast = self.ctx.fast.as_ref().expect("a fast pod");
+        fast.sync(&self.ctx, keyway_sap::io::now_ms(), false);
+    }
+}
+
+/// A pod on the user-space path (`fast` false) or with the kernel fast path attached and kept in
+/// step every second, as the agent does.
+async fn pod(
+    ns: TestNetns,
+    entity: &str,
+    overlay: &str,
+    infra: &str,
+    tables: Tables,
+    fast: bool,
+) -> Pod {
     let spec = DeviceSpec {
         name: "kw0".into(),
         mtu: (1500 - keyway_core::gue::MTU_RESERVE_IPV4) as u16,
@@ -130,9 +162,17 @@ async fn pod(ns: TestNetns, entity: &str, overlay: &str, infra: &str, tables: Ta
     let overlay_ip: IpAddr = overlay.parse().unwrap();
     let listen = sock(infra);
     let netns = ns.netns().try_clone().unwrap();
-    let opened = tokio::task::spawn_blocking(move || {
+    let (opened, fast) = tokio::task::spawn_blocking(move || {
         endpoint::provision(&netns, &spec).unwrap();
-        endpoint::open(&netns, &[("kw0".to_string(), overlay_ip)], listen, None).unwrap()
+        let opened =
+            endpoint::open(&netns, &[("kw0".to_string(), overlay_ip)], listen, None).unwrap();
+        let fast = fast.then(|| {
+            let (IpAddr::V4(o), IpAddr::V4(i)) = (overlay_ip, listen.ip()) else {
+                unreachable!("IPv4 test addresses")
+            };
+            FastPath::open(&netns, "kw0", o, i, 6080).expect("the fast path attaches")
+        });
+        (opened, fast)
     })
     .await
     .unwrap();
@@ -149,17 +189,40 @@ async fn pod(ns: TestNetns, entity: &str, overlay: &str, infra: &str, tables: Ta
         }),
         flows: FlowTable::new(1024, FlowTimeouts::default()),
         counters: counters.clone(),
+        fast,
     });
-    let running = endpoint::spawn(ctx, opened).unwrap();
+    let sync = ctx.fast.is_some().then(|| {
+        let ctx = ctx.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                if let Some(f) = &ctx.fast {
+                    f.sync(&ctx, keyway_sap::io::now_ms(), true);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
+    });
+    let running = endpoint::spawn(ctx.clone(), opened).unwrap();
     Pod {
         ns,
         tables,
         counters,
+        ctx,
         _running: running,
+        _sync: sync,
     }
 }
 
 async fn pair(test: &str) -> (Pod, Pod) {
+    pair_on(test, false).await
+}
+
+async fn pair_on(test: &str, fast: bool) -> (Pod, Pod) {
+    mixed_pair(test, fast, fast).await
+}
+
+/// A and B, each on the fast path or the user-space path.
+async fn mixed_pair(test: &str, fast_a: bool, fast_b: bool) -> (Pod, Pod) {
     let na = TestNetns::new(test, "a");
     let nb = TestNetns::new(test, "b");
     veth(
@@ -170,8 +233,8 @@ async fn pair(test: &str) -> (Pod, Pod) {
         "eth0",
         &format!("{B_INFRA}/24"),
     );
-    let a = pod(na, "t/a", A_OVERLAY, A_INFRA, tables(OPEN)).await;
-    let b = pod(nb, "t/b", B_OVERLAY, B_INFRA, tables(OPEN)).await;
+    let a = pod(na, "t/a", A_OVERLAY, A_INFRA, tables(OPEN), fast_a).await;
+    let b = pod(nb, "t/b", B_OVERLAY, B_INFRA, tables(OPEN), fast_b).await;
     (a, b)
 }
 
@@ -446,4 +509,178 @@ async fn the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead() {
         seen += 1;
     }
     assert_eq!(seen, 4, "two echo requests and two replies:\n{text}");
+}
+
+/// A one-way TCP transfer of `bytes` from `a` to `b`'s overlay address on `port`: how many
+/// arrived.
+async fn tcp_bulk(a: &Pod, b: &Pod, port: u16, bytes: usize) -> usize {
+    let bns = b.ns.netns().try_clone().unwrap();
+    let ans = a.ns.netns().try_clone().unwrap();
+    let to = b.ctx.local.load().overlay_ips[0];
+    tokio::task::spawn_blocking(move || {
+        let listener = bns.run(|| TcpListener::bind((to, port))).unwrap().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut got = 0;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            got
+        });
+        let mut s = ans
+            .run(|| TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_secs(2)))
+            .unwrap()
+            .unwrap();
+        let chunk = vec![0x5au8; 1 << 16];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n]).unwrap();
+            sent += n;
+        }
+        drop(s);
+        server.join().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_carries_established_flows_in_the_kernel() {
+    if !privileged("the_fast_path_carries_established_flows_in_the_kernel") {
+        return;
+    }
+    let (a, b) = pair_on("epfast", true).await;
+    // The programs carry nothing before their first sync gives them keys and a lease.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    const BYTES: usize = 64 << 20;
+    assert_eq!(
+        tcp_bulk(&a, &b, 7000, BYTES).await,
+        BYTES,
+        "every byte arrives"
+    );
+    let (ca, cb) = (a.carried(), b.carried());
+    eprintln!("A carried {ca:?}\nB carried {cb:?}");
+    eprintln!(
+        "user space + kernel: A egress {} packets, B ingress {} packets",
+        a.counters.packets(Stage::Egress),
+        b.counters.packets(Stage::Ingress)
+    );
+    assert!(
+        ca.egress_bytes as usize >= BYTES * 9 / 10,
+        "A's kernel sent {} of {BYTES} bytes",
+        ca.egress_bytes
+    );
+    assert!(
+        cb.ingress_bytes as usize >= BYTES * 9 / 10,
+        "B's kernel delivered {} of {BYTES} bytes",
+        cb.ingress_bytes
+    );
+    // The replies (B's ACKs) are carried by B's and A's kernels too.
+    assert!(cb.egress_packets > 0 && ca.ingress_packets > 0);
+    // The counters count every packet once, whichever path carried it (the kernel's are added
+    // at each sync).
+    a.resync();
+    assert!(a.counters.bytes(Stage::Egress) >= ca.egress_bytes);
+    for r in DropReason::ALL {
+        assert_eq!(
+            a.counters.drops_total(r) + b.counters.drops_total(r),
+            0,
+            "unexpected {r} drops"
+        );
+    }
+    // ICMP stays on the user-space path, and works.
+    assert!(ping(&a, B_OVERLAY, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_policy_stops_a_fast_flow_at_the_next_compile() {
+    if !privileged("a_withdrawn_policy_stops_a_fast_flow_at_the_next_compile") {
+        return;
+    }
+    let (a, b) = pair_on("epfastpol", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bns = b.ns.netns().try_clone().unwrap();
+    let ans = a.ns.netns().try_clone().unwrap();
+    let listener = bns
+        .run(|| TcpListener::bind((B_OVERLAY.parse::<IpAddr>().unwrap(), 7001)))
+        .unwrap()
+        .unwrap();
+    let mut client = ans
+        .run(|| TcpStream::connect((B_OVERLAY.parse::<IpAddr>().unwrap(), 7001)))
+        .unwrap()
+        .unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    for _ in 0..20 {
+        client.write_all(&[1u8; 1000]).unwrap();
+        let mut got = 0;
+        while got < 1000 {
+            got += server.read(&mut buf).unwrap();
+        }
+    }
+    assert!(
+        a.carried().egress_packets > 0,
+        "the flow is on the fast path"
+    );
+    // Port 7001 is no longer allowed: the agent publishes and re-derives the kernel's flows.
+    let strict = tables(Policy {
+        tcp_7000_only: true,
+        ..OPEN
+    });
+    a.tables.publish(strict.clone());
+    b.tables.publish(strict);
+    a.resync();
+    b.resync();
+    let carried = a.carried().egress_packets;
+    client.write_all(&[2u8; 1000]).unwrap();
+    let r = server.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing more arrives on the withdrawn flow: {r:?}"
+    );
+    assert_eq!(
+        a.carried().egress_packets,
+        carried,
+        "nor does the kernel carry it"
+    );
+    assert!(a.counters.drops(Stage::Egress, DropReason::DeniedByPolicy) >= 1);
+    // What is still allowed still works, on the fast path.
+    assert_eq!(tcp_bulk(&a, &b, 7000, 1 << 20).await, 1 << 20);
+    assert!(a.carried().egress_packets > carried);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_path_endpoint_and_a_user_space_endpoint_interoperate() {
+    if !privileged("a_fast_path_endpoint_and_a_user_space_endpoint_interoperate") {
+        return;
+    }
+    // A's kernel sends whole GSO packets; B's user-space path must take them as they come.
+    let (a, b) = mixed_pair("epmixed", true, false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    const BYTES: usize = 16 << 20;
+    assert_eq!(
+        tcp_bulk(&a, &b, 7000, BYTES).await,
+        BYTES,
+        "fast to user space"
+    );
+    assert!(a.carried().egress_bytes as usize >= BYTES * 9 / 10);
+    // B's user-space path sends UDP GSO batches (many datagrams behind one header): A's kernel
+    // leaves those to A's socket and user-space path, and carries A's replies.
+    let before = a.carried();
+    assert_eq!(
+        tcp_bulk(&b, &a, 7000, BYTES).await,
+        BYTES,
+        "user space to fast"
+    );
+    assert!(a.carried().egress_packets > before.egress_packets);
+    assert!(ping(&a, B_OVERLAY, &[]).await);
 }

@@ -40,6 +40,25 @@ pub struct PathFigures {
     pub http_p50: f64,
     pub http_p99: f64,
     pub gbps: f64,
+    /// The machine's CPU (cores busy, every process) per Gbit/s during the stream.
+    pub cpu_per_gbps: f64,
+}
+
+/// Busy and total jiffies of the whole machine (`/proc/stat`'s first line).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 fn bench_pod(name: &str, node: &str, labels: &[(&str, &str)], server: bool) -> String {
@@ -126,7 +145,11 @@ fn measure(
     runner.run(&warm)?;
     let rr = run("rr")?;
     let http = run("http")?;
+    let (busy0, total0) = cpu_jiffies();
     let stream = run("stream")?;
+    let (busy1, total1) = cpu_jiffies();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy_cores = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores;
     let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     Ok(PathFigures {
         name: name.into(),
@@ -135,6 +158,7 @@ fn measure(
         http_p50: f(&http, "p50_us"),
         http_p99: f(&http, "p99_us"),
         gbps: f(&stream, "gbps"),
+        cpu_per_gbps: busy_cores / f(&stream, "gbps"),
     })
 }
 
@@ -191,6 +215,15 @@ fn ambient_bench_pods(namespace: &str) -> String {
             true
         ),
     )
+}
+
+/// ", fast" when the kernel fast path serves the lab's pods now, ", user" when it serves none.
+fn path_note(lab: &Lab) -> &'static str {
+    if lab.node_metric("keyway_fastpath_pods").iter().sum::<f64>() > 0.0 {
+        ", fast"
+    } else {
+        ", user"
+    }
 }
 
 fn runsandbox_latency(lab: &mut Lab, prefix: &str, count: usize) -> anyhow::Result<(f64, f64)> {
@@ -306,7 +339,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             &lab.runner("bench/kw-client")?,
             kw_server,
             seconds,
-            "overlay via SaP",
+            &format!("overlay via SaP{}", path_note(&lab)),
         )?;
         let svc_sap = measure(
             &lab.runner("bench/kw-client")?,
@@ -319,14 +352,34 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             &direct_doc,
             "apiVersion: keyway.io/v1alpha1\nkind: DirectPath\nmetadata: {name: kw, namespace: bench}\nspec:\n  a: {podSelector: {matchLabels: {role: kwclient}}}\n  b: {podSelector: {matchLabels: {role: kwserver}}}\n",
         )?;
-        lab.apply(&[direct_doc])?;
+        lab.apply(std::slice::from_ref(&direct_doc))?;
         std::thread::sleep(Duration::from_millis(300));
         let direct = measure(
             &lab.runner("bench/kw-client")?,
             kw_server,
             seconds,
-            "overlay direct",
+            &format!("overlay direct{}", path_note(&lab)),
         )?;
+        // The same two paths with every agent on the user-space path alone, then back.
+        let datapath = lab.state.datapath.clone();
+        lab.set_datapath("user")?;
+        let direct_user = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server,
+            seconds,
+            "overlay direct, user",
+        )?;
+        lab.delete(std::slice::from_ref(&direct_doc))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let via_sap_user = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server,
+            seconds,
+            "overlay via SaP, user",
+        )?;
+        lab.apply(std::slice::from_ref(&direct_doc))?;
+        lab.set_datapath(datapath.as_deref().unwrap_or("auto"))?;
+        std::thread::sleep(Duration::from_millis(300));
         let external = measure(
             &lab.runner("bench/ext-client")?,
             kw_server,
@@ -349,14 +402,16 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
 
         let mut out = String::new();
         out += "request/response latency (µs) and TCP throughput between pods on two nodes; ratios to native\n";
+        out += "(\"fast\": the endpoints' established flows in keyway's eBPF programs; \"user\": every agent on --datapath user; CPU: cores busy on the whole machine per Gbit/s of the stream)\n";
         out += &format!(
-            "{:<26} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
+            "{:<30} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             "path",
             "rr p50",
             "rr p99",
             "http p50",
             "http p99",
             "Gbit/s",
+            "CPU/Gbps",
             "rr p50 ×",
             "http p50 ×",
             "tput ×"
@@ -366,7 +421,9 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             Some(&native_svc),
             ambient_alone.as_ref(),
             Some(&direct),
+            Some(&direct_user),
             Some(&via_sap),
+            Some(&via_sap_user),
             Some(&svc_sap),
             Some(&external),
             ambient_keyway.as_ref(),
@@ -374,13 +431,14 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         ];
         for f in rows.into_iter().flatten() {
             out += &format!(
-                "{:<26} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
+                "{:<30} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.3} {:>9.2} {:>9.2} {:>9.2}\n",
                 f.name,
                 f.rr_p50,
                 f.rr_p99,
                 f.http_p50,
                 f.http_p99,
                 f.gbps,
+                f.cpu_per_gbps,
                 f.rr_p50 / native.rr_p50,
                 f.http_p50 / native.http_p50,
                 f.gbps / native.gbps

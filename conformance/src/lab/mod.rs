@@ -124,6 +124,10 @@ pub struct LabState {
     /// The EndpointSlices the lab's controller wrote, (namespace, name).
     #[serde(default)]
     pub slices: Vec<(String, String)>,
+    /// The agents' `--datapath` (`auto`, `kernel`, `user`): from `KEYWAY_LAB_DATAPATH` at `up`,
+    /// else the agent's default; [`Lab::set_datapath`] changes it.
+    #[serde(default)]
+    pub datapath: Option<String>,
 }
 
 #[derive(Debug)]
@@ -388,6 +392,7 @@ impl Lab {
                 next_node: 0,
                 services: Vec::new(),
                 slices: Vec::new(),
+                datapath: std::env::var("KEYWAY_LAB_DATAPATH").ok(),
             },
         };
         // Record before creating anything, so `down` finds whatever was made if `up` fails.
@@ -482,11 +487,30 @@ impl Lab {
                 ip.to_string(),
             ],
             &nd.join("agent.log"),
-            &[(
-                "RUST_LOG",
-                std::env::var("KEYWAY_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )],
+            &[
+                (
+                    "RUST_LOG",
+                    std::env::var("KEYWAY_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+                ),
+                (
+                    "KEYWAY_DATAPATH",
+                    self.state.datapath.clone().unwrap_or_else(|| "auto".into()),
+                ),
+            ],
         )
+    }
+
+    /// Restarts every agent with `--datapath datapath` (as a DaemonSet rollout would: pods keep
+    /// running, each agent re-attaches and attaches or removes their fast paths).
+    pub fn set_datapath(&mut self, datapath: &str) -> anyhow::Result<()> {
+        self.state.datapath = Some(datapath.to_string());
+        self.save()?;
+        let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in nodes {
+            self.stop_agent(&n)?;
+            self.start_agent(&n)?;
+        }
+        Ok(())
     }
 
     /// Stops a node's agent as a DaemonSet rollout does (SIGTERM): its pods keep their devices

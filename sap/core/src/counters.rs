@@ -55,6 +55,17 @@ impl Counters {
         self.bytes[stage as usize].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Adds what another path (the kernel's) forwarded: `packets` packets of `bytes` in all.
+    pub fn forwarded_n(&self, stage: Stage, packets: u64, bytes: u64) {
+        self.packets[stage as usize].fetch_add(packets, Ordering::Relaxed);
+        self.bytes[stage as usize].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds `n` drops for `reason` made elsewhere (the kernel's fast path).
+    pub fn dropped_n(&self, stage: Stage, reason: DropReason, n: u64) {
+        self.drops[stage as usize][reason.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
     #[inline]
     pub fn dropped(&self, stage: Stage, reason: DropReason) {
         self.drops[stage as usize][reason.index()].fetch_add(1, Ordering::Relaxed);

@@ -261,6 +261,77 @@ fn transport(proto: u8, l4: &[u8]) -> Result<(Transport, bool, bool), PacketErro
     }
 }
 
+/// The Internet checksum (RFC 1071) of `bytes`, starting from the partial sum `initial`.
+pub fn checksum(bytes: &[u8], initial: u32) -> u16 {
+    !fold(sum16(bytes, initial))
+}
+
+fn sum16(bytes: &[u8], initial: u32) -> u32 {
+    let mut sum = u64::from(initial);
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff_ffff {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Completes the TCP or UDP checksum of an IPv4 packet that carries it only partially: the
+/// pseudo-header's sum alone, as a kernel leaves it for a checksum offload to finish
+/// (`CHECKSUM_PARTIAL`). The kernel fast path carries such packets as they are (the receiving
+/// kernel knows the checksum is to be trusted); when one reaches a user-space receiver instead,
+/// its bytes must become a packet any stack accepts. A checksum that is not the pseudo-header's
+/// sum is left alone, and one that is (a full checksum that happens to equal it) is recomputed
+/// to the same value, so this never changes a correct packet. Returns whether it rewrote one.
+pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
+    if pkt.len() < IPV4_MIN_HEADER_LEN || pkt[0] >> 4 != 4 {
+        return false;
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    let fragment = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0;
+    let proto = pkt[9];
+    let at = match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => return false,
+    };
+    if fragment || ihl < IPV4_MIN_HEADER_LEN || total > pkt.len() || total < ihl + at + 2 {
+        return false;
+    }
+    let l4_len = total - ihl;
+    let mut pseudo = [0u8; 12];
+    pseudo[..8].copy_from_slice(&pkt[12..20]);
+    pseudo[9] = proto;
+    pseudo[10..12].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    let pseudo_sum = sum16(&pseudo, 0);
+    let field = ihl + at;
+    let stored = u16::from_be_bytes([pkt[field], pkt[field + 1]]);
+    // UDP over IPv4 without a checksum says 0.
+    if stored != fold(pseudo_sum) || (proto == PROTO_UDP && stored == 0) {
+        return false;
+    }
+    pkt[field..field + 2].fill(0);
+    let mut c = checksum(&pkt[ihl..total], pseudo_sum);
+    if proto == PROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    pkt[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 /// Builders of well-formed packets, for tests, benches and fuzz seeds. Checksums are left zero:
 /// nothing in keyway's data path reads them.
 pub mod build {
@@ -440,6 +511,43 @@ mod tests {
         let c = classify(&ipv6(s, s, IPV6_FRAGMENT, &payload)).unwrap();
         assert_eq!(c.proto, PROTO_TCP);
         assert_eq!(c.transport, Transport::LaterFragment);
+    }
+
+    #[test]
+    fn a_partial_checksum_is_completed_and_a_full_one_left_alone() {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut p = build::ipv4(
+                [10, 0, 0, 1].into(),
+                [10, 0, 0, 2].into(),
+                proto,
+                &build::ports(proto, 40000, 80, b"some payload, odd length"),
+            );
+            let at = if proto == PROTO_TCP { 36 } else { 26 };
+            // What a kernel leaves for the offload: the pseudo-header's sum.
+            let l4 = (p.len() - 20) as u16;
+            let mut pseudo = p[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, proto]);
+            pseudo.extend_from_slice(&l4.to_be_bytes());
+            p[at..at + 2].copy_from_slice(&(!checksum(&pseudo, 0)).to_be_bytes());
+            assert!(complete_partial_checksum(&mut p), "proto {proto}");
+            // A complete checksum verifies to zero over pseudo-header and segment.
+            let mut all = pseudo.clone();
+            all.extend_from_slice(&p[20..]);
+            assert_eq!(checksum(&all, 0), 0, "proto {proto}");
+            let done = p.clone();
+            assert!(!complete_partial_checksum(&mut p), "a full checksum stays");
+            assert_eq!(p, done);
+        }
+        let mut no_checksum = build::ipv4(
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            PROTO_UDP,
+            &build::ports(PROTO_UDP, 1, 2, b""),
+        );
+        assert!(!complete_partial_checksum(&mut no_checksum), "UDP's 0");
+        let mut cut = build::tcp4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2);
+        cut.truncate(30);
+        assert!(!complete_partial_checksum(&mut cut));
     }
 
     #[test]

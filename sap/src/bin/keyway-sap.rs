@@ -161,6 +161,8 @@ async fn run(config: Config, compiled: keyway_sap::config::Compiled) -> anyhow::
                 local,
                 flows: FlowTable::new(65536, FlowTimeouts::default()),
                 counters: counters.clone(),
+                // An external endpoint's traffic is the user-space path's.
+                fast: None,
             });
             endpoint::spawn(ctx, opened)?
         }

@@ -1,43 +1,58 @@
-//! keyway's eBPF programs (`sap/bpf/`, compiled by `build.rs` with clang's BPF target and embedded
-//! here) and their loader, through aya: pure Rust, no libbpf on the node.
+//! keyway's eBPF programs (`sap/bpf/endpoint.bpf.c`, compiled by `build.rs` with clang's BPF target
+//! and embedded here) and their loader, through aya: pure Rust, no libbpf on the node.
 //!
-//! What exists so far is the first part of the kernel fast path: [`IngressCheck`], the checks an
-//! endpoint makes on an arriving GUE datagram up to its destination (malformed, bad key, wrong
-//! destination), exactly as [`keyway_core::engine::endpoint_ingress`] makes them and in its
-//! order, everything else left to the user-space path. It is loaded and run through
-//! `BPF_PROG_TEST_RUN` against the engine (`sap/tests/bpf.rs`); nothing attaches it to a pod yet.
+//! One [`EndpointPrograms`] per pod: `kw_ingress` on its `eth0`, `kw_egress` on its IPv4 overlay
+//! device, sharing the pod's maps — its configuration, the flows the user-space engine admitted
+//! (which the kernel then carries by itself), and per-CPU counters. `keyway_sap::io::fastpath`
+//! keeps the maps in step with the engine; this module only knows their layout and the kernel.
+//!
+//! The programs are attached through tc's `clsact` qdisc (netlink), not tcx links: a tc filter
+//! belongs to the device, not to the process that attached it, so a pod's fast path keeps working
+//! while its agent restarts with nothing pinned in bpffs, and goes with the pod's namespace. A new
+//! agent replaces the filters (same priority and handle) atomically with programs of its own.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{Array, MapError, PerCpuArray};
-use aya::programs::{ProgramError, SchedClassifier};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
 use keyway_core::engine::DropReason;
 use keyway_core::key::Key;
 
-/// The ingress program's object, as `build.rs` compiled it.
-static INGRESS_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingress.bpf.o"));
+/// The endpoint programs' object, as `build.rs` compiled it.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/endpoint.bpf.o"));
 
 const INGRESS_PROGRAM: &str = "kw_ingress";
-const INGRESS_CONFIG: &str = "kw_ingress_config";
+const EGRESS_PROGRAM: &str = "kw_egress";
+const CONFIG: &str = "kw_config";
 const INGRESS_VERDICTS: &str = "kw_ingress_verdicts";
+const CARRIED: &str = "kw_carried";
+const EGRESS_FLOWS: &str = "kw_egress_flows";
+const INGRESS_FLOWS: &str = "kw_ingress_flows";
+
+/// The tc filter's priority and handle: keyway's on every device it attaches to, so that a new
+/// agent's attach replaces its predecessor's filter instead of adding a second one.
+const FILTER_PRIORITY: u16 = 0x4b57; // "KW"
+const FILTER_HANDLE: u32 = 1;
 
 /// tc's verdict for a packet that goes on (`TC_ACT_OK`).
 pub const TC_ACT_OK: u32 = 0;
 /// tc's verdict for a packet dropped (`TC_ACT_SHOT`).
 pub const TC_ACT_SHOT: u32 = 2;
+/// tc's verdict for a packet the program redirected (`TC_ACT_REDIRECT`).
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// What the ingress program decided about a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// On to the user-space path, which decides the rest.
+    /// Through the kernel's checks: on to the user-space path, or delivered by the fast path.
     Pass,
     /// Dropped in the kernel, for the engine's reason.
     Drop(DropReason),
 }
 
-/// The program's verdict counters, by index (`enum verdict` in `ingress.bpf.c`).
+/// The program's verdict counters, by index (`enum verdict` in `endpoint.bpf.c`).
 pub const INGRESS_VERDICTS_BY_INDEX: [Verdict; 4] = [
     Verdict::Pass,
     Verdict::Drop(DropReason::Malformed),
@@ -63,108 +78,301 @@ pub enum BpfError {
         #[source]
         source: Box<MapError>,
     },
+    #[error("attaching {name} to {device}: {source}")]
+    Attach {
+        name: &'static str,
+        device: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("the clsact qdisc on {device}: {source}")]
+    Qdisc {
+        device: String,
+        #[source]
+        source: Box<tc::TcError>,
+    },
     #[error("the pod accepts {0} keys; the program holds at most 3")]
     TooManyKeys(usize),
     #[error("one run of the program counted several verdicts: {0:?}")]
     Counted(Vec<Verdict>),
 }
 
-/// What the ingress program knows of its pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressConfig {
+/// What the programs know of their pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointConfig {
     pub overlay: Option<Ipv4Addr>,
     pub infra: Option<Ipv4Addr>,
     pub gue_port: u16,
     /// The keys the pod accepts now ([`keyway_core::key::KeyRing::accepted_at`]).
     pub keys: Vec<Key>,
+    /// The IPv4 overlay device (in the pod's namespace), where the fast path delivers.
+    pub tun_ifindex: u32,
+    /// The pod's `eth0`, where the fast path sends.
+    pub eth_ifindex: u32,
+    /// Whether the programs carry the flows in their maps; off, they only check.
+    pub fast: bool,
 }
 
-impl IngressConfig {
-    /// `struct ingress_config` as the program reads it: addresses and port in network order,
-    /// then the number of keys and the keys, in host order (as GUE's group identifier is read).
-    fn words(&self) -> Result<[u32; 7], BpfError> {
+impl EndpointConfig {
+    /// `struct endpoint_config` as the programs read it: addresses and port in network order,
+    /// the number of keys and the keys in host order (as GUE's group identifier is read), the
+    /// two devices' indices, the flags, and the lease (CLOCK_MONOTONIC ns, low word first).
+    fn words(&self, lease_ns: u64) -> Result<[u32; 12], BpfError> {
         if self.keys.len() > 3 {
             return Err(BpfError::TooManyKeys(self.keys.len()));
         }
-        let net = |ip: Option<Ipv4Addr>| ip.map_or(0, |a| u32::from_ne_bytes(a.octets()));
         let mut w = [
-            net(self.overlay),
-            net(self.infra),
-            u32::from(u16::from_ne_bytes(self.gue_port.to_be_bytes())),
+            net_v4(self.overlay),
+            net_v4(self.infra),
+            net_port(self.gue_port),
             self.keys.len() as u32,
             0,
             0,
             0,
+            self.tun_ifindex,
+            self.eth_ifindex,
+            u32::from(self.fast),
+            lease_ns as u32,
+            (lease_ns >> 32) as u32,
         ];
-        for (slot, k) in w[4..].iter_mut().zip(&self.keys) {
+        for (slot, k) in w[4..7].iter_mut().zip(&self.keys) {
             *slot = k.0;
         }
         Ok(w)
     }
 }
 
-/// The ingress program, loaded into the kernel (not attached).
+/// An address as the program compares it: its bytes in network order, read natively.
+fn net_v4(ip: Option<Ipv4Addr>) -> u32 {
+    ip.map_or(0, |a| u32::from_ne_bytes(a.octets()))
+}
+
+fn net_port(port: u16) -> u32 {
+    u32::from(u16::from_ne_bytes(port.to_be_bytes()))
+}
+
+/// An IPv4 flow as the programs key it (`struct flow4`): the engine's five-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow4 {
+    /// The flow of an inner IPv4 packet, when the fast path may carry packets of it: no IP
+    /// options, not a fragment, TCP or UDP (the same test the programs make, less TCP's flags:
+    /// the first packet of a flow is what teaches the kernel the flow).
+    pub fn of_packet(p: &[u8]) -> Option<Flow4> {
+        if p.len() < 20 || p[0] != 0x45 || u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let proto = p[9];
+        let need = match proto {
+            keyway_core::packet::PROTO_TCP => 20,
+            keyway_core::packet::PROTO_UDP => 8,
+            _ => return None,
+        };
+        if p.len() < 20 + need {
+            return None;
+        }
+        Some(Flow4 {
+            src: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
+            dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+            proto,
+            sport: u16::from_be_bytes([p[20], p[21]]),
+            dport: u16::from_be_bytes([p[22], p[23]]),
+        })
+    }
+
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.src.octets());
+        b[4..8].copy_from_slice(&self.dst.octets());
+        b[8..10].copy_from_slice(&self.sport.to_be_bytes());
+        b[10..12].copy_from_slice(&self.dport.to_be_bytes());
+        b[12] = self.proto;
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Flow4 {
+        Flow4 {
+            src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+            dst: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+            sport: u16::from_be_bytes([b[8], b[9]]),
+            dport: u16::from_be_bytes([b[10], b[11]]),
+            proto: b[12],
+        }
+    }
+}
+
+/// A flow the engine admitted on egress straight to the destination's endpoint (`struct
+/// egress_flow`): where it sent the flow's packet and with which key, and when the kernel last
+/// carried one (CLOCK_MONOTONIC, ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressFlow {
+    pub to: SocketAddrV4,
+    pub key: Key,
+    pub seen_ns: u64,
+}
+
+impl EgressFlow {
+    fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.to.ip().octets());
+        b[4..6].copy_from_slice(&self.to.port().to_be_bytes());
+        b[8..12].copy_from_slice(&self.key.0.to_ne_bytes());
+        b[16..24].copy_from_slice(&self.seen_ns.to_ne_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; 24]) -> EgressFlow {
+        let ip = Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+        let port = u16::from_be_bytes([b[4], b[5]]);
+        EgressFlow {
+            to: SocketAddrV4::new(ip, port),
+            key: Key(u32::from_ne_bytes([b[8], b[9], b[10], b[11]])),
+            seen_ns: u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+/// A flow the engine admitted on ingress from one outer source (`struct ingress_flow_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IngressFlow {
+    pub outer_src: Ipv4Addr,
+    pub inner: Flow4,
+}
+
+impl IngressFlow {
+    fn bytes(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..4].copy_from_slice(&self.outer_src.octets());
+        b[4..20].copy_from_slice(&self.inner.bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; 20]) -> IngressFlow {
+        IngressFlow {
+            outer_src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+            inner: Flow4::from_bytes(&b[4..]),
+        }
+    }
+}
+
+/// What the fast path carried (`enum carried`), summed over CPUs: packets (a GSO packet counts
+/// as its segments) and inner bytes, each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub egress_packets: u64,
+    pub egress_bytes: u64,
+    pub ingress_packets: u64,
+    pub ingress_bytes: u64,
+}
+
+/// One pod's programs and maps, loaded into the kernel.
 #[derive(Debug)]
-pub struct IngressCheck {
+pub struct EndpointPrograms {
     ebpf: Ebpf,
 }
 
-impl IngressCheck {
-    /// Loads the program and its maps: needs CAP_BPF (or root) and a kernel with BPF.
-    pub fn load() -> Result<IngressCheck, BpfError> {
+impl EndpointPrograms {
+    /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF.
+    pub fn load() -> Result<EndpointPrograms, BpfError> {
         // No kernel BTF: the programs use no CO-RE relocations, and parsing the kernel's BTF
         // (which `Ebpf::load` does, twice) costs tens of milliseconds and megabytes.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
-            .load(INGRESS_OBJECT)
+            .load(OBJECT)
             .map_err(|e| BpfError::Object(Box::new(e)))?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .ok_or(BpfError::Missing(INGRESS_PROGRAM))?
-            .try_into()
-            .map_err(|e| program_error(INGRESS_PROGRAM, e))?;
-        program
-            .load()
-            .map_err(|e| program_error(INGRESS_PROGRAM, e))?;
-        Ok(IngressCheck { ebpf })
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|e| program_error(name, e))?;
+        }
+        Ok(EndpointPrograms { ebpf })
     }
 
-    /// Tells the program about its pod (replacing what it knew).
-    pub fn configure(&mut self, c: &IngressConfig) -> Result<(), BpfError> {
-        let words = c.words()?;
-        let map = self
-            .ebpf
-            .map_mut(INGRESS_CONFIG)
-            .ok_or(BpfError::Missing(INGRESS_CONFIG))?;
-        let mut config: Array<_, [u32; 7]> =
-            Array::try_from(map).map_err(|e| map_error(INGRESS_CONFIG, e))?;
-        config
-            .set(0, words, 0)
-            .map_err(|e| map_error(INGRESS_CONFIG, e))
+    /// Tells the programs about their pod (replacing what they knew), with no lease: the flow
+    /// maps are not used.
+    pub fn configure(&mut self, c: &EndpointConfig) -> Result<(), BpfError> {
+        self.configure_with_lease(c, 0)
     }
 
-    /// The verdicts so far, summed over CPUs, in [`INGRESS_VERDICTS_BY_INDEX`] order.
+    /// Tells the programs about their pod, and lets them use the flow maps until `lease_ns`
+    /// (CLOCK_MONOTONIC) when `c.fast` says so.
+    pub fn configure_with_lease(
+        &mut self,
+        c: &EndpointConfig,
+        lease_ns: u64,
+    ) -> Result<(), BpfError> {
+        let words = c.words(lease_ns)?;
+        let map = self.ebpf.map_mut(CONFIG).ok_or(BpfError::Missing(CONFIG))?;
+        let mut config: Array<_, [u32; 12]> =
+            Array::try_from(map).map_err(|e| map_error(CONFIG, e))?;
+        config.set(0, words, 0).map_err(|e| map_error(CONFIG, e))
+    }
+
+    /// The ingress verdicts so far, summed over CPUs, in [`INGRESS_VERDICTS_BY_INDEX`] order.
     pub fn verdicts(&self) -> Result<[u64; 4], BpfError> {
-        let map = self
-            .ebpf
-            .map(INGRESS_VERDICTS)
-            .ok_or(BpfError::Missing(INGRESS_VERDICTS))?;
+        self.per_cpu_sums(INGRESS_VERDICTS)
+    }
+
+    /// What the fast path has carried so far.
+    pub fn carried(&self) -> Result<Carried, BpfError> {
+        let c = self.per_cpu_sums(CARRIED)?;
+        Ok(Carried {
+            egress_packets: c[0],
+            egress_bytes: c[1],
+            ingress_packets: c[2],
+            ingress_bytes: c[3],
+        })
+    }
+
+    fn per_cpu_sums(&self, name: &'static str) -> Result<[u64; 4], BpfError> {
+        let map = self.ebpf.map(name).ok_or(BpfError::Missing(name))?;
         let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|e| map_error(INGRESS_VERDICTS, e))?;
+            PerCpuArray::try_from(map).map_err(|e| map_error(name, e))?;
         let mut out = [0u64; 4];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = counters
                 .get(&(i as u32), 0)
-                .map_err(|e| map_error(INGRESS_VERDICTS, e))?
+                .map_err(|e| map_error(name, e))?
                 .iter()
                 .sum();
         }
         Ok(out)
     }
 
-    /// Runs the program once on `frame` (Ethernet, as it arrives on the pod's eth0) through
+    /// Attaches `kw_egress` to the overlay device `tun` and `kw_ingress` to `eth`, replacing a
+    /// predecessor's programs there. Call inside the pod's network namespace. The filters stay
+    /// when this process exits (see the module's documentation); [`detach`] removes them.
+    pub fn attach(&mut self, tun: &str, eth: &str) -> Result<(), BpfError> {
+        attach_filter(&mut self.ebpf, EGRESS_PROGRAM, tun, TcAttachType::Egress)?;
+        attach_filter(&mut self.ebpf, INGRESS_PROGRAM, eth, TcAttachType::Ingress)
+    }
+
+    /// The flow maps, taken out of the object (the programs keep using them).
+    pub fn take_flows(&mut self) -> Result<FlowMaps, BpfError> {
+        let egress = self
+            .ebpf
+            .take_map(EGRESS_FLOWS)
+            .ok_or(BpfError::Missing(EGRESS_FLOWS))?;
+        let ingress = self
+            .ebpf
+            .take_map(INGRESS_FLOWS)
+            .ok_or(BpfError::Missing(INGRESS_FLOWS))?;
+        Ok(FlowMaps {
+            egress: HashMap::try_from(egress).map_err(|e| map_error(EGRESS_FLOWS, e))?,
+            ingress: HashMap::try_from(ingress).map_err(|e| map_error(INGRESS_FLOWS, e))?,
+        })
+    }
+
+    /// Runs `kw_ingress` once on `frame` (Ethernet, as it arrives on the pod's eth0) through
     /// `BPF_PROG_TEST_RUN`, and says what it decided: the tc action and the verdict it counted.
-    pub fn run(&mut self, frame: &[u8]) -> Result<(u32, Verdict), BpfError> {
+    pub fn run_ingress(&mut self, frame: &[u8]) -> Result<(u32, Verdict), BpfError> {
         let before = self.verdicts()?;
         let program: &SchedClassifier = self
             .ebpf
@@ -195,10 +403,220 @@ impl IngressCheck {
     }
 }
 
+/// Removes keyway's filter from a pod's device (inside its namespace): `kw_egress` from an
+/// overlay device, `kw_ingress` from the primary one. A device or filter that is not there is
+/// not an error.
+pub fn detach(device: &str, overlay: bool) {
+    let (name, at) = if overlay {
+        (EGRESS_PROGRAM, TcAttachType::Egress)
+    } else {
+        (INGRESS_PROGRAM, TcAttachType::Ingress)
+    };
+    let _ = tc::qdisc_detach_program(device, at, name);
+}
+
+/// Attaches program `name` of `ebpf` to `device` through clsact, in this thread's namespace,
+/// replacing keyway's filter there if there is one (same priority and handle), and leaves it
+/// attached when `ebpf` goes (the filter is the device's).
+fn attach_filter(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    device: &str,
+    at: TcAttachType,
+) -> Result<(), BpfError> {
+    if let Err(e) = tc::qdisc_add_clsact(device) {
+        let exists =
+            matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(BpfError::Qdisc {
+                device: device.to_string(),
+                source: Box::new(e),
+            });
+        }
+    }
+    let program = classifier_mut(ebpf, name)?;
+    let attach_error = |source| BpfError::Attach {
+        name,
+        device: device.to_string(),
+        source: Box::new(source),
+    };
+    let handle = TcHandle::new(0, FILTER_HANDLE as u16);
+    let id = match program.attach_with_options(
+        device,
+        at,
+        TcAttachOptions::Netlink(NlOptions {
+            priority: FILTER_PRIORITY,
+            handle,
+            ..NlOptions::default()
+        }),
+    ) {
+        Ok(id) => id,
+        // A predecessor's filter: replace it in place, so no packet meets no program.
+        Err(e) if is_exists(&e) => {
+            let link = SchedClassifierLink::attached(device, at, FILTER_PRIORITY, handle, None)
+                .map_err(|e| attach_error(ProgramError::IOError(e)))?;
+            program.attach_to_link(link).map_err(attach_error)?
+        }
+        Err(e) => return Err(attach_error(e)),
+    };
+    // Dropping the link would detach it; the filter is the device's to keep.
+    let link = program.take_link(id).map_err(attach_error)?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+fn is_exists(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::TcError(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
+}
+
+/// A pod's two flow maps.
+#[derive(Debug)]
+pub struct FlowMaps {
+    egress: HashMap<MapData, [u8; 16], [u8; 24]>,
+    ingress: HashMap<MapData, [u8; 20], [u8; 8]>,
+}
+
+impl FlowMaps {
+    pub fn insert_egress(&mut self, f: &Flow4, e: &EgressFlow) -> Result<(), BpfError> {
+        self.egress
+            .insert(f.bytes(), e.bytes(), 0)
+            .map_err(|e| map_error(EGRESS_FLOWS, e))
+    }
+
+    pub fn remove_egress(&mut self, f: &Flow4) {
+        let _ = self.egress.remove(&f.bytes());
+    }
+
+    /// Every egress flow the kernel holds.
+    pub fn egress(&self) -> Vec<(Flow4, EgressFlow)> {
+        self.egress
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Flow4::from_bytes(&k), EgressFlow::from_bytes(&v)))
+            .collect()
+    }
+
+    pub fn insert_ingress(&mut self, f: &IngressFlow, seen_ns: u64) -> Result<(), BpfError> {
+        self.ingress
+            .insert(f.bytes(), seen_ns.to_ne_bytes(), 0)
+            .map_err(|e| map_error(INGRESS_FLOWS, e))
+    }
+
+    pub fn remove_ingress(&mut self, f: &IngressFlow) {
+        let _ = self.ingress.remove(&f.bytes());
+    }
+
+    /// Every ingress flow the kernel holds, with when it last carried one of its packets.
+    pub fn ingress(&self) -> Vec<(IngressFlow, u64)> {
+        self.ingress
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IngressFlow::from_bytes(&k), u64::from_ne_bytes(v)))
+            .collect()
+    }
+}
+
+/// The node's program (`sap/bpf/node.bpf.c`): GUE the node routes to one of its pods, handed
+/// from the primary CNI's bridge straight to the pod's veth, whole.
+static NODE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node.bpf.o"));
+const BRIDGE_PROGRAM: &str = "kw_bridge_egress";
+const NODE_CONFIG: &str = "kw_node_config";
+const NODE_PODS: &str = "kw_node_pods";
+const NODE_CARRIED: &str = "kw_node_carried";
+
+/// The node's program and maps, loaded into the kernel.
+#[derive(Debug)]
+pub struct NodePrograms {
+    ebpf: Ebpf,
+    pods: HashMap<MapData, [u8; 4], u32>,
+}
+
+impl NodePrograms {
+    pub fn load() -> Result<NodePrograms, BpfError> {
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(NODE_OBJECT)
+            .map_err(|e| BpfError::Object(Box::new(e)))?;
+        classifier_mut(&mut ebpf, BRIDGE_PROGRAM)?
+            .load()
+            .map_err(|e| program_error(BRIDGE_PROGRAM, e))?;
+        let pods = ebpf
+            .take_map(NODE_PODS)
+            .ok_or(BpfError::Missing(NODE_PODS))?;
+        let pods = HashMap::try_from(pods).map_err(|e| map_error(NODE_PODS, e))?;
+        Ok(NodePrograms { ebpf, pods })
+    }
+
+    /// The GUE port, and until when (CLOCK_MONOTONIC ns) the program may hand packets over.
+    pub fn configure(&mut self, gue_port: u16, lease_ns: u64) -> Result<(), BpfError> {
+        let map = self
+            .ebpf
+            .map_mut(NODE_CONFIG)
+            .ok_or(BpfError::Missing(NODE_CONFIG))?;
+        let mut config: Array<_, [u32; 3]> =
+            Array::try_from(map).map_err(|e| map_error(NODE_CONFIG, e))?;
+        let words = [net_port(gue_port), lease_ns as u32, (lease_ns >> 32) as u32];
+        config
+            .set(0, words, 0)
+            .map_err(|e| map_error(NODE_CONFIG, e))
+    }
+
+    /// Attaches to the egress of `bridge` (in this thread's namespace), replacing a
+    /// predecessor's program there.
+    pub fn attach_bridge(&mut self, bridge: &str) -> Result<(), BpfError> {
+        attach_filter(&mut self.ebpf, BRIDGE_PROGRAM, bridge, TcAttachType::Egress)
+    }
+
+    /// GUE to `pod_ip` goes to the veth with index `ifindex`.
+    pub fn set_pod(&mut self, pod_ip: Ipv4Addr, ifindex: u32) -> Result<(), BpfError> {
+        self.pods
+            .insert(pod_ip.octets(), ifindex, 0)
+            .map_err(|e| map_error(NODE_PODS, e))
+    }
+
+    pub fn remove_pod(&mut self, pod_ip: Ipv4Addr) {
+        let _ = self.pods.remove(&pod_ip.octets());
+    }
+
+    /// Packets and bytes handed to pods' veths so far.
+    pub fn carried(&self) -> Result<(u64, u64), BpfError> {
+        let map = self
+            .ebpf
+            .map(NODE_CARRIED)
+            .ok_or(BpfError::Missing(NODE_CARRIED))?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|e| map_error(NODE_CARRIED, e))?;
+        let sum = |i: u32| -> Result<u64, BpfError> {
+            Ok(counters
+                .get(&i, 0)
+                .map_err(|e| map_error(NODE_CARRIED, e))?
+                .iter()
+                .sum())
+        };
+        Ok((sum(0)?, sum(1)?))
+    }
+}
+
+/// Removes the node's program from `bridge`; not being there is not an error.
+pub fn detach_bridge(bridge: &str) {
+    let _ = tc::qdisc_detach_program(bridge, TcAttachType::Egress, BRIDGE_PROGRAM);
+}
+
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before
 /// it relies on them.
 pub fn probe() -> Result<(), BpfError> {
-    IngressCheck::load().map(drop)
+    EndpointPrograms::load()?;
+    NodePrograms::load().map(drop)
+}
+
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|e| program_error(name, e))
 }
 
 fn program_error(name: &'static str, e: ProgramError) -> BpfError {
@@ -212,5 +630,93 @@ fn map_error(name: &'static str, e: MapError) -> BpfError {
     BpfError::Map {
         name,
         source: Box::new(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_round_trip_through_the_programs_layout() {
+        let f = Flow4 {
+            src: Ipv4Addr::new(100, 64, 0, 2),
+            dst: Ipv4Addr::new(100, 64, 1, 3),
+            proto: 6,
+            sport: 40000,
+            dport: 80,
+        };
+        // struct flow4: addresses and ports in network order, then the protocol and padding.
+        assert_eq!(
+            f.bytes(),
+            [100, 64, 0, 2, 100, 64, 1, 3, 0x9c, 0x40, 0, 80, 6, 0, 0, 0]
+        );
+        assert_eq!(Flow4::from_bytes(&f.bytes()), f);
+        let e = EgressFlow {
+            to: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 6080),
+            key: Key(0xdead_beef),
+            seen_ns: 123_456_789,
+        };
+        let b = e.bytes();
+        assert_eq!(&b[0..6], &[10, 244, 1, 5, 0x17, 0xc0]);
+        assert_eq!(EgressFlow::from_bytes(&b), e);
+        let i = IngressFlow {
+            outer_src: Ipv4Addr::new(10, 244, 2, 1),
+            inner: f,
+        };
+        assert_eq!(IngressFlow::from_bytes(&i.bytes()), i);
+    }
+
+    #[test]
+    fn only_plain_tcp_and_udp_over_ipv4_are_fast_flows() {
+        use keyway_core::packet::build;
+        let tcp = build::tcp4([1, 0, 0, 1], 1000, [1, 0, 0, 2], 80);
+        assert_eq!(
+            Flow4::of_packet(&tcp).map(|f| (f.proto, f.sport, f.dport)),
+            Some((6, 1000, 80))
+        );
+        let udp = build::ipv4(
+            [1, 0, 0, 1].into(),
+            [1, 0, 0, 2].into(),
+            17,
+            &build::ports(17, 5, 53, b"q"),
+        );
+        assert!(Flow4::of_packet(&udp).is_some());
+        let echo = build::ipv4(
+            [1, 0, 0, 1].into(),
+            [1, 0, 0, 2].into(),
+            1,
+            &build::echo(false, false, 1, 1),
+        );
+        assert_eq!(Flow4::of_packet(&echo), None, "ICMP: the user-space path");
+        let mut fragment = tcp.clone();
+        fragment[7] = 1;
+        assert_eq!(Flow4::of_packet(&fragment), None, "a fragment");
+        let mut options = tcp.clone();
+        options[0] = 0x46;
+        assert_eq!(Flow4::of_packet(&options), None, "IP options");
+        assert_eq!(Flow4::of_packet(&tcp[..30]), None, "cut short");
+    }
+
+    #[test]
+    fn the_configuration_is_laid_out_as_the_programs_read_it() {
+        let c = EndpointConfig {
+            overlay: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            infra: Some(Ipv4Addr::new(10, 244, 1, 2)),
+            gue_port: 6080,
+            keys: vec![Key(7), Key(9)],
+            tun_ifindex: 3,
+            eth_ifindex: 2,
+            fast: true,
+        };
+        let w = c.words(0x1_0000_0002).unwrap();
+        assert_eq!(w[0].to_ne_bytes(), [100, 64, 0, 2]);
+        assert_eq!((w[2] as u16).to_ne_bytes(), 6080u16.to_be_bytes());
+        assert_eq!(&w[3..], &[2, 7, 9, 0, 3, 2, 1, 2, 1]);
+        let too_many = EndpointConfig {
+            keys: vec![Key(1); 4],
+            ..c
+        };
+        assert!(matches!(too_many.words(0), Err(BpfError::TooManyKeys(4))));
     }
 }

@@ -263,6 +263,8 @@ pub struct EndpointContext {
     pub local: Arc<SharedLocal>,
     pub flows: FlowTable,
     pub counters: Arc<Counters>,
+    /// The kernel fast path, where it carries this endpoint's established flows.
+    pub fast: Option<super::fastpath::FastPath>,
 }
 
 /// Buffers the loops work in between two awaits: one set per worker thread, not per endpoint,
@@ -346,6 +348,8 @@ pub async fn endpoint_egress(
         if let Err(e) = tun.readable().await {
             return if device_gone(&e) { Ok(()) } else { Err(e) };
         }
+        let mut learned = Vec::new();
+        let mut generation = 0;
         let gone = BUFFERS.with_borrow_mut(|b| -> bool {
             b.egress_bufs(mtu);
             b.batch.max = max_segments;
@@ -368,11 +372,18 @@ pub async fn endpoint_egress(
             let tables = ctx.tables.load();
             let local = ctx.local.load();
             let now = super::now_ms();
+            generation = tables.generation;
             for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
                 let buf = &mut buf[..gue::HEADROOM + size];
                 match engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now) {
                     Ok(send) => {
                         let datagram = &buf[send.start..];
+                        if let Some(c) = ctx.fast.as_ref().and_then(|f| {
+                            f.egress_candidate(&buf[gue::HEADROOM..], datagram, send.to, send.hop)
+                        }) && learned.last() != Some(&c)
+                        {
+                            learned.push(c);
+                        }
                         ctx.counters.forwarded(Stage::Egress, size);
                         if send.hop == engine::Hop::LocalSap {
                             // This node's SaP decided too: count it with the SaP's own forwards.
@@ -397,6 +408,10 @@ pub async fn endpoint_egress(
                 tracing::debug!(%to, error = %e, "GUE send failed");
             }
         }
+        // Only now, with the packets sent, may the kernel carry their flows' next ones.
+        if let (Some(fast), false) = (&ctx.fast, learned.is_empty()) {
+            fast.learn_egress(&learned, generation);
+        }
     }
 }
 
@@ -414,6 +429,46 @@ fn inner_dst(inner: &[u8]) -> Option<IpAddr> {
         6 if inner.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&inner[24..40]).ok()?)),
         _ => None,
     }
+}
+
+/// Writes inner packets (each after room for its offload header) to a TUN device, coalescing
+/// what can be (GRO).
+fn write_batch(
+    tun: &tun_rs::DeviceImpl,
+    gro: &mut GROTable,
+    packets: &mut [Vec<u8>],
+) -> io::Result<()> {
+    if packets.is_empty() {
+        return Ok(());
+    }
+    tun.send_multiple(gro, packets, VIRTIO_NET_HDR_LEN)
+        .map(drop)
+}
+
+/// The offload header (`struct virtio_net_hdr`, native byte order) that hands a TCP/IPv4
+/// packet longer than the device's MTU to the kernel as the GSO packet it is: its checksum
+/// still to be completed, its segments of the MSS the MTU allows. `None` for anything else.
+fn whole_tcp_header(inner: &[u8], mtu: usize) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
+    const NEEDS_CSUM: u8 = 1;
+    const GSO_TCPV4: u8 = 1;
+    let c = keyway_core::packet::classify(inner).ok()?;
+    if inner[0] >> 4 != 4 || c.proto != keyway_core::packet::PROTO_TCP {
+        return None;
+    }
+    let ihl = usize::from(inner[0] & 0x0f) * 4;
+    let doff = usize::from(*inner.get(ihl + 12)? >> 4) * 4;
+    let headers = ihl + doff;
+    if doff < 20 || inner.len() <= headers || mtu <= headers {
+        return None;
+    }
+    let mut h = [0u8; VIRTIO_NET_HDR_LEN];
+    h[0] = NEEDS_CSUM;
+    h[1] = GSO_TCPV4;
+    h[2..4].copy_from_slice(&(headers as u16).to_ne_bytes());
+    h[4..6].copy_from_slice(&((mtu - headers) as u16).to_ne_bytes());
+    h[6..8].copy_from_slice(&(ihl as u16).to_ne_bytes());
+    h[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    Some(h)
 }
 
 /// One overlay device of an endpoint, by the overlay IP it carries.
@@ -448,8 +503,14 @@ pub async fn endpoint_ingress(
     devices: Vec<OverlayDevice>,
     sock: Arc<GueSocket>,
 ) -> io::Result<()> {
+    let mut learned = Vec::new();
+    let mtus: Vec<usize> = devices
+        .iter()
+        .map(|d| usize::from(d.tun.mtu().unwrap_or(1500)))
+        .collect();
     loop {
         sock.sock.readable().await?;
+        let mut generation = 0;
         let gone = BUFFERS.with_borrow_mut(|b| -> bool {
             let ThreadBuffers {
                 rx, meta, out, gro, ..
@@ -468,6 +529,7 @@ pub async fn endpoint_ingress(
             let tables = ctx.tables.load();
             let local = ctx.local.load();
             let now = super::now_ms();
+            generation = tables.generation;
             if out.len() < devices.len() {
                 out.resize_with(devices.len(), Vec::new);
             }
@@ -490,7 +552,42 @@ pub async fn endpoint_ingress(
                             .dropped(Stage::Ingress, engine::DropReason::WrongDestination);
                         continue;
                     };
+                    if let Some(f) = ctx
+                        .fast
+                        .as_ref()
+                        .and_then(|f| f.ingress_candidate(datagram, inner, m.addr))
+                        && learned.last() != Some(&f)
+                    {
+                        learned.push(f);
+                    }
                     ctx.counters.forwarded(Stage::Ingress, inner.len());
+                    if inner.len() > mtus[d] {
+                        // A GSO packet that a fast-path sender's kernel kept whole: written as
+                        // one, after what came before it, with the offload header that says so.
+                        let Some(hdr) = whole_tcp_header(inner, mtus[d]) else {
+                            ctx.counters
+                                .dropped(Stage::Ingress, engine::DropReason::Malformed);
+                            continue;
+                        };
+                        let sync: &tun_rs::DeviceImpl = &devices[d].tun;
+                        let mut r = write_batch(sync, gro, &mut out[d][..used[d]]);
+                        used[d] = 0;
+                        if r.is_ok() {
+                            r = devices[d]
+                                .tun
+                                .try_send_vectored(&[
+                                    io::IoSlice::new(&hdr),
+                                    io::IoSlice::new(inner),
+                                ])
+                                .map(drop);
+                        }
+                        match r {
+                            Err(e) if device_gone(&e) => return true,
+                            Err(e) => tracing::debug!(error = %e, "TUN write failed"),
+                            Ok(()) => {}
+                        }
+                        continue;
+                    }
                     let slot = &mut out[d];
                     if slot.len() <= used[d] {
                         // GRO appends the flow's next segments to its first packet's buffer, and
@@ -501,18 +598,15 @@ pub async fn endpoint_ingress(
                     o.clear();
                     o.resize(VIRTIO_NET_HDR_LEN, 0);
                     o.extend_from_slice(inner);
+                    // From a fast-path sender's kernel, a checksum may be the offload's half.
+                    keyway_core::packet::complete_partial_checksum(&mut o[VIRTIO_NET_HDR_LEN..]);
                     used[d] += 1;
                 }
             }
             for (d, dev) in devices.iter().enumerate() {
-                if used[d] == 0 {
-                    continue;
-                }
                 // TUN writes do not block: the kernel takes the packet or drops it. So they are
                 // made here, synchronously, with this thread's GRO table.
-                let sync: &tun_rs::DeviceImpl = &dev.tun;
-                if let Err(e) = sync.send_multiple(gro, &mut out[d][..used[d]], VIRTIO_NET_HDR_LEN)
-                {
+                if let Err(e) = write_batch(&dev.tun, gro, &mut out[d][..used[d]]) {
                     if device_gone(&e) {
                         return true;
                     }
@@ -526,6 +620,11 @@ pub async fn endpoint_ingress(
         });
         if gone {
             return Ok(());
+        }
+        // Only now, with the packets delivered, may the kernel carry their flows' next ones.
+        if let (Some(fast), false) = (&ctx.fast, learned.is_empty()) {
+            fast.learn_ingress(&learned, generation);
+            learned.clear();
         }
     }
 }
@@ -617,6 +716,25 @@ mod tests {
         );
         assert_eq!(inner_dst(&v6), Some("fd00::2".parse().unwrap()));
         assert_eq!(inner_dst(&[0x45, 0, 0]), None);
+    }
+
+    #[test]
+    fn a_whole_tcp_packet_gets_the_offload_header_of_its_segments() {
+        use keyway_core::packet::build;
+        let mut p = build::ipv4(
+            [1, 0, 0, 1].into(),
+            [1, 0, 0, 2].into(),
+            6,
+            &build::ports(6, 1000, 80, &[0u8; 4000]),
+        );
+        let h = whole_tcp_header(&p, 1456).unwrap();
+        assert_eq!((h[0], h[1]), (1, 1), "checksum to complete, TCPv4 GSO");
+        let word = |i: usize| u16::from_ne_bytes([h[i], h[i + 1]]);
+        assert_eq!(word(2), 40, "header length");
+        assert_eq!(word(4), 1416, "segments of MTU less headers");
+        assert_eq!((word(6), word(8)), (20, 16), "checksum at TCP's");
+        p[9] = 17;
+        assert_eq!(whole_tcp_header(&p, 1456), None, "not TCP");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub fn now_ms() -> u64 {
 pub mod bpf;
 pub mod datapath;
 pub mod endpoint;
+pub mod fastpath;
 pub mod fs;
 pub mod netlink;
 pub mod nft;

@@ -56,6 +56,10 @@ pub struct Link {
     pub name: String,
     pub mtu: Option<u32>,
     pub up: bool,
+    /// A veth's peer, by its index in the peer's namespace.
+    pub peer: Option<u32>,
+    /// The bridge (or other controller) the link is a port of.
+    pub master: Option<u32>,
 }
 
 fn link_of(msg: &LinkMessage) -> Link {
@@ -64,11 +68,15 @@ fn link_of(msg: &LinkMessage) -> Link {
         name: String::new(),
         mtu: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        peer: None,
+        master: None,
     };
     for a in &msg.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(m) => link.mtu = Some(*m),
+            LinkAttribute::Link(i) => link.peer = Some(*i),
+            LinkAttribute::Controller(i) => link.master = Some(*i),
             _ => {}
         }
     }
@@ -107,6 +115,17 @@ impl Netlink {
             Ok(None) => Ok(None),
             Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
             Err(e) => Err(Self::req(format!("get link {name}"))(e)),
+        }
+    }
+
+    /// The link with index `index`, if there is one.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let mut stream = self.handle.link().get().match_index(index).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_of(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
+            Err(e) => Err(Self::req(format!("get link {index}"))(e)),
         }
     }
 
@@ -346,6 +365,11 @@ impl Netlink {
 
     /// The MTU of the link that holds address `ip` (the underlay's, for the node's address).
     pub async fn mtu_of_address(&self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.link_of_address(ip).await?.and_then(|l| l.mtu))
+    }
+
+    /// The link that holds address `ip` (a pod's primary interface, by its pod IP).
+    pub async fn link_of_address(&self, ip: IpAddr) -> Result<Option<Link>, NetlinkError> {
         let mut stream = self.handle.address().get().execute();
         let mut index = None;
         while let Some(msg) = stream
@@ -365,7 +389,7 @@ impl Netlink {
         };
         let mut links = self.handle.link().get().match_index(index).execute();
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(link_of(&msg).mtu),
+            Ok(Some(msg)) => Ok(Some(link_of(&msg))),
             Ok(None) => Ok(None),
             Err(e) => Err(Self::req(format!("get link {index}"))(e)),
         }

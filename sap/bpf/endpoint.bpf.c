@@ -1,0 +1,473 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// keyway's kernel fast path for one endpoint (a pod): two tc programs, direct action.
+//
+// kw_ingress, on the pod's eth0: the checks an endpoint makes on an arriving GUE datagram, in
+// the order keyway_core::engine::endpoint_ingress makes them. A datagram whose GUE header or inner
+// IPv4 packet is malformed, whose key the pod does not accept, or whose inner destination is not
+// the pod is dropped and counted by reason. A datagram that passes them and belongs to a flow the
+// user-space engine has already admitted from the same outer source (kw_ingress_flows) is
+// decapsulated here and delivered into the overlay device's receive path; everything else passes
+// on unchanged (TC_ACT_OK) to the user-space path, which makes the remaining checks (source, MAC,
+// policy), delivers, and tells the kernel about the flow.
+//
+// kw_egress, on the pod's overlay device (kw0): a packet of a flow the engine has already
+// admitted on egress (kw_egress_flows: from the pod's own overlay address, with the next hop and
+// key the engine chose) is encapsulated here in GUE, 36 bytes, the same header the engine writes,
+// and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to the TUN
+// device and the user-space path, which decides it.
+//
+// So the kernel never decides a flow: it repeats, packet by packet, a decision the engine made on
+// the flow's first packet. Packets that open or end a flow (TCP SYN, RST), fragments, IP options,
+// ICMP, IPv6 and datagrams with a MAC always take the user-space path. The agent re-derives every
+// cached decision through the engine whenever its model or the key epoch changes, removes those
+// the engine no longer makes, and feeds the kernel's last-seen times back to the engine's flow
+// table, so that the engine's view of which flows are alive stays whole.
+//
+// sap/tests/bpf.rs holds kw_ingress's checks to the engine's over the same datagrams.
+//
+// Wire format: see sap/core/src/gue.rs (variant 0, G flag, Hlen 1, or 3 with the MAC).
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// The verdicts, as indices of the drop counters (keep in step with sap/src/io/bpf.rs).
+enum verdict {
+	V_PASS = 0,             // to the user-space path
+	V_MALFORMED = 1,
+	V_BAD_KEY = 2,
+	V_WRONG_DESTINATION = 3,
+	V_MAX = 4,
+};
+
+#define F_FAST 1
+
+// What the agent tells the programs about their pod (one array slot).
+struct endpoint_config {
+	__u32 overlay_v4;       // the pod's IPv4 overlay address, network order (0: none)
+	__u32 infra_v4;         // the pod's IPv4 pod IP, network order (0: none): its own too
+	__u32 gue_port;         // network order, low 16 bits
+	__u32 nkeys;            // how many of `keys` the pod accepts now (0..3)
+	__u32 keys[3];          // host order, as GUE's group identifier reads
+	__u32 tun_ifindex;      // the IPv4 overlay device, where decapsulated packets are delivered
+	__u32 eth_ifindex;      // the pod's eth0, where encapsulated packets leave
+	__u32 flags;            // F_FAST: the flow maps are in use
+	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the flow maps may be used: the
+	__u32 lease_hi;         // agent renews it every second; without an agent, nothing is fast
+};
+
+static __always_inline int fast_on(struct endpoint_config *cfg)
+{
+	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
+	return (cfg->flags & F_FAST) && bpf_ktime_get_ns() < lease;
+}
+
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct endpoint_config);
+} kw_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, V_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_ingress_verdicts SEC(".maps");
+
+// An IPv4 flow as the engine classifies it: addresses and ports in network order.
+struct flow4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+// A flow the engine admitted on egress, straight to the destination's endpoint (a flow through a
+// SaP stays on the user-space path: the SaP reads each datagram), with where and how it sent
+// the flow's packet.
+struct egress_flow {
+	__u32 to_v4;            // the next hop (the destination's pod IP, or a SaP), network order
+	__u32 to_port;          // network order, low 16 bits
+	__u32 key;              // the destination's key the engine used, host order
+	__u32 pad;
+	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
+};
+
+// A flow the engine admitted on ingress from one outer source.
+struct ingress_flow_key {
+	__u32 outer_src;        // network order
+	struct flow4 inner;
+};
+
+struct ingress_flow {
+	__u64 seen_ns;
+};
+
+#define FLOWS_MAX 16384
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOWS_MAX);
+	__type(key, struct flow4);
+	__type(value, struct egress_flow);
+} kw_egress_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOWS_MAX);
+	__type(key, struct ingress_flow_key);
+	__type(value, struct ingress_flow);
+} kw_ingress_flows SEC(".maps");
+
+// What the fast path carried (keep in step with sap/src/io/bpf.rs).
+enum carried {
+	C_EGRESS_PACKETS = 0,   // inner packets encapsulated and sent (a GSO packet as its segments)
+	C_EGRESS_BYTES = 1,     // their inner bytes
+	C_INGRESS_PACKETS = 2,  // inner packets decapsulated and delivered
+	C_INGRESS_BYTES = 3,
+	C_MAX = 4,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_carried SEC(".maps");
+
+#define GUE_PRIMARY_LEN 4
+#define GUE_HEADER_LEN 8
+#define GUE_HEADER_LEN_WITH_MAC 16
+#define GUE_FLAG_GROUP_ID 0x8000
+#define PROTO_IPV4 4
+#define PROTO_IPV6 41
+
+static __always_inline int count(enum verdict v)
+{
+	__u32 k = v;
+	__u64 *n = bpf_map_lookup_elem(&kw_ingress_verdicts, &k);
+	if (n)
+		*n += 1;
+	return v == V_PASS ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+// Whether [p, p + n) lies inside the packet.
+#define HAVE(p, n, end) ((void *)(p) + (n) <= (end))
+
+// The inner IPv4 packet's checks, as keyway_core::packet::classify_v4 and transport: `len` is
+// the bytes after the GUE header. Returns -1 when the packet is malformed, else 0 with the inner
+// destination (network order) in *dst.
+static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *dst)
+{
+	if (len < 20 || !HAVE(pkt, 20, end))
+		return -1;
+	__u32 ihl = (pkt[0] & 0x0f) * 4;
+	if (ihl < 20 || len < ihl)
+		return -1;
+	__u32 total = ((__u32)pkt[2] << 8) | pkt[3];
+	if (total < ihl || len < total)
+		return -1;
+	__u16 frag = (((__u16)pkt[6] << 8) | pkt[7]) & 0x1fff;
+	__u8 proto = pkt[9];
+	*dst = *(__u32 *)(pkt + 16);
+	if (frag != 0)
+		return 0;
+	__u32 l4len = total - ihl;
+	__u8 *l4 = pkt + (ihl & 0x3c);
+	switch (proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		return l4len < 4 ? -1 : 0;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		// As the engine: echo request and reply (ICMPv6's too, whatever the IP version) carry
+		// an identifier, so need 6 bytes; any other ICMP type 4.
+		if (l4len < 4)
+			return -1;
+		if (!HAVE(l4, 1, end))
+			return -1;
+		if (proto == IPPROTO_ICMP && (l4[0] == 8 || l4[0] == 0) && l4len < 6)
+			return -1;
+		if (proto == IPPROTO_ICMPV6 && (l4[0] == 128 || l4[0] == 129) && l4len < 6)
+			return -1;
+		return 0;
+	default:
+		return 0;
+	}
+}
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define GUE_LEN 8
+// Outer IPv4 (no options), UDP and GUE: what the fast path adds and removes.
+#define ENCAP_LEN (20 + 8 + GUE_LEN)
+// The most the ingress program reads: Ethernet, outer IPv4 with options, UDP, GUE with the MAC,
+// inner IPv4 without options (else it is not fast), TCP's fixed header.
+#define HEADERS_LEN (14 + 60 + 8 + 16 + 20 + 20)
+#define IPV4_MAX 65535
+
+// Counts a packet the fast path carried: a GSO packet as the `segs` segments it becomes (read
+// before bpf_skb_adjust_room, which has the kernel count them again later).
+static __always_inline void carried(enum carried what, __u32 segs, __u64 bytes)
+{
+	__u32 k = what;
+	__u64 *n = bpf_map_lookup_elem(&kw_carried, &k);
+	if (n)
+		*n += segs > 1 ? segs : 1;
+	k = what + 1;
+	n = bpf_map_lookup_elem(&kw_carried, &k);
+	if (n)
+		*n += bytes;
+}
+
+// The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
+// fragment, TCP that neither opens nor resets a connection, or UDP. Returns -1 for anything
+// else (the user-space path takes it).
+static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
+{
+	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45)
+		return -1;
+	if (((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+		return -1;
+	__u8 *l4 = pkt + 20;
+	__u8 proto = pkt[9];
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+			return -1;
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return -1;
+	} else {
+		return -1;
+	}
+	f->src = *(__u32 *)(pkt + 12);
+	f->dst = *(__u32 *)(pkt + 16);
+	f->sport = *(__u16 *)l4;
+	f->dport = *(__u16 *)(l4 + 2);
+	f->proto = proto;
+	f->pad[0] = f->pad[1] = f->pad[2] = 0;
+	return 0;
+}
+
+static __always_inline __u16 ipv4_checksum(__u16 *h)
+{
+	__u32 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += h[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+// aya names a tc classifier's section "classifier" (libbpf accepts it too).
+SEC("classifier")
+int kw_ingress(struct __sk_buff *skb)
+{
+	// Every header the program reads must be in the linear part: a large datagram (a GSO one
+	// above all) may keep its payload in pages.
+	__u32 want = HEADERS_LEN;
+	if (want > skb->len)
+		want = skb->len;
+	if ((long)skb->data_end - (long)skb->data < want)
+		bpf_skb_pull_data(skb, want);
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 zero = 0;
+	struct endpoint_config *cfg = bpf_map_lookup_elem(&kw_config, &zero);
+	if (!cfg)
+		return TC_ACT_OK;
+
+	// The outer headers: what is not IPv4/UDP to the pod's GUE port, whole, is not ours to judge.
+	struct ethhdr *eth = data;
+	if (!HAVE(eth, sizeof(*eth), end) || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if (!HAVE(ip, sizeof(*ip), end) || ip->ihl < 5 || ip->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return TC_ACT_OK;
+	struct udphdr *udp = (void *)ip + ip->ihl * 4;
+	if (!HAVE(udp, sizeof(*udp), end) || udp->dest != (__u16)cfg->gue_port)
+		return TC_ACT_OK;
+	__u32 ulen = bpf_ntohs(udp->len);
+	if (ulen < sizeof(*udp) || ulen > skb->len - ((long)udp - (long)data))
+		return TC_ACT_OK;
+	__u8 *gue = (void *)(udp + 1);
+	__u32 glen = ulen - sizeof(*udp);
+
+	// GUE, as keyway_core::gue::decode.
+	if (glen < GUE_PRIMARY_LEN || !HAVE(gue, GUE_PRIMARY_LEN, end))
+		return count(V_MALFORMED);
+	if ((gue[0] >> 6) != 0 || (gue[0] & 0x20))
+		return count(V_MALFORMED);
+	__u8 hlen = gue[0] & 0x1f;
+	__u16 flags = ((__u16)gue[2] << 8) | gue[3];
+	if (flags != GUE_FLAG_GROUP_ID)
+		return count(V_MALFORMED);
+	__u32 header_len;
+	if (hlen == 1)
+		header_len = GUE_HEADER_LEN;
+	else if (hlen == 3)
+		header_len = GUE_HEADER_LEN_WITH_MAC;
+	else
+		return count(V_MALFORMED);
+	if (glen < header_len)
+		return count(V_MALFORMED);
+	// (Implied by the UDP length check above; the verifier wants it said.)
+	if (!HAVE(gue, GUE_HEADER_LEN, end))
+		return count(V_MALFORMED);
+	__u8 proto = gue[1];
+	if (proto != PROTO_IPV4 && proto != PROTO_IPV6)
+		return count(V_MALFORMED);
+	if (glen <= header_len)
+		return count(V_MALFORMED);
+	__u8 *inner = gue + (header_len & 0x18);
+	if (!HAVE(inner, 1, end))
+		return count(V_MALFORMED);
+	__u8 version = inner[0] >> 4;
+	if (version != (proto == PROTO_IPV4 ? 4 : 6))
+		return count(V_MALFORMED);
+	__u32 key = ((__u32)gue[4] << 24) | ((__u32)gue[5] << 16) | ((__u32)gue[6] << 8) | gue[7];
+
+	// The inner packet: IPv4 here; IPv6 is left to the user-space path for now.
+	if (version != 4)
+		return count(V_PASS);
+	__u32 dst = 0;
+	if (classify_v4(inner, glen - header_len, end, &dst) < 0)
+		return count(V_MALFORMED);
+
+	// The key: one the pod accepts now (the agent keeps the set current across epochs).
+	__u32 n = cfg->nkeys;
+	int ok = (n > 0 && cfg->keys[0] == key) || (n > 1 && cfg->keys[1] == key) ||
+		 (n > 2 && cfg->keys[2] == key);
+	if (!ok)
+		return count(V_BAD_KEY);
+	// The destination: one of the pod's own addresses (its overlay address or its pod IP).
+	if (dst == 0 || (dst != cfg->overlay_v4 && dst != cfg->infra_v4))
+		return count(V_WRONG_DESTINATION);
+	count(V_PASS);
+
+	// The fast path: a flow the engine admitted from this outer source, in a datagram without
+	// a MAC, whose outer header is exactly ENCAP_LEN long, and which is one datagram holding one
+	// inner packet, exactly. (A UDP GSO packet from a user-space sender holds many datagrams
+	// behind one header: the socket takes those apart, the user-space path has them.)
+	if (!fast_on(cfg) || header_len != GUE_HEADER_LEN || ip->ihl != 5 ||
+	    cfg->tun_ifindex == 0)
+		return TC_ACT_OK;
+	if (ulen != skb->len - ((long)udp - (long)data))
+		return TC_ACT_OK;
+	struct ingress_flow_key k = {.outer_src = ip->saddr};
+	if (fast_flow4(inner, end, &k.inner) < 0)
+		return TC_ACT_OK;
+	if (!HAVE(inner, 4, end) || (((__u32)inner[2] << 8) | inner[3]) != glen - header_len)
+		return TC_ACT_OK;
+	struct ingress_flow *flow = bpf_map_lookup_elem(&kw_ingress_flows, &k);
+	if (!flow)
+		return TC_ACT_OK;
+	__u64 inner_len = glen - header_len;
+	__u32 segs = skb->gso_segs;
+	// FIXED_GSO: a GSO packet's inner segments keep their size; only the headers go.
+	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return TC_ACT_OK;
+	flow->seen_ns = bpf_ktime_get_ns();
+	carried(C_INGRESS_PACKETS, segs, inner_len);
+	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
+}
+
+// On the overlay device's egress: the packet as the pod's stack sends it, starting at its IPv4
+// header (a TUN device has no link-layer header).
+SEC("classifier")
+int kw_egress(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct endpoint_config *cfg = bpf_map_lookup_elem(&kw_config, &zero);
+	if (!cfg || !fast_on(cfg) || cfg->eth_ifindex == 0 || cfg->infra_v4 == 0)
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct flow4 f;
+	if (fast_flow4(data, end, &f) < 0)
+		return TC_ACT_OK;
+	// Only the pod's own address: a forged source meets the engine's anti-spoofing check.
+	if (f.src != cfg->overlay_v4)
+		return TC_ACT_OK;
+	struct egress_flow *flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
+	if (!flow)
+		return TC_ACT_OK;
+	// A GSO packet stays whole where the receiver takes it whole: TCP, small enough that the
+	// outer header's lengths hold it.
+	if (skb->gso_segs > 1 && (f.proto != IPPROTO_TCP || skb->len > IPV4_MAX - ENCAP_LEN))
+		return TC_ACT_OK;
+	__u32 to = flow->to_v4, key = flow->key;
+	__u16 to_port = (__u16)flow->to_port;
+	__u64 inner_len = skb->len;
+	__u32 segs = skb->gso_segs;
+	// FIXED_GSO: the pod's MSS already leaves room for the encapsulation (kw0's MTU).
+	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	if (!HAVE(data, ENCAP_LEN, end))
+		return TC_ACT_SHOT;
+	struct iphdr *ip = data;
+	__u32 total = skb->len;
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(total > 0xffff ? 0xffff : total);
+	ip->id = 0;
+	ip->frag_off = bpf_htons(0x4000); // DF, as the agent's socket sends
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_UDP;
+	ip->check = 0;
+	ip->saddr = cfg->infra_v4;
+	ip->daddr = to;
+	ip->check = ipv4_checksum((__u16 *)ip);
+	struct udphdr *udp = (void *)(ip + 1);
+	udp->source = (__u16)cfg->gue_port;
+	udp->dest = to_port;
+	udp->len = bpf_htons(total - 20 > 0xffff ? 0xffff : total - 20);
+	udp->check = 0; // allowed over IPv4; a GSO packet's segments get their lengths on the way
+	__u8 *gue = (void *)(udp + 1);
+	gue[0] = 1;             // version 0, C 0, Hlen 1 (the group identifier)
+	gue[1] = PROTO_IPV4;
+	gue[2] = GUE_FLAG_GROUP_ID >> 8;
+	gue[3] = 0;
+	gue[4] = key >> 24;
+	gue[5] = key >> 16;
+	gue[6] = key >> 8;
+	gue[7] = key;
+	// bpf_redirect_neigh fills in a link-layer header it expects to find: a TUN device's packet
+	// has none, so it gets a blank one to be filled.
+	if (bpf_skb_change_head(skb, sizeof(struct ethhdr), 0))
+		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if (!HAVE(eth, sizeof(*eth), end))
+		return TC_ACT_SHOT;
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	flow->seen_ns = bpf_ktime_get_ns();
+	carried(C_EGRESS_PACKETS, segs, inner_len);
+	return bpf_redirect_neigh(cfg->eth_ifindex, NULL, 0, 0);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

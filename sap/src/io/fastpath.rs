@@ -1,0 +1,543 @@
+//! The kernel fast path of one endpoint, from the user-space side: the programs of
+//! [`super::bpf`] attached to the pod's devices, and the work that keeps their maps true to the
+//! engine.
+//!
+//! The kernel never decides a flow. The user-space path decides a flow's first packets as always;
+//! once the engine has admitted a packet of a plain TCP or UDP flow over IPv4 without a MAC,
+//! straight to or from the other endpoint (a flow through a SaP stays on the user-space path:
+//! the SaP reads every datagram, and a kernel's half-done checksums must not reach one), the
+//! endpoint's loops tell the kernel ([`FastPath::learn_egress`], [`FastPath::learn_ingress`],
+//! after the packet itself has been sent or delivered, so a flow's packets stay in order), and the
+//! kernel carries the flow's next packets by itself. [`FastPath::sync`], every second and after
+//! every compile:
+//! - re-derives every cached decision through the engine with the tables and keys now in force,
+//!   and removes those the engine no longer makes (a policy withdrawn, a peer gone) or updates
+//!   them (a new key, a new next hop);
+//! - so the engine's flow table sees every flow the kernel carries as alive (the re-derivation
+//!   is an ordinary admission), and removes flows the kernel has not carried since the last sync,
+//!   so the engine's own idle timeouts decide their fate as on the user-space path;
+//! - gives the programs the keys the pod accepts now, and a lease: a program whose lease has run
+//!   out (its agent gone for good) carries nothing, and every packet falls to the user-space path,
+//!   which fails closed without an agent;
+//! - adds what the kernel carried and dropped to the endpoint's [`Counters`], so `/metrics` and
+//!   `keyway-lab paths` count every packet once, whichever path handled it.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use keyway_core::counters::Stage;
+use keyway_core::engine::{self, Hop, PacketAuth};
+use keyway_core::gue;
+use keyway_core::key::Key;
+#[cfg(test)]
+use keyway_core::packet::PROTO_TCP;
+use keyway_core::packet::build;
+
+use super::bpf::{
+    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps,
+    INGRESS_VERDICTS_BY_INDEX, IngressFlow, Verdict,
+};
+use super::datapath::EndpointContext;
+use super::netlink::{self, NetlinkError};
+use crate::sys::{Netns, NetnsError};
+
+/// How long programs go on carrying flows without a sync: longer than an agent's restart, short
+/// enough that decisions no agent re-derives do not outlive it by much.
+pub const LEASE_NS: u64 = 5_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("no device in the pod's namespace holds its pod IP {0}")]
+    NoPrimary(Ipv4Addr),
+    #[error("the overlay device {0} is not in the pod's namespace")]
+    NoOverlay(String),
+}
+
+/// The clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// What one sync found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Flows the engine still admits, kept (updated where its key or next hop changed).
+    pub kept: usize,
+    /// Flows the kernel had not carried since the last sync, handed back to the engine.
+    pub idle: usize,
+    /// Flows the engine no longer admits, removed.
+    pub refused: usize,
+}
+
+#[derive(Debug, Default)]
+struct Counted {
+    carried: Carried,
+    verdicts: [u64; 4],
+}
+
+/// An endpoint's fast path: its programs, attached, and their maps.
+#[derive(Debug)]
+pub struct FastPath {
+    programs: Mutex<EndpointPrograms>,
+    maps: Mutex<Maps>,
+    base: EndpointConfig,
+    /// The devices the programs are attached to, in the pod's namespace.
+    tun: String,
+    eth: String,
+    /// Whether the programs carry flows now (off while packet authentication is on: the kernel
+    /// neither seals nor verifies a MAC).
+    carrying: AtomicBool,
+    last_sync_ns: AtomicU64,
+    counted: Mutex<Counted>,
+}
+
+#[derive(Debug)]
+struct Maps {
+    flows: FlowMaps,
+    /// Flows told to the kernel since the last sync: one map update per flow, not per packet.
+    egress: HashSet<Flow4>,
+    ingress: HashSet<IngressFlow>,
+    /// The tables generation the last re-derivation used: a flow learned from an older
+    /// snapshot after it would escape it, so it is not taken.
+    generation: u64,
+}
+
+impl FastPath {
+    /// Loads the programs and attaches them in `netns`: `kw_egress` to the overlay device `tun`,
+    /// `kw_ingress` to the device that holds the pod IP `infra`, replacing a predecessor's.
+    /// They carry nothing until the first [`sync`](Self::sync). Blocking.
+    pub fn open(
+        netns: &Netns,
+        tun: &str,
+        overlay: Ipv4Addr,
+        infra: Ipv4Addr,
+        gue_port: u16,
+    ) -> Result<FastPath, FastPathError> {
+        let tun_name = tun.to_string();
+        let (eth, tun_link) = netlink::in_netns(netns, async move |nl| {
+            let eth = nl.link_of_address(IpAddr::V4(infra)).await?;
+            let tun = nl.link(&tun_name).await?;
+            Ok((eth, tun))
+        })?;
+        let eth = eth.ok_or(FastPathError::NoPrimary(infra))?;
+        let tun_link = tun_link.ok_or_else(|| FastPathError::NoOverlay(tun.to_string()))?;
+        let base = EndpointConfig {
+            overlay: Some(overlay),
+            infra: Some(infra),
+            gue_port,
+            keys: Vec::new(),
+            tun_ifindex: tun_link.index,
+            eth_ifindex: eth.index,
+            fast: false,
+        };
+        let mut programs = EndpointPrograms::load()?;
+        programs.configure(&base)?;
+        netns.run(|| programs.attach(tun, &eth.name))??;
+        let flows = programs.take_flows()?;
+        Ok(FastPath {
+            programs: Mutex::new(programs),
+            maps: Mutex::new(Maps {
+                flows,
+                egress: HashSet::new(),
+                ingress: HashSet::new(),
+                generation: 0,
+            }),
+            base,
+            tun: tun.to_string(),
+            eth: eth.name.clone(),
+            carrying: AtomicBool::new(false),
+            last_sync_ns: AtomicU64::new(monotonic_ns()),
+            counted: Mutex::default(),
+        })
+    }
+
+    /// Removes the programs from the pod's devices (the pod leaves keyway). Blocking.
+    pub fn detach(&self, netns: &Netns) {
+        let _ = netns.run(|| {
+            super::bpf::detach(&self.tun, true);
+            super::bpf::detach(&self.eth, false);
+        });
+    }
+
+    /// Removes whatever programs an earlier agent attached to a pod's devices: its overlay
+    /// devices and the device that holds its pod IP `infra`. Blocking; finding none is fine.
+    pub fn detach_all(netns: &Netns, overlay_devices: &[String], infra: IpAddr) {
+        let eth = netlink::in_netns(netns, async move |nl| nl.link_of_address(infra).await)
+            .ok()
+            .flatten();
+        let _ = netns.run(|| {
+            for d in overlay_devices {
+                super::bpf::detach(d, true);
+            }
+            if let Some(eth) = &eth {
+                super::bpf::detach(&eth.name, false);
+            }
+        });
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flow an egress packet the engine just admitted belongs to, and how it was sent, when
+    /// the kernel can carry the flow's next packets: `inner` the packet, `datagram` what the
+    /// engine made of it, `to` and `hop` where it went.
+    pub fn egress_candidate(
+        &self,
+        inner: &[u8],
+        datagram: &[u8],
+        to: SocketAddr,
+        hop: Hop,
+    ) -> Option<(Flow4, EgressFlow)> {
+        if !self.carrying.load(Ordering::Relaxed) {
+            return None;
+        }
+        let f = Flow4::of_packet(inner)?;
+        let (SocketAddr::V4(to), Some(key), false) = (to, plain_key(datagram), hop == Hop::Sap)
+        else {
+            return None;
+        };
+        (Some(f.src) == self.base.overlay).then_some((
+            f,
+            EgressFlow {
+                to,
+                key,
+                seen_ns: 0,
+            },
+        ))
+    }
+
+    /// The flow an arriving datagram the engine just admitted belongs to, when the kernel can
+    /// carry the flow's next datagrams from the same outer source.
+    pub fn ingress_candidate(
+        &self,
+        datagram: &[u8],
+        inner: &[u8],
+        from: SocketAddr,
+    ) -> Option<IngressFlow> {
+        if !self.carrying.load(Ordering::Relaxed) {
+            return None;
+        }
+        let f = Flow4::of_packet(inner)?;
+        let (SocketAddr::V4(from), Some(_)) = (from, plain_key(datagram)) else {
+            return None;
+        };
+        // Only what the program delivers into the overlay device: the pod's overlay address.
+        (Some(f.dst) == self.base.overlay).then_some(IngressFlow {
+            outer_src: *from.ip(),
+            inner: f,
+        })
+    }
+
+    /// Tells the kernel about egress flows the engine admitted with tables of `generation`,
+    /// after their packets were sent.
+    pub fn learn_egress(&self, flows: &[(Flow4, EgressFlow)], generation: u64) {
+        let mut m = self.maps();
+        if generation < m.generation {
+            return;
+        }
+        let now = monotonic_ns();
+        for (f, e) in flows {
+            if m.egress.insert(*f) {
+                let e = EgressFlow { seen_ns: now, ..*e };
+                if let Err(err) = m.flows.insert_egress(f, &e) {
+                    tracing::debug!(error = %err, "cannot add an egress flow to the fast path");
+                }
+            }
+        }
+    }
+
+    /// Tells the kernel about ingress flows the engine admitted with tables of `generation`,
+    /// after their packets were delivered.
+    pub fn learn_ingress(&self, flows: &[IngressFlow], generation: u64) {
+        let mut m = self.maps();
+        if generation < m.generation {
+            return;
+        }
+        let now = monotonic_ns();
+        for f in flows {
+            if m.ingress.insert(*f) && m.flows.insert_ingress(f, now).is_err() {
+                tracing::debug!("cannot add an ingress flow to the fast path");
+            }
+        }
+    }
+
+    /// Brings the programs in line with the engine (see the module's documentation). `periodic`:
+    /// also hand back to the engine the flows the kernel has not carried since the last periodic
+    /// sync. Blocking (map system calls), short.
+    pub fn sync(&self, ctx: &EndpointContext, now_ms: u64, periodic: bool) -> SyncReport {
+        let tables = ctx.tables.load();
+        let local = ctx.local.load();
+        let carrying = tables.packet_auth == PacketAuth::Disabled;
+        let now_ns = monotonic_ns();
+        let mut config = self.base.clone();
+        config.keys = local.keys.accepted_at(now_ms);
+        config.keys.truncate(3);
+        config.fast = carrying;
+        let lease = now_ns + LEASE_NS;
+        {
+            let mut p = self.programs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = p.configure_with_lease(&config, lease) {
+                tracing::warn!(error = %e, "cannot update the fast path's configuration");
+            }
+            self.count(&p, ctx);
+        }
+        self.carrying.store(carrying, Ordering::Relaxed);
+
+        let mut report = SyncReport::default();
+        let mut m = self.maps();
+        m.generation = tables.generation;
+        m.egress.clear();
+        m.ingress.clear();
+        let idle_before = if periodic {
+            self.last_sync_ns.swap(now_ns, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let port = self.base.gue_port;
+        for (f, e) in m.flows.egress() {
+            if !carrying || e.seen_ns < idle_before {
+                report.idle += usize::from(carrying);
+                m.flows.remove_egress(&f);
+                continue;
+            }
+            let mut buf = vec![0u8; gue::HEADROOM];
+            buf.extend_from_slice(&packet_of(&f));
+            let now = engine::endpoint_egress(&tables, &local, &ctx.flows, &mut buf, now_ms)
+                .ok()
+                .and_then(|send| {
+                    let (SocketAddr::V4(to), false) = (send.to, send.hop == Hop::Sap) else {
+                        return None;
+                    };
+                    Some(EgressFlow {
+                        to,
+                        key: plain_key(&buf[send.start..])?,
+                        seen_ns: e.seen_ns,
+                    })
+                });
+            match now {
+                Some(now) if now == e => report.kept += 1,
+                Some(now) => {
+                    report.kept += 1;
+                    let _ = m.flows.insert_egress(&f, &now);
+                }
+                None => {
+                    report.refused += 1;
+                    m.flows.remove_egress(&f);
+                }
+            }
+        }
+        let key = local.keys.key_at(now_ms);
+        for (f, seen_ns) in m.flows.ingress() {
+            if !carrying || seen_ns < idle_before {
+                report.idle += usize::from(carrying);
+                m.flows.remove_ingress(&f);
+                continue;
+            }
+            let admitted = key.is_some_and(|key| {
+                let datagram = datagram_of(key, &packet_of(&f.inner));
+                let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, port));
+                engine::endpoint_ingress(&tables, &local, &ctx.flows, &datagram, from, now_ms)
+                    .is_ok()
+            });
+            if admitted {
+                report.kept += 1;
+            } else {
+                report.refused += 1;
+                m.flows.remove_ingress(&f);
+            }
+        }
+        report
+    }
+
+    /// Adds what the kernel carried and dropped since the last count to the endpoint's counters.
+    fn count(&self, p: &EndpointPrograms, ctx: &EndpointContext) {
+        let (Ok(carried), Ok(verdicts)) = (p.carried(), p.verdicts()) else {
+            return;
+        };
+        let mut c = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+        let counters = &ctx.counters;
+        counters.forwarded_n(
+            Stage::Egress,
+            carried.egress_packets - c.carried.egress_packets,
+            carried.egress_bytes - c.carried.egress_bytes,
+        );
+        counters.forwarded_n(
+            Stage::Ingress,
+            carried.ingress_packets - c.carried.ingress_packets,
+            carried.ingress_bytes - c.carried.ingress_bytes,
+        );
+        for (i, v) in INGRESS_VERDICTS_BY_INDEX.iter().enumerate() {
+            if let Verdict::Drop(reason) = v {
+                counters.dropped_n(Stage::Ingress, *reason, verdicts[i] - c.verdicts[i]);
+            }
+        }
+        c.carried = carried;
+        c.verdicts = verdicts;
+    }
+
+    /// What the kernel has carried for this endpoint.
+    pub fn carried(&self) -> Carried {
+        self.programs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .carried()
+            .unwrap_or_default()
+    }
+}
+
+/// The key of a datagram without a MAC (GUE Hlen 1), as the engine wrote or read it.
+fn plain_key(datagram: &[u8]) -> Option<Key> {
+    (datagram.len() >= gue::HEADER_LEN && datagram[0] & 0x1f == 1).then(|| {
+        Key(u32::from_be_bytes([
+            datagram[4],
+            datagram[5],
+            datagram[6],
+            datagram[7],
+        ]))
+    })
+}
+
+/// A packet of flow `f` past its first: a TCP segment that neither opens nor resets, or a UDP
+/// datagram. What the engine re-judges a cached decision on.
+fn packet_of(f: &Flow4) -> Vec<u8> {
+    build::ipv4(
+        f.src,
+        f.dst,
+        f.proto,
+        &build::ports(f.proto, f.sport, f.dport, b""),
+    )
+}
+
+fn datagram_of(key: Key, inner: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; gue::HEADER_LEN + inner.len()];
+    let n = gue::encapsulate(key, inner, &mut out).unwrap_or(0);
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flows_packet_is_a_plain_segment_of_it() {
+        let f = Flow4 {
+            src: Ipv4Addr::new(100, 64, 0, 2),
+            dst: Ipv4Addr::new(100, 64, 1, 3),
+            proto: PROTO_TCP,
+            sport: 40000,
+            dport: 80,
+        };
+        let p = packet_of(&f);
+        assert_eq!(Flow4::of_packet(&p), Some(f));
+        let c = keyway_core::packet::classify(&p).unwrap();
+        assert!(!c.opens_flow && !c.resets_flow, "an established segment");
+        let d = datagram_of(Key(0x0102_0304), &p);
+        assert_eq!(plain_key(&d), Some(Key(0x0102_0304)));
+        let mut with_mac = d.clone();
+        with_mac[0] = (with_mac[0] & !0x1f) | 3;
+        assert_eq!(plain_key(&with_mac), None, "a datagram with a MAC");
+    }
+}
+
+/// The node's part of the fast path: GUE the node routes to one of its pods goes from the
+/// primary CNI's bridge straight to the pod's veth, whole (`sap/bpf/node.bpf.c` says why).
+/// Pods whose veth is not a bridge port (routed veths) need nothing: their veth takes the packet
+/// whole already.
+#[derive(Debug)]
+pub struct NodeFastPath {
+    programs: Mutex<super::bpf::NodePrograms>,
+    gue_port: u16,
+    /// The bridges the program is attached to, by name.
+    bridges: Mutex<HashSet<String>>,
+}
+
+impl NodeFastPath {
+    /// Loads the node's program (attached to a bridge when a pod behind one comes). Blocking.
+    pub fn load(gue_port: u16) -> Result<NodeFastPath, FastPathError> {
+        let mut programs = super::bpf::NodePrograms::load()?;
+        programs.configure(gue_port, monotonic_ns() + LEASE_NS)?;
+        Ok(NodeFastPath {
+            programs: Mutex::new(programs),
+            gue_port,
+            bridges: Mutex::default(),
+        })
+    }
+
+    fn programs(&self) -> std::sync::MutexGuard<'_, super::bpf::NodePrograms> {
+        self.programs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a pod: its pod IP `infra`, held by a veth in `netns` whose node side is a bridge
+    /// port in this thread's namespace (the node's). A pod on a routed veth is left alone
+    /// (`Ok(false)`). Blocking.
+    pub fn add_pod(&self, netns: &Netns, infra: Ipv4Addr) -> Result<bool, FastPathError> {
+        let pod_link = netlink::in_netns(netns, async move |nl| {
+            nl.link_of_address(IpAddr::V4(infra)).await
+        })?
+        .ok_or(FastPathError::NoPrimary(infra))?;
+        let Some(peer) = pod_link.peer else {
+            return Ok(false);
+        };
+        let node = Netns::current()?;
+        let (veth, bridge) = netlink::in_netns(&node, async move |nl| {
+            let Some(veth) = nl.link_by_index(peer).await? else {
+                return Ok((None, None));
+            };
+            let bridge = match veth.master {
+                Some(m) => {
+                    let bridges = nl.bridges().await?;
+                    let master = nl.link_by_index(m).await?;
+                    master
+                        .filter(|l| bridges.iter().any(|b| b.name == l.name))
+                        .map(|l| l.name)
+                }
+                None => None,
+            };
+            Ok((Some(veth), bridge))
+        })?;
+        let (Some(veth), Some(bridge)) = (veth, bridge) else {
+            return Ok(false);
+        };
+        let mut p = self.programs();
+        {
+            let mut attached = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
+            if !attached.contains(&bridge) {
+                p.attach_bridge(&bridge)?;
+                attached.insert(bridge);
+            }
+        }
+        p.set_pod(infra, veth.index)?;
+        Ok(true)
+    }
+
+    pub fn remove_pod(&self, infra: Ipv4Addr) {
+        self.programs().remove_pod(infra);
+    }
+
+    /// Renews the lease (every second, with the pods' syncs).
+    pub fn renew(&self) {
+        if let Err(e) = self
+            .programs()
+            .configure(self.gue_port, monotonic_ns() + LEASE_NS)
+        {
+            tracing::warn!(error = %e, "cannot renew the node fast path's lease");
+        }
+    }
+
+    /// Packets and bytes handed from a bridge to pods' veths so far.
+    pub fn carried(&self) -> (u64, u64) {
+        self.programs().carried().unwrap_or_default()
+    }
+}
