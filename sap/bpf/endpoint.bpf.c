@@ -5,7 +5,8 @@
 // kw_ingress, on the pod's eth0: the checks an endpoint makes on an arriving GUE datagram, in
 // the order keyway_core::engine::endpoint_ingress makes them. A datagram whose GUE header or inner
 // IPv4 packet is malformed, whose key the pod does not accept, or whose inner destination is not
-// the pod is dropped and counted by reason. A datagram that passes them and belongs to a flow the
+// the pod is counted by reason and never carried: the user-space path drops it and counts the
+// drop, as it always has. A datagram that passes them and belongs to a flow the
 // user-space engine has already admitted from the same outer source (kw_ingress_flows) is
 // decapsulated here and delivered into the overlay device's receive path; everything else passes
 // on unchanged (TC_ACT_OK) to the user-space path, which makes the remaining checks (source, MAC,
@@ -154,13 +155,16 @@ struct {
 #define PROTO_IPV4 4
 #define PROTO_IPV6 41
 
+// Counts the verdict and lets the datagram go on: one that fails a check is never carried here,
+// and the user-space path drops and counts it as it always has (so no drop is counted where no
+// agent reads it, before an agent's restart or after it).
 static __always_inline int count(enum verdict v)
 {
 	__u32 k = v;
 	__u64 *n = bpf_map_lookup_elem(&kw_ingress_verdicts, &k);
 	if (n)
 		*n += 1;
-	return v == V_PASS ? TC_ACT_OK : TC_ACT_SHOT;
+	return TC_ACT_OK;
 }
 
 // Whether [p, p + n) lies inside the packet.

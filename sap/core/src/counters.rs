@@ -61,11 +61,6 @@ impl Counters {
         self.bytes[stage as usize].fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Adds `n` drops for `reason` made elsewhere (the kernel's fast path).
-    pub fn dropped_n(&self, stage: Stage, reason: DropReason, n: u64) {
-        self.drops[stage as usize][reason.index()].fetch_add(n, Ordering::Relaxed);
-    }
-
     #[inline]
     pub fn dropped(&self, stage: Stage, reason: DropReason) {
         self.drops[stage as usize][reason.index()].fetch_add(1, Ordering::Relaxed);

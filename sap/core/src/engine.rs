@@ -239,12 +239,47 @@ fn outer_source_ok(src: &Route, outer: SocketAddr, this_sap: Option<SocketAddr>)
         || this_sap.is_some_and(|s| s.ip() == ip)
 }
 
+/// What a flow check does with the flow table: a real packet is admitted and tracked (its flow
+/// opened or refreshed); a judged one only asks whether it would be, changing nothing (the kernel
+/// fast path's cached decisions are judged again this way when the tables change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Track,
+    Judge,
+}
+
+fn admitted(
+    flows: &FlowTable,
+    how: Admission,
+    c: &Classified,
+    allowed: bool,
+    inbound: bool,
+    now_ms: u64,
+) -> bool {
+    match how {
+        Admission::Track => flows.admit(c, allowed, inbound, now_ms),
+        Admission::Judge => flows.would_admit(c, allowed, now_ms),
+    }
+}
+
 /// Endpoint egress. `buf[gue::HEADROOM..]` holds the packet read from the TUN device; on success
 /// the header has been written in front of it, so `buf[send.start..]` is the datagram to send.
 pub fn endpoint_egress(
     tables: &Tables,
     local: &LocalEndpoint,
     flows: &FlowTable,
+    buf: &mut [u8],
+    now_ms: u64,
+) -> Result<Send, DropReason> {
+    endpoint_egress_as(tables, local, flows, Admission::Track, buf, now_ms)
+}
+
+/// [`endpoint_egress`], with the flow table used as `how` says.
+pub fn endpoint_egress_as(
+    tables: &Tables,
+    local: &LocalEndpoint,
+    flows: &FlowTable,
+    how: Admission,
     buf: &mut [u8],
     now_ms: u64,
 ) -> Result<Send, DropReason> {
@@ -256,7 +291,7 @@ pub fn endpoint_egress(
     let src = tables.fib.lookup(c.src).ok_or(DropReason::NoRoute)?;
     let dst = overlay_route(tables, c.dst)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
-    if !flows.admit(&c, allowed, false, now_ms) {
+    if !admitted(flows, how, &c, allowed, false, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     let key = dst.keys.key_at(now_ms).ok_or(DropReason::BadKey)?;
@@ -283,6 +318,27 @@ pub fn endpoint_ingress(
     outer_src: SocketAddr,
     now_ms: u64,
 ) -> Result<Range<usize>, DropReason> {
+    endpoint_ingress_as(
+        tables,
+        local,
+        flows,
+        Admission::Track,
+        datagram,
+        outer_src,
+        now_ms,
+    )
+}
+
+/// [`endpoint_ingress`], with the flow table used as `how` says.
+pub fn endpoint_ingress_as(
+    tables: &Tables,
+    local: &LocalEndpoint,
+    flows: &FlowTable,
+    how: Admission,
+    datagram: &[u8],
+    outer_src: SocketAddr,
+    now_ms: u64,
+) -> Result<Range<usize>, DropReason> {
     let header = gue::decode(datagram).map_err(|_| DropReason::Malformed)?;
     let inner = &datagram[header.payload_offset..];
     let c = classify(inner).map_err(|_| DropReason::Malformed)?;
@@ -300,7 +356,7 @@ pub fn endpoint_ingress(
     authenticated(tables, &local.keys, datagram, &header)?;
     let dst = tables.fib.lookup(c.dst).ok_or(DropReason::NoRoute)?;
     let allowed = tables.acl.allows(src.identity, dst.identity, &c);
-    if !flows.admit(&c, allowed, true, now_ms) {
+    if !admitted(flows, how, &c, allowed, true, now_ms) {
         return Err(DropReason::DeniedByPolicy);
     }
     Ok(header.payload_offset..datagram.len())

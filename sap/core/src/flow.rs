@@ -345,6 +345,24 @@ impl FlowTable {
         true
     }
 
+    /// Whether [`admit`](Self::admit) would let `c` pass now, changing nothing: a reply within a
+    /// live tracked flow, or an allowed packet.
+    pub fn would_admit(&self, c: &Classified, allowed: bool, now_ms: u64) -> bool {
+        if allowed {
+            return true;
+        }
+        if c.opens_flow {
+            return false;
+        }
+        let Some(key) = FlowKey::reverse(c) else {
+            return false;
+        };
+        self.lock()
+            .flows
+            .get(&key)
+            .is_some_and(|e| now_ms.saturating_sub(e.seen) < self.timeout(&key, e))
+    }
+
     pub fn len(&self) -> usize {
         self.lock().flows.len()
     }
@@ -426,6 +444,23 @@ mod tests {
             )),
             1
         ));
+    }
+
+    #[test]
+    fn judging_a_packet_changes_nothing() {
+        let t = FlowTable::new(16, FlowTimeouts::default());
+        let out = c(build::tcp4([1, 0, 0, 1], 1000, [1, 0, 0, 2], 80));
+        let back = c(build::tcp4([1, 0, 0, 2], 80, [1, 0, 0, 1], 1000));
+        assert!(!t.would_admit(&back, false, 1), "no flow yet");
+        assert!(t.would_admit(&out, true, 1), "allowed");
+        assert!(t.is_empty(), "and still nothing tracked");
+        assert!(t.admit(&out, true, false, 1));
+        assert!(t.would_admit(&back, false, 2), "a reply within the flow");
+        let timeout = FlowTimeouts::default().embryonic_ms;
+        assert!(
+            !t.would_admit(&back, false, 1 + timeout),
+            "judging did not refresh the flow (nor answer it): it expires on time"
+        );
     }
 
     #[test]

@@ -38,8 +38,6 @@ const FILTER_HANDLE: u32 = 1;
 
 /// tc's verdict for a packet that goes on (`TC_ACT_OK`).
 pub const TC_ACT_OK: u32 = 0;
-/// tc's verdict for a packet dropped (`TC_ACT_SHOT`).
-pub const TC_ACT_SHOT: u32 = 2;
 /// tc's verdict for a packet the program redirected (`TC_ACT_REDIRECT`).
 pub const TC_ACT_REDIRECT: u32 = 7;
 
@@ -48,7 +46,8 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 pub enum Verdict {
     /// Through the kernel's checks: on to the user-space path, or delivered by the fast path.
     Pass,
-    /// Dropped in the kernel, for the engine's reason.
+    /// Failed a check, for the engine's reason: never carried, left to the user-space path,
+    /// which drops and counts it.
     Drop(DropReason),
 }
 

@@ -12,14 +12,16 @@
 //! every compile:
 //! - re-derives every cached decision through the engine with the tables and keys now in force,
 //!   and removes those the engine no longer makes (a policy withdrawn, a peer gone) or updates
-//!   them (a new key, a new next hop);
-//! - so the engine's flow table sees every flow the kernel carries as alive (the re-derivation
-//!   is an ordinary admission), and removes flows the kernel has not carried since the last sync,
-//!   so the engine's own idle timeouts decide their fate as on the user-space path;
+//!   them (a new key, a new next hop). A flow the kernel carried packets of since the last
+//!   periodic sync goes through as one of those packets would have ([`Admission::Track`]: the
+//!   engine's flow table sees it alive); any other is only judged ([`Admission::Judge`]: nothing
+//!   changes), so no packet that never flowed can refresh or answer a flow;
+//! - hands back to the engine the flows the kernel has not carried for a period, so its own idle
+//!   timeouts decide their fate as on the user-space path;
 //! - gives the programs the keys the pod accepts now, and a lease: a program whose lease has run
 //!   out (its agent gone for good) carries nothing, and every packet falls to the user-space path,
 //!   which fails closed without an agent;
-//! - adds what the kernel carried and dropped to the endpoint's [`Counters`], so `/metrics` and
+//! - adds what the kernel carried to the endpoint's [`Counters`], so `/metrics` and
 //!   `keyway-lab paths` count every packet once, whichever path handled it.
 
 use std::collections::HashSet;
@@ -28,7 +30,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use keyway_core::counters::Stage;
-use keyway_core::engine::{self, Hop, PacketAuth};
+use keyway_core::engine::{self, Admission, Hop, PacketAuth};
 use keyway_core::gue;
 use keyway_core::key::Key;
 #[cfg(test)]
@@ -36,8 +38,7 @@ use keyway_core::packet::PROTO_TCP;
 use keyway_core::packet::build;
 
 use super::bpf::{
-    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps,
-    INGRESS_VERDICTS_BY_INDEX, IngressFlow, Verdict,
+    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps, IngressFlow,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -79,12 +80,6 @@ pub struct SyncReport {
     pub refused: usize,
 }
 
-#[derive(Debug, Default)]
-struct Counted {
-    carried: Carried,
-    verdicts: [u64; 4],
-}
-
 /// An endpoint's fast path: its programs, attached, and their maps.
 #[derive(Debug)]
 pub struct FastPath {
@@ -98,7 +93,8 @@ pub struct FastPath {
     /// neither seals nor verifies a MAC).
     carrying: AtomicBool,
     last_sync_ns: AtomicU64,
-    counted: Mutex<Counted>,
+    /// What the kernel had carried at the last count.
+    counted: Mutex<Carried>,
 }
 
 #[derive(Debug)]
@@ -246,10 +242,10 @@ impl FastPath {
         if generation < m.generation {
             return;
         }
-        let now = monotonic_ns();
         for (f, e) in flows {
             if m.egress.insert(*f) {
-                let e = EgressFlow { seen_ns: now, ..*e };
+                // Not carried yet (0): the kernel stamps it when it carries a packet.
+                let e = EgressFlow { seen_ns: 0, ..*e };
                 if let Err(err) = m.flows.insert_egress(f, &e) {
                     tracing::debug!(error = %err, "cannot add an egress flow to the fast path");
                 }
@@ -264,9 +260,8 @@ impl FastPath {
         if generation < m.generation {
             return;
         }
-        let now = monotonic_ns();
         for f in flows {
-            if m.ingress.insert(*f) && m.flows.insert_ingress(f, now).is_err() {
+            if m.ingress.insert(*f) && m.flows.insert_ingress(f, 0).is_err() {
                 tracing::debug!("cannot add an ingress flow to the fast path");
             }
         }
@@ -297,34 +292,49 @@ impl FastPath {
         let mut report = SyncReport::default();
         let mut m = self.maps();
         m.generation = tables.generation;
-        m.egress.clear();
-        m.ingress.clear();
-        let idle_before = if periodic {
+        let last_sync = if periodic {
             self.last_sync_ns.swap(now_ns, Ordering::Relaxed)
         } else {
-            0
+            self.last_sync_ns.load(Ordering::Relaxed)
+        };
+        // What to do with a flow, by when the kernel last carried one of its packets (0: never
+        // since it was learned). Only a flow the kernel carried since the last periodic sync is
+        // run through the engine as a packet (tracked: its flow refreshed, as those packets would
+        // have done on the user-space path); one not carried yet is judged, changing nothing;
+        // one idle for a period goes back to the engine.
+        let fate = |seen_ns: u64, learned: bool| -> Option<Admission> {
+            if !carrying {
+                None
+            } else if seen_ns >= last_sync && periodic {
+                Some(Admission::Track)
+            } else if seen_ns >= last_sync || (seen_ns == 0 && learned) || !periodic {
+                Some(Admission::Judge)
+            } else {
+                None
+            }
         };
         let port = self.base.gue_port;
         for (f, e) in m.flows.egress() {
-            if !carrying || e.seen_ns < idle_before {
+            let Some(how) = fate(e.seen_ns, m.egress.contains(&f)) else {
                 report.idle += usize::from(carrying);
                 m.flows.remove_egress(&f);
                 continue;
-            }
+            };
             let mut buf = vec![0u8; gue::HEADROOM];
             buf.extend_from_slice(&packet_of(&f));
-            let now = engine::endpoint_egress(&tables, &local, &ctx.flows, &mut buf, now_ms)
-                .ok()
-                .and_then(|send| {
-                    let (SocketAddr::V4(to), false) = (send.to, send.hop == Hop::Sap) else {
-                        return None;
-                    };
-                    Some(EgressFlow {
-                        to,
-                        key: plain_key(&buf[send.start..])?,
-                        seen_ns: e.seen_ns,
-                    })
-                });
+            let now =
+                engine::endpoint_egress_as(&tables, &local, &ctx.flows, how, &mut buf, now_ms)
+                    .ok()
+                    .and_then(|send| {
+                        let (SocketAddr::V4(to), false) = (send.to, send.hop == Hop::Sap) else {
+                            return None;
+                        };
+                        Some(EgressFlow {
+                            to,
+                            key: plain_key(&buf[send.start..])?,
+                            seen_ns: e.seen_ns,
+                        })
+                    });
             match now {
                 Some(now) if now == e => report.kept += 1,
                 Some(now) => {
@@ -339,16 +349,18 @@ impl FastPath {
         }
         let key = local.keys.key_at(now_ms);
         for (f, seen_ns) in m.flows.ingress() {
-            if !carrying || seen_ns < idle_before {
+            let Some(how) = fate(seen_ns, m.ingress.contains(&f)) else {
                 report.idle += usize::from(carrying);
                 m.flows.remove_ingress(&f);
                 continue;
-            }
+            };
             let admitted = key.is_some_and(|key| {
                 let datagram = datagram_of(key, &packet_of(&f.inner));
                 let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, port));
-                engine::endpoint_ingress(&tables, &local, &ctx.flows, &datagram, from, now_ms)
-                    .is_ok()
+                engine::endpoint_ingress_as(
+                    &tables, &local, &ctx.flows, how, &datagram, from, now_ms,
+                )
+                .is_ok()
             });
             if admitted {
                 report.kept += 1;
@@ -357,33 +369,32 @@ impl FastPath {
                 m.flows.remove_ingress(&f);
             }
         }
+        if periodic {
+            m.egress.clear();
+            m.ingress.clear();
+        }
         report
     }
 
-    /// Adds what the kernel carried and dropped since the last count to the endpoint's counters.
+    /// Adds what the kernel carried since the last count to the endpoint's counters. (It drops
+    /// nothing: what fails its checks goes on to the user-space path, which counts the drop.)
     fn count(&self, p: &EndpointPrograms, ctx: &EndpointContext) {
-        let (Ok(carried), Ok(verdicts)) = (p.carried(), p.verdicts()) else {
+        let Ok(carried) = p.carried() else {
             return;
         };
         let mut c = self.counted.lock().unwrap_or_else(|e| e.into_inner());
         let counters = &ctx.counters;
         counters.forwarded_n(
             Stage::Egress,
-            carried.egress_packets - c.carried.egress_packets,
-            carried.egress_bytes - c.carried.egress_bytes,
+            carried.egress_packets - c.egress_packets,
+            carried.egress_bytes - c.egress_bytes,
         );
         counters.forwarded_n(
             Stage::Ingress,
-            carried.ingress_packets - c.carried.ingress_packets,
-            carried.ingress_bytes - c.carried.ingress_bytes,
+            carried.ingress_packets - c.ingress_packets,
+            carried.ingress_bytes - c.ingress_bytes,
         );
-        for (i, v) in INGRESS_VERDICTS_BY_INDEX.iter().enumerate() {
-            if let Verdict::Drop(reason) = v {
-                counters.dropped_n(Stage::Ingress, *reason, verdicts[i] - c.verdicts[i]);
-            }
-        }
-        c.carried = carried;
-        c.verdicts = verdicts;
+        *c = carried;
     }
 
     /// What the kernel has carried for this endpoint.
