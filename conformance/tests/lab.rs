@@ -1,7 +1,7 @@
 //! keyway-lab end to end on the paper's topology (examples/paper-topology.yaml): the reachability
 //! matrices over the overlay (TCP, UDP, SCTP), by pod IP, by cluster IP, by Service name and
-//! around the overlay equal the files in
-//! examples/paper-topology.expect/, the paths are those of the paper's Table I, objects applied
+//! around the overlay equal the files in examples/paper-topology.expect/, with the kernel fast
+//! path on and with every agent on the user-space path alone; the paths are those of the paper's Table I, objects applied
 //! and deleted while the lab runs take effect, and `down` leaves nothing behind (twice).
 
 use std::path::{Path, PathBuf};
@@ -96,29 +96,52 @@ fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
     assert_eq!(lab.state.externals.len(), 1, "the end-user device");
 
     let t = Duration::from_millis(1000);
-    for (proto, file) in [
-        ("TCP", "overlay-TCP-80.txt"),
-        ("UDP", "overlay-UDP-80.txt"),
-        ("SCTP", "overlay-SCTP-80.txt"),
-    ] {
-        let got = lab.probe(80, proto, Via::Overlay, t).unwrap();
-        let d = got.diff(&expected(file));
-        assert!(d.is_empty(), "{proto} over the overlay: {d:?}\n{got}");
+    // Every path, with the kernel fast path carrying established flows (the agents' default
+    // here), then with every agent restarted on the user-space path alone: the same tables.
+    for datapath in ["auto", "user"] {
+        if datapath != "auto" {
+            lab.set_datapath(datapath).expect("agents restarted");
+        }
+        let fast_pods: f64 = lab.node_metric("keyway_fastpath_pods").iter().sum();
+        if datapath == "user" {
+            assert_eq!(
+                fast_pods, 0.0,
+                "no pod on the fast path under --datapath user"
+            );
+        } else {
+            assert!(fast_pods > 0.0, "the fast path serves the pods by default");
+        }
+        for (proto, file) in [
+            ("TCP", "overlay-TCP-80.txt"),
+            ("UDP", "overlay-UDP-80.txt"),
+            ("SCTP", "overlay-SCTP-80.txt"),
+        ] {
+            let got = lab.probe(80, proto, Via::Overlay, t).unwrap();
+            let d = got.diff(&expected(file));
+            assert!(
+                d.is_empty(),
+                "{datapath}: {proto} over the overlay: {d:?}\n{got}"
+            );
+        }
+        let got = lab.probe(80, "TCP", Via::PodIp, t).unwrap();
+        let d = got.diff(&expected("pod-ip-TCP-80.txt"));
+        assert!(d.is_empty(), "{datapath}: TCP by pod IP: {d:?}\n{got}");
+        for (via, file) in [
+            (Via::Service, "service-TCP-80.txt"),
+            (Via::Dns, "dns-TCP-80.txt"),
+        ] {
+            let got = lab.probe(80, "TCP", via, t).unwrap();
+            let d = got.diff(&expected(file));
+            assert!(d.is_empty(), "{datapath}: TCP via {via:?}: {d:?}\n{got}");
+        }
+        let got = lab.probe(80, "TCP", Via::Underlay, t).unwrap();
+        let d = got.diff(&expected("underlay-TCP-80.txt"));
+        assert!(
+            d.is_empty(),
+            "{datapath}: TCP via the underlay: {d:?}\n{got}"
+        );
     }
-    let got = lab.probe(80, "TCP", Via::PodIp, t).unwrap();
-    let d = got.diff(&expected("pod-ip-TCP-80.txt"));
-    assert!(d.is_empty(), "TCP by pod IP: {d:?}\n{got}");
-    for (via, file) in [
-        (Via::Service, "service-TCP-80.txt"),
-        (Via::Dns, "dns-TCP-80.txt"),
-    ] {
-        let got = lab.probe(80, "TCP", via, t).unwrap();
-        let d = got.diff(&expected(file));
-        assert!(d.is_empty(), "TCP via {via:?}: {d:?}\n{got}");
-    }
-    let got = lab.probe(80, "TCP", Via::Underlay, t).unwrap();
-    let d = got.diff(&expected("underlay-TCP-80.txt"));
-    assert!(d.is_empty(), "TCP via the underlay: {d:?}\n{got}");
+    lab.set_datapath("auto").expect("agents restarted");
 
     // Table I's paths, from the SaPs' own packet counters.
     let paths = lab.paths(80, "TCP").unwrap();

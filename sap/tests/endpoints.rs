@@ -133,12 +133,12 @@ impl Drop for AbortOnDrop {
 
 impl Pod {
     fn carried(&self) -> keyway_sap::io::bpf::Carried {
-        self.ctx.fast.as_ref().expect("a fast pod").carried()
+        self.ctx.fast.get().expect("a fast pod").carried()
     }
 
     /// What the agent does after a compile: re-derive the kernel's flows now.
     fn resync(&self) {
-        let fast = self.ctx.fast.as_ref().expect("a fast pod");
+        let fast = self.ctx.fast.get().expect("a fast pod");
         fast.sync(&self.ctx, keyway_sap::io::now_ms(), false);
     }
 }
@@ -189,13 +189,17 @@ async fn pod(
         }),
         flows: FlowTable::new(1024, FlowTimeouts::default()),
         counters: counters.clone(),
-        fast,
+        fast: Default::default(),
     });
-    let sync = ctx.fast.is_some().then(|| {
+    if let Some(f) = fast {
+        f.sync(&ctx, keyway_sap::io::now_ms(), false);
+        ctx.fast.set(f).expect("set once");
+    }
+    let sync = ctx.fast.get().is_some().then(|| {
         let ctx = ctx.clone();
         AbortOnDrop(tokio::spawn(async move {
             loop {
-                if let Some(f) = &ctx.fast {
+                if let Some(f) = ctx.fast.get() {
                     f.sync(&ctx, keyway_sap::io::now_ms(), true);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -434,31 +438,44 @@ async fn an_acl_deny_is_dropped_and_allowed_ports_still_work() {
     assert!(b.counters.drops(Stage::Ingress, DropReason::DeniedByPolicy) >= before + 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead() {
-    if !privileged("the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead") {
-        return;
-    }
-    let (a, _b) = pair("epwire").await;
-    let pcap = std::env::temp_dir().join(format!("keyway-gue-{}.pcap", std::process::id()));
+/// One GUE datagram as captured on the wire.
+struct Captured {
+    outer_src: String,
+    ip_len: usize,
+    payload: Vec<u8>,
+}
+
+/// Captures `count` GUE datagrams matching `filter` on A's eth0 while `traffic` runs.
+async fn capture_gue(
+    a: &Pod,
+    count: usize,
+    filter: &[&str],
+    traffic: impl std::future::Future<Output = ()>,
+) -> Vec<Captured> {
+    let pcap = std::env::temp_dir().join(format!(
+        "keyway-gue-{}-{}.pcap",
+        std::process::id(),
+        a.ns.name
+    ));
     let pcap_s = pcap.to_string_lossy().into_owned();
+    let count_s = count.to_string();
+    let mut args = vec![
+        "netns", "exec", &a.ns.name, "tcpdump", "-i", "eth0", "-U", "-n", "-c", &count_s, "-w",
+        &pcap_s,
+    ];
+    args.extend_from_slice(filter);
     let mut dump = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &a.ns.name, "tcpdump", "-i", "eth0", "-U", "-n", "-c", "4", "-w",
-            &pcap_s, "udp", "port", "6080",
-        ])
+        .args(&args)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("tcpdump (Debian package tcpdump) must be installed");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    // 100 bytes of ICMP payload: inner packet 20 + 8 + 100 = 128 bytes.
-    assert!(ping(&a, B_OVERLAY, &["-s", "100"]).await);
+    traffic.await;
     let status = tokio::task::spawn_blocking(move || dump.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success());
-
     let out = std::process::Command::new("tshark")
         .args([
             "-r",
@@ -482,33 +499,105 @@ async fn the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead() {
         .expect("tshark (Debian package tshark) must be installed");
     let _ = std::fs::remove_file(&pcap);
     let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Captured> = text
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            assert_eq!(f.len(), 5, "{line}");
+            assert_eq!((f[2], f[3]), ("6080", "6080"), "{line}");
+            Captured {
+                outer_src: f[0].to_string(),
+                ip_len: f[1].parse().unwrap(),
+                payload: (0..f[4].len() / 2)
+                    .map(|i| u8::from_str_radix(&f[4][2 * i..2 * i + 2], 16).unwrap())
+                    .collect(),
+            }
+        })
+        .collect();
+    assert_eq!(rows.len(), count, "{text}");
+    rows
+}
+
+/// The GUE header the engine writes, the destination's key, and 36 bytes over an inner packet
+/// of `inner_len`.
+fn assert_gue(c: &Captured, inner_len: usize) {
     let key_b = ring("t/b").key_at(keyway_sap::io::now_ms()).unwrap();
     let key_a = ring("t/a").key_at(keyway_sap::io::now_ms()).unwrap();
-    let mut seen = 0;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f.len(), 5, "{line}");
-        let ip_len: usize = f[1].parse().unwrap();
-        assert_eq!(f[2], "6080");
-        assert_eq!(f[3], "6080");
-        let payload: Vec<u8> = (0..f[4].len() / 2)
-            .map(|i| u8::from_str_radix(&f[4][2 * i..2 * i + 2], 16).unwrap())
-            .collect();
-        // Version 0, C 0, Hlen 1 | proto 4 (IPv4) | flags: G | the destination's key
-        assert_eq!(&payload[..4], &[0x01, 0x04, 0x80, 0x00], "{line}");
-        let key = u32::from_be_bytes(payload[4..8].try_into().unwrap());
-        let expected = if f[0] == A_INFRA { key_b } else { key_a };
-        assert_eq!(key, expected.0, "{line}");
-        let inner_len = payload.len() - 8;
-        assert_eq!(inner_len, 128);
-        assert_eq!(ip_len - inner_len, 36, "outer IPv4 + UDP + GUE");
-        eprintln!(
-            "captured: {} -> udp/6080, GUE key {key:#010x}, outer {ip_len} B = inner {inner_len} B + 36",
-            f[0]
-        );
-        seen += 1;
+    // Version 0, C 0, Hlen 1 | proto 4 (IPv4) | flags: G | the destination's key
+    assert_eq!(&c.payload[..4], &[0x01, 0x04, 0x80, 0x00]);
+    let key = u32::from_be_bytes(c.payload[4..8].try_into().unwrap());
+    let expected = if c.outer_src == A_INFRA { key_b } else { key_a };
+    assert_eq!(key, expected.0, "from {}", c.outer_src);
+    assert_eq!(c.payload.len() - 8, inner_len);
+    assert_eq!(c.ip_len - inner_len, 36, "outer IPv4 + UDP + GUE");
+    eprintln!(
+        "captured: {} -> udp/6080, GUE {:02x?}, outer {} B = inner {inner_len} B + 36",
+        c.outer_src,
+        &c.payload[..8],
+        c.ip_len
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead() {
+    if !privileged("the_wire_carries_gue_with_the_key_and_36_bytes_of_overhead") {
+        return;
     }
-    assert_eq!(seen, 4, "two echo requests and two replies:\n{text}");
+    let (a, _b) = pair("epwire").await;
+    // 100 bytes of ICMP payload: inner packet 20 + 8 + 100 = 128 bytes.
+    let rows = capture_gue(&a, 4, &["udp", "port", "6080"], async {
+        assert!(ping(&a, B_OVERLAY, &["-s", "100"]).await);
+    })
+    .await;
+    for c in &rows {
+        assert_gue(c, 128);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_puts_the_same_gue_bytes_on_the_wire() {
+    if !privileged("the_fast_path_puts_the_same_gue_bytes_on_the_wire") {
+        return;
+    }
+    let (a, _b) = pair_on("epwirefast", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = a.carried().egress_packets;
+    // Five UDP datagrams of one flow, 100 bytes each (inner 128): the first goes through the
+    // user-space path, which teaches A's kernel the flow; the kernel sends the rest.
+    let ans = a.ns.netns().try_clone().unwrap();
+    let rows = capture_gue(
+        &a,
+        5,
+        &["udp", "port", "6080", "and", "src", "host", A_INFRA],
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let s = ans
+                    .run(|| std::net::UdpSocket::bind((A_OVERLAY, 0)))
+                    .unwrap()
+                    .unwrap();
+                for _ in 0..5 {
+                    s.send_to(&[7u8; 100], (B_OVERLAY, 7777)).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .await
+            .unwrap();
+        },
+    )
+    .await;
+    for c in &rows {
+        assert_gue(c, 128);
+    }
+    let by_kernel = a.carried().egress_packets - before;
+    assert!(
+        by_kernel >= 3,
+        "the kernel sent {by_kernel} of the 5: the capture must hold both paths' datagrams"
+    );
+    assert!(
+        rows.windows(2)
+            .all(|w| w[0].payload[..8] == w[1].payload[..8]),
+        "one GUE header, byte for byte, whichever path sent it"
+    );
 }
 
 /// A one-way TCP transfer of `bytes` from `a` to `b`'s overlay address on `port`: how many

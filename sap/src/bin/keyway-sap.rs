@@ -162,7 +162,7 @@ async fn run(config: Config, compiled: keyway_sap::config::Compiled) -> anyhow::
                 flows: FlowTable::new(65536, FlowTimeouts::default()),
                 counters: counters.clone(),
                 // An external endpoint's traffic is the user-space path's.
-                fast: None,
+                fast: Default::default(),
             });
             endpoint::spawn(ctx, opened)?
         }

@@ -263,8 +263,9 @@ pub struct EndpointContext {
     pub local: Arc<SharedLocal>,
     pub flows: FlowTable,
     pub counters: Arc<Counters>,
-    /// The kernel fast path, where it carries this endpoint's established flows.
-    pub fast: Option<super::fastpath::FastPath>,
+    /// The kernel fast path, once it carries this endpoint's established flows (set after the
+    /// loops start: they serve the endpoint meanwhile).
+    pub fast: std::sync::OnceLock<super::fastpath::FastPath>,
 }
 
 /// Buffers the loops work in between two awaits: one set per worker thread, not per endpoint,
@@ -378,7 +379,7 @@ pub async fn endpoint_egress(
                 match engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now) {
                     Ok(send) => {
                         let datagram = &buf[send.start..];
-                        if let Some(c) = ctx.fast.as_ref().and_then(|f| {
+                        if let Some(c) = ctx.fast.get().and_then(|f| {
                             f.egress_candidate(&buf[gue::HEADROOM..], datagram, send.to, send.hop)
                         }) && learned.last() != Some(&c)
                         {
@@ -409,7 +410,7 @@ pub async fn endpoint_egress(
             }
         }
         // Only now, with the packets sent, may the kernel carry their flows' next ones.
-        if let (Some(fast), false) = (&ctx.fast, learned.is_empty()) {
+        if let (Some(fast), false) = (ctx.fast.get(), learned.is_empty()) {
             fast.learn_egress(&learned, generation);
         }
     }
@@ -554,7 +555,7 @@ pub async fn endpoint_ingress(
                     };
                     if let Some(f) = ctx
                         .fast
-                        .as_ref()
+                        .get()
                         .and_then(|f| f.ingress_candidate(datagram, inner, m.addr))
                         && learned.last() != Some(&f)
                     {
@@ -622,7 +623,7 @@ pub async fn endpoint_ingress(
             return Ok(());
         }
         // Only now, with the packets delivered, may the kernel carry their flows' next ones.
-        if let (Some(fast), false) = (&ctx.fast, learned.is_empty()) {
+        if let (Some(fast), false) = (ctx.fast.get(), learned.is_empty()) {
             fast.learn_ingress(&learned, generation);
             learned.clear();
         }
