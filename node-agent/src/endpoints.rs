@@ -281,11 +281,20 @@ impl Endpoints {
                 n.renew();
             }
             let now = keyway_sap::io::now_ms();
+            let (mut kept, mut idle, mut refused) = (0, 0, 0);
             for ctx in ctxs {
                 if let Some(f) = ctx.fast.get() {
-                    f.sync(&ctx, now, periodic);
+                    let r = f.sync(&ctx, now, periodic);
+                    (kept, idle, refused) = (kept + r.kept, idle + r.idle, refused + r.refused);
                 }
             }
+            tracing::debug!(
+                periodic,
+                kept,
+                idle,
+                refused,
+                "fast path flows judged again"
+            );
             let _ = done.send(());
         });
         let _ = wait.await;

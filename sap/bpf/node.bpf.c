@@ -46,7 +46,8 @@ struct {
 	__type(value, __u32);   // the ifindex of the node side of the pod's veth
 } kw_node_pods SEC(".maps");
 
-// Packets and bytes handed to a pod's veth (keep in step with sap/src/io/bpf.rs).
+// Packets and bytes handed to a pod's veth, for `bpftool map dump name kw_node_carried` (the
+// agent does not add them to its counters: the pod's own programs count the same packets).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 2);

@@ -468,23 +468,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
 /// the way), and the agent's memory with them attached.
 pub fn bench_cni(pods: usize) -> anyhow::Result<String> {
     let c = TestCluster::new("benchcni", 1, 110);
-    let rss = |pid: u32| -> f64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("VmRSS:").map(|v| {
-                        v.trim()
-                            .trim_end_matches(" kB")
-                            .trim()
-                            .parse::<f64>()
-                            .unwrap_or(0.0)
-                    })
-                })
-            })
-            .unwrap_or(0.0)
-            / 1024.0
-    };
+    let rss = |pid: u32| super::soak::read_status_kib(pid, "VmRSS:") as f64 / 1024.0;
     // `ip netns exec` runs the agent directly; its pid is the agent's.
     let agent_pid = c.agent(1).pid().context("agent pid")?;
     let rss_empty = rss(agent_pid);

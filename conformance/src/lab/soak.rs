@@ -399,7 +399,8 @@ fn run_window(p: &TrafficPath, index: usize, o: &SoakOptions, seconds: f64) -> W
     w
 }
 
-fn read_status_kib(pid: u32, field: &str) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`), 0 when the process or field is gone.
+pub(crate) fn read_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -38,8 +38,6 @@ const FILTER_HANDLE: u32 = 1;
 
 /// tc's verdict for a packet that goes on (`TC_ACT_OK`).
 pub const TC_ACT_OK: u32 = 0;
-/// tc's verdict for a packet the program redirected (`TC_ACT_REDIRECT`).
-pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// What the ingress program decided about a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,7 +519,6 @@ static NODE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const BRIDGE_PROGRAM: &str = "kw_bridge_egress";
 const NODE_CONFIG: &str = "kw_node_config";
 const NODE_PODS: &str = "kw_node_pods";
-const NODE_CARRIED: &str = "kw_node_carried";
 
 /// The node's program and maps, loaded into the kernel.
 #[derive(Debug)]
@@ -575,24 +572,6 @@ impl NodePrograms {
 
     pub fn remove_pod(&mut self, pod_ip: Ipv4Addr) {
         let _ = self.pods.remove(&pod_ip.octets());
-    }
-
-    /// Packets and bytes handed to pods' veths so far.
-    pub fn carried(&self) -> Result<(u64, u64), BpfError> {
-        let map = self
-            .ebpf
-            .map(NODE_CARRIED)
-            .ok_or(BpfError::Missing(NODE_CARRIED))?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|e| map_error(NODE_CARRIED, e))?;
-        let sum = |i: u32| -> Result<u64, BpfError> {
-            Ok(counters
-                .get(&i, 0)
-                .map_err(|e| map_error(NODE_CARRIED, e))?
-                .iter()
-                .sum())
-        };
-        Ok((sum(0)?, sum(1)?))
     }
 }
 

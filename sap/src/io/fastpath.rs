@@ -546,9 +546,4 @@ impl NodeFastPath {
             tracing::warn!(error = %e, "cannot renew the node fast path's lease");
         }
     }
-
-    /// Packets and bytes handed from a bridge to pods' veths so far.
-    pub fn carried(&self) -> (u64, u64) {
-        self.programs().carried().unwrap_or_default()
-    }
 }
