@@ -140,6 +140,26 @@ fn the_papers_topology_end_to_end_and_down_leaves_nothing() {
             d.is_empty(),
             "{datapath}: TCP via the underlay: {d:?}\n{got}"
         );
+        // The probes through a SaP (S1 <-> S3): past their first datagram, forwarded by the
+        // kernel SaP on the fast path (counted at the agents' next sync), by nothing else under
+        // --datapath user.
+        let in_kernel = || -> f64 {
+            lab.node_metric("keyway_fastpath_sap_datagrams_total")
+                .iter()
+                .sum()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while datapath != "user" && in_kernel() == 0.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if datapath == "user" {
+            assert_eq!(in_kernel(), 0.0, "no kernel SaP under --datapath user");
+        } else {
+            assert!(
+                in_kernel() > 0.0,
+                "the kernel SaP forwards the flows the user-space SaP forwarded first"
+            );
+        }
     }
     lab.set_datapath("auto").expect("agents restarted");
 

@@ -191,9 +191,16 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.endpoints.sync_fast(true).await;
+            let sap = self.endpoints.sync_fast(true).await;
             self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
+            self.metrics.fastpath_sap_flows.set(sap.flows.kept as i64);
+            self.metrics.fastpath_sap_datagrams.inc_by(sap.forwarded);
         }
+    }
+
+    /// Where the node's kernel fast path is once a pod's loads it: the SaP teaches it flows.
+    pub fn node_fast_path(&self) -> keyway_sap::io::fastpath::NodeFastSlot {
+        self.endpoints.node_fast_path()
     }
 
     pub fn readiness(&self) -> watch::Receiver<bool> {

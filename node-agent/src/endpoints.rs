@@ -17,7 +17,7 @@ use keyway_protocol::firewall::{self, Egress, PodFirewall, PodRules};
 use keyway_protocol::handoff::Attachment;
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, EndpointError, Running};
-use keyway_sap::io::fastpath::{FastPath, NodeFastPath};
+use keyway_sap::io::fastpath::{FastPath, NodeFastPath, NodeFastSlot, NodeSyncReport};
 use keyway_sap::io::nft::{self, NftError};
 use keyway_sap::io::udp::GUE_MARK;
 use keyway_sap::sys::{Netns, NetnsError};
@@ -112,12 +112,15 @@ pub struct Endpoints {
 struct FastShared {
     datapath: Datapath,
     gue_port: u16,
+    /// The node's SaP, which the node's fast path carries in the kernel too.
+    local_sap: Option<SocketAddr>,
     /// Set once the kernel has refused keyway's programs under `--datapath auto`: said once,
     /// not tried again for every pod.
     no_kernel: std::sync::atomic::AtomicBool,
     /// The node's part of the fast path, loaded with the first pod's: `None` inside when the
-    /// kernel refused it (pods' fast paths still work, through the bridge).
-    node: std::sync::OnceLock<Option<Arc<NodeFastPath>>>,
+    /// kernel refused it (pods' fast paths still work, through the bridge and the user-space
+    /// SaP).
+    node: NodeFastSlot,
     worker: Worker,
 }
 
@@ -163,7 +166,7 @@ impl FastShared {
     /// The node's part of the fast path (loaded on first use). Blocking.
     fn node(&self) -> Option<Arc<NodeFastPath>> {
         self.node
-            .get_or_init(|| match NodeFastPath::load(self.gue_port) {
+            .get_or_init(|| match NodeFastPath::load(self.gue_port, self.local_sap) {
                 Ok(n) => Some(Arc::new(n)),
                 Err(e) => {
                     tracing::warn!(error = %e, "the node's fast path cannot load: GUE to pods behind a bridge is segmented there");
@@ -245,12 +248,18 @@ impl Endpoints {
             fast: Arc::new(FastShared {
                 datapath,
                 gue_port,
+                local_sap,
                 no_kernel: Default::default(),
-                node: std::sync::OnceLock::new(),
+                node: Default::default(),
                 worker: Worker::start(),
             }),
             running: Mutex::default(),
         }
+    }
+
+    /// Where the node's fast path is, once loaded.
+    pub fn node_fast_path(&self) -> NodeFastSlot {
+        self.fast.node.clone()
     }
 
     /// How many endpoints the kernel fast path serves.
@@ -261,26 +270,30 @@ impl Endpoints {
             .count()
     }
 
-    /// Brings every endpoint's fast path in line with the engine (keys, lease, the flows it
-    /// carries, counters): `periodic` also hands idle flows back to the engine. On a blocking
-    /// thread; map system calls only.
-    pub async fn sync_fast(&self, periodic: bool) {
+    /// Brings every endpoint's fast path, and the node's, in line with the engine (keys,
+    /// lease, the flows it carries, counters): `periodic` also hands idle flows back to the
+    /// engine. On the fast path's thread; map system calls only. Returns what the node's SaP
+    /// did in the kernel.
+    pub async fn sync_fast(&self, periodic: bool) -> NodeSyncReport {
         let ctxs: Vec<Arc<EndpointContext>> = self
             .map()
             .values()
             .filter(|e| e.ctx.fast.get().is_some())
             .map(|e| e.ctx.clone())
             .collect();
+        // Without a pod on the fast path, the node's part has nothing to carry: its lease runs out.
         if ctxs.is_empty() {
-            return;
+            return NodeSyncReport::default();
         }
         let node = self.fast.node.get().cloned().flatten();
+        let (tables, counters) = (self.tables.clone(), self.counters.clone());
         let (done, wait) = tokio::sync::oneshot::channel();
         self.fast.worker.run(move || {
-            if let (Some(n), true) = (&node, periodic) {
-                n.renew();
-            }
             let now = keyway_sap::io::now_ms();
+            let sap = node
+                .as_ref()
+                .map(|n| n.sync(&tables, &counters, now, periodic))
+                .unwrap_or_default();
             let (mut kept, mut idle, mut refused) = (0, 0, 0);
             for ctx in ctxs {
                 if let Some(f) = ctx.fast.get() {
@@ -293,11 +306,14 @@ impl Endpoints {
                 kept,
                 idle,
                 refused,
+                sap_kept = sap.flows.kept,
+                sap_idle = sap.flows.idle,
+                sap_refused = sap.flows.refused,
                 "fast path flows judged again"
             );
-            let _ = done.send(());
+            let _ = done.send(sap);
         });
-        let _ = wait.await;
+        wait.await.unwrap_or_default()
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Attachment, Endpoint>> {

@@ -308,9 +308,18 @@ async fn start_sap(
         Some(gw) => open_gateway(gw, addr.ip()).await,
         None => None,
     };
+    let mtu = match keyway_sap::io::netlink::Netlink::connect() {
+        Ok(nl) => nl.mtu_of_address(addr.ip()).await.ok().flatten(),
+        Err(_) => None,
+    };
     let tables = agent.tables.clone();
     Ok(Some(keyway_sap::io::endpoint::spawn_sap(
-        tables, counters, sock, device,
+        tables,
+        counters,
+        sock,
+        device,
+        agent.node_fast_path(),
+        mtu.unwrap_or(1500) as usize,
     )?))
 }
 

@@ -133,6 +133,10 @@ pub struct Metrics {
     pub bpf_available: Gauge,
     /// Pods whose established flows the kernel fast path carries.
     pub fastpath_pods: Gauge,
+    /// Flows the node's SaP forwards in the kernel (at the last sync).
+    pub fastpath_sap_flows: Gauge,
+    /// Datagrams the node's SaP forwarded in the kernel (also in `keyway_datapath_*`).
+    pub fastpath_sap_datagrams: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,6 +181,8 @@ impl Metrics {
             key_epoch: Gauge::default(),
             bpf_available: Gauge::default(),
             fastpath_pods: Gauge::default(),
+            fastpath_sap_flows: Gauge::default(),
+            fastpath_sap_datagrams: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -269,6 +275,18 @@ impl Metrics {
         r.register("keyway_bpf_available", help, self.bpf_available.clone());
         let help = "Pods whose established flows keyway's eBPF fast path carries (the user-space path decides each flow's first packets)";
         r.register("keyway_fastpath_pods", help, self.fastpath_pods.clone());
+        let help = "Flows the node's SaP forwards in the kernel, at the last sync (the user-space SaP forwards each flow's first datagrams)";
+        r.register(
+            "keyway_fastpath_sap_flows",
+            help,
+            self.fastpath_sap_flows.clone(),
+        );
+        let help = "Datagrams the node's SaP forwarded in the kernel (counted in keyway_datapath_* with the user-space SaP's)";
+        r.register(
+            "keyway_fastpath_sap_datagrams",
+            help,
+            self.fastpath_sap_datagrams.clone(),
+        );
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(
             "keyway_reattach_failures",

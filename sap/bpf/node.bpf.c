@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 //
-// keyway's kernel fast path at the node: GUE the node routes to one of its pods, handed straight
-// to the pod's veth instead of through the primary CNI's bridge.
+// keyway's kernel fast path at the node: two tc programs, direct action.
+//
+// kw_bridge_egress: GUE the node routes to one of its pods, handed straight to the pod's veth
+// instead of through the primary CNI's bridge.
 //
 // Why: a pod's fast path sends a TCP GSO packet whole, encapsulated (skb->encapsulation). A Linux
 // bridge advertises no offloads for encapsulated packets (its hw_enc_features are empty), so the
@@ -16,7 +18,16 @@
 // It touches only IPv4 UDP to keyway's GUE port whose destination is a pod the agent listed
 // (kw_node_pods: pod IP -> the ifindex of its veth's node side), while the agent's lease holds.
 // Everything else goes through the bridge as before.
-
+//
+// kw_sap: the node's SaP, in the kernel, for the flows the user-space SaP has already forwarded.
+// On the ingress of the device that holds the SaP's address, a GUE datagram to the SaP whose
+// (outer source, key, inner five-tuple) is in kw_sap_flows is forwarded as the user-space SaP
+// forwards it: from the SaP's address and port to the destination endpoint the engine chose,
+// the datagram itself unchanged (a SaP never rewrites the key), straight to the destination
+// pod's veth. The agent put the flow there after engine::sap_forward admitted one of its
+// datagrams, and re-derives it through the same function at every change and every second;
+// the key is part of the flow, so a datagram with any other key (a rotation, a forgery) misses
+// and goes to the user-space SaP, which checks it. The kernel decides nothing and drops nothing.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -28,8 +39,9 @@
 
 struct node_config {
 	__u32 gue_port;         // network order, low 16 bits
-	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the map may be used
+	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the maps may be used
 	__u32 lease_hi;
+	__u32 sap_v4;           // the SaP's address, network order (0: no kernel SaP)
 };
 
 struct {
@@ -39,11 +51,18 @@ struct {
 	__type(value, struct node_config);
 } kw_node_config SEC(".maps");
 
+// One of the node's pods behind a bridge (keep in step with sap/src/io/bpf.rs).
+struct node_pod {
+	__u32 ifindex;          // the node side of the pod's veth
+	__u8 pod_mac[6];        // the pod's eth0, and the bridge's address: the Ethernet header
+	__u8 bridge_mac[6];     // the node's routing would have given a datagram for the pod
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__type(key, __u32);     // the pod IP, network order
-	__type(value, __u32);   // the ifindex of the node side of the pod's veth
+	__type(value, struct node_pod);
 } kw_node_pods SEC(".maps");
 
 // Packets and bytes handed to a pod's veth, for `bpftool map dump name kw_node_carried` (the
@@ -80,8 +99,8 @@ int kw_bridge_egress(struct __sk_buff *skb)
 	if (!HAVE(udp, sizeof(*udp), end) || udp->dest != (__u16)cfg->gue_port)
 		return TC_ACT_OK;
 	__u32 daddr = ip->daddr;
-	__u32 *ifindex = bpf_map_lookup_elem(&kw_node_pods, &daddr);
-	if (!ifindex)
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &daddr);
+	if (!pod)
 		return TC_ACT_OK;
 	__u32 k = 0;
 	__u64 *n = bpf_map_lookup_elem(&kw_node_carried, &k);
@@ -91,7 +110,179 @@ int kw_bridge_egress(struct __sk_buff *skb)
 	n = bpf_map_lookup_elem(&kw_node_carried, &k);
 	if (n)
 		*n += skb->len;
-	return bpf_redirect(*ifindex, 0);
+	return bpf_redirect(pod->ifindex, 0);
+}
+
+// An IPv4 flow as the engine classifies it (struct flow4 of endpoint.bpf.c).
+struct flow4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+// A flow the user-space SaP forwarded: from which outer source, with which key.
+struct sap_flow_key {
+	__u32 outer_src;        // network order
+	__u32 key;              // host order, as GUE's group identifier reads
+	struct flow4 inner;
+};
+
+struct sap_flow {
+	__u32 to_v4;            // the destination endpoint, network order
+	__u32 to_port;          // network order, low 16 bits
+	__u64 seen_ns;          // bpf_ktime_get_ns() of the last datagram the kernel forwarded
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sap_flow_key);
+	__type(value, struct sap_flow);
+} kw_sap_flows SEC(".maps");
+
+// Datagrams forwarded (a GSO packet as its segments) and their bytes as the user-space SaP
+// counts them (GUE header and inner packet), added by the agent to its SaP counters.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_sap_carried SEC(".maps");
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+// Ethernet, outer IPv4 without options, UDP, GUE without a MAC, inner IPv4 without options, TCP.
+#define SAP_HEADERS_LEN (14 + 20 + 8 + 8 + 20 + 20)
+#define ETH_LEN 14
+#define IP_CSUM_OFF (ETH_LEN + 10)
+#define IP_SRC_OFF (ETH_LEN + 12)
+#define IP_DST_OFF (ETH_LEN + 16)
+#define UDP_OFF (ETH_LEN + 20)
+#define UDP_CSUM_OFF (UDP_OFF + 6)
+// keyway's GUE header without a MAC: version 0, Hlen 1, IPv4 inside, the group-id flag.
+#define GUE_PLAIN_IPV4 0x01048000
+
+SEC("classifier")
+int kw_sap(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
+	if (!cfg || !cfg->sap_v4)
+		return TC_ACT_OK;
+	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
+	if (bpf_ktime_get_ns() >= lease)
+		return TC_ACT_OK;
+	if (skb->len < SAP_HEADERS_LEN - 12)
+		return TC_ACT_OK;
+	// The headers read and rewritten, in the linear part and writable (not shared with a
+	// clone): after this, the rewrites below cannot fail.
+	if (bpf_skb_pull_data(skb, skb->len < SAP_HEADERS_LEN ? skb->len : SAP_HEADERS_LEN))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if (!HAVE(eth, sizeof(*eth), end) || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if (!HAVE(ip, sizeof(*ip), end) || ip->version != 4 || ip->ihl != 5 ||
+	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)) ||
+	    ip->daddr != cfg->sap_v4)
+		return TC_ACT_OK;
+	struct udphdr *udp = (void *)(ip + 1);
+	if (!HAVE(udp, sizeof(*udp), end) || udp->dest != (__u16)cfg->gue_port)
+		return TC_ACT_OK;
+	// Exactly one GUE datagram holding exactly one inner packet (a GSO one, kept whole by a
+	// sender's fast path, counts as one): a user-space sender's UDP GSO batch, many datagrams
+	// behind one header whose UDP length is a segment's, is left to the user-space SaP, which
+	// checks each of them.
+	__u32 ulen = bpf_ntohs(udp->len);
+	if (ulen != skb->len - ETH_LEN - 20)
+		return TC_ACT_OK;
+	__u8 *gue = (void *)(udp + 1);
+	if (!HAVE(gue, 8, end) || *(__u32 *)gue != bpf_htonl(GUE_PLAIN_IPV4))
+		return TC_ACT_OK;
+	__u8 *pkt = gue + 8;
+	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 ||
+	    (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
+		return TC_ACT_OK;
+	__u8 *l4 = pkt + 20;
+	__u8 proto = pkt[9];
+	__u32 inner_headers;
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+			return TC_ACT_OK;
+		inner_headers = 20 + (l4[12] >> 4) * 4;
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return TC_ACT_OK;
+		inner_headers = 28;
+	} else {
+		return TC_ACT_OK;
+	}
+	struct sap_flow_key k = {
+		.outer_src = ip->saddr,
+		.key = bpf_ntohl(*(__u32 *)(gue + 4)),
+	};
+	k.inner.src = *(__u32 *)(pkt + 12);
+	k.inner.dst = *(__u32 *)(pkt + 16);
+	k.inner.sport = *(__u16 *)l4;
+	k.inner.dport = *(__u16 *)(l4 + 2);
+	k.inner.proto = proto;
+	struct sap_flow *flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
+	if (!flow)
+		return TC_ACT_OK;
+	__u32 to = flow->to_v4;
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &to);
+	if (!pod)
+		return TC_ACT_OK;
+	flow->seen_ns = bpf_ktime_get_ns();
+
+	__u32 from = ip->saddr;
+	__u16 sport = udp->source;
+	__u16 dport = udp->dest;
+	__u16 to_port = (__u16)flow->to_port;
+	__u16 gue_port = (__u16)cfg->gue_port;
+	__u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	// As the user-space SaP counts: each datagram's GUE header and inner packet.
+	__u64 bytes = skb->len - ETH_LEN - 20 - 8 + (__u64)(segs - 1) * (8 + inner_headers);
+
+	// From (source S, the SaP) to (the SaP, destination T): the header checksum and UDP's
+	// pseudo-header lose S and gain T. A zero UDP checksum (none, over IPv4) stays zero;
+	// BPF_F_PSEUDO_HDR keeps a checksum the offload is to finish (CHECKSUM_PARTIAL) right.
+	__u32 sap = cfg->sap_v4;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, from, to, 4) ||
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, from, to,
+				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4))
+		return TC_ACT_OK;
+	// (The rewrites below cannot fail on the pulled, writable headers; were one to, a half
+	// rewritten datagram must not go on.)
+	if (sport != gue_port &&
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, sport, gue_port, BPF_F_MARK_MANGLED_0 | 2))
+		return TC_ACT_SHOT;
+	if (dport != to_port &&
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, dport, to_port, BPF_F_MARK_MANGLED_0 | 2))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, IP_SRC_OFF, &sap, 4, 0) ||
+	    bpf_skb_store_bytes(skb, IP_DST_OFF, &to, 4, 0) ||
+	    bpf_skb_store_bytes(skb, UDP_OFF, &gue_port, 2, 0) ||
+	    bpf_skb_store_bytes(skb, UDP_OFF + 2, &to_port, 2, 0) ||
+	    bpf_skb_store_bytes(skb, 0, pod->pod_mac, 6, 0) ||
+	    bpf_skb_store_bytes(skb, 6, pod->bridge_mac, 6, 0))
+		return TC_ACT_SHOT;
+
+	__u32 c = 0;
+	__u64 *n = bpf_map_lookup_elem(&kw_sap_carried, &c);
+	if (n)
+		*n += segs;
+	c = 1;
+	n = bpf_map_lookup_elem(&kw_sap_carried, &c);
+	if (n)
+		*n += bytes;
+	return bpf_redirect(pod->ifindex, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

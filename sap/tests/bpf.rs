@@ -268,3 +268,165 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
         );
     }
 }
+
+/// An Ethernet frame carrying `datagram` in UDP from `src`:6080 to `dst`:6080, with a full UDP
+/// checksum when `udp_checksum` (a user-space sender's) or none (0, a kernel fast path's).
+fn udp_frame(src: [u8; 4], dst: [u8; 4], datagram: &[u8], udp_checksum: bool) -> Vec<u8> {
+    let udp_len = 8 + datagram.len();
+    let mut f = vec![0u8; 14 + 20 + udp_len];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xaa]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xbb]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    {
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = PROTO_UDP;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let c = keyway_core::packet::checksum(ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    f[34..36].copy_from_slice(&6080u16.to_be_bytes());
+    f[36..38].copy_from_slice(&6080u16.to_be_bytes());
+    f[38..40].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    f[42..].copy_from_slice(datagram);
+    if udp_checksum {
+        let c = udp_checksum_of(&f);
+        f[40..42].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+/// The UDP checksum `frame`'s datagram should carry (its field taken as 0).
+fn udp_checksum_of(frame: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, PROTO_UDP]);
+    pseudo.extend_from_slice(&frame[38..40]);
+    let mut udp = frame[34..].to_vec();
+    udp[6..8].fill(0);
+    pseudo.extend_from_slice(&udp);
+    match keyway_core::packet::checksum(&pseudo, 0) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+#[test]
+fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_saps_address() {
+    use keyway_sap::io::bpf::{Flow4, NodePod, NodePrograms, SapFlow, SapNextHop};
+    if !privileged("the_kernel_sap_forwards_exactly_the_flows_it_was_given") {
+        return;
+    }
+    const SAP: [u8; 4] = [192, 168, 9, 12];
+    const SENDER: [u8; 4] = [10, 244, 1, 7];
+    const DEST: [u8; 4] = [10, 244, 2, 9];
+    let key = Key(0x1234_5678);
+    let inner = build::tcp4(PEER, 40000, OVERLAY, 80);
+    let datagram = gue(key, &inner);
+    let mut p = NodePrograms::load().expect("the node's programs load");
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    let pod = NodePod {
+        veth_ifindex: 4242,
+        pod_mac: [0x02, 1, 2, 3, 4, 5],
+        bridge_mac: [0x02, 6, 7, 8, 9, 10],
+    };
+    p.set_pod(DEST.into(), &pod).unwrap();
+    let flow = SapFlow {
+        outer_src: SENDER.into(),
+        key,
+        inner: Flow4::of_packet(&inner).unwrap(),
+    };
+    let to = SapNextHop {
+        to: std::net::SocketAddrV4::new(DEST.into(), 6080),
+        seen_ns: 0,
+    };
+
+    let sent = udp_frame(SENDER, SAP, &datagram, true);
+    let (ret, out) = p.run_sap(&sent).unwrap();
+    assert_eq!(
+        (ret, &out),
+        (TC_ACT_OK, &sent),
+        "a flow not given: untouched"
+    );
+
+    p.insert_sap(&flow, &to).unwrap();
+    for udp_checksum in [true, false] {
+        let sent = udp_frame(SENDER, SAP, &datagram, udp_checksum);
+        let (ret, out) = p.run_sap(&sent).unwrap();
+        assert_eq!(ret, keyway_sap::io::bpf::TC_ACT_REDIRECT, "forwarded");
+        assert_eq!(&out[0..6], &pod.pod_mac, "to the pod's address");
+        assert_eq!(&out[6..12], &pod.bridge_mac, "from the bridge's");
+        assert_eq!(&out[26..30], &SAP, "from the SaP's address");
+        assert_eq!(&out[30..34], &DEST, "to the destination endpoint");
+        assert_eq!(&out[34..38], &sent[34..38], "GUE port to GUE port");
+        assert_eq!(
+            keyway_core::packet::checksum(&out[14..34], 0),
+            0,
+            "a valid IP header"
+        );
+        let stored = u16::from_be_bytes([out[40], out[41]]);
+        if udp_checksum {
+            assert_eq!(stored, udp_checksum_of(&out), "a valid UDP checksum");
+        } else {
+            assert_eq!(stored, 0, "no UDP checksum stays none");
+        }
+        assert_eq!(&out[42..], &datagram[..], "the datagram itself unchanged");
+    }
+    let (packets, bytes) = p.sap_carried().unwrap();
+    assert_eq!(packets, 2);
+    assert_eq!(
+        bytes,
+        2 * datagram.len() as u64,
+        "counted as the user-space SaP counts"
+    );
+    let seen = p.sap_flows();
+    assert!(
+        seen.iter().any(|(f, h)| *f == flow && h.seen_ns > 0),
+        "the flow stamped as carried: {seen:?}"
+    );
+
+    // Everything that is not exactly that flow goes on to the user-space SaP, untouched.
+    let syn = build::syn4(PEER, 40000, OVERLAY, 80);
+    let mut with_mac = datagram.clone();
+    with_mac[0] = (with_mac[0] & !0x1f) | 3;
+    with_mac.splice(gue::HEADER_LEN..gue::HEADER_LEN, [0xa5u8; 8]);
+    let mut batch = udp_frame(SENDER, SAP, &datagram, false);
+    batch[38..40].copy_from_slice(&((8 + datagram.len() / 2) as u16).to_be_bytes());
+    let other_port = build::tcp4(PEER, 40001, OVERLAY, 80);
+    let misses: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "another key",
+            udp_frame(SENDER, SAP, &gue(Key(7), &inner), false),
+        ),
+        (
+            "another outer source",
+            udp_frame([10, 244, 1, 8], SAP, &datagram, false),
+        ),
+        (
+            "another flow",
+            udp_frame(SENDER, SAP, &gue(key, &other_port), false),
+        ),
+        ("a SYN", udp_frame(SENDER, SAP, &gue(key, &syn), false)),
+        ("a MAC", udp_frame(SENDER, SAP, &with_mac, false)),
+        (
+            "not to the SaP",
+            udp_frame(SENDER, [192, 168, 9, 13], &datagram, false),
+        ),
+        ("a UDP length that is not the packet's (a GSO batch)", batch),
+    ];
+    for (what, f) in &misses {
+        let (ret, out) = p.run_sap(f).unwrap();
+        assert_eq!((ret, &out), (TC_ACT_OK, f), "{what}: untouched");
+    }
+    p.remove_pod(DEST.into());
+    let (ret, _) = p.run_sap(&sent).unwrap();
+    assert_eq!(ret, TC_ACT_OK, "a destination that is not the node's pod");
+    p.set_pod(DEST.into(), &pod).unwrap();
+    p.configure(6080, Some(SAP.into()), 1).unwrap();
+    let (ret, _) = p.run_sap(&sent).unwrap();
+    assert_eq!(ret, TC_ACT_OK, "a lease run out: nothing forwarded");
+}

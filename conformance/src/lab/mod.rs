@@ -1389,12 +1389,29 @@ impl Lab {
         self.node_metric("keyway_datapath_packets_total{stage=\"sap\"}")
     }
 
+    /// The SaP counters once they stop moving: a probe's connection may still be closing when
+    /// the probe returns, and what the kernel fast path forwarded is added to the counters at
+    /// the agent's next sync (every second).
+    fn settled_sap_counters(&self) -> Vec<f64> {
+        let mut last = self.sap_counters();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(1200));
+            let now = self.sap_counters();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// For every pair the overlay connects, which SaPs its packets went through (the paper's
     /// Table I): each pair is probed alone, and the nodes' SaP counters read before and after.
     pub fn paths(&self, port: u16, protocol: &str) -> anyhow::Result<String> {
         let m = self.probe(port, protocol, Via::Overlay, Duration::from_millis(1000))?;
         let eps = self.endpoints();
         let mut out = String::new();
+        let mut counters = self.settled_sap_counters();
         for (i, from) in m.names.iter().enumerate() {
             for (j, to) in m.names.iter().enumerate() {
                 if i == j || !m.cells[i][j] {
@@ -1408,7 +1425,7 @@ impl Lab {
                     continue;
                 };
                 let target = SocketAddr::new(*ip, port).to_string();
-                let before = self.sap_counters();
+                let before = counters;
                 self.runner(from)?.run(&[
                     "probe".into(),
                     "--protocol".into(),
@@ -1417,7 +1434,8 @@ impl Lab {
                     "1000".into(),
                     target,
                 ])?;
-                let after = self.sap_counters();
+                let after = self.settled_sap_counters();
+                counters = after.clone();
                 let saps: Vec<String> = self
                     .state
                     .nodes

@@ -332,6 +332,72 @@ pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
     true
 }
 
+/// Splits a TCP/IPv4 packet longer than `mss` bytes of payload (a GSO packet that a fast-path
+/// sender's kernel kept whole, as it arrives at a user-space SaP that must send it on as
+/// datagrams) into the segments the kernel's own segmentation would make, none longer than
+/// `max_len` bytes: each with the
+/// headers of the first, its share of the payload, its sequence number, an IP identifier
+/// counting up, FIN and PSH on the last segment only, CWR on the first only, and both checksums
+/// complete. `emit` gets each segment in order; returns how many, or `None` (nothing emitted)
+/// when the packet is not a whole, unfragmented TCP/IPv4 packet or its headers leave no room
+/// in `max_len`.
+pub fn segment_tcp4(packet: &[u8], max_len: usize, mut emit: impl FnMut(&[u8])) -> Option<usize> {
+    if packet.len() < IPV4_MIN_HEADER_LEN || packet[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
+    if packet[9] != PROTO_TCP || fragment || ihl < IPV4_MIN_HEADER_LEN || total != packet.len() {
+        return None;
+    }
+    let doff = usize::from(*packet.get(ihl + 12)? >> 4) * 4;
+    let headers = ihl + doff;
+    if doff < 20 || headers > total {
+        return None;
+    }
+    let mss = max_len.checked_sub(headers).filter(|m| *m > 0)?;
+    let payload = &packet[headers..];
+    let seq = u32::from_be_bytes(packet[ihl + 4..ihl + 8].try_into().ok()?);
+    let id = u16::from_be_bytes([packet[4], packet[5]]);
+    let flags = packet[ihl + 13];
+    const FIN_PSH: u8 = 0x01 | 0x08;
+    const CWR: u8 = 0x80;
+    let count = payload.len().div_ceil(mss).max(1);
+    let mut seg = Vec::with_capacity(headers + mss.min(payload.len()));
+    for i in 0..count {
+        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+        seg.clear();
+        seg.extend_from_slice(&packet[..headers]);
+        seg.extend_from_slice(chunk);
+        let len = seg.len() as u16;
+        seg[2..4].copy_from_slice(&len.to_be_bytes());
+        seg[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        seg[10..12].fill(0);
+        let c = checksum(&seg[..ihl], 0);
+        seg[10..12].copy_from_slice(&c.to_be_bytes());
+        let s = seq.wrapping_add((i * mss) as u32);
+        seg[ihl + 4..ihl + 8].copy_from_slice(&s.to_be_bytes());
+        let mut f = flags;
+        if i + 1 < count {
+            f &= !FIN_PSH;
+        }
+        if i > 0 {
+            f &= !CWR;
+        }
+        seg[ihl + 13] = f;
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&seg[12..20]);
+        pseudo[9] = PROTO_TCP;
+        pseudo[10..12].copy_from_slice(&((seg.len() - ihl) as u16).to_be_bytes());
+        seg[ihl + 16..ihl + 18].fill(0);
+        let c = checksum(&seg[ihl..], sum16(&pseudo, 0));
+        seg[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
+        emit(&seg);
+    }
+    Some(count)
+}
+
 /// Builders of well-formed packets, for tests, benches and fuzz seeds. Checksums are left zero:
 /// nothing in keyway's data path reads them.
 pub mod build {
@@ -646,5 +712,53 @@ mod tests {
             prop_assert_eq!(c.transport, Transport::Ports { src: s, dst: d });
             prop_assert_eq!(c.src, IpAddr::V4(a.into()));
         }
+    }
+
+    #[test]
+    fn a_whole_tcp_packet_is_segmented_as_the_kernel_would() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut p = build::ipv4(
+            [100, 64, 0, 2].into(),
+            [100, 64, 1, 3].into(),
+            PROTO_TCP,
+            &build::ports(PROTO_TCP, 40000, 80, &payload),
+        );
+        p[4..6].copy_from_slice(&7u16.to_be_bytes());
+        p[24..28].copy_from_slice(&0xffff_fc00u32.to_be_bytes());
+        p[20 + 13] = 0x80 | 0x10 | 0x08 | 0x01; // CWR ACK PSH FIN
+        let mut segs: Vec<Vec<u8>> = Vec::new();
+        assert_eq!(segment_tcp4(&p, 1440, |s| segs.push(s.to_vec())), Some(3));
+        let lens: Vec<usize> = segs.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [1440, 1440, 240]);
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert_eq!(usize::from(u16::from_be_bytes([s[2], s[3]])), s.len());
+            assert_eq!(u16::from_be_bytes([s[4], s[5]]), 7 + i as u16, "IP id");
+            assert_eq!(checksum(&s[..20], 0), 0, "IP header checksum");
+            let mut pseudo = [0u8; 12];
+            pseudo[..8].copy_from_slice(&s[12..20]);
+            pseudo[9] = PROTO_TCP;
+            pseudo[10..12].copy_from_slice(&((s.len() - 20) as u16).to_be_bytes());
+            assert_eq!(checksum(&s[20..], sum16(&pseudo, 0)), 0, "TCP checksum");
+            let seq = u32::from_be_bytes(s[24..28].try_into().unwrap());
+            assert_eq!(seq, 0xffff_fc00u32.wrapping_add(1400 * i as u32), "wraps");
+            let flags = s[20 + 13];
+            assert_eq!(flags & 0x10, 0x10, "ACK on every segment");
+            assert_eq!(flags & 0x80 != 0, i == 0, "CWR on the first only");
+            assert_eq!(flags & 0x09 != 0, i == 2, "FIN and PSH on the last only");
+            assert_eq!(flags & 0x09, if i == 2 { 0x09 } else { 0 });
+            joined.extend_from_slice(&s[40..]);
+        }
+        assert_eq!(joined, payload, "the payload, whole and in order");
+        let mut n = 0;
+        assert_eq!(segment_tcp4(&p, 4000, |_| n += 1), Some(1), "short enough");
+        assert_eq!(
+            segment_tcp4(&p, 40, |_| n += 1),
+            None,
+            "no room for payload"
+        );
+        p[9] = PROTO_UDP;
+        assert_eq!(segment_tcp4(&p, 1440, |_| n += 1), None, "not TCP");
+        assert_eq!(n, 1);
     }
 }

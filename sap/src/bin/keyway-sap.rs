@@ -169,7 +169,20 @@ async fn run(config: Config, compiled: keyway_sap::config::Compiled) -> anyhow::
         _ => {
             let sock = keyway_sap::io::udp::bind_gue(compiled.listen, None)?;
             tracing::info!(listen = %compiled.listen, "SaP up");
-            endpoint::spawn_sap(tables.clone(), counters.clone(), sock, None)?
+            // A standalone SaP runs in user space alone (no node fast path), sending datagrams
+            // that fit the MTU of the device it listens on.
+            let mtu = match keyway_sap::io::netlink::Netlink::connect() {
+                Ok(nl) => nl.mtu_of_address(compiled.listen.ip()).await.ok().flatten(),
+                Err(_) => None,
+            };
+            endpoint::spawn_sap(
+                tables.clone(),
+                counters.clone(),
+                sock,
+                None,
+                Default::default(),
+                mtu.unwrap_or(1500) as usize,
+            )?
         }
     };
     let rekeying = compiled

@@ -38,6 +38,8 @@ const FILTER_HANDLE: u32 = 1;
 
 /// tc's verdict for a packet that goes on (`TC_ACT_OK`).
 pub const TC_ACT_OK: u32 = 0;
+/// tc's verdict for a packet a program redirected (`TC_ACT_REDIRECT`).
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// What the ingress program decided about a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,18 +331,7 @@ impl EndpointPrograms {
     }
 
     fn per_cpu_sums(&self, name: &'static str) -> Result<[u64; 4], BpfError> {
-        let map = self.ebpf.map(name).ok_or(BpfError::Missing(name))?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|e| map_error(name, e))?;
-        let mut out = [0u64; 4];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = counters
-                .get(&(i as u32), 0)
-                .map_err(|e| map_error(name, e))?
-                .iter()
-                .sum();
-        }
-        Ok(out)
+        per_cpu_sums(&self.ebpf, name)
     }
 
     /// Attaches `kw_egress` to the overlay device `tun` and `kw_ingress` to `eth`, replacing a
@@ -398,6 +389,22 @@ impl EndpointPrograms {
         };
         Ok((result.return_value, verdict))
     }
+}
+
+/// The first `N` slots of per-CPU counter array `name`, each summed over CPUs.
+fn per_cpu_sums<const N: usize>(ebpf: &Ebpf, name: &'static str) -> Result<[u64; N], BpfError> {
+    let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(|e| map_error(name, e))?;
+    let mut out = [0u64; N];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = counters
+            .get(&(i as u32), 0)
+            .map_err(|e| map_error(name, e))?
+            .iter()
+            .sum();
+    }
+    Ok(out)
 }
 
 /// Removes keyway's filter from a pod's device (inside its namespace): `kw_egress` from an
@@ -513,18 +520,97 @@ impl FlowMaps {
     }
 }
 
-/// The node's program (`sap/bpf/node.bpf.c`): GUE the node routes to one of its pods, handed
-/// from the primary CNI's bridge straight to the pod's veth, whole.
+/// The node's programs (`sap/bpf/node.bpf.c`): GUE the node routes to one of its pods, handed
+/// from the primary CNI's bridge straight to the pod's veth, whole; and the node's SaP for the
+/// flows the user-space SaP has already forwarded.
 static NODE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node.bpf.o"));
 const BRIDGE_PROGRAM: &str = "kw_bridge_egress";
+const SAP_PROGRAM: &str = "kw_sap";
 const NODE_CONFIG: &str = "kw_node_config";
 const NODE_PODS: &str = "kw_node_pods";
+const SAP_FLOWS: &str = "kw_sap_flows";
+const SAP_CARRIED: &str = "kw_sap_carried";
 
-/// The node's program and maps, loaded into the kernel.
+/// One of the node's pods behind a bridge (`struct node_pod`): the node side of its veth, and
+/// the Ethernet header the node's routing would give a datagram for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePod {
+    pub veth_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub bridge_mac: [u8; 6],
+}
+
+impl NodePod {
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.veth_ifindex.to_ne_bytes());
+        b[4..10].copy_from_slice(&self.pod_mac);
+        b[10..16].copy_from_slice(&self.bridge_mac);
+        b
+    }
+}
+
+/// A flow the user-space SaP forwarded (`struct sap_flow_key`): the outer source it came from,
+/// the key it carried, its inner five-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SapFlow {
+    pub outer_src: Ipv4Addr,
+    pub key: Key,
+    pub inner: Flow4,
+}
+
+impl SapFlow {
+    fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.outer_src.octets());
+        b[4..8].copy_from_slice(&self.key.0.to_ne_bytes());
+        b[8..24].copy_from_slice(&self.inner.bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; 24]) -> SapFlow {
+        SapFlow {
+            outer_src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+            key: Key(u32::from_ne_bytes([b[4], b[5], b[6], b[7]])),
+            inner: Flow4::from_bytes(&b[8..]),
+        }
+    }
+}
+
+/// Where the SaP sends a flow's datagrams (`struct sap_flow`), and when the kernel last
+/// forwarded one (CLOCK_MONOTONIC, ns; 0: not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SapNextHop {
+    pub to: SocketAddrV4,
+    pub seen_ns: u64,
+}
+
+impl SapNextHop {
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.to.ip().octets());
+        b[4..6].copy_from_slice(&self.to.port().to_be_bytes());
+        b[8..16].copy_from_slice(&self.seen_ns.to_ne_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; 16]) -> SapNextHop {
+        SapNextHop {
+            to: SocketAddrV4::new(
+                Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+                u16::from_be_bytes([b[4], b[5]]),
+            ),
+            seen_ns: u64::from_ne_bytes(b[8..16].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+/// The node's programs and maps, loaded into the kernel.
 #[derive(Debug)]
 pub struct NodePrograms {
     ebpf: Ebpf,
-    pods: HashMap<MapData, [u8; 4], u32>,
+    pods: HashMap<MapData, [u8; 4], [u8; 16]>,
+    sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
 }
 
 impl NodePrograms {
@@ -533,25 +619,46 @@ impl NodePrograms {
             .btf(None)
             .load(NODE_OBJECT)
             .map_err(|e| BpfError::Object(Box::new(e)))?;
-        classifier_mut(&mut ebpf, BRIDGE_PROGRAM)?
-            .load()
-            .map_err(|e| program_error(BRIDGE_PROGRAM, e))?;
+        for name in [BRIDGE_PROGRAM, SAP_PROGRAM] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|e| program_error(name, e))?;
+        }
         let pods = ebpf
             .take_map(NODE_PODS)
             .ok_or(BpfError::Missing(NODE_PODS))?;
         let pods = HashMap::try_from(pods).map_err(|e| map_error(NODE_PODS, e))?;
-        Ok(NodePrograms { ebpf, pods })
+        let sap_flows = ebpf
+            .take_map(SAP_FLOWS)
+            .ok_or(BpfError::Missing(SAP_FLOWS))?;
+        let sap_flows = HashMap::try_from(sap_flows).map_err(|e| map_error(SAP_FLOWS, e))?;
+        Ok(NodePrograms {
+            ebpf,
+            pods,
+            sap_flows,
+        })
     }
 
-    /// The GUE port, and until when (CLOCK_MONOTONIC ns) the program may hand packets over.
-    pub fn configure(&mut self, gue_port: u16, lease_ns: u64) -> Result<(), BpfError> {
+    /// The GUE port, the SaP's address (none: no kernel SaP), and until when (CLOCK_MONOTONIC
+    /// ns) the programs may use their maps.
+    pub fn configure(
+        &mut self,
+        gue_port: u16,
+        sap: Option<Ipv4Addr>,
+        lease_ns: u64,
+    ) -> Result<(), BpfError> {
         let map = self
             .ebpf
             .map_mut(NODE_CONFIG)
             .ok_or(BpfError::Missing(NODE_CONFIG))?;
-        let mut config: Array<_, [u32; 3]> =
+        let mut config: Array<_, [u32; 4]> =
             Array::try_from(map).map_err(|e| map_error(NODE_CONFIG, e))?;
-        let words = [net_port(gue_port), lease_ns as u32, (lease_ns >> 32) as u32];
+        let words = [
+            net_port(gue_port),
+            lease_ns as u32,
+            (lease_ns >> 32) as u32,
+            net_v4(sap),
+        ];
         config
             .set(0, words, 0)
             .map_err(|e| map_error(NODE_CONFIG, e))
@@ -563,21 +670,79 @@ impl NodePrograms {
         attach_filter(&mut self.ebpf, BRIDGE_PROGRAM, bridge, TcAttachType::Egress)
     }
 
-    /// GUE to `pod_ip` goes to the veth with index `ifindex`.
-    pub fn set_pod(&mut self, pod_ip: Ipv4Addr, ifindex: u32) -> Result<(), BpfError> {
+    /// Attaches the kernel SaP to the ingress of `device`, the one that holds the SaP's
+    /// address (in this thread's namespace), replacing a predecessor's.
+    pub fn attach_sap(&mut self, device: &str) -> Result<(), BpfError> {
+        attach_filter(&mut self.ebpf, SAP_PROGRAM, device, TcAttachType::Ingress)
+    }
+
+    /// GUE to `pod_ip` goes to the pod's veth, with the pod's Ethernet header.
+    pub fn set_pod(&mut self, pod_ip: Ipv4Addr, pod: &NodePod) -> Result<(), BpfError> {
         self.pods
-            .insert(pod_ip.octets(), ifindex, 0)
+            .insert(pod_ip.octets(), pod.bytes(), 0)
             .map_err(|e| map_error(NODE_PODS, e))
     }
 
     pub fn remove_pod(&mut self, pod_ip: Ipv4Addr) {
         let _ = self.pods.remove(&pod_ip.octets());
     }
+
+    pub fn insert_sap(&mut self, f: &SapFlow, hop: &SapNextHop) -> Result<(), BpfError> {
+        self.sap_flows
+            .insert(f.bytes(), hop.bytes(), 0)
+            .map_err(|e| map_error(SAP_FLOWS, e))
+    }
+
+    pub fn remove_sap(&mut self, f: &SapFlow) {
+        let _ = self.sap_flows.remove(&f.bytes());
+    }
+
+    /// Every flow the kernel SaP holds.
+    pub fn sap_flows(&self) -> Vec<(SapFlow, SapNextHop)> {
+        self.sap_flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (SapFlow::from_bytes(&k), SapNextHop::from_bytes(&v)))
+            .collect()
+    }
+
+    /// Runs `kw_sap` once on `frame` (Ethernet, as it arrives at the SaP's device) through
+    /// `BPF_PROG_TEST_RUN`: the tc action, and the frame as the program left it.
+    pub fn run_sap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(SAP_PROGRAM)
+            .ok_or(BpfError::Missing(SAP_PROGRAM))?
+            .try_into()
+            .map_err(|e| program_error(SAP_PROGRAM, e))?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| program_error(SAP_PROGRAM, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// What the kernel SaP forwarded so far: datagrams (a GSO packet as its segments) and their
+    /// bytes, summed over CPUs.
+    pub fn sap_carried(&self) -> Result<(u64, u64), BpfError> {
+        let c = per_cpu_sums::<2>(&self.ebpf, SAP_CARRIED)?;
+        Ok((c[0], c[1]))
+    }
 }
 
 /// Removes the node's program from `bridge`; not being there is not an error.
 pub fn detach_bridge(bridge: &str) {
     let _ = tc::qdisc_detach_program(bridge, TcAttachType::Egress, BRIDGE_PROGRAM);
+}
+
+/// Removes the kernel SaP from `device`; not being there is not an error.
+pub fn detach_sap(device: &str) {
+    let _ = tc::qdisc_detach_program(device, TcAttachType::Ingress, SAP_PROGRAM);
 }
 
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before
@@ -696,5 +861,48 @@ mod tests {
             ..c
         };
         assert!(matches!(too_many.words(0), Err(BpfError::TooManyKeys(4))));
+    }
+
+    #[test]
+    fn the_sap_flows_and_node_pods_are_laid_out_as_the_programs_read_them() {
+        let f = SapFlow {
+            outer_src: Ipv4Addr::new(192, 168, 1, 11),
+            key: Key(0x0a0b_0c0d),
+            inner: Flow4 {
+                src: Ipv4Addr::new(100, 64, 0, 2),
+                dst: Ipv4Addr::new(100, 64, 1, 3),
+                proto: 6,
+                sport: 40000,
+                dport: 80,
+            },
+        };
+        let b = f.bytes();
+        assert_eq!(&b[0..4], &[192, 168, 1, 11], "outer source, network order");
+        assert_eq!(
+            u32::from_ne_bytes(b[4..8].try_into().unwrap()),
+            0x0a0b_0c0d,
+            "the key in host order, as the program reads GUE's group id"
+        );
+        assert_eq!(&b[8..24], &f.inner.bytes());
+        assert_eq!(SapFlow::from_bytes(&b), f);
+        let hop = SapNextHop {
+            to: "10.244.2.5:6080".parse().unwrap(),
+            seen_ns: 42,
+        };
+        let h = hop.bytes();
+        assert_eq!(&h[0..4], &[10, 244, 2, 5]);
+        assert_eq!(&h[4..6], &6080u16.to_be_bytes());
+        assert_eq!(SapNextHop::from_bytes(&h), hop);
+        let pod = NodePod {
+            veth_ifindex: 7,
+            pod_mac: [2, 0, 0, 0, 0, 1],
+            bridge_mac: [2, 0, 0, 0, 0, 2],
+        };
+        let p = pod.bytes();
+        assert_eq!(u32::from_ne_bytes(p[0..4].try_into().unwrap()), 7);
+        assert_eq!(
+            (&p[4..10], &p[10..16]),
+            (&pod.pod_mac[..], &pod.bridge_mac[..])
+        );
     }
 }

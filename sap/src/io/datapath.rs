@@ -25,6 +25,8 @@ use keyway_core::flow::FlowTable;
 use keyway_core::gue;
 use keyway_core::tables::{SharedLocal, SharedTables};
 
+use super::fastpath::NodeFastSlot;
+
 /// Packets handled per batch at each end.
 pub const BATCH: usize = 64;
 /// The largest datagram or inner packet handled (a full IPv4/IPv6 packet).
@@ -380,7 +382,7 @@ pub async fn endpoint_egress(
                     Ok(send) => {
                         let datagram = &buf[send.start..];
                         if let Some(c) = ctx.fast.get().and_then(|f| {
-                            f.egress_candidate(&buf[gue::HEADROOM..], datagram, send.to, send.hop)
+                            f.egress_candidate(&buf[gue::HEADROOM..], datagram, send.to)
                         }) && learned.last() != Some(&c)
                         {
                             learned.push(c);
@@ -663,15 +665,29 @@ pub async fn gateway(
 }
 
 /// A SaP's loop: datagrams in, checked, forwarded unchanged. Runs until the socket fails.
+///
+/// `node`: the node's fast path once loaded, which the loop teaches each flow it forwarded (after
+/// the datagram went) so that the kernel SaP forwards the flow's next ones. `mtu`: the largest IP
+/// packet the SaP sends. A fast-path sender's kernel sends a TCP flow's GSO packets whole, and
+/// one reaching this loop (before the kernel SaP knows its flow, or with no kernel SaP) arrives
+/// as one datagram longer than that: it is sent on as the datagrams the sender's kernel would
+/// have made of it, each with the same GUE header. A fast-path sender also leaves checksums for
+/// an offload to finish; they are completed here, as a user-space receiver does.
 pub async fn sap(
     tables: Arc<SharedTables>,
     counters: Arc<Counters>,
     sock: Arc<GueSocket>,
+    node: NodeFastSlot,
+    mtu: usize,
 ) -> io::Result<()> {
     let segs = sock.gro_segments();
     let mut rx = vec![vec![0u8; (segs * 1500).clamp(MAX_PACKET, 128 * 1024)]; 4];
     let mut meta = [RecvMeta::default(); 4];
     let mut batch = GsoBatch::new(sock.max_segments());
+    let mut learned = Vec::new();
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    // The most a datagram may hold: the IP packet less its IPv4 and UDP headers.
+    let max_datagram = mtu.saturating_sub(28).max(576);
     loop {
         let n = {
             let mut iov: Vec<IoSliceMut<'_>> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
@@ -685,19 +701,61 @@ pub async fn sap(
         };
         let t = tables.load();
         let now = super::now_ms();
-        for (m, buf) in meta.iter().zip(&rx).take(n) {
+        let fast = node.get().and_then(Option::as_ref);
+        for (m, buf) in meta.iter().zip(rx.iter_mut()).take(n) {
             let stride = if m.stride == 0 { m.len } else { m.stride };
-            for datagram in buf[..m.len].chunks(stride) {
-                match engine::sap_forward(&t, datagram, m.addr, now) {
-                    Ok(to) => {
-                        counters.forwarded(Stage::Sap, datagram.len());
-                        batch.add(&sock, to, datagram).await;
+            for datagram in buf[..m.len].chunks_mut(stride) {
+                let to = match engine::sap_forward(&t, datagram, m.addr, now) {
+                    Ok(to) => to,
+                    Err(reason) => {
+                        refused(&counters, Stage::Sap, reason, m.addr, now);
+                        continue;
                     }
-                    Err(reason) => refused(&counters, Stage::Sap, reason, m.addr, now),
+                };
+                counters.forwarded(Stage::Sap, datagram.len());
+                if let Some(f) = fast.and_then(|f| f.sap_candidate(datagram, m.addr, to))
+                    && learned.last() != Some(&f)
+                {
+                    learned.push(f);
                 }
+                // Without a MAC (one covers the bytes as sent) the inner packet may be a fast
+                // sender's: whole, or with a half-done checksum.
+                let plain = datagram.len() > gue::HEADER_LEN && datagram[0] & 0x1f == 1;
+                if !plain {
+                    batch.add(&sock, to, datagram).await;
+                    continue;
+                }
+                let (header, inner) = datagram.split_at_mut(gue::HEADER_LEN);
+                if header.len() + inner.len() > max_datagram {
+                    pieces.clear();
+                    let whole = keyway_core::packet::segment_tcp4(
+                        inner,
+                        max_datagram - gue::HEADER_LEN,
+                        |seg| {
+                            let mut d = Vec::with_capacity(gue::HEADER_LEN + seg.len());
+                            d.extend_from_slice(header);
+                            d.extend_from_slice(seg);
+                            pieces.push(d);
+                        },
+                    );
+                    if whole.is_some() {
+                        for d in &pieces {
+                            batch.add(&sock, to, d).await;
+                        }
+                        continue;
+                    }
+                } else {
+                    keyway_core::packet::complete_partial_checksum(inner);
+                }
+                batch.add(&sock, to, datagram).await;
             }
         }
         batch.flush(&sock).await;
+        // Only now, with the datagrams sent, may the kernel forward their flows' next ones.
+        if let (Some(fast), false) = (fast, learned.is_empty()) {
+            fast.learn_sap(&learned, t.generation);
+            learned.clear();
+        }
     }
 }
 

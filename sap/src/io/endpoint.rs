@@ -185,12 +185,16 @@ pub fn spawn(ctx: Arc<EndpointContext>, opened: Opened) -> io::Result<Running> {
 }
 
 /// Starts a SaP on a bound socket, and the node's gateway on its device when given (it sends
-/// from the SaP's socket: the endpoints take what a SaP vouches for).
+/// from the SaP's socket: the endpoints take what a SaP vouches for). `node`: where the node's
+/// kernel fast path will be, which the SaP teaches the flows it forwards; `mtu`: the largest
+/// IP packet the SaP sends (its device's MTU).
 pub fn spawn_sap(
     tables: Arc<SharedTables>,
     counters: Arc<Counters>,
     socket: std::net::UdpSocket,
     gateway: Option<tun_rs::SyncDevice>,
+    node: super::fastpath::NodeFastSlot,
+    mtu: usize,
 ) -> io::Result<Running> {
     let sock = Arc::new(GueSocket::new(socket)?);
     let mut tasks = Vec::new();
@@ -203,6 +207,8 @@ pub fn spawn_sap(
             sock.clone(),
         )));
     }
-    tasks.push(tokio::spawn(datapath::sap(tables, counters, sock)));
+    tasks.push(tokio::spawn(datapath::sap(
+        tables, counters, sock, node, mtu,
+    )));
     Ok(Running { tasks })
 }

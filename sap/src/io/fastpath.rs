@@ -4,9 +4,8 @@
 //!
 //! The kernel never decides a flow. The user-space path decides a flow's first packets as always;
 //! once the engine has admitted a packet of a plain TCP or UDP flow over IPv4 without a MAC,
-//! straight to or from the other endpoint (a flow through a SaP stays on the user-space path:
-//! the SaP reads every datagram, and a kernel's half-done checksums must not reach one), the
-//! endpoint's loops tell the kernel ([`FastPath::learn_egress`], [`FastPath::learn_ingress`],
+//! to or from the other endpoint or a SaP, the endpoint's loops (and the SaP's: see
+//! [`NodeFastPath`]) tell the kernel ([`FastPath::learn_egress`], [`FastPath::learn_ingress`],
 //! after the packet itself has been sent or delivered, so a flow's packets stay in order), and the
 //! kernel carries the flow's next packets by itself. [`FastPath::sync`], every second and after
 //! every compile:
@@ -30,7 +29,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use keyway_core::counters::Stage;
-use keyway_core::engine::{self, Admission, Hop, PacketAuth};
+use keyway_core::engine::{self, Admission, PacketAuth};
 use keyway_core::gue;
 use keyway_core::key::Key;
 #[cfg(test)]
@@ -39,6 +38,7 @@ use keyway_core::packet::build;
 
 use super::bpf::{
     BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps, IngressFlow,
+    NodePod, SapFlow, SapNextHop,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -187,20 +187,20 @@ impl FastPath {
 
     /// The flow an egress packet the engine just admitted belongs to, and how it was sent, when
     /// the kernel can carry the flow's next packets: `inner` the packet, `datagram` what the
-    /// engine made of it, `to` and `hop` where it went.
+    /// engine made of it, `to` where it went (the other endpoint, or a SaP).
     pub fn egress_candidate(
         &self,
         inner: &[u8],
         datagram: &[u8],
         to: SocketAddr,
-        hop: Hop,
     ) -> Option<(Flow4, EgressFlow)> {
         if !self.carrying.load(Ordering::Relaxed) {
             return None;
         }
         let f = Flow4::of_packet(inner)?;
-        let (SocketAddr::V4(to), Some(key), false) = (to, plain_key(datagram), hop == Hop::Sap)
-        else {
+        // Through a SaP too: the kernel SaP forwards what the sender's kernel sends whole, and
+        // a user-space SaP sends it on as the datagrams it would have been.
+        let (SocketAddr::V4(to), Some(key)) = (to, plain_key(datagram)) else {
             return None;
         };
         (Some(f.src) == self.base.overlay).then_some((
@@ -326,7 +326,7 @@ impl FastPath {
                 engine::endpoint_egress_as(&tables, &local, &ctx.flows, how, &mut buf, now_ms)
                     .ok()
                     .and_then(|send| {
-                        let (SocketAddr::V4(to), false) = (send.to, send.hop == Hop::Sap) else {
+                        let SocketAddr::V4(to) = send.to else {
                             return None;
                         };
                         Some(EgressFlow {
@@ -462,32 +462,87 @@ mod tests {
     }
 }
 
-/// The node's part of the fast path: GUE the node routes to one of its pods goes from the
-/// primary CNI's bridge straight to the pod's veth, whole (`sap/bpf/node.bpf.c` says why).
-/// Pods whose veth is not a bridge port (routed veths) need nothing: their veth takes the packet
-/// whole already.
+/// Where the node's fast path is, once loaded (`None` inside: the kernel refused it), shared
+/// by the pods' fast-path jobs that load it and the SaP's loop that teaches it flows.
+pub type NodeFastSlot = std::sync::Arc<std::sync::OnceLock<Option<std::sync::Arc<NodeFastPath>>>>;
+
+/// The node's part of the fast path (`sap/bpf/node.bpf.c` says why each part is there):
+/// - GUE the node routes to one of its pods goes from the primary CNI's bridge straight to the
+///   pod's veth, whole. Pods whose veth is not a bridge port (routed veths) need nothing: their
+///   veth takes the packet whole already.
+/// - The node's SaP in the kernel: a flow the user-space SaP has forwarded is told to the kernel
+///   ([`NodeFastPath::learn_sap`], after the datagram went), which forwards the flow's next
+///   datagrams itself, to the node's pods, while [`NodeFastPath::sync`] re-derives each such
+///   decision through `engine::sap_forward` at every change and every second. The SaP keeps no
+///   per-flow state, so the kernel's flows are only judged, never tracked.
 #[derive(Debug)]
 pub struct NodeFastPath {
     programs: Mutex<super::bpf::NodePrograms>,
     gue_port: u16,
+    /// The SaP's address, when the kernel SaP is attached to the device that holds it.
+    sap: Option<Ipv4Addr>,
     /// The bridges the program is attached to, by name.
     bridges: Mutex<HashSet<String>>,
+    sap_state: Mutex<SapState>,
+}
+
+#[derive(Debug, Default)]
+struct SapState {
+    /// Flows told to the kernel since the last periodic sync (one map update per flow).
+    learned: HashSet<SapFlow>,
+    /// The tables generation of the last re-derivation (see [`Maps::generation`]).
+    generation: u64,
+    last_sync_ns: u64,
+    /// What the kernel SaP had forwarded at the last count: datagrams, bytes.
+    counted: (u64, u64),
 }
 
 impl NodeFastPath {
-    /// Loads the node's program (attached to a bridge when a pod behind one comes). Blocking.
-    pub fn load(gue_port: u16) -> Result<NodeFastPath, FastPathError> {
+    /// Loads the node's programs in this thread's namespace (the node's): the bridge program
+    /// is attached when a pod behind a bridge comes; the kernel SaP now, to the device that
+    /// holds `sap` (IPv4), when there is one. Blocking.
+    pub fn load(gue_port: u16, sap: Option<SocketAddr>) -> Result<NodeFastPath, FastPathError> {
         let mut programs = super::bpf::NodePrograms::load()?;
-        programs.configure(gue_port, monotonic_ns() + LEASE_NS)?;
+        let sap = match sap {
+            Some(SocketAddr::V4(a)) if a.port() == gue_port => {
+                let ip = *a.ip();
+                let node = Netns::current()?;
+                let link = netlink::in_netns(&node, async move |nl| {
+                    nl.link_of_address(IpAddr::V4(ip)).await
+                })?;
+                match link {
+                    Some(l) => {
+                        programs.configure(gue_port, Some(ip), 0)?;
+                        programs.attach_sap(&l.name)?;
+                        Some(ip)
+                    }
+                    None => {
+                        tracing::warn!(sap = %ip, "no device holds the SaP's address: the SaP stays in user space");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        programs.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
         Ok(NodeFastPath {
             programs: Mutex::new(programs),
             gue_port,
+            sap,
             bridges: Mutex::default(),
+            sap_state: Mutex::new(SapState {
+                last_sync_ns: monotonic_ns(),
+                ..SapState::default()
+            }),
         })
     }
 
     fn programs(&self) -> std::sync::MutexGuard<'_, super::bpf::NodePrograms> {
         self.programs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sap_state(&self) -> std::sync::MutexGuard<'_, SapState> {
+        self.sap_state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a pod: its pod IP `infra`, held by a veth in `netns` whose node side is a bridge
@@ -498,7 +553,7 @@ impl NodeFastPath {
             nl.link_of_address(IpAddr::V4(infra)).await
         })?
         .ok_or(FastPathError::NoPrimary(infra))?;
-        let Some(peer) = pod_link.peer else {
+        let (Some(peer), Some(pod_mac)) = (pod_link.peer, pod_link.mac) else {
             return Ok(false);
         };
         let node = Netns::current()?;
@@ -510,9 +565,7 @@ impl NodeFastPath {
                 Some(m) => {
                     let bridges = nl.bridges().await?;
                     let master = nl.link_by_index(m).await?;
-                    master
-                        .filter(|l| bridges.iter().any(|b| b.name == l.name))
-                        .map(|l| l.name)
+                    master.filter(|l| bridges.iter().any(|b| b.name == l.name))
                 }
                 None => None,
             };
@@ -521,15 +574,25 @@ impl NodeFastPath {
         let (Some(veth), Some(bridge)) = (veth, bridge) else {
             return Ok(false);
         };
+        let Some(bridge_mac) = bridge.mac else {
+            return Ok(false);
+        };
         let mut p = self.programs();
         {
             let mut attached = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
-            if !attached.contains(&bridge) {
-                p.attach_bridge(&bridge)?;
-                attached.insert(bridge);
+            if !attached.contains(&bridge.name) {
+                p.attach_bridge(&bridge.name)?;
+                attached.insert(bridge.name);
             }
         }
-        p.set_pod(infra, veth.index)?;
+        p.set_pod(
+            infra,
+            &NodePod {
+                veth_ifindex: veth.index,
+                pod_mac,
+                bridge_mac,
+            },
+        )?;
         Ok(true)
     }
 
@@ -537,13 +600,119 @@ impl NodeFastPath {
         self.programs().remove_pod(infra);
     }
 
-    /// Renews the lease (every second, with the pods' syncs).
-    pub fn renew(&self) {
-        if let Err(e) = self
-            .programs()
-            .configure(self.gue_port, monotonic_ns() + LEASE_NS)
-        {
-            tracing::warn!(error = %e, "cannot renew the node fast path's lease");
+    /// The flow of a datagram the user-space SaP just forwarded from `from` to `to`, when the
+    /// kernel SaP can forward the flow's next ones: plain GUE (no MAC) over IPv4 with a plain
+    /// TCP or UDP packet inside.
+    pub fn sap_candidate(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<(SapFlow, SapNextHop)> {
+        self.sap?;
+        let (SocketAddr::V4(from), SocketAddr::V4(to), Some(key)) = (from, to, plain_key(datagram))
+        else {
+            return None;
+        };
+        let inner = Flow4::of_packet(datagram.get(gue::HEADER_LEN..)?)?;
+        Some((
+            SapFlow {
+                outer_src: *from.ip(),
+                key,
+                inner,
+            },
+            SapNextHop { to, seen_ns: 0 },
+        ))
+    }
+
+    /// Tells the kernel SaP about flows the user-space SaP forwarded with tables of
+    /// `generation`, after their datagrams went.
+    pub fn learn_sap(&self, flows: &[(SapFlow, SapNextHop)], generation: u64) {
+        let mut st = self.sap_state();
+        if generation < st.generation {
+            return;
+        }
+        let mut p = self.programs();
+        for (f, hop) in flows {
+            if st.learned.insert(*f) && p.insert_sap(f, hop).is_err() {
+                tracing::debug!("cannot add a SaP flow to the fast path");
+            }
         }
     }
+
+    /// Renews the lease, adds what the kernel SaP forwarded to `counters` (when `periodic`),
+    /// and re-derives every
+    /// flow it holds through the engine with the tables now in force: removes those the engine
+    /// no longer forwards (or forwards elsewhere: rewritten), and, when `periodic`, those the
+    /// kernel has not forwarded since the last periodic sync (the LRU map needs no more: the
+    /// SaP keeps no per-flow state to hand back). Blocking, short.
+    pub fn sync(
+        &self,
+        tables: &keyway_core::tables::SharedTables,
+        counters: &keyway_core::counters::Counters,
+        now_ms: u64,
+        periodic: bool,
+    ) -> NodeSyncReport {
+        let tables = tables.load();
+        let carrying = tables.packet_auth == PacketAuth::Disabled;
+        let now_ns = monotonic_ns();
+        let mut out = NodeSyncReport::default();
+        let report = &mut out.flows;
+        let mut st = self.sap_state();
+        let mut p = self.programs();
+        let sap = self.sap.filter(|_| carrying);
+        if let Err(e) = p.configure(self.gue_port, sap, now_ns + LEASE_NS) {
+            tracing::warn!(error = %e, "cannot renew the node fast path's lease");
+        }
+        // Counted at periodic syncs only, so that each count is reported once, by the caller
+        // that reports them.
+        if let (true, Ok((packets, bytes))) = (periodic, p.sap_carried()) {
+            out.forwarded = packets - st.counted.0;
+            counters.forwarded_n(Stage::Sap, out.forwarded, bytes - st.counted.1);
+            st.counted = (packets, bytes);
+        }
+        if self.sap.is_none() {
+            return out;
+        }
+        st.generation = tables.generation;
+        let last_sync = if periodic {
+            std::mem::replace(&mut st.last_sync_ns, now_ns)
+        } else {
+            st.last_sync_ns
+        };
+        for (f, hop) in p.sap_flows() {
+            let fresh = hop.seen_ns >= last_sync || (hop.seen_ns == 0 && st.learned.contains(&f));
+            if !carrying || (periodic && !fresh) {
+                report.idle += usize::from(carrying);
+                p.remove_sap(&f);
+                continue;
+            }
+            let datagram = datagram_of(f.key, &packet_of(&f.inner));
+            let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, self.gue_port));
+            match engine::sap_forward(&tables, &datagram, from, now_ms) {
+                Ok(SocketAddr::V4(to)) if to == hop.to => report.kept += 1,
+                Ok(SocketAddr::V4(to)) => {
+                    report.kept += 1;
+                    let _ = p.insert_sap(&f, &SapNextHop { to, ..hop });
+                }
+                _ => {
+                    report.refused += 1;
+                    p.remove_sap(&f);
+                }
+            }
+        }
+        if periodic {
+            st.learned.clear();
+        }
+        out
+    }
+}
+
+/// What one sync of the node's fast path found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeSyncReport {
+    /// The kernel SaP's flows.
+    pub flows: SyncReport,
+    /// Datagrams the kernel SaP forwarded since the last periodic sync (counted at those).
+    pub forwarded: u64,
 }

@@ -60,6 +60,8 @@ pub struct Link {
     pub peer: Option<u32>,
     /// The bridge (or other controller) the link is a port of.
     pub master: Option<u32>,
+    /// Its Ethernet address (none for a TUN device).
+    pub mac: Option<[u8; 6]>,
 }
 
 fn link_of(msg: &LinkMessage) -> Link {
@@ -70,6 +72,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         peer: None,
         master: None,
+        mac: None,
     };
     for a in &msg.attributes {
         match a {
@@ -77,6 +80,7 @@ fn link_of(msg: &LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => link.mtu = Some(*m),
             LinkAttribute::Link(i) => link.peer = Some(*i),
             LinkAttribute::Controller(i) => link.master = Some(*i),
+            LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             _ => {}
         }
     }
