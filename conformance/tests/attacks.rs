@@ -7,7 +7,9 @@
 //! where an operator would look (a metric, or the counter of the nftables rule that dropped it).
 //!
 //! Every attack is run and reported before anything is asserted, so that a run against an older
-//! build prints the whole "before" table (`cargo test --test attacks -- --nocapture`).
+//! build prints the whole "before" table (`cargo test --test attacks -- --nocapture`). The whole
+//! suite runs twice: with the kernel fast path on (the agents' default), then with every agent on
+//! the user-space path alone (`--datapath user`).
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -147,28 +149,38 @@ fn attacks_on_enforcement_are_refused_and_counted() {
     let mut lab = Lab::up_services_topology(&dir, plan).expect("lab up");
     let mut out = Vec::new();
 
-    let flow = overlay_flow(&lab);
-    out.push(forged_attachment(&lab));
-    out.extend(node_exemption(&lab));
-    out.extend(conntrack_without_interfaces(&lab, &flow, "agent running"));
-    out.push(routing_through_a_pod(&lab));
-    out.push(rogue_router(&lab));
-    out.extend(flow_table_exhaustion(&lab));
-    out.extend(admin_endpoint(&lab));
-    out.extend(gue_port_and_restart(&mut lab, &flow));
-    out.extend(sniffed_key(&mut lab));
+    // Every attack with the kernel fast path carrying established flows (the agents' default),
+    // then again with every agent restarted on the user-space path alone.
+    for datapath in ["auto", "user"] {
+        if datapath == "user" {
+            lab.set_packet_authentication("Disabled")
+                .expect("packet authentication off again");
+            lab.set_datapath(datapath).expect("agents restarted");
+        }
+        let flow = overlay_flow(&lab);
+        let mut pass = vec![forged_attachment(&lab)];
+        pass.extend(node_exemption(&lab));
+        pass.extend(conntrack_without_interfaces(&lab, &flow, "agent running"));
+        pass.push(routing_through_a_pod(&lab));
+        pass.push(rogue_router(&lab));
+        pass.extend(flow_table_exhaustion(&lab));
+        pass.extend(admin_endpoint(&lab));
+        pass.extend(gue_port_and_restart(&mut lab, &flow));
+        pass.extend(sniffed_key(&mut lab));
+        out.extend(pass.into_iter().map(|o| (datapath, o)));
+    }
 
-    let mut table = String::from("item | attack | got through | counted | detail\n");
-    for o in &out {
+    let mut table = String::from("datapath | item | attack | got through | counted | detail\n");
+    for (datapath, o) in &out {
         let residual = if o.residual { " (residual)" } else { "" };
         let _ = writeln!(
             table,
-            "{} | {}{residual} | {} | {} | {}",
+            "{datapath} | {} | {}{residual} | {} | {} | {}",
             o.item, o.attack, o.got_through, o.counted, o.detail
         );
     }
     println!("{table}");
-    let failed: Vec<&Outcome> = out.iter().filter(|o| o.failed()).collect();
+    let failed: Vec<&Outcome> = out.iter().map(|(_, o)| o).filter(|o| o.failed()).collect();
     assert!(
         failed.is_empty(),
         "attacks that got through or went uncounted:\n{table}"

@@ -1,6 +1,7 @@
 //! The NetworkPolicy cases ported from the upstream Kubernetes e2e suite (conformance/netpol/):
 //! every case against the policy compiler alone, then every case in a two-node lab with pods made
-//! through CRI, where the probes cross the real plugin, agents and data path. Underlay probes
+//! through CRI, where the probes cross the real plugin, agents and data path — once with the
+//! kernel fast path on (the agents' default), once with every agent on the user-space path. Underlay probes
 //! (the pods' infrastructure addresses) must find every pair blocked while keyway is on.
 //!
 //! `KEYWAY_NETPOL_CASES=17,20` runs only the cases whose file names start with those numbers.
@@ -148,27 +149,34 @@ fn the_upstream_cases_pass_in_the_lab() {
     let mut failures = Vec::new();
     let (mut probes, mut retried) = (0, 0);
     let all = cases();
-    for c in &all {
-        let t = Instant::now();
-        let out = netpol::run_in_lab(&mut lab, c, &base, scratch.path(), how)
-            .unwrap_or_else(|e| panic!("{}: {e:#}", c.name));
-        eprintln!(
-            "{}: {} ({} probes, {:.1} s)",
-            c.file.file_name().unwrap().to_string_lossy(),
-            if out.failures.is_empty() {
-                "ok"
-            } else {
-                "FAILED"
-            },
-            out.probes,
-            t.elapsed().as_secs_f64()
-        );
-        probes += out.probes;
-        retried += out.retried;
-        failures.extend(out.failures);
+    // Every case with the kernel fast path carrying established flows (the agents' default),
+    // then every case again with every agent restarted on the user-space path alone.
+    for datapath in ["auto", "user"] {
+        if datapath == "user" {
+            lab.set_datapath(datapath).expect("agents restarted");
+        }
+        for c in &all {
+            let t = Instant::now();
+            let out = netpol::run_in_lab(&mut lab, c, &base, scratch.path(), how)
+                .unwrap_or_else(|e| panic!("{datapath}: {}: {e:#}", c.name));
+            eprintln!(
+                "{datapath}: {}: {} ({} probes, {:.1} s)",
+                c.file.file_name().unwrap().to_string_lossy(),
+                if out.failures.is_empty() {
+                    "ok"
+                } else {
+                    "FAILED"
+                },
+                out.probes,
+                t.elapsed().as_secs_f64()
+            );
+            probes += out.probes;
+            retried += out.retried;
+            failures.extend(out.failures.into_iter().map(|f| format!("{datapath}: {f}")));
+        }
     }
     eprintln!(
-        "{} cases, {probes} probes, {} failed, {retried} matched only on a retry; {:.0} s in all",
+        "{} cases in both modes, {probes} probes, {} failed, {retried} matched only on a retry; {:.0} s in all",
         all.len(),
         failures.len(),
         started.elapsed().as_secs_f64()

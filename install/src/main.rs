@@ -316,6 +316,17 @@ fn remove_gateway() {
     }
 }
 
+/// The node's eBPF programs (on the bridge, and the kernel SaP on the node's device): an agent
+/// leaves them when it exits, for its successor; an uninstall has none.
+fn remove_node_fast_path() {
+    let removed = std::thread::spawn(keyway_sap::io::fastpath::NodeFastPath::detach_all).join();
+    match removed {
+        Ok(Ok(devices)) => tracing::info!(?devices, "the node's fast path removed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove the node's fast path"),
+        Err(_) => tracing::warn!("removing the node's fast path panicked"),
+    }
+}
+
 fn uninstall(c: &Config) -> anyhow::Result<()> {
     let changed = c.dir.uninstall()?;
     tracing::info!(files = ?changed, "keyway taken out of the CNI configuration");
@@ -323,6 +334,7 @@ fn uninstall(c: &Config) -> anyhow::Result<()> {
         binary::uninstall(d)?;
     }
     remove_gateway();
+    remove_node_fast_path();
     if let Some(k) = &c.kubeconfig {
         match std::fs::remove_file(k) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),

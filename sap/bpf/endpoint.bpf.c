@@ -408,8 +408,9 @@ int kw_egress(struct __sk_buff *skb)
 	struct flow4 f;
 	if (fast_flow4(data, end, &f) < 0)
 		return TC_ACT_OK;
-	// Only the pod's own address: a forged source meets the engine's anti-spoofing check.
-	if (f.src != cfg->overlay_v4)
+	// Only the pod's own addresses (its overlay address, or its pod IP for traffic to pod IPs
+	// and cluster IPs): a forged source meets the engine's anti-spoofing check.
+	if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
 		return TC_ACT_OK;
 	struct egress_flow *flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
 	if (!flow)

@@ -430,3 +430,53 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     let (ret, _) = p.run_sap(&sent).unwrap();
     assert_eq!(ret, TC_ACT_OK, "a lease run out: nothing forwarded");
 }
+
+#[test]
+fn an_uninstall_removes_the_node_programs_an_agent_left_on_every_device() {
+    use keyway_sap::io::bpf::NodePrograms;
+    use keyway_sap::io::fastpath::NodeFastPath;
+    use keyway_testing::TestNetns;
+    if !privileged("an_uninstall_removes_the_node_programs") {
+        return;
+    }
+    let node = TestNetns::new("bpf-uninstall", "node");
+    node.sh(&["ip", "link", "add", "kwt-br", "type", "bridge"]);
+    node.sh(&[
+        "ip", "link", "add", "kwt-up", "type", "veth", "peer", "name", "kwt-peer",
+    ]);
+    for dev in ["kwt-br", "kwt-up", "kwt-peer"] {
+        node.sh(&["ip", "link", "set", dev, "up"]);
+    }
+    let filters = |dev: &str, at: &str| {
+        String::from_utf8_lossy(&node.exec(&["tc", "filter", "show", "dev", dev, at]).stdout)
+            .into_owned()
+    };
+    node.netns()
+        .run(|| {
+            let mut p = NodePrograms::load().expect("the node's programs load");
+            p.attach_bridge("kwt-br").unwrap();
+            p.attach_sap("kwt-up").unwrap();
+            // The agent exits: its filters stay, for its successor.
+        })
+        .unwrap();
+    assert!(filters("kwt-br", "egress").contains("kw_bridge_egress"));
+    assert!(filters("kwt-up", "ingress").contains("kw_sap"));
+    let mut removed = node.netns().run(NodeFastPath::detach_all).unwrap().unwrap();
+    removed.sort();
+    assert_eq!(removed, ["kwt-br", "kwt-up"]);
+    assert!(
+        !filters("kwt-br", "egress").contains("kw_"),
+        "{}",
+        filters("kwt-br", "egress")
+    );
+    assert!(
+        !filters("kwt-up", "ingress").contains("kw_"),
+        "{}",
+        filters("kwt-up", "ingress")
+    );
+    let again = node.netns().run(NodeFastPath::detach_all).unwrap().unwrap();
+    assert!(
+        again.is_empty(),
+        "a second uninstall finds nothing: {again:?}"
+    );
+}

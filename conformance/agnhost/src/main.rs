@@ -11,7 +11,9 @@
 //!   resolved through the pod's `/etc/resolv.conf` (see `dns`).
 //! - `dns-server --zone FILE [--port P]`: the lab's cluster DNS (see `dns`).
 //! - `bench-server --port P` and `bench-client --target ADDR:PORT --mode rr|http|stream`: request/
-//!   response latency, HTTP latency and TCP throughput, printed as one JSON line.
+//!   response latency, HTTP latency and TCP throughput, printed as one JSON line. `--cpu N` on
+//!   either pins it to CPU N: on a small machine a round trip's time depends mostly on whether
+//!   client and server share a CPU, so the bench pins them to two, as two nodes would be.
 //! - `soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT --tcp-rate R]`:
 //!   sequence-numbered UDP datagrams at a fixed rate to a UDP `serve` port (which echoes them),
 //!   and which of them were lost; with `--tcp`, at the same time, one TCP connection to a
@@ -39,7 +41,7 @@ fn timed_out(e: &std::io::Error) -> bool {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT] [--tcp-rate R]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P [--cpu N]\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B] [--cpu N]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT] [--tcp-rate R]"
     );
     ExitCode::from(64)
 }
@@ -101,10 +103,16 @@ fn main() -> ExitCode {
             None => return usage(),
         },
         "bench-server" => match flag(rest, "--port").and_then(|p| p.parse().ok()) {
-            Some(port) => bench_server(port),
+            Some(port) => {
+                pin(rest);
+                bench_server(port)
+            }
             None => return usage(),
         },
-        "bench-client" => return bench_client(rest),
+        "bench-client" => {
+            pin(rest);
+            return bench_client(rest);
+        }
         "soak-client" => return soak_client(rest),
         _ => return usage(),
     };
@@ -436,6 +444,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Pins this process (the calling thread, and the threads it starts after) to the CPU `--cpu`
+/// names, modulo the CPUs there are. Without the flag, or where it cannot, it runs where the
+/// scheduler puts it.
+fn pin(args: &[String]) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let Some(cpu) = flag(args, "--cpu").and_then(|c| c.parse::<usize>().ok()) else {
+        return;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = CpuSet::new();
+    if set.set(cpu % cpus).is_ok()
+        && let Err(e) = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        eprintln!("cannot pin to CPU {cpu}: {e}");
+    }
 }
 
 fn bench_client(args: &[String]) -> ExitCode {

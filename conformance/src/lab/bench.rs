@@ -74,7 +74,7 @@ fn bench_pod_in(
 ) -> String {
     let labels: String = labels.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
     let c = if server {
-        "    - {name: bench, image: agnhost, ports: [{containerPort: 5201, protocol: TCP}], command: [bench-server, --port, \"5201\"]}"
+        "    - {name: bench, image: agnhost, ports: [{containerPort: 5201, protocol: TCP}], command: [bench-server, --port, \"5201\", --cpu, \"1\"]}"
     } else {
         "    - {name: pause, image: agnhost}"
     };
@@ -117,6 +117,8 @@ fn measure(
             "3000",
             "--seconds",
             &seconds.to_string(),
+            "--cpu",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -138,6 +140,8 @@ fn measure(
         "rr",
         "--count",
         "500",
+        "--cpu",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -402,7 +406,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
 
         let mut out = String::new();
         out += "request/response latency (µs) and TCP throughput between pods on two nodes; ratios to native\n";
-        out += "(\"fast\": the endpoints' established flows in keyway's eBPF programs; \"user\": every agent on --datapath user; CPU: cores busy on the whole machine per Gbit/s of the stream)\n";
+        out += "(\"fast\": the endpoints' established flows in keyway's eBPF programs; \"user\": every agent on --datapath user; CPU: cores busy on the whole machine per Gbit/s of the stream; client pinned to CPU 0, server to CPU 1)\n";
         out += &format!(
             "{:<30} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             "path",

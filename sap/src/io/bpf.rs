@@ -735,14 +735,13 @@ impl NodePrograms {
     }
 }
 
-/// Removes the node's program from `bridge`; not being there is not an error.
-pub fn detach_bridge(bridge: &str) {
-    let _ = tc::qdisc_detach_program(bridge, TcAttachType::Egress, BRIDGE_PROGRAM);
-}
-
-/// Removes the kernel SaP from `device`; not being there is not an error.
-pub fn detach_sap(device: &str) {
-    let _ = tc::qdisc_detach_program(device, TcAttachType::Ingress, SAP_PROGRAM);
+/// Removes the node's programs from `device` (in this thread's namespace): `kw_bridge_egress`
+/// from its egress, `kw_sap` from its ingress. Returns whether there was one; not being there is
+/// not an error.
+pub fn detach_node(device: &str) -> bool {
+    let bridge = tc::qdisc_detach_program(device, TcAttachType::Egress, BRIDGE_PROGRAM).is_ok();
+    let sap = tc::qdisc_detach_program(device, TcAttachType::Ingress, SAP_PROGRAM).is_ok();
+    bridge || sap
 }
 
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before

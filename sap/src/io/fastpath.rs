@@ -203,7 +203,10 @@ impl FastPath {
         let (SocketAddr::V4(to), Some(key)) = (to, plain_key(datagram)) else {
             return None;
         };
-        (Some(f.src) == self.base.overlay).then_some((
+        // From the pod's own addresses: its overlay address, or its pod IP (traffic to pod IPs
+        // and cluster IPs, which keyway routes into the overlay).
+        let own = Some(f.src) == self.base.overlay || Some(f.src) == self.base.infra;
+        own.then_some((
             f,
             EgressFlow {
                 to,
@@ -228,8 +231,10 @@ impl FastPath {
         let (SocketAddr::V4(from), Some(_)) = (from, plain_key(datagram)) else {
             return None;
         };
-        // Only what the program delivers into the overlay device: the pod's overlay address.
-        (Some(f.dst) == self.base.overlay).then_some(IngressFlow {
+        // What the program delivers into the IPv4 overlay device, as the user-space path does:
+        // to the pod's overlay address or its pod IP.
+        let own = Some(f.dst) == self.base.overlay || Some(f.dst) == self.base.infra;
+        own.then_some(IngressFlow {
             outer_src: *from.ip(),
             inner: f,
         })
@@ -535,6 +540,19 @@ impl NodeFastPath {
                 ..SapState::default()
             }),
         })
+    }
+
+    /// Removes the node's programs from every device of this thread's namespace (the node's),
+    /// whichever agent attached them: what an uninstall does (an agent's exit leaves them, so
+    /// that traffic goes on while it restarts). Returns the devices they were on. Blocking.
+    pub fn detach_all() -> Result<Vec<String>, FastPathError> {
+        let node = Netns::current()?;
+        let links = netlink::in_netns(&node, async move |nl| nl.links().await)?;
+        Ok(links
+            .into_iter()
+            .filter(|l| super::bpf::detach_node(&l.name))
+            .map(|l| l.name)
+            .collect())
     }
 
     fn programs(&self) -> std::sync::MutexGuard<'_, super::bpf::NodePrograms> {

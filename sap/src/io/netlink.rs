@@ -122,6 +122,16 @@ impl Netlink {
         }
     }
 
+    /// Every link in the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(Self::req("list links"))? {
+            out.push(link_of(&msg));
+        }
+        Ok(out)
+    }
+
     /// The link with index `index`, if there is one.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
         let mut stream = self.handle.link().get().match_index(index).execute();
