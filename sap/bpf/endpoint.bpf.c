@@ -39,6 +39,8 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "flow.h"
+
 // The verdicts, as indices of the drop counters (keep in step with sap/src/io/bpf.rs).
 enum verdict {
 	V_PASS = 0,             // to the user-space path
@@ -84,16 +86,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } kw_ingress_verdicts SEC(".maps");
-
-// An IPv4 flow as the engine classifies it: addresses and ports in network order.
-struct flow4 {
-	__u32 src;
-	__u32 dst;
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
 
 // A flow the engine admitted on egress, straight to the destination's endpoint (a flow through a
 // SaP stays on the user-space path: the SaP reads each datagram), with where and how it sent
@@ -167,9 +159,6 @@ static __always_inline int count(enum verdict v)
 	return TC_ACT_OK;
 }
 
-// Whether [p, p + n) lies inside the packet.
-#define HAVE(p, n, end) ((void *)(p) + (n) <= (end))
-
 // The inner IPv4 packet's checks, as keyway_core::packet::classify_v4 and transport: `len` is
 // the bytes after the GUE header. Returns -1 when the packet is malformed, else 0 with the inner
 // destination (network order) in *dst.
@@ -213,8 +202,6 @@ static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *d
 	}
 }
 
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
 #define GUE_LEN 8
 // Outer IPv4 (no options), UDP and GUE: what the fast path adds and removes.
 #define ENCAP_LEN (20 + 8 + GUE_LEN)
@@ -235,35 +222,6 @@ static __always_inline void carried(enum carried what, __u32 segs, __u64 bytes)
 	n = bpf_map_lookup_elem(&kw_carried, &k);
 	if (n)
 		*n += bytes;
-}
-
-// The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
-// fragment, TCP that neither opens nor resets a connection, or UDP. Returns -1 for anything
-// else (the user-space path takes it).
-static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
-{
-	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45)
-		return -1;
-	if (((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
-		return -1;
-	__u8 *l4 = pkt + 20;
-	__u8 proto = pkt[9];
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
-			return -1;
-	} else if (proto == IPPROTO_UDP) {
-		if (!HAVE(l4, 8, end))
-			return -1;
-	} else {
-		return -1;
-	}
-	f->src = *(__u32 *)(pkt + 12);
-	f->dst = *(__u32 *)(pkt + 16);
-	f->sport = *(__u16 *)l4;
-	f->dport = *(__u16 *)(l4 + 2);
-	f->proto = proto;
-	f->pad[0] = f->pad[1] = f->pad[2] = 0;
-	return 0;
 }
 
 static __always_inline __u16 ipv4_checksum(__u16 *h)

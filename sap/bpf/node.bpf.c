@@ -37,6 +37,8 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "flow.h"
+
 struct node_config {
 	__u32 gue_port;         // network order, low 16 bits
 	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the maps may be used
@@ -74,7 +76,19 @@ struct {
 	__type(value, __u64);
 } kw_node_carried SEC(".maps");
 
-#define HAVE(p, n, end) ((void *)(p) + (n) <= (end))
+// Adds a packet to per-CPU counters `counters` (packets, bytes): a GSO packet as the `segs`
+// segments it becomes.
+static __always_inline void count_carried(void *counters, __u32 segs, __u64 bytes)
+{
+	__u32 k = 0;
+	__u64 *n = bpf_map_lookup_elem(counters, &k);
+	if (n)
+		*n += segs > 1 ? segs : 1;
+	k = 1;
+	n = bpf_map_lookup_elem(counters, &k);
+	if (n)
+		*n += bytes;
+}
 
 SEC("classifier")
 int kw_bridge_egress(struct __sk_buff *skb)
@@ -102,26 +116,9 @@ int kw_bridge_egress(struct __sk_buff *skb)
 	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &daddr);
 	if (!pod)
 		return TC_ACT_OK;
-	__u32 k = 0;
-	__u64 *n = bpf_map_lookup_elem(&kw_node_carried, &k);
-	if (n)
-		*n += skb->gso_segs > 1 ? skb->gso_segs : 1;
-	k = 1;
-	n = bpf_map_lookup_elem(&kw_node_carried, &k);
-	if (n)
-		*n += skb->len;
+	count_carried(&kw_node_carried, skb->gso_segs, skb->len);
 	return bpf_redirect(pod->ifindex, 0);
 }
-
-// An IPv4 flow as the engine classifies it (struct flow4 of endpoint.bpf.c).
-struct flow4 {
-	__u32 src;
-	__u32 dst;
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
 
 // A flow the user-space SaP forwarded: from which outer source, with which key.
 struct sap_flow_key {
@@ -152,8 +149,6 @@ struct {
 	__type(value, __u64);
 } kw_sap_carried SEC(".maps");
 
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, inner IPv4 without options, TCP.
 #define SAP_HEADERS_LEN (14 + 20 + 8 + 8 + 20 + 20)
 #define ETH_LEN 14
@@ -205,33 +200,20 @@ int kw_sap(struct __sk_buff *skb)
 	if (!HAVE(gue, 8, end) || *(__u32 *)gue != bpf_htonl(GUE_PLAIN_IPV4))
 		return TC_ACT_OK;
 	__u8 *pkt = gue + 8;
-	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
-	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 ||
-	    (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
+	if (!HAVE(pkt, 4, end) || (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
 		return TC_ACT_OK;
-	__u8 *l4 = pkt + 20;
-	__u8 proto = pkt[9];
-	__u32 inner_headers;
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
-			return TC_ACT_OK;
-		inner_headers = 20 + (l4[12] >> 4) * 4;
-	} else if (proto == IPPROTO_UDP) {
-		if (!HAVE(l4, 8, end))
-			return TC_ACT_OK;
-		inner_headers = 28;
-	} else {
-		return TC_ACT_OK;
-	}
 	struct sap_flow_key k = {
 		.outer_src = ip->saddr,
 		.key = bpf_ntohl(*(__u32 *)(gue + 4)),
 	};
-	k.inner.src = *(__u32 *)(pkt + 12);
-	k.inner.dst = *(__u32 *)(pkt + 16);
-	k.inner.sport = *(__u16 *)l4;
-	k.inner.dport = *(__u16 *)(l4 + 2);
-	k.inner.proto = proto;
+	if (fast_flow4(pkt, end, &k.inner) < 0)
+		return TC_ACT_OK;
+	__u32 inner_headers = 28;
+	if (k.inner.proto == IPPROTO_TCP) {
+		if (!HAVE(pkt, 40, end))
+			return TC_ACT_OK;
+		inner_headers = 20 + (pkt[32] >> 4) * 4;
+	}
 	struct sap_flow *flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
 	if (!flow)
 		return TC_ACT_OK;
@@ -274,14 +256,7 @@ int kw_sap(struct __sk_buff *skb)
 	    bpf_skb_store_bytes(skb, 6, pod->bridge_mac, 6, 0))
 		return TC_ACT_SHOT;
 
-	__u32 c = 0;
-	__u64 *n = bpf_map_lookup_elem(&kw_sap_carried, &c);
-	if (n)
-		*n += segs;
-	c = 1;
-	n = bpf_map_lookup_elem(&kw_sap_carried, &c);
-	if (n)
-		*n += bytes;
+	count_carried(&kw_sap_carried, segs, bytes);
 	return bpf_redirect(pod->ifindex, 0);
 }
 

@@ -27,22 +27,7 @@ const NOW: u64 = 1_000_000_000 + 1_000;
 
 /// An Ethernet frame carrying `datagram` in UDP from `OUTER_SRC` to the pod's GUE port.
 fn frame(datagram: &[u8], port: u16) -> Vec<u8> {
-    let udp_len = 8 + datagram.len();
-    let mut f = vec![0u8; 14 + 20 + udp_len];
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_UDP;
-    ip[12..16].copy_from_slice(&OUTER_SRC);
-    ip[16..20].copy_from_slice(&INFRA);
-    let udp = &mut f[34..42];
-    udp[0..2].copy_from_slice(&6080u16.to_be_bytes());
-    udp[2..4].copy_from_slice(&port.to_be_bytes());
-    udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
-    f[42..].copy_from_slice(datagram);
-    f
+    udp_frame(OUTER_SRC, INFRA, port, datagram, false)
 }
 
 fn gue(key: Key, inner: &[u8]) -> Vec<u8> {
@@ -269,9 +254,15 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     }
 }
 
-/// An Ethernet frame carrying `datagram` in UDP from `src`:6080 to `dst`:6080, with a full UDP
+/// An Ethernet frame carrying `datagram` in UDP from `src`:6080 to `dst`:`port`, with a full UDP
 /// checksum when `udp_checksum` (a user-space sender's) or none (0, a kernel fast path's).
-fn udp_frame(src: [u8; 4], dst: [u8; 4], datagram: &[u8], udp_checksum: bool) -> Vec<u8> {
+fn udp_frame(
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    datagram: &[u8],
+    udp_checksum: bool,
+) -> Vec<u8> {
     let udp_len = 8 + datagram.len();
     let mut f = vec![0u8; 14 + 20 + udp_len];
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xaa]);
@@ -289,7 +280,7 @@ fn udp_frame(src: [u8; 4], dst: [u8; 4], datagram: &[u8], udp_checksum: bool) ->
         ip[10..12].copy_from_slice(&c.to_be_bytes());
     }
     f[34..36].copy_from_slice(&6080u16.to_be_bytes());
-    f[36..38].copy_from_slice(&6080u16.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
     f[38..40].copy_from_slice(&(udp_len as u16).to_be_bytes());
     f[42..].copy_from_slice(datagram);
     if udp_checksum {
@@ -345,7 +336,7 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
         seen_ns: 0,
     };
 
-    let sent = udp_frame(SENDER, SAP, &datagram, true);
+    let sent = udp_frame(SENDER, SAP, 6080, &datagram, true);
     let (ret, out) = p.run_sap(&sent).unwrap();
     assert_eq!(
         (ret, &out),
@@ -355,7 +346,7 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
 
     p.insert_sap(&flow, &to).unwrap();
     for udp_checksum in [true, false] {
-        let sent = udp_frame(SENDER, SAP, &datagram, udp_checksum);
+        let sent = udp_frame(SENDER, SAP, 6080, &datagram, udp_checksum);
         let (ret, out) = p.run_sap(&sent).unwrap();
         assert_eq!(ret, keyway_sap::io::bpf::TC_ACT_REDIRECT, "forwarded");
         assert_eq!(&out[0..6], &pod.pod_mac, "to the pod's address");
@@ -394,27 +385,30 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     let mut with_mac = datagram.clone();
     with_mac[0] = (with_mac[0] & !0x1f) | 3;
     with_mac.splice(gue::HEADER_LEN..gue::HEADER_LEN, [0xa5u8; 8]);
-    let mut batch = udp_frame(SENDER, SAP, &datagram, false);
+    let mut batch = udp_frame(SENDER, SAP, 6080, &datagram, false);
     batch[38..40].copy_from_slice(&((8 + datagram.len() / 2) as u16).to_be_bytes());
     let other_port = build::tcp4(PEER, 40001, OVERLAY, 80);
     let misses: Vec<(&str, Vec<u8>)> = vec![
         (
             "another key",
-            udp_frame(SENDER, SAP, &gue(Key(7), &inner), false),
+            udp_frame(SENDER, SAP, 6080, &gue(Key(7), &inner), false),
         ),
         (
             "another outer source",
-            udp_frame([10, 244, 1, 8], SAP, &datagram, false),
+            udp_frame([10, 244, 1, 8], SAP, 6080, &datagram, false),
         ),
         (
             "another flow",
-            udp_frame(SENDER, SAP, &gue(key, &other_port), false),
+            udp_frame(SENDER, SAP, 6080, &gue(key, &other_port), false),
         ),
-        ("a SYN", udp_frame(SENDER, SAP, &gue(key, &syn), false)),
-        ("a MAC", udp_frame(SENDER, SAP, &with_mac, false)),
+        (
+            "a SYN",
+            udp_frame(SENDER, SAP, 6080, &gue(key, &syn), false),
+        ),
+        ("a MAC", udp_frame(SENDER, SAP, 6080, &with_mac, false)),
         (
             "not to the SaP",
-            udp_frame(SENDER, [192, 168, 9, 13], &datagram, false),
+            udp_frame(SENDER, [192, 168, 9, 13], 6080, &datagram, false),
         ),
         ("a UDP length that is not the packet's (a GSO batch)", batch),
     ];

@@ -720,8 +720,7 @@ pub async fn sap(
                 }
                 // Without a MAC (one covers the bytes as sent) the inner packet may be a fast
                 // sender's: whole, or with a half-done checksum.
-                let plain = datagram.len() > gue::HEADER_LEN && datagram[0] & 0x1f == 1;
-                if !plain {
+                if super::fastpath::plain_key(datagram).is_none() {
                     batch.add(&sock, to, datagram).await;
                     continue;
                 }

@@ -413,7 +413,7 @@ impl FastPath {
 }
 
 /// The key of a datagram without a MAC (GUE Hlen 1), as the engine wrote or read it.
-fn plain_key(datagram: &[u8]) -> Option<Key> {
+pub(super) fn plain_key(datagram: &[u8]) -> Option<Key> {
     (datagram.len() >= gue::HEADER_LEN && datagram[0] & 0x1f == 1).then(|| {
         Key(u32::from_be_bytes([
             datagram[4],

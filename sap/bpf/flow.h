@@ -1,0 +1,59 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// What keyway's programs share about the flows the fast path carries: the engine's IPv4
+// five-tuple (keep in step with Flow4 in sap/src/io/bpf.rs, whose byte layout the maps of both
+// objects are keyed by) and the one test of which inner packets the kernel may carry.
+
+#ifndef KEYWAY_FLOW_H
+#define KEYWAY_FLOW_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+// Whether [p, p + n) lies inside the packet.
+#define HAVE(p, n, end) ((void *)(p) + (n) <= (end))
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+
+// An IPv4 flow as the engine classifies it: addresses and ports in network order.
+struct flow4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+// The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
+// fragment, TCP that neither opens nor resets a connection, or UDP. Returns -1 for anything
+// else (the user-space path takes it).
+static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
+{
+	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45)
+		return -1;
+	if (((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+		return -1;
+	__u8 *l4 = pkt + 20;
+	__u8 proto = pkt[9];
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+			return -1;
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return -1;
+	} else {
+		return -1;
+	}
+	f->src = *(__u32 *)(pkt + 12);
+	f->dst = *(__u32 *)(pkt + 16);
+	f->sport = *(__u16 *)l4;
+	f->dport = *(__u16 *)(l4 + 2);
+	f->proto = proto;
+	f->pad[0] = f->pad[1] = f->pad[2] = 0;
+	return 0;
+}
+
+#endif
