@@ -19,11 +19,11 @@
 // device and the user-space path, which decides it.
 //
 // So the kernel never decides a flow: it repeats, packet by packet, a decision the engine made on
-// the flow's first packet. Packets that open or end a flow (TCP SYN, RST), fragments, IP options,
-// ICMP, IPv6 and datagrams with a MAC always take the user-space path. The agent re-derives every
-// cached decision through the engine whenever its model or the key epoch changes, removes those
-// the engine no longer makes, and feeds the kernel's last-seen times back to the engine's flow
-// table, so that the engine's view of which flows are alive stays whole.
+// the flow's first packet. Packets that open or end a TCP connection (SYN, RST), fragments, IP
+// options, ICMP other than echoes, IPv6 and datagrams with a MAC always take the user-space path.
+// The agent re-derives every cached decision through the engine whenever its model or the key
+// epoch changes, removes those the engine no longer makes, and feeds the kernel's last-seen times
+// back to the engine's flow table, so that the engine's view of which flows are alive stays whole.
 //
 // sap/tests/bpf.rs holds kw_ingress's checks to the engine's over the same datagrams.
 //

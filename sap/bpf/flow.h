@@ -27,9 +27,16 @@ struct flow4 {
 	__u8 pad[3];
 };
 
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+
 // The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
-// fragment, TCP that neither opens nor resets a connection, or UDP. Returns -1 for anything
-// else (the user-space path takes it).
+// fragment, TCP that neither opens nor resets a connection, UDP, or an ICMP echo request or
+// reply. Returns -1 for anything else (the user-space path takes it).
+//
+// An echo's flow is its identifier in place of the source port and its type and code in place
+// of the destination port: a request and the reply to it are two flows, so that a flow admitted
+// as the reply to the pod's own echo never carries a request, which policy must judge.
 static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
 {
 	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45)
@@ -44,13 +51,21 @@ static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
 	} else if (proto == IPPROTO_UDP) {
 		if (!HAVE(l4, 8, end))
 			return -1;
+	} else if (proto == IPPROTO_ICMP) {
+		if (!HAVE(l4, 8, end) || (l4[0] != ICMP_ECHO_REQUEST && l4[0] != ICMP_ECHO_REPLY))
+			return -1;
 	} else {
 		return -1;
 	}
 	f->src = *(__u32 *)(pkt + 12);
 	f->dst = *(__u32 *)(pkt + 16);
-	f->sport = *(__u16 *)l4;
-	f->dport = *(__u16 *)(l4 + 2);
+	if (proto == IPPROTO_ICMP) {
+		f->sport = *(__u16 *)(l4 + 4);
+		f->dport = *(__u16 *)l4;
+	} else {
+		f->sport = *(__u16 *)l4;
+		f->dport = *(__u16 *)(l4 + 2);
+	}
 	f->proto = proto;
 	f->pad[0] = f->pad[1] = f->pad[2] = 0;
 	return 0;

@@ -416,6 +416,51 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
         let (ret, out) = p.run_sap(f).unwrap();
         assert_eq!((ret, &out), (TC_ACT_OK, f), "{what}: untouched");
     }
+
+    // An ICMP echo is the flow of its identifier and type, in the kernel as in Flow4: given a
+    // ping's requests, the kernel forwards each of them and nothing that only shares the
+    // identifier (the reply's type, another identifier, an ICMP error).
+    let echo = |reply: bool, id: u16, seq: u16| {
+        build::ipv4(
+            PEER.into(),
+            OVERLAY.into(),
+            PROTO_ICMP,
+            &build::echo(false, reply, id, seq),
+        )
+    };
+    let pings = SapFlow {
+        outer_src: SENDER.into(),
+        key,
+        inner: Flow4::of_packet(&echo(false, 77, 1)).expect("an echo is a flow"),
+    };
+    p.insert_sap(&pings, &to).unwrap();
+    for seq in [1, 2, 3] {
+        let sent = udp_frame(SENDER, SAP, 6080, &gue(key, &echo(false, 77, seq)), false);
+        let (ret, out) = p.run_sap(&sent).unwrap();
+        assert_eq!(
+            ret,
+            keyway_sap::io::bpf::TC_ACT_REDIRECT,
+            "echo request {seq}"
+        );
+        assert_eq!(&out[30..34], &DEST, "to the destination endpoint");
+    }
+    let unreachable = build::ipv4(
+        PEER.into(),
+        OVERLAY.into(),
+        PROTO_ICMP,
+        &[3, 1, 0, 0, 0, 0, 0, 0],
+    );
+    for (what, inner) in [
+        ("an echo reply of the same identifier", echo(true, 77, 1)),
+        ("an echo request of another identifier", echo(false, 78, 1)),
+        ("an ICMP error", unreachable),
+    ] {
+        let f = udp_frame(SENDER, SAP, 6080, &gue(key, &inner), false);
+        let (ret, out) = p.run_sap(&f).unwrap();
+        assert_eq!((ret, &out), (TC_ACT_OK, &f), "{what}: untouched");
+    }
+    p.remove_sap(&pings);
+
     p.remove_pod(DEST.into());
     let (ret, _) = p.run_sap(&sent).unwrap();
     assert_eq!(ret, TC_ACT_OK, "a destination that is not the node's pod");

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use keyway_sap::io::now_ms;
 use serde_json::Value;
 
 use super::objects::{self, source_path};
@@ -193,12 +194,6 @@ pub struct SoakReport {
     pub epochs: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A small deterministic generator (xorshift): the kill intervals, reproducible from the seed
 /// the report prints.
 struct Rng(u64);
@@ -350,7 +345,7 @@ fn run_window(p: &TrafficPath, index: usize, o: &SoakOptions, seconds: f64) -> W
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let started = unix_ms();
+    let started = now_ms();
     let mut w = Window {
         path: index,
         start_ms: started,
@@ -361,7 +356,7 @@ fn run_window(p: &TrafficPath, index: usize, o: &SoakOptions, seconds: f64) -> W
         serde_json::from_str::<Value>(out.trim())
             .with_context(|| format!("soak-client said {out:?}"))
     });
-    w.end_ms = unix_ms();
+    w.end_ms = now_ms();
     let v = match parsed {
         Ok(v) => v,
         Err(e) => {
@@ -439,7 +434,7 @@ fn netns_contents(path: &str) -> (usize, usize) {
 /// Counts everything the soak watches. Called with the lab locked, so that no pod is half made.
 fn sample(lab: &Lab, deleted: &[(String, String, String)]) -> Sample {
     let mut s = Sample {
-        at_ms: unix_ms(),
+        at_ms: now_ms(),
         pods: lab.state.pods.len(),
         ..Sample::default()
     };
@@ -639,7 +634,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
     let period_ms = o.rotation_seconds * 1000;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let want = unix_ms() / period_ms;
+        let want = now_ms() / period_ms;
         let epochs = lab.node_metric("keyway_key_epoch");
         if epochs.iter().all(|e| (*e as u64).abs_diff(want) <= 1) {
             break;
@@ -687,7 +682,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
         path("gateway", "soak/external", overlay)?,
     ];
     let kill_node = lab.state.nodes[0].name.clone();
-    let seed = unix_ms() | 1;
+    let seed = now_ms() | 1;
     let mut text = format!(
         "soak: {:.1} min on {} nodes; per path UDP {}/s and TCP {} round trips/s; keys rotate every {} s (grace {grace} s); {kill_node}'s agent SIGKILLed every {}–{} s (seed {seed}); pods churned through CRI, {CHURN_LIVE} alive at once\n",
         o.minutes,
@@ -707,7 +702,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
     let deleted: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
     let mut samples: Vec<Sample> = Vec::new();
     let lock = || lab.lock().unwrap_or_else(|e| e.into_inner());
-    let start_ms = unix_ms();
+    let start_ms = now_ms();
     let deadline = Instant::now() + Duration::from_secs_f64(o.minutes * 60.0);
     let mut run_error: Option<&str> = None;
 
@@ -802,7 +797,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
                     }
                     let _ = lab.save();
                     let errors = (c.add_errors.len() + c.del_errors.len()) as u64;
-                    let entry = (unix_ms(), c.created, c.deleted, errors);
+                    let entry = (now_ms(), c.created, c.deleted, errors);
                     c.log.push(entry);
                     drop(c);
                     drop(lab);
@@ -846,10 +841,10 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
                         return;
                     };
                     let pid = lab.state.nodes[i].agent_pid;
-                    let at_ms = unix_ms();
+                    let at_ms = now_ms();
                     crate::proc::sigkill(pid);
                     let restarted = lab.start_agent(kill_node);
-                    let ready_ms = unix_ms();
+                    let ready_ms = now_ms();
                     kills.lock().unwrap().push(Kill {
                         node: kill_node.clone(),
                         at_ms,
@@ -872,7 +867,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
                 break;
             }
             samples.push(sample(&lock(), &deleted.lock().unwrap()));
-            eprintln!("soak: {:.1} min", (unix_ms() - start_ms) as f64 / 60_000.0);
+            eprintln!("soak: {:.1} min", (now_ms() - start_ms) as f64 / 60_000.0);
             next += every;
         }
         stop.store(true, Ordering::Release);

@@ -150,7 +150,10 @@ fn net_port(port: u16) -> u32 {
     u32::from(u16::from_ne_bytes(port.to_be_bytes()))
 }
 
-/// An IPv4 flow as the programs key it (`struct flow4`): the engine's five-tuple.
+/// An IPv4 flow as the programs key it (`struct flow4`): the engine's five-tuple. For an ICMP
+/// echo, `sport` is its identifier and `dport` its type and code (`type << 8 | code`): a request
+/// and its reply are two flows, so that a flow the engine admitted as a reply never carries a
+/// request (which policy judges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Flow4 {
     pub src: Ipv4Addr,
@@ -160,30 +163,60 @@ pub struct Flow4 {
     pub dport: u16,
 }
 
+/// ICMP's echo reply and echo request types.
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
 impl Flow4 {
     /// The flow of an inner IPv4 packet, when the fast path may carry packets of it: no IP
-    /// options, not a fragment, TCP or UDP (the same test the programs make, less TCP's flags:
-    /// the first packet of a flow is what teaches the kernel the flow).
+    /// options, not a fragment, TCP, UDP or an ICMP echo (the same test the programs make, less
+    /// TCP's flags: the first packet of a flow is what teaches the kernel the flow).
     pub fn of_packet(p: &[u8]) -> Option<Flow4> {
+        use keyway_core::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
         if p.len() < 20 || p[0] != 0x45 || u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
             return None;
         }
         let proto = p[9];
         let need = match proto {
-            keyway_core::packet::PROTO_TCP => 20,
-            keyway_core::packet::PROTO_UDP => 8,
+            PROTO_TCP => 20,
+            PROTO_UDP | PROTO_ICMP => 8,
             _ => return None,
         };
         if p.len() < 20 + need {
             return None;
         }
+        let (sport, dport) = match proto {
+            PROTO_ICMP if p[20] == ICMP_ECHO_REQUEST || p[20] == ICMP_ECHO_REPLY => (
+                u16::from_be_bytes([p[24], p[25]]),
+                u16::from_be_bytes([p[20], p[21]]),
+            ),
+            PROTO_ICMP => return None,
+            _ => (
+                u16::from_be_bytes([p[20], p[21]]),
+                u16::from_be_bytes([p[22], p[23]]),
+            ),
+        };
         Some(Flow4 {
             src: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
             dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]),
             proto,
-            sport: u16::from_be_bytes([p[20], p[21]]),
-            dport: u16::from_be_bytes([p[22], p[23]]),
+            sport,
+            dport,
         })
+    }
+
+    /// A packet of the flow past its first, as the engine re-judges a cached decision on: a TCP
+    /// segment that neither opens nor resets, a UDP datagram, or an echo of its identifier.
+    pub fn packet(&self) -> Vec<u8> {
+        use keyway_core::packet::{PROTO_ICMP, build};
+        let l4 = if self.proto == PROTO_ICMP {
+            let [kind, code] = self.dport.to_be_bytes();
+            let [id_hi, id_lo] = self.sport.to_be_bytes();
+            vec![kind, code, 0, 0, id_hi, id_lo, 0, 0]
+        } else {
+            build::ports(self.proto, self.sport, self.dport, b"")
+        };
+        build::ipv4(self.src, self.dst, self.proto, &l4)
     }
 
     fn bytes(&self) -> [u8; 16] {
@@ -810,7 +843,7 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_tcp_and_udp_over_ipv4_are_fast_flows() {
+    fn only_plain_tcp_udp_and_echoes_over_ipv4_are_fast_flows() {
         use keyway_core::packet::build;
         let tcp = build::tcp4([1, 0, 0, 1], 1000, [1, 0, 0, 2], 80);
         assert_eq!(
@@ -830,7 +863,22 @@ mod tests {
             1,
             &build::echo(false, false, 1, 1),
         );
-        assert_eq!(Flow4::of_packet(&echo), None, "ICMP: the user-space path");
+        assert_eq!(
+            Flow4::of_packet(&echo).map(|f| (f.proto, f.sport, f.dport)),
+            Some((1, 1, 8 << 8)),
+            "an echo: its identifier and its type"
+        );
+        let unreachable = build::ipv4(
+            [1, 0, 0, 1].into(),
+            [1, 0, 0, 2].into(),
+            1,
+            &[3, 1, 0, 0, 0, 0, 0, 0],
+        );
+        assert_eq!(
+            Flow4::of_packet(&unreachable),
+            None,
+            "other ICMP: the user-space path"
+        );
         let mut fragment = tcp.clone();
         fragment[7] = 1;
         assert_eq!(Flow4::of_packet(&fragment), None, "a fragment");

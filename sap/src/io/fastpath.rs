@@ -34,7 +34,6 @@ use keyway_core::gue;
 use keyway_core::key::Key;
 #[cfg(test)]
 use keyway_core::packet::PROTO_TCP;
-use keyway_core::packet::build;
 
 use super::bpf::{
     BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps, IngressFlow,
@@ -326,7 +325,7 @@ impl FastPath {
                 continue;
             };
             let mut buf = vec![0u8; gue::HEADROOM];
-            buf.extend_from_slice(&packet_of(&f));
+            buf.extend_from_slice(&f.packet());
             let now =
                 engine::endpoint_egress_as(&tables, &local, &ctx.flows, how, &mut buf, now_ms)
                     .ok()
@@ -360,7 +359,7 @@ impl FastPath {
                 continue;
             };
             let admitted = key.is_some_and(|key| {
-                let datagram = datagram_of(key, &packet_of(&f.inner));
+                let datagram = datagram_of(key, &f.inner.packet());
                 let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, port));
                 engine::endpoint_ingress_as(
                     &tables, &local, &ctx.flows, how, &datagram, from, now_ms,
@@ -424,17 +423,6 @@ pub(super) fn plain_key(datagram: &[u8]) -> Option<Key> {
     })
 }
 
-/// A packet of flow `f` past its first: a TCP segment that neither opens nor resets, or a UDP
-/// datagram. What the engine re-judges a cached decision on.
-fn packet_of(f: &Flow4) -> Vec<u8> {
-    build::ipv4(
-        f.src,
-        f.dst,
-        f.proto,
-        &build::ports(f.proto, f.sport, f.dport, b""),
-    )
-}
-
 fn datagram_of(key: Key, inner: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; gue::HEADER_LEN + inner.len()];
     let n = gue::encapsulate(key, inner, &mut out).unwrap_or(0);
@@ -455,7 +443,7 @@ mod tests {
             sport: 40000,
             dport: 80,
         };
-        let p = packet_of(&f);
+        let p = f.packet();
         assert_eq!(Flow4::of_packet(&p), Some(f));
         let c = keyway_core::packet::classify(&p).unwrap();
         assert!(!c.opens_flow && !c.resets_flow, "an established segment");
@@ -464,6 +452,32 @@ mod tests {
         let mut with_mac = d.clone();
         with_mac[0] = (with_mac[0] & !0x1f) | 3;
         assert_eq!(plain_key(&with_mac), None, "a datagram with a MAC");
+    }
+
+    #[test]
+    fn an_echo_request_and_its_reply_are_two_flows_each_rebuilt_as_itself() {
+        use keyway_core::packet::{PROTO_ICMP, build};
+        let (a, b) = (Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(100, 64, 1, 3));
+        let request = build::ipv4(a, b, PROTO_ICMP, &build::echo(false, false, 77, 5));
+        let reply = build::ipv4(b, a, PROTO_ICMP, &build::echo(false, true, 77, 5));
+        let f = Flow4::of_packet(&request).expect("an echo request is a flow");
+        let r = Flow4::of_packet(&reply).expect("an echo reply is a flow");
+        // The reply's flow turned around is not the request's: a reply admitted never admits a
+        // request from the same peer.
+        assert_ne!(
+            Flow4 {
+                src: r.dst,
+                dst: r.src,
+                ..r
+            },
+            f
+        );
+        for flow in [f, r] {
+            let p = flow.packet();
+            assert_eq!(Flow4::of_packet(&p), Some(flow));
+            let c = keyway_core::packet::classify(&p).unwrap();
+            assert_eq!(c.opens_flow, flow == f, "only the request opens a flow");
+        }
     }
 }
 
@@ -705,7 +719,7 @@ impl NodeFastPath {
                 p.remove_sap(&f);
                 continue;
             }
-            let datagram = datagram_of(f.key, &packet_of(&f.inner));
+            let datagram = datagram_of(f.key, &f.inner.packet());
             let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, self.gue_port));
             match engine::sap_forward(&tables, &datagram, from, now_ms) {
                 Ok(SocketAddr::V4(to)) if to == hop.to => report.kept += 1,
