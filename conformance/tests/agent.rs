@@ -118,6 +118,89 @@ fn pods_talk_over_the_overlay_and_a_denying_policy_blocks_with_a_counted_drop() 
     c.delete(&b);
 }
 
+const DENY_A: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-a, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Ingress]\n";
+
+/// Runs `ping` in `pod`'s namespace with echo identifier `id`; the replies it got.
+fn ping_with_id(
+    pod: &keyway_conformance::harness::TestPod,
+    to: &str,
+    id: u16,
+    count: u32,
+) -> usize {
+    let out = pod.netns.exec(&[
+        "ping",
+        "-e",
+        &id.to_string(),
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        to,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .count()
+}
+
+/// The replies to a pod's own pings are admitted as replies; they must never admit its peer's
+/// echo requests, which its ingress policy refuses — on the kernel's fast path too, where both
+/// ends cache the replies' flow while the pod pings (its requests and its replies are two flows:
+/// were they one, the peer's kernel would send its requests and the pod's kernel deliver them).
+#[test]
+fn a_pods_own_pings_do_not_let_in_its_peers_pings_of_the_same_identifier() {
+    if !privileged("a_pods_own_pings_do_not_let_in_its_peers_pings") {
+        return;
+    }
+    let c = TestCluster::new("agecho", 1, 109);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(1, "t", "b", &[("app", "b")]);
+    let agent = c.agent(1);
+    c.apply("deny-a.yaml", DENY_A);
+    eventually(
+        "a's ingress policy takes effect",
+        Duration::from_secs(5),
+        || ping_with_id(&b, &a.overlay_ip, 4242, 1) == 0,
+    );
+    eventually(
+        "both pods on the fast path",
+        Duration::from_secs(10),
+        || agent.metric("keyway_fastpath_pods") >= 2.0,
+    );
+    // Refused where the engine finds it first: at b's egress (which holds a's ingress policy
+    // too), else at a's ingress.
+    let denied = || {
+        ["egress", "ingress"]
+            .map(|stage| {
+                agent.metric(&format!(
+                    "keyway_datapath_drops_total{{stage=\"{stage}\",reason=\"denied_by_policy\"}}"
+                ))
+            })
+            .iter()
+            .sum::<f64>()
+    };
+    let before = denied();
+    std::thread::scope(|s| {
+        // a pings b (a's egress and b's ingress allow it) for three seconds, identifier 4242...
+        let own = s.spawn(|| ping_with_id(&a, &b.overlay_ip, 4242, 60));
+        // ...and, once those flows are the kernel's, b pings a with the same identifier.
+        std::thread::sleep(Duration::from_secs(1));
+        let peers = ping_with_id(&b, &a.overlay_ip, 4242, 20);
+        assert_eq!(peers, 0, "b's echo requests got past a's ingress policy");
+        assert_eq!(own.join().unwrap(), 60, "a's own pings all answered");
+    });
+    assert!(
+        denied() >= before + 20.0,
+        "b's 20 requests dropped by a's policy and counted:\n{}",
+        agent.metrics()
+    );
+    c.remove("deny-a.yaml");
+    c.delete(&a);
+    c.delete(&b);
+}
+
 #[test]
 fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
     if !privileged("traffic_between_nodes_goes_through_the_destination_sap") {
