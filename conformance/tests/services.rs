@@ -5,7 +5,8 @@
 //! pod IP, cluster IP and DNS name exactly as NetworkPolicy says; a pod that opted out reaches
 //! them through the node's gateway with its own identity; external hosts reach a NodePort only
 //! where an ipBlock admits them; the node's probes pass while the agent is stopped; a pod IP
-//! reached around the overlay is dropped and counted.
+//! reached around the overlay is dropped and counted. The matrices hold with the kernel fast path
+//! and on the user-space path alone.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,21 +79,32 @@ fn services_pod_ips_dns_and_node_ports_reach_protected_pods_as_policy_says() {
     let t = Duration::from_millis(1000);
     let truth = expected("truth-TCP-80.txt");
 
-    // Every way a pod reaches another gives NetworkPolicy's matrix.
-    for via in [Via::Overlay, Via::PodIp, Via::Dns] {
-        let got = lab.probe(80, "TCP", via, t).unwrap();
-        let d = protected(&got).diff(&truth);
-        assert!(d.is_empty(), "TCP via {via:?}: {d:?}\n{got}");
-    }
-    // By cluster IP: the same, but the headless Service has none to probe.
-    let got = lab.probe(80, "TCP", Via::Service, t).unwrap();
-    let mut want = truth.clone();
-    let db = want.names.iter().position(|n| n == "shop/db-0").unwrap();
-    for (i, row) in want.cells.iter_mut().enumerate() {
+    // Every way a pod reaches another gives NetworkPolicy's matrix: with the kernel fast path
+    // carrying established flows (the agents' default), then with every agent restarted on the
+    // user-space path alone.
+    let mut by_cluster_ip = truth.clone();
+    let db = truth.names.iter().position(|n| n == "shop/db-0").unwrap();
+    for (i, row) in by_cluster_ip.cells.iter_mut().enumerate() {
+        // The headless Service has no cluster IP to probe.
         row[db] = i == db;
     }
-    let d = protected(&got).diff(&want);
-    assert!(d.is_empty(), "TCP by cluster IP: {d:?}\n{got}");
+    for datapath in ["auto", "user"] {
+        if datapath == "user" {
+            lab.set_datapath(datapath).expect("agents restarted");
+            assert_eq!(counter(&lab, "keyway_fastpath_pods"), 0.0, "no pod is fast");
+        }
+        for (via, want) in [
+            (Via::Overlay, &truth),
+            (Via::PodIp, &truth),
+            (Via::Dns, &truth),
+            (Via::Service, &by_cluster_ip),
+        ] {
+            let got = lab.probe(80, "TCP", via, t).unwrap();
+            let d = protected(&got).diff(want);
+            assert!(d.is_empty(), "{datapath}: TCP via {via:?}: {d:?}\n{got}");
+        }
+    }
+    lab.set_datapath("auto").expect("agents restarted");
 
     // The opted-out pod (app=front, on node-1) enters through the gateway as itself: cart
     // (node-2) admits app=front, db admits only cart; front on its own bridge too (the node's
