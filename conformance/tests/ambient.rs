@@ -4,8 +4,9 @@
 //! ambient pod reaches another by pod IP through both ztunnels, and the HBONE connection between
 //! them travels keyway's overlay (on the underlay there is GUE and no HBONE); the probe matrix
 //! through ztunnel is NetworkPolicy's truth table on the application's real port (a pair policy
-//! denies stays denied although ztunnel accepts the application's connection); with STRICT mTLS
-//! meshed pairs connect and the client outside the mesh is refused.
+//! denies stays denied although ztunnel accepts the application's connection), with the kernel
+//! fast path and on the user-space path alone; with STRICT mTLS meshed pairs connect and the
+//! client outside the mesh is refused.
 //!
 //! The ztunnel binary is found through `ZTUNNEL`, then `PATH`, then `../shared/ztunnel/`; without
 //! one the test fails under `CI` and is skipped otherwise, saying how to build it.
@@ -226,7 +227,7 @@ fn ambient_pods_reach_each_other_through_ztunnel_over_the_overlay() {
         pod_octet: 242,
         underlay_octet: 86,
     };
-    let lab = Lab::up_with(&dir, &[file], 2, plan.clone(), true).expect("lab up");
+    let mut lab = Lab::up_with(&dir, &[file], 2, plan.clone(), true).expect("lab up");
     let labels = [(
         "amb".to_string(),
         [(DATAPLANE_MODE_LABEL.to_string(), AMBIENT.to_string())].into(),
@@ -311,22 +312,31 @@ fn ambient_pods_reach_each_other_through_ztunnel_over_the_overlay() {
     // NetworkPolicy on the real port, through ztunnel. a -> b on 81: ztunnel takes a's
     // connection and carries it as HBONE (a may reach b on 80, so 15008 is open between them),
     // and b's table refuses ztunnel's hand-over to port 81.
+    // With the kernel fast path carrying the overlay's established flows (the agents' default),
+    // then with every agent restarted on the user-space path alone.
     let before = mesh_ingress_drops(&b.netns);
-    for (port, via, truth) in [
-        (80, Via::PodIp, TRUTH_80),
-        (81, Via::PodIp, TRUTH_81),
-        // By Service name, the same: ztunnel answers the meshed pods' queries for the Services
-        // it knows (in the pod: amb/c's egress policy does not stop it) and carries a connection
-        // to a cluster IP as HBONE to the endpoint, where the real port is checked.
-        (80, Via::Dns, TRUTH_80),
-    ] {
-        let (got, want) = matrix_through_ztunnel(&lab, port, via, truth);
-        assert!(
-            got.diff(&want).is_empty(),
-            "port {port} via {via:?} through ztunnel is NetworkPolicy's truth table: {:?}",
-            got.diff(&want)
-        );
+    for datapath in ["auto", "user"] {
+        if datapath == "user" {
+            lab.set_datapath(datapath).expect("agents restarted");
+        }
+        for (port, via, truth) in [
+            (80, Via::PodIp, TRUTH_80),
+            (81, Via::PodIp, TRUTH_81),
+            // By Service name, the same: ztunnel answers the meshed pods' queries for the
+            // Services it knows (in the pod: amb/c's egress policy does not stop it) and carries
+            // a connection to a cluster IP as HBONE to the endpoint, where the real port is
+            // checked.
+            (80, Via::Dns, TRUTH_80),
+        ] {
+            let (got, want) = matrix_through_ztunnel(&lab, port, via, truth);
+            assert!(
+                got.diff(&want).is_empty(),
+                "{datapath}: port {port} via {via:?} through ztunnel is NetworkPolicy's truth table: {:?}",
+                got.diff(&want)
+            );
+        }
     }
+    lab.set_datapath("auto").expect("agents restarted");
     let ns = keyway_sap::sys::Netns::open(&a.netns).unwrap();
     let accepted = ns
         .run(|| TcpStream::connect_timeout(&SocketAddr::new(b.pod_ip, 81), Duration::from_secs(3)))
