@@ -214,15 +214,30 @@ fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
         a.ping(&b.overlay_ip, 1)
     });
     let sap = "keyway_datapath_packets_total{stage=\"sap\"}";
-    let (s1, s2) = (c.agent(1).metric(sap), c.agent(2).metric(sap));
+    // A SaP in the kernel (an established ping is its) adds what it forwarded to the agent's
+    // counters at the agent's next sync, every second: a count is read once it stops moving.
+    let settled = |node: usize| {
+        let mut last = c.agent(node).metric(sap);
+        loop {
+            std::thread::sleep(Duration::from_millis(1200));
+            let now = c.agent(node).metric(sap);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let (s1, s2) = (settled(1), settled(2));
     assert!(a.ping(&b.overlay_ip, 4));
-    assert!(
-        c.agent(2).metric(sap) >= s2 + 4.0,
-        "requests went through node-2's SaP"
+    eventually(
+        "requests went through node-2's SaP",
+        Duration::from_secs(5),
+        || c.agent(2).metric(sap) >= s2 + 4.0,
     );
-    assert!(
-        c.agent(1).metric(sap) >= s1 + 4.0,
-        "replies went through node-1's SaP"
+    eventually(
+        "replies went through node-1's SaP",
+        Duration::from_secs(5),
+        || c.agent(1).metric(sap) >= s1 + 4.0,
     );
 
     // A DirectPath: the pair bypasses SaPs and relies on keys alone.
@@ -231,8 +246,10 @@ fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
         "apiVersion: keyway.io/v1alpha1\nkind: DirectPath\nmetadata: {name: ab, namespace: t}\nspec:\n  a: {podSelector: {matchLabels: {app: a}}}\n  b: {podSelector: {matchLabels: {app: b}}}\n",
     );
     std::thread::sleep(Duration::from_millis(500));
-    let (s1, s2) = (c.agent(1).metric(sap), c.agent(2).metric(sap));
+    let (s1, s2) = (settled(1), settled(2));
     assert!(a.ping(&b.overlay_ip, 4));
+    // Past a sync, when a SaP's kernel count would have reached the counters.
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.agent(2).metric(sap), s2, "direct: no SaP on the way");
     assert_eq!(c.agent(1).metric(sap), s1);
     c.delete(&a);
