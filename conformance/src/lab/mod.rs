@@ -1393,16 +1393,7 @@ impl Lab {
     /// the probe returns, and what the kernel fast path forwarded is added to the counters at
     /// the agent's next sync (every second).
     fn settled_sap_counters(&self) -> Vec<f64> {
-        let mut last = self.sap_counters();
-        for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(1200));
-            let now = self.sap_counters();
-            if now == last {
-                break;
-            }
-            last = now;
-        }
-        last
+        keyway_testing::settled(Duration::from_millis(1200), 5, || self.sap_counters())
     }
 
     /// For every pair the overlay connects, which SaPs its packets went through (the paper's

@@ -64,9 +64,42 @@ pub fn eventually_or(
     started.elapsed()
 }
 
+/// `read()` once it stops changing: read again every `every` until two reads agree, at most
+/// `tries` times (then the last read). For counters that an agent updates in steps, such as the
+/// kernel fast path's counts, added at the agent's next sync.
+pub fn settled<T: PartialEq>(every: Duration, tries: usize, mut read: impl FnMut() -> T) -> T {
+    let mut last = read();
+    for _ in 0..tries {
+        std::thread::sleep(every);
+        let now = read();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_reads_until_two_reads_agree_and_no_more_than_it_may() {
+        let mut n = 0;
+        let steps = [1, 2, 2, 3];
+        let got = settled(Duration::ZERO, 5, || {
+            n += 1;
+            steps[n - 1]
+        });
+        assert_eq!((got, n), (2, 3));
+        let mut m = 0;
+        let got = settled(Duration::ZERO, 2, || {
+            m += 1;
+            m
+        });
+        assert_eq!((got, m), (3, 3), "the last read once the tries are spent");
+    }
 
     #[test]
     fn eventually_returns_once_the_condition_holds_and_panics_when_it_never_does() {

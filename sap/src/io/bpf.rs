@@ -211,8 +211,9 @@ impl Flow4 {
         use keyway_core::packet::{PROTO_ICMP, build};
         let l4 = if self.proto == PROTO_ICMP {
             let [kind, code] = self.dport.to_be_bytes();
-            let [id_hi, id_lo] = self.sport.to_be_bytes();
-            vec![kind, code, 0, 0, id_hi, id_lo, 0, 0]
+            let mut echo = build::echo(false, kind == ICMP_ECHO_REPLY, self.sport, 0);
+            echo[1] = code;
+            echo
         } else {
             build::ports(self.proto, self.sport, self.dport, b"")
         };
