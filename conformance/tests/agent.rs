@@ -291,6 +291,23 @@ fn tcp_retransmissions(pod: &keyway_conformance::harness::TestPod) -> (u64, u64)
     (counter("TcpRetransSegs"), counter("TcpExtTCPDSACKRecvSegs"))
 }
 
+/// The id of the eBPF program keyway's tc filter runs on `dev`'s `at` (ingress or egress) in
+/// namespace `netns`, as `tc` prints it ("... id N tag ..."); empty when there is none.
+fn filter_program(netns: &str, dev: &str, at: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", netns, "tc", "filter", "show", "dev", dev, at,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -318,14 +335,17 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
     let before = (ifindex(&a), ifindex(&b), inode(&a), inode(&b));
     // Where the kernel loads keyway's programs (the lab's tests assert that it does here), the
     // agent puts both pods on the fast path in the background: wait for it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let fast = loop {
-        let on = c.agent(1).metric("keyway_fastpath_pods") >= 2.0;
-        if on || std::time::Instant::now() > deadline {
-            break on;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let fast = eventually_or_not(Duration::from_secs(10), || {
+        c.agent(1).metric("keyway_fastpath_pods") >= 2.0
+    });
+
+    // The programs on a's devices: a restarted agent takes them over with their maps rather
+    // than replacing them with empty ones.
+    let programs = |p: &keyway_conformance::harness::TestPod| {
+        [("kw0", "egress"), ("eth0", "ingress")]
+            .map(|(dev, at)| filter_program(&p.netns.name, dev, at))
     };
+    let programs_before = programs(&a);
 
     // A TCP stream at a steady rate and a steady ping, 20 per second, while the agent is killed
     // and started again.
@@ -449,6 +469,20 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
             longest_pause * 1e3
         );
         assert_eq!(lost, 0, "no segment of the stream lost");
+        assert!(
+            programs_before.iter().all(|id| !id.is_empty()),
+            "a's fast path is attached: {programs_before:?}"
+        );
+        assert_eq!(
+            programs(&a),
+            programs_before,
+            "the restarted agent went on with the programs (and maps) the killed one left"
+        );
+        keyway_testing::eventually(
+            "both pods' fast paths were taken over (keyway_fastpath_pods_adopted = 2)",
+            Duration::from_secs(5),
+            || c.agent(1).metric("keyway_fastpath_pods_adopted") == 2.0,
+        );
     }
     assert_eq!(
         (ifindex(&a), ifindex(&b), inode(&a), inode(&b)),
@@ -459,6 +493,109 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
     assert_eq!(att["attachments"].as_array().unwrap().len(), 2, "{att}");
     c.delete(&a);
     c.delete(&b);
+}
+
+#[test]
+fn a_restarted_agent_takes_over_its_kernel_sap_with_its_flows() {
+    if !privileged("a_restarted_agent_takes_over_its_kernel_sap_with_its_flows") {
+        return;
+    }
+    let mut c = TestCluster::new("agsapkill", 2, 110);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(2, "t", "b", &[("app", "b")]);
+    eventually("node-1 routes to b", Duration::from_secs(5), || {
+        a.ping(&b.overlay_ip, 1)
+    });
+    let node = c.nodes[1].clone();
+    let sap_device = {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.netns,
+                "ip",
+                "-o",
+                "-4",
+                "addr",
+                "show",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find(|l| l.contains(&format!(" {}/", node.ip)))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .expect("a device holds node-2's address")
+            .to_string()
+    };
+    let fast = eventually_or_not(Duration::from_secs(10), || {
+        c.agent(2).metric("keyway_fastpath_pods") >= 1.0
+            && !filter_program(&node.netns, &sap_device, "ingress").is_empty()
+    });
+    if !fast {
+        eprintln!("no kernel fast path here: nothing to take over");
+        return;
+    }
+    // A ping from a to b, 20 a second, through node-2's SaP (kernel-forwarded once
+    // established), while node-2's agent is killed and started again.
+    let sap_before = filter_program(&node.netns, &sap_device, "ingress");
+    let log = c.scratch.join("ping.log");
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &a.netns.name, "ping", "-D", "-i", "0.05"])
+        .args(["-W", "1", &b.overlay_ip])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    c.agent_mut(2).kill();
+    std::thread::sleep(Duration::from_millis(500));
+    c.agent_mut(2).restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = std::process::Command::new("kill")
+        .arg(ping.id().to_string())
+        .status();
+    let _ = ping.wait_with_output();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let replies = reply_times(&text);
+    let longest_pause = replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    eprintln!(
+        "node-2's agent SIGKILLed under a ping through its SaP: {} replies, longest pause {:.0} ms, unanswered {:?}",
+        replies.len(),
+        longest_pause * 1e3,
+        unanswered(&text)
+    );
+    assert_eq!(unanswered(&text), Vec::<u32>::new(), "no echo request lost");
+    assert!(
+        longest_pause < 0.25,
+        "the ping paused for {:.0} ms",
+        longest_pause * 1e3
+    );
+    assert_eq!(
+        filter_program(&node.netns, &sap_device, "ingress"),
+        sap_before,
+        "the restarted agent went on with the kernel SaP (and its flows) the killed one left"
+    );
+    eventually(
+        "node-2's agent reports its node's fast path taken over",
+        Duration::from_secs(5),
+        || c.agent(2).metric("keyway_fastpath_node_adopted") == 1.0,
+    );
+    c.delete(&a);
+    c.delete(&b);
+}
+
+/// Whether `f` holds within `within` (polled every 100 ms).
+fn eventually_or_not(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -193,6 +193,12 @@ impl Agent {
             tick.tick().await;
             let sap = self.endpoints.sync_fast(true).await;
             self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
+            self.metrics
+                .fastpath_pods_adopted
+                .set(self.endpoints.fast_adopted() as i64);
+            self.metrics
+                .fastpath_node_adopted
+                .set(i64::from(self.endpoints.node_adopted()));
             self.metrics.fastpath_sap_flows.set(sap.flows.kept as i64);
             self.metrics.fastpath_sap_datagrams.inc_by(sap.forwarded);
         }

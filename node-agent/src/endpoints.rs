@@ -167,7 +167,12 @@ impl FastShared {
     fn node(&self) -> Option<Arc<NodeFastPath>> {
         self.node
             .get_or_init(|| match NodeFastPath::load(self.gue_port, self.local_sap) {
-                Ok(n) => Some(Arc::new(n)),
+                Ok(n) => {
+                    if n.adopted() {
+                        tracing::info!(sap_program = n.sap_program_id(), "took over the node's fast path an earlier agent left, with the SaP's flows");
+                    }
+                    Some(Arc::new(n))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "the node's fast path cannot load: GUE to pods behind a bridge is segmented there");
                     None
@@ -208,6 +213,9 @@ impl FastJob {
         };
         match FastPath::open(netns, &tun, overlay, infra, self.shared.gue_port) {
             Ok(f) => {
+                if f.adopted() {
+                    tracing::debug!(container = %self.container, programs = ?f.program_ids(), "took over the fast path an earlier agent left, with its flows");
+                }
                 // Keys and a lease first, then the loops may teach it flows.
                 f.sync(&self.ctx, keyway_sap::io::now_ms(), false);
                 if self.ctx.fast.set(f).is_err() {
@@ -268,6 +276,23 @@ impl Endpoints {
             .values()
             .filter(|e| e.ctx.fast.get().is_some())
             .count()
+    }
+
+    /// How many of those took over the fast path an earlier agent left them.
+    pub fn fast_adopted(&self) -> usize {
+        self.map()
+            .values()
+            .filter(|e| e.ctx.fast.get().is_some_and(|f| f.adopted()))
+            .count()
+    }
+
+    /// Whether the node's fast path was taken over from an earlier agent.
+    pub fn node_adopted(&self) -> bool {
+        self.fast
+            .node
+            .get()
+            .and_then(Option::as_ref)
+            .is_some_and(|n| n.adopted())
     }
 
     /// Brings every endpoint's fast path, and the node's, in line with the engine (keys,

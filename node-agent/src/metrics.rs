@@ -133,6 +133,12 @@ pub struct Metrics {
     pub bpf_available: Gauge,
     /// Pods whose established flows the kernel fast path carries.
     pub fastpath_pods: Gauge,
+    /// Of those, pods whose programs, maps and flows this agent took over from the agent
+    /// before it (a restart or an upgrade with the same programs).
+    pub fastpath_pods_adopted: Gauge,
+    /// 1 when the node's programs (the kernel SaP and its flows) were taken over from the
+    /// agent before it.
+    pub fastpath_node_adopted: Gauge,
     /// Flows the node's SaP forwards in the kernel (at the last sync).
     pub fastpath_sap_flows: Gauge,
     /// Datagrams the node's SaP forwarded in the kernel (also in `keyway_datapath_*`).
@@ -181,6 +187,8 @@ impl Metrics {
             key_epoch: Gauge::default(),
             bpf_available: Gauge::default(),
             fastpath_pods: Gauge::default(),
+            fastpath_pods_adopted: Gauge::default(),
+            fastpath_node_adopted: Gauge::default(),
             fastpath_sap_flows: Gauge::default(),
             fastpath_sap_datagrams: Counter::default(),
             registry: Registry::default(),
@@ -275,6 +283,18 @@ impl Metrics {
         r.register("keyway_bpf_available", help, self.bpf_available.clone());
         let help = "Pods whose established flows keyway's eBPF fast path carries (the user-space path decides each flow's first packets)";
         r.register("keyway_fastpath_pods", help, self.fastpath_pods.clone());
+        let help = "Pods on the fast path whose programs, maps and flows this agent took over from the agent before it, so their flows went on in the kernel across the restart";
+        r.register(
+            "keyway_fastpath_pods_adopted",
+            help,
+            self.fastpath_pods_adopted.clone(),
+        );
+        let help = "1 when this agent took over the node's eBPF programs (the kernel SaP and its flows) from the agent before it, else 0";
+        r.register(
+            "keyway_fastpath_node_adopted",
+            help,
+            self.fastpath_node_adopted.clone(),
+        );
         let help = "Flows the node's SaP forwards in the kernel, at the last sync (the user-space SaP forwards each flow's first datagrams)";
         r.register(
             "keyway_fastpath_sap_flows",

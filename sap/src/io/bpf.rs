@@ -13,7 +13,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
@@ -33,7 +33,7 @@ const INGRESS_FLOWS: &str = "kw_ingress_flows";
 
 /// The tc filter's priority and handle: keyway's on every device it attaches to, so that a new
 /// agent's attach replaces its predecessor's filter instead of adding a second one.
-const FILTER_PRIORITY: u16 = 0x4b57; // "KW"
+pub const FILTER_PRIORITY: u16 = 0x4b57; // "KW"
 const FILTER_HANDLE: u32 = 1;
 
 /// tc's verdict for a packet that goes on (`TC_ACT_OK`).
@@ -305,27 +305,90 @@ pub struct Carried {
     pub ingress_bytes: u64,
 }
 
-/// One pod's programs and maps, loaded into the kernel.
-#[derive(Debug)]
+/// One pod's programs and maps, in the kernel: loaded by this agent, or adopted from the agent
+/// before it ([`EndpointPrograms::adopt`]).
 pub struct EndpointPrograms {
-    ebpf: Ebpf,
+    egress: SchedClassifier,
+    ingress: SchedClassifier,
+    config: Array<MapData, [u32; 12]>,
+    verdicts: PerCpuArray<MapData, u64>,
+    carried: PerCpuArray<MapData, u64>,
+    flows: Option<FlowMaps>,
 }
 
 impl EndpointPrograms {
     /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF.
     pub fn load() -> Result<EndpointPrograms, BpfError> {
-        // No kernel BTF: the programs use no CO-RE relocations, and parsing the kernel's BTF
-        // (which `Ebpf::load` does, twice) costs tens of milliseconds and megabytes.
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .load(OBJECT)
-            .map_err(|e| BpfError::Object(Box::new(e)))?;
-        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
-            classifier_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|e| program_error(name, e))?;
-        }
-        Ok(EndpointPrograms { ebpf })
+        let mut ebpf = load_object(OBJECT)?;
+        let egress = loaded_classifier(&mut ebpf, EGRESS_PROGRAM)?;
+        let ingress = loaded_classifier(&mut ebpf, INGRESS_PROGRAM)?;
+        let mut map = |name| {
+            ebpf.take_map(name)
+                .ok_or(BpfError::Missing(name))
+                .map(|m| (name, m))
+        };
+        let programs = EndpointPrograms {
+            config: typed(map(CONFIG)?)?,
+            verdicts: typed(map(INGRESS_VERDICTS)?)?,
+            carried: typed(map(CARRIED)?)?,
+            flows: Some(FlowMaps {
+                egress: typed(map(EGRESS_FLOWS)?)?,
+                ingress: typed(map(INGRESS_FLOWS)?)?,
+            }),
+            egress,
+            ingress,
+        };
+        let tags = [programs.egress.info(), programs.ingress.info()]
+            .map(|i| i.map(|i| i.tag()).unwrap_or_default());
+        let _ = ENDPOINT_TAGS.set(tags);
+        Ok(programs)
+    }
+
+    /// Takes over the programs an earlier agent attached to a pod's devices, with their maps
+    /// (the flows they carry, their configuration and lease, their counters), when they are
+    /// this build's programs: `egress` and `ingress` are the programs' ids, as the devices' tc
+    /// filters name them ([`super::netlink::Netlink::bpf_filter_program`]). `Ok(None)`: they
+    /// are another build's, or do not share their maps as one load does; load new ones.
+    pub fn adopt(egress: u32, ingress: u32) -> Result<Option<EndpointPrograms>, BpfError> {
+        let own = match ENDPOINT_TAGS.get() {
+            Some(t) => *t,
+            None => {
+                EndpointPrograms::load()?;
+                *ENDPOINT_TAGS
+                    .get()
+                    .ok_or(BpfError::Missing(EGRESS_PROGRAM))?
+            }
+        };
+        let Some(found) = adopted(
+            &[(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)],
+            &own,
+        )?
+        else {
+            return Ok(None);
+        };
+        let [eg, ing] = found.programs;
+        let mut maps = found.maps;
+        let mut map = |name| maps.take(name);
+        let (Some(config), Some(verdicts), Some(carried), Some(ef), Some(inf)) = (
+            map(CONFIG),
+            map(INGRESS_VERDICTS),
+            map(CARRIED),
+            map(EGRESS_FLOWS),
+            map(INGRESS_FLOWS),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(EndpointPrograms {
+            egress: eg,
+            ingress: ing,
+            config: typed(config)?,
+            verdicts: typed(verdicts)?,
+            carried: typed(carried)?,
+            flows: Some(FlowMaps {
+                egress: typed(ef)?,
+                ingress: typed(inf)?,
+            }),
+        }))
     }
 
     /// Tells the programs about their pod (replacing what they knew), with no lease: the flow
@@ -342,20 +405,31 @@ impl EndpointPrograms {
         lease_ns: u64,
     ) -> Result<(), BpfError> {
         let words = c.words(lease_ns)?;
-        let map = self.ebpf.map_mut(CONFIG).ok_or(BpfError::Missing(CONFIG))?;
-        let mut config: Array<_, [u32; 12]> =
-            Array::try_from(map).map_err(|e| map_error(CONFIG, e))?;
-        config.set(0, words, 0).map_err(|e| map_error(CONFIG, e))
+        self.config
+            .set(0, words, 0)
+            .map_err(|e| map_error(CONFIG, e))
+    }
+
+    /// What the programs know now: their pod's overlay address and pod IP, and their lease
+    /// (CLOCK_MONOTONIC ns; 0: none).
+    pub fn configured(&self) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>, u64), BpfError> {
+        let w = self.config.get(&0, 0).map_err(|e| map_error(CONFIG, e))?;
+        let v4 = |w: u32| (w != 0).then(|| Ipv4Addr::from(w.to_ne_bytes()));
+        Ok((
+            v4(w[0]),
+            v4(w[1]),
+            u64::from(w[10]) | u64::from(w[11]) << 32,
+        ))
     }
 
     /// The ingress verdicts so far, summed over CPUs, in [`INGRESS_VERDICTS_BY_INDEX`] order.
     pub fn verdicts(&self) -> Result<[u64; 4], BpfError> {
-        self.per_cpu_sums(INGRESS_VERDICTS)
+        per_cpu_sums(&self.verdicts, INGRESS_VERDICTS)
     }
 
     /// What the fast path has carried so far.
     pub fn carried(&self) -> Result<Carried, BpfError> {
-        let c = self.per_cpu_sums(CARRIED)?;
+        let c = per_cpu_sums::<4>(&self.carried, CARRIED)?;
         Ok(Carried {
             egress_packets: c[0],
             egress_bytes: c[1],
@@ -364,45 +438,35 @@ impl EndpointPrograms {
         })
     }
 
-    fn per_cpu_sums(&self, name: &'static str) -> Result<[u64; 4], BpfError> {
-        per_cpu_sums(&self.ebpf, name)
+    /// The programs' ids: `kw_egress`'s, `kw_ingress`'s.
+    pub fn ids(&self) -> [u32; 2] {
+        [&self.egress, &self.ingress].map(|p| p.info().map(|i| i.id()).unwrap_or_default())
     }
 
     /// Attaches `kw_egress` to the overlay device `tun` and `kw_ingress` to `eth`, replacing a
     /// predecessor's programs there. Call inside the pod's network namespace. The filters stay
     /// when this process exits (see the module's documentation); [`detach`] removes them.
     pub fn attach(&mut self, tun: &str, eth: &str) -> Result<(), BpfError> {
-        attach_filter(&mut self.ebpf, EGRESS_PROGRAM, tun, TcAttachType::Egress)?;
-        attach_filter(&mut self.ebpf, INGRESS_PROGRAM, eth, TcAttachType::Ingress)
+        attach_filter(&mut self.egress, EGRESS_PROGRAM, tun, TcAttachType::Egress)?;
+        attach_filter(
+            &mut self.ingress,
+            INGRESS_PROGRAM,
+            eth,
+            TcAttachType::Ingress,
+        )
     }
 
-    /// The flow maps, taken out of the object (the programs keep using them).
+    /// The flow maps, taken out (the programs keep using them).
     pub fn take_flows(&mut self) -> Result<FlowMaps, BpfError> {
-        let egress = self
-            .ebpf
-            .take_map(EGRESS_FLOWS)
-            .ok_or(BpfError::Missing(EGRESS_FLOWS))?;
-        let ingress = self
-            .ebpf
-            .take_map(INGRESS_FLOWS)
-            .ok_or(BpfError::Missing(INGRESS_FLOWS))?;
-        Ok(FlowMaps {
-            egress: HashMap::try_from(egress).map_err(|e| map_error(EGRESS_FLOWS, e))?,
-            ingress: HashMap::try_from(ingress).map_err(|e| map_error(INGRESS_FLOWS, e))?,
-        })
+        self.flows.take().ok_or(BpfError::Missing(EGRESS_FLOWS))
     }
 
     /// Runs `kw_ingress` once on `frame` (Ethernet, as it arrives on the pod's eth0) through
     /// `BPF_PROG_TEST_RUN`, and says what it decided: the tc action and the verdict it counted.
     pub fn run_ingress(&mut self, frame: &[u8]) -> Result<(u32, Verdict), BpfError> {
         let before = self.verdicts()?;
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(INGRESS_PROGRAM)
-            .ok_or(BpfError::Missing(INGRESS_PROGRAM))?
-            .try_into()
-            .map_err(|e| program_error(INGRESS_PROGRAM, e))?;
-        let result = program
+        let result = self
+            .ingress
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 ..TestRunOptions::default()
@@ -425,11 +489,161 @@ impl EndpointPrograms {
     }
 }
 
+impl std::fmt::Debug for EndpointPrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPrograms")
+            .field("ids", &self.ids())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for NodePrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePrograms")
+            .field("bridge", &self.bridge_id())
+            .field("sap", &self.sap_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tags (the kernel's hash of a program's instructions, map references left out) of this
+/// build's `kw_egress` and `kw_ingress`, once loaded: what tells a predecessor's programs that
+/// this agent may take over from one it must replace.
+static ENDPOINT_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+/// The same for `kw_bridge_egress` and `kw_sap`.
+static NODE_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+
+/// Loads an object's maps (no kernel BTF: the programs use no CO-RE relocations, and parsing
+/// the kernel's BTF, which `Ebpf::load` does twice, costs tens of milliseconds and megabytes).
+fn load_object(object: &[u8]) -> Result<Ebpf, BpfError> {
+    EbpfLoader::new()
+        .btf(None)
+        .load(object)
+        .map_err(|e| BpfError::Object(Box::new(e)))
+}
+
+/// Loads program `name` of `ebpf` into the kernel, and returns a handle of its own on it, so
+/// that the object can go once its maps are taken.
+fn loaded_classifier(ebpf: &mut Ebpf, name: &'static str) -> Result<SchedClassifier, BpfError> {
+    let program = classifier_mut(ebpf, name)?;
+    program.load().map_err(|e| program_error(name, e))?;
+    let info = program.info().map_err(|e| program_error(name, e))?;
+    SchedClassifier::from_program_info(info, name.into()).map_err(|e| program_error(name, e))
+}
+
+/// A map as its typed handle.
+fn typed<T>(named: (&'static str, Map)) -> Result<T, BpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let (name, map) = named;
+    T::try_from(map).map_err(|e| map_error(name, e))
+}
+
+/// Programs an earlier agent left attached, and the maps they share, by name.
+struct Adopted<const N: usize> {
+    programs: [SchedClassifier; N],
+    maps: AdoptedMaps,
+}
+
+struct AdoptedMaps(Vec<(&'static str, Map)>);
+
+impl AdoptedMaps {
+    fn take(&mut self, name: &'static str) -> Option<(&'static str, Map)> {
+        let at = self.0.iter().position(|(n, _)| *n == name)?;
+        Some(self.0.swap_remove(at))
+    }
+}
+
+/// The programs of `ids` (each with the name it must have) and their maps, when every one is
+/// this build's (its tag among `own`, in the same order) and they share their maps as one load
+/// of the object does (one map per name across them). `Ok(None)` otherwise, or when a program
+/// has gone meanwhile.
+fn adopted<const N: usize>(
+    ids: &[(u32, &'static str); N],
+    own: &[u64; N],
+) -> Result<Option<Adopted<N>>, BpfError> {
+    let mut infos = Vec::with_capacity(N);
+    for (id, _) in ids {
+        // Program ids come in increasing order: stop at the one wanted.
+        let found = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .take_while(|p| p.id() <= *id)
+            .find(|p| p.id() == *id);
+        match found {
+            Some(info) => infos.push(info),
+            None => return Ok(None),
+        }
+    }
+    if infos.iter().zip(own).any(|(i, tag)| i.tag() != *tag) {
+        return Ok(None);
+    }
+    let mut by_name: Vec<(&'static str, u32)> = Vec::new();
+    for info in &infos {
+        let map_ids = info
+            .map_ids()
+            .map_err(|e| program_error(ids[0].1, e))?
+            .unwrap_or_default();
+        for map_id in map_ids {
+            let Ok(map_info) = aya::maps::MapInfo::from_id(map_id) else {
+                return Ok(None);
+            };
+            let Some(name) = map_info.name_as_str().and_then(map_name) else {
+                continue;
+            };
+            match by_name.iter().find(|(n, _)| *n == name) {
+                Some((_, other)) if *other != map_id => return Ok(None),
+                Some(_) => {}
+                None => by_name.push((name, map_id)),
+            }
+        }
+    }
+    let mut maps = Vec::with_capacity(by_name.len());
+    for (name, id) in by_name {
+        let data = MapData::from_id(id).map_err(|e| map_error(name, e))?;
+        maps.push((
+            name,
+            Map::from_map_data(data).map_err(|e| map_error(name, e))?,
+        ));
+    }
+    let mut programs = Vec::with_capacity(N);
+    for (info, (_, name)) in infos.into_iter().zip(ids) {
+        programs.push(
+            SchedClassifier::from_program_info(info, (*name).into())
+                .map_err(|e| program_error(name, e))?,
+        );
+    }
+    let Ok(programs) = programs.try_into() else {
+        return Ok(None);
+    };
+    Ok(Some(Adopted {
+        programs,
+        maps: AdoptedMaps(maps),
+    }))
+}
+
+/// keyway's map of kernel name `kernel` (a name cut to 15 bytes, as the kernel keeps it).
+fn map_name(kernel: &str) -> Option<&'static str> {
+    [
+        CONFIG,
+        INGRESS_VERDICTS,
+        CARRIED,
+        EGRESS_FLOWS,
+        INGRESS_FLOWS,
+        NODE_CONFIG,
+        NODE_PODS,
+        SAP_FLOWS,
+        SAP_CARRIED,
+    ]
+    .into_iter()
+    .find(|n| &n[..n.len().min(15)] == kernel)
+}
+
 /// The first `N` slots of per-CPU counter array `name`, each summed over CPUs.
-fn per_cpu_sums<const N: usize>(ebpf: &Ebpf, name: &'static str) -> Result<[u64; N], BpfError> {
-    let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(map).map_err(|e| map_error(name, e))?;
+fn per_cpu_sums<const N: usize>(
+    counters: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+) -> Result<[u64; N], BpfError> {
     let mut out = [0u64; N];
     for (i, slot) in out.iter_mut().enumerate() {
         *slot = counters
@@ -453,11 +667,11 @@ pub fn detach(device: &str, overlay: bool) {
     let _ = tc::qdisc_detach_program(device, at, name);
 }
 
-/// Attaches program `name` of `ebpf` to `device` through clsact, in this thread's namespace,
+/// Attaches `program` (named `name`) to `device` through clsact, in this thread's namespace,
 /// replacing keyway's filter there if there is one (same priority and handle), and leaves it
-/// attached when `ebpf` goes (the filter is the device's).
+/// attached when `program` goes (the filter is the device's).
 fn attach_filter(
-    ebpf: &mut Ebpf,
+    program: &mut SchedClassifier,
     name: &'static str,
     device: &str,
     at: TcAttachType,
@@ -472,7 +686,6 @@ fn attach_filter(
             });
         }
     }
-    let program = classifier_mut(ebpf, name)?;
     let attach_error = |source| BpfError::Attach {
         name,
         device: device.to_string(),
@@ -639,38 +852,96 @@ impl SapNextHop {
     }
 }
 
-/// The node's programs and maps, loaded into the kernel.
-#[derive(Debug)]
+/// The node's programs and maps, in the kernel: loaded by this agent, or adopted from the agent
+/// before it ([`NodePrograms::adopt`]).
 pub struct NodePrograms {
-    ebpf: Ebpf,
+    bridge: SchedClassifier,
+    sap: SchedClassifier,
+    config: Array<MapData, [u32; 4]>,
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
+    sap_carried: PerCpuArray<MapData, u64>,
 }
 
 impl NodePrograms {
     pub fn load() -> Result<NodePrograms, BpfError> {
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .load(NODE_OBJECT)
-            .map_err(|e| BpfError::Object(Box::new(e)))?;
-        for name in [BRIDGE_PROGRAM, SAP_PROGRAM] {
-            classifier_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|e| program_error(name, e))?;
-        }
-        let pods = ebpf
-            .take_map(NODE_PODS)
-            .ok_or(BpfError::Missing(NODE_PODS))?;
-        let pods = HashMap::try_from(pods).map_err(|e| map_error(NODE_PODS, e))?;
-        let sap_flows = ebpf
-            .take_map(SAP_FLOWS)
-            .ok_or(BpfError::Missing(SAP_FLOWS))?;
-        let sap_flows = HashMap::try_from(sap_flows).map_err(|e| map_error(SAP_FLOWS, e))?;
-        Ok(NodePrograms {
-            ebpf,
-            pods,
-            sap_flows,
-        })
+        let mut ebpf = load_object(NODE_OBJECT)?;
+        let bridge = loaded_classifier(&mut ebpf, BRIDGE_PROGRAM)?;
+        let sap = loaded_classifier(&mut ebpf, SAP_PROGRAM)?;
+        let mut map = |name| {
+            ebpf.take_map(name)
+                .ok_or(BpfError::Missing(name))
+                .map(|m| (name, m))
+        };
+        let programs = NodePrograms {
+            config: typed(map(NODE_CONFIG)?)?,
+            pods: typed(map(NODE_PODS)?)?,
+            sap_flows: typed(map(SAP_FLOWS)?)?,
+            sap_carried: typed(map(SAP_CARRIED)?)?,
+            bridge,
+            sap,
+        };
+        let tags = [programs.bridge.info(), programs.sap.info()]
+            .map(|i| i.map(|i| i.tag()).unwrap_or_default());
+        let _ = NODE_TAGS.set(tags);
+        Ok(programs)
+    }
+
+    /// Takes over the kernel SaP an earlier agent attached (`sap`, its program's id, as the
+    /// device's tc filter names it), with the node's maps (the SaP's flows, the pods, the
+    /// lease, the counters) and the bridge program that shares them, when they are this
+    /// build's. `Ok(None)`: load new ones.
+    pub fn adopt(sap: u32) -> Result<Option<NodePrograms>, BpfError> {
+        let own = match NODE_TAGS.get() {
+            Some(t) => *t,
+            None => {
+                NodePrograms::load()?;
+                *NODE_TAGS.get().ok_or(BpfError::Missing(SAP_PROGRAM))?
+            }
+        };
+        let Some(found) = adopted(&[(sap, SAP_PROGRAM)], &[own[1]])? else {
+            return Ok(None);
+        };
+        let [sap] = found.programs;
+        let mut maps = found.maps;
+        let mut map = |name| maps.take(name);
+        let (Some(config), Some(pods), Some(flows), Some(carried)) = (
+            map(NODE_CONFIG),
+            map(NODE_PODS),
+            map(SAP_FLOWS),
+            map(SAP_CARRIED),
+        ) else {
+            return Ok(None);
+        };
+        // The bridge program shares the maps: the one of this build whose maps these are, if
+        // it is still loaded, else a new load of it would have maps of its own. Find it by
+        // the config map it uses.
+        let config_id = match &config.1 {
+            Map::Array(d) => d.info().map(|i| i.id()).unwrap_or_default(),
+            _ => return Ok(None),
+        };
+        let bridge = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.tag() == own[0])
+            .find(|p| {
+                p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&config_id))
+            });
+        let Some(bridge) = bridge else {
+            return Ok(None);
+        };
+        let bridge = SchedClassifier::from_program_info(bridge, BRIDGE_PROGRAM.into())
+            .map_err(|e| program_error(BRIDGE_PROGRAM, e))?;
+        Ok(Some(NodePrograms {
+            bridge,
+            sap,
+            config: typed(config)?,
+            pods: typed(pods)?,
+            sap_flows: typed(flows)?,
+            sap_carried: typed(carried)?,
+        }))
     }
 
     /// The GUE port, the SaP's address (none: no kernel SaP), and until when (CLOCK_MONOTONIC
@@ -681,33 +952,51 @@ impl NodePrograms {
         sap: Option<Ipv4Addr>,
         lease_ns: u64,
     ) -> Result<(), BpfError> {
-        let map = self
-            .ebpf
-            .map_mut(NODE_CONFIG)
-            .ok_or(BpfError::Missing(NODE_CONFIG))?;
-        let mut config: Array<_, [u32; 4]> =
-            Array::try_from(map).map_err(|e| map_error(NODE_CONFIG, e))?;
         let words = [
             net_port(gue_port),
             lease_ns as u32,
             (lease_ns >> 32) as u32,
             net_v4(sap),
         ];
-        config
+        self.config
             .set(0, words, 0)
             .map_err(|e| map_error(NODE_CONFIG, e))
+    }
+
+    /// The lease the programs hold now (CLOCK_MONOTONIC ns; 0: none).
+    pub fn lease(&self) -> Result<u64, BpfError> {
+        let w = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| map_error(NODE_CONFIG, e))?;
+        Ok(u64::from(w[1]) | u64::from(w[2]) << 32)
+    }
+
+    /// The kernel SaP's program id.
+    pub fn sap_id(&self) -> u32 {
+        self.sap.info().map(|i| i.id()).unwrap_or_default()
+    }
+
+    /// The bridge program's id.
+    pub fn bridge_id(&self) -> u32 {
+        self.bridge.info().map(|i| i.id()).unwrap_or_default()
     }
 
     /// Attaches to the egress of `bridge` (in this thread's namespace), replacing a
     /// predecessor's program there.
     pub fn attach_bridge(&mut self, bridge: &str) -> Result<(), BpfError> {
-        attach_filter(&mut self.ebpf, BRIDGE_PROGRAM, bridge, TcAttachType::Egress)
+        attach_filter(
+            &mut self.bridge,
+            BRIDGE_PROGRAM,
+            bridge,
+            TcAttachType::Egress,
+        )
     }
 
     /// Attaches the kernel SaP to the ingress of `device`, the one that holds the SaP's
     /// address (in this thread's namespace), replacing a predecessor's.
     pub fn attach_sap(&mut self, device: &str) -> Result<(), BpfError> {
-        attach_filter(&mut self.ebpf, SAP_PROGRAM, device, TcAttachType::Ingress)
+        attach_filter(&mut self.sap, SAP_PROGRAM, device, TcAttachType::Ingress)
     }
 
     /// GUE to `pod_ip` goes to the pod's veth, with the pod's Ethernet header.
@@ -743,14 +1032,9 @@ impl NodePrograms {
     /// Runs `kw_sap` once on `frame` (Ethernet, as it arrives at the SaP's device) through
     /// `BPF_PROG_TEST_RUN`: the tc action, and the frame as the program left it.
     pub fn run_sap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(SAP_PROGRAM)
-            .ok_or(BpfError::Missing(SAP_PROGRAM))?
-            .try_into()
-            .map_err(|e| program_error(SAP_PROGRAM, e))?;
         let mut out = vec![0u8; frame.len() + 256];
-        let result = program
+        let result = self
+            .sap
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
@@ -764,7 +1048,7 @@ impl NodePrograms {
     /// What the kernel SaP forwarded so far: datagrams (a GSO packet as its segments) and their
     /// bytes, summed over CPUs.
     pub fn sap_carried(&self) -> Result<(u64, u64), BpfError> {
-        let c = per_cpu_sums::<2>(&self.ebpf, SAP_CARRIED)?;
+        let c = per_cpu_sums::<2>(&self.sap_carried, SAP_CARRIED)?;
         Ok((c[0], c[1]))
     }
 }

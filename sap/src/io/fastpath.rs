@@ -36,8 +36,8 @@ use keyway_core::key::Key;
 use keyway_core::packet::PROTO_TCP;
 
 use super::bpf::{
-    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, Flow4, FlowMaps, IngressFlow,
-    NodePod, SapFlow, SapNextHop,
+    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow4,
+    FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -94,6 +94,10 @@ pub struct FastPath {
     last_sync_ns: AtomicU64,
     /// What the kernel had carried at the last count.
     counted: Mutex<Carried>,
+    adopted: bool,
+    /// Taken over from an earlier agent and not synced yet: when that agent last synced
+    /// (CLOCK_MONOTONIC ns). The flows its kernel carried since are the live ones.
+    warm_since: Mutex<Option<u64>>,
 }
 
 #[derive(Debug)]
@@ -108,9 +112,11 @@ struct Maps {
 }
 
 impl FastPath {
-    /// Loads the programs and attaches them in `netns`: `kw_egress` to the overlay device `tun`,
-    /// `kw_ingress` to the device that holds the pod IP `infra`, replacing a predecessor's.
-    /// They carry nothing until the first [`sync`](Self::sync). Blocking.
+    /// Attaches the fast path in `netns`: `kw_egress` to the overlay device `tun`, `kw_ingress`
+    /// to the device that holds the pod IP `infra`. The programs and maps an earlier agent left
+    /// there are taken over as they are, carrying on ([`FastPath::adopted`]), when they are this
+    /// build's and this pod's; otherwise new ones are loaded and replace them, and carry nothing
+    /// until the first [`sync`](Self::sync). Blocking.
     pub fn open(
         netns: &Netns,
         tun: &str,
@@ -119,10 +125,19 @@ impl FastPath {
         gue_port: u16,
     ) -> Result<FastPath, FastPathError> {
         let tun_name = tun.to_string();
-        let (eth, tun_link) = netlink::in_netns(netns, async move |nl| {
+        let (eth, tun_link, left) = netlink::in_netns(netns, async move |nl| {
             let eth = nl.link_of_address(IpAddr::V4(infra)).await?;
             let tun = nl.link(&tun_name).await?;
-            Ok((eth, tun))
+            let left = match (&tun, &eth) {
+                (Some(t), Some(e)) => (
+                    nl.bpf_filter_program(t.index, true, FILTER_PRIORITY)
+                        .await?,
+                    nl.bpf_filter_program(e.index, false, FILTER_PRIORITY)
+                        .await?,
+                ),
+                _ => (None, None),
+            };
+            Ok((eth, tun, left))
         })?;
         let eth = eth.ok_or(FastPathError::NoPrimary(infra))?;
         let tun_link = tun_link.ok_or_else(|| FastPathError::NoOverlay(tun.to_string()))?;
@@ -135,9 +150,35 @@ impl FastPath {
             eth_ifindex: eth.index,
             fast: false,
         };
-        let mut programs = EndpointPrograms::load()?;
-        programs.configure(&base)?;
-        netns.run(|| programs.attach(tun, &eth.name))??;
+        let adopted = match left {
+            (Some(egress), Some(ingress)) => match EndpointPrograms::adopt(egress, ingress) {
+                Ok(Some(p)) => match p.configured() {
+                    Ok((o, i, lease)) if o == Some(overlay) && i == Some(infra) => Some((p, lease)),
+                    _ => None,
+                },
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot take over the fast path an earlier agent left: loading a new one");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (mut programs, warm_since, counted) = match adopted {
+            // Left configured and attached: it goes on carrying under its lease until the
+            // first sync renews it.
+            Some((p, lease)) => {
+                let counted = p.carried().unwrap_or_default();
+                let since = lease.checked_sub(LEASE_NS).filter(|_| lease > 0);
+                (p, since, counted)
+            }
+            None => {
+                let mut p = EndpointPrograms::load()?;
+                p.configure(&base)?;
+                netns.run(|| p.attach(tun, &eth.name))??;
+                (p, None, Carried::default())
+            }
+        };
         let flows = programs.take_flows()?;
         Ok(FastPath {
             programs: Mutex::new(programs),
@@ -152,8 +193,24 @@ impl FastPath {
             eth: eth.name.clone(),
             carrying: AtomicBool::new(false),
             last_sync_ns: AtomicU64::new(monotonic_ns()),
-            counted: Mutex::default(),
+            counted: Mutex::new(counted),
+            adopted: warm_since.is_some(),
+            warm_since: Mutex::new(warm_since),
         })
+    }
+
+    /// Whether this fast path took over the programs and maps an earlier agent left, with the
+    /// flows they were carrying.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The programs' ids, `kw_egress`'s and `kw_ingress`'s (as `tc filter show` prints them).
+    pub fn program_ids(&self) -> [u32; 2] {
+        self.programs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids()
     }
 
     /// Removes the programs from the pod's devices (the pod leaves keyway). Blocking.
@@ -296,10 +353,64 @@ impl FastPath {
         let mut report = SyncReport::default();
         let mut m = self.maps();
         m.generation = tables.generation;
-        let last_sync = if periodic {
-            self.last_sync_ns.swap(now_ns, Ordering::Relaxed)
-        } else {
-            self.last_sync_ns.load(Ordering::Relaxed)
+        let port = self.base.gue_port;
+        let key = local.keys.key_at(now_ms);
+        // The egress flow `f` as the engine sends it now (`how`: tracked or only judged).
+        let egress = |f: &Flow4, how: Admission, seen_ns: u64| -> Option<EgressFlow> {
+            let mut buf = vec![0u8; gue::HEADROOM];
+            buf.extend_from_slice(&f.packet());
+            let send =
+                engine::endpoint_egress_as(&tables, &local, &ctx.flows, how, &mut buf, now_ms)
+                    .ok()?;
+            let SocketAddr::V4(to) = send.to else {
+                return None;
+            };
+            Some(EgressFlow {
+                to,
+                key: plain_key(&buf[send.start..])?,
+                seen_ns,
+            })
+        };
+        // Whether the engine delivers the ingress flow `f` now.
+        let ingress = |f: &IngressFlow, how: Admission| -> bool {
+            key.is_some_and(|key| {
+                let datagram = datagram_of(key, &f.inner.packet());
+                let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, port));
+                engine::endpoint_ingress_as(
+                    &tables, &local, &ctx.flows, how, &datagram, from, now_ms,
+                )
+                .is_ok()
+            })
+        };
+        // Taken over from an earlier agent: this engine has not seen the flows that agent's
+        // kernel carried. Each live one goes through it as a packet first, both ways, so that
+        // the engine tracks them as the earlier agent's did and a reply's flow finds what it
+        // answers whichever way it runs; then they are re-derived as at any periodic sync.
+        let warm = self
+            .warm_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let periodic = periodic || warm.is_some();
+        if let (Some(since), true) = (warm, carrying) {
+            for (f, e) in m.flows.egress() {
+                if e.seen_ns >= since {
+                    egress(&f, Admission::Track, e.seen_ns);
+                }
+            }
+            for (f, seen_ns) in m.flows.ingress() {
+                if seen_ns >= since {
+                    ingress(&f, Admission::Track);
+                }
+            }
+        }
+        let last_sync = match warm {
+            Some(since) => {
+                self.last_sync_ns.store(now_ns, Ordering::Relaxed);
+                since
+            }
+            None if periodic => self.last_sync_ns.swap(now_ns, Ordering::Relaxed),
+            None => self.last_sync_ns.load(Ordering::Relaxed),
         };
         // What to do with a flow, by when the kernel last carried one of its packets (0: never
         // since it was learned). Only a flow the kernel carried since the last periodic sync is
@@ -317,29 +428,13 @@ impl FastPath {
                 None
             }
         };
-        let port = self.base.gue_port;
         for (f, e) in m.flows.egress() {
             let Some(how) = fate(e.seen_ns, m.egress.contains(&f)) else {
                 report.idle += usize::from(carrying);
                 m.flows.remove_egress(&f);
                 continue;
             };
-            let mut buf = vec![0u8; gue::HEADROOM];
-            buf.extend_from_slice(&f.packet());
-            let now =
-                engine::endpoint_egress_as(&tables, &local, &ctx.flows, how, &mut buf, now_ms)
-                    .ok()
-                    .and_then(|send| {
-                        let SocketAddr::V4(to) = send.to else {
-                            return None;
-                        };
-                        Some(EgressFlow {
-                            to,
-                            key: plain_key(&buf[send.start..])?,
-                            seen_ns: e.seen_ns,
-                        })
-                    });
-            match now {
+            match egress(&f, how, e.seen_ns) {
                 Some(now) if now == e => report.kept += 1,
                 Some(now) => {
                     report.kept += 1;
@@ -351,22 +446,13 @@ impl FastPath {
                 }
             }
         }
-        let key = local.keys.key_at(now_ms);
         for (f, seen_ns) in m.flows.ingress() {
             let Some(how) = fate(seen_ns, m.ingress.contains(&f)) else {
                 report.idle += usize::from(carrying);
                 m.flows.remove_ingress(&f);
                 continue;
             };
-            let admitted = key.is_some_and(|key| {
-                let datagram = datagram_of(key, &f.inner.packet());
-                let from = SocketAddr::V4(SocketAddrV4::new(f.outer_src, port));
-                engine::endpoint_ingress_as(
-                    &tables, &local, &ctx.flows, how, &datagram, from, now_ms,
-                )
-                .is_ok()
-            });
-            if admitted {
+            if ingress(&f, how) {
                 report.kept += 1;
             } else {
                 report.refused += 1;
@@ -500,6 +586,7 @@ pub struct NodeFastPath {
     gue_port: u16,
     /// The SaP's address, when the kernel SaP is attached to the device that holds it.
     sap: Option<Ipv4Addr>,
+    adopted: bool,
     /// The bridges the program is attached to, by name.
     bridges: Mutex<HashSet<String>>,
     sap_state: Mutex<SapState>,
@@ -521,39 +608,90 @@ impl NodeFastPath {
     /// is attached when a pod behind a bridge comes; the kernel SaP now, to the device that
     /// holds `sap` (IPv4), when there is one. Blocking.
     pub fn load(gue_port: u16, sap: Option<SocketAddr>) -> Result<NodeFastPath, FastPathError> {
-        let mut programs = super::bpf::NodePrograms::load()?;
-        let sap = match sap {
+        let sap_link = match sap {
             Some(SocketAddr::V4(a)) if a.port() == gue_port => {
                 let ip = *a.ip();
                 let node = Netns::current()?;
                 let link = netlink::in_netns(&node, async move |nl| {
-                    nl.link_of_address(IpAddr::V4(ip)).await
+                    let Some(l) = nl.link_of_address(IpAddr::V4(ip)).await? else {
+                        return Ok(None);
+                    };
+                    let left = nl
+                        .bpf_filter_program(l.index, false, FILTER_PRIORITY)
+                        .await?;
+                    Ok(Some((l, left)))
                 })?;
-                match link {
-                    Some(l) => {
-                        programs.configure(gue_port, Some(ip), 0)?;
-                        programs.attach_sap(&l.name)?;
-                        Some(ip)
-                    }
-                    None => {
-                        tracing::warn!(sap = %ip, "no device holds the SaP's address: the SaP stays in user space");
-                        None
-                    }
+                if link.is_none() {
+                    tracing::warn!(sap = %ip, "no device holds the SaP's address: the SaP stays in user space");
                 }
+                link.map(|(l, left)| (ip, l, left))
             }
             _ => None,
         };
-        programs.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
+        // The kernel SaP an earlier agent left, with the node's maps, goes on as it is.
+        let adopted = match &sap_link {
+            Some((_, _, Some(id))) => match super::bpf::NodePrograms::adopt(*id) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot take over the node's fast path an earlier agent left: loading a new one");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut last_sync_ns = monotonic_ns();
+        let (mut programs, adopted) = match adopted {
+            Some(p) => {
+                let lease = p.lease().unwrap_or(0);
+                if lease > LEASE_NS {
+                    last_sync_ns = lease - LEASE_NS;
+                }
+                (p, true)
+            }
+            None => (super::bpf::NodePrograms::load()?, false),
+        };
+        let sap = match sap_link {
+            Some((ip, link, _)) => {
+                if !adopted {
+                    programs.configure(gue_port, Some(ip), 0)?;
+                    programs.attach_sap(&link.name)?;
+                }
+                Some(ip)
+            }
+            None => None,
+        };
+        // Taken over, the programs keep the earlier agent's lease until the first sync has
+        // judged their flows again.
+        if !adopted {
+            programs.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
+        }
+        let counted = if adopted {
+            programs.sap_carried().unwrap_or_default()
+        } else {
+            (0, 0)
+        };
         Ok(NodeFastPath {
             programs: Mutex::new(programs),
             gue_port,
             sap,
+            adopted,
             bridges: Mutex::default(),
             sap_state: Mutex::new(SapState {
-                last_sync_ns: monotonic_ns(),
+                last_sync_ns,
+                counted,
                 ..SapState::default()
             }),
         })
+    }
+
+    /// Whether the node's programs and maps were taken over from an earlier agent.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The kernel SaP's program id (as `tc filter show` prints it).
+    pub fn sap_program_id(&self) -> u32 {
+        self.programs().sap_id()
     }
 
     /// Removes the node's programs from every device of this thread's namespace (the node's),

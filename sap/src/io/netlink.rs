@@ -409,6 +409,49 @@ impl Netlink {
         }
     }
 
+    /// The id of the eBPF program in the tc filter of `priority` on link `index`'s clsact egress
+    /// (or ingress), if there is one: what an earlier agent left attached there.
+    pub async fn bpf_filter_program(
+        &self,
+        index: u32,
+        egress: bool,
+        priority: u16,
+    ) -> Result<Option<u32>, NetlinkError> {
+        use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+        let request = self.handle.traffic_filter(index as i32).get();
+        let request = if egress {
+            request.egress()
+        } else {
+            request.ingress()
+        };
+        let mut stream = request.execute();
+        loop {
+            let msg = match stream.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(None),
+                // No such device, or no clsact qdisc on it: no filter.
+                Err(e) if matches!(errno(&e), Some(ENODEV | ENOENT | libc::EINVAL)) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(Self::req(format!("list tc filters of link {index}"))(e)),
+            };
+            // A filter's info is its priority (high half) and protocol.
+            if (msg.header.info >> 16) as u16 != priority {
+                continue;
+            }
+            let id = msg.attributes.iter().find_map(|a| match a {
+                TcAttribute::Options(options) => options.iter().find_map(|o| match o {
+                    TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(*id),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            if id.is_some() {
+                return Ok(id);
+            }
+        }
+    }
+
     /// The MTU of link `name` (the underlay MTU, when `name` is the pod's primary interface).
     pub async fn mtu(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
         Ok(self.link(name).await?.and_then(|l| l.mtu))
