@@ -126,6 +126,10 @@ enum Cmd {
         /// Seconds between samples.
         #[arg(long, default_value_t = 60)]
         sample_seconds: u64,
+        /// The agents' data path (`auto`, `kernel`, `user`); by default theirs, the kernel
+        /// fast path where the kernel loads it.
+        #[arg(long)]
+        datapath: Option<String>,
     },
     /// Stops everything the lab started and removes every trace of it.
     Down,
@@ -203,8 +207,10 @@ fn main() -> ExitCode {
             rate,
             rotation_seconds,
             sample_seconds,
+            datapath,
         } => {
             let mut o = lab::soak::SoakOptions::new(minutes, nodes);
+            o.datapath = datapath;
             o.rate = rate;
             o.rotation_seconds = rotation_seconds;
             o.sample_seconds = sample_seconds;

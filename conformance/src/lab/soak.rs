@@ -67,6 +67,9 @@ pub struct SoakOptions {
     pub window_seconds: f64,
     /// The lab's namespaces and addresses (a test gives its own).
     pub plan: Plan,
+    /// The agents' `--datapath` (`auto`, `kernel`, `user`); `None`: their default, the kernel
+    /// fast path where the kernel loads it.
+    pub datapath: Option<String>,
 }
 
 impl SoakOptions {
@@ -87,6 +90,7 @@ impl SoakOptions {
                 pod_octet: 243,
                 underlay_octet: 79,
             },
+            datapath: None,
         }
     }
 }
@@ -192,6 +196,8 @@ pub struct SoakReport {
     pub pods_churned: u64,
     pub kills: usize,
     pub epochs: u64,
+    /// Pods the kernel fast path served at the end, over every node.
+    pub fastpath_pods: u64,
 }
 
 /// A small deterministic generator (xorshift): the kill intervals, reproducible from the seed
@@ -624,6 +630,9 @@ fn leftovers(dir: &Path, plan: &Plan) -> Vec<String> {
 
 fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
     let mut lab = Lab::up_with(dir, &[docs.to_path_buf()], o.nodes, o.plan.clone(), true)?;
+    if let Some(d) = &o.datapath {
+        lab.set_datapath(d)?;
+    }
     let grace = (o.rotation_seconds * 2 / 5).max(1);
     lab.patch_cluster_config(serde_json::json!({
         "keyRotationSeconds": o.rotation_seconds,
@@ -684,9 +693,14 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
     let kill_node = lab.state.nodes[0].name.clone();
     let seed = now_ms() | 1;
     let mut text = format!(
-        "soak: {:.1} min on {} nodes; per path UDP {}/s and TCP {} round trips/s; keys rotate every {} s (grace {grace} s); {kill_node}'s agent SIGKILLed every {}–{} s (seed {seed}); pods churned through CRI, {CHURN_LIVE} alive at once\n",
+        "soak: {:.1} min on {} nodes; data path: {}; per path UDP {}/s and TCP {} round trips/s; keys rotate every {} s (grace {grace} s); {kill_node}'s agent SIGKILLed every {}–{} s (seed {seed}); pods churned through CRI, {CHURN_LIVE} alive at once\n",
         o.minutes,
         lab.state.nodes.len(),
+        match o.datapath.as_deref() {
+            None | Some("auto") => "the kernel fast path where it loads",
+            Some("kernel") => "the kernel fast path",
+            Some(_) => "user space",
+        },
         o.rate,
         o.tcp_rate,
         o.rotation_seconds,
@@ -876,11 +890,18 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
     std::thread::sleep(Duration::from_secs(2));
     let lab = lab.into_inner().unwrap_or_else(|e| e.into_inner());
     samples.push(sample(&lab, &deleted.lock().unwrap()));
+    let fastpath_pods = lab.node_metric("keyway_fastpath_pods").iter().sum::<f64>() as u64;
     let windows = windows.into_inner().unwrap();
     let kills = kills.into_inner().unwrap();
     let churn = churn.into_inner().unwrap();
     text += &summarise(o, &paths, &windows, &kills, &churn, &samples, start_ms);
+    text += &format!("pods on the kernel fast path at the end: {fastpath_pods}\n");
     let mut violations = check(o, &paths, &windows, &kills, &churn, &samples);
+    if o.datapath.as_deref() == Some("user") && fastpath_pods > 0 {
+        violations.push(format!(
+            "{fastpath_pods} pods on the kernel fast path with every agent on --datapath user"
+        ));
+    }
     if let Some(e) = run_error {
         violations.insert(0, e.to_string());
     }
@@ -900,6 +921,7 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
         pods_churned: churn.created,
         kills: kills.len(),
         epochs,
+        fastpath_pods,
     })
 }
 
