@@ -519,3 +519,71 @@ fn an_uninstall_removes_the_node_programs_an_agent_left_on_every_device() {
         "a second uninstall finds nothing: {again:?}"
     );
 }
+
+#[test]
+fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
+    use keyway_sap::io::bpf::NodePrograms;
+    if !privileged("only_this_builds_programs_that_share_one_loads_maps_are_taken_over") {
+        return;
+    }
+    // What a restarted agent finds on a pod's devices: the two programs of one load.
+    let mut first = EndpointPrograms::load().expect("the kernel loads keyway's programs");
+    let other = EndpointPrograms::load().unwrap();
+    let [egress, ingress] = first.ids();
+    let [other_egress, other_ingress] = other.ids();
+    let adopted = EndpointPrograms::adopt(egress, ingress)
+        .unwrap()
+        .expect("one load's two programs are taken over");
+    assert_eq!(adopted.ids(), [egress, ingress], "the same programs");
+    // With the same maps: what one side writes, the other reads.
+    let pod = EndpointConfig {
+        overlay: Some(OVERLAY.into()),
+        infra: Some(INFRA.into()),
+        gue_port: 6080,
+        ..EndpointConfig::default()
+    };
+    first.configure_with_lease(&pod, 42).unwrap();
+    assert_eq!(
+        adopted.configured().unwrap(),
+        (Some(OVERLAY.into()), Some(INFRA.into()), 42)
+    );
+    // Anything else is loaded anew, never taken over.
+    let refused = |e, i, why: &str| {
+        assert!(
+            EndpointPrograms::adopt(e, i).unwrap().is_none(),
+            "taken over: {why}"
+        );
+    };
+    refused(
+        egress,
+        other_ingress,
+        "programs of two loads, whose maps differ",
+    );
+    refused(
+        other_egress,
+        ingress,
+        "programs of two loads, whose maps differ",
+    );
+    refused(ingress, egress, "each program in the other's place");
+    refused(egress, u32::MAX, "a program that is not loaded");
+
+    // The node's: the kernel SaP, and the bridge program that shares its maps.
+    let node = NodePrograms::load().expect("the node's programs load");
+    let _other_node = NodePrograms::load().unwrap();
+    let taken = NodePrograms::adopt(node.sap_id())
+        .unwrap()
+        .expect("the node's kernel SaP is taken over");
+    assert_eq!(
+        (taken.sap_id(), taken.bridge_id()),
+        (node.sap_id(), node.bridge_id()),
+        "with the bridge program of the same load, not another load's"
+    );
+    assert!(
+        NodePrograms::adopt(node.bridge_id()).unwrap().is_none(),
+        "the bridge program in the SaP's place"
+    );
+    assert!(
+        NodePrograms::adopt(egress).unwrap().is_none(),
+        "an endpoint program in the SaP's place"
+    );
+}
