@@ -8,8 +8,10 @@
 //!
 //! The programs are attached through tc's `clsact` qdisc (netlink), not tcx links: a tc filter
 //! belongs to the device, not to the process that attached it, so a pod's fast path keeps working
-//! while its agent restarts with nothing pinned in bpffs, and goes with the pod's namespace. A new
-//! agent replaces the filters (same priority and handle) atomically with programs of its own.
+//! while its agent restarts with nothing pinned in bpffs, and goes with the pod's namespace. The
+//! filter holds its program and the program its maps, so a new agent of the same build takes them
+//! over by id ([`EndpointPrograms::adopt`], [`NodePrograms::adopt`]), flows and all; one of
+//! another build replaces the filters (same priority and handle) atomically with its own.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
