@@ -291,6 +291,51 @@ fn tcp_retransmissions(pod: &keyway_conformance::harness::TestPod) -> (u64, u64)
     (counter("TcpRetransSegs"), counter("TcpExtTCPDSACKRecvSegs"))
 }
 
+/// A ping from a pod, 20 a second with each reply's time (`ping -D`), written to a log until
+/// stopped: what the restart tests hold across a kill.
+struct SteadyPing {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl SteadyPing {
+    fn start(
+        from: &keyway_conformance::harness::TestPod,
+        to: &str,
+        log: std::path::PathBuf,
+    ) -> Self {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &from.netns.name,
+                "ping",
+                "-D",
+                "-i",
+                "0.05",
+            ])
+            .args(["-W", "1", to])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        SteadyPing { child, log }
+    }
+
+    /// Stops the ping as ^C would (its summary written) and returns its output.
+    fn stop(mut self) -> String {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+/// The longest time between two replies, in seconds.
+fn longest_pause(replies: &[f64]) -> f64 {
+    replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
 /// The id of the eBPF program keyway's tc filter runs on `dev`'s `at` (ingress or egress) in
 /// namespace `netns`, as `tc` prints it ("... id N tag ..."); empty when there is none.
 fn filter_program(netns: &str, dev: &str, at: &str) -> String {
@@ -379,23 +424,7 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let log = c.scratch.join("ping.log");
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &a.netns.name,
-            "ping",
-            "-D",
-            "-i",
-            "0.05",
-            "-W",
-            "1",
-            &b.overlay_ip,
-        ])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let ping = SteadyPing::start(&a, &b.overlay_ip, c.scratch.join("ping.log"));
     std::thread::sleep(Duration::from_secs(1));
     let killed_at = unix_now();
     c.agent_mut(1).kill();
@@ -403,11 +432,7 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
     let restarted_at = unix_now();
     c.agent_mut(1).restart();
     std::thread::sleep(Duration::from_secs(2));
-    let _ = std::process::Command::new("kill")
-        .arg(ping.id().to_string())
-        .status();
-    let out = ping.wait_with_output().unwrap();
-    drop(out);
+    let text = ping.stop();
     let sent = stream.wait_with_output().unwrap();
     let tcp_after = tcp_retransmissions(&a);
     let retransmitted = tcp_after.0 - tcp_before.0;
@@ -415,7 +440,6 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
     let mut server = server;
     let _ = server.kill();
     let _ = server.wait();
-    let text = std::fs::read_to_string(&log).unwrap();
     let replies = reply_times(&text);
     let last_before = replies
         .iter()
@@ -428,7 +452,7 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
         .find(|t| *t > restarted_at)
         .expect("traffic came back");
     let back_in = first_after - restarted_at;
-    let longest_pause = replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    let longest_pause = longest_pause(&replies);
     eprintln!(
         "agent SIGKILL: last reply {:.0} ms before the kill, first {:.0} ms after the restart; longest pause between replies {:.0} ms",
         (killed_at - last_before) * 1e3,
@@ -539,25 +563,15 @@ fn a_restarted_agent_takes_over_its_kernel_sap_with_its_flows() {
     // A ping from a to b, 20 a second, through node-2's SaP (kernel-forwarded once
     // established), while node-2's agent is killed and started again.
     let sap_before = filter_program(&node.netns, &sap_device, "ingress");
-    let log = c.scratch.join("ping.log");
-    let ping = std::process::Command::new("ip")
-        .args(["netns", "exec", &a.netns.name, "ping", "-D", "-i", "0.05"])
-        .args(["-W", "1", &b.overlay_ip])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let ping = SteadyPing::start(&a, &b.overlay_ip, c.scratch.join("ping.log"));
     std::thread::sleep(Duration::from_secs(1));
     c.agent_mut(2).kill();
     std::thread::sleep(Duration::from_millis(500));
     c.agent_mut(2).restart();
     std::thread::sleep(Duration::from_secs(2));
-    let _ = std::process::Command::new("kill")
-        .arg(ping.id().to_string())
-        .status();
-    let _ = ping.wait_with_output();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = ping.stop();
     let replies = reply_times(&text);
-    let longest_pause = replies.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    let longest_pause = longest_pause(&replies);
     eprintln!(
         "node-2's agent SIGKILLed under a ping through its SaP: {} replies, longest pause {:.0} ms, unanswered {:?}",
         replies.len(),

@@ -321,29 +321,8 @@ pub struct EndpointPrograms {
 impl EndpointPrograms {
     /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF.
     pub fn load() -> Result<EndpointPrograms, BpfError> {
-        let mut ebpf = load_object(OBJECT)?;
-        let egress = loaded_classifier(&mut ebpf, EGRESS_PROGRAM)?;
-        let ingress = loaded_classifier(&mut ebpf, INGRESS_PROGRAM)?;
-        let mut map = |name| {
-            ebpf.take_map(name)
-                .ok_or(BpfError::Missing(name))
-                .map(|m| (name, m))
-        };
-        let programs = EndpointPrograms {
-            config: typed(map(CONFIG)?)?,
-            verdicts: typed(map(INGRESS_VERDICTS)?)?,
-            carried: typed(map(CARRIED)?)?,
-            flows: Some(FlowMaps {
-                egress: typed(map(EGRESS_FLOWS)?)?,
-                ingress: typed(map(INGRESS_FLOWS)?)?,
-            }),
-            egress,
-            ingress,
-        };
-        let tags = [programs.egress.info(), programs.ingress.info()]
-            .map(|i| i.map(|i| i.tag()).unwrap_or_default());
-        let _ = ENDPOINT_TAGS.set(tags);
-        Ok(programs)
+        let parts = loaded(OBJECT, [EGRESS_PROGRAM, INGRESS_PROGRAM], &ENDPOINT_TAGS)?;
+        EndpointPrograms::from_parts(parts)
     }
 
     /// Takes over the programs an earlier agent attached to a pod's devices, with their maps
@@ -352,45 +331,30 @@ impl EndpointPrograms {
     /// filters name them ([`super::netlink::Netlink::bpf_filter_program`]). `Ok(None)`: they
     /// are another build's, or do not share their maps as one load does; load new ones.
     pub fn adopt(egress: u32, ingress: u32) -> Result<Option<EndpointPrograms>, BpfError> {
-        let own = match ENDPOINT_TAGS.get() {
-            Some(t) => *t,
-            None => {
-                EndpointPrograms::load()?;
-                *ENDPOINT_TAGS
-                    .get()
-                    .ok_or(BpfError::Missing(EGRESS_PROGRAM))?
-            }
-        };
-        let Some(found) = adopted(
-            &[(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)],
-            &own,
-        )?
-        else {
-            return Ok(None);
-        };
-        let [eg, ing] = found.programs;
-        let mut maps = found.maps;
-        let mut map = |name| maps.take(name);
-        let (Some(config), Some(verdicts), Some(carried), Some(ef), Some(inf)) = (
-            map(CONFIG),
-            map(INGRESS_VERDICTS),
-            map(CARRIED),
-            map(EGRESS_FLOWS),
-            map(INGRESS_FLOWS),
-        ) else {
-            return Ok(None);
-        };
-        Ok(Some(EndpointPrograms {
-            egress: eg,
-            ingress: ing,
-            config: typed(config)?,
-            verdicts: typed(verdicts)?,
-            carried: typed(carried)?,
+        let own = own_tags(&ENDPOINT_TAGS, || EndpointPrograms::load().map(drop))?;
+        let ids = [(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)];
+        match adopted(&ids, &own)? {
+            Some(parts) => unless_missing(EndpointPrograms::from_parts(parts)),
+            None => Ok(None),
+        }
+    }
+
+    fn from_parts(parts: Parts<2>) -> Result<EndpointPrograms, BpfError> {
+        let Parts {
+            programs: [egress, ingress],
+            mut maps,
+        } = parts;
+        Ok(EndpointPrograms {
+            config: maps.typed(CONFIG)?,
+            verdicts: maps.typed(INGRESS_VERDICTS)?,
+            carried: maps.typed(CARRIED)?,
             flows: Some(FlowMaps {
-                egress: typed(ef)?,
-                ingress: typed(inf)?,
+                egress: maps.typed(EGRESS_FLOWS)?,
+                ingress: maps.typed(INGRESS_FLOWS)?,
             }),
-        }))
+            egress,
+            ingress,
+        })
     }
 
     /// Tells the programs about their pod (replacing what they knew), with no lease: the flow
@@ -515,46 +479,90 @@ static ENDPOINT_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new()
 /// The same for `kw_bridge_egress` and `kw_sap`.
 static NODE_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
 
-/// Loads an object's maps (no kernel BTF: the programs use no CO-RE relocations, and parsing
-/// the kernel's BTF, which `Ebpf::load` does twice, costs tens of milliseconds and megabytes).
-fn load_object(object: &[u8]) -> Result<Ebpf, BpfError> {
-    EbpfLoader::new()
+/// The tags `tags` holds, after `load` has loaded the object once if nothing had yet.
+fn own_tags<const N: usize>(
+    tags: &std::sync::OnceLock<[u64; N]>,
+    load: impl FnOnce() -> Result<(), BpfError>,
+) -> Result<[u64; N], BpfError> {
+    if tags.get().is_none() {
+        load()?;
+    }
+    tags.get()
+        .copied()
+        .ok_or(BpfError::Missing("the programs' tags"))
+}
+
+/// An object's programs, loaded or taken over, and its maps by name.
+struct Parts<const N: usize> {
+    programs: [SchedClassifier; N],
+    maps: NamedMaps,
+}
+
+struct NamedMaps(Vec<(&'static str, Map)>);
+
+impl NamedMaps {
+    /// Map `name`, as its typed handle.
+    fn typed<T>(&mut self, name: &'static str) -> Result<T, BpfError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let at = self
+            .0
+            .iter()
+            .position(|(n, _)| *n == name)
+            .ok_or(BpfError::Missing(name))?;
+        T::try_from(self.0.swap_remove(at).1).map_err(|e| map_error(name, e))
+    }
+}
+
+/// A taken-over object that lacks one of its maps is not one to take over.
+fn unless_missing<T>(built: Result<T, BpfError>) -> Result<Option<T>, BpfError> {
+    match built {
+        Ok(t) => Ok(Some(t)),
+        Err(BpfError::Missing(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Loads `object` (no kernel BTF: the programs use no CO-RE relocations, and parsing the
+/// kernel's BTF, which `Ebpf::load` does twice, costs tens of milliseconds and megabytes) and
+/// its programs `names` into the kernel, records their tags in `tags`, and returns handles of
+/// their own on the programs, with the maps.
+fn loaded<const N: usize>(
+    object: &[u8],
+    names: [&'static str; N],
+    tags: &std::sync::OnceLock<[u64; N]>,
+) -> Result<Parts<N>, BpfError> {
+    let mut ebpf = EbpfLoader::new()
         .btf(None)
         .load(object)
-        .map_err(|e| BpfError::Object(Box::new(e)))
-}
-
-/// Loads program `name` of `ebpf` into the kernel, and returns a handle of its own on it, so
-/// that the object can go once its maps are taken.
-fn loaded_classifier(ebpf: &mut Ebpf, name: &'static str) -> Result<SchedClassifier, BpfError> {
-    let program = classifier_mut(ebpf, name)?;
-    program.load().map_err(|e| program_error(name, e))?;
-    let info = program.info().map_err(|e| program_error(name, e))?;
-    SchedClassifier::from_program_info(info, name.into()).map_err(|e| program_error(name, e))
-}
-
-/// A map as its typed handle.
-fn typed<T>(named: (&'static str, Map)) -> Result<T, BpfError>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let (name, map) = named;
-    T::try_from(map).map_err(|e| map_error(name, e))
-}
-
-/// Programs an earlier agent left attached, and the maps they share, by name.
-struct Adopted<const N: usize> {
-    programs: [SchedClassifier; N],
-    maps: AdoptedMaps,
-}
-
-struct AdoptedMaps(Vec<(&'static str, Map)>);
-
-impl AdoptedMaps {
-    fn take(&mut self, name: &'static str) -> Option<(&'static str, Map)> {
-        let at = self.0.iter().position(|(n, _)| *n == name)?;
-        Some(self.0.swap_remove(at))
+        .map_err(|e| BpfError::Object(Box::new(e)))?;
+    let mut programs = Vec::with_capacity(N);
+    let mut own = [0u64; N];
+    for (slot, name) in own.iter_mut().zip(names) {
+        let program = classifier_mut(&mut ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
+        let info = program.info().map_err(|e| program_error(name, e))?;
+        *slot = info.tag();
+        programs.push(
+            SchedClassifier::from_program_info(info, name.into())
+                .map_err(|e| program_error(name, e))?,
+        );
     }
+    let _ = tags.set(own);
+    let maps = ebpf
+        .maps_mut()
+        .map(|(n, _)| n.to_string())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter_map(|n| map_name(&n).zip(ebpf.take_map(&n)))
+        .collect();
+    Ok(Parts {
+        programs: programs
+            .try_into()
+            .map_err(|_| BpfError::Missing("a program"))?,
+        maps: NamedMaps(maps),
+    })
 }
 
 /// The programs of `ids` (each with the name it must have) and their maps, when every one is
@@ -563,8 +571,8 @@ impl AdoptedMaps {
 /// has gone meanwhile.
 fn adopted<const N: usize>(
     ids: &[(u32, &'static str); N],
-    own: &[u64; N],
-) -> Result<Option<Adopted<N>>, BpfError> {
+    own: &[u64],
+) -> Result<Option<Parts<N>>, BpfError> {
     let mut infos = Vec::with_capacity(N);
     for (id, _) in ids {
         // Program ids come in increasing order: stop at the one wanted.
@@ -581,10 +589,10 @@ fn adopted<const N: usize>(
         return Ok(None);
     }
     let mut by_name: Vec<(&'static str, u32)> = Vec::new();
-    for info in &infos {
+    for (info, (_, program)) in infos.iter().zip(ids) {
         let map_ids = info
             .map_ids()
-            .map_err(|e| program_error(ids[0].1, e))?
+            .map_err(|e| program_error(program, e))?
             .unwrap_or_default();
         for map_id in map_ids {
             let Ok(map_info) = aya::maps::MapInfo::from_id(map_id) else {
@@ -615,16 +623,16 @@ fn adopted<const N: usize>(
                 .map_err(|e| program_error(name, e))?,
         );
     }
-    let Ok(programs) = programs.try_into() else {
-        return Ok(None);
-    };
-    Ok(Some(Adopted {
-        programs,
-        maps: AdoptedMaps(maps),
+    Ok(Some(Parts {
+        programs: programs
+            .try_into()
+            .map_err(|_| BpfError::Missing("a program"))?,
+        maps: NamedMaps(maps),
     }))
 }
 
-/// keyway's map of kernel name `kernel` (a name cut to 15 bytes, as the kernel keeps it).
+/// keyway's map of name `kernel`: as the object names it, or cut to 15 bytes, as the kernel
+/// keeps it.
 fn map_name(kernel: &str) -> Option<&'static str> {
     [
         CONFIG,
@@ -638,7 +646,7 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         SAP_CARRIED,
     ]
     .into_iter()
-    .find(|n| &n[..n.len().min(15)] == kernel)
+    .find(|n| *n == kernel || &n[..n.len().min(15)] == kernel)
 }
 
 /// The first `N` slots of per-CPU counter array `name`, each summed over CPUs.
@@ -867,26 +875,8 @@ pub struct NodePrograms {
 
 impl NodePrograms {
     pub fn load() -> Result<NodePrograms, BpfError> {
-        let mut ebpf = load_object(NODE_OBJECT)?;
-        let bridge = loaded_classifier(&mut ebpf, BRIDGE_PROGRAM)?;
-        let sap = loaded_classifier(&mut ebpf, SAP_PROGRAM)?;
-        let mut map = |name| {
-            ebpf.take_map(name)
-                .ok_or(BpfError::Missing(name))
-                .map(|m| (name, m))
-        };
-        let programs = NodePrograms {
-            config: typed(map(NODE_CONFIG)?)?,
-            pods: typed(map(NODE_PODS)?)?,
-            sap_flows: typed(map(SAP_FLOWS)?)?,
-            sap_carried: typed(map(SAP_CARRIED)?)?,
-            bridge,
-            sap,
-        };
-        let tags = [programs.bridge.info(), programs.sap.info()]
-            .map(|i| i.map(|i| i.tag()).unwrap_or_default());
-        let _ = NODE_TAGS.set(tags);
-        Ok(programs)
+        let parts = loaded(NODE_OBJECT, [BRIDGE_PROGRAM, SAP_PROGRAM], &NODE_TAGS)?;
+        NodePrograms::from_parts(parts)
     }
 
     /// Takes over the kernel SaP an earlier agent attached (`sap`, its program's id, as the
@@ -894,33 +884,22 @@ impl NodePrograms {
     /// lease, the counters) and the bridge program that shares them, when they are this
     /// build's. `Ok(None)`: load new ones.
     pub fn adopt(sap: u32) -> Result<Option<NodePrograms>, BpfError> {
-        let own = match NODE_TAGS.get() {
-            Some(t) => *t,
-            None => {
-                NodePrograms::load()?;
-                *NODE_TAGS.get().ok_or(BpfError::Missing(SAP_PROGRAM))?
-            }
-        };
-        let Some(found) = adopted(&[(sap, SAP_PROGRAM)], &[own[1]])? else {
-            return Ok(None);
-        };
-        let [sap] = found.programs;
-        let mut maps = found.maps;
-        let mut map = |name| maps.take(name);
-        let (Some(config), Some(pods), Some(flows), Some(carried)) = (
-            map(NODE_CONFIG),
-            map(NODE_PODS),
-            map(SAP_FLOWS),
-            map(SAP_CARRIED),
-        ) else {
+        let own = own_tags(&NODE_TAGS, || NodePrograms::load().map(drop))?;
+        let Some(Parts {
+            programs: [sap],
+            maps,
+        }) = adopted(&[(sap, SAP_PROGRAM)], &own[1..])?
+        else {
             return Ok(None);
         };
         // The bridge program shares the maps: the one of this build whose maps these are, if
         // it is still loaded, else a new load of it would have maps of its own. Find it by
         // the config map it uses.
-        let config_id = match &config.1 {
-            Map::Array(d) => d.info().map(|i| i.id()).unwrap_or_default(),
-            _ => return Ok(None),
+        let Some(config_id) = maps.0.iter().find_map(|(n, m)| match m {
+            Map::Array(d) if *n == NODE_CONFIG => d.info().ok().map(|i| i.id()),
+            _ => None,
+        }) else {
+            return Ok(None);
         };
         let bridge = aya::programs::loaded_programs()
             .filter_map(Result::ok)
@@ -936,14 +915,25 @@ impl NodePrograms {
         };
         let bridge = SchedClassifier::from_program_info(bridge, BRIDGE_PROGRAM.into())
             .map_err(|e| program_error(BRIDGE_PROGRAM, e))?;
-        Ok(Some(NodePrograms {
+        unless_missing(NodePrograms::from_parts(Parts {
+            programs: [bridge, sap],
+            maps,
+        }))
+    }
+
+    fn from_parts(parts: Parts<2>) -> Result<NodePrograms, BpfError> {
+        let Parts {
+            programs: [bridge, sap],
+            mut maps,
+        } = parts;
+        Ok(NodePrograms {
+            config: maps.typed(NODE_CONFIG)?,
+            pods: maps.typed(NODE_PODS)?,
+            sap_flows: maps.typed(SAP_FLOWS)?,
+            sap_carried: maps.typed(SAP_CARRIED)?,
             bridge,
             sap,
-            config: typed(config)?,
-            pods: typed(pods)?,
-            sap_flows: typed(flows)?,
-            sap_carried: typed(carried)?,
-        }))
+        })
     }
 
     /// The GUE port, the SaP's address (none: no kernel SaP), and until when (CLOCK_MONOTONIC

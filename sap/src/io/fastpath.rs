@@ -61,6 +61,12 @@ pub enum FastPathError {
     NoOverlay(String),
 }
 
+/// When the agent that gave programs the lease `lease_ns` last synced them (it renews the lease
+/// for [`LEASE_NS`] at every sync); `None` for no lease.
+fn synced_at(lease_ns: u64) -> Option<u64> {
+    lease_ns.checked_sub(LEASE_NS).filter(|t| *t > 0)
+}
+
 /// The clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in ns.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -164,13 +170,13 @@ impl FastPath {
             },
             _ => None,
         };
+        let is_adopted = adopted.is_some();
         let (mut programs, warm_since, counted) = match adopted {
             // Left configured and attached: it goes on carrying under its lease until the
             // first sync renews it.
             Some((p, lease)) => {
                 let counted = p.carried().unwrap_or_default();
-                let since = lease.checked_sub(LEASE_NS).filter(|_| lease > 0);
-                (p, since, counted)
+                (p, synced_at(lease), counted)
             }
             None => {
                 let mut p = EndpointPrograms::load()?;
@@ -194,7 +200,7 @@ impl FastPath {
             carrying: AtomicBool::new(false),
             last_sync_ns: AtomicU64::new(monotonic_ns()),
             counted: Mutex::new(counted),
-            adopted: warm_since.is_some(),
+            adopted: is_adopted,
             warm_since: Mutex::new(warm_since),
         })
     }
@@ -639,36 +645,24 @@ impl NodeFastPath {
             },
             _ => None,
         };
-        let mut last_sync_ns = monotonic_ns();
-        let (mut programs, adopted) = match adopted {
+        let sap = sap_link.as_ref().map(|(ip, _, _)| *ip);
+        let (programs, adopted, last_sync_ns, counted) = match adopted {
+            // Left configured and attached: the earlier agent's lease holds until the first
+            // sync has judged the SaP's flows again.
             Some(p) => {
-                let lease = p.lease().unwrap_or(0);
-                if lease > LEASE_NS {
-                    last_sync_ns = lease - LEASE_NS;
-                }
-                (p, true)
+                let since = p.lease().ok().and_then(synced_at);
+                let counted = p.sap_carried().unwrap_or_default();
+                (p, true, since.unwrap_or_else(monotonic_ns), counted)
             }
-            None => (super::bpf::NodePrograms::load()?, false),
-        };
-        let sap = match sap_link {
-            Some((ip, link, _)) => {
-                if !adopted {
-                    programs.configure(gue_port, Some(ip), 0)?;
-                    programs.attach_sap(&link.name)?;
+            None => {
+                let mut p = super::bpf::NodePrograms::load()?;
+                if let Some((ip, link, _)) = &sap_link {
+                    p.configure(gue_port, Some(*ip), 0)?;
+                    p.attach_sap(&link.name)?;
                 }
-                Some(ip)
+                p.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
+                (p, false, monotonic_ns(), (0, 0))
             }
-            None => None,
-        };
-        // Taken over, the programs keep the earlier agent's lease until the first sync has
-        // judged their flows again.
-        if !adopted {
-            programs.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
-        }
-        let counted = if adopted {
-            programs.sap_carried().unwrap_or_default()
-        } else {
-            (0, 0)
         };
         Ok(NodeFastPath {
             programs: Mutex::new(programs),
