@@ -101,6 +101,20 @@ fn node_netns(lab: &Lab, i: usize) -> PathBuf {
     PathBuf::from("/var/run/netns").join(&lab.state.nodes[i].netns)
 }
 
+/// What node `i`'s gateway device dropped for want of a reader (no agent running): its TX
+/// drops, as `ip -s link show kwgw0` prints them.
+fn gateway_device_drops(lab: &Lab, i: usize) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.state.nodes[i].netns])
+        .args(["cat", "/sys/class/net/kwgw0/statistics/tx_dropped"])
+        .output()
+        .expect("ip netns exec runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 /// Whether the server still holds `s` open (no EOF, no reset, within 100 ms).
 fn still_open(s: &TcpStream) -> bool {
     let mut s = s;
@@ -433,9 +447,12 @@ fn conntrack_without_interfaces(lab: &Lab, sock: &UdpSocket, when: &'static str)
     let cart = pod(lab, "shop/cart");
     let old = pod(lab, "legacy/old");
     let gateway = "keyway_datapath_drops_total{stage=\"gateway\",reason=\"off_overlay\"}";
+    // Front is on node-1. With its agent stopped, the gateway device (which persists, so that
+    // the kernel gateway carries established flows across a restart) drops what the node
+    // routes into it.
     let drops = || {
         let at_gateway = lab.node_metric(gateway).first().copied().unwrap_or(0.0) as u64;
-        pod_drops(front) + at_gateway
+        pod_drops(front) + at_gateway + gateway_device_drops(lab, 0)
     };
     let mut v = Vec::new();
 
@@ -450,7 +467,7 @@ fn conntrack_without_interfaces(lab: &Lab, sock: &UdpSocket, when: &'static str)
         got_through: got.iter().any(|g| g.as_deref() == Ok(b"forged-reply")),
         counted: drops() > before,
         detail: format!(
-            "{when}: {} as {}:80 -> {}:40404; front's table drop counter + {gateway}",
+            "{when}: {} as {}:80 -> {}:40404; front's table drop counter + {gateway} + kwgw0's TX drops",
             ip(old),
             ip(cart),
             ip(front),

@@ -156,6 +156,19 @@ fn services_pod_ips_dns_and_node_ports_reach_protected_pods_as_policy_says() {
         counter(&lab, "keyway_datapath_packets_total{stage=\"gateway\"}") > gateway_before,
         "outside traffic entered through the gateway"
     );
+    // Once the gateway has admitted a connection's first packets, the kernel gateway carries
+    // the rest (`kw_gateway` on kwgw0), counted at the agents' next sync.
+    let carried = |lab: &Lab| counter(lab, "keyway_fastpath_gateway_packets_total");
+    let kernel_before = carried(&lab);
+    lab.probe_from_netns(&c1, &targets[..1], "TCP", t).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while carried(&lab) <= kernel_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel gateway carried none of a NodePort connection's packets"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Around the overlay: a protected pod's eth0 straight to another's pod IP is dropped at
     // the gateway (an overlay source never enters there) and counted.

@@ -296,9 +296,10 @@ async fn install(
     }
 }
 
-/// Removes what the agent's gateway leaves on the node (its table and routing rules; the device
-/// goes with the agent). On its own thread, so that it runs the same from async and sync callers.
-/// A failure is logged: it leaves rules that route nothing once the agent is gone.
+/// Removes what the agent's gateway leaves on the node: its table, its routing rules and its
+/// device (which persists across the agent's restarts). On its own thread, so that it runs the
+/// same from async and sync callers. A failure is logged: it leaves rules and a device that
+/// carry nothing once the agent is gone (the kernel gateway's lease runs out).
 fn remove_gateway() {
     use keyway_protocol::gateway;
     let removed = std::thread::spawn(|| -> anyhow::Result<bool> {

@@ -149,6 +149,7 @@ impl Agent {
                 p.counters,
                 p.cfg.gue_port,
                 p.node.local_sap,
+                p.cfg.gateway.as_ref().map(|_| crate::gateway::DEVICE),
                 p.cfg.datapath,
             ),
             state: Mutex::new(State::new(&p.cfg.node_name)),
@@ -191,7 +192,7 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let sap = self.endpoints.sync_fast(true).await;
+            let node = self.endpoints.sync_fast(true).await;
             self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
             self.metrics
                 .fastpath_pods_adopted
@@ -199,8 +200,14 @@ impl Agent {
             self.metrics
                 .fastpath_node_adopted
                 .set(i64::from(self.endpoints.node_adopted()));
-            self.metrics.fastpath_sap_flows.set(sap.flows.kept as i64);
-            self.metrics.fastpath_sap_datagrams.inc_by(sap.forwarded);
+            self.metrics.fastpath_sap_flows.set(node.flows.kept as i64);
+            self.metrics.fastpath_sap_datagrams.inc_by(node.forwarded);
+            self.metrics
+                .fastpath_gateway_flows
+                .set(node.gateway.kept as i64);
+            self.metrics
+                .fastpath_gateway_packets
+                .inc_by(node.gateway_forwarded);
         }
     }
 

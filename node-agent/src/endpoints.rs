@@ -114,6 +114,8 @@ struct FastShared {
     gue_port: u16,
     /// The node's SaP, which the node's fast path carries in the kernel too.
     local_sap: Option<SocketAddr>,
+    /// The node's gateway device, whose traffic the node's fast path carries in the kernel too.
+    gateway: Option<&'static str>,
     /// Set once the kernel has refused keyway's programs under `--datapath auto`: said once,
     /// not tried again for every pod.
     no_kernel: std::sync::atomic::AtomicBool,
@@ -166,7 +168,7 @@ impl FastShared {
     /// The node's part of the fast path (loaded on first use). Blocking.
     fn node(&self) -> Option<Arc<NodeFastPath>> {
         self.node
-            .get_or_init(|| match NodeFastPath::load(self.gue_port, self.local_sap) {
+            .get_or_init(|| match NodeFastPath::load(self.gue_port, self.local_sap, self.gateway) {
                 Ok(n) => {
                     if n.adopted() {
                         tracing::info!(sap_program = n.sap_program_id(), "took over the node's fast path an earlier agent left, with the SaP's flows");
@@ -246,6 +248,7 @@ impl Endpoints {
         counters: Arc<Counters>,
         gue_port: u16,
         local_sap: Option<SocketAddr>,
+        gateway: Option<&'static str>,
         datapath: Datapath,
     ) -> Endpoints {
         Endpoints {
@@ -257,6 +260,7 @@ impl Endpoints {
                 datapath,
                 gue_port,
                 local_sap,
+                gateway,
                 no_kernel: Default::default(),
                 node: Default::default(),
                 worker: Worker::start(),
@@ -334,6 +338,9 @@ impl Endpoints {
                 sap_kept = sap.flows.kept,
                 sap_idle = sap.flows.idle,
                 sap_refused = sap.flows.refused,
+                gateway_kept = sap.gateway.kept,
+                gateway_idle = sap.gateway.idle,
+                gateway_refused = sap.gateway.refused,
                 "fast path flows judged again"
             );
             let _ = done.send(sap);

@@ -143,6 +143,10 @@ pub struct Metrics {
     pub fastpath_sap_flows: Gauge,
     /// Datagrams the node's SaP forwarded in the kernel (also in `keyway_datapath_*`).
     pub fastpath_sap_datagrams: Counter,
+    /// Flows the node's gateway carries in the kernel (at the last sync).
+    pub fastpath_gateway_flows: Gauge,
+    /// Packets the node's gateway carried in the kernel (also in `keyway_datapath_*`).
+    pub fastpath_gateway_packets: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,6 +195,8 @@ impl Metrics {
             fastpath_node_adopted: Gauge::default(),
             fastpath_sap_flows: Gauge::default(),
             fastpath_sap_datagrams: Counter::default(),
+            fastpath_gateway_flows: Gauge::default(),
+            fastpath_gateway_packets: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -306,6 +312,18 @@ impl Metrics {
             "keyway_fastpath_sap_datagrams",
             help,
             self.fastpath_sap_datagrams.clone(),
+        );
+        let help = "Flows the node's gateway carries in the kernel, at the last sync (the user-space gateway carries each flow's first packets)";
+        r.register(
+            "keyway_fastpath_gateway_flows",
+            help,
+            self.fastpath_gateway_flows.clone(),
+        );
+        let help = "Packets the node's gateway carried in the kernel (counted in keyway_datapath_* with the user-space gateway's)";
+        r.register(
+            "keyway_fastpath_gateway_packets",
+            help,
+            self.fastpath_gateway_packets.clone(),
         );
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(

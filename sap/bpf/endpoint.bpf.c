@@ -39,6 +39,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "encap.h"
 #include "flow.h"
 
 // The verdicts, as indices of the drop counters (keep in step with sap/src/io/bpf.rs).
@@ -143,9 +144,6 @@ struct {
 #define GUE_PRIMARY_LEN 4
 #define GUE_HEADER_LEN 8
 #define GUE_HEADER_LEN_WITH_MAC 16
-#define GUE_FLAG_GROUP_ID 0x8000
-#define PROTO_IPV4 4
-#define PROTO_IPV6 41
 
 // Counts the verdict and lets the datagram go on: one that fails a check is never carried here,
 // and the user-space path drops and counts it as it always has (so no drop is counted where no
@@ -202,13 +200,9 @@ static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *d
 	}
 }
 
-#define GUE_LEN 8
-// Outer IPv4 (no options), UDP and GUE: what the fast path adds and removes.
-#define ENCAP_LEN (20 + 8 + GUE_LEN)
 // The most the ingress program reads: Ethernet, outer IPv4 with options, UDP, GUE with the MAC,
 // inner IPv4 without options (else it is not fast), TCP's fixed header.
 #define HEADERS_LEN (14 + 60 + 8 + 16 + 20 + 20)
-#define IPV4_MAX 65535
 
 // Counts a packet the fast path carried: a GSO packet as the `segs` segments it becomes (read
 // before bpf_skb_adjust_room, which has the kernel count them again later).
@@ -222,17 +216,6 @@ static __always_inline void carried(enum carried what, __u32 segs, __u64 bytes)
 	n = bpf_map_lookup_elem(&kw_carried, &k);
 	if (n)
 		*n += bytes;
-}
-
-static __always_inline __u16 ipv4_checksum(__u16 *h)
-{
-	__u32 sum = 0;
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += h[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum;
 }
 
 // aya names a tc classifier's section "classifier" (libbpf accepts it too).
@@ -373,61 +356,17 @@ int kw_egress(struct __sk_buff *skb)
 	struct egress_flow *flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
 	if (!flow)
 		return TC_ACT_OK;
-	// A GSO packet stays whole where the receiver takes it whole: TCP, small enough that the
-	// outer header's lengths hold it.
-	if (skb->gso_segs > 1 && (f.proto != IPPROTO_TCP || skb->len > IPV4_MAX - ENCAP_LEN))
+	if (!encap_fits(&f, skb->gso_segs, skb->len))
 		return TC_ACT_OK;
-	__u32 to = flow->to_v4, key = flow->key;
-	__u16 to_port = (__u16)flow->to_port;
 	__u64 inner_len = skb->len;
 	__u32 segs = skb->gso_segs;
-	// FIXED_GSO: the pod's MSS already leaves room for the encapsulation (kw0's MTU).
-	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
-					BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+	// bpf_redirect_neigh fills in the link-layer header encap4 leaves blank.
+	int e = encap4(skb, cfg->infra_v4, (__u16)cfg->gue_port, flow->to_v4,
+		       (__u16)flow->to_port, flow->key);
+	if (e == -1)
 		return TC_ACT_OK;
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	if (!HAVE(data, ENCAP_LEN, end))
+	if (e)
 		return TC_ACT_SHOT;
-	struct iphdr *ip = data;
-	__u32 total = skb->len;
-	ip->version = 4;
-	ip->ihl = 5;
-	ip->tos = 0;
-	ip->tot_len = bpf_htons(total > 0xffff ? 0xffff : total);
-	ip->id = 0;
-	ip->frag_off = bpf_htons(0x4000); // DF, as the agent's socket sends
-	ip->ttl = 64;
-	ip->protocol = IPPROTO_UDP;
-	ip->check = 0;
-	ip->saddr = cfg->infra_v4;
-	ip->daddr = to;
-	ip->check = ipv4_checksum((__u16 *)ip);
-	struct udphdr *udp = (void *)(ip + 1);
-	udp->source = (__u16)cfg->gue_port;
-	udp->dest = to_port;
-	udp->len = bpf_htons(total - 20 > 0xffff ? 0xffff : total - 20);
-	udp->check = 0; // allowed over IPv4; a GSO packet's segments get their lengths on the way
-	__u8 *gue = (void *)(udp + 1);
-	gue[0] = 1;             // version 0, C 0, Hlen 1 (the group identifier)
-	gue[1] = PROTO_IPV4;
-	gue[2] = GUE_FLAG_GROUP_ID >> 8;
-	gue[3] = 0;
-	gue[4] = key >> 24;
-	gue[5] = key >> 16;
-	gue[6] = key >> 8;
-	gue[7] = key;
-	// bpf_redirect_neigh fills in a link-layer header it expects to find: a TUN device's packet
-	// has none, so it gets a blank one to be filled.
-	if (bpf_skb_change_head(skb, sizeof(struct ethhdr), 0))
-		return TC_ACT_SHOT;
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if (!HAVE(eth, sizeof(*eth), end))
-		return TC_ACT_SHOT;
-	eth->h_proto = bpf_htons(ETH_P_IP);
 	flow->seen_ns = bpf_ktime_get_ns();
 	carried(C_EGRESS_PACKETS, segs, inner_len);
 	return bpf_redirect_neigh(cfg->eth_ifindex, NULL, 0, 0);

@@ -28,6 +28,17 @@
 // datagrams, and re-derives it through the same function at every change and every second;
 // the key is part of the flow, so a datagram with any other key (a rotation, a forgery) misses
 // and goes to the user-space SaP, which checks it. The kernel decides nothing and drops nothing.
+//
+// kw_gateway: the node's gateway, in the kernel, for the flows the user-space gateway has
+// already carried. On the egress of the gateway device (kwgw0, where the node routes what
+// reaches a protected pod from off the overlay), a packet whose inner five-tuple is in
+// kw_gw_flows is put into GUE as the user-space gateway puts it (engine::gateway_ingress): with
+// the key and to the endpoint the engine chose, from the SaP's address and port, and handed
+// straight to the destination pod's veth, whole. The agent put the flow there after the engine
+// admitted one of its packets, and re-derives it through the same function at every change and
+// every second (a key rotation rewrites the flow's key). Anything else goes on into the device,
+// to the user-space gateway, which decides it; with no agent reading the device (it persists
+// across restarts), what the kernel does not carry is dropped there: closed.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -37,6 +48,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "encap.h"
 #include "flow.h"
 
 struct node_config {
@@ -257,6 +269,78 @@ int kw_sap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 
 	count_carried(&kw_sap_carried, segs, bytes);
+	return bpf_redirect(pod->ifindex, 0);
+}
+
+// A flow the user-space gateway carried: its inner five-tuple, after the node's DNAT (a
+// NodePort's destination is the pod IP kube-proxy chose).
+struct gateway_flow {
+	__u32 to_v4;            // the destination endpoint, network order
+	__u32 to_port;          // network order, low 16 bits
+	__u32 key;              // the destination's key the engine used, host order
+	__u32 pad;
+	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow4);
+	__type(value, struct gateway_flow);
+} kw_gw_flows SEC(".maps");
+
+// Packets carried (a GSO packet as its segments) and their bytes as the user-space gateway
+// counts them (the packet, before encapsulation), added by the agent to its gateway counters.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} kw_gw_carried SEC(".maps");
+
+// On the gateway device's egress: the packet as the node forwards it, starting at its IPv4
+// header (the device is a TUN device: no link-layer header).
+SEC("classifier")
+int kw_gateway(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
+	if (!cfg || !cfg->sap_v4)
+		return TC_ACT_OK;
+	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
+	if (bpf_ktime_get_ns() >= lease)
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	// The headers fast_flow4 reads, in the linear part (a forwarded GRO packet has them there;
+	// anything else is pulled, or left to user space).
+	__u32 want = skb->len < 40 ? skb->len : 40;
+	if ((long)skb->data_end - (long)skb->data < want && bpf_skb_pull_data(skb, want))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct flow4 f;
+	if (fast_flow4(data, end, &f) < 0)
+		return TC_ACT_OK;
+	struct gateway_flow *flow = bpf_map_lookup_elem(&kw_gw_flows, &f);
+	if (!flow)
+		return TC_ACT_OK;
+	__u32 to = flow->to_v4;
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &to);
+	if (!pod || !encap_fits(&f, skb->gso_segs, skb->len))
+		return TC_ACT_OK;
+	__u64 inner_len = skb->len;
+	__u32 segs = skb->gso_segs;
+	int e = encap4(skb, cfg->sap_v4, (__u16)cfg->gue_port, to, (__u16)flow->to_port,
+		       flow->key);
+	if (e == -1)
+		return TC_ACT_OK;
+	// The Ethernet header the node's routing would give a datagram for the pod, as kw_sap's.
+	if (e || bpf_skb_store_bytes(skb, 0, pod->pod_mac, 6, 0) ||
+	    bpf_skb_store_bytes(skb, 6, pod->bridge_mac, 6, 0))
+		return TC_ACT_SHOT;
+	flow->seen_ns = bpf_ktime_get_ns();
+	count_carried(&kw_gw_carried, segs, inner_len);
 	return bpf_redirect(pod->ifindex, 0);
 }
 

@@ -470,6 +470,167 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     assert_eq!(ret, TC_ACT_OK, "a lease run out: nothing forwarded");
 }
 
+/// `BPF_PROG_TEST_RUN` gives a tc program an Ethernet frame, and `kw_gateway` runs on a device
+/// without a link-layer header: so it runs here where it runs on a node, on a TUN device's
+/// egress, with no process reading the device (as while an agent restarts).
+#[test]
+fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_from_the_saps_address()
+ {
+    use keyway_sap::io::bpf::{EgressFlow, Flow4, NodePod, NodePrograms};
+    use keyway_testing::{TestNetns, veth};
+    if !privileged("the_kernel_gateway_puts_exactly_the_flows_it_was_given") {
+        return;
+    }
+    const SAP: [u8; 4] = [192, 168, 9, 12];
+    const OUTSIDE: [u8; 4] = [192, 168, 50, 3];
+    const DEST: [u8; 4] = [10, 244, 2, 9];
+    let key = Key(0x1234_5678);
+    let node = TestNetns::new("bpf-gateway", "node");
+    let pod = TestNetns::new("bpf-gateway", "pod");
+    // The node routes the pod IP into its gateway device, as the gateway's mark rule does.
+    node.sh(&["ip", "tuntap", "add", "kwt-gw", "mode", "tun"]);
+    node.sh(&["ip", "link", "set", "kwt-gw", "up"]);
+    node.sh(&["ip", "link", "set", "lo", "up"]);
+    node.sh(&["ip", "addr", "add", "192.168.50.3/32", "dev", "lo"]);
+    veth(
+        &node,
+        "kwt-pod",
+        "10.244.2.1/24",
+        &pod,
+        "eth0",
+        "10.244.2.9/24",
+    );
+    node.sh(&["ip", "route", "replace", "10.244.2.9/32", "dev", "kwt-gw"]);
+    let ifindex = |ns: &TestNetns, dev: &str| -> u32 {
+        ns.sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mac = |ns: &TestNetns, dev: &str| -> [u8; 6] {
+        let text = ns.sh(&["cat", &format!("/sys/class/net/{dev}/address")]);
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        bytes.try_into().unwrap()
+    };
+    let dest_pod = NodePod {
+        veth_ifindex: ifindex(&node, "kwt-pod"),
+        pod_mac: mac(&pod, "eth0"),
+        bridge_mac: mac(&node, "kwt-pod"),
+    };
+    let mut p = node
+        .netns()
+        .run(|| {
+            let mut p = NodePrograms::load().expect("the node's programs load");
+            p.attach_gateway("kwt-gw").unwrap();
+            p
+        })
+        .unwrap();
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    p.set_pod(DEST.into(), &dest_pod).unwrap();
+    let endpoint = pod
+        .netns()
+        .run(|| std::net::UdpSocket::bind("10.244.2.9:6080").unwrap())
+        .unwrap();
+    endpoint
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let outside = node
+        .netns()
+        .run(|| std::net::UdpSocket::bind("192.168.50.3:40000").unwrap())
+        .unwrap();
+    let payload = b"through the gateway";
+    let send = || {
+        outside.send_to(payload, "10.244.2.9:80").unwrap();
+    };
+    let received = || {
+        let mut buf = [0u8; 2048];
+        endpoint
+            .recv_from(&mut buf)
+            .ok()
+            .map(|(n, from)| (buf[..n].to_vec(), from))
+    };
+
+    send();
+    assert_eq!(
+        received(),
+        None,
+        "a flow not given: into the device, which no one reads"
+    );
+    let flow = Flow4 {
+        src: OUTSIDE.into(),
+        dst: DEST.into(),
+        proto: PROTO_UDP,
+        sport: 40000,
+        dport: 80,
+    };
+    let to = EgressFlow {
+        to: std::net::SocketAddrV4::new(DEST.into(), 6080),
+        key,
+        seen_ns: 0,
+    };
+    p.insert_gateway(&flow, &to).unwrap();
+    for n in 0..2 {
+        send();
+        let (datagram, from) = received().unwrap_or_else(|| panic!("carried ({n})"));
+        assert_eq!(
+            from,
+            SocketAddr::from((SAP, 6080)),
+            "from the SaP's address and port"
+        );
+        let inner = &datagram[gue::HEADER_LEN..];
+        assert_eq!(
+            datagram,
+            gue(key, inner),
+            "the engine's GUE header, with the destination's key"
+        );
+        assert_eq!(Flow4::of_packet(inner), Some(flow), "the packet inside");
+        assert_eq!(&inner[28..], payload);
+        assert_eq!(keyway_core::packet::checksum(&inner[..20], 0), 0);
+    }
+    let (packets, bytes) = p.gateway_carried().unwrap();
+    assert_eq!(
+        (packets, bytes),
+        (2, 2 * (28 + payload.len()) as u64),
+        "counted as the user-space gateway counts: the packet before encapsulation"
+    );
+    assert!(
+        p.gateway_flows()
+            .iter()
+            .any(|(f, h)| *f == flow && h.seen_ns > 0 && h.to == to.to && h.key == key),
+        "the flow stamped as carried"
+    );
+
+    // Anything but that flow goes into the device, and a flow goes only while it may.
+    let other = node
+        .netns()
+        .run(|| std::net::UdpSocket::bind("192.168.50.3:40001").unwrap())
+        .unwrap();
+    other.send_to(payload, "10.244.2.9:80").unwrap();
+    assert_eq!(received(), None, "another flow: not carried");
+    p.remove_pod(DEST.into());
+    send();
+    assert_eq!(received(), None, "a destination that is not the node's pod");
+    p.set_pod(DEST.into(), &dest_pod).unwrap();
+    p.configure(6080, None, lease).unwrap();
+    send();
+    assert_eq!(
+        received(),
+        None,
+        "no kernel SaP: no SaP address to send from"
+    );
+    p.configure(6080, Some(SAP.into()), 1).unwrap();
+    send();
+    assert_eq!(received(), None, "a lease run out: nothing carried");
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    send();
+    assert!(received().is_some(), "and carried again under a lease");
+}
+
 #[test]
 fn an_uninstall_removes_the_node_programs_an_agent_left_on_every_device() {
     use keyway_sap::io::bpf::NodePrograms;
@@ -483,7 +644,8 @@ fn an_uninstall_removes_the_node_programs_an_agent_left_on_every_device() {
     node.sh(&[
         "ip", "link", "add", "kwt-up", "type", "veth", "peer", "name", "kwt-peer",
     ]);
-    for dev in ["kwt-br", "kwt-up", "kwt-peer"] {
+    node.sh(&["ip", "tuntap", "add", "kwt-gw", "mode", "tun"]);
+    for dev in ["kwt-br", "kwt-up", "kwt-peer", "kwt-gw"] {
         node.sh(&["ip", "link", "set", dev, "up"]);
     }
     let filters = |dev: &str, at: &str| {
@@ -495,14 +657,21 @@ fn an_uninstall_removes_the_node_programs_an_agent_left_on_every_device() {
             let mut p = NodePrograms::load().expect("the node's programs load");
             p.attach_bridge("kwt-br").unwrap();
             p.attach_sap("kwt-up").unwrap();
+            p.attach_gateway("kwt-gw").unwrap();
             // The agent exits: its filters stay, for its successor.
         })
         .unwrap();
     assert!(filters("kwt-br", "egress").contains("kw_bridge_egress"));
     assert!(filters("kwt-up", "ingress").contains("kw_sap"));
+    assert!(filters("kwt-gw", "egress").contains("kw_gateway"));
     let mut removed = node.netns().run(NodeFastPath::detach_all).unwrap().unwrap();
     removed.sort();
-    assert_eq!(removed, ["kwt-br", "kwt-up"]);
+    assert_eq!(removed, ["kwt-br", "kwt-gw", "kwt-up"]);
+    assert!(
+        !filters("kwt-gw", "egress").contains("kw_"),
+        "{}",
+        filters("kwt-gw", "egress")
+    );
     assert!(
         !filters("kwt-br", "egress").contains("kw_"),
         "{}",
@@ -574,9 +743,13 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
         .unwrap()
         .expect("the node's kernel SaP is taken over");
     assert_eq!(
-        (taken.sap_id(), taken.bridge_id()),
-        (node.sap_id(), node.bridge_id()),
-        "with the bridge program of the same load, not another load's"
+        (taken.sap_id(), taken.bridge_id(), taken.gateway_id()),
+        (node.sap_id(), node.bridge_id(), node.gateway_id()),
+        "with the bridge and gateway programs of the same load, not another load's"
+    );
+    assert!(
+        NodePrograms::adopt(node.gateway_id()).unwrap().is_none(),
+        "the gateway program in the SaP's place"
     );
     assert!(
         NodePrograms::adopt(node.bridge_id()).unwrap().is_none(),

@@ -19,7 +19,9 @@
 //!
 //! Traffic the node itself sends (kubelet's probes, hostNetwork pods) is never marked: it goes to
 //! the pod directly, and the pod's table admits the node. So probes keep working while the agent
-//! restarts. Without the agent the device is gone and marked traffic is routed nowhere: closed.
+//! restarts. The device persists across restarts (the kernel gateway on it goes on carrying the
+//! flows the agent admitted, for as long as the agent's lease holds); without an agent reading
+//! it, whatever else is routed into it is dropped there: closed.
 
 use std::net::IpAddr;
 
@@ -199,7 +201,8 @@ pub async fn route(cfg: &GatewayConfig) -> Result<(), NetlinkError> {
 }
 
 /// Removes the rules and the device that [`route`] made, whatever mark they used (the
-/// installer's uninstall): what is not there is fine. The device goes with the agent anyway.
+/// installer's uninstall): what is not there is fine. The device persists across the agent's
+/// restarts, so this is what removes it.
 pub async fn unroute() -> Result<(), NetlinkError> {
     let nl = netlink::Netlink::connect()?;
     for v6 in [false, true] {

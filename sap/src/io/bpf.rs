@@ -476,8 +476,8 @@ impl std::fmt::Debug for NodePrograms {
 /// build's `kw_egress` and `kw_ingress`, once loaded: what tells a predecessor's programs that
 /// this agent may take over from one it must replace.
 static ENDPOINT_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
-/// The same for `kw_bridge_egress` and `kw_sap`.
-static NODE_TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+/// The same for `kw_bridge_egress`, `kw_sap` and `kw_gateway`.
+static NODE_TAGS: std::sync::OnceLock<[u64; 3]> = std::sync::OnceLock::new();
 
 /// The tags `tags` holds, after `load` has loaded the object once if nothing had yet.
 fn own_tags<const N: usize>(
@@ -644,6 +644,8 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         NODE_PODS,
         SAP_FLOWS,
         SAP_CARRIED,
+        GATEWAY_FLOWS,
+        GATEWAY_CARRIED,
     ]
     .into_iter()
     .find(|n| *n == kernel || &n[..n.len().min(15)] == kernel)
@@ -778,8 +780,9 @@ impl FlowMaps {
 }
 
 /// The node's programs (`sap/bpf/node.bpf.c`): GUE the node routes to one of its pods, handed
-/// from the primary CNI's bridge straight to the pod's veth, whole; and the node's SaP for the
-/// flows the user-space SaP has already forwarded.
+/// from the primary CNI's bridge straight to the pod's veth, whole; the node's SaP for the
+/// flows the user-space SaP has already forwarded; and the node's gateway for the flows the
+/// user-space gateway has already carried.
 static NODE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node.bpf.o"));
 const BRIDGE_PROGRAM: &str = "kw_bridge_egress";
 const SAP_PROGRAM: &str = "kw_sap";
@@ -787,6 +790,9 @@ const NODE_CONFIG: &str = "kw_node_config";
 const NODE_PODS: &str = "kw_node_pods";
 const SAP_FLOWS: &str = "kw_sap_flows";
 const SAP_CARRIED: &str = "kw_sap_carried";
+const GATEWAY_PROGRAM: &str = "kw_gateway";
+const GATEWAY_FLOWS: &str = "kw_gw_flows";
+const GATEWAY_CARRIED: &str = "kw_gw_carried";
 
 /// One of the node's pods behind a bridge (`struct node_pod`): the node side of its veth, and
 /// the Ethernet header the node's routing would give a datagram for it.
@@ -867,63 +873,74 @@ impl SapNextHop {
 pub struct NodePrograms {
     bridge: SchedClassifier,
     sap: SchedClassifier,
+    gateway: SchedClassifier,
     config: Array<MapData, [u32; 4]>,
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
+    /// `struct gateway_flow` is laid out as `struct egress_flow`: [`EgressFlow`] reads both.
+    gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
+    gateway_carried: PerCpuArray<MapData, u64>,
 }
 
 impl NodePrograms {
     pub fn load() -> Result<NodePrograms, BpfError> {
-        let parts = loaded(NODE_OBJECT, [BRIDGE_PROGRAM, SAP_PROGRAM], &NODE_TAGS)?;
+        let parts = loaded(
+            NODE_OBJECT,
+            [BRIDGE_PROGRAM, SAP_PROGRAM, GATEWAY_PROGRAM],
+            &NODE_TAGS,
+        )?;
         NodePrograms::from_parts(parts)
     }
 
     /// Takes over the kernel SaP an earlier agent attached (`sap`, its program's id, as the
-    /// device's tc filter names it), with the node's maps (the SaP's flows, the pods, the
-    /// lease, the counters) and the bridge program that shares them, when they are this
-    /// build's. `Ok(None)`: load new ones.
+    /// device's tc filter names it), with the node's maps (the SaP's and the gateway's flows,
+    /// the pods, the lease, the counters) and the bridge and gateway programs that share them,
+    /// when they are this build's. `Ok(None)`: load new ones.
     pub fn adopt(sap: u32) -> Result<Option<NodePrograms>, BpfError> {
         let own = own_tags(&NODE_TAGS, || NodePrograms::load().map(drop))?;
-        let Some(Parts {
-            programs: [sap],
-            maps,
-        }) = adopted(&[(sap, SAP_PROGRAM)], &own[1..])?
-        else {
+        let Some(Parts { maps, .. }) = adopted(&[(sap, SAP_PROGRAM)], &own[1..2])? else {
             return Ok(None);
         };
-        // The bridge program shares the maps: the one of this build whose maps these are, if
-        // it is still loaded, else a new load of it would have maps of its own. Find it by
-        // the config map it uses.
+        // The other programs share the maps: the ones of this build whose maps these are, if
+        // they are still loaded, else a new load of them would have maps of their own. Found by
+        // the config map they use.
         let Some(config_id) = maps.0.iter().find_map(|(n, m)| match m {
             Map::Array(d) if *n == NODE_CONFIG => d.info().ok().map(|i| i.id()),
             _ => None,
         }) else {
             return Ok(None);
         };
-        let bridge = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| p.tag() == own[0])
-            .find(|p| {
-                p.map_ids()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|ids| ids.contains(&config_id))
-            });
-        let Some(bridge) = bridge else {
+        let sharing = |tag: u64| {
+            aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .filter(|p| p.tag() == tag)
+                .find(|p| {
+                    p.map_ids()
+                        .ok()
+                        .flatten()
+                        .is_some_and(|ids| ids.contains(&config_id))
+                })
+                .map(|p| p.id())
+        };
+        let (Some(bridge), Some(gateway)) = (sharing(own[0]), sharing(own[2])) else {
             return Ok(None);
         };
-        let bridge = SchedClassifier::from_program_info(bridge, BRIDGE_PROGRAM.into())
-            .map_err(|e| program_error(BRIDGE_PROGRAM, e))?;
-        unless_missing(NodePrograms::from_parts(Parts {
-            programs: [bridge, sap],
-            maps,
-        }))
+        // All three, with every map any of them uses.
+        let ids = [
+            (bridge, BRIDGE_PROGRAM),
+            (sap, SAP_PROGRAM),
+            (gateway, GATEWAY_PROGRAM),
+        ];
+        match adopted(&ids, &own)? {
+            Some(parts) => unless_missing(NodePrograms::from_parts(parts)),
+            None => Ok(None),
+        }
     }
 
-    fn from_parts(parts: Parts<2>) -> Result<NodePrograms, BpfError> {
+    fn from_parts(parts: Parts<3>) -> Result<NodePrograms, BpfError> {
         let Parts {
-            programs: [bridge, sap],
+            programs: [bridge, sap, gateway],
             mut maps,
         } = parts;
         Ok(NodePrograms {
@@ -931,8 +948,11 @@ impl NodePrograms {
             pods: maps.typed(NODE_PODS)?,
             sap_flows: maps.typed(SAP_FLOWS)?,
             sap_carried: maps.typed(SAP_CARRIED)?,
+            gateway_flows: maps.typed(GATEWAY_FLOWS)?,
+            gateway_carried: maps.typed(GATEWAY_CARRIED)?,
             bridge,
             sap,
+            gateway,
         })
     }
 
@@ -974,6 +994,11 @@ impl NodePrograms {
         self.bridge.info().map(|i| i.id()).unwrap_or_default()
     }
 
+    /// The kernel gateway's program id.
+    pub fn gateway_id(&self) -> u32 {
+        self.gateway.info().map(|i| i.id()).unwrap_or_default()
+    }
+
     /// Attaches to the egress of `bridge` (in this thread's namespace), replacing a
     /// predecessor's program there.
     pub fn attach_bridge(&mut self, bridge: &str) -> Result<(), BpfError> {
@@ -989,6 +1014,17 @@ impl NodePrograms {
     /// address (in this thread's namespace), replacing a predecessor's.
     pub fn attach_sap(&mut self, device: &str) -> Result<(), BpfError> {
         attach_filter(&mut self.sap, SAP_PROGRAM, device, TcAttachType::Ingress)
+    }
+
+    /// Attaches the kernel gateway to the egress of `device`, the gateway device (in this
+    /// thread's namespace), replacing a predecessor's.
+    pub fn attach_gateway(&mut self, device: &str) -> Result<(), BpfError> {
+        attach_filter(
+            &mut self.gateway,
+            GATEWAY_PROGRAM,
+            device,
+            TcAttachType::Egress,
+        )
     }
 
     /// GUE to `pod_ip` goes to the pod's veth, with the pod's Ethernet header.
@@ -1021,6 +1057,26 @@ impl NodePrograms {
             .collect()
     }
 
+    /// The kernel gateway carries `f`'s next packets to `to` with its key.
+    pub fn insert_gateway(&mut self, f: &Flow4, to: &EgressFlow) -> Result<(), BpfError> {
+        self.gateway_flows
+            .insert(f.bytes(), to.bytes(), 0)
+            .map_err(|e| map_error(GATEWAY_FLOWS, e))
+    }
+
+    pub fn remove_gateway(&mut self, f: &Flow4) {
+        let _ = self.gateway_flows.remove(&f.bytes());
+    }
+
+    /// Every flow the kernel gateway holds.
+    pub fn gateway_flows(&self) -> Vec<(Flow4, EgressFlow)> {
+        self.gateway_flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Flow4::from_bytes(&k), EgressFlow::from_bytes(&v)))
+            .collect()
+    }
+
     /// Runs `kw_sap` once on `frame` (Ethernet, as it arrives at the SaP's device) through
     /// `BPF_PROG_TEST_RUN`: the tc action, and the frame as the program left it.
     pub fn run_sap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
@@ -1037,6 +1093,13 @@ impl NodePrograms {
         Ok((result.return_value, out))
     }
 
+    /// What the kernel gateway carried so far: packets (a GSO packet as its segments) and their
+    /// bytes, summed over CPUs.
+    pub fn gateway_carried(&self) -> Result<(u64, u64), BpfError> {
+        let c = per_cpu_sums::<2>(&self.gateway_carried, GATEWAY_CARRIED)?;
+        Ok((c[0], c[1]))
+    }
+
     /// What the kernel SaP forwarded so far: datagrams (a GSO packet as its segments) and their
     /// bytes, summed over CPUs.
     pub fn sap_carried(&self) -> Result<(u64, u64), BpfError> {
@@ -1046,12 +1109,13 @@ impl NodePrograms {
 }
 
 /// Removes the node's programs from `device` (in this thread's namespace): `kw_bridge_egress`
-/// from its egress, `kw_sap` from its ingress. Returns whether there was one; not being there is
-/// not an error.
+/// and `kw_gateway` from its egress, `kw_sap` from its ingress. Returns whether there was one;
+/// not being there is not an error.
 pub fn detach_node(device: &str) -> bool {
     let bridge = tc::qdisc_detach_program(device, TcAttachType::Egress, BRIDGE_PROGRAM).is_ok();
+    let gateway = tc::qdisc_detach_program(device, TcAttachType::Egress, GATEWAY_PROGRAM).is_ok();
     let sap = tc::qdisc_detach_program(device, TcAttachType::Ingress, SAP_PROGRAM).is_ok();
-    bridge || sap
+    bridge || gateway || sap
 }
 
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before

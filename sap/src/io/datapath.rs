@@ -634,11 +634,15 @@ pub async fn endpoint_ingress(
 
 /// A gateway's loop: packets from off the overlay, read from the gateway device, checked and
 /// carried to their destination's endpoint from the SaP's socket. Returns when the device goes.
+///
+/// `node`: the node's fast path once loaded, which the loop teaches each flow it carried (after
+/// the packet went) so that the kernel gateway carries the flow's next ones.
 pub async fn gateway(
     tables: Arc<SharedTables>,
     counters: Arc<Counters>,
     tun: Arc<AsyncDevice>,
     sock: Arc<GueSocket>,
+    node: NodeFastSlot,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; gue::HEADROOM + MAX_PACKET];
     loop {
@@ -655,8 +659,17 @@ pub async fn gateway(
         match engine::gateway_ingress(&t, packet, super::now_ms()) {
             Ok(send) => {
                 counters.forwarded(Stage::Gateway, n);
-                if let Err(e) = sock.send(send.to, &packet[send.start..], None).await {
+                let datagram = &packet[send.start..];
+                if let Err(e) = sock.send(send.to, datagram, None).await {
                     tracing::debug!(to = %send.to, error = %e, "gateway send failed");
+                    continue;
+                }
+                // Only now, with the packet sent, may the kernel carry the flow's next ones.
+                let fast = node.get().and_then(Option::as_ref);
+                if let Some((fast, f)) =
+                    fast.and_then(|f| Some((f, f.gateway_candidate(datagram, send.to)?)))
+                {
+                    fast.learn_gateway(&[f], t.generation);
                 }
             }
             Err(reason) => counters.dropped(Stage::Gateway, reason),

@@ -205,6 +205,7 @@ pub fn spawn_sap(
             counters.clone(),
             tun,
             sock.clone(),
+            node.clone(),
         )));
     }
     tasks.push(tokio::spawn(datapath::sap(

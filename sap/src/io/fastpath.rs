@@ -595,25 +595,71 @@ pub struct NodeFastPath {
     adopted: bool,
     /// The bridges the program is attached to, by name.
     bridges: Mutex<HashSet<String>>,
-    sap_state: Mutex<SapState>,
+    sap_state: Mutex<Cached<SapFlow>>,
+    /// The gateway device, where the kernel gateway goes once the device is there (it sends
+    /// from the SaP's address, so only with a kernel SaP).
+    gateway: Option<String>,
+    gateway_attached: AtomicBool,
+    gateway_state: Mutex<Cached<Flow4>>,
 }
 
-#[derive(Debug, Default)]
-struct SapState {
+/// What the node keeps about the flows one of its programs carries by itself.
+#[derive(Debug)]
+struct Cached<F> {
     /// Flows told to the kernel since the last periodic sync (one map update per flow).
-    learned: HashSet<SapFlow>,
+    learned: HashSet<F>,
     /// The tables generation of the last re-derivation (see [`Maps::generation`]).
     generation: u64,
     last_sync_ns: u64,
-    /// What the kernel SaP had forwarded at the last count: datagrams, bytes.
+    /// What the program had carried at the last count: packets, bytes.
     counted: (u64, u64),
+}
+
+impl<F: std::hash::Hash + Eq> Cached<F> {
+    fn since(last_sync_ns: u64, counted: (u64, u64)) -> Cached<F> {
+        Cached {
+            learned: HashSet::new(),
+            generation: 0,
+            last_sync_ns,
+            counted,
+        }
+    }
+
+    /// Adds what the program has carried since the last count (`total`, as its counters read
+    /// now) to `stage`'s counters; returns how many packets that was.
+    fn count(
+        &mut self,
+        total: (u64, u64),
+        counters: &keyway_core::counters::Counters,
+        stage: Stage,
+    ) -> u64 {
+        let packets = total.0 - self.counted.0;
+        counters.forwarded_n(stage, packets, total.1 - self.counted.1);
+        self.counted = total;
+        packets
+    }
+
+    /// The start of the period a flow must have been carried in to stay, at a sync at `now_ns`
+    /// (`periodic`: a new period starts).
+    fn period(&mut self, now_ns: u64, periodic: bool) -> u64 {
+        if periodic {
+            std::mem::replace(&mut self.last_sync_ns, now_ns)
+        } else {
+            self.last_sync_ns
+        }
+    }
 }
 
 impl NodeFastPath {
     /// Loads the node's programs in this thread's namespace (the node's): the bridge program
     /// is attached when a pod behind a bridge comes; the kernel SaP now, to the device that
-    /// holds `sap` (IPv4), when there is one. Blocking.
-    pub fn load(gue_port: u16, sap: Option<SocketAddr>) -> Result<NodeFastPath, FastPathError> {
+    /// holds `sap` (IPv4), when there is one; with it, the kernel gateway to the device
+    /// `gateway`, now or at a sync once the device is there. Blocking.
+    pub fn load(
+        gue_port: u16,
+        sap: Option<SocketAddr>,
+        gateway: Option<&str>,
+    ) -> Result<NodeFastPath, FastPathError> {
         let sap_link = match sap {
             Some(SocketAddr::V4(a)) if a.port() == gue_port => {
                 let ip = *a.ip();
@@ -646,13 +692,15 @@ impl NodeFastPath {
             _ => None,
         };
         let sap = sap_link.as_ref().map(|(ip, _, _)| *ip);
-        let (programs, adopted, last_sync_ns, counted) = match adopted {
+        let (programs, adopted, last_sync_ns, sap_counted, gateway_counted) = match adopted {
             // Left configured and attached: the earlier agent's lease holds until the first
-            // sync has judged the SaP's flows again.
+            // sync has judged the SaP's and the gateway's flows again.
             Some(p) => {
                 let since = p.lease().ok().and_then(synced_at);
-                let counted = p.sap_carried().unwrap_or_default();
-                (p, true, since.unwrap_or_else(monotonic_ns), counted)
+                let sap_counted = p.sap_carried().unwrap_or_default();
+                let gateway_counted = p.gateway_carried().unwrap_or_default();
+                let since = since.unwrap_or_else(monotonic_ns);
+                (p, true, since, sap_counted, gateway_counted)
             }
             None => {
                 let mut p = super::bpf::NodePrograms::load()?;
@@ -661,21 +709,67 @@ impl NodeFastPath {
                     p.attach_sap(&link.name)?;
                 }
                 p.configure(gue_port, sap, monotonic_ns() + LEASE_NS)?;
-                (p, false, monotonic_ns(), (0, 0))
+                (p, false, monotonic_ns(), (0, 0), (0, 0))
             }
         };
-        Ok(NodeFastPath {
+        let node = NodeFastPath {
             programs: Mutex::new(programs),
             gue_port,
             sap,
             adopted,
             bridges: Mutex::default(),
-            sap_state: Mutex::new(SapState {
-                last_sync_ns,
-                counted,
-                ..SapState::default()
-            }),
-        })
+            sap_state: Mutex::new(Cached::since(last_sync_ns, sap_counted)),
+            gateway: gateway.filter(|_| sap.is_some()).map(str::to_string),
+            gateway_attached: AtomicBool::new(false),
+            gateway_state: Mutex::new(Cached::since(last_sync_ns, gateway_counted)),
+        };
+        node.attach_gateway();
+        Ok(node)
+    }
+
+    /// Puts the kernel gateway on the gateway device, unless it is there: this agent's program
+    /// (taken over with the maps), or the device not yet made. Blocking.
+    fn attach_gateway(&self) {
+        let Some(device) = &self.gateway else { return };
+        if self.gateway_attached.load(Ordering::Relaxed) {
+            return;
+        }
+        let name = device.clone();
+        let found = Netns::current()
+            .map_err(FastPathError::from)
+            .and_then(|node| {
+                Ok(netlink::in_netns(&node, async move |nl| {
+                    let Some(l) = nl.link(&name).await? else {
+                        return Ok(None);
+                    };
+                    let on = nl
+                        .bpf_filter_program(l.index, true, FILTER_PRIORITY)
+                        .await?;
+                    Ok(Some(on))
+                })?)
+            });
+        let on = match found {
+            Ok(Some(on)) => on,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, device, "cannot look at the gateway device");
+                return;
+            }
+        };
+        let mut p = self.programs();
+        if on == Some(p.gateway_id()) {
+            self.gateway_attached.store(true, Ordering::Relaxed);
+            return;
+        }
+        match p.attach_gateway(device) {
+            Ok(()) => {
+                self.gateway_attached.store(true, Ordering::Relaxed);
+                tracing::info!(device, "the kernel gateway is attached");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, device, "cannot attach the kernel gateway: traffic from off the overlay stays in user space")
+            }
+        }
     }
 
     /// Whether the node's programs and maps were taken over from an earlier agent.
@@ -705,8 +799,12 @@ impl NodeFastPath {
         self.programs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sap_state(&self) -> std::sync::MutexGuard<'_, SapState> {
+    fn sap_state(&self) -> std::sync::MutexGuard<'_, Cached<SapFlow>> {
         self.sap_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn gateway_state(&self) -> std::sync::MutexGuard<'_, Cached<Flow4>> {
+        self.gateway_state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a pod: its pod IP `infra`, held by a veth in `netns` whose node side is a bridge
@@ -804,12 +902,52 @@ impl NodeFastPath {
         }
     }
 
-    /// Renews the lease, adds what the kernel SaP forwarded to `counters` (when `periodic`),
-    /// and re-derives every
-    /// flow it holds through the engine with the tables now in force: removes those the engine
-    /// no longer forwards (or forwards elsewhere: rewritten), and, when `periodic`, those the
-    /// kernel has not forwarded since the last periodic sync (the LRU map needs no more: the
-    /// SaP keeps no per-flow state to hand back). Blocking, short.
+    /// The flow of a packet the user-space gateway just carried, as `datagram` to `to`, when
+    /// the kernel gateway can carry the flow's next ones: plain GUE (no MAC) over IPv4 with a
+    /// plain TCP or UDP packet (or an echo) inside.
+    pub fn gateway_candidate(
+        &self,
+        datagram: &[u8],
+        to: SocketAddr,
+    ) -> Option<(Flow4, EgressFlow)> {
+        if !self.gateway_attached.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (SocketAddr::V4(to), Some(key)) = (to, plain_key(datagram)) else {
+            return None;
+        };
+        let inner = Flow4::of_packet(datagram.get(gue::HEADER_LEN..)?)?;
+        Some((
+            inner,
+            EgressFlow {
+                to,
+                key,
+                seen_ns: 0,
+            },
+        ))
+    }
+
+    /// Tells the kernel gateway about flows the user-space gateway carried with tables of
+    /// `generation`, after their packets went.
+    pub fn learn_gateway(&self, flows: &[(Flow4, EgressFlow)], generation: u64) {
+        let mut st = self.gateway_state();
+        if generation < st.generation {
+            return;
+        }
+        let mut p = self.programs();
+        for (f, to) in flows {
+            if st.learned.insert(*f) && p.insert_gateway(f, to).is_err() {
+                tracing::debug!("cannot add a gateway flow to the fast path");
+            }
+        }
+    }
+
+    /// Renews the lease, adds what the kernel SaP and gateway carried to `counters` (when
+    /// `periodic`), and re-derives every flow they hold through the engine with the tables now
+    /// in force: removes those the engine no longer forwards (or forwards elsewhere, or with
+    /// another key: rewritten), and, when `periodic`, those the kernel has not carried since
+    /// the last periodic sync (the LRU maps need no more: neither keeps per-flow state to hand
+    /// back). Blocking, short.
     pub fn sync(
         &self,
         tables: &keyway_core::tables::SharedTables,
@@ -821,7 +959,11 @@ impl NodeFastPath {
         let carrying = tables.packet_auth == PacketAuth::Disabled;
         let now_ns = monotonic_ns();
         let mut out = NodeSyncReport::default();
-        let report = &mut out.flows;
+        if periodic {
+            self.attach_gateway();
+        }
+        // In the order the learning takes them: a flow's state, then the programs.
+        let mut gw = self.gateway_state();
         let mut st = self.sap_state();
         let mut p = self.programs();
         let sap = self.sap.filter(|_| carrying);
@@ -830,20 +972,57 @@ impl NodeFastPath {
         }
         // Counted at periodic syncs only, so that each count is reported once, by the caller
         // that reports them.
-        if let (true, Ok((packets, bytes))) = (periodic, p.sap_carried()) {
-            out.forwarded = packets - st.counted.0;
-            counters.forwarded_n(Stage::Sap, out.forwarded, bytes - st.counted.1);
-            st.counted = (packets, bytes);
+        if let (true, Ok(total)) = (periodic, p.gateway_carried()) {
+            out.gateway_forwarded = gw.count(total, counters, Stage::Gateway);
+        }
+        if let (true, Ok(total)) = (periodic, p.sap_carried()) {
+            out.forwarded = st.count(total, counters, Stage::Sap);
         }
         if self.sap.is_none() {
             return out;
         }
+        gw.generation = tables.generation;
+        let last_sync = gw.period(now_ns, periodic);
+        let report = &mut out.gateway;
+        for (f, to) in p.gateway_flows() {
+            let fresh = to.seen_ns >= last_sync || (to.seen_ns == 0 && gw.learned.contains(&f));
+            if !carrying || (periodic && !fresh) {
+                report.idle += usize::from(carrying);
+                p.remove_gateway(&f);
+                continue;
+            }
+            let mut buf = vec![0u8; gue::HEADROOM];
+            buf.extend_from_slice(&f.packet());
+            let now = engine::gateway_ingress(&tables, &mut buf, now_ms)
+                .ok()
+                .and_then(|send| Some((send.to, plain_key(&buf[send.start..])?)));
+            match now {
+                Some((SocketAddr::V4(dest), key)) => {
+                    report.kept += 1;
+                    if (dest, key) != (to.to, to.key) {
+                        let _ = p.insert_gateway(
+                            &f,
+                            &EgressFlow {
+                                to: dest,
+                                key,
+                                ..to
+                            },
+                        );
+                    }
+                }
+                _ => {
+                    report.refused += 1;
+                    p.remove_gateway(&f);
+                }
+            }
+        }
+        if periodic {
+            gw.learned.clear();
+        }
+        drop(gw);
+        let report = &mut out.flows;
         st.generation = tables.generation;
-        let last_sync = if periodic {
-            std::mem::replace(&mut st.last_sync_ns, now_ns)
-        } else {
-            st.last_sync_ns
-        };
+        let last_sync = st.period(now_ns, periodic);
         for (f, hop) in p.sap_flows() {
             let fresh = hop.seen_ns >= last_sync || (hop.seen_ns == 0 && st.learned.contains(&f));
             if !carrying || (periodic && !fresh) {
@@ -879,4 +1058,8 @@ pub struct NodeSyncReport {
     pub flows: SyncReport,
     /// Datagrams the kernel SaP forwarded since the last periodic sync (counted at those).
     pub forwarded: u64,
+    /// The kernel gateway's flows.
+    pub gateway: SyncReport,
+    /// Packets the kernel gateway carried since the last periodic sync (counted at those).
+    pub gateway_forwarded: u64,
 }

@@ -27,12 +27,15 @@ pub fn create_persistent(name: &str, mtu: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates (or takes over) the TUN device `name` in the calling thread's namespace for a gateway:
-/// not persistent, so it goes with the process, and what the node routes into it is then routed
-/// no further (fail closed).
+/// Creates (or takes over) the TUN device `name` in the calling thread's namespace for a gateway.
+/// Persistent, as the pods' are, so that the kernel gateway on it goes on carrying established
+/// flows while the agent restarts; what it does not carry is dropped there while no process
+/// reads the device (fail closed). An uninstall deletes it.
 pub fn create_gateway(name: &str, mtu: u16) -> io::Result<SyncDevice> {
     crate::sys::ensure_tun_node(Path::new(TUN_NODE))?;
-    DeviceBuilder::new().name(name).mtu(mtu).build_sync()
+    let dev = DeviceBuilder::new().name(name).mtu(mtu).build_sync()?;
+    dev.persist()?;
+    Ok(dev)
 }
 
 /// Attaches to the persistent TUN device `name` in the calling thread's namespace, with TCP (and,
