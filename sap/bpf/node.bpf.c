@@ -23,9 +23,11 @@
 // On the ingress of the device that holds the SaP's address, a GUE datagram to the SaP whose
 // (outer source, key, inner five-tuple) is in kw_sap_flows is forwarded as the user-space SaP
 // forwards it: from the SaP's address and port to the destination endpoint the engine chose,
-// the datagram itself unchanged (a SaP never rewrites the key), straight to the destination
-// pod's veth. The agent put the flow there after engine::sap_forward admitted one of its
-// datagrams, and re-derives it through the same function at every change and every second;
+// the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
+// pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
+// external entity) out of the device and to the neighbour the node's routing gives. The agent
+// put the flow there after engine::sap_forward admitted one of its datagrams, and re-derives
+// it through the same function at every change and every second;
 // the key is part of the flow, so a datagram with any other key (a rotation, a forgery) misses
 // and goes to the user-space SaP, which checks it. The kernel decides nothing and drops nothing.
 //
@@ -34,9 +36,10 @@
 // reaches a protected pod from off the overlay), a packet whose inner five-tuple is in
 // kw_gw_flows is put into GUE as the user-space gateway puts it (engine::gateway_ingress): with
 // the key and to the endpoint the engine chose, from the SaP's address and port, and handed
-// straight to the destination pod's veth, whole. The agent put the flow there after the engine
-// admitted one of its packets, and re-derives it through the same function at every change and
-// every second (a key rotation rewrites the flow's key). Anything else goes on into the device,
+// on whole as kw_sap hands on its datagrams (straight to the pod's veth behind a bridge, else
+// as the node's routes say). The agent put the flow there after the engine admitted one of its
+// packets, and re-derives it through the same function at every change and every second (a
+// key rotation rewrites the flow's key). Anything else goes on into the device,
 // to the user-space gateway, which decides it; with no agent reading the device (it persists
 // across restarts), what the kernel does not carry is dropped there: closed.
 #include <linux/bpf.h>
@@ -100,6 +103,43 @@ static __always_inline void count_carried(void *counters, __u32 segs, __u64 byte
 	n = bpf_map_lookup_elem(counters, &k);
 	if (n)
 		*n += bytes;
+}
+
+// Where a datagram from the SaP's address `src` to `dst` (network order, as the ports) goes
+// next, and the Ethernet header it goes with: one of the node's pods behind a bridge, straight
+// to its veth; anything else (a pod on another node, an external entity this node is the
+// gateway of, a pod on a routed veth) as the node's routing and neighbours say for a packet it
+// forwards from device `from` (which may also be the way out: the underlay a datagram came in
+// by leads to the other nodes too). Returns 0 with *out and macs (destination, then source)
+// set; -1 when the node has no route or no neighbour yet (the user-space path sends that
+// datagram, and its send resolves the neighbour for the next).
+static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src, __u32 dst,
+				    __u16 sport, __u16 dport, __u32 *out, __u8 macs[12])
+{
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &dst);
+	if (pod) {
+		*out = pod->ifindex;
+		__builtin_memcpy(macs, pod->pod_mac, 6);
+		__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
+		return 0;
+	}
+	// No length given: the kernel checks the packet against the MTU of the device it would
+	// leave by (a GSO packet is cut to it there).
+	struct bpf_fib_lookup fib = {
+		.family = 2, // AF_INET
+		.l4_protocol = IPPROTO_UDP,
+		.sport = sport,
+		.dport = dport,
+		.ifindex = from,
+		.ipv4_src = src,
+		.ipv4_dst = dst,
+	};
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	*out = fib.ifindex;
+	__builtin_memcpy(macs, fib.dmac, 6);
+	__builtin_memcpy(macs + 6, fib.smac, 6);
+	return 0;
 }
 
 SEC("classifier")
@@ -230,16 +270,18 @@ int kw_sap(struct __sk_buff *skb)
 	if (!flow)
 		return TC_ACT_OK;
 	__u32 to = flow->to_v4;
-	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &to);
-	if (!pod)
+	__u16 to_port = (__u16)flow->to_port;
+	__u16 gue_port = (__u16)cfg->gue_port;
+	// Where it goes, found before anything is rewritten.
+	__u32 out;
+	__u8 macs[12];
+	if (next_hop(skb, skb->ingress_ifindex, cfg->sap_v4, to, gue_port, to_port, &out, macs))
 		return TC_ACT_OK;
 	flow->seen_ns = bpf_ktime_get_ns();
 
 	__u32 from = ip->saddr;
 	__u16 sport = udp->source;
 	__u16 dport = udp->dest;
-	__u16 to_port = (__u16)flow->to_port;
-	__u16 gue_port = (__u16)cfg->gue_port;
 	__u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	// As the user-space SaP counts: each datagram's GUE header and inner packet.
 	__u64 bytes = skb->len - ETH_LEN - 20 - 8 + (__u64)(segs - 1) * (8 + inner_headers);
@@ -264,12 +306,11 @@ int kw_sap(struct __sk_buff *skb)
 	    bpf_skb_store_bytes(skb, IP_DST_OFF, &to, 4, 0) ||
 	    bpf_skb_store_bytes(skb, UDP_OFF, &gue_port, 2, 0) ||
 	    bpf_skb_store_bytes(skb, UDP_OFF + 2, &to_port, 2, 0) ||
-	    bpf_skb_store_bytes(skb, 0, pod->pod_mac, 6, 0) ||
-	    bpf_skb_store_bytes(skb, 6, pod->bridge_mac, 6, 0))
+	    bpf_skb_store_bytes(skb, 0, macs, 12, 0))
 		return TC_ACT_SHOT;
 
 	count_carried(&kw_sap_carried, segs, bytes);
-	return bpf_redirect(pod->ifindex, 0);
+	return bpf_redirect(out, 0);
 }
 
 // A flow the user-space gateway carried: its inner five-tuple, after the node's DNAT (a
@@ -326,22 +367,26 @@ int kw_gateway(struct __sk_buff *skb)
 	if (!flow)
 		return TC_ACT_OK;
 	__u32 to = flow->to_v4;
-	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &to);
-	if (!pod || !encap_fits(&f, skb->gso_segs, skb->len))
+	__u16 to_port = (__u16)flow->to_port;
+	__u16 gue_port = (__u16)cfg->gue_port;
+	if (!encap_fits(&f, skb->gso_segs, skb->len))
+		return TC_ACT_OK;
+	__u32 out;
+	__u8 macs[12];
+	// (Never back into the gateway device: the node's unmarked routes lead elsewhere.)
+	if (next_hop(skb, skb->ifindex, cfg->sap_v4, to, gue_port, to_port, &out, macs) ||
+	    out == skb->ifindex)
 		return TC_ACT_OK;
 	__u64 inner_len = skb->len;
 	__u32 segs = skb->gso_segs;
-	int e = encap4(skb, cfg->sap_v4, (__u16)cfg->gue_port, to, (__u16)flow->to_port,
-		       flow->key);
+	int e = encap4(skb, cfg->sap_v4, gue_port, to, to_port, flow->key);
 	if (e == -1)
 		return TC_ACT_OK;
-	// The Ethernet header the node's routing would give a datagram for the pod, as kw_sap's.
-	if (e || bpf_skb_store_bytes(skb, 0, pod->pod_mac, 6, 0) ||
-	    bpf_skb_store_bytes(skb, 6, pod->bridge_mac, 6, 0))
+	if (e || bpf_skb_store_bytes(skb, 0, macs, 12, 0))
 		return TC_ACT_SHOT;
 	flow->seen_ns = bpf_ktime_get_ns();
 	count_carried(&kw_gw_carried, segs, inner_len);
-	return bpf_redirect(pod->ifindex, 0);
+	return bpf_redirect(out, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

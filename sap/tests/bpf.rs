@@ -487,11 +487,13 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
     let key = Key(0x1234_5678);
     let node = TestNetns::new("bpf-gateway", "node");
     let pod = TestNetns::new("bpf-gateway", "pod");
-    // The node routes the pod IP into its gateway device, as the gateway's mark rule does.
+    // The node routes what it marks for the pod into its gateway device, as the gateway's
+    // table and rule do; unmarked, the pod IP is reached over its veth.
     node.sh(&["ip", "tuntap", "add", "kwt-gw", "mode", "tun"]);
     node.sh(&["ip", "link", "set", "kwt-gw", "up"]);
     node.sh(&["ip", "link", "set", "lo", "up"]);
     node.sh(&["ip", "addr", "add", "192.168.50.3/32", "dev", "lo"]);
+    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     veth(
         &node,
         "kwt-pod",
@@ -500,7 +502,26 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
         "eth0",
         "10.244.2.9/24",
     );
-    node.sh(&["ip", "route", "replace", "10.244.2.9/32", "dev", "kwt-gw"]);
+    node.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.2.9/32",
+        "dev",
+        "kwt-gw",
+        "table",
+        "6081",
+    ]);
+    node.sh(&["ip", "rule", "add", "fwmark", "0x200000", "lookup", "6081"]);
+    node.sh(&["nft", "add", "table", "ip", "kwt"]);
+    node.sh(&[
+        "nft",
+        "add chain ip kwt out { type route hook output priority mangle; }",
+    ]);
+    node.sh(&[
+        "nft",
+        "add rule ip kwt out ip daddr 10.244.2.9 udp dport 80 meta mark set 0x200000",
+    ]);
     let ifindex = |ns: &TestNetns, dev: &str| -> u32 {
         ns.sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
             .trim()
@@ -612,9 +633,17 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
         .unwrap();
     other.send_to(payload, "10.244.2.9:80").unwrap();
     assert_eq!(received(), None, "another flow: not carried");
+    // A pod the node does not list behind a bridge (a routed veth): where the node's own routes
+    // (unmarked) and neighbours send it, once the neighbour is known.
     p.remove_pod(DEST.into());
+    node.sh(&["ip", "neigh", "flush", "dev", "kwt-pod"]);
     send();
-    assert_eq!(received(), None, "a destination that is not the node's pod");
+    assert_eq!(received(), None, "no neighbour yet: into the device");
+    node.sh(&["ping", "-c", "1", "-W", "1", "10.244.2.9"]);
+    send();
+    let (datagram, from) = received().expect("carried by the node's routes");
+    assert_eq!(from, SocketAddr::from((SAP, 6080)));
+    assert_eq!(datagram, gue(key, &datagram[gue::HEADER_LEN..]));
     p.set_pod(DEST.into(), &dest_pod).unwrap();
     p.configure(6080, None, lease).unwrap();
     send();
@@ -629,6 +658,147 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
     p.configure(6080, Some(SAP.into()), lease).unwrap();
     send();
     assert!(received().is_some(), "and carried again under a lease");
+}
+
+/// A destination that is not one of the node's pods behind a bridge (another node's pod, an
+/// external entity whose gateway this node is): the kernel SaP sends the datagram where the
+/// node's routing and neighbours say, on real devices (the route lookup needs them).
+#[test]
+fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
+    use keyway_sap::io::bpf::{Flow4, NodePrograms, SapFlow, SapNextHop};
+    use keyway_testing::{TestNetns, veth};
+    if !privileged("the_kernel_sap_forwards_to_destinations_off_the_node") {
+        return;
+    }
+    const SAP: [u8; 4] = [192, 168, 9, 12];
+    const SENDER: [u8; 4] = [192, 168, 9, 20];
+    const DEST: [u8; 4] = [192, 168, 10, 30];
+    let key = Key(0x0bad_cafe);
+    let node = TestNetns::new("bpf-sap-route", "node");
+    let sender = TestNetns::new("bpf-sap-route", "sender");
+    let dest = TestNetns::new("bpf-sap-route", "dest");
+    veth(
+        &node,
+        "kwt-up",
+        "192.168.9.12/24",
+        &sender,
+        "eth0",
+        "192.168.9.20/24",
+    );
+    veth(
+        &node,
+        "kwt-dn",
+        "192.168.10.1/24",
+        &dest,
+        "eth0",
+        "192.168.10.30/24",
+    );
+    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let mut p = node
+        .netns()
+        .run(|| {
+            let mut p = NodePrograms::load().expect("the node's programs load");
+            p.attach_sap("kwt-up").unwrap();
+            p
+        })
+        .unwrap();
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    let inner = build::ipv4(
+        PEER.into(),
+        OVERLAY.into(),
+        PROTO_UDP,
+        &build::ports(PROTO_UDP, 40000, 80, b"to another node"),
+    );
+    let datagram = gue(key, &inner);
+    let flow = SapFlow {
+        outer_src: SENDER.into(),
+        key,
+        inner: Flow4::of_packet(&inner).unwrap(),
+    };
+    p.insert_sap(
+        &flow,
+        &SapNextHop {
+            to: std::net::SocketAddrV4::new(DEST.into(), 6080),
+            seen_ns: 0,
+        },
+    )
+    .unwrap();
+    let endpoint = dest
+        .netns()
+        .run(|| std::net::UdpSocket::bind("192.168.10.30:6080").unwrap())
+        .unwrap();
+    endpoint
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let from = sender
+        .netns()
+        .run(|| std::net::UdpSocket::bind("192.168.9.20:6080").unwrap())
+        .unwrap();
+    let received = || {
+        let mut buf = [0u8; 2048];
+        endpoint
+            .recv_from(&mut buf)
+            .ok()
+            .map(|(n, from)| (buf[..n].to_vec(), from))
+    };
+    let carried = |p: &NodePrograms| p.sap_carried().unwrap().0;
+
+    // The node has not resolved the destination's neighbour yet: the user-space SaP (none
+    // here) gets the datagram, and its send resolves the neighbour (here, a ping).
+    from.send_to(&datagram, "192.168.9.12:6080").unwrap();
+    assert_eq!(received(), None, "no neighbour yet: left to user space");
+    assert_eq!(carried(&p), 0);
+    node.sh(&["ping", "-c", "1", "-W", "1", "192.168.10.30"]);
+    for n in 0..2 {
+        from.send_to(&datagram, "192.168.9.12:6080").unwrap();
+        let (got, by) = received().unwrap_or_else(|| panic!("forwarded ({n})"));
+        assert_eq!(got, datagram, "the datagram itself unchanged");
+        assert_eq!(by, SocketAddr::from((SAP, 6080)), "from the SaP's address");
+    }
+    assert_eq!(carried(&p), 2, "counted as forwarded by the kernel");
+
+    // Out of the device it came in by: the underlay leads to the other nodes and external
+    // entities too (here, an external entity on the sender's host answering through its SaP).
+    sender.sh(&["ip", "addr", "add", "192.168.9.31/24", "dev", "eth0"]);
+    let external = sender
+        .netns()
+        .run(|| std::net::UdpSocket::bind("192.168.9.31:6080").unwrap())
+        .unwrap();
+    external
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    p.insert_sap(
+        &flow,
+        &SapNextHop {
+            to: std::net::SocketAddrV4::new([192, 168, 9, 31].into(), 6080),
+            seen_ns: 0,
+        },
+    )
+    .unwrap();
+    node.sh(&["ping", "-c", "1", "-W", "1", "192.168.9.31"]);
+    from.send_to(&datagram, "192.168.9.12:6080").unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, by) = external
+        .recv_from(&mut buf)
+        .expect("forwarded out of the device it came in by");
+    assert_eq!(&buf[..n], &datagram[..]);
+    assert_eq!(by, SocketAddr::from((SAP, 6080)));
+    assert_eq!(carried(&p), 3);
+
+    // No route to the destination: left to user space.
+    p.insert_sap(
+        &flow,
+        &SapNextHop {
+            to: std::net::SocketAddrV4::new(DEST.into(), 6080),
+            seen_ns: 0,
+        },
+    )
+    .unwrap();
+    node.sh(&["ip", "link", "set", "kwt-dn", "down"]);
+    from.send_to(&datagram, "192.168.9.12:6080").unwrap();
+    assert_eq!(received(), None);
+    assert_eq!(carried(&p), 3, "no route: not carried");
 }
 
 #[test]

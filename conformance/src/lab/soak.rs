@@ -198,6 +198,8 @@ pub struct SoakReport {
     pub epochs: u64,
     /// Pods the kernel fast path served at the end, over every node.
     pub fastpath_pods: u64,
+    /// Per path (by name): UDP datagrams lost in kills' outages.
+    pub lost_in_kills: Vec<(String, usize)>,
 }
 
 /// A small deterministic generator (xorshift): the kill intervals, reproducible from the seed
@@ -914,9 +916,19 @@ fn run(dir: &Path, docs: &Path, o: &SoakOptions) -> anyhow::Result<SoakReport> {
             .and_then(|s| s.nodes.iter().map(|n| n.epoch).min());
         last.zip(first).map_or(0, |(l, f)| l.saturating_sub(f))
     };
+    let losses = place_losses(paths.len(), &windows, &kills);
+    let lost_in_kills = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = losses.at_kill.iter().map(|k| k[i].len()).sum();
+            (p.name.to_string(), n)
+        })
+        .collect();
     Ok(SoakReport {
         text,
         violations,
+        lost_in_kills,
         datagrams_sent: windows.iter().map(|w| w.sent).sum(),
         pods_churned: churn.created,
         kills: kills.len(),
