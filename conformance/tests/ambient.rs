@@ -314,7 +314,6 @@ fn ambient_pods_reach_each_other_through_ztunnel_over_the_overlay() {
     // and b's table refuses ztunnel's hand-over to port 81.
     // With the kernel fast path carrying the overlay's established flows (the agents' default),
     // then with every agent restarted on the user-space path alone.
-    let before = mesh_ingress_drops(&b.netns);
     for datapath in ["auto", "user"] {
         if datapath == "user" {
             lab.set_datapath(datapath).expect("agents restarted");
@@ -337,6 +336,8 @@ fn ambient_pods_reach_each_other_through_ztunnel_over_the_overlay() {
         }
     }
     lab.set_datapath("auto").expect("agents restarted");
+    // (Counted from here: a restarted agent installs the pod's table again, with new counters.)
+    let before = mesh_ingress_drops(&b.netns);
     let ns = keyway_sap::sys::Netns::open(&a.netns).unwrap();
     let accepted = ns
         .run(|| TcpStream::connect_timeout(&SocketAddr::new(b.pod_ip, 81), Duration::from_secs(3)))
@@ -345,7 +346,14 @@ fn ambient_pods_reach_each_other_through_ztunnel_over_the_overlay() {
         accepted.is_ok(),
         "ztunnel accepts a's connection to b:81 ({accepted:?})"
     );
-    let dropped = mesh_ingress_drops(&b.netns);
+    // ztunnel accepts at once, then carries the connection as HBONE to b's ztunnel, which hands
+    // it over: the drop comes a little after the accept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut dropped = mesh_ingress_drops(&b.netns);
+    while dropped <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        dropped = mesh_ingress_drops(&b.netns);
+    }
     assert!(
         dropped > before,
         "b's table dropped ztunnel's hand-over on 81 ({before} -> {dropped})"
