@@ -88,17 +88,6 @@ struct {
 	__type(value, __u64);
 } kw_ingress_verdicts SEC(".maps");
 
-// A flow the engine admitted on egress, straight to the destination's endpoint (a flow through a
-// SaP stays on the user-space path: the SaP reads each datagram), with where and how it sent
-// the flow's packet.
-struct egress_flow {
-	__u32 to_v4;            // the next hop (the destination's pod IP, or a SaP), network order
-	__u32 to_port;          // network order, low 16 bits
-	__u32 key;              // the destination's key the engine used, host order
-	__u32 pad;
-	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
-};
-
 // A flow the engine admitted on ingress from one outer source.
 struct ingress_flow_key {
 	__u32 outer_src;        // network order
@@ -111,6 +100,9 @@ struct ingress_flow {
 
 #define FLOWS_MAX 16384
 
+// The flows the engine admitted on egress, straight to the destination's endpoint (a flow
+// through a SaP stays on the user-space path: the SaP reads each datagram), with where and how
+// it sent the flow's packet.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, FLOWS_MAX);

@@ -27,6 +27,17 @@ struct flow4 {
 	__u8 pad[3];
 };
 
+// Where and with which key the kernel puts a flow's packets into GUE, as the engine did with the
+// flow's first: kw_egress's flows (the pod's own) and kw_gateway's (from off the overlay). Keep
+// in step with EgressFlow in sap/src/io/bpf.rs, which reads both maps.
+struct egress_flow {
+	__u32 to_v4;            // the next hop (the destination's pod IP, or a SaP), network order
+	__u32 to_port;          // network order, low 16 bits
+	__u32 key;              // the destination's key the engine used, host order
+	__u32 pad;
+	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
+};
+
 #define ICMP_ECHO_REPLY 0
 #define ICMP_ECHO_REQUEST 8
 

@@ -68,6 +68,19 @@ struct {
 	__type(value, struct node_config);
 } kw_node_config SEC(".maps");
 
+// The node's configuration while the agent's lease on the maps holds, and, for a program that
+// sends from the SaP's address (`with_sap`), while there is one; NULL otherwise (the program
+// lets the packet go on as it came).
+static __always_inline struct node_config *leased(int with_sap)
+{
+	__u32 zero = 0;
+	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
+	if (!cfg || (with_sap && !cfg->sap_v4))
+		return NULL;
+	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
+	return bpf_ktime_get_ns() < lease ? cfg : NULL;
+}
+
 // One of the node's pods behind a bridge (keep in step with sap/src/io/bpf.rs).
 struct node_pod {
 	__u32 ifindex;          // the node side of the pod's veth
@@ -145,12 +158,8 @@ static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src
 SEC("classifier")
 int kw_bridge_egress(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
+	struct node_config *cfg = leased(0);
 	if (!cfg)
-		return TC_ACT_OK;
-	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
-	if (bpf_ktime_get_ns() >= lease)
 		return TC_ACT_OK;
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -215,12 +224,8 @@ struct {
 SEC("classifier")
 int kw_sap(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
-	if (!cfg || !cfg->sap_v4)
-		return TC_ACT_OK;
-	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
-	if (bpf_ktime_get_ns() >= lease)
+	struct node_config *cfg = leased(1);
+	if (!cfg)
 		return TC_ACT_OK;
 	if (skb->len < SAP_HEADERS_LEN - 12)
 		return TC_ACT_OK;
@@ -313,21 +318,13 @@ int kw_sap(struct __sk_buff *skb)
 	return bpf_redirect(out, 0);
 }
 
-// A flow the user-space gateway carried: its inner five-tuple, after the node's DNAT (a
-// NodePort's destination is the pod IP kube-proxy chose).
-struct gateway_flow {
-	__u32 to_v4;            // the destination endpoint, network order
-	__u32 to_port;          // network order, low 16 bits
-	__u32 key;              // the destination's key the engine used, host order
-	__u32 pad;
-	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
-};
-
+// The flows the user-space gateway carried, by inner five-tuple after the node's DNAT (a
+// NodePort's destination is the pod IP kube-proxy chose): where and with which key it sent them.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct flow4);
-	__type(value, struct gateway_flow);
+	__type(value, struct egress_flow);
 } kw_gw_flows SEC(".maps");
 
 // Packets carried (a GSO packet as its segments) and their bytes as the user-space gateway
@@ -344,12 +341,8 @@ struct {
 SEC("classifier")
 int kw_gateway(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct node_config *cfg = bpf_map_lookup_elem(&kw_node_config, &zero);
-	if (!cfg || !cfg->sap_v4)
-		return TC_ACT_OK;
-	__u64 lease = ((__u64)cfg->lease_hi << 32) | cfg->lease_lo;
-	if (bpf_ktime_get_ns() >= lease)
+	struct node_config *cfg = leased(1);
+	if (!cfg)
 		return TC_ACT_OK;
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
@@ -363,7 +356,7 @@ int kw_gateway(struct __sk_buff *skb)
 	struct flow4 f;
 	if (fast_flow4(data, end, &f) < 0)
 		return TC_ACT_OK;
-	struct gateway_flow *flow = bpf_map_lookup_elem(&kw_gw_flows, &f);
+	struct egress_flow *flow = bpf_map_lookup_elem(&kw_gw_flows, &f);
 	if (!flow)
 		return TC_ACT_OK;
 	__u32 to = flow->to_v4;

@@ -470,6 +470,18 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     assert_eq!(ret, TC_ACT_OK, "a lease run out: nothing forwarded");
 }
 
+/// A UDP socket bound to `addr` in `ns`, whose reads give up after 300 ms (what was not
+/// carried by then was not carried).
+fn udp_in(ns: &keyway_testing::TestNetns, addr: &str) -> std::net::UdpSocket {
+    let s = ns
+        .netns()
+        .run(|| std::net::UdpSocket::bind(addr).unwrap())
+        .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    s
+}
+
 /// `BPF_PROG_TEST_RUN` gives a tc program an Ethernet frame, and `kw_gateway` runs on a device
 /// without a link-layer header: so it runs here where it runs on a node, on a TUN device's
 /// egress, with no process reading the device (as while an agent restarts).
@@ -553,17 +565,8 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
     let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
     p.configure(6080, Some(SAP.into()), lease).unwrap();
     p.set_pod(DEST.into(), &dest_pod).unwrap();
-    let endpoint = pod
-        .netns()
-        .run(|| std::net::UdpSocket::bind("10.244.2.9:6080").unwrap())
-        .unwrap();
-    endpoint
-        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
-    let outside = node
-        .netns()
-        .run(|| std::net::UdpSocket::bind("192.168.50.3:40000").unwrap())
-        .unwrap();
+    let endpoint = udp_in(&pod, "10.244.2.9:6080");
+    let outside = udp_in(&node, "192.168.50.3:40000");
     let payload = b"through the gateway";
     let send = || {
         outside.send_to(payload, "10.244.2.9:80").unwrap();
@@ -627,10 +630,7 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
     );
 
     // Anything but that flow goes into the device, and a flow goes only while it may.
-    let other = node
-        .netns()
-        .run(|| std::net::UdpSocket::bind("192.168.50.3:40001").unwrap())
-        .unwrap();
+    let other = udp_in(&node, "192.168.50.3:40001");
     other.send_to(payload, "10.244.2.9:80").unwrap();
     assert_eq!(received(), None, "another flow: not carried");
     // A pod the node does not list behind a bridge (a routed veth): where the node's own routes
@@ -724,17 +724,8 @@ fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
         },
     )
     .unwrap();
-    let endpoint = dest
-        .netns()
-        .run(|| std::net::UdpSocket::bind("192.168.10.30:6080").unwrap())
-        .unwrap();
-    endpoint
-        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
-    let from = sender
-        .netns()
-        .run(|| std::net::UdpSocket::bind("192.168.9.20:6080").unwrap())
-        .unwrap();
+    let endpoint = udp_in(&dest, "192.168.10.30:6080");
+    let from = udp_in(&sender, "192.168.9.20:6080");
     let received = || {
         let mut buf = [0u8; 2048];
         endpoint
@@ -761,13 +752,7 @@ fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
     // Out of the device it came in by: the underlay leads to the other nodes and external
     // entities too (here, an external entity on the sender's host answering through its SaP).
     sender.sh(&["ip", "addr", "add", "192.168.9.31/24", "dev", "eth0"]);
-    let external = sender
-        .netns()
-        .run(|| std::net::UdpSocket::bind("192.168.9.31:6080").unwrap())
-        .unwrap();
-    external
-        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
+    let external = udp_in(&sender, "192.168.9.31:6080");
     p.insert_sap(
         &flow,
         &SapNextHop {

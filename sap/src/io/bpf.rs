@@ -878,7 +878,7 @@ pub struct NodePrograms {
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
-    /// `struct gateway_flow` is laid out as `struct egress_flow`: [`EgressFlow`] reads both.
+    /// Valued by `struct egress_flow` (`flow.h`), as the pods' egress flows: [`EgressFlow`].
     gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
     gateway_carried: PerCpuArray<MapData, u64>,
 }
