@@ -32,7 +32,7 @@ use crate::compile::{self, KeyCache, LocalPod, NodeContext};
 use crate::config::Config;
 use crate::endpoints::{AttachError, Endpoints};
 use crate::gateway::{NodeFacts, NodeTable};
-use crate::metrics::{Metrics, ModeLabel, ReasonLabel, RequestLabel};
+use crate::metrics::{DirectionLabel, Metrics, ModeLabel, ReasonLabel, RequestLabel};
 use crate::model::{Model, ObjectKey, OverlayNetwork};
 use crate::records::{Attached, Record, StateDir, StoreError};
 use crate::source::Publisher;
@@ -192,7 +192,21 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let node = self.endpoints.sync_fast(true).await;
+            let (node, carried) = self.endpoints.sync_fast(true).await;
+            for (direction, packets, bytes) in [
+                ("egress", carried.egress_packets, carried.egress_bytes),
+                ("ingress", carried.ingress_packets, carried.ingress_bytes),
+            ] {
+                let label = DirectionLabel { direction };
+                self.metrics
+                    .fastpath_pod_packets
+                    .get_or_create(&label)
+                    .inc_by(packets);
+                self.metrics
+                    .fastpath_pod_bytes
+                    .get_or_create(&label)
+                    .inc_by(bytes);
+            }
             self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
             self.metrics
                 .fastpath_pods_adopted

@@ -15,6 +15,7 @@ use keyway_core::key::KeyRing;
 use keyway_core::tables::{SharedLocal, SharedTables};
 use keyway_protocol::firewall::{self, Egress, PodFirewall, PodRules};
 use keyway_protocol::handoff::Attachment;
+use keyway_sap::io::bpf::Carried;
 use keyway_sap::io::datapath::EndpointContext;
 use keyway_sap::io::endpoint::{self, EndpointError, Running};
 use keyway_sap::io::fastpath::{FastPath, NodeFastPath, NodeFastSlot, NodeSyncReport};
@@ -198,22 +199,24 @@ struct FastJob {
 impl FastJob {
     fn run(self) {
         let Some(netns) = &self.netns else { return };
-        // The kernel fast path carries IPv4 flows: the pod's IPv4 overlay device, and its pod IP.
-        let v4 = self
+        // The kernel fast path serves a pod with an IPv4 pod IP (the underlay it sends on),
+        // on its overlay devices, IPv4 and IPv6.
+        let overlays: Vec<(String, IpAddr)> = self
             .devices
             .iter()
-            .zip(&self.overlay)
-            .find_map(|(name, ip)| match (ip, self.pod_ip) {
-                (IpAddr::V4(o), IpAddr::V4(i)) => Some((name.clone(), *o, i)),
-                _ => None,
-            });
-        let Some((tun, overlay, infra)) = v4.filter(|_| self.shared.wants_kernel()) else {
-            // A fast path a previous agent attached must not outlive the choice not to have
-            // one: its flows would go on unchecked until its lease ran out.
-            FastPath::detach_all(netns, &self.devices, self.pod_ip);
-            return;
+            .cloned()
+            .zip(self.overlay.iter().copied())
+            .collect();
+        let infra = match self.pod_ip {
+            IpAddr::V4(i) if self.shared.wants_kernel() && !overlays.is_empty() => i,
+            _ => {
+                // A fast path a previous agent attached must not outlive the choice not to have
+                // one: its flows would go on unchecked until its lease ran out.
+                FastPath::detach_all(netns, &self.devices, self.pod_ip);
+                return;
+            }
         };
-        match FastPath::open(netns, &tun, overlay, infra, self.shared.gue_port) {
+        match FastPath::open(netns, &overlays, infra, self.shared.gue_port) {
             Ok(f) => {
                 if f.adopted() {
                     tracing::debug!(container = %self.container, programs = ?f.program_ids(), "took over the fast path an earlier agent left, with its flows");
@@ -303,7 +306,7 @@ impl Endpoints {
     /// lease, the flows it carries, counters): `periodic` also hands idle flows back to the
     /// engine. On the fast path's thread; map system calls only. Returns what the node's SaP
     /// did in the kernel.
-    pub async fn sync_fast(&self, periodic: bool) -> NodeSyncReport {
+    pub async fn sync_fast(&self, periodic: bool) -> (NodeSyncReport, Carried) {
         let ctxs: Vec<Arc<EndpointContext>> = self
             .map()
             .values()
@@ -312,7 +315,7 @@ impl Endpoints {
             .collect();
         // Without a pod on the fast path, the node's part has nothing to carry: its lease runs out.
         if ctxs.is_empty() {
-            return NodeSyncReport::default();
+            return Default::default();
         }
         let node = self.fast.node.get().cloned().flatten();
         let (tables, counters) = (self.tables.clone(), self.counters.clone());
@@ -324,10 +327,12 @@ impl Endpoints {
                 .map(|n| n.sync(&tables, &counters, now, periodic))
                 .unwrap_or_default();
             let (mut kept, mut idle, mut refused) = (0, 0, 0);
+            let mut carried = Carried::default();
             for ctx in ctxs {
                 if let Some(f) = ctx.fast.get() {
                     let r = f.sync(&ctx, now, periodic);
                     (kept, idle, refused) = (kept + r.kept, idle + r.idle, refused + r.refused);
+                    carried += r.carried;
                 }
             }
             tracing::debug!(
@@ -343,7 +348,7 @@ impl Endpoints {
                 gateway_refused = sap.gateway.refused,
                 "fast path flows judged again"
             );
-            let _ = done.send(sap);
+            let _ = done.send((sap, carried));
         });
         wait.await.unwrap_or_default()
     }

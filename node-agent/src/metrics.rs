@@ -147,6 +147,14 @@ pub struct Metrics {
     pub fastpath_gateway_flows: Gauge,
     /// Packets the node's gateway carried in the kernel (also in `keyway_datapath_*`).
     pub fastpath_gateway_packets: Counter,
+    /// Packets and bytes the pods' programs carried, by direction (also in `keyway_datapath_*`).
+    pub fastpath_pod_packets: Family<DirectionLabel, Counter>,
+    pub fastpath_pod_bytes: Family<DirectionLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -197,6 +205,8 @@ impl Metrics {
             fastpath_sap_datagrams: Counter::default(),
             fastpath_gateway_flows: Gauge::default(),
             fastpath_gateway_packets: Counter::default(),
+            fastpath_pod_packets: Family::default(),
+            fastpath_pod_bytes: Family::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -324,6 +334,18 @@ impl Metrics {
             "keyway_fastpath_gateway_packets",
             help,
             self.fastpath_gateway_packets.clone(),
+        );
+        let help = "Packets the pods' eBPF programs carried, by direction (egress: encapsulated and sent; ingress: decapsulated and delivered; a GSO packet as its segments; counted in keyway_datapath_* with the user-space path's)";
+        r.register(
+            "keyway_fastpath_pod_packets",
+            help,
+            self.fastpath_pod_packets.clone(),
+        );
+        let help = "Inner bytes the pods' eBPF programs carried, by direction";
+        r.register(
+            "keyway_fastpath_pod_bytes",
+            help,
+            self.fastpath_pod_bytes.clone(),
         );
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(

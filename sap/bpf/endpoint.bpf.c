@@ -4,23 +4,26 @@
 //
 // kw_ingress, on the pod's eth0: the checks an endpoint makes on an arriving GUE datagram, in
 // the order keyway_core::engine::endpoint_ingress makes them. A datagram whose GUE header or inner
-// IPv4 packet is malformed, whose key the pod does not accept, or whose inner destination is not
+// packet is malformed, whose key the pod does not accept, or whose inner destination is not
 // the pod is counted by reason and never carried: the user-space path drops it and counts the
 // drop, as it always has. A datagram that passes them and belongs to a flow the
 // user-space engine has already admitted from the same outer source (kw_ingress_flows) is
-// decapsulated here and delivered into the overlay device's receive path; everything else passes
+// decapsulated here and delivered into the receive path of the overlay device of its family (the
+// pod's IPv4 overlay device, or its IPv6 one); everything else passes
 // on unchanged (TC_ACT_OK) to the user-space path, which makes the remaining checks (source, MAC,
 // policy), delivers, and tells the kernel about the flow.
 //
-// kw_egress, on the pod's overlay device (kw0): a packet of a flow the engine has already
-// admitted on egress (kw_egress_flows: from the pod's own overlay address, with the next hop and
-// key the engine chose) is encapsulated here in GUE, 36 bytes, the same header the engine writes,
-// and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to the TUN
-// device and the user-space path, which decides it.
+// kw_egress, on the pod's overlay devices (kw0, and the IPv6 overlay's device where the pod has
+// one): a packet of a flow the engine has already admitted on egress (kw_egress_flows, or
+// kw_egress6 for IPv6: from the pod's own overlay address, with the next hop and key the
+// engine chose) is encapsulated here in GUE over IPv4, 36 bytes, the same header the engine
+// writes, and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to
+// the TUN device and the user-space path, which decides it.
 //
 // So the kernel never decides a flow: it repeats, packet by packet, a decision the engine made on
 // the flow's first packet. Packets that open or end a TCP connection (SYN, RST), fragments, IP
-// options, ICMP other than echoes, IPv6 and datagrams with a MAC always take the user-space path.
+// options and IPv6 extension headers, ICMP other than echoes, and datagrams with a MAC always
+// take the user-space path.
 // The agent re-derives every cached decision through the engine whenever its model or the key
 // epoch changes, removes those the engine no longer makes, and feeds the kernel's last-seen times
 // back to the engine's flow table, so that the engine's view of which flows are alive stays whole.
@@ -65,7 +68,17 @@ struct endpoint_config {
 	__u32 flags;            // F_FAST: the flow maps are in use
 	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the flow maps may be used: the
 	__u32 lease_hi;         // agent renews it every second; without an agent, nothing is fast
+	__u32 overlay_v6[4];    // the pod's IPv6 overlay address (all zero: none)
+	__u32 tun6_ifindex;     // the IPv6 overlay device, where decapsulated IPv6 is delivered
 };
+
+// Whether `a` is the pod's IPv6 overlay address (it has one).
+static __always_inline int own_v6(struct endpoint_config *cfg, __u32 a[4])
+{
+	__u32 *o = cfg->overlay_v6;
+	return (o[0] | o[1] | o[2] | o[3]) != 0 && a[0] == o[0] && a[1] == o[1] && a[2] == o[2] &&
+	       a[3] == o[3];
+}
 
 static __always_inline int fast_on(struct endpoint_config *cfg)
 {
@@ -94,6 +107,11 @@ struct ingress_flow_key {
 	struct flow4 inner;
 };
 
+struct ingress_flow_key6 {
+	__u32 outer_src;        // network order
+	struct flow6 inner;
+};
+
 struct ingress_flow {
 	__u64 seen_ns;
 };
@@ -117,6 +135,21 @@ struct {
 	__type(value, struct ingress_flow);
 } kw_ingress_flows SEC(".maps");
 
+// The same two for IPv6 flows (the pod's IPv6 overlay, over the IPv4 underlay).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOWS_MAX);
+	__type(key, struct flow6);
+	__type(value, struct egress_flow);
+} kw_egress6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOWS_MAX);
+	__type(key, struct ingress_flow_key6);
+	__type(value, struct ingress_flow);
+} kw_ingress6 SEC(".maps");
+
 // What the fast path carried (keep in step with sap/src/io/bpf.rs).
 enum carried {
 	C_EGRESS_PACKETS = 0,   // inner packets encapsulated and sent (a GSO packet as its segments)
@@ -132,6 +165,10 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } kw_carried SEC(".maps");
+
+// bpf_skb_adjust_room's flag that makes the skb's protocol IPv6 as it decapsulates (Linux 6.3;
+// newer than the uapi headers the build may have).
+#define ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 
 #define GUE_PRIMARY_LEN 4
 #define GUE_HEADER_LEN 8
@@ -149,26 +186,10 @@ static __always_inline int count(enum verdict v)
 	return TC_ACT_OK;
 }
 
-// The inner IPv4 packet's checks, as keyway_core::packet::classify_v4 and transport: `len` is
-// the bytes after the GUE header. Returns -1 when the packet is malformed, else 0 with the inner
-// destination (network order) in *dst.
-static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *dst)
+// The transport header's checks, as keyway_core::packet::transport: `l4len` bytes of transport
+// `proto` at `l4`. Returns -1 when they are malformed, else 0.
+static __always_inline int transport_ok(__u8 proto, __u8 *l4, __u32 l4len, void *end)
 {
-	if (len < 20 || !HAVE(pkt, 20, end))
-		return -1;
-	__u32 ihl = (pkt[0] & 0x0f) * 4;
-	if (ihl < 20 || len < ihl)
-		return -1;
-	__u32 total = ((__u32)pkt[2] << 8) | pkt[3];
-	if (total < ihl || len < total)
-		return -1;
-	__u16 frag = (((__u16)pkt[6] << 8) | pkt[7]) & 0x1fff;
-	__u8 proto = pkt[9];
-	*dst = *(__u32 *)(pkt + 16);
-	if (frag != 0)
-		return 0;
-	__u32 l4len = total - ihl;
-	__u8 *l4 = pkt + (ihl & 0x3c);
 	switch (proto) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
@@ -192,9 +213,48 @@ static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *d
 	}
 }
 
+// The inner IPv4 packet's checks, as keyway_core::packet::classify_v4 and transport: `len` is
+// the bytes after the GUE header. Returns -1 when the packet is malformed, else 0 with the inner
+// destination (network order) in *dst.
+static __always_inline int classify_v4(__u8 *pkt, __u32 len, void *end, __u32 *dst)
+{
+	if (len < 20 || !HAVE(pkt, 20, end))
+		return -1;
+	__u32 ihl = (pkt[0] & 0x0f) * 4;
+	if (ihl < 20 || len < ihl)
+		return -1;
+	__u32 total = ((__u32)pkt[2] << 8) | pkt[3];
+	if (total < ihl || len < total)
+		return -1;
+	__u16 frag = (((__u16)pkt[6] << 8) | pkt[7]) & 0x1fff;
+	*dst = *(__u32 *)(pkt + 16);
+	if (frag != 0)
+		return 0;
+	return transport_ok(pkt[9], pkt + (ihl & 0x3c), total - ihl, end);
+}
+
+// The inner IPv6 packet's checks, as keyway_core::packet::classify_v6 and transport, for a packet
+// whose transport header follows the fixed header. Returns -1 when the packet is malformed, 1
+// when extension headers follow (the kernel does not walk them: the user-space path judges such
+// a packet whole), else 0 with the inner destination in dst.
+static __always_inline int classify_v6(__u8 *pkt, __u32 len, void *end, __u32 dst[4])
+{
+	if (len < IPV6_HEADER_LEN || !HAVE(pkt, IPV6_HEADER_LEN, end))
+		return -1;
+	__u32 payload = ((__u32)pkt[4] << 8) | pkt[5];
+	if (len < IPV6_HEADER_LEN + payload)
+		return -1;
+	__u8 next = pkt[6];
+	// Hop-by-hop, routing, fragment and destination options.
+	if (next == 0 || next == 43 || next == 44 || next == 60)
+		return 1;
+	__builtin_memcpy(dst, pkt + 24, 16);
+	return transport_ok(next, pkt + IPV6_HEADER_LEN, payload, end);
+}
+
 // The most the ingress program reads: Ethernet, outer IPv4 with options, UDP, GUE with the MAC,
-// inner IPv4 without options (else it is not fast), TCP's fixed header.
-#define HEADERS_LEN (14 + 60 + 8 + 16 + 20 + 20)
+// the inner IPv6 header (an inner IPv4 header is not fast with options), TCP's fixed header.
+#define HEADERS_LEN (14 + 60 + 8 + 16 + IPV6_HEADER_LEN + 20)
 
 // Counts a packet the fast path carried: a GSO packet as the `segs` segments it becomes (read
 // before bpf_skb_adjust_room, which has the kernel count them again later).
@@ -279,13 +339,18 @@ int kw_ingress(struct __sk_buff *skb)
 	if (version != (proto == PROTO_IPV4 ? 4 : 6))
 		return count(V_MALFORMED);
 	__u32 key = ((__u32)gue[4] << 24) | ((__u32)gue[5] << 16) | ((__u32)gue[6] << 8) | gue[7];
+	__u32 inner_len = glen - header_len;
 
-	// The inner packet: IPv4 here; IPv6 is left to the user-space path for now.
-	if (version != 4)
-		return count(V_PASS);
-	__u32 dst = 0;
-	if (classify_v4(inner, glen - header_len, end, &dst) < 0)
+	// The inner packet, and whether its destination is the pod's own: its IPv4 overlay address
+	// or its pod IP, or its IPv6 overlay address.
+	__u32 dst4 = 0;
+	__u32 dst6[4] = {};
+	int parsed = version == 4 ? classify_v4(inner, inner_len, end, &dst4)
+				  : classify_v6(inner, inner_len, end, dst6);
+	if (parsed < 0)
 		return count(V_MALFORMED);
+	if (parsed > 0)
+		return count(V_PASS);
 
 	// The key: one the pod accepts now (the agent keeps the set current across epochs).
 	__u32 n = cfg->nkeys;
@@ -293,8 +358,9 @@ int kw_ingress(struct __sk_buff *skb)
 		 (n > 2 && cfg->keys[2] == key);
 	if (!ok)
 		return count(V_BAD_KEY);
-	// The destination: one of the pod's own addresses (its overlay address or its pod IP).
-	if (dst == 0 || (dst != cfg->overlay_v4 && dst != cfg->infra_v4))
+	int own = version == 4 ? dst4 != 0 && (dst4 == cfg->overlay_v4 || dst4 == cfg->infra_v4)
+			       : own_v6(cfg, dst6);
+	if (!own)
 		return count(V_WRONG_DESTINATION);
 	count(V_PASS);
 
@@ -302,27 +368,43 @@ int kw_ingress(struct __sk_buff *skb)
 	// a MAC, whose outer header is exactly ENCAP_LEN long, and which is one datagram holding one
 	// inner packet, exactly. (A UDP GSO packet from a user-space sender holds many datagrams
 	// behind one header: the socket takes those apart, the user-space path has them.)
-	if (!fast_on(cfg) || header_len != GUE_HEADER_LEN || ip->ihl != 5 ||
-	    cfg->tun_ifindex == 0)
+	if (!fast_on(cfg) || header_len != GUE_HEADER_LEN || ip->ihl != 5)
 		return TC_ACT_OK;
 	if (ulen != skb->len - ((long)udp - (long)data))
 		return TC_ACT_OK;
-	struct ingress_flow_key k = {.outer_src = ip->saddr};
-	if (fast_flow4(inner, end, &k.inner) < 0)
+	struct ingress_flow *flow;
+	__u32 tun;
+	__u64 decap = BPF_F_ADJ_ROOM_FIXED_GSO;
+	if (version == 4) {
+		struct ingress_flow_key k = {.outer_src = ip->saddr};
+		if (fast_flow4(inner, end, &k.inner) < 0)
+			return TC_ACT_OK;
+		if (!HAVE(inner, 4, end) || (((__u32)inner[2] << 8) | inner[3]) != inner_len)
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_ingress_flows, &k);
+		tun = cfg->tun_ifindex;
+	} else {
+		struct ingress_flow_key6 k = {.outer_src = ip->saddr};
+		if (fast_flow6(inner, end, &k.inner) < 0)
+			return TC_ACT_OK;
+		if (!HAVE(inner, 6, end) ||
+		    (((__u32)inner[4] << 8) | inner[5]) + IPV6_HEADER_LEN != inner_len)
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_ingress6, &k);
+		tun = cfg->tun6_ifindex;
+		// The skb's protocol becomes the inner packet's, which the overlay device's receive
+		// path dispatches on.
+		decap |= ADJ_ROOM_DECAP_L3_IPV6;
+	}
+	if (!flow || tun == 0)
 		return TC_ACT_OK;
-	if (!HAVE(inner, 4, end) || (((__u32)inner[2] << 8) | inner[3]) != glen - header_len)
-		return TC_ACT_OK;
-	struct ingress_flow *flow = bpf_map_lookup_elem(&kw_ingress_flows, &k);
-	if (!flow)
-		return TC_ACT_OK;
-	__u64 inner_len = glen - header_len;
 	__u32 segs = skb->gso_segs;
 	// FIXED_GSO: a GSO packet's inner segments keep their size; only the headers go.
-	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, decap))
 		return TC_ACT_OK;
 	flow->seen_ns = bpf_ktime_get_ns();
 	carried(C_INGRESS_PACKETS, segs, inner_len);
-	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
+	return bpf_redirect(tun, BPF_F_INGRESS);
 }
 
 // On the overlay device's egress: the packet as the pod's stack sends it, starting at its IPv4
@@ -334,26 +416,38 @@ int kw_egress(struct __sk_buff *skb)
 	struct endpoint_config *cfg = bpf_map_lookup_elem(&kw_config, &zero);
 	if (!cfg || !fast_on(cfg) || cfg->eth_ifindex == 0 || cfg->infra_v4 == 0)
 		return TC_ACT_OK;
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	struct flow4 f;
-	if (fast_flow4(data, end, &f) < 0)
+	struct egress_flow *flow;
+	__u8 proto;
+	__u8 inner;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct flow4 f;
+		if (fast_flow4(data, end, &f) < 0)
+			return TC_ACT_OK;
+		// Only the pod's own addresses (its overlay address, or its pod IP for traffic to pod
+		// IPs and cluster IPs): a forged source meets the engine's anti-spoofing check.
+		if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
+		proto = f.proto;
+		inner = PROTO_IPV4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct flow6 f;
+		if (fast_flow6(data, end, &f) < 0 || !own_v6(cfg, f.src))
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_egress6, &f);
+		proto = f.proto;
+		inner = PROTO_IPV6;
+	} else {
 		return TC_ACT_OK;
-	// Only the pod's own addresses (its overlay address, or its pod IP for traffic to pod IPs
-	// and cluster IPs): a forged source meets the engine's anti-spoofing check.
-	if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
-		return TC_ACT_OK;
-	struct egress_flow *flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
-	if (!flow)
-		return TC_ACT_OK;
-	if (!encap_fits(&f, skb->gso_segs, skb->len))
+	}
+	if (!flow || !encap_fits(proto, skb->gso_segs, skb->len))
 		return TC_ACT_OK;
 	__u64 inner_len = skb->len;
 	__u32 segs = skb->gso_segs;
 	// bpf_redirect_neigh fills in the link-layer header encap4 leaves blank.
-	int e = encap4(skb, cfg->infra_v4, (__u16)cfg->gue_port, flow->to_v4,
+	int e = encap4(skb, inner, cfg->infra_v4, (__u16)cfg->gue_port, flow->to_v4,
 		       (__u16)flow->to_port, flow->key);
 	if (e == -1)
 		return TC_ACT_OK;

@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 //
-// What keyway's programs share about the flows the fast path carries: the engine's IPv4
-// five-tuple (keep in step with Flow4 in sap/src/io/bpf.rs, whose byte layout the maps of both
-// objects are keyed by) and the one test of which inner packets the kernel may carry.
+// What keyway's programs share about the flows the fast path carries: the engine's five-tuple,
+// IPv4 and IPv6 (keep in step with Flow4 and Flow6 in sap/src/io/bpf.rs, whose byte layouts the
+// maps of both objects are keyed by) and the one test of which inner packets the kernel may
+// carry.
 
 #ifndef KEYWAY_FLOW_H
 #define KEYWAY_FLOW_H
 
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 
 // Whether [p, p + n) lies inside the packet.
@@ -38,8 +40,21 @@ struct egress_flow {
 	__u64 seen_ns;          // bpf_ktime_get_ns() of the last packet the kernel carried
 };
 
+// An IPv6 flow, likewise: addresses as their 16 bytes, ports in network order.
+struct flow6 {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 #define ICMP_ECHO_REPLY 0
 #define ICMP_ECHO_REQUEST 8
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+#define IPV6_HEADER_LEN 40
 
 // The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
 // fragment, TCP that neither opens nor resets a connection, UDP, or an ICMP echo request or
@@ -71,6 +86,42 @@ static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
 	f->src = *(__u32 *)(pkt + 12);
 	f->dst = *(__u32 *)(pkt + 16);
 	if (proto == IPPROTO_ICMP) {
+		f->sport = *(__u16 *)(l4 + 4);
+		f->dport = *(__u16 *)l4;
+	} else {
+		f->sport = *(__u16 *)l4;
+		f->dport = *(__u16 *)(l4 + 2);
+	}
+	f->proto = proto;
+	f->pad[0] = f->pad[1] = f->pad[2] = 0;
+	return 0;
+}
+
+// The same for an inner IPv6 packet: the transport header straight after the fixed header (a
+// packet with extension headers, a fragment among them, is the user-space path's), TCP that
+// neither opens nor resets, UDP, or an ICMPv6 echo request or reply.
+static __always_inline int fast_flow6(__u8 *pkt, void *end, struct flow6 *f)
+{
+	if (!HAVE(pkt, IPV6_HEADER_LEN, end) || (pkt[0] >> 4) != 6)
+		return -1;
+	__u8 *l4 = pkt + IPV6_HEADER_LEN;
+	__u8 proto = pkt[6];
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+			return -1;
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return -1;
+	} else if (proto == IPPROTO_ICMPV6) {
+		if (!HAVE(l4, 8, end) ||
+		    (l4[0] != ICMPV6_ECHO_REQUEST && l4[0] != ICMPV6_ECHO_REPLY))
+			return -1;
+	} else {
+		return -1;
+	}
+	__builtin_memcpy(f->src, pkt + 8, 16);
+	__builtin_memcpy(f->dst, pkt + 24, 16);
+	if (proto == IPPROTO_ICMPV6) {
 		f->sport = *(__u16 *)(l4 + 4);
 		f->dport = *(__u16 *)l4;
 	} else {

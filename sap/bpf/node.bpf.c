@@ -362,7 +362,7 @@ int kw_gateway(struct __sk_buff *skb)
 	__u32 to = flow->to_v4;
 	__u16 to_port = (__u16)flow->to_port;
 	__u16 gue_port = (__u16)cfg->gue_port;
-	if (!encap_fits(&f, skb->gso_segs, skb->len))
+	if (!encap_fits(f.proto, skb->gso_segs, skb->len))
 		return TC_ACT_OK;
 	__u32 out;
 	__u8 macs[12];
@@ -372,7 +372,7 @@ int kw_gateway(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	__u64 inner_len = skb->len;
 	__u32 segs = skb->gso_segs;
-	int e = encap4(skb, cfg->sap_v4, gue_port, to, to_port, flow->key);
+	int e = encap4(skb, PROTO_IPV4, cfg->sap_v4, gue_port, to, to_port, flow->key);
 	if (e == -1)
 		return TC_ACT_OK;
 	if (e || bpf_skb_store_bytes(skb, 0, macs, 12, 0))

@@ -2,8 +2,9 @@
 //! (`keyway_core::engine::endpoint_ingress`), over the same datagrams: hand-made ones for every
 //! check, then tens of thousands of mutations of them by the workspace's seeded fuzzer. Run in the kernel through
 //! `BPF_PROG_TEST_RUN` (root). Every drop in the kernel must be the engine's drop with the same
-//! reason; every datagram the kernel fully parses (GUE, inner IPv4) and passes on must be one the
-//! engine does not drop for those reasons; only an inner IPv6 packet is left to the engine whole.
+//! reason; every datagram the kernel fully parses (GUE, inner IPv4 or IPv6) and passes on must be
+//! one the engine does not drop for those reasons; only an inner IPv6 packet with extension
+//! headers is left to the engine whole.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -22,6 +23,8 @@ const OVERLAY: [u8; 4] = [100, 64, 0, 2];
 const INFRA: [u8; 4] = [10, 244, 1, 2];
 const PEER: [u8; 4] = [100, 64, 0, 1];
 const OUTER_SRC: [u8; 4] = [10, 244, 1, 1];
+const OVERLAY6: &str = "fd6b:7779::2";
+const PEER6: &str = "fd6b:7779::1";
 /// One second into an epoch of 10 s with 4 s of grace: the previous epoch's key is accepted too.
 const NOW: u64 = 1_000_000_000 + 1_000;
 
@@ -44,7 +47,32 @@ fn vectors(mine: Key, previous: Key, next: Key, other: Key) -> Vec<(&'static str
     let mut with_mac = gue(mine, &tcp(OVERLAY));
     with_mac[0] = (with_mac[0] & !0x1f) | 3;
     with_mac.splice(gue::HEADER_LEN..gue::HEADER_LEN, [0xa5u8; 8]);
+    let v6 = |dst: &str, next: u8, l4: &[u8]| {
+        build::ipv6(PEER6.parse().unwrap(), dst.parse().unwrap(), next, l4)
+    };
+    let tcp6 = |dst: &str| v6(dst, PROTO_TCP, &build::ports(PROTO_TCP, 40000, 80, b""));
+    let mut beyond6 = tcp6(OVERLAY6);
+    beyond6[4..6].copy_from_slice(&1000u16.to_be_bytes());
     let mut v = vec![
+        ("IPv6 good", gue(mine, &tcp6(OVERLAY6))),
+        ("IPv6, another pod's key", gue(other, &tcp6(OVERLAY6))),
+        ("IPv6, not the pod", gue(mine, &tcp6("fd6b:7779::3"))),
+        (
+            "IPv6 echo",
+            gue(
+                mine,
+                &v6(OVERLAY6, PROTO_ICMPV6, &build::echo(true, false, 1, 1)),
+            ),
+        ),
+        (
+            "IPv6 echo cut short",
+            gue(mine, &v6(OVERLAY6, PROTO_ICMPV6, &[128, 0, 0, 0, 0])),
+        ),
+        ("IPv6 payload beyond the datagram", gue(mine, &beyond6)),
+        (
+            "IPv6 hop-by-hop header",
+            gue(mine, &v6(OVERLAY6, 0, &[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0])),
+        ),
         ("good", gue(mine, &tcp(OVERLAY))),
         ("to the pod IP", gue(mine, &tcp(INFRA))),
         (
@@ -135,7 +163,7 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     let other = secret.derive("ns/c", epoch);
     let local = LocalEndpoint {
         entity: Arc::from("ns/b"),
-        overlay_ips: vec![IpAddr::from(OVERLAY)],
+        overlay_ips: vec![IpAddr::from(OVERLAY), OVERLAY6.parse().unwrap()],
         infra: SocketAddr::new(IpAddr::from(INFRA), 6080),
         keys: ring,
         local_sap: None,
@@ -150,6 +178,7 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
         infra: Some(Ipv4Addr::from(INFRA)),
         gue_port: 6080,
         keys: ring.accepted_at(NOW),
+        overlay6: Some(OVERLAY6.parse().unwrap()),
         ..EndpointConfig::default()
     })
     .unwrap();
@@ -162,9 +191,14 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
      -> Verdict {
         let engine = endpoint_ingress(&tables, &local, &flows, d, outer, NOW);
         let (action, verdict) = bpf.run_ingress(&frame(d, 6080)).unwrap();
+        // Parsed whole by the kernel: all but an IPv6 packet with extension headers.
         let whole = match gue::decode(d) {
             Err(_) => true,
-            Ok(h) => h.proto == InnerProto::Ipv4,
+            Ok(h) => {
+                h.proto == InnerProto::Ipv4
+                    || d.get(h.payload_offset + 6)
+                        .is_none_or(|n| ![0, 43, 44, 60].contains(n))
+            }
         };
         match verdict {
             Verdict::Drop(reason) => {
@@ -208,7 +242,20 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
         ("not the pod", Verdict::Drop(DropReason::WrongDestination)),
         ("with a MAC", Verdict::Pass),
         ("echo cut short", Verdict::Drop(DropReason::Malformed)),
-        ("IPv6 inside", Verdict::Pass),
+        ("IPv6 inside", Verdict::Drop(DropReason::WrongDestination)),
+        ("IPv6 good", Verdict::Pass),
+        ("IPv6, another pod's key", Verdict::Drop(DropReason::BadKey)),
+        (
+            "IPv6, not the pod",
+            Verdict::Drop(DropReason::WrongDestination),
+        ),
+        ("IPv6 echo", Verdict::Pass),
+        ("IPv6 echo cut short", Verdict::Drop(DropReason::Malformed)),
+        (
+            "IPv6 payload beyond the datagram",
+            Verdict::Drop(DropReason::Malformed),
+        ),
+        ("IPv6 hop-by-hop header", Verdict::Pass),
         ("GUE version 1", Verdict::Drop(DropReason::Malformed)),
         (
             "inner total beyond the datagram",
@@ -863,13 +910,15 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
     let pod = EndpointConfig {
         overlay: Some(OVERLAY.into()),
         infra: Some(INFRA.into()),
+        overlay6: Some(OVERLAY6.parse().unwrap()),
         gue_port: 6080,
         ..EndpointConfig::default()
     };
     first.configure_with_lease(&pod, 42).unwrap();
+    let c = adopted.configured().unwrap();
     assert_eq!(
-        adopted.configured().unwrap(),
-        (Some(OVERLAY.into()), Some(INFRA.into()), 42)
+        (c.overlay, c.infra, c.overlay6, c.lease_ns),
+        (pod.overlay, pod.infra, pod.overlay6, 42)
     );
     // Anything else is loaded anew, never taken over.
     let refused = |e, i, why: &str| {

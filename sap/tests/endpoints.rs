@@ -22,6 +22,8 @@ use keyway_testing::{TestNetns, privileged, veth};
 
 const A_OVERLAY: &str = "100.64.1.1";
 const B_OVERLAY: &str = "100.64.2.1";
+const A_OVERLAY6: &str = "fd6b:7779::1:1";
+const B_OVERLAY6: &str = "fd6b:7779::2:1";
 const A_INFRA: &str = "10.9.0.1";
 const B_INFRA: &str = "10.9.0.2";
 
@@ -74,36 +76,41 @@ fn tables(p: Policy) -> Tables {
             .allow(PROTO_TCP, Some(PortRange::single(7000)));
     }
     let mut fib = Fib::builder();
-    fib.insert(
-        format!("{A_OVERLAY}/32").parse().unwrap(),
-        Route {
-            entity: "t/a".into(),
-            identity: ia,
-            keys: ring("t/a"),
-            infra: sock(A_INFRA),
-            sap: None,
-            outside: false,
-        },
-    )
-    .unwrap();
+    // Each pod on both overlays: an IPv4 address and an IPv6 one.
+    for prefix in [format!("{A_OVERLAY}/32"), format!("{A_OVERLAY6}/128")] {
+        fib.insert(
+            prefix.parse().unwrap(),
+            Route {
+                entity: "t/a".into(),
+                identity: ia,
+                keys: ring("t/a"),
+                infra: sock(A_INFRA),
+                sap: None,
+                outside: false,
+            },
+        )
+        .unwrap();
+    }
     if !p.b_unknown {
         let keys = if p.wrong_key_for_b {
             KeyRing::Static(Key(0x0bad_0bad))
         } else {
             ring("t/b")
         };
-        fib.insert(
-            format!("{B_OVERLAY}/32").parse().unwrap(),
-            Route {
-                entity: "t/b".into(),
-                identity: ib,
-                keys,
-                infra: sock(B_INFRA),
-                sap: None,
-                outside: false,
-            },
-        )
-        .unwrap();
+        for prefix in [format!("{B_OVERLAY}/32"), format!("{B_OVERLAY6}/128")] {
+            fib.insert(
+                prefix.parse().unwrap(),
+                Route {
+                    entity: "t/b".into(),
+                    identity: ib,
+                    keys,
+                    infra: sock(B_INFRA),
+                    sap: None,
+                    outside: false,
+                },
+            )
+            .unwrap();
+        }
     }
     Tables {
         fib: fib.build(),
@@ -143,34 +150,49 @@ impl Pod {
     }
 }
 
-/// A pod on the user-space path (`fast` false) or with the kernel fast path attached and kept in
-/// step every second, as the agent does.
+/// A pod on an IPv4 overlay (`kw0`) and an IPv6 one (`kw1`), on the user-space path (`fast`
+/// false) or with the kernel fast path attached and kept in step every second, as the agent does.
 async fn pod(
     ns: TestNetns,
     entity: &str,
-    overlay: &str,
+    (overlay, overlay6): (&str, &str),
     infra: &str,
     tables: Tables,
     fast: bool,
 ) -> Pod {
-    let spec = DeviceSpec {
-        name: "kw0".into(),
-        mtu: (1500 - keyway_core::gue::MTU_RESERVE_IPV4) as u16,
-        address: format!("{overlay}/32").parse().unwrap(),
-        routes: vec!["100.64.0.0/10".parse().unwrap()],
-    };
-    let overlay_ip: IpAddr = overlay.parse().unwrap();
+    let mtu = (1500 - keyway_core::gue::MTU_RESERVE_IPV4) as u16;
+    let specs = [
+        DeviceSpec {
+            name: "kw0".into(),
+            mtu,
+            address: format!("{overlay}/32").parse().unwrap(),
+            routes: vec!["100.64.0.0/10".parse().unwrap()],
+        },
+        DeviceSpec {
+            name: "kw1".into(),
+            mtu,
+            address: format!("{overlay6}/128").parse().unwrap(),
+            routes: vec!["fd6b:7779::/48".parse().unwrap()],
+        },
+    ];
+    let overlay_ips: Vec<IpAddr> = vec![overlay.parse().unwrap(), overlay6.parse().unwrap()];
+    let devices: Vec<(String, IpAddr)> = specs
+        .iter()
+        .map(|s| s.name.clone())
+        .zip(overlay_ips.iter().copied())
+        .collect();
     let listen = sock(infra);
     let netns = ns.netns().try_clone().unwrap();
     let (opened, fast) = tokio::task::spawn_blocking(move || {
-        endpoint::provision(&netns, &spec).unwrap();
-        let opened =
-            endpoint::open(&netns, &[("kw0".to_string(), overlay_ip)], listen, None).unwrap();
+        for spec in &specs {
+            endpoint::provision(&netns, spec).unwrap();
+        }
+        let opened = endpoint::open(&netns, &devices, listen, None).unwrap();
         let fast = fast.then(|| {
-            let (IpAddr::V4(o), IpAddr::V4(i)) = (overlay_ip, listen.ip()) else {
-                unreachable!("IPv4 test addresses")
+            let IpAddr::V4(i) = listen.ip() else {
+                unreachable!("an IPv4 underlay")
             };
-            FastPath::open(&netns, "kw0", o, i, 6080).expect("the fast path attaches")
+            FastPath::open(&netns, &devices, i, 6080).expect("the fast path attaches")
         });
         (opened, fast)
     })
@@ -182,7 +204,7 @@ async fn pod(
         tables: tables.clone(),
         local: SharedLocal::new(LocalEndpoint {
             entity: entity.into(),
-            overlay_ips: vec![overlay_ip],
+            overlay_ips,
             infra: listen,
             keys: ring(entity),
             local_sap: None,
@@ -237,8 +259,24 @@ async fn mixed_pair(test: &str, fast_a: bool, fast_b: bool) -> (Pod, Pod) {
         "eth0",
         &format!("{B_INFRA}/24"),
     );
-    let a = pod(na, "t/a", A_OVERLAY, A_INFRA, tables(OPEN), fast_a).await;
-    let b = pod(nb, "t/b", B_OVERLAY, B_INFRA, tables(OPEN), fast_b).await;
+    let a = pod(
+        na,
+        "t/a",
+        (A_OVERLAY, A_OVERLAY6),
+        A_INFRA,
+        tables(OPEN),
+        fast_a,
+    )
+    .await;
+    let b = pod(
+        nb,
+        "t/b",
+        (B_OVERLAY, B_OVERLAY6),
+        B_INFRA,
+        tables(OPEN),
+        fast_b,
+    )
+    .await;
     (a, b)
 }
 
@@ -600,12 +638,17 @@ async fn the_fast_path_puts_the_same_gue_bytes_on_the_wire() {
     );
 }
 
-/// A one-way TCP transfer of `bytes` from `a` to `b`'s overlay address on `port`: how many
+/// A one-way TCP transfer of `bytes` from `a` to `b`'s IPv4 overlay address on `port`: how many
 /// arrived.
 async fn tcp_bulk(a: &Pod, b: &Pod, port: u16, bytes: usize) -> usize {
+    tcp_bulk_to(a, b, 0, port, bytes).await
+}
+
+/// The same to `b`'s overlay address number `overlay` (0: IPv4, 1: IPv6).
+async fn tcp_bulk_to(a: &Pod, b: &Pod, overlay: usize, port: u16, bytes: usize) -> usize {
     let bns = b.ns.netns().try_clone().unwrap();
     let ans = a.ns.netns().try_clone().unwrap();
-    let to = b.ctx.local.load().overlay_ips[0];
+    let to = b.ctx.local.load().overlay_ips[overlay];
     tokio::task::spawn_blocking(move || {
         let listener = bns.run(|| TcpListener::bind((to, port))).unwrap().unwrap();
         let server = std::thread::spawn(move || {
@@ -772,4 +815,78 @@ async fn a_fast_path_endpoint_and_a_user_space_endpoint_interoperate() {
     );
     assert!(a.carried().egress_packets > before.egress_packets);
     assert!(ping(&a, B_OVERLAY, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_carries_ipv6_flows_in_the_kernel() {
+    if !privileged("the_fast_path_carries_ipv6_flows_in_the_kernel") {
+        return;
+    }
+    let (a, b) = pair_on("epfast6", true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    const BYTES: usize = 64 << 20;
+    assert_eq!(
+        tcp_bulk_to(&a, &b, 1, 7000, BYTES).await,
+        BYTES,
+        "every byte arrives over the IPv6 overlay"
+    );
+    let (ca, cb) = (a.carried(), b.carried());
+    eprintln!("A carried {ca:?}\nB carried {cb:?}");
+    assert!(
+        ca.egress_bytes as usize >= BYTES * 9 / 10,
+        "A's kernel sent {} of {BYTES} bytes",
+        ca.egress_bytes
+    );
+    assert!(
+        cb.ingress_bytes as usize >= BYTES * 9 / 10,
+        "B's kernel delivered {} of {BYTES} bytes",
+        cb.ingress_bytes
+    );
+    assert!(
+        cb.egress_packets > 0 && ca.ingress_packets > 0,
+        "the replies too"
+    );
+    // An echo's flow: its requests are judged on the user-space path, its replies carried.
+    let before = a.carried();
+    assert!(
+        ping(&a, B_OVERLAY6, &["-c", "6"]).await,
+        "A pings B over IPv6"
+    );
+    assert!(
+        a.carried().ingress_packets > before.ingress_packets,
+        "the kernel carried echo replies"
+    );
+    for r in DropReason::ALL {
+        assert_eq!(
+            a.counters.drops_total(r) + b.counters.drops_total(r),
+            0,
+            "unexpected {r} drops"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_fast_path_endpoint_and_a_user_space_endpoint_interoperate() {
+    if !privileged("an_ipv6_fast_path_endpoint_and_a_user_space_endpoint_interoperate") {
+        return;
+    }
+    // A's kernel sends whole GSO packets with half-done checksums; B's user-space path writes
+    // them to its IPv6 device as what they are, and completes what it must.
+    let (a, b) = mixed_pair("epmixed6", true, false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    const BYTES: usize = 16 << 20;
+    assert_eq!(
+        tcp_bulk_to(&a, &b, 1, 7000, BYTES).await,
+        BYTES,
+        "fast to user space"
+    );
+    assert!(a.carried().egress_bytes as usize >= BYTES * 9 / 10);
+    let before = a.carried();
+    assert_eq!(
+        tcp_bulk_to(&b, &a, 1, 7000, BYTES).await,
+        BYTES,
+        "user space to fast"
+    );
+    assert!(a.carried().egress_packets > before.egress_packets);
+    assert!(ping(&a, B_OVERLAY6, &[]).await);
 }

@@ -2,8 +2,8 @@
 //! reported next to it as a ratio.
 //!
 //! - `keyway-lab bench`: request/response latency (TCP round trips and HTTP) and TCP throughput
-//!   between pods on two nodes — without keyway in the chain ("native"), over the overlay direct,
-//!   over the overlay via a SaP, and from an external client through a gateway SaP — plus
+//!   between pods on two nodes — without keyway in the chain ("native"), over the overlay direct
+//!   (IPv4 and IPv6), over the overlay via a SaP, and from an external client through a gateway SaP — plus
 //!   RunPodSandbox (CNI ADD) latency with and without keyway.
 //! - `keyway-lab bench-cni`: ADD and DEL latency of the chain and of keyway-cni alone over N pods,
 //!   and the agent's resident memory with N pods attached.
@@ -82,6 +82,11 @@ fn bench_pod_in(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers:\n{c}\n---\n"
     )
 }
+
+/// The overlay networks of the bench's keyway pods: the default IPv4 one, and an IPv6 one for
+/// the pods labelled [`V6`].
+const OVERLAYS: &str = "apiVersion: keyway.io/v1alpha1\nkind: OverlayNetwork\nmetadata: {name: v4}\nspec: {cidr: 100.64.0.0/10, blockPrefix: 24, device: kw0}\n---\napiVersion: keyway.io/v1alpha1\nkind: OverlayNetwork\nmetadata: {name: v6}\nspec:\n  cidr: fd6b:7779::/48\n  blockPrefix: 112\n  device: kw1\n  podSelector: {matchLabels: {overlay-v6: \"true\"}}\n---\n";
+const V6: (&str, &str) = ("overlay-v6", "\"true\"");
 
 /// A Service for the bench's server pods labelled `role`, on the bench port.
 fn bench_service(name: &str, role: &str) -> String {
@@ -320,9 +325,9 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         std::fs::write(
             &kw_docs,
             format!(
-                "{}{}{}{}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
-                bench_pod("kw-client", "node-1", &[("role", "kwclient")], false),
-                bench_pod("kw-server", "node-2", &[("role", "kwserver")], true),
+                "{}{}{}{}{OVERLAYS}apiVersion: keyway.io/v1alpha1\nkind: ExternalEntity\nmetadata: {{name: ext-client, namespace: bench, labels: {{role: external}}, annotations: {{keyway.io/serve: \"5299/TCP\"}}}}\nspec: {{overlayIps: [100.127.255.10], address: \"192.168.78.101:6080\", gateway: node-1}}\n",
+                bench_pod("kw-client", "node-1", &[("role", "kwclient"), V6], false),
+                bench_pod("kw-server", "node-2", &[("role", "kwserver"), V6], true),
                 bench_service("kw", "kwserver"),
                 ambient_bench_pods("bench-ambient"),
             ),
@@ -339,6 +344,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "kw-server has no overlay address: is keyway in the chain?"
         );
         let kw_server = SocketAddr::new(kw.overlay_ips[0], 5201);
+        let kw_server6 = kw
+            .overlay_ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .map(|ip| SocketAddr::new(*ip, 5201))
+            .context("kw-server has no IPv6 overlay address")?;
         let via_sap = measure(
             &lab.runner("bench/kw-client")?,
             kw_server,
@@ -364,7 +375,13 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             seconds,
             &format!("overlay direct{}", path_note(&lab)),
         )?;
-        // The same two paths with every agent on the user-space path alone, then back.
+        let direct6 = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server6,
+            seconds,
+            &format!("IPv6 overlay direct{}", path_note(&lab)),
+        )?;
+        // The same paths with every agent on the user-space path alone, then back.
         let datapath = lab.state.datapath.clone();
         lab.set_datapath("user")?;
         let direct_user = measure(
@@ -372,6 +389,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             kw_server,
             seconds,
             "overlay direct, user",
+        )?;
+        let direct6_user = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server6,
+            seconds,
+            "IPv6 overlay direct, user",
         )?;
         lab.delete(std::slice::from_ref(&direct_doc))?;
         std::thread::sleep(Duration::from_millis(300));
@@ -426,6 +449,8 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             ambient_alone.as_ref(),
             Some(&direct),
             Some(&direct_user),
+            Some(&direct6),
+            Some(&direct6_user),
             Some(&via_sap),
             Some(&via_sap_user),
             Some(&svc_sap),

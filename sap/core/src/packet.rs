@@ -288,43 +288,66 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// Completes the TCP or UDP checksum of an IPv4 packet that carries it only partially: the
-/// pseudo-header's sum alone, as a kernel leaves it for a checksum offload to finish
+/// Where a packet's transport header starts and its bytes end, its transport protocol, and the
+/// sum of its pseudo-header: for an unfragmented IPv4 packet, or an IPv6 packet whose transport
+/// header follows the fixed header (what a kernel's checksum offload and GSO handle). `None`
+/// otherwise, or when the lengths do not fit `pkt`.
+fn transport_of(pkt: &[u8]) -> Option<(usize, usize, u8, u32)> {
+    let (l4, end, proto, mut pseudo) = match pkt.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if pkt.len() < IPV4_MIN_HEADER_LEN || ihl < IPV4_MIN_HEADER_LEN {
+                return None;
+            }
+            let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+            if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 || total < ihl {
+                return None;
+            }
+            (ihl, total, pkt[9], sum16(&pkt[12..20], 0))
+        }
+        6 if pkt.len() >= IPV6_HEADER_LEN => {
+            let payload = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+            let end = IPV6_HEADER_LEN + payload;
+            (IPV6_HEADER_LEN, end, pkt[6], sum16(&pkt[8..40], 0))
+        }
+        _ => return None,
+    };
+    if end > pkt.len() {
+        return None;
+    }
+    // The upper-layer length (IPv4's is 16 bits, IPv6's 32: the same sum) and the protocol.
+    pseudo = sum16(&((end - l4) as u32).to_be_bytes(), pseudo);
+    pseudo = sum16(&[0, proto], pseudo);
+    Some((l4, end, proto, pseudo))
+}
+
+/// Completes the TCP or UDP checksum of an IPv4 or IPv6 packet that carries it only partially:
+/// the pseudo-header's sum alone, as a kernel leaves it for a checksum offload to finish
 /// (`CHECKSUM_PARTIAL`). The kernel fast path carries such packets as they are (the receiving
 /// kernel knows the checksum is to be trusted); when one reaches a user-space receiver instead,
 /// its bytes must become a packet any stack accepts. A checksum that is not the pseudo-header's
 /// sum is left alone, and one that is (a full checksum that happens to equal it) is recomputed
 /// to the same value, so this never changes a correct packet. Returns whether it rewrote one.
 pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
-    if pkt.len() < IPV4_MIN_HEADER_LEN || pkt[0] >> 4 != 4 {
+    let Some((l4, end, proto, pseudo_sum)) = transport_of(pkt) else {
         return false;
-    }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
-    let fragment = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0;
-    let proto = pkt[9];
+    };
     let at = match proto {
         PROTO_TCP => 16,
         PROTO_UDP => 6,
         _ => return false,
     };
-    if fragment || ihl < IPV4_MIN_HEADER_LEN || total > pkt.len() || total < ihl + at + 2 {
+    if end < l4 + at + 2 {
         return false;
     }
-    let l4_len = total - ihl;
-    let mut pseudo = [0u8; 12];
-    pseudo[..8].copy_from_slice(&pkt[12..20]);
-    pseudo[9] = proto;
-    pseudo[10..12].copy_from_slice(&(l4_len as u16).to_be_bytes());
-    let pseudo_sum = sum16(&pseudo, 0);
-    let field = ihl + at;
+    let field = l4 + at;
     let stored = u16::from_be_bytes([pkt[field], pkt[field + 1]]);
     // UDP over IPv4 without a checksum says 0.
     if stored != fold(pseudo_sum) || (proto == PROTO_UDP && stored == 0) {
         return false;
     }
     pkt[field..field + 2].fill(0);
-    let mut c = checksum(&pkt[ihl..total], pseudo_sum);
+    let mut c = checksum(&pkt[l4..end], pseudo_sum);
     if proto == PROTO_UDP && c == 0 {
         c = 0xffff;
     }
@@ -332,35 +355,30 @@ pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
     true
 }
 
-/// Splits a TCP/IPv4 packet longer than `mss` bytes of payload (a GSO packet that a fast-path
-/// sender's kernel kept whole, as it arrives at a user-space SaP that must send it on as
-/// datagrams) into the segments the kernel's own segmentation would make, none longer than
-/// `max_len` bytes: each with the
-/// headers of the first, its share of the payload, its sequence number, an IP identifier
-/// counting up, FIN and PSH on the last segment only, CWR on the first only, and both checksums
-/// complete. `emit` gets each segment in order; returns how many, or `None` (nothing emitted)
-/// when the packet is not a whole, unfragmented TCP/IPv4 packet or its headers leave no room
-/// in `max_len`.
-pub fn segment_tcp4(packet: &[u8], max_len: usize, mut emit: impl FnMut(&[u8])) -> Option<usize> {
-    if packet.len() < IPV4_MIN_HEADER_LEN || packet[0] >> 4 != 4 {
+/// Splits a TCP packet (IPv4, or IPv6 without extension headers) longer than `mss` bytes of
+/// payload (a GSO packet that a fast-path sender's kernel kept whole, as it arrives at a
+/// user-space SaP that must send it on as datagrams) into the segments the kernel's own
+/// segmentation would make, none longer than `max_len` bytes: each with the headers of the
+/// first, its share of the payload, its sequence number, (IPv4) an IP identifier counting up,
+/// FIN and PSH on the last segment only, CWR on the first only, and its checksums complete.
+/// `emit` gets each segment in order; returns how many, or `None` (nothing emitted) when the
+/// packet is not a whole, unfragmented TCP packet or its headers leave no room in `max_len`.
+pub fn segment_tcp(packet: &[u8], max_len: usize, mut emit: impl FnMut(&[u8])) -> Option<usize> {
+    let (ip_len, end, proto, _) = transport_of(packet)?;
+    if proto != PROTO_TCP || end != packet.len() {
         return None;
     }
-    let ihl = usize::from(packet[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
-    if packet[9] != PROTO_TCP || fragment || ihl < IPV4_MIN_HEADER_LEN || total != packet.len() {
-        return None;
-    }
-    let doff = usize::from(*packet.get(ihl + 12)? >> 4) * 4;
-    let headers = ihl + doff;
-    if doff < 20 || headers > total {
+    let v4 = packet[0] >> 4 == 4;
+    let doff = usize::from(*packet.get(ip_len + 12)? >> 4) * 4;
+    let headers = ip_len + doff;
+    if doff < 20 || headers > end {
         return None;
     }
     let mss = max_len.checked_sub(headers).filter(|m| *m > 0)?;
     let payload = &packet[headers..];
-    let seq = u32::from_be_bytes(packet[ihl + 4..ihl + 8].try_into().ok()?);
+    let seq = u32::from_be_bytes(packet[ip_len + 4..ip_len + 8].try_into().ok()?);
     let id = u16::from_be_bytes([packet[4], packet[5]]);
-    let flags = packet[ihl + 13];
+    let flags = packet[ip_len + 13];
     const FIN_PSH: u8 = 0x01 | 0x08;
     const CWR: u8 = 0x80;
     let count = payload.len().div_ceil(mss).max(1);
@@ -370,14 +388,19 @@ pub fn segment_tcp4(packet: &[u8], max_len: usize, mut emit: impl FnMut(&[u8])) 
         seg.clear();
         seg.extend_from_slice(&packet[..headers]);
         seg.extend_from_slice(chunk);
-        let len = seg.len() as u16;
-        seg[2..4].copy_from_slice(&len.to_be_bytes());
-        seg[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        seg[10..12].fill(0);
-        let c = checksum(&seg[..ihl], 0);
-        seg[10..12].copy_from_slice(&c.to_be_bytes());
+        if v4 {
+            let len = seg.len() as u16;
+            seg[2..4].copy_from_slice(&len.to_be_bytes());
+            seg[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+            seg[10..12].fill(0);
+            let c = checksum(&seg[..ip_len], 0);
+            seg[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            let len = (seg.len() - IPV6_HEADER_LEN) as u16;
+            seg[4..6].copy_from_slice(&len.to_be_bytes());
+        }
         let s = seq.wrapping_add((i * mss) as u32);
-        seg[ihl + 4..ihl + 8].copy_from_slice(&s.to_be_bytes());
+        seg[ip_len + 4..ip_len + 8].copy_from_slice(&s.to_be_bytes());
         let mut f = flags;
         if i + 1 < count {
             f &= !FIN_PSH;
@@ -385,14 +408,11 @@ pub fn segment_tcp4(packet: &[u8], max_len: usize, mut emit: impl FnMut(&[u8])) 
         if i > 0 {
             f &= !CWR;
         }
-        seg[ihl + 13] = f;
-        let mut pseudo = [0u8; 12];
-        pseudo[..8].copy_from_slice(&seg[12..20]);
-        pseudo[9] = PROTO_TCP;
-        pseudo[10..12].copy_from_slice(&((seg.len() - ihl) as u16).to_be_bytes());
-        seg[ihl + 16..ihl + 18].fill(0);
-        let c = checksum(&seg[ihl..], sum16(&pseudo, 0));
-        seg[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
+        seg[ip_len + 13] = f;
+        let (_, _, _, pseudo) = transport_of(&seg)?;
+        seg[ip_len + 16..ip_len + 18].fill(0);
+        let c = checksum(&seg[ip_len..], pseudo);
+        seg[ip_len + 16..ip_len + 18].copy_from_slice(&c.to_be_bytes());
         emit(&seg);
     }
     Some(count)
@@ -617,6 +637,30 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_partial_checksum_is_completed_and_a_full_one_left_alone() {
+        let (a, b): (Ipv6Addr, Ipv6Addr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut p = build::ipv6(a, b, proto, &build::ports(proto, 40000, 80, b"odd payload"));
+            let at = 40 + if proto == PROTO_TCP { 16 } else { 6 };
+            // The pseudo-header: both addresses, the upper-layer length (32 bits), the protocol.
+            let mut pseudo = p[8..40].to_vec();
+            pseudo.extend_from_slice(&((p.len() - 40) as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+            p[at..at + 2].copy_from_slice(&(!checksum(&pseudo, 0)).to_be_bytes());
+            assert!(complete_partial_checksum(&mut p), "proto {proto}");
+            let mut all = pseudo.clone();
+            all.extend_from_slice(&p[40..]);
+            assert_eq!(checksum(&all, 0), 0, "proto {proto}");
+            let done = p.clone();
+            assert!(!complete_partial_checksum(&mut p), "a full checksum stays");
+            assert_eq!(p, done);
+        }
+        // Behind an extension header (here a fragment header): not the offload's to finish.
+        let mut frag = build::ipv6(a, b, IPV6_FRAGMENT, &[PROTO_TCP, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(!complete_partial_checksum(&mut frag));
+    }
+
+    #[test]
     fn syns_and_echo_requests_open_flows() {
         assert!(
             classify(&syn4([1, 1, 1, 1], 1, [2, 2, 2, 2], 80))
@@ -715,6 +759,37 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_ipv6_tcp_packet_is_segmented_as_the_kernel_would() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let mut p = build::ipv6(
+            "fd00::2".parse().unwrap(),
+            "fd00:1::3".parse().unwrap(),
+            PROTO_TCP,
+            &build::ports(PROTO_TCP, 40000, 80, &payload),
+        );
+        p[44..48].copy_from_slice(&5u32.to_be_bytes());
+        p[40 + 13] = 0x10 | 0x08; // ACK PSH
+        let mut segs: Vec<Vec<u8>> = Vec::new();
+        assert_eq!(segment_tcp(&p, 1440, |s| segs.push(s.to_vec())), Some(3));
+        let lens: Vec<usize> = segs.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [1440, 1440, 300]);
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert_eq!(usize::from(u16::from_be_bytes([s[4], s[5]])), s.len() - 40);
+            assert_eq!(&s[..4], &p[..4], "version, class and label unchanged");
+            let mut pseudo = s[8..40].to_vec();
+            pseudo.extend_from_slice(&((s.len() - 40) as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, PROTO_TCP]);
+            assert_eq!(checksum(&s[40..], sum16(&pseudo, 0)), 0, "TCP checksum");
+            let seq = u32::from_be_bytes(s[44..48].try_into().unwrap());
+            assert_eq!(seq, 5 + 1380 * i as u32);
+            assert_eq!(s[40 + 13] & 0x08 != 0, i == 2, "PSH on the last only");
+            joined.extend_from_slice(&s[60..]);
+        }
+        assert_eq!(joined, payload, "the payload, whole and in order");
+    }
+
+    #[test]
     fn a_whole_tcp_packet_is_segmented_as_the_kernel_would() {
         let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
         let mut p = build::ipv4(
@@ -727,7 +802,7 @@ mod tests {
         p[24..28].copy_from_slice(&0xffff_fc00u32.to_be_bytes());
         p[20 + 13] = 0x80 | 0x10 | 0x08 | 0x01; // CWR ACK PSH FIN
         let mut segs: Vec<Vec<u8>> = Vec::new();
-        assert_eq!(segment_tcp4(&p, 1440, |s| segs.push(s.to_vec())), Some(3));
+        assert_eq!(segment_tcp(&p, 1440, |s| segs.push(s.to_vec())), Some(3));
         let lens: Vec<usize> = segs.iter().map(|s| s.len()).collect();
         assert_eq!(lens, [1440, 1440, 240]);
         let mut joined = Vec::new();
@@ -751,14 +826,10 @@ mod tests {
         }
         assert_eq!(joined, payload, "the payload, whole and in order");
         let mut n = 0;
-        assert_eq!(segment_tcp4(&p, 4000, |_| n += 1), Some(1), "short enough");
-        assert_eq!(
-            segment_tcp4(&p, 40, |_| n += 1),
-            None,
-            "no room for payload"
-        );
+        assert_eq!(segment_tcp(&p, 4000, |_| n += 1), Some(1), "short enough");
+        assert_eq!(segment_tcp(&p, 40, |_| n += 1), None, "no room for payload");
         p[9] = PROTO_UDP;
-        assert_eq!(segment_tcp4(&p, 1440, |_| n += 1), None, "not TCP");
+        assert_eq!(segment_tcp(&p, 1440, |_| n += 1), None, "not TCP");
         assert_eq!(n, 1);
     }
 }

@@ -1,8 +1,8 @@
 //! keyway's eBPF programs (`sap/bpf/endpoint.bpf.c`, compiled by `build.rs` with clang's BPF target
 //! and embedded here) and their loader, through aya: pure Rust, no libbpf on the node.
 //!
-//! One [`EndpointPrograms`] per pod: `kw_ingress` on its `eth0`, `kw_egress` on its IPv4 overlay
-//! device, sharing the pod's maps — its configuration, the flows the user-space engine admitted
+//! One [`EndpointPrograms`] per pod: `kw_ingress` on its `eth0`, `kw_egress` on its overlay
+//! devices (IPv4, and IPv6 where it has one), sharing the pod's maps — its configuration, the flows the user-space engine admitted
 //! (which the kernel then carries by itself), and per-CPU counters. `keyway_sap::io::fastpath`
 //! keeps the maps in step with the engine; this module only knows their layout and the kernel.
 //!
@@ -13,7 +13,7 @@
 //! over by id ([`EndpointPrograms::adopt`], [`NodePrograms::adopt`]), flows and all; one of
 //! another build replaces the filters (same priority and handle) atomically with its own.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
@@ -32,6 +32,8 @@ const INGRESS_VERDICTS: &str = "kw_ingress_verdicts";
 const CARRIED: &str = "kw_carried";
 const EGRESS_FLOWS: &str = "kw_egress_flows";
 const INGRESS_FLOWS: &str = "kw_ingress_flows";
+const EGRESS_FLOWS6: &str = "kw_egress6";
+const INGRESS_FLOWS6: &str = "kw_ingress6";
 
 /// The tc filter's priority and handle: keyway's on every device it attaches to, so that a new
 /// agent's attach replaces its predecessor's filter instead of adding a second one.
@@ -106,8 +108,11 @@ pub struct EndpointConfig {
     pub gue_port: u16,
     /// The keys the pod accepts now ([`keyway_core::key::KeyRing::accepted_at`]).
     pub keys: Vec<Key>,
-    /// The IPv4 overlay device (in the pod's namespace), where the fast path delivers.
+    /// The IPv4 overlay device (in the pod's namespace), where the fast path delivers IPv4.
     pub tun_ifindex: u32,
+    /// The pod's IPv6 overlay address, and its device, where the fast path delivers IPv6.
+    pub overlay6: Option<Ipv6Addr>,
+    pub tun6_ifindex: u32,
     /// The pod's `eth0`, where the fast path sends.
     pub eth_ifindex: u32,
     /// Whether the programs carry the flows in their maps; off, they only check.
@@ -117,8 +122,9 @@ pub struct EndpointConfig {
 impl EndpointConfig {
     /// `struct endpoint_config` as the programs read it: addresses and port in network order,
     /// the number of keys and the keys in host order (as GUE's group identifier is read), the
-    /// two devices' indices, the flags, and the lease (CLOCK_MONOTONIC ns, low word first).
-    fn words(&self, lease_ns: u64) -> Result<[u32; 12], BpfError> {
+    /// two devices' indices, the flags, the lease (CLOCK_MONOTONIC ns, low word first), then the
+    /// IPv6 overlay address (its bytes) and its device's index.
+    fn words(&self, lease_ns: u64) -> Result<[u32; CONFIG_WORDS], BpfError> {
         if self.keys.len() > 3 {
             return Err(BpfError::TooManyKeys(self.keys.len()));
         }
@@ -135,13 +141,26 @@ impl EndpointConfig {
             u32::from(self.fast),
             lease_ns as u32,
             (lease_ns >> 32) as u32,
+            0,
+            0,
+            0,
+            0,
+            self.tun6_ifindex,
         ];
         for (slot, k) in w[4..7].iter_mut().zip(&self.keys) {
             *slot = k.0;
         }
+        if let Some(o) = self.overlay6 {
+            for (slot, b) in w[12..16].iter_mut().zip(o.octets().chunks_exact(4)) {
+                *slot = u32::from_ne_bytes(b.try_into().expect("4 bytes"));
+            }
+        }
         Ok(w)
     }
 }
+
+/// `struct endpoint_config`'s size in 32-bit words.
+const CONFIG_WORDS: usize = 17;
 
 /// An address as the program compares it: its bytes in network order, read natively.
 fn net_v4(ip: Option<Ipv4Addr>) -> u32 {
@@ -243,6 +262,139 @@ impl Flow4 {
     }
 }
 
+/// An IPv6 flow as the programs key it (`struct flow6`), as [`Flow4`]: for an ICMPv6 echo,
+/// `sport` is its identifier and `dport` its type and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// ICMPv6's echo request and echo reply types.
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+impl Flow6 {
+    /// The flow of an inner IPv6 packet, when the fast path may carry packets of it: the
+    /// transport header right after the fixed header (no extension headers, so no fragment),
+    /// TCP, UDP or an ICMPv6 echo.
+    pub fn of_packet(p: &[u8]) -> Option<Flow6> {
+        use keyway_core::packet::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+        if p.len() < 40 || p[0] >> 4 != 6 {
+            return None;
+        }
+        let proto = p[6];
+        let need = match proto {
+            PROTO_TCP => 20,
+            PROTO_UDP | PROTO_ICMPV6 => 8,
+            _ => return None,
+        };
+        if p.len() < 40 + need {
+            return None;
+        }
+        let (sport, dport) = match proto {
+            PROTO_ICMPV6 if p[40] == ICMPV6_ECHO_REQUEST || p[40] == ICMPV6_ECHO_REPLY => (
+                u16::from_be_bytes([p[44], p[45]]),
+                u16::from_be_bytes([p[40], p[41]]),
+            ),
+            PROTO_ICMPV6 => return None,
+            _ => (
+                u16::from_be_bytes([p[40], p[41]]),
+                u16::from_be_bytes([p[42], p[43]]),
+            ),
+        };
+        Some(Flow6 {
+            src: v6_at(p, 8),
+            dst: v6_at(p, 24),
+            proto,
+            sport,
+            dport,
+        })
+    }
+
+    /// A packet of the flow past its first (see [`Flow4::packet`]).
+    pub fn packet(&self) -> Vec<u8> {
+        use keyway_core::packet::{PROTO_ICMPV6, build};
+        let l4 = if self.proto == PROTO_ICMPV6 {
+            let [kind, code] = self.dport.to_be_bytes();
+            let mut echo = build::echo(true, kind == ICMPV6_ECHO_REPLY, self.sport, 0);
+            echo[1] = code;
+            echo
+        } else {
+            build::ports(self.proto, self.sport, self.dport, b"")
+        };
+        build::ipv6(self.src, self.dst, self.proto, &l4)
+    }
+
+    fn bytes(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0..16].copy_from_slice(&self.src.octets());
+        b[16..32].copy_from_slice(&self.dst.octets());
+        b[32..34].copy_from_slice(&self.sport.to_be_bytes());
+        b[34..36].copy_from_slice(&self.dport.to_be_bytes());
+        b[36] = self.proto;
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Flow6 {
+        Flow6 {
+            src: v6_at(b, 0),
+            dst: v6_at(b, 16),
+            sport: u16::from_be_bytes([b[32], b[33]]),
+            dport: u16::from_be_bytes([b[34], b[35]]),
+            proto: b[36],
+        }
+    }
+}
+
+/// The IPv6 address at `at` in `b` (which holds it).
+fn v6_at(b: &[u8], at: usize) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&b[at..at + 16]).expect("16 bytes"))
+}
+
+/// A flow of a pod's, of either family: the kernel keeps each family's in maps of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Flow {
+    V4(Flow4),
+    V6(Flow6),
+}
+
+impl Flow {
+    /// The flow of an inner packet, when the fast path may carry packets of it.
+    pub fn of_packet(p: &[u8]) -> Option<Flow> {
+        match p.first()? >> 4 {
+            4 => Flow4::of_packet(p).map(Flow::V4),
+            6 => Flow6::of_packet(p).map(Flow::V6),
+            _ => None,
+        }
+    }
+
+    /// A packet of the flow past its first, as the engine re-judges a cached decision on.
+    pub fn packet(&self) -> Vec<u8> {
+        match self {
+            Flow::V4(f) => f.packet(),
+            Flow::V6(f) => f.packet(),
+        }
+    }
+
+    pub fn src(&self) -> IpAddr {
+        match self {
+            Flow::V4(f) => IpAddr::V4(f.src),
+            Flow::V6(f) => IpAddr::V6(f.src),
+        }
+    }
+
+    pub fn dst(&self) -> IpAddr {
+        match self {
+            Flow::V4(f) => IpAddr::V4(f.dst),
+            Flow::V6(f) => IpAddr::V6(f.dst),
+        }
+    }
+}
+
 /// A flow the engine admitted on egress straight to the destination's endpoint (`struct
 /// egress_flow`): where it sent the flow's packet and with which key, and when the kernel last
 /// carried one (CLOCK_MONOTONIC, ns).
@@ -274,27 +426,21 @@ impl EgressFlow {
     }
 }
 
-/// A flow the engine admitted on ingress from one outer source (`struct ingress_flow_key`).
+/// A flow the engine admitted on ingress from one outer source (`struct ingress_flow_key`, or
+/// `struct ingress_flow_key6`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IngressFlow {
     pub outer_src: Ipv4Addr,
-    pub inner: Flow4,
+    pub inner: Flow,
 }
 
-impl IngressFlow {
-    fn bytes(&self) -> [u8; 20] {
-        let mut b = [0u8; 20];
-        b[0..4].copy_from_slice(&self.outer_src.octets());
-        b[4..20].copy_from_slice(&self.inner.bytes());
-        b
-    }
-
-    fn from_bytes(b: &[u8; 20]) -> IngressFlow {
-        IngressFlow {
-            outer_src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
-            inner: Flow4::from_bytes(&b[4..]),
-        }
-    }
+/// What a pod's programs were configured with, as [`EndpointPrograms::configured`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Configured {
+    pub overlay: Option<Ipv4Addr>,
+    pub infra: Option<Ipv4Addr>,
+    pub overlay6: Option<Ipv6Addr>,
+    pub lease_ns: u64,
 }
 
 /// What the fast path carried (`enum carried`), summed over CPUs: packets (a GSO packet counts
@@ -307,12 +453,21 @@ pub struct Carried {
     pub ingress_bytes: u64,
 }
 
+impl std::ops::AddAssign for Carried {
+    fn add_assign(&mut self, o: Carried) {
+        self.egress_packets += o.egress_packets;
+        self.egress_bytes += o.egress_bytes;
+        self.ingress_packets += o.ingress_packets;
+        self.ingress_bytes += o.ingress_bytes;
+    }
+}
+
 /// One pod's programs and maps, in the kernel: loaded by this agent, or adopted from the agent
 /// before it ([`EndpointPrograms::adopt`]).
 pub struct EndpointPrograms {
     egress: SchedClassifier,
     ingress: SchedClassifier,
-    config: Array<MapData, [u32; 12]>,
+    config: Array<MapData, [u32; CONFIG_WORDS]>,
     verdicts: PerCpuArray<MapData, u64>,
     carried: PerCpuArray<MapData, u64>,
     flows: Option<FlowMaps>,
@@ -351,6 +506,8 @@ impl EndpointPrograms {
             flows: Some(FlowMaps {
                 egress: maps.typed(EGRESS_FLOWS)?,
                 ingress: maps.typed(INGRESS_FLOWS)?,
+                egress6: maps.typed(EGRESS_FLOWS6)?,
+                ingress6: maps.typed(INGRESS_FLOWS6)?,
             }),
             egress,
             ingress,
@@ -376,16 +533,21 @@ impl EndpointPrograms {
             .map_err(|e| map_error(CONFIG, e))
     }
 
-    /// What the programs know now: their pod's overlay address and pod IP, and their lease
-    /// (CLOCK_MONOTONIC ns; 0: none).
-    pub fn configured(&self) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>, u64), BpfError> {
+    /// What the programs know now: their pod's addresses (its IPv4 overlay address, its pod
+    /// IP, its IPv6 overlay address), and their lease (CLOCK_MONOTONIC ns; 0: none).
+    pub fn configured(&self) -> Result<Configured, BpfError> {
         let w = self.config.get(&0, 0).map_err(|e| map_error(CONFIG, e))?;
         let v4 = |w: u32| (w != 0).then(|| Ipv4Addr::from(w.to_ne_bytes()));
-        Ok((
-            v4(w[0]),
-            v4(w[1]),
-            u64::from(w[10]) | u64::from(w[11]) << 32,
-        ))
+        let mut v6 = [0u8; 16];
+        for (b, w) in v6.chunks_exact_mut(4).zip(&w[12..16]) {
+            b.copy_from_slice(&w.to_ne_bytes());
+        }
+        Ok(Configured {
+            overlay: v4(w[0]),
+            infra: v4(w[1]),
+            overlay6: (v6 != [0; 16]).then(|| Ipv6Addr::from(v6)),
+            lease_ns: u64::from(w[10]) | u64::from(w[11]) << 32,
+        })
     }
 
     /// The ingress verdicts so far, summed over CPUs, in [`INGRESS_VERDICTS_BY_INDEX`] order.
@@ -409,17 +571,24 @@ impl EndpointPrograms {
         [&self.egress, &self.ingress].map(|p| p.info().map(|i| i.id()).unwrap_or_default())
     }
 
-    /// Attaches `kw_egress` to the overlay device `tun` and `kw_ingress` to `eth`, replacing a
+    /// Attaches `kw_egress` to the overlay devices `tuns` and `kw_ingress` to `eth`, replacing a
     /// predecessor's programs there. Call inside the pod's network namespace. The filters stay
     /// when this process exits (see the module's documentation); [`detach`] removes them.
-    pub fn attach(&mut self, tun: &str, eth: &str) -> Result<(), BpfError> {
-        attach_filter(&mut self.egress, EGRESS_PROGRAM, tun, TcAttachType::Egress)?;
+    pub fn attach(&mut self, tuns: &[&str], eth: &str) -> Result<(), BpfError> {
+        for tun in tuns {
+            self.attach_egress(tun)?;
+        }
         attach_filter(
             &mut self.ingress,
             INGRESS_PROGRAM,
             eth,
             TcAttachType::Ingress,
         )
+    }
+
+    /// Attaches `kw_egress` to the overlay device `tun` (as [`EndpointPrograms::attach`]).
+    pub fn attach_egress(&mut self, tun: &str) -> Result<(), BpfError> {
+        attach_filter(&mut self.egress, EGRESS_PROGRAM, tun, TcAttachType::Egress)
     }
 
     /// The flow maps, taken out (the programs keep using them).
@@ -640,6 +809,8 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         CARRIED,
         EGRESS_FLOWS,
         INGRESS_FLOWS,
+        EGRESS_FLOWS6,
+        INGRESS_FLOWS6,
         NODE_CONFIG,
         NODE_PODS,
         SAP_FLOWS,
@@ -732,51 +903,90 @@ fn is_exists(e: &ProgramError) -> bool {
     matches!(e, ProgramError::TcError(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
 }
 
-/// A pod's two flow maps.
+/// A pod's flow maps: egress and ingress, for each family.
 #[derive(Debug)]
 pub struct FlowMaps {
     egress: HashMap<MapData, [u8; 16], [u8; 24]>,
     ingress: HashMap<MapData, [u8; 20], [u8; 8]>,
+    egress6: HashMap<MapData, [u8; 40], [u8; 24]>,
+    ingress6: HashMap<MapData, [u8; 44], [u8; 8]>,
 }
 
 impl FlowMaps {
-    pub fn insert_egress(&mut self, f: &Flow4, e: &EgressFlow) -> Result<(), BpfError> {
-        self.egress
-            .insert(f.bytes(), e.bytes(), 0)
-            .map_err(|e| map_error(EGRESS_FLOWS, e))
+    pub fn insert_egress(&mut self, f: &Flow, e: &EgressFlow) -> Result<(), BpfError> {
+        match f {
+            Flow::V4(f) => self.egress.insert(f.bytes(), e.bytes(), 0),
+            Flow::V6(f) => self.egress6.insert(f.bytes(), e.bytes(), 0),
+        }
+        .map_err(|e| map_error(EGRESS_FLOWS, e))
     }
 
-    pub fn remove_egress(&mut self, f: &Flow4) {
-        let _ = self.egress.remove(&f.bytes());
+    pub fn remove_egress(&mut self, f: &Flow) {
+        let _ = match f {
+            Flow::V4(f) => self.egress.remove(&f.bytes()),
+            Flow::V6(f) => self.egress6.remove(&f.bytes()),
+        };
     }
 
     /// Every egress flow the kernel holds.
-    pub fn egress(&self) -> Vec<(Flow4, EgressFlow)> {
-        self.egress
+    pub fn egress(&self) -> Vec<(Flow, EgressFlow)> {
+        let v4 = self
+            .egress
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, v)| (Flow4::from_bytes(&k), EgressFlow::from_bytes(&v)))
-            .collect()
+            .map(|(k, v)| (Flow::V4(Flow4::from_bytes(&k)), EgressFlow::from_bytes(&v)));
+        let v6 = self
+            .egress6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Flow::V6(Flow6::from_bytes(&k)), EgressFlow::from_bytes(&v)));
+        v4.chain(v6).collect()
     }
 
     pub fn insert_ingress(&mut self, f: &IngressFlow, seen_ns: u64) -> Result<(), BpfError> {
-        self.ingress
-            .insert(f.bytes(), seen_ns.to_ne_bytes(), 0)
-            .map_err(|e| map_error(INGRESS_FLOWS, e))
+        let seen = seen_ns.to_ne_bytes();
+        let from = f.outer_src.octets();
+        match &f.inner {
+            Flow::V4(inner) => self.ingress.insert(keyed(from, inner.bytes()), seen, 0),
+            Flow::V6(inner) => self.ingress6.insert(keyed(from, inner.bytes()), seen, 0),
+        }
+        .map_err(|e| map_error(INGRESS_FLOWS, e))
     }
 
     pub fn remove_ingress(&mut self, f: &IngressFlow) {
-        let _ = self.ingress.remove(&f.bytes());
+        let from = f.outer_src.octets();
+        let _ = match &f.inner {
+            Flow::V4(inner) => self.ingress.remove(&keyed(from, inner.bytes())),
+            Flow::V6(inner) => self.ingress6.remove(&keyed(from, inner.bytes())),
+        };
     }
 
     /// Every ingress flow the kernel holds, with when it last carried one of its packets.
     pub fn ingress(&self) -> Vec<(IngressFlow, u64)> {
-        self.ingress
+        let flow = |k: &[u8], inner: Flow, v: [u8; 8]| {
+            let outer_src = Ipv4Addr::new(k[0], k[1], k[2], k[3]);
+            (IngressFlow { outer_src, inner }, u64::from_ne_bytes(v))
+        };
+        let v4 = self
+            .ingress
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, v)| (IngressFlow::from_bytes(&k), u64::from_ne_bytes(v)))
-            .collect()
+            .map(|(k, v)| flow(&k, Flow::V4(Flow4::from_bytes(&k[4..])), v));
+        let v6 = self
+            .ingress6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| flow(&k, Flow::V6(Flow6::from_bytes(&k[4..])), v));
+        v4.chain(v6).collect()
     }
+}
+
+/// An ingress flow's key: the outer source, then the inner flow.
+fn keyed<const N: usize, const M: usize>(from: [u8; 4], inner: [u8; N]) -> [u8; M] {
+    let mut b = [0u8; M];
+    b[..4].copy_from_slice(&from);
+    b[4..].copy_from_slice(&inner);
+    b
 }
 
 /// The node's programs (`sap/bpf/node.bpf.c`): GUE the node routes to one of its pods, handed
@@ -1176,11 +1386,27 @@ mod tests {
         let b = e.bytes();
         assert_eq!(&b[0..6], &[10, 244, 1, 5, 0x17, 0xc0]);
         assert_eq!(EgressFlow::from_bytes(&b), e);
-        let i = IngressFlow {
-            outer_src: Ipv4Addr::new(10, 244, 2, 1),
-            inner: f,
+        let f6 = Flow6 {
+            src: "fd00::2".parse().unwrap(),
+            dst: "fd00:1::3".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport: 80,
         };
-        assert_eq!(IngressFlow::from_bytes(&i.bytes()), i);
+        // struct flow6: the addresses' 16 bytes each, the ports, the protocol and padding.
+        let b6 = f6.bytes();
+        assert_eq!(&b6[0..2], &[0xfd, 0]);
+        assert_eq!(&b6[15..18], &[2, 0xfd, 0]);
+        assert_eq!(&b6[32..40], &[0x9c, 0x40, 0, 80, 6, 0, 0, 0]);
+        assert_eq!(Flow6::from_bytes(&b6), f6);
+        // struct ingress_flow_key(6): the outer source, then the flow.
+        let key: [u8; 20] = keyed([10, 244, 2, 1], f.bytes());
+        assert_eq!(
+            (&key[..4], &key[4..]),
+            (&[10, 244, 2, 1][..], &f.bytes()[..])
+        );
+        let key6: [u8; 44] = keyed([10, 244, 2, 1], b6);
+        assert_eq!(&key6[4..], &b6[..]);
     }
 
     #[test]
@@ -1238,12 +1464,17 @@ mod tests {
             keys: vec![Key(7), Key(9)],
             tun_ifindex: 3,
             eth_ifindex: 2,
+            overlay6: Some("fd00::1:2".parse().unwrap()),
+            tun6_ifindex: 4,
             fast: true,
         };
         let w = c.words(0x1_0000_0002).unwrap();
         assert_eq!(w[0].to_ne_bytes(), [100, 64, 0, 2]);
         assert_eq!((w[2] as u16).to_ne_bytes(), 6080u16.to_be_bytes());
-        assert_eq!(&w[3..], &[2, 7, 9, 0, 3, 2, 1, 2, 1]);
+        assert_eq!(&w[3..12], &[2, 7, 9, 0, 3, 2, 1, 2, 1]);
+        assert_eq!(w[12].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(w[15].to_ne_bytes(), [0, 1, 0, 2]);
+        assert_eq!(w[16], 4);
         let too_many = EndpointConfig {
             keys: vec![Key(1); 4],
             ..c

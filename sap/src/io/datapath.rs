@@ -448,28 +448,35 @@ fn write_batch(
         .map(drop)
 }
 
-/// The offload header (`struct virtio_net_hdr`, native byte order) that hands a TCP/IPv4
-/// packet longer than the device's MTU to the kernel as the GSO packet it is: its checksum
-/// still to be completed, its segments of the MSS the MTU allows. `None` for anything else.
+/// The offload header (`struct virtio_net_hdr`, native byte order) that hands a TCP packet
+/// (IPv4, or IPv6 without extension headers) longer than the device's MTU to the kernel as the
+/// GSO packet it is: its checksum still to be completed, its segments of the MSS the MTU allows.
+/// `None` for anything else.
 fn whole_tcp_header(inner: &[u8], mtu: usize) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
     const NEEDS_CSUM: u8 = 1;
     const GSO_TCPV4: u8 = 1;
+    const GSO_TCPV6: u8 = 4;
     let c = keyway_core::packet::classify(inner).ok()?;
-    if inner[0] >> 4 != 4 || c.proto != keyway_core::packet::PROTO_TCP {
+    if c.proto != keyway_core::packet::PROTO_TCP {
         return None;
     }
-    let ihl = usize::from(inner[0] & 0x0f) * 4;
-    let doff = usize::from(*inner.get(ihl + 12)? >> 4) * 4;
-    let headers = ihl + doff;
+    let (gso, ip_len) = match inner[0] >> 4 {
+        4 => (GSO_TCPV4, usize::from(inner[0] & 0x0f) * 4),
+        // The transport header right after the fixed header (no extension headers).
+        6 if inner.get(6) == Some(&keyway_core::packet::PROTO_TCP) => (GSO_TCPV6, 40),
+        _ => return None,
+    };
+    let doff = usize::from(*inner.get(ip_len + 12)? >> 4) * 4;
+    let headers = ip_len + doff;
     if doff < 20 || inner.len() <= headers || mtu <= headers {
         return None;
     }
     let mut h = [0u8; VIRTIO_NET_HDR_LEN];
     h[0] = NEEDS_CSUM;
-    h[1] = GSO_TCPV4;
+    h[1] = gso;
     h[2..4].copy_from_slice(&(headers as u16).to_ne_bytes());
     h[4..6].copy_from_slice(&((mtu - headers) as u16).to_ne_bytes());
-    h[6..8].copy_from_slice(&(ihl as u16).to_ne_bytes());
+    h[6..8].copy_from_slice(&(ip_len as u16).to_ne_bytes());
     h[8..10].copy_from_slice(&16u16.to_ne_bytes());
     Some(h)
 }
@@ -740,7 +747,7 @@ pub async fn sap(
                 let (header, inner) = datagram.split_at_mut(gue::HEADER_LEN);
                 if header.len() + inner.len() > max_datagram {
                     pieces.clear();
-                    let whole = keyway_core::packet::segment_tcp4(
+                    let whole = keyway_core::packet::segment_tcp(
                         inner,
                         max_datagram - gue::HEADER_LEN,
                         |seg| {
@@ -806,6 +813,21 @@ mod tests {
         assert_eq!((word(6), word(8)), (20, 16), "checksum at TCP's");
         p[9] = 17;
         assert_eq!(whole_tcp_header(&p, 1456), None, "not TCP");
+        let v6 = build::ipv6(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            6,
+            &build::ports(6, 1000, 80, &[0u8; 4000]),
+        );
+        let h = whole_tcp_header(&v6, 1456).unwrap();
+        assert_eq!((h[0], h[1]), (1, 4), "checksum to complete, TCPv6 GSO");
+        let word = |i: usize| u16::from_ne_bytes([h[i], h[i + 1]]);
+        assert_eq!(
+            (word(2), word(4)),
+            (60, 1396),
+            "headers, and segments of MTU less them"
+        );
+        assert_eq!((word(6), word(8)), (40, 16), "checksum at TCP's");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! engine.
 //!
 //! The kernel never decides a flow. The user-space path decides a flow's first packets as always;
-//! once the engine has admitted a packet of a plain TCP or UDP flow over IPv4 without a MAC,
+//! once the engine has admitted a packet of a plain TCP or UDP flow (or an ICMP echo's), IPv4
+//! or IPv6, without a MAC,
 //! to or from the other endpoint or a SaP, the endpoint's loops (and the SaP's: see
 //! [`NodeFastPath`]) tell the kernel ([`FastPath::learn_egress`], [`FastPath::learn_ingress`],
 //! after the packet itself has been sent or delivered, so a flow's packets stay in order), and the
@@ -36,7 +37,7 @@ use keyway_core::key::Key;
 use keyway_core::packet::PROTO_TCP;
 
 use super::bpf::{
-    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow4,
+    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow, Flow4,
     FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop,
 };
 use super::datapath::EndpointContext;
@@ -59,6 +60,8 @@ pub enum FastPathError {
     NoPrimary(Ipv4Addr),
     #[error("the overlay device {0} is not in the pod's namespace")]
     NoOverlay(String),
+    #[error("the pod has no overlay device the fast path can serve")]
+    NoOverlays,
 }
 
 /// When the agent that gave programs the lease `lease_ns` last synced them (it renews the lease
@@ -83,6 +86,8 @@ pub struct SyncReport {
     pub idle: usize,
     /// Flows the engine no longer admits, removed.
     pub refused: usize,
+    /// What the kernel carried since the last sync (added to the endpoint's counters).
+    pub carried: Carried,
 }
 
 /// An endpoint's fast path: its programs, attached, and their maps.
@@ -91,8 +96,9 @@ pub struct FastPath {
     programs: Mutex<EndpointPrograms>,
     maps: Mutex<Maps>,
     base: EndpointConfig,
-    /// The devices the programs are attached to, in the pod's namespace.
-    tun: String,
+    /// The devices the programs are attached to, in the pod's namespace: the overlay devices
+    /// (IPv4's, IPv6's) and the one that holds the pod IP.
+    tuns: Vec<String>,
     eth: String,
     /// Whether the programs carry flows now (off while packet authentication is on: the kernel
     /// neither seals nor verifies a MAC).
@@ -110,7 +116,7 @@ pub struct FastPath {
 struct Maps {
     flows: FlowMaps,
     /// Flows told to the kernel since the last sync: one map update per flow, not per packet.
-    egress: HashSet<Flow4>,
+    egress: HashSet<Flow>,
     ingress: HashSet<IngressFlow>,
     /// The tables generation the last re-derivation used: a flow learned from an older
     /// snapshot after it would escape it, so it is not taken.
@@ -118,56 +124,92 @@ struct Maps {
 }
 
 impl FastPath {
-    /// Attaches the fast path in `netns`: `kw_egress` to the overlay device `tun`, `kw_ingress`
-    /// to the device that holds the pod IP `infra`. The programs and maps an earlier agent left
-    /// there are taken over as they are, carrying on ([`FastPath::adopted`]), when they are this
-    /// build's and this pod's; otherwise new ones are loaded and replace them, and carry nothing
-    /// until the first [`sync`](Self::sync). Blocking.
+    /// Attaches the fast path in `netns`: `kw_egress` to the pod's overlay devices `overlays`
+    /// (name and overlay address: the first IPv4 one and the first IPv6 one; the underlay is
+    /// IPv4), `kw_ingress` to the device that holds the pod IP `infra`. The programs and maps an
+    /// earlier agent left there are taken over as they are, carrying on
+    /// ([`FastPath::adopted`]), when they are this build's and this pod's; otherwise new ones are
+    /// loaded and replace them, and carry nothing until the first [`sync`](Self::sync). Blocking.
     pub fn open(
         netns: &Netns,
-        tun: &str,
-        overlay: Ipv4Addr,
+        overlays: &[(String, IpAddr)],
         infra: Ipv4Addr,
         gue_port: u16,
     ) -> Result<FastPath, FastPathError> {
-        let tun_name = tun.to_string();
-        let (eth, tun_link, left) = netlink::in_netns(netns, async move |nl| {
+        // The pod's first IPv4 overlay device and its first IPv6 one, in that order.
+        let devices: Vec<(String, IpAddr)> = [false, true]
+            .into_iter()
+            .filter_map(|v6| overlays.iter().find(|(_, ip)| ip.is_ipv6() == v6).cloned())
+            .collect();
+        if devices.is_empty() {
+            return Err(FastPathError::NoOverlays);
+        }
+        let names: Vec<String> = devices.iter().map(|(d, _)| d.clone()).collect();
+        let (eth, links, left) = netlink::in_netns(netns, async move |nl| {
             let eth = nl.link_of_address(IpAddr::V4(infra)).await?;
-            let tun = nl.link(&tun_name).await?;
-            let left = match (&tun, &eth) {
-                (Some(t), Some(e)) => (
-                    nl.bpf_filter_program(t.index, true, FILTER_PRIORITY)
+            let mut links = Vec::with_capacity(names.len());
+            for name in &names {
+                links.push(nl.link(name).await?);
+            }
+            // The programs keyway's filters run: on each overlay device's egress, then eth0's
+            // ingress.
+            let mut left = Vec::with_capacity(names.len() + 1);
+            for link in links.iter().flatten() {
+                left.push(
+                    nl.bpf_filter_program(link.index, true, FILTER_PRIORITY)
                         .await?,
+                );
+            }
+            if let Some(e) = &eth {
+                left.push(
                     nl.bpf_filter_program(e.index, false, FILTER_PRIORITY)
                         .await?,
-                ),
-                _ => (None, None),
-            };
-            Ok((eth, tun, left))
+                );
+            }
+            Ok((eth, links, left))
         })?;
         let eth = eth.ok_or(FastPathError::NoPrimary(infra))?;
-        let tun_link = tun_link.ok_or_else(|| FastPathError::NoOverlay(tun.to_string()))?;
-        let base = EndpointConfig {
-            overlay: Some(overlay),
+        let mut base = EndpointConfig {
             infra: Some(infra),
             gue_port,
-            keys: Vec::new(),
-            tun_ifindex: tun_link.index,
             eth_ifindex: eth.index,
-            fast: false,
+            ..EndpointConfig::default()
         };
-        let adopted = match left {
-            (Some(egress), Some(ingress)) => match EndpointPrograms::adopt(egress, ingress) {
-                Ok(Some(p)) => match p.configured() {
-                    Ok((o, i, lease)) if o == Some(overlay) && i == Some(infra) => Some((p, lease)),
-                    _ => None,
-                },
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot take over the fast path an earlier agent left: loading a new one");
-                    None
+        for ((name, ip), link) in devices.iter().zip(&links) {
+            let index = link
+                .as_ref()
+                .ok_or_else(|| FastPathError::NoOverlay(name.clone()))?
+                .index;
+            match ip {
+                IpAddr::V4(a) => (base.overlay, base.tun_ifindex) = (Some(*a), index),
+                IpAddr::V6(a) => (base.overlay6, base.tun6_ifindex) = (Some(*a), index),
+            }
+        }
+        // Taken over only when every overlay device runs one egress program, eth0 the ingress
+        // program of the same load, and they were configured for this pod.
+        let (egress, ingress) = left.split_at(devices.len());
+        let adopted = match (egress, ingress) {
+            ([Some(first), rest @ ..], [Some(ingress)])
+                if rest.iter().all(|p| *p == Some(*first)) =>
+            {
+                match EndpointPrograms::adopt(*first, *ingress) {
+                    Ok(Some(p)) => match p.configured() {
+                        Ok(c)
+                            if c.overlay == base.overlay
+                                && c.infra == base.infra
+                                && c.overlay6 == base.overlay6 =>
+                        {
+                            Some((p, c.lease_ns))
+                        }
+                        _ => None,
+                    },
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot take over the fast path an earlier agent left: loading a new one");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let is_adopted = adopted.is_some();
@@ -181,7 +223,8 @@ impl FastPath {
             None => {
                 let mut p = EndpointPrograms::load()?;
                 p.configure(&base)?;
-                netns.run(|| p.attach(tun, &eth.name))??;
+                let tuns: Vec<&str> = devices.iter().map(|(d, _)| d.as_str()).collect();
+                netns.run(|| p.attach(&tuns, &eth.name))??;
                 (p, None, Carried::default())
             }
         };
@@ -195,7 +238,7 @@ impl FastPath {
                 generation: 0,
             }),
             base,
-            tun: tun.to_string(),
+            tuns: devices.into_iter().map(|(d, _)| d).collect(),
             eth: eth.name.clone(),
             carrying: AtomicBool::new(false),
             last_sync_ns: AtomicU64::new(monotonic_ns()),
@@ -222,7 +265,9 @@ impl FastPath {
     /// Removes the programs from the pod's devices (the pod leaves keyway). Blocking.
     pub fn detach(&self, netns: &Netns) {
         let _ = netns.run(|| {
-            super::bpf::detach(&self.tun, true);
+            for tun in &self.tuns {
+                super::bpf::detach(tun, true);
+            }
             super::bpf::detach(&self.eth, false);
         });
     }
@@ -255,19 +300,19 @@ impl FastPath {
         inner: &[u8],
         datagram: &[u8],
         to: SocketAddr,
-    ) -> Option<(Flow4, EgressFlow)> {
+    ) -> Option<(Flow, EgressFlow)> {
         if !self.carrying.load(Ordering::Relaxed) {
             return None;
         }
-        let f = Flow4::of_packet(inner)?;
+        let f = Flow::of_packet(inner)?;
         // Through a SaP too: the kernel SaP forwards what the sender's kernel sends whole, and
         // a user-space SaP sends it on as the datagrams it would have been.
         let (SocketAddr::V4(to), Some(key)) = (to, plain_key(datagram)) else {
             return None;
         };
-        // From the pod's own addresses: its overlay address, or its pod IP (traffic to pod IPs
+        // From the pod's own addresses: its overlay addresses, or its pod IP (traffic to pod IPs
         // and cluster IPs, which keyway routes into the overlay).
-        let own = Some(f.src) == self.base.overlay || Some(f.src) == self.base.infra;
+        let own = self.own(f.src());
         own.then_some((
             f,
             EgressFlow {
@@ -289,22 +334,30 @@ impl FastPath {
         if !self.carrying.load(Ordering::Relaxed) {
             return None;
         }
-        let f = Flow4::of_packet(inner)?;
+        let f = Flow::of_packet(inner)?;
         let (SocketAddr::V4(from), Some(_)) = (from, plain_key(datagram)) else {
             return None;
         };
-        // What the program delivers into the IPv4 overlay device, as the user-space path does:
-        // to the pod's overlay address or its pod IP.
-        let own = Some(f.dst) == self.base.overlay || Some(f.dst) == self.base.infra;
+        // What the program delivers into the overlay device of its family, as the user-space
+        // path does: to the pod's overlay addresses or its pod IP.
+        let own = self.own(f.dst());
         own.then_some(IngressFlow {
             outer_src: *from.ip(),
             inner: f,
         })
     }
 
+    /// Whether `ip` is one of the pod's own addresses the programs know.
+    fn own(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => Some(a) == self.base.overlay || Some(a) == self.base.infra,
+            IpAddr::V6(a) => Some(a) == self.base.overlay6,
+        }
+    }
+
     /// Tells the kernel about egress flows the engine admitted with tables of `generation`,
     /// after their packets were sent.
-    pub fn learn_egress(&self, flows: &[(Flow4, EgressFlow)], generation: u64) {
+    pub fn learn_egress(&self, flows: &[(Flow, EgressFlow)], generation: u64) {
         let mut m = self.maps();
         if generation < m.generation {
             return;
@@ -347,22 +400,26 @@ impl FastPath {
         config.keys.truncate(3);
         config.fast = carrying;
         let lease = now_ns + LEASE_NS;
+        let carried;
         {
             let mut p = self.programs.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = p.configure_with_lease(&config, lease) {
                 tracing::warn!(error = %e, "cannot update the fast path's configuration");
             }
-            self.count(&p, ctx);
+            carried = self.count(&p, ctx);
         }
         self.carrying.store(carrying, Ordering::Relaxed);
 
-        let mut report = SyncReport::default();
+        let mut report = SyncReport {
+            carried,
+            ..SyncReport::default()
+        };
         let mut m = self.maps();
         m.generation = tables.generation;
         let port = self.base.gue_port;
         let key = local.keys.key_at(now_ms);
         // The egress flow `f` as the engine sends it now (`how`: tracked or only judged).
-        let egress = |f: &Flow4, how: Admission, seen_ns: u64| -> Option<EgressFlow> {
+        let egress = |f: &Flow, how: Admission, seen_ns: u64| -> Option<EgressFlow> {
             let mut buf = vec![0u8; gue::HEADROOM];
             buf.extend_from_slice(&f.packet());
             let send =
@@ -472,25 +529,25 @@ impl FastPath {
         report
     }
 
-    /// Adds what the kernel carried since the last count to the endpoint's counters. (It drops
-    /// nothing: what fails its checks goes on to the user-space path, which counts the drop.)
-    fn count(&self, p: &EndpointPrograms, ctx: &EndpointContext) {
+    /// Adds what the kernel carried since the last count to the endpoint's counters, and
+    /// returns it. (It drops nothing: what fails its checks goes on to the user-space path,
+    /// which counts the drop.)
+    fn count(&self, p: &EndpointPrograms, ctx: &EndpointContext) -> Carried {
         let Ok(carried) = p.carried() else {
-            return;
+            return Carried::default();
         };
         let mut c = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+        let since = Carried {
+            egress_packets: carried.egress_packets - c.egress_packets,
+            egress_bytes: carried.egress_bytes - c.egress_bytes,
+            ingress_packets: carried.ingress_packets - c.ingress_packets,
+            ingress_bytes: carried.ingress_bytes - c.ingress_bytes,
+        };
         let counters = &ctx.counters;
-        counters.forwarded_n(
-            Stage::Egress,
-            carried.egress_packets - c.egress_packets,
-            carried.egress_bytes - c.egress_bytes,
-        );
-        counters.forwarded_n(
-            Stage::Ingress,
-            carried.ingress_packets - c.ingress_packets,
-            carried.ingress_bytes - c.ingress_bytes,
-        );
+        counters.forwarded_n(Stage::Egress, since.egress_packets, since.egress_bytes);
+        counters.forwarded_n(Stage::Ingress, since.ingress_packets, since.ingress_bytes);
         *c = carried;
+        since
     }
 
     /// What the kernel has carried for this endpoint.
@@ -544,6 +601,29 @@ mod tests {
         let mut with_mac = d.clone();
         with_mac[0] = (with_mac[0] & !0x1f) | 3;
         assert_eq!(plain_key(&with_mac), None, "a datagram with a MAC");
+    }
+
+    #[test]
+    fn an_ipv6_flows_packets_are_rebuilt_as_themselves() {
+        use keyway_core::packet::{PROTO_ICMPV6, build};
+        let (a, b) = ("fd00::2".parse().unwrap(), "fd00:1::3".parse().unwrap());
+        let tcp = build::ipv6(a, b, PROTO_TCP, &build::ports(PROTO_TCP, 40000, 80, b"x"));
+        let request = build::ipv6(a, b, PROTO_ICMPV6, &build::echo(true, false, 77, 5));
+        let reply = build::ipv6(b, a, PROTO_ICMPV6, &build::echo(true, true, 77, 5));
+        for (p, opens) in [(tcp, true), (request, true), (reply, false)] {
+            let f = Flow::of_packet(&p).expect("a flow");
+            assert!(matches!(f, Flow::V6(_)));
+            let again = f.packet();
+            assert_eq!(Flow::of_packet(&again), Some(f));
+            let c = keyway_core::packet::classify(&again).unwrap();
+            // A TCP flow's packet is an established segment; an echo's, the echo itself.
+            assert_eq!(c.opens_flow, opens && c.proto == PROTO_ICMPV6);
+        }
+        // Behind an extension header, or an ICMPv6 error: not the kernel's.
+        let hop = build::ipv6(a, b, 0, &[PROTO_TCP, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(Flow::of_packet(&hop), None);
+        let error = build::ipv6(a, b, PROTO_ICMPV6, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(Flow::of_packet(&error), None);
     }
 
     #[test]
