@@ -21,8 +21,9 @@
 //
 // kw_sap: the node's SaP, in the kernel, for the flows the user-space SaP has already forwarded.
 // On the ingress of the device that holds the SaP's address, a GUE datagram to the SaP whose
-// (outer source, key, inner five-tuple) is in kw_sap_flows is forwarded as the user-space SaP
-// forwards it: from the SaP's address and port to the destination endpoint the engine chose,
+// (outer source, key, inner five-tuple) is in kw_sap_flows (kw_sap_flows6 for an inner IPv6
+// packet) is forwarded as the user-space SaP forwards it: from the SaP's address and port to
+// the destination endpoint the engine chose,
 // the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
 // pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
 // external entity) out of the device and to the neighbour the node's routing gives. The agent
@@ -188,6 +189,12 @@ struct sap_flow_key {
 	struct flow4 inner;
 };
 
+struct sap_flow_key6 {
+	__u32 outer_src;        // network order
+	__u32 key;              // host order
+	struct flow6 inner;
+};
+
 struct sap_flow {
 	__u32 to_v4;            // the destination endpoint, network order
 	__u32 to_port;          // network order, low 16 bits
@@ -201,6 +208,13 @@ struct {
 	__type(value, struct sap_flow);
 } kw_sap_flows SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sap_flow_key6);
+	__type(value, struct sap_flow);
+} kw_sap_flows6 SEC(".maps");
+
 // Datagrams forwarded (a GSO packet as its segments) and their bytes as the user-space SaP
 // counts them (GUE header and inner packet), added by the agent to its SaP counters.
 struct {
@@ -210,16 +224,19 @@ struct {
 	__type(value, __u64);
 } kw_sap_carried SEC(".maps");
 
-// Ethernet, outer IPv4 without options, UDP, GUE without a MAC, inner IPv4 without options, TCP.
-#define SAP_HEADERS_LEN (14 + 20 + 8 + 8 + 20 + 20)
+// Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4
+// one without options is shorter), TCP.
+#define SAP_HEADERS_LEN (14 + 20 + 8 + 8 + 40 + 20)
 #define ETH_LEN 14
 #define IP_CSUM_OFF (ETH_LEN + 10)
 #define IP_SRC_OFF (ETH_LEN + 12)
 #define IP_DST_OFF (ETH_LEN + 16)
 #define UDP_OFF (ETH_LEN + 20)
 #define UDP_CSUM_OFF (UDP_OFF + 6)
-// keyway's GUE header without a MAC: version 0, Hlen 1, IPv4 inside, the group-id flag.
+// keyway's GUE header without a MAC: version 0, Hlen 1, IPv4 (or IPv6) inside, the group-id
+// flag.
 #define GUE_PLAIN_IPV4 0x01048000
+#define GUE_PLAIN_IPV6 0x01298000
 
 SEC("classifier")
 int kw_sap(struct __sk_buff *skb)
@@ -227,7 +244,7 @@ int kw_sap(struct __sk_buff *skb)
 	struct node_config *cfg = leased(1);
 	if (!cfg)
 		return TC_ACT_OK;
-	if (skb->len < SAP_HEADERS_LEN - 12)
+	if (skb->len < SAP_HEADERS_LEN - 32)
 		return TC_ACT_OK;
 	// The headers read and rewritten, in the linear part and writable (not shared with a
 	// clone): after this, the rewrites below cannot fail.
@@ -254,26 +271,47 @@ int kw_sap(struct __sk_buff *skb)
 	if (ulen != skb->len - ETH_LEN - 20)
 		return TC_ACT_OK;
 	__u8 *gue = (void *)(udp + 1);
-	if (!HAVE(gue, 8, end) || *(__u32 *)gue != bpf_htonl(GUE_PLAIN_IPV4))
+	if (!HAVE(gue, 8, end))
 		return TC_ACT_OK;
+	__u32 header = bpf_ntohl(*(__u32 *)gue);
+	__u32 key = bpf_ntohl(*(__u32 *)(gue + 4));
 	__u8 *pkt = gue + 8;
-	if (!HAVE(pkt, 4, end) || (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
-		return TC_ACT_OK;
-	struct sap_flow_key k = {
-		.outer_src = ip->saddr,
-		.key = bpf_ntohl(*(__u32 *)(gue + 4)),
-	};
-	if (fast_flow4(pkt, end, &k.inner) < 0)
-		return TC_ACT_OK;
-	__u32 inner_headers = 28;
-	if (k.inner.proto == IPPROTO_TCP) {
-		if (!HAVE(pkt, 40, end))
+	// The flow, and the inner packet's IP and transport headers (each datagram the user-space
+	// SaP would send carries them: they count in its bytes).
+	struct sap_flow *flow;
+	__u32 ip_len;
+	__u8 proto;
+	if (header == GUE_PLAIN_IPV4) {
+		if (!HAVE(pkt, 4, end) || (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
 			return TC_ACT_OK;
-		inner_headers = 20 + (pkt[32] >> 4) * 4;
+		struct sap_flow_key k = {.outer_src = ip->saddr, .key = key};
+		if (fast_flow4(pkt, end, &k.inner) < 0)
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
+		ip_len = 20;
+		proto = k.inner.proto;
+	} else if (header == GUE_PLAIN_IPV6) {
+		if (!HAVE(pkt, 6, end) ||
+		    (((__u32)pkt[4] << 8) | pkt[5]) + IPV6_HEADER_LEN != ulen - 16)
+			return TC_ACT_OK;
+		struct sap_flow_key6 k = {.outer_src = ip->saddr, .key = key};
+		if (fast_flow6(pkt, end, &k.inner) < 0)
+			return TC_ACT_OK;
+		flow = bpf_map_lookup_elem(&kw_sap_flows6, &k);
+		ip_len = IPV6_HEADER_LEN;
+		proto = k.inner.proto;
+	} else {
+		return TC_ACT_OK;
 	}
-	struct sap_flow *flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
 	if (!flow)
 		return TC_ACT_OK;
+	__u32 inner_headers = ip_len + 8;
+	if (proto == IPPROTO_TCP) {
+		__u8 *tcp = pkt + (ip_len & 0x3c);
+		if (!HAVE(tcp, 20, end))
+			return TC_ACT_OK;
+		inner_headers = ip_len + (tcp[12] >> 4) * 4;
+	}
 	__u32 to = flow->to_v4;
 	__u16 to_port = (__u16)flow->to_port;
 	__u16 gue_port = (__u16)cfg->gue_port;

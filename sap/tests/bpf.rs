@@ -354,7 +354,7 @@ fn udp_checksum_of(frame: &[u8]) -> u16 {
 
 #[test]
 fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_saps_address() {
-    use keyway_sap::io::bpf::{Flow4, NodePod, NodePrograms, SapFlow, SapNextHop};
+    use keyway_sap::io::bpf::{Flow, NodePod, NodePrograms, SapFlow, SapNextHop};
     if !privileged("the_kernel_sap_forwards_exactly_the_flows_it_was_given") {
         return;
     }
@@ -376,7 +376,7 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     let flow = SapFlow {
         outer_src: SENDER.into(),
         key,
-        inner: Flow4::of_packet(&inner).unwrap(),
+        inner: Flow::of_packet(&inner).unwrap(),
     };
     let to = SapNextHop {
         to: std::net::SocketAddrV4::new(DEST.into(), 6080),
@@ -478,7 +478,7 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     let pings = SapFlow {
         outer_src: SENDER.into(),
         key,
-        inner: Flow4::of_packet(&echo(false, 77, 1)).expect("an echo is a flow"),
+        inner: Flow::of_packet(&echo(false, 77, 1)).expect("an echo is a flow"),
     };
     p.insert_sap(&pings, &to).unwrap();
     for seq in [1, 2, 3] {
@@ -507,6 +507,58 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
         assert_eq!((ret, &out), (TC_ACT_OK, &f), "{what}: untouched");
     }
     p.remove_sap(&pings);
+
+    // An IPv6 flow inside (GUE protocol 41), from its own map, forwarded just the same.
+    let tcp6 = |sport: u16| {
+        build::ipv6(
+            PEER6.parse().unwrap(),
+            OVERLAY6.parse().unwrap(),
+            PROTO_TCP,
+            &build::ports(PROTO_TCP, sport, 80, b"over IPv6"),
+        )
+    };
+    let datagram6 = gue(key, &tcp6(40000));
+    assert_eq!(datagram6[1], 41, "IPv6 inside");
+    let sent6 = udp_frame(SENDER, SAP, 6080, &datagram6, false);
+    let (ret, out) = p.run_sap(&sent6).unwrap();
+    assert_eq!((ret, &out), (TC_ACT_OK, &sent6), "an IPv6 flow not given");
+    let flow6 = SapFlow {
+        outer_src: SENDER.into(),
+        key,
+        inner: Flow::of_packet(&tcp6(40000)).expect("an IPv6 TCP flow"),
+    };
+    // The IPv4 flow of the same ports and key stays given: a flow of either family is its own.
+    p.insert_sap(&flow6, &to).unwrap();
+    let (before, bytes_before) = p.sap_carried().unwrap();
+    let (ret, out) = p.run_sap(&sent6).unwrap();
+    assert_eq!(
+        ret,
+        keyway_sap::io::bpf::TC_ACT_REDIRECT,
+        "the IPv6 flow forwarded"
+    );
+    assert_eq!(&out[26..30], &SAP, "from the SaP's address");
+    assert_eq!(&out[30..34], &DEST, "to the destination endpoint");
+    assert_eq!(&out[42..], &datagram6[..], "the datagram itself unchanged");
+    assert_eq!(
+        p.sap_carried().unwrap(),
+        (before + 1, bytes_before + datagram6.len() as u64)
+    );
+    let other6 = udp_frame(SENDER, SAP, 6080, &gue(key, &tcp6(40001)), false);
+    let (ret, out) = p.run_sap(&other6).unwrap();
+    assert_eq!(
+        (ret, &out),
+        (TC_ACT_OK, &other6),
+        "another IPv6 flow: untouched"
+    );
+    p.remove_sap(&flow6);
+    let (ret, _) = p.run_sap(&sent6).unwrap();
+    assert_eq!(ret, TC_ACT_OK, "the IPv6 flow removed");
+    let (ret, _) = p.run_sap(&sent).unwrap();
+    assert_eq!(
+        ret,
+        keyway_sap::io::bpf::TC_ACT_REDIRECT,
+        "the IPv4 one still given"
+    );
 
     p.remove_pod(DEST.into());
     let (ret, _) = p.run_sap(&sent).unwrap();
@@ -712,7 +764,7 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
 /// node's routing and neighbours say, on real devices (the route lookup needs them).
 #[test]
 fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
-    use keyway_sap::io::bpf::{Flow4, NodePrograms, SapFlow, SapNextHop};
+    use keyway_sap::io::bpf::{Flow, NodePrograms, SapFlow, SapNextHop};
     use keyway_testing::{TestNetns, veth};
     if !privileged("the_kernel_sap_forwards_to_destinations_off_the_node") {
         return;
@@ -761,7 +813,7 @@ fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
     let flow = SapFlow {
         outer_src: SENDER.into(),
         key,
-        inner: Flow4::of_packet(&inner).unwrap(),
+        inner: Flow::of_packet(&inner).unwrap(),
     };
     p.insert_sap(
         &flow,

@@ -3,7 +3,7 @@
 //!
 //! - `keyway-lab bench`: request/response latency (TCP round trips and HTTP) and TCP throughput
 //!   between pods on two nodes — without keyway in the chain ("native"), over the overlay direct
-//!   (IPv4 and IPv6), over the overlay via a SaP, and from an external client through a gateway SaP — plus
+//!   and via a SaP (each over IPv4 and IPv6), and from an external client through a gateway SaP — plus
 //!   RunPodSandbox (CNI ADD) latency with and without keyway.
 //! - `keyway-lab bench-cni`: ADD and DEL latency of the chain and of keyway-cni alone over N pods,
 //!   and the agent's resident memory with N pods attached.
@@ -356,6 +356,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             seconds,
             &format!("overlay via SaP{}", path_note(&lab)),
         )?;
+        let via_sap6 = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server6,
+            seconds,
+            &format!("IPv6 overlay via SaP{}", path_note(&lab)),
+        )?;
         let svc_sap = measure(
             &lab.runner("bench/kw-client")?,
             SocketAddr::new(cluster_ip(&lab, "kw")?, 5201),
@@ -403,6 +409,12 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             kw_server,
             seconds,
             "overlay via SaP, user",
+        )?;
+        let via_sap6_user = measure(
+            &lab.runner("bench/kw-client")?,
+            kw_server6,
+            seconds,
+            "IPv6 overlay via SaP, user",
         )?;
         lab.apply(std::slice::from_ref(&direct_doc))?;
         lab.set_datapath(datapath.as_deref().unwrap_or("auto"))?;
@@ -453,6 +465,8 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             Some(&direct6_user),
             Some(&via_sap),
             Some(&via_sap_user),
+            Some(&via_sap6),
+            Some(&via_sap6_user),
             Some(&svc_sap),
             Some(&external),
             ambient_keyway.as_ref(),

@@ -814,6 +814,7 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         NODE_CONFIG,
         NODE_PODS,
         SAP_FLOWS,
+        SAP_FLOWS6,
         SAP_CARRIED,
         GATEWAY_FLOWS,
         GATEWAY_CARRIED,
@@ -999,6 +1000,7 @@ const SAP_PROGRAM: &str = "kw_sap";
 const NODE_CONFIG: &str = "kw_node_config";
 const NODE_PODS: &str = "kw_node_pods";
 const SAP_FLOWS: &str = "kw_sap_flows";
+const SAP_FLOWS6: &str = "kw_sap_flows6";
 const SAP_CARRIED: &str = "kw_sap_carried";
 const GATEWAY_PROGRAM: &str = "kw_gateway";
 const GATEWAY_FLOWS: &str = "kw_gw_flows";
@@ -1023,29 +1025,30 @@ impl NodePod {
     }
 }
 
-/// A flow the user-space SaP forwarded (`struct sap_flow_key`): the outer source it came from,
-/// the key it carried, its inner five-tuple.
+/// A flow the user-space SaP forwarded (`struct sap_flow_key`, or `struct sap_flow_key6` for an
+/// inner IPv6 flow): the outer source it came from, the key it carried, its inner five-tuple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SapFlow {
     pub outer_src: Ipv4Addr,
     pub key: Key,
-    pub inner: Flow4,
+    pub inner: Flow,
 }
 
 impl SapFlow {
-    fn bytes(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    /// The key's bytes: the outer source (network order), the key (host order), then `inner`.
+    fn bytes_with<const N: usize, const M: usize>(&self, inner: [u8; N]) -> [u8; M] {
+        let mut b = [0u8; M];
         b[0..4].copy_from_slice(&self.outer_src.octets());
         b[4..8].copy_from_slice(&self.key.0.to_ne_bytes());
-        b[8..24].copy_from_slice(&self.inner.bytes());
+        b[8..].copy_from_slice(&inner);
         b
     }
 
-    fn from_bytes(b: &[u8; 24]) -> SapFlow {
+    fn from_bytes(b: &[u8], inner: Flow) -> SapFlow {
         SapFlow {
             outer_src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
             key: Key(u32::from_ne_bytes([b[4], b[5], b[6], b[7]])),
-            inner: Flow4::from_bytes(&b[8..]),
+            inner,
         }
     }
 }
@@ -1087,6 +1090,7 @@ pub struct NodePrograms {
     config: Array<MapData, [u32; 4]>,
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
+    sap_flows6: HashMap<MapData, [u8; 48], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
     /// Valued by `struct egress_flow` (`flow.h`), as the pods' egress flows: [`EgressFlow`].
     gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
@@ -1157,6 +1161,7 @@ impl NodePrograms {
             config: maps.typed(NODE_CONFIG)?,
             pods: maps.typed(NODE_PODS)?,
             sap_flows: maps.typed(SAP_FLOWS)?,
+            sap_flows6: maps.typed(SAP_FLOWS6)?,
             sap_carried: maps.typed(SAP_CARRIED)?,
             gateway_flows: maps.typed(GATEWAY_FLOWS)?,
             gateway_carried: maps.typed(GATEWAY_CARRIED)?,
@@ -1249,22 +1254,35 @@ impl NodePrograms {
     }
 
     pub fn insert_sap(&mut self, f: &SapFlow, hop: &SapNextHop) -> Result<(), BpfError> {
-        self.sap_flows
-            .insert(f.bytes(), hop.bytes(), 0)
-            .map_err(|e| map_error(SAP_FLOWS, e))
+        match &f.inner {
+            Flow::V4(inner) => self
+                .sap_flows
+                .insert(f.bytes_with(inner.bytes()), hop.bytes(), 0),
+            Flow::V6(inner) => self
+                .sap_flows6
+                .insert(f.bytes_with(inner.bytes()), hop.bytes(), 0),
+        }
+        .map_err(|e| map_error(SAP_FLOWS, e))
     }
 
     pub fn remove_sap(&mut self, f: &SapFlow) {
-        let _ = self.sap_flows.remove(&f.bytes());
+        let _ = match &f.inner {
+            Flow::V4(inner) => self.sap_flows.remove(&f.bytes_with(inner.bytes())),
+            Flow::V6(inner) => self.sap_flows6.remove(&f.bytes_with(inner.bytes())),
+        };
     }
 
     /// Every flow the kernel SaP holds.
     pub fn sap_flows(&self) -> Vec<(SapFlow, SapNextHop)> {
-        self.sap_flows
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (SapFlow::from_bytes(&k), SapNextHop::from_bytes(&v)))
-            .collect()
+        let v4 = self.sap_flows.iter().filter_map(Result::ok).map(|(k, v)| {
+            let inner = Flow::V4(Flow4::from_bytes(&k[8..]));
+            (SapFlow::from_bytes(&k, inner), SapNextHop::from_bytes(&v))
+        });
+        let v6 = self.sap_flows6.iter().filter_map(Result::ok).map(|(k, v)| {
+            let inner = Flow::V6(Flow6::from_bytes(&k[8..]));
+            (SapFlow::from_bytes(&k, inner), SapNextHop::from_bytes(&v))
+        });
+        v4.chain(v6).collect()
     }
 
     /// The kernel gateway carries `f`'s next packets to `to` with its key.
@@ -1487,23 +1505,36 @@ mod tests {
         let f = SapFlow {
             outer_src: Ipv4Addr::new(192, 168, 1, 11),
             key: Key(0x0a0b_0c0d),
-            inner: Flow4 {
+            inner: Flow::V4(Flow4 {
                 src: Ipv4Addr::new(100, 64, 0, 2),
                 dst: Ipv4Addr::new(100, 64, 1, 3),
                 proto: 6,
                 sport: 40000,
                 dport: 80,
-            },
+            }),
         };
-        let b = f.bytes();
+        let Flow::V4(inner) = f.inner else {
+            unreachable!()
+        };
+        let b: [u8; 24] = f.bytes_with(inner.bytes());
         assert_eq!(&b[0..4], &[192, 168, 1, 11], "outer source, network order");
         assert_eq!(
             u32::from_ne_bytes(b[4..8].try_into().unwrap()),
             0x0a0b_0c0d,
             "the key in host order, as the program reads GUE's group id"
         );
-        assert_eq!(&b[8..24], &f.inner.bytes());
-        assert_eq!(SapFlow::from_bytes(&b), f);
+        assert_eq!(&b[8..24], &inner.bytes());
+        assert_eq!(SapFlow::from_bytes(&b, f.inner), f);
+        // struct sap_flow_key6: the same, with struct flow6.
+        let inner6 = Flow6 {
+            src: "fd00::2".parse().unwrap(),
+            dst: "fd00:1::3".parse().unwrap(),
+            proto: 17,
+            sport: 5353,
+            dport: 53,
+        };
+        let b6: [u8; 48] = f.bytes_with(inner6.bytes());
+        assert_eq!((&b6[..8], &b6[8..]), (&b[..8], &inner6.bytes()[..]));
         let hop = SapNextHop {
             to: "10.244.2.5:6080".parse().unwrap(),
             seen_ns: 42,

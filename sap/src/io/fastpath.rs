@@ -956,7 +956,7 @@ impl NodeFastPath {
         else {
             return None;
         };
-        let inner = Flow4::of_packet(datagram.get(gue::HEADER_LEN..)?)?;
+        let inner = Flow::of_packet(datagram.get(gue::HEADER_LEN..)?)?;
         Some((
             SapFlow {
                 outer_src: *from.ip(),
