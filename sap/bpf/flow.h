@@ -56,79 +56,71 @@ struct flow6 {
 #define ICMPV6_ECHO_REPLY 129
 #define IPV6_HEADER_LEN 40
 
+// Whether the transport header at `l4`, of protocol `proto`, belongs to a flow the fast path
+// may carry (TCP that neither opens nor resets a connection, UDP, or an echo request or reply of
+// `icmp`, the IP version's ICMP, whose echo types are `request` and `reply`), and its ports:
+// for an echo, its identifier in place of the source port and its type and code in place of
+// the destination port. Returns -1 for anything else.
+static __always_inline int fast_l4(__u8 proto, __u8 *l4, void *end, __u8 icmp, __u8 request,
+				   __u8 reply, __u16 *sport, __u16 *dport)
+{
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+			return -1;
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return -1;
+	} else if (proto == icmp) {
+		if (!HAVE(l4, 8, end) || (l4[0] != request && l4[0] != reply))
+			return -1;
+	} else {
+		return -1;
+	}
+	if (proto == icmp) {
+		*sport = *(__u16 *)(l4 + 4);
+		*dport = *(__u16 *)l4;
+	} else {
+		*sport = *(__u16 *)l4;
+		*dport = *(__u16 *)(l4 + 2);
+	}
+	return 0;
+}
+
 // The flow of an inner IPv4 packet at `pkt` that the fast path may carry: no options, not a
-// fragment, TCP that neither opens nor resets a connection, UDP, or an ICMP echo request or
-// reply. Returns -1 for anything else (the user-space path takes it).
+// fragment, and a transport fast_l4 takes. Returns -1 for anything else (the user-space path
+// takes it).
 //
-// An echo's flow is its identifier in place of the source port and its type and code in place
-// of the destination port: a request and the reply to it are two flows, so that a flow admitted
-// as the reply to the pod's own echo never carries a request, which policy must judge.
+// An echo's flow is its identifier and its type: a request and the reply to it are two flows,
+// so that a flow admitted as the reply to the pod's own echo never carries a request, which
+// policy must judge.
 static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
 {
 	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45)
 		return -1;
 	if (((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
 		return -1;
-	__u8 *l4 = pkt + 20;
-	__u8 proto = pkt[9];
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
-			return -1;
-	} else if (proto == IPPROTO_UDP) {
-		if (!HAVE(l4, 8, end))
-			return -1;
-	} else if (proto == IPPROTO_ICMP) {
-		if (!HAVE(l4, 8, end) || (l4[0] != ICMP_ECHO_REQUEST && l4[0] != ICMP_ECHO_REPLY))
-			return -1;
-	} else {
+	if (fast_l4(pkt[9], pkt + 20, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY,
+		    &f->sport, &f->dport) < 0)
 		return -1;
-	}
 	f->src = *(__u32 *)(pkt + 12);
 	f->dst = *(__u32 *)(pkt + 16);
-	if (proto == IPPROTO_ICMP) {
-		f->sport = *(__u16 *)(l4 + 4);
-		f->dport = *(__u16 *)l4;
-	} else {
-		f->sport = *(__u16 *)l4;
-		f->dport = *(__u16 *)(l4 + 2);
-	}
-	f->proto = proto;
+	f->proto = pkt[9];
 	f->pad[0] = f->pad[1] = f->pad[2] = 0;
 	return 0;
 }
 
 // The same for an inner IPv6 packet: the transport header straight after the fixed header (a
-// packet with extension headers, a fragment among them, is the user-space path's), TCP that
-// neither opens nor resets, UDP, or an ICMPv6 echo request or reply.
+// packet with extension headers, a fragment among them, is the user-space path's).
 static __always_inline int fast_flow6(__u8 *pkt, void *end, struct flow6 *f)
 {
 	if (!HAVE(pkt, IPV6_HEADER_LEN, end) || (pkt[0] >> 4) != 6)
 		return -1;
-	__u8 *l4 = pkt + IPV6_HEADER_LEN;
-	__u8 proto = pkt[6];
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
-			return -1;
-	} else if (proto == IPPROTO_UDP) {
-		if (!HAVE(l4, 8, end))
-			return -1;
-	} else if (proto == IPPROTO_ICMPV6) {
-		if (!HAVE(l4, 8, end) ||
-		    (l4[0] != ICMPV6_ECHO_REQUEST && l4[0] != ICMPV6_ECHO_REPLY))
-			return -1;
-	} else {
+	if (fast_l4(pkt[6], pkt + IPV6_HEADER_LEN, end, IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST,
+		    ICMPV6_ECHO_REPLY, &f->sport, &f->dport) < 0)
 		return -1;
-	}
 	__builtin_memcpy(f->src, pkt + 8, 16);
 	__builtin_memcpy(f->dst, pkt + 24, 16);
-	if (proto == IPPROTO_ICMPV6) {
-		f->sport = *(__u16 *)(l4 + 4);
-		f->dport = *(__u16 *)l4;
-	} else {
-		f->sport = *(__u16 *)l4;
-		f->dport = *(__u16 *)(l4 + 2);
-	}
-	f->proto = proto;
+	f->proto = pkt[6];
 	f->pad[0] = f->pad[1] = f->pad[2] = 0;
 	return 0;
 }

@@ -347,6 +347,17 @@ async fn tcp_exchange(a: &Pod, b: &Pod, port: u16) -> Result<(), String> {
     .unwrap()
 }
 
+/// Neither endpoint dropped anything, for any reason.
+fn assert_no_drops(a: &Pod, b: &Pod) {
+    for r in DropReason::ALL {
+        assert_eq!(
+            a.counters.drops_total(r) + b.counters.drops_total(r),
+            0,
+            "unexpected {r} drops"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_and_tcp_flow_with_the_right_keys() {
     if !privileged("ping_and_tcp_flow_with_the_right_keys") {
@@ -358,13 +369,7 @@ async fn ping_and_tcp_flow_with_the_right_keys() {
     tcp_exchange(&a, &b, 7000).await.expect("TCP exchange");
     assert!(a.counters.packets(Stage::Egress) >= 4);
     assert!(b.counters.packets(Stage::Ingress) >= 4);
-    for r in DropReason::ALL {
-        assert_eq!(
-            a.counters.drops_total(r) + b.counters.drops_total(r),
-            0,
-            "unexpected {r} drops"
-        );
-    }
+    assert_no_drops(&a, &b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,13 +724,7 @@ async fn the_fast_path_carries_established_flows_in_the_kernel() {
     // at each sync).
     a.resync();
     assert!(a.counters.bytes(Stage::Egress) >= ca.egress_bytes);
-    for r in DropReason::ALL {
-        assert_eq!(
-            a.counters.drops_total(r) + b.counters.drops_total(r),
-            0,
-            "unexpected {r} drops"
-        );
-    }
+    assert_no_drops(&a, &b);
     // ICMP stays on the user-space path, and works.
     assert!(ping(&a, B_OVERLAY, &[]).await);
 }
@@ -856,13 +855,7 @@ async fn the_fast_path_carries_ipv6_flows_in_the_kernel() {
         a.carried().ingress_packets > before.ingress_packets,
         "the kernel carried echo replies"
     );
-    for r in DropReason::ALL {
-        assert_eq!(
-            a.counters.drops_total(r) + b.counters.drops_total(r),
-            0,
-            "unexpected {r} drops"
-        );
-    }
+    assert_no_drops(&a, &b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
