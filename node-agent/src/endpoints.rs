@@ -106,6 +106,9 @@ pub struct Endpoints {
     local_sap: Option<SocketAddr>,
     fast: Arc<FastShared>,
     running: Mutex<BTreeMap<Attachment, Endpoint>>,
+    /// What the pods' programs carried since [`Endpoints::take_carried`] last asked: every sync
+    /// adds to it, the periodic ones and those after a compile alike.
+    carried: Arc<Mutex<Carried>>,
 }
 
 /// What every pod's fast path shares.
@@ -269,6 +272,7 @@ impl Endpoints {
                 worker: Worker::start(),
             }),
             running: Mutex::default(),
+            carried: Arc::default(),
         }
     }
 
@@ -306,7 +310,7 @@ impl Endpoints {
     /// lease, the flows it carries, counters): `periodic` also hands idle flows back to the
     /// engine. On the fast path's thread; map system calls only. Returns what the node's SaP
     /// did in the kernel.
-    pub async fn sync_fast(&self, periodic: bool) -> (NodeSyncReport, Carried) {
+    pub async fn sync_fast(&self, periodic: bool) -> NodeSyncReport {
         let ctxs: Vec<Arc<EndpointContext>> = self
             .map()
             .values()
@@ -315,10 +319,11 @@ impl Endpoints {
             .collect();
         // Without a pod on the fast path, the node's part has nothing to carry: its lease runs out.
         if ctxs.is_empty() {
-            return Default::default();
+            return NodeSyncReport::default();
         }
         let node = self.fast.node.get().cloned().flatten();
         let (tables, counters) = (self.tables.clone(), self.counters.clone());
+        let total = self.carried.clone();
         let (done, wait) = tokio::sync::oneshot::channel();
         self.fast.worker.run(move || {
             let now = keyway_sap::io::now_ms();
@@ -348,9 +353,15 @@ impl Endpoints {
                 gateway_refused = sap.gateway.refused,
                 "fast path flows judged again"
             );
-            let _ = done.send((sap, carried));
+            *total.lock().unwrap_or_else(|e| e.into_inner()) += carried;
+            let _ = done.send(sap);
         });
         wait.await.unwrap_or_default()
+    }
+
+    /// What the pods' programs carried since the last call.
+    pub fn take_carried(&self) -> Carried {
+        std::mem::take(&mut *self.carried.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Attachment, Endpoint>> {
