@@ -246,6 +246,69 @@ fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
     c.delete(&b);
 }
 
+/// Through a SaP, a connection's first datagrams (its SYN among them) are judged and forwarded
+/// by the destination node's kernel SaP, from the policy the agent compiled into its maps: the
+/// user-space SaP forwards none of them.
+#[test]
+fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy() {
+    if !privileged("a_connections_first_datagrams_cross_the_sap_in_the_kernel") {
+        return;
+    }
+    let c = TestCluster::new("agpol", 2, 112);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(2, "t", "b", &[("app", "b")]);
+    c.apply(
+        "allow-b.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n    ports: [{protocol: TCP, port: 8080}]\n",
+    );
+    eventually("a reaches b on 8080", Duration::from_secs(5), || {
+        a.tcp(&b, &b.overlay_ip, 8080).is_ok()
+    });
+    let node2 = c.agent(2);
+    // The gauge is set at the agent's periodic syncs, every second.
+    eventually(
+        "node-2's kernel SaP holds a compiled policy",
+        Duration::from_secs(3),
+        || node2.metric("keyway_fastpath_sap_policy_pairs") > 0.0,
+    );
+    // The SaP's counts reach /metrics at the agent's syncs: read once they stop moving.
+    let counts = || {
+        let read = || {
+            [
+                "keyway_datapath_packets_total{stage=\"sap\"}",
+                "keyway_fastpath_sap_datagrams_total",
+                "keyway_fastpath_sap_policy_datagrams_total",
+            ]
+            .map(|m| node2.metric(m))
+        };
+        keyway_testing::settled(Duration::from_millis(1200), 5, || {
+            read().iter().sum::<f64>()
+        });
+        read()
+    };
+    let [sap0, kernel0, policy0] = counts();
+    let connections = 5;
+    for _ in 0..connections {
+        a.tcp(&b, &b.overlay_ip, 8080)
+            .expect("a connection allowed by policy");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let [sap1, kernel1, policy1] = counts();
+    // Each connection: a SYN, the ACK of the handshake, data, and the close, a to b.
+    assert!(
+        policy1 - policy0 >= f64::from(connections) * 3.0,
+        "the connections' datagrams through node-2's SaP were let through by the compiled policy: {} ",
+        policy1 - policy0
+    );
+    assert_eq!(
+        sap1 - sap0,
+        kernel1 - kernel0,
+        "every datagram node-2's SaP forwarded, the kernel forwarded: none by the user-space SaP"
+    );
+    c.delete(&a);
+    c.delete(&b);
+}
+
 /// The lines of `ping` output that report a reply.
 fn reply_lines(out: &str) -> impl Iterator<Item = &str> {
     out.lines().filter(|l| l.contains("bytes from"))

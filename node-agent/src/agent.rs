@@ -219,6 +219,12 @@ impl Agent {
             self.metrics.fastpath_sap_flows.set(node.flows.kept as i64);
             self.metrics.fastpath_sap_datagrams.inc_by(node.forwarded);
             self.metrics
+                .fastpath_sap_policy_pairs
+                .set(node.policy.pairs as i64);
+            self.metrics
+                .fastpath_sap_policy_datagrams
+                .inc_by(node.policy.forwarded);
+            self.metrics
                 .fastpath_gateway_flows
                 .set(node.gateway.kept as i64);
             self.metrics

@@ -143,6 +143,11 @@ pub struct Metrics {
     pub fastpath_sap_flows: Gauge,
     /// Datagrams the node's SaP forwarded in the kernel (also in `keyway_datapath_*`).
     pub fastpath_sap_datagrams: Counter,
+    /// Identity pairs in the kernel SaP's compiled policy (0: none in force).
+    pub fastpath_sap_policy_pairs: Gauge,
+    /// Datagrams the kernel SaP forwarded by its compiled policy (a flow's first datagrams
+    /// among them; also in `keyway_fastpath_sap_datagrams`).
+    pub fastpath_sap_policy_datagrams: Counter,
     /// Flows the node's gateway carries in the kernel (at the last sync).
     pub fastpath_gateway_flows: Gauge,
     /// Packets the node's gateway carried in the kernel (also in `keyway_datapath_*`).
@@ -203,6 +208,8 @@ impl Metrics {
             fastpath_node_adopted: Gauge::default(),
             fastpath_sap_flows: Gauge::default(),
             fastpath_sap_datagrams: Counter::default(),
+            fastpath_sap_policy_pairs: Gauge::default(),
+            fastpath_sap_policy_datagrams: Counter::default(),
             fastpath_gateway_flows: Gauge::default(),
             fastpath_gateway_packets: Counter::default(),
             fastpath_pod_packets: Family::default(),
@@ -311,7 +318,7 @@ impl Metrics {
             help,
             self.fastpath_node_adopted.clone(),
         );
-        let help = "Flows the node's SaP forwards in the kernel, at the last sync (the user-space SaP forwards each flow's first datagrams)";
+        let help = "Flows the node's SaP forwards in the kernel from its flow map, at the last sync (what the compiled policy does not cover: the user-space SaP forwards each flow's first datagrams)";
         r.register(
             "keyway_fastpath_sap_flows",
             help,
@@ -322,6 +329,18 @@ impl Metrics {
             "keyway_fastpath_sap_datagrams",
             help,
             self.fastpath_sap_datagrams.clone(),
+        );
+        let help = "Identity pairs in the node's kernel SaP's compiled policy, at the last sync (0: none in force; the user-space SaP judges what it does not hold)";
+        r.register(
+            "keyway_fastpath_sap_policy_pairs",
+            help,
+            self.fastpath_sap_policy_pairs.clone(),
+        );
+        let help = "Datagrams the node's SaP forwarded in the kernel by its compiled policy, a flow's first ones among them (counted in keyway_fastpath_sap_datagrams too)";
+        r.register(
+            "keyway_fastpath_sap_policy_datagrams",
+            help,
+            self.fastpath_sap_policy_datagrams.clone(),
         );
         let help = "Flows the node's gateway carries in the kernel, at the last sync (the user-space gateway carries each flow's first packets)";
         r.register(

@@ -19,18 +19,24 @@
 // (kw_node_pods: pod IP -> the ifindex of its veth's node side), while the agent's lease holds.
 // Everything else goes through the bridge as before.
 //
-// kw_sap: the node's SaP, in the kernel, for the flows the user-space SaP has already forwarded.
-// On the ingress of the device that holds the SaP's address, a GUE datagram to the SaP whose
-// (outer source, key, inner five-tuple) is in kw_sap_flows (kw_sap_flows6 for an inner IPv6
-// packet) is forwarded as the user-space SaP forwards it: from the SaP's address and port to
-// the destination endpoint the engine chose,
+// kw_sap: the node's SaP, in the kernel. On the ingress of the device that holds the SaP's
+// address, a GUE datagram to the SaP is forwarded as the user-space SaP forwards it when either
+// its (outer source, key, inner five-tuple) is in kw_sap_flows (kw_sap_flows6 for an inner IPv6
+// packet), a flow the user-space SaP has already forwarded, or it passes the SaP's whole check
+// against the policy the agent compiled into kw_sap_routes and kw_sap_pairs (an inner IPv4 TCP,
+// UDP or echo packet to one of the pods this SaP fronts; see sap_compiled): from the SaP's
+// address and port to the destination endpoint the engine chose,
 // the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
 // pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
 // external entity) out of the device and to the neighbour the node's routing gives. The agent
 // put the flow there after engine::sap_forward admitted one of its datagrams, and re-derives
 // it through the same function at every change and every second;
 // the key is part of the flow, so a datagram with any other key (a rotation, a forgery) misses
-// and goes to the user-space SaP, which checks it. The kernel decides nothing and drops nothing.
+// and goes to the user-space SaP, which checks it. The SaP keeps no per-flow state, so its check
+// compiles whole into lookups: the kernel repeats the engine's decision for every datagram of a
+// pair, a flow's first ones included, from maps the agent rewrites at every compile
+// (sap/tests/bpf.rs holds it to engine::sap_forward). The kernel drops nothing: what it does not
+// forward goes to the user-space SaP, which drops and counts what it must.
 //
 // kw_gateway: the node's gateway, in the kernel, for the flows the user-space gateway has
 // already carried. On the egress of the gateway device (kwgw0, where the node routes what
@@ -60,6 +66,8 @@ struct node_config {
 	__u32 lease_lo;         // until when (bpf_ktime_get_ns) the maps may be used
 	__u32 lease_hi;
 	__u32 sap_v4;           // the SaP's address, network order (0: no kernel SaP)
+	__u32 policy_gen;       // the generation of kw_sap_routes and kw_sap_pairs in force (0:
+				// none: the kernel SaP forwards only the flows in kw_sap_flows)
 };
 
 struct {
@@ -216,13 +224,168 @@ struct {
 } kw_sap_flows6 SEC(".maps");
 
 // Datagrams forwarded (a GSO packet as its segments) and their bytes as the user-space SaP
-// counts them (GUE header and inner packet), added by the agent to its SaP counters.
+// counts them (GUE header and inner packet), added by the agent to its SaP counters; then the
+// datagrams of those that the compiled policy (not a flow in kw_sap_flows) let through.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } kw_sap_carried SEC(".maps");
+
+// The compiled policy: the SaP's whole check on an inner IPv4 packet, from maps the agent
+// compiles from the same tables as the engine (keyway_core::engine::sap_forward), so that a
+// flow's first datagrams need no trip to user space either. Keep in step with
+// sap/src/io/bpf.rs (SapRoute, SapPair).
+//
+// kw_sap_routes: the engine's FIB, every IPv4 prefix of it (longest prefix wins, as there).
+struct sap_route_key {
+	__u32 prefixlen;
+	__u32 addr;             // network order
+};
+
+#define ROUTE_OUTSIDE 1         // off the overlay: never a destination, speaks only via its SaP
+#define ROUTE_TO_SAP 2          // its endpoint is a SaP's address: the engine refuses (a loop)
+#define ROUTE_FRONTED 4         // this SaP fronts it: the kernel may forward to it
+#define ROUTE_UNUSABLE 8        // the kernel cannot judge it (an IPv6 endpoint): user space
+
+struct sap_route {
+	__u32 gen;              // the compilation it belongs to (node_config.policy_gen)
+	__u32 identity;
+	__u32 infra_v4;         // its endpoint, network order
+	__u32 infra_port;       // network order, low 16 bits
+	__u32 sap_v4;           // the SaP that fronts it, network order (0: none)
+	__u32 flags;            // ROUTE_*
+	__u32 nkeys;            // the keys it accepts throughout the agent's lease (0..3)
+	__u32 keys[3];          // host order
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sap_route_key);
+	__type(value, struct sap_route);
+} kw_sap_routes SEC(".maps");
+
+// kw_sap_pairs: what policy allows from one identity to another (keyway_core::acl::PairPolicy):
+// destination port ranges for TCP and UDP, or everything. A pair that is not here (policy
+// allows it nothing, or it needs more ranges than fit) goes to user space.
+#define PAIR_RANGES 8
+#define PAIR_EVERYTHING 1
+#define PAIR_MESH 2             // both meshed: TCP to HBONE_PORT is judged by PAIR_HBONE alone
+#define PAIR_HBONE 4
+#define HBONE_PORT 15008
+
+struct sap_pair_key {
+	__u32 src;
+	__u32 dst;
+};
+
+struct sap_pair {
+	__u32 gen;
+	__u32 flags;            // PAIR_*
+	__u32 ntcp;
+	__u32 nudp;
+	__u16 tcp[PAIR_RANGES][2]; // inclusive, host order
+	__u16 udp[PAIR_RANGES][2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sap_pair_key);
+	__type(value, struct sap_pair);
+} kw_sap_pairs SEC(".maps");
+
+static __always_inline struct sap_route *route_of(__u32 addr, __u32 gen)
+{
+	struct sap_route_key k = {.prefixlen = 32, .addr = addr};
+	struct sap_route *r = bpf_map_lookup_elem(&kw_sap_routes, &k);
+	return r && r->gen == gen && !(r->flags & ROUTE_UNUSABLE) ? r : NULL;
+}
+
+static __always_inline int in_ranges(__u16 r[PAIR_RANGES][2], __u32 n, __u16 port)
+{
+#pragma unroll
+	for (int i = 0; i < PAIR_RANGES; i++)
+		if (i < n && r[i][0] <= port && port <= r[i][1])
+			return 1;
+	return 0;
+}
+
+// Whether policy allows a packet of `proto` to destination port `dport` (host order; none for
+// an echo) from identity `src` to `dst` (keyway_core::acl::Acl::allows).
+static __always_inline int pair_allows(__u32 gen, __u32 src, __u32 dst, __u8 proto, __u16 dport)
+{
+	struct sap_pair_key k = {.src = src, .dst = dst};
+	struct sap_pair *p = bpf_map_lookup_elem(&kw_sap_pairs, &k);
+	if (!p || p->gen != gen)
+		return 0;
+	if (proto == IPPROTO_TCP && (p->flags & PAIR_MESH) && dport == HBONE_PORT)
+		return (p->flags & PAIR_HBONE) != 0;
+	if (p->flags & PAIR_EVERYTHING)
+		return 1;
+	if (proto == IPPROTO_TCP)
+		return in_ranges(p->tcp, p->ntcp, dport);
+	if (proto == IPPROTO_UDP)
+		return in_ranges(p->udp, p->nudp, dport);
+	return 0;
+}
+
+// The SaP's check (keyway_core::engine::sap_forward) on a datagram from `outer_src` with `key`
+// whose inner packet, at `pkt`, is IPv4 and fills it: the inner source's route, the inner
+// destination's (one this SaP fronts), the outer source may speak for the inner source, the
+// destination accepts the key, policy allows the packet (or its reply the other way, when it
+// does not open a flow), no loop. Returns 0 with the destination endpoint in *to, *to_port;
+// -1 for anything else, which the user-space SaP judges (and drops, where it must).
+static __always_inline int sap_compiled(struct node_config *cfg, __u32 outer_src, __u32 key,
+					__u8 *pkt, void *end, __u32 *to, __u32 *to_port)
+{
+	__u32 gen = cfg->policy_gen;
+	if (!gen || !HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+		return -1;
+	__u8 proto = pkt[9];
+	__u8 *l4 = pkt + 20;
+	__u16 sport = 0, dport = 0;
+	int opens = 0;
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end))
+			return -1;
+		opens = (l4[13] & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN; // SYN without ACK
+	} else if (proto == IPPROTO_UDP) {
+		if (!HAVE(l4, 8, end))
+			return -1;
+	} else if (proto == IPPROTO_ICMP) {
+		if (!HAVE(l4, 8, end) || (l4[0] != ICMP_ECHO_REQUEST && l4[0] != ICMP_ECHO_REPLY))
+			return -1;
+		opens = l4[0] == ICMP_ECHO_REQUEST;
+	} else {
+		return -1;
+	}
+	if (proto != IPPROTO_ICMP) {
+		sport = ((__u16)l4[0] << 8) | l4[1];
+		dport = ((__u16)l4[2] << 8) | l4[3];
+	}
+	struct sap_route *src = route_of(*(__u32 *)(pkt + 12), gen);
+	struct sap_route *dst = route_of(*(__u32 *)(pkt + 16), gen);
+	if (!src || !dst || (dst->flags & (ROUTE_OUTSIDE | ROUTE_TO_SAP)) ||
+	    !(dst->flags & ROUTE_FRONTED))
+		return -1;
+	if (!((!(src->flags & ROUTE_OUTSIDE) && src->infra_v4 == outer_src) ||
+	      (src->sap_v4 && src->sap_v4 == outer_src)))
+		return -1;
+	if (!((dst->nkeys > 0 && dst->keys[0] == key) || (dst->nkeys > 1 && dst->keys[1] == key) ||
+	      (dst->nkeys > 2 && dst->keys[2] == key)))
+		return -1;
+	if (!pair_allows(gen, src->identity, dst->identity, proto, dport) &&
+	    (opens || !pair_allows(gen, dst->identity, src->identity, proto, sport)))
+		return -1;
+	*to = dst->infra_v4;
+	*to_port = dst->infra_port;
+	return 0;
+}
 
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4
 // one without options is shorter), TCP.
@@ -278,18 +441,25 @@ int kw_sap(struct __sk_buff *skb)
 	__u8 *pkt = gue + 8;
 	// The flow, and the inner packet's IP and transport headers (each datagram the user-space
 	// SaP would send carries them: they count in its bytes).
-	struct sap_flow *flow;
+	struct sap_flow *flow = NULL;
 	__u32 ip_len;
 	__u8 proto;
+	__u32 to;
+	__u32 to_port;
+	int compiled = 0;
 	if (header == GUE_PLAIN_IPV4) {
-		if (!HAVE(pkt, 4, end) || (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
+		if (!HAVE(pkt, 20, end) || (((__u32)pkt[2] << 8) | pkt[3]) != ulen - 16)
 			return TC_ACT_OK;
 		struct sap_flow_key k = {.outer_src = ip->saddr, .key = key};
-		if (fast_flow4(pkt, end, &k.inner) < 0)
-			return TC_ACT_OK;
-		flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
+		if (fast_flow4(pkt, end, &k.inner) == 0)
+			flow = bpf_map_lookup_elem(&kw_sap_flows, &k);
+		if (!flow) {
+			if (sap_compiled(cfg, ip->saddr, key, pkt, end, &to, &to_port) < 0)
+				return TC_ACT_OK;
+			compiled = 1;
+		}
 		ip_len = 20;
-		proto = k.inner.proto;
+		proto = pkt[9];
 	} else if (header == GUE_PLAIN_IPV6) {
 		if (!HAVE(pkt, 6, end) ||
 		    (((__u32)pkt[4] << 8) | pkt[5]) + IPV6_HEADER_LEN != ulen - 16)
@@ -303,8 +473,12 @@ int kw_sap(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_OK;
 	}
-	if (!flow)
+	if (flow) {
+		to = flow->to_v4;
+		to_port = flow->to_port;
+	} else if (!compiled) {
 		return TC_ACT_OK;
+	}
 	__u32 inner_headers = ip_len + 8;
 	if (proto == IPPROTO_TCP) {
 		__u8 *tcp = pkt + (ip_len & 0x3c);
@@ -312,15 +486,15 @@ int kw_sap(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		inner_headers = ip_len + (tcp[12] >> 4) * 4;
 	}
-	__u32 to = flow->to_v4;
-	__u16 to_port = (__u16)flow->to_port;
 	__u16 gue_port = (__u16)cfg->gue_port;
 	// Where it goes, found before anything is rewritten.
 	__u32 out;
 	__u8 macs[12];
-	if (next_hop(skb, skb->ingress_ifindex, cfg->sap_v4, to, gue_port, to_port, &out, macs))
+	if (next_hop(skb, skb->ingress_ifindex, cfg->sap_v4, to, gue_port, (__u16)to_port, &out,
+		     macs))
 		return TC_ACT_OK;
-	flow->seen_ns = bpf_ktime_get_ns();
+	if (flow)
+		flow->seen_ns = bpf_ktime_get_ns();
 
 	__u32 from = ip->saddr;
 	__u16 sport = udp->source;
@@ -342,17 +516,24 @@ int kw_sap(struct __sk_buff *skb)
 	if (sport != gue_port &&
 	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, sport, gue_port, BPF_F_MARK_MANGLED_0 | 2))
 		return TC_ACT_SHOT;
-	if (dport != to_port &&
-	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, dport, to_port, BPF_F_MARK_MANGLED_0 | 2))
+	__u16 to_port16 = (__u16)to_port;
+	if (dport != to_port16 &&
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, dport, to_port16, BPF_F_MARK_MANGLED_0 | 2))
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, IP_SRC_OFF, &sap, 4, 0) ||
 	    bpf_skb_store_bytes(skb, IP_DST_OFF, &to, 4, 0) ||
 	    bpf_skb_store_bytes(skb, UDP_OFF, &gue_port, 2, 0) ||
-	    bpf_skb_store_bytes(skb, UDP_OFF + 2, &to_port, 2, 0) ||
+	    bpf_skb_store_bytes(skb, UDP_OFF + 2, &to_port16, 2, 0) ||
 	    bpf_skb_store_bytes(skb, 0, macs, 12, 0))
 		return TC_ACT_SHOT;
 
 	count_carried(&kw_sap_carried, segs, bytes);
+	if (compiled) {
+		__u32 k = 2;
+		__u64 *n = bpf_map_lookup_elem(&kw_sap_carried, &k);
+		if (n)
+			*n += segs;
+	}
 	return bpf_redirect(out, 0);
 }
 

@@ -515,24 +515,59 @@ impl Acl {
     /// The TCP ports policy allows from `src` to `dst`, as sorted disjoint ranges: what the
     /// destination's table checks where ztunnel hands a meshed connection to the application.
     pub fn tcp_ports(&self, src: Identity, dst: Identity) -> Vec<PortRange> {
-        let (Some(s), Some(d)) = (self.isolation(src), self.isolation(dst)) else {
-            return Vec::new();
-        };
+        self.pair_policy(src, dst).map_or_else(Vec::new, |p| p.tcp)
+    }
+
+    /// Everything policy allows from `src` to `dst`, flattened into what a check that keeps no
+    /// rules needs (the kernel SaP's per-pair map): [`PairPolicy::admits`] says what
+    /// [`Acl::allows`] says of every packet with its transport header. `None` when either
+    /// identity is unknown (nothing is allowed).
+    pub fn pair_policy(&self, src: Identity, dst: Identity) -> Option<PairPolicy> {
+        let (s, d) = (self.isolation(src)?, self.isolation(dst)?);
         let entry = self.pairs.get(&pair(src, dst));
+        // One direction's rules, where that side is isolated: the union of what its candidate
+        // sets admit (a packet is admitted by a side when one of its sets admits it).
         let side = |isolated: bool, dir: Direction| {
+            let mut out = Side::default();
             if !isolated {
-                return vec![ALL_PORTS];
+                out.everything = true;
+                out.some_tcp = true;
+                for ports in &mut out.ports {
+                    *ports = vec![ALL_PORTS];
+                }
+                return out;
             }
-            normalise(
-                self.candidates(dir, src, dst, entry)
-                    .flat_map(AllowSet::tcp_ranges)
-                    .collect(),
-            )
+            let mut ranges: [Vec<PortRange>; 3] = Default::default();
+            for set in self.candidates(dir, src, dst, entry) {
+                out.everything |= set.everything;
+                out.some_tcp |= set.admits_some_tcp();
+                for (all, ports) in ranges.iter_mut().zip([&set.tcp, &set.udp, &set.sctp]) {
+                    all.extend(if set.everything {
+                        vec![ALL_PORTS]
+                    } else {
+                        ports.ranges()
+                    });
+                }
+            }
+            for (out, all) in out.ports.iter_mut().zip(ranges) {
+                *out = normalise(all);
+            }
+            out
         };
-        intersect(
-            &side(s.egress, Direction::Egress),
-            &side(d.ingress, Direction::Ingress),
-        )
+        let (e, i) = (
+            side(s.egress, Direction::Egress),
+            side(d.ingress, Direction::Ingress),
+        );
+        let [tcp, udp, sctp] = std::array::from_fn(|p| intersect(&e.ports[p], &i.ports[p]));
+        let mesh = self.is_mesh(src) && self.is_mesh(dst);
+        Some(PairPolicy {
+            everything: e.everything && i.everything,
+            tcp,
+            udp,
+            sctp,
+            mesh,
+            hbone: mesh && e.some_tcp && i.some_tcp,
+        })
     }
 
     /// Whether `c` from `src` to `dst` could be a reply within a flow that policy allows from
@@ -577,6 +612,48 @@ impl Acl {
     pub fn group_rule_count(&self) -> (usize, usize) {
         let rules = self.egress_groups.iter().chain(&self.ingress_groups);
         (rules.map(|r| r.len()).sum(), self.groups.len())
+    }
+}
+
+/// What one side (the source's egress or the destination's ingress rules) admits between a pair.
+#[derive(Debug, Default)]
+struct Side {
+    everything: bool,
+    some_tcp: bool,
+    /// TCP, UDP, SCTP.
+    ports: [Vec<PortRange>; 3],
+}
+
+/// What policy allows from one identity to another, flattened: see [`Acl::pair_policy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairPolicy {
+    /// Every protocol and port (what an ICMP echo, or a protocol without ports, needs).
+    pub everything: bool,
+    /// The destination ports allowed, sorted, disjoint and non-adjacent.
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
+    pub sctp: Vec<PortRange>,
+    /// Both identities are enrolled in the mesh: TCP to [`HBONE_PORT`] is judged by `hbone`.
+    pub mesh: bool,
+    /// Whether HBONE between them is allowed (both sides allow some TCP port).
+    pub hbone: bool,
+}
+
+impl PairPolicy {
+    /// Whether policy admits `c`, as [`Acl::allows`] does, for a packet with its transport
+    /// header (not a later fragment, nor a first one cut before its ports).
+    pub fn admits(&self, c: &Classified) -> bool {
+        let Transport::Ports { dst, .. } = c.transport else {
+            return self.everything;
+        };
+        let ranges = match c.proto {
+            PROTO_TCP if self.mesh && dst == HBONE_PORT => return self.hbone,
+            PROTO_TCP => &self.tcp,
+            PROTO_UDP => &self.udp,
+            PROTO_SCTP => &self.sctp,
+            _ => return self.everything,
+        };
+        self.everything || ranges.iter().any(|r| r.start <= dst && dst <= r.end)
     }
 }
 
@@ -757,6 +834,7 @@ impl AclBuilder {
 mod tests {
     use super::*;
     use crate::packet::{PROTO_ICMP, build};
+    use proptest::prelude::*;
 
     fn tcp(dport: u16) -> Classified {
         crate::packet::classify(&build::tcp4([1, 1, 1, 1], 40000, [2, 2, 2, 2], dport)).unwrap()
@@ -1062,6 +1140,115 @@ mod tests {
                 .iter()
                 .any(|r| r.start <= p && p <= r.end);
             assert_eq!(acl.allows(client, server, &tcp(p)), expected, "port {p}");
+        }
+    }
+
+    /// One rule of a generated policy: whose, towards which peers, what.
+    #[derive(Debug, Clone)]
+    enum Peers {
+        Pair(u32, u32),
+        Any(u32),
+        Group(Vec<u32>, u32),
+    }
+
+    /// What a rule allows: everything (`None`), or a protocol on every port or a range.
+    type Allowed = Option<(u8, Option<(u16, u16)>)>;
+
+    fn arb_rule(n: u32) -> impl Strategy<Value = (bool, Peers, Allowed)> {
+        let peers = prop_oneof![
+            (0..n, 0..n).prop_map(|(a, b)| Peers::Pair(a, b)),
+            (0..n).prop_map(Peers::Any),
+            (proptest::collection::vec(0..n, 0..3), 0..n).prop_map(|(g, o)| Peers::Group(g, o)),
+        ];
+        let port = prop_oneof![
+            Just(80u16),
+            Just(HBONE_PORT),
+            Just(53),
+            0..200u16,
+            any::<u16>()
+        ];
+        let what = proptest::option::of((
+            prop_oneof![Just(PROTO_TCP), Just(PROTO_UDP), Just(PROTO_SCTP)],
+            proptest::option::of((port.clone(), 0..40u16)),
+        ))
+        .prop_map(|w| w.map(|(proto, r)| (proto, r.map(|(s, len)| (s, s.saturating_add(len))))));
+        (any::<bool>(), peers, what)
+    }
+
+    proptest! {
+        /// The flattened pair policy the kernel SaP holds says what the rules say, for every
+        /// kind of rule (per pair, any peer, peer groups), isolation, mesh and packet.
+        #[test]
+        fn a_pair_policy_admits_what_the_rules_admit(
+            isolation in proptest::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 1..6),
+            rules in proptest::collection::vec(arb_rule(6), 0..12),
+            ports in proptest::collection::vec(
+                prop_oneof![Just(80u16), Just(HBONE_PORT), Just(53), 0..240u16, any::<u16>()], 1..8),
+        ) {
+            let mut b = Acl::builder();
+            let ids: Vec<Identity> = isolation
+                .iter()
+                .map(|&(ingress, egress, mesh)| {
+                    let id = b.identity(Isolation { ingress, egress });
+                    if mesh {
+                        b.mesh(id);
+                    }
+                    id
+                })
+                .collect();
+            let n = ids.len() as u32;
+            for (egress, peers, what) in rules {
+                let set = match peers {
+                    Peers::Pair(a, c) if a < n && c < n => {
+                        let (a, c) = (ids[a as usize], ids[c as usize]);
+                        if egress { b.egress(a, c) } else { b.ingress(a, c) }
+                    }
+                    Peers::Any(a) if a < n => {
+                        let a = ids[a as usize];
+                        if egress { b.egress_to_any(a) } else { b.ingress_from_any(a) }
+                    }
+                    Peers::Group(members, own) if own < n => {
+                        let members: Vec<Identity> =
+                            members.iter().filter(|&&m| m < n).map(|&m| ids[m as usize]).collect();
+                        let g = b.peer_group(&members);
+                        let own = ids[own as usize];
+                        if egress { b.egress_to_group(own, g) } else { b.ingress_from_group(g, own) }
+                    }
+                    _ => continue,
+                };
+                match what {
+                    None => set.allow_everything(),
+                    Some((proto, r)) => set.allow(proto, r.map(|(s, e)| PortRange::new(s, e))),
+                };
+            }
+            let acl = b.build();
+            let packet = |proto: u8, transport: Transport| Classified {
+                src: [1, 1, 1, 1].into(),
+                dst: [2, 2, 2, 2].into(),
+                proto,
+                transport,
+                opens_flow: false,
+                resets_flow: false,
+            };
+            let mut packets = vec![
+                packet(PROTO_ICMP, Transport::Echo { id: 7, reply: false }),
+                packet(PROTO_ICMP, Transport::NoPorts),
+                packet(47, Transport::NoPorts),
+            ];
+            for &p in &ports {
+                for proto in [PROTO_TCP, PROTO_UDP, PROTO_SCTP] {
+                    packets.push(packet(proto, Transport::Ports { src: 40000, dst: p }));
+                }
+            }
+            for &s in &ids {
+                for &d in &ids {
+                    let policy = acl.pair_policy(s, d).unwrap();
+                    for c in &packets {
+                        prop_assert_eq!(policy.admits(c), acl.allows(s, d, c), "{:?} -> {:?}: {:?}, {:?}", s, d, c, policy);
+                    }
+                }
+                prop_assert!(acl.pair_policy(s, Identity(n)).is_none());
+            }
         }
     }
 

@@ -133,6 +133,15 @@ impl Fib {
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
+
+    /// Every IPv4 prefix with its route, in no order: what a longest-prefix table elsewhere (the
+    /// kernel SaP's) needs to match as this one does.
+    pub fn prefixes_v4(&self) -> impl Iterator<Item = (std::net::Ipv4Addr, u8, &Route)> + '_ {
+        self.v4.levels.iter().flat_map(move |(len, map)| {
+            map.iter()
+                .map(move |(addr, &idx)| ((*addr).into(), *len, &self.routes[idx as usize]))
+        })
+    }
 }
 
 #[derive(Debug, Default)]

@@ -15,6 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
@@ -816,6 +817,8 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         SAP_FLOWS,
         SAP_FLOWS6,
         SAP_CARRIED,
+        SAP_ROUTES,
+        SAP_PAIRS,
         GATEWAY_FLOWS,
         GATEWAY_CARRIED,
     ]
@@ -1002,6 +1005,8 @@ const NODE_PODS: &str = "kw_node_pods";
 const SAP_FLOWS: &str = "kw_sap_flows";
 const SAP_FLOWS6: &str = "kw_sap_flows6";
 const SAP_CARRIED: &str = "kw_sap_carried";
+const SAP_ROUTES: &str = "kw_sap_routes";
+const SAP_PAIRS: &str = "kw_sap_pairs";
 const GATEWAY_PROGRAM: &str = "kw_gateway";
 const GATEWAY_FLOWS: &str = "kw_gw_flows";
 const GATEWAY_CARRIED: &str = "kw_gw_carried";
@@ -1081,17 +1086,117 @@ impl SapNextHop {
     }
 }
 
+/// A route of the kernel SaP's compiled policy (`struct sap_route`): one prefix of the engine's
+/// FIB, as the kernel's check needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SapRoute {
+    /// The compilation it belongs to: the kernel uses it only while the node's configuration
+    /// says that one is in force, so that it never judges by half of two compilations.
+    pub generation: u32,
+    pub identity: u32,
+    pub infra: SocketAddrV4,
+    pub sap: Option<Ipv4Addr>,
+    /// Off the overlay (`Route::outside`).
+    pub outside: bool,
+    /// Its endpoint is a SaP's address: the engine refuses it as a destination (a loop).
+    pub to_sap: bool,
+    /// This SaP fronts it: the kernel may forward to it.
+    pub fronted: bool,
+    /// The kernel cannot judge it: any datagram from or to it goes to user space.
+    pub unusable: bool,
+    /// The keys it accepts throughout the agent's lease (at most 3).
+    pub keys: Vec<Key>,
+}
+
+impl SapRoute {
+    fn bytes(&self) -> [u8; 40] {
+        let flags = u32::from(self.outside)
+            | u32::from(self.to_sap) << 1
+            | u32::from(self.fronted) << 2
+            | u32::from(self.unusable) << 3;
+        let keys = &self.keys[..self.keys.len().min(3)];
+        let mut w = [0u32; 10];
+        w[0] = self.generation;
+        w[1] = self.identity;
+        w[2] = net_v4(Some(*self.infra.ip()));
+        w[3] = net_port(self.infra.port());
+        w[4] = net_v4(self.sap);
+        w[5] = flags;
+        w[6] = keys.len() as u32;
+        for (slot, k) in w[7..].iter_mut().zip(keys) {
+            *slot = k.0;
+        }
+        words_bytes(w)
+    }
+}
+
+/// Destination port ranges a pair of the compiled policy holds per protocol (`PAIR_RANGES`).
+pub const PAIR_RANGES: usize = 8;
+
+/// What policy allows from one identity to another, in the kernel SaP's map (`struct sap_pair`,
+/// from `keyway_core::acl::PairPolicy`): `None` from [`SapPair::of`] when it does not fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SapPair {
+    pub generation: u32,
+    bytes: [u8; 80],
+}
+
+impl SapPair {
+    /// The pair's entry, or `None` when policy allows the pair nothing the kernel would carry
+    /// (so an entry would only cost a lookup) or needs more ranges than fit (the user-space SaP
+    /// then judges the pair).
+    pub fn of(generation: u32, p: &keyway_core::acl::PairPolicy) -> Option<SapPair> {
+        if p.tcp.len() > PAIR_RANGES || p.udp.len() > PAIR_RANGES {
+            return None;
+        }
+        if !p.everything && !p.hbone && p.tcp.is_empty() && p.udp.is_empty() {
+            return None;
+        }
+        let flags = u32::from(p.everything) | u32::from(p.mesh) << 1 | u32::from(p.hbone) << 2;
+        let mut b = [0u8; 80];
+        for (i, w) in [generation, flags, p.tcp.len() as u32, p.udp.len() as u32]
+            .iter()
+            .enumerate()
+        {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        for (base, ranges) in [(16, &p.tcp), (48, &p.udp)] {
+            for (i, r) in ranges.iter().enumerate() {
+                let at = base + i * 4;
+                b[at..at + 2].copy_from_slice(&r.start.to_ne_bytes());
+                b[at + 2..at + 4].copy_from_slice(&r.end.to_ne_bytes());
+            }
+        }
+        Some(SapPair {
+            generation,
+            bytes: b,
+        })
+    }
+}
+
+fn words_bytes<const N: usize, const M: usize>(w: [u32; N]) -> [u8; M] {
+    let mut b = [0u8; M];
+    for (chunk, w) in b.chunks_exact_mut(4).zip(w) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    b
+}
+
 /// The node's programs and maps, in the kernel: loaded by this agent, or adopted from the agent
 /// before it ([`NodePrograms::adopt`]).
 pub struct NodePrograms {
     bridge: SchedClassifier,
     sap: SchedClassifier,
     gateway: SchedClassifier,
-    config: Array<MapData, [u32; 4]>,
+    config: Array<MapData, [u32; 5]>,
+    /// What this agent last wrote to `config`.
+    words: [u32; 5],
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
     sap_flows6: HashMap<MapData, [u8; 48], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
+    sap_routes: LpmTrie<MapData, [u8; 4], [u8; 40]>,
+    sap_pairs: HashMap<MapData, [u8; 8], [u8; 80]>,
     /// Valued by `struct egress_flow` (`flow.h`), as the pods' egress flows: [`EgressFlow`].
     gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
     gateway_carried: PerCpuArray<MapData, u64>,
@@ -1157,8 +1262,13 @@ impl NodePrograms {
             programs: [bridge, sap, gateway],
             mut maps,
         } = parts;
+        let config: Array<MapData, [u32; 5]> = maps.typed(NODE_CONFIG)?;
+        let words = config.get(&0, 0).map_err(|e| map_error(NODE_CONFIG, e))?;
         Ok(NodePrograms {
-            config: maps.typed(NODE_CONFIG)?,
+            config,
+            words,
+            sap_routes: maps.typed(SAP_ROUTES)?,
+            sap_pairs: maps.typed(SAP_PAIRS)?,
             pods: maps.typed(NODE_PODS)?,
             sap_flows: maps.typed(SAP_FLOWS)?,
             sap_flows6: maps.typed(SAP_FLOWS6)?,
@@ -1179,15 +1289,22 @@ impl NodePrograms {
         sap: Option<Ipv4Addr>,
         lease_ns: u64,
     ) -> Result<(), BpfError> {
-        let words = [
+        let mut words = self.words;
+        words[..4].copy_from_slice(&[
             net_port(gue_port),
             lease_ns as u32,
             (lease_ns >> 32) as u32,
             net_v4(sap),
-        ];
+        ]);
+        self.write_config(words)
+    }
+
+    fn write_config(&mut self, words: [u32; 5]) -> Result<(), BpfError> {
         self.config
             .set(0, words, 0)
-            .map_err(|e| map_error(NODE_CONFIG, e))
+            .map_err(|e| map_error(NODE_CONFIG, e))?;
+        self.words = words;
+        Ok(())
     }
 
     /// The lease the programs hold now (CLOCK_MONOTONIC ns; 0: none).
@@ -1197,6 +1314,67 @@ impl NodePrograms {
             .get(&0, 0)
             .map_err(|e| map_error(NODE_CONFIG, e))?;
         Ok(u64::from(w[1]) | u64::from(w[2]) << 32)
+    }
+
+    /// Puts compilation `generation` of the kernel SaP's policy in force (0: none; the kernel
+    /// SaP then forwards only the flows in its flow maps). Routes and pairs of any other
+    /// generation are not used.
+    pub fn set_policy_generation(&mut self, generation: u32) -> Result<(), BpfError> {
+        let mut words = self.words;
+        words[4] = generation;
+        self.write_config(words)
+    }
+
+    /// The compiled policy's generation in force (0: none).
+    pub fn policy_generation(&self) -> u32 {
+        self.words[4]
+    }
+
+    pub fn insert_route(&mut self, prefix: (Ipv4Addr, u8), r: &SapRoute) -> Result<(), BpfError> {
+        self.sap_routes
+            .insert(
+                &LpmKey::new(u32::from(prefix.1), prefix.0.octets()),
+                r.bytes(),
+                0,
+            )
+            .map_err(|e| map_error(SAP_ROUTES, e))
+    }
+
+    pub fn remove_route(&mut self, prefix: (Ipv4Addr, u8)) {
+        let _ = self
+            .sap_routes
+            .remove(&LpmKey::new(u32::from(prefix.1), prefix.0.octets()));
+    }
+
+    /// The prefixes the compiled policy's routes have.
+    pub fn route_prefixes(&self) -> Vec<(Ipv4Addr, u8)> {
+        self.sap_routes
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (Ipv4Addr::from(k.data()), k.prefix_len() as u8))
+            .collect()
+    }
+
+    pub fn insert_pair(&mut self, src: u32, dst: u32, p: &SapPair) -> Result<(), BpfError> {
+        self.sap_pairs
+            .insert(pair_key(src, dst), p.bytes, 0)
+            .map_err(|e| map_error(SAP_PAIRS, e))
+    }
+
+    pub fn remove_pair(&mut self, src: u32, dst: u32) {
+        let _ = self.sap_pairs.remove(&pair_key(src, dst));
+    }
+
+    /// The (source, destination) identity pairs the compiled policy holds.
+    pub fn pairs(&self) -> Vec<(u32, u32)> {
+        self.sap_pairs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                let w = |i: usize| u32::from_ne_bytes(k[i..i + 4].try_into().expect("4 bytes"));
+                (w(0), w(4))
+            })
+            .collect()
     }
 
     /// The kernel SaP's program id.
@@ -1334,6 +1512,19 @@ impl NodePrograms {
         let c = per_cpu_sums::<2>(&self.sap_carried, SAP_CARRIED)?;
         Ok((c[0], c[1]))
     }
+
+    /// Of those datagrams, how many the compiled policy let through (not a flow in the flow
+    /// maps).
+    pub fn sap_compiled(&self) -> Result<u64, BpfError> {
+        Ok(per_cpu_sums::<3>(&self.sap_carried, SAP_CARRIED)?[2])
+    }
+}
+
+fn pair_key(src: u32, dst: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&src.to_ne_bytes());
+    k[4..].copy_from_slice(&dst.to_ne_bytes());
+    k
 }
 
 /// Removes the node's programs from `device` (in this thread's namespace): `kw_bridge_egress`

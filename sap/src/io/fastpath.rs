@@ -24,11 +24,12 @@
 //! - adds what the kernel carried to the endpoint's [`Counters`], so `/metrics` and
 //!   `keyway-lab paths` count every packet once, whichever path handled it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use keyway_core::acl::Identity;
 use keyway_core::counters::Stage;
 use keyway_core::engine::{self, Admission, PacketAuth};
 use keyway_core::gue;
@@ -38,7 +39,7 @@ use keyway_core::packet::PROTO_TCP;
 
 use super::bpf::{
     BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow, Flow4,
-    FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop,
+    FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop, SapPair, SapRoute,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -681,6 +682,118 @@ pub struct NodeFastPath {
     gateway: Option<String>,
     gateway_attached: AtomicBool,
     gateway_state: Mutex<Cached<Flow4>>,
+    compiled: Mutex<SapPolicy>,
+}
+
+/// The kernel SaP's compiled policy as this agent last wrote it to the maps; kept true to the
+/// tables by [`SapPolicy::sync`].
+#[derive(Debug, Default)]
+pub struct SapPolicy {
+    /// The tables generation it was compiled from (0: none in force).
+    tables_generation: u64,
+    /// What the kernel had forwarded by the compiled policy at the last count.
+    counted: u64,
+    routes: HashMap<(Ipv4Addr, u8), SapRoute>,
+    pairs: HashMap<(u32, u32), SapPair>,
+}
+
+/// The most routes (the FIB's IPv4 prefixes) and identity pairs the kernel SaP's maps hold
+/// (`kw_sap_routes`, `kw_sap_pairs`). A FIB with more prefixes is not compiled at all (a route
+/// left out could make a shorter prefix match instead); pairs beyond the limit are left to the
+/// user-space SaP.
+pub const SAP_POLICY_MAX: usize = 65536;
+
+/// The kernel SaP's compiled policy from `tables` (generation `generation` of the maps), for
+/// the SaP at `sap`: every IPv4 prefix of the FIB ([`compile_sap_routes`]), and for each
+/// identity this SaP fronts, what policy allows it from every identity and to every identity
+/// (the reply check needs the other way). `None` when the FIB has more prefixes than the map
+/// holds.
+#[allow(clippy::type_complexity)]
+pub fn compile_sap_policy(
+    tables: &engine::Tables,
+    sap: Ipv4Addr,
+    generation: u32,
+    now_ms: u64,
+) -> Option<(
+    HashMap<(Ipv4Addr, u8), SapRoute>,
+    HashMap<(u32, u32), SapPair>,
+)> {
+    let routes = compile_sap_routes(tables, sap, generation, now_ms)?;
+    let fronted: std::collections::BTreeSet<u32> = routes
+        .values()
+        .filter(|r| r.fronted && !r.unusable)
+        .map(|r| r.identity)
+        .collect();
+    // Only identities with a route can be a datagram's inner source or destination.
+    let routed: std::collections::BTreeSet<u32> = routes.values().map(|r| r.identity).collect();
+    let acl = &tables.acl;
+    let mut pairs = HashMap::new();
+    // Bounded work as well as a bounded map: a compile never costs more than this many pairs.
+    let mut budget = SAP_POLICY_MAX;
+    'fronted: for &d in &fronted {
+        for &s in &routed {
+            for (a, b) in [(s, d), (d, s)] {
+                if budget == 0 {
+                    break 'fronted;
+                }
+                budget -= 1;
+                let policy = acl.pair_policy(Identity(a), Identity(b));
+                if let Some(p) = policy.and_then(|p| SapPair::of(generation, &p)) {
+                    pairs.insert((a, b), p);
+                }
+            }
+        }
+    }
+    Some((routes, pairs))
+}
+
+/// The routes of [`compile_sap_policy`]: every IPv4 prefix of the FIB with the keys its
+/// entity accepts from `now_ms` until the lease runs out.
+pub fn compile_sap_routes(
+    tables: &engine::Tables,
+    sap: Ipv4Addr,
+    generation: u32,
+    now_ms: u64,
+) -> Option<HashMap<(Ipv4Addr, u8), SapRoute>> {
+    let lease_end = now_ms + LEASE_NS / 1_000_000;
+    let mut routes = HashMap::new();
+    for (addr, len, r) in tables.fib.prefixes_v4() {
+        if routes.len() == SAP_POLICY_MAX {
+            return None;
+        }
+        let infra = match r.infra {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        };
+        let sap_v4 = match r.sap {
+            Some(SocketAddr::V4(a)) => Some(*a.ip()),
+            _ => None,
+        };
+        let unusable = r.infra.is_ipv6();
+        let is_fronted = !r.outside && sap_v4 == Some(sap);
+        // Only keys the engine accepts from now until the lease runs out: a key the kernel
+        // holds is never one the engine refuses meanwhile.
+        let later = r.keys.accepted_at(lease_end);
+        let keys = r
+            .keys
+            .accepted_at(now_ms)
+            .into_iter()
+            .filter(|k| later.contains(k))
+            .collect();
+        let route = SapRoute {
+            generation,
+            identity: r.identity.0,
+            infra,
+            sap: sap_v4,
+            outside: r.outside,
+            to_sap: tables.saps.contains(&r.infra.ip()),
+            fronted: is_fronted,
+            unusable,
+            keys,
+        };
+        routes.insert((addr, len), route);
+    }
+    Some(routes)
 }
 
 /// What the node keeps about the flows one of its programs carries by itself.
@@ -792,6 +905,10 @@ impl NodeFastPath {
                 (p, false, monotonic_ns(), (0, 0), (0, 0))
             }
         };
+        let policy = SapPolicy {
+            counted: programs.sap_compiled().unwrap_or_default(),
+            ..SapPolicy::default()
+        };
         let node = NodeFastPath {
             programs: Mutex::new(programs),
             gue_port,
@@ -802,6 +919,7 @@ impl NodeFastPath {
             gateway: gateway.filter(|_| sap.is_some()).map(str::to_string),
             gateway_attached: AtomicBool::new(false),
             gateway_state: Mutex::new(Cached::since(last_sync_ns, gateway_counted)),
+            compiled: Mutex::new(policy),
         };
         node.attach_gateway();
         Ok(node)
@@ -1061,6 +1179,11 @@ impl NodeFastPath {
         if self.sap.is_none() {
             return out;
         }
+        out.policy = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync(&mut p, &tables, sap, now_ms, periodic);
         gw.generation = tables.generation;
         let last_sync = gw.period(now_ns, periodic);
         let report = &mut out.gateway;
@@ -1131,6 +1254,133 @@ impl NodeFastPath {
     }
 }
 
+impl SapPolicy {
+    /// Keeps the kernel SaP's compiled policy (in `p`'s maps) true to `tables`: at a new tables
+    /// generation, a whole new compilation (written beside the one in force, then put in force
+    /// at once, then the old one's leftovers removed, so that the kernel never judges by a mix
+    /// of two); at a periodic sync, the routes' keys. Off (generation 0) without a kernel SaP
+    /// (`sap`, `None` while packet authentication is on) or when the FIB does not fit. Returns
+    /// the pairs and routes in force.
+    pub fn sync(
+        &mut self,
+        p: &mut super::bpf::NodePrograms,
+        tables: &engine::Tables,
+        sap: Option<Ipv4Addr>,
+        now_ms: u64,
+        periodic: bool,
+    ) -> PolicyReport {
+        let c = self;
+        // Counted at periodic syncs only, as the SaP's other counts.
+        let mut forwarded = 0;
+        if let (true, Ok(total)) = (periodic, p.sap_compiled()) {
+            forwarded = total.saturating_sub(c.counted);
+            c.counted = total;
+        }
+        let off = |p: &mut super::bpf::NodePrograms, c: &mut SapPolicy| {
+            if p.policy_generation() != 0 {
+                let _ = p.set_policy_generation(0);
+            }
+            // Emptied too, so that a later compilation has the whole of the maps' room.
+            for k in p.route_prefixes() {
+                p.remove_route(k);
+            }
+            for (a, b) in p.pairs() {
+                p.remove_pair(a, b);
+            }
+            *c = SapPolicy {
+                counted: c.counted,
+                ..SapPolicy::default()
+            };
+            PolicyReport {
+                forwarded,
+                ..PolicyReport::default()
+            }
+        };
+        let Some(sap) = sap else { return off(p, c) };
+        let fresh = c.tables_generation != tables.generation || p.policy_generation() == 0;
+        if !fresh && !periodic {
+            return PolicyReport {
+                routes: c.routes.len(),
+                pairs: c.pairs.len(),
+                forwarded,
+            };
+        }
+        let generation = if fresh {
+            p.policy_generation().wrapping_add(1).max(1)
+        } else {
+            p.policy_generation()
+        };
+        let compiled = if fresh {
+            compile_sap_policy(tables, sap, generation, now_ms)
+        } else {
+            // The same compilation: only the keys move with time.
+            compile_sap_routes(tables, sap, generation, now_ms)
+                .map(|routes| (routes, std::mem::take(&mut c.pairs)))
+        };
+        let Some((routes, pairs)) = compiled else {
+            tracing::warn!(
+                max = SAP_POLICY_MAX,
+                "the FIB has more IPv4 prefixes than the kernel SaP's policy holds: its first datagrams go through the user-space SaP"
+            );
+            return off(p, c);
+        };
+        let mut written = true;
+        for (k, r) in &routes {
+            if c.routes.get(k) != Some(r) || fresh {
+                written &= p.insert_route(*k, r).is_ok();
+            }
+        }
+        if fresh {
+            for (&(a, b), pair) in &pairs {
+                // A pair that does not fit is left to the user-space SaP: no harm.
+                let _ = p.insert_pair(a, b, pair);
+            }
+        }
+        if !written {
+            tracing::warn!("cannot write the kernel SaP's routes: its policy is off");
+            return off(p, c);
+        }
+        if fresh {
+            if let Err(e) = p.set_policy_generation(generation) {
+                tracing::warn!(error = %e, "cannot put the kernel SaP's policy in force");
+                return off(p, c);
+            }
+            // What the kernel holds beyond this compilation (the last one's, or a predecessor
+            // agent's) is of another generation, unused: removed now.
+            for k in p.route_prefixes() {
+                if !routes.contains_key(&k) {
+                    p.remove_route(k);
+                }
+            }
+            for (a, b) in p.pairs() {
+                if !pairs.contains_key(&(a, b)) {
+                    p.remove_pair(a, b);
+                }
+            }
+        }
+        *c = SapPolicy {
+            tables_generation: tables.generation,
+            counted: c.counted,
+            routes,
+            pairs,
+        };
+        PolicyReport {
+            routes: c.routes.len(),
+            pairs: c.pairs.len(),
+            forwarded,
+        }
+    }
+}
+
+/// The kernel SaP's compiled policy in force: how many routes and identity pairs; and the
+/// datagrams it let through since the last periodic sync (counted at those).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyReport {
+    pub routes: usize,
+    pub pairs: usize,
+    pub forwarded: u64,
+}
+
 /// What one sync of the node's fast path found and did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeSyncReport {
@@ -1142,4 +1392,6 @@ pub struct NodeSyncReport {
     pub gateway: SyncReport,
     /// Packets the kernel gateway carried since the last periodic sync (counted at those).
     pub gateway_forwarded: u64,
+    /// The kernel SaP's compiled policy.
+    pub policy: PolicyReport,
 }
