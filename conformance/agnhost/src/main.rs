@@ -41,7 +41,7 @@ fn timed_out(e: &std::io::Error) -> bool {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P [--cpu N]\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|stream [--count N] [--seconds S] [--size B] [--cpu N]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT] [--tcp-rate R]"
+        "usage: keyway-agnhost pause\n       keyway-agnhost serve [--bind ADDR] (--port P --protocol TCP|UDP|SCTP | P/PROTO...)\n       keyway-agnhost probe --protocol TCP|UDP|SCTP [--timeout-ms T] [--device IF] TARGET:PORT...\n       keyway-agnhost dns-server --zone FILE [--port P]\n       keyway-agnhost bench-server --port P [--cpu N]\n       keyway-agnhost bench-client --target ADDR:PORT --mode rr|http|crr|stream [--count N] [--seconds S] [--size B] [--cpu N]\n       keyway-agnhost soak-client --target ADDR:PORT --rate R --seconds S [--tcp ADDR:PORT] [--tcp-rate R]"
     );
     ExitCode::from(64)
 }
@@ -480,6 +480,28 @@ fn bench_client(args: &[String]) -> ExitCode {
         .and_then(|c| c.parse().ok())
         .unwrap_or(64);
     let r = (|| -> std::io::Result<serde_json::Value> {
+        if mode == "crr" {
+            // A connection per request (as TCP_CRR): connect, one HTTP exchange, close. What
+            // a flow's first packets cost, where "rr" measures an established flow's.
+            let mut lat = Vec::with_capacity(count);
+            for i in 0..count + count / 10 {
+                let t = Instant::now();
+                let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                c.set_nodelay(true)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                c.write_all(b"HGET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                let mut resp = [0u8; 40];
+                c.read_exact(&mut resp)?;
+                drop(c);
+                if i >= count / 10 {
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            lat.sort_by(f64::total_cmp);
+            return Ok(
+                serde_json::json!({"mode": mode, "count": lat.len(), "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99)}),
+            );
+        }
         let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
         c.set_nodelay(true)?;
         c.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -39,6 +39,9 @@ pub struct PathFigures {
     pub rr_p99: f64,
     pub http_p50: f64,
     pub http_p99: f64,
+    /// A connection per request (connect, one HTTP exchange, close): what a flow's first
+    /// packets cost.
+    pub conn_p50: f64,
     pub gbps: f64,
     /// The machine's CPU (cores busy, every process) per Gbit/s during the stream.
     pub cpu_per_gbps: f64,
@@ -119,7 +122,7 @@ fn measure(
             "--mode",
             mode,
             "--count",
-            "3000",
+            if mode == "crr" { "1000" } else { "3000" },
             "--seconds",
             &seconds.to_string(),
             "--cpu",
@@ -154,6 +157,7 @@ fn measure(
     runner.run(&warm)?;
     let rr = run("rr")?;
     let http = run("http")?;
+    let crr = run("crr")?;
     let (busy0, total0) = cpu_jiffies();
     let stream = run("stream")?;
     let (busy1, total1) = cpu_jiffies();
@@ -166,6 +170,7 @@ fn measure(
         rr_p99: f(&rr, "p99_us"),
         http_p50: f(&http, "p50_us"),
         http_p99: f(&http, "p99_us"),
+        conn_p50: f(&crr, "p50_us"),
         gbps: f(&stream, "gbps"),
         cpu_per_gbps: busy_cores / f(&stream, "gbps"),
     })
@@ -441,18 +446,20 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
 
         let mut out = String::new();
         out += "request/response latency (µs) and TCP throughput between pods on two nodes; ratios to native\n";
-        out += "(\"fast\": the endpoints' established flows in keyway's eBPF programs; \"user\": every agent on --datapath user; CPU: cores busy on the whole machine per Gbit/s of the stream; client pinned to CPU 0, server to CPU 1)\n";
+        out += "(\"fast\": the endpoints' established flows in keyway's eBPF programs; \"user\": every agent on --datapath user; conn: a new connection per request, connect to close; CPU: cores busy on the whole machine per Gbit/s of the stream; client pinned to CPU 0, server to CPU 1)\n";
         out += &format!(
-            "{:<30} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "{:<30} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             "path",
             "rr p50",
             "rr p99",
             "http p50",
             "http p99",
+            "conn p50",
             "Gbit/s",
             "CPU/Gbps",
             "rr p50 ×",
             "http p50 ×",
+            "conn ×",
             "tput ×"
         );
         let rows = [
@@ -474,16 +481,18 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         ];
         for f in rows.into_iter().flatten() {
             out += &format!(
-                "{:<30} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.2} {:>9.3} {:>9.2} {:>9.2} {:>9.2}\n",
+                "{:<30} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>9.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
                 f.name,
                 f.rr_p50,
                 f.rr_p99,
                 f.http_p50,
                 f.http_p99,
+                f.conn_p50,
                 f.gbps,
                 f.cpu_per_gbps,
                 f.rr_p50 / native.rr_p50,
                 f.http_p50 / native.http_p50,
+                f.conn_p50 / native.conn_p50,
                 f.gbps / native.gbps
             );
         }
