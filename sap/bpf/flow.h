@@ -56,16 +56,18 @@ struct flow6 {
 #define ICMPV6_ECHO_REPLY 129
 #define IPV6_HEADER_LEN 40
 
-// Whether the transport header at `l4`, of protocol `proto`, belongs to a flow the fast path
-// may carry (TCP that neither opens nor resets a connection, UDP, or an echo request or reply of
-// `icmp`, the IP version's ICMP, whose echo types are `request` and `reply`), and its ports:
-// for an echo, its identifier in place of the source port and its type and code in place of
-// the destination port. Returns -1 for anything else.
+// Whether the transport header at `l4`, of protocol `proto`, is one the kernel parses whole
+// (TCP, UDP, or an echo request or reply of `icmp`, the IP version's ICMP, whose echo types are
+// `request` and `reply`) — and, unless `openings`, belongs to a flow the fast path may carry (TCP
+// that neither opens nor resets a connection: a flow map never holds those; the SaP's compiled
+// check judges them) — and its ports, network order: for an echo, its identifier in place of the
+// source port and its type and code in place of the destination port. Returns -1 for anything
+// else.
 static __always_inline int fast_l4(__u8 proto, __u8 *l4, void *end, __u8 icmp, __u8 request,
-				   __u8 reply, __u16 *sport, __u16 *dport)
+				   __u8 reply, int openings, __u16 *sport, __u16 *dport)
 {
 	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+		if (!HAVE(l4, 20, end) || (!openings && (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_RST))))
 			return -1;
 	} else if (proto == IPPROTO_UDP) {
 		if (!HAVE(l4, 8, end))
@@ -99,7 +101,7 @@ static __always_inline int fast_flow4(__u8 *pkt, void *end, struct flow4 *f)
 		return -1;
 	if (((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
 		return -1;
-	if (fast_l4(pkt[9], pkt + 20, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY,
+	if (fast_l4(pkt[9], pkt + 20, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 0,
 		    &f->sport, &f->dport) < 0)
 		return -1;
 	f->src = *(__u32 *)(pkt + 12);
@@ -116,7 +118,7 @@ static __always_inline int fast_flow6(__u8 *pkt, void *end, struct flow6 *f)
 	if (!HAVE(pkt, IPV6_HEADER_LEN, end) || (pkt[0] >> 4) != 6)
 		return -1;
 	if (fast_l4(pkt[6], pkt + IPV6_HEADER_LEN, end, IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST,
-		    ICMPV6_ECHO_REPLY, &f->sport, &f->dport) < 0)
+		    ICMPV6_ECHO_REPLY, 0, &f->sport, &f->dport) < 0)
 		return -1;
 	__builtin_memcpy(f->src, pkt + 8, 16);
 	__builtin_memcpy(f->dst, pkt + 24, 16);

@@ -348,26 +348,16 @@ static __always_inline int sap_compiled(struct node_config *cfg, __u32 outer_src
 		return -1;
 	__u8 proto = pkt[9];
 	__u8 *l4 = pkt + 20;
-	__u16 sport = 0, dport = 0;
-	int opens = 0;
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end))
-			return -1;
-		opens = (l4[13] & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN; // SYN without ACK
-	} else if (proto == IPPROTO_UDP) {
-		if (!HAVE(l4, 8, end))
-			return -1;
-	} else if (proto == IPPROTO_ICMP) {
-		if (!HAVE(l4, 8, end) || (l4[0] != ICMP_ECHO_REQUEST && l4[0] != ICMP_ECHO_REPLY))
-			return -1;
-		opens = l4[0] == ICMP_ECHO_REQUEST;
-	} else {
+	__u16 sport, dport;
+	if (fast_l4(proto, l4, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 1, &sport,
+		    &dport) < 0)
 		return -1;
-	}
-	if (proto != IPPROTO_ICMP) {
-		sport = ((__u16)l4[0] << 8) | l4[1];
-		dport = ((__u16)l4[2] << 8) | l4[3];
-	}
+	// Whether it opens a flow, and so can be no reply (a TCP SYN without ACK, an echo request).
+	int opens = proto == IPPROTO_TCP ? (l4[13] & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN
+					 : proto == IPPROTO_ICMP && l4[0] == ICMP_ECHO_REQUEST;
+	// Ports in host order (an echo has none policy reads).
+	sport = bpf_ntohs(sport);
+	dport = bpf_ntohs(dport);
 	struct sap_route *src = route_of(*(__u32 *)(pkt + 12), gen);
 	struct sap_route *dst = route_of(*(__u32 *)(pkt + 16), gen);
 	if (!src || !dst || (dst->flags & (ROUTE_OUTSIDE | ROUTE_TO_SAP)) ||

@@ -6,24 +6,36 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-/// xorshift64*: fast, seeded, enough to pick mutations.
+/// xorshift64*: fast, seeded, enough to pick mutations (and the cases of tests that generate
+/// their inputs, so that a failure replays).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// A generator from `seed` (any value: a zero state is avoided).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    /// A number below `n` (0 for 0).
+    pub fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
+    }
+
+    /// One of `of` (not empty).
+    pub fn pick<T: Copy>(&mut self, of: &[T]) -> T {
+        of[self.below(of.len())]
     }
 }
 
@@ -47,7 +59,7 @@ fn mutate(base: &[u8], others: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                v[i] = rng.next() as u8;
+                v[i] = rng.next_u64() as u8;
             }
             2 if len > 0 => {
                 let i = rng.below(len);
@@ -56,7 +68,7 @@ fn mutate(base: &[u8], others: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
             3 => {
                 let i = rng.below(len + 1);
                 let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 v.splice(i..i, bytes);
             }
             4 if len > 0 => {
@@ -81,7 +93,7 @@ fn mutate(base: &[u8], others: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
             }
             _ => {
                 let n = rng.below(64);
-                v = (0..n).map(|_| rng.next() as u8).collect();
+                v = (0..n).map(|_| rng.next_u64() as u8).collect();
             }
         }
     }
@@ -105,7 +117,7 @@ pub fn run<S: AsRef<[u8]>>(
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x6b65_7977_6179_u64);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let corpus: Vec<Vec<u8>> = seeds.iter().map(|s| s.as_ref().to_vec()).collect();
     let mut ran = 0;
     let mut try_one = |input: &[u8]| {
