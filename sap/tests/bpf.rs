@@ -1030,7 +1030,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
     use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
     use keyway_core::engine::sap_forward;
     use keyway_core::fib::{Fib, Route};
-    use keyway_sap::io::bpf::{NodePod, NodePrograms, TC_ACT_REDIRECT};
+    use keyway_sap::io::bpf::{NodePod, NodePrograms, PAIR_RANGES, TC_ACT_REDIRECT};
     use keyway_sap::io::fastpath::SapPolicy;
     if !privileged("the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards") {
         return;
@@ -1325,10 +1325,9 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
                 let fits = |a: &Entity, b: &Entity| {
                     let ia = ids[entities.iter().position(|x| x.name == a.name).unwrap()];
                     let ib = ids[entities.iter().position(|x| x.name == b.name).unwrap()];
-                    tables
-                        .acl
-                        .pair_policy(ia, ib)
-                        .is_some_and(|pp| pp.tcp.len() <= 8 && pp.udp.len() <= 8)
+                    tables.acl.pair_policy(ia, ib).is_some_and(|pp| {
+                        pp.tcp.len() <= PAIR_RANGES && pp.udp.len() <= PAIR_RANGES
+                    })
                 };
                 let must = engine.is_ok()
                     && plain

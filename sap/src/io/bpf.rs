@@ -1137,7 +1137,7 @@ pub const PAIR_RANGES: usize = 8;
 /// from `keyway_core::acl::PairPolicy`): `None` from [`SapPair::of`] when it does not fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SapPair {
-    pub generation: u32,
+    /// `struct sap_pair` as the kernel reads it (its generation first).
     bytes: [u8; 80],
 }
 
@@ -1167,10 +1167,7 @@ impl SapPair {
                 b[at + 2..at + 4].copy_from_slice(&r.end.to_ne_bytes());
             }
         }
-        Some(SapPair {
-            generation,
-            bytes: b,
-        })
+        Some(SapPair { bytes: b })
     }
 }
 
