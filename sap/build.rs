@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CLANG");
     println!("cargo:rerun-if-changed=bpf/flow.h");
     println!("cargo:rerun-if-changed=bpf/encap.h");
+    println!("cargo:rerun-if-changed=bpf/policy.h");
     for p in PROGRAMS {
         let src = format!("bpf/{p}.bpf.c");
         println!("cargo:rerun-if-changed={src}");

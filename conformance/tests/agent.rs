@@ -309,6 +309,83 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
     c.delete(&b);
 }
 
+/// A connection's first packets (its SYN and SYN-ACK among them) are judged by the pods' own
+/// programs, from the policy the agent compiled into the node's maps, both ways and at both
+/// ends: the user-space path carries none of them.
+#[test]
+fn a_connections_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy() {
+    if !privileged("a_connections_first_packets_cross_both_pods_in_the_kernel") {
+        return;
+    }
+    let c = TestCluster::new("agpod", 2, 113);
+    let a = c.pod(1, "t", "a", &[("app", "a")]);
+    let b = c.pod(2, "t", "b", &[("app", "b")]);
+    c.apply(
+        "allow-b.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n    ports: [{protocol: TCP, port: 8080}]\n",
+    );
+    eventually("a reaches b on 8080", Duration::from_secs(5), || {
+        a.tcp(&b, &b.overlay_ip, 8080).is_ok()
+    });
+    let agents = [c.agent(1), c.agent(2)];
+    for agent in &agents {
+        eventually(
+            "the node's compiled policy is in force",
+            Duration::from_secs(3),
+            || agent.metric("keyway_fastpath_sap_policy_pairs") > 0.0,
+        );
+    }
+    // Per node: the endpoints' packets (both ways), those the pods' programs carried, and those
+    // their compiled policy admitted; read once they stop moving (they reach /metrics at the
+    // agents' syncs).
+    let counts = || {
+        let read = || {
+            agents.each_ref().map(|n| {
+                [
+                    n.metric("keyway_datapath_packets_total{stage=\"egress\"}")
+                        + n.metric("keyway_datapath_packets_total{stage=\"ingress\"}"),
+                    n.metric("keyway_fastpath_pod_packets_total{direction=\"egress\"}")
+                        + n.metric("keyway_fastpath_pod_packets_total{direction=\"ingress\"}"),
+                    n.metric("keyway_fastpath_pod_policy_packets_total"),
+                ]
+            })
+        };
+        keyway_testing::settled(Duration::from_millis(1200), 5, || {
+            read().iter().flatten().sum::<f64>()
+        });
+        read()
+    };
+    let before = counts();
+    let connections = 5;
+    for _ in 0..connections {
+        a.tcp(&b, &b.overlay_ip, 8080)
+            .expect("a connection allowed by policy");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = counts();
+    for (node, (b, a)) in before.iter().zip(&after).enumerate() {
+        let [all, kernel, policy] = [0, 1, 2].map(|i| a[i] - b[i]);
+        eprintln!(
+            "node-{}: {all} packets, {kernel} in the kernel, {policy} by compiled policy",
+            node + 1
+        );
+        // Each connection: its SYN one way, its SYN-ACK the other, at each end.
+        assert!(
+            policy >= f64::from(connections) * 2.0,
+            "node-{}'s pod admitted the connections' first packets by the compiled policy: {policy}",
+            node + 1
+        );
+        assert_eq!(
+            all,
+            kernel,
+            "node-{}: every packet of the connections crossed its pod in the kernel",
+            node + 1
+        );
+    }
+    c.delete(&a);
+    c.delete(&b);
+}
+
 /// The lines of `ping` output that report a reply.
 fn reply_lines(out: &str) -> impl Iterator<Item = &str> {
     out.lines().filter(|l| l.contains("bytes from"))

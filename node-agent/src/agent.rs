@@ -209,6 +209,9 @@ impl Agent {
                     .get_or_create(&label)
                     .inc_by(bytes);
             }
+            self.metrics
+                .fastpath_pod_policy_packets
+                .inc_by(carried.compiled);
             self.metrics.fastpath_pods.set(self.endpoints.fast() as i64);
             self.metrics
                 .fastpath_pods_adopted

@@ -219,7 +219,10 @@ impl FastJob {
                 return;
             }
         };
-        match FastPath::open(netns, &overlays, infra, self.shared.gue_port) {
+        // The node's part first: the pod's programs share its maps.
+        let node = self.shared.node();
+        let shared = node.as_ref().and_then(|n| n.shared_maps());
+        match FastPath::open(netns, &overlays, infra, self.shared.gue_port, shared) {
             Ok(f) => {
                 if f.adopted() {
                     tracing::debug!(container = %self.container, programs = ?f.program_ids(), "took over the fast path an earlier agent left, with its flows");
@@ -229,7 +232,7 @@ impl FastJob {
                 if self.ctx.fast.set(f).is_err() {
                     return;
                 }
-                if let Some(node) = self.shared.node()
+                if let Some(node) = node
                     && let Err(e) = node.add_pod(netns, infra)
                 {
                     tracing::warn!(container = %self.container, error = %e, "the node's fast path cannot serve this pod");

@@ -155,6 +155,9 @@ pub struct Metrics {
     /// Packets and bytes the pods' programs carried, by direction (also in `keyway_datapath_*`).
     pub fastpath_pod_packets: Family<DirectionLabel, Counter>,
     pub fastpath_pod_bytes: Family<DirectionLabel, Counter>,
+    /// Of the packets the pods' programs carried, the ones their compiled policy admitted (a
+    /// connection's first packets among them; also in `keyway_fastpath_pod_packets`).
+    pub fastpath_pod_policy_packets: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,6 +217,7 @@ impl Metrics {
             fastpath_gateway_packets: Counter::default(),
             fastpath_pod_packets: Family::default(),
             fastpath_pod_bytes: Family::default(),
+            fastpath_pod_policy_packets: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -365,6 +369,12 @@ impl Metrics {
             "keyway_fastpath_pod_bytes",
             help,
             self.fastpath_pod_bytes.clone(),
+        );
+        let help = "Packets the pods' eBPF programs admitted by the node's compiled policy, both ways, a connection's first ones among them (counted in keyway_fastpath_pod_packets too)";
+        r.register(
+            "keyway_fastpath_pod_policy_packets",
+            help,
+            self.fastpath_pod_policy_packets.clone(),
         );
         let help = "Re-attachments to a pod that failed while its namespace remained (retried)";
         r.register(

@@ -44,6 +44,7 @@
 
 #include "encap.h"
 #include "flow.h"
+#include "policy.h"
 
 // The verdicts, as indices of the drop counters (keep in step with sap/src/io/bpf.rs).
 enum verdict {
@@ -150,13 +151,35 @@ struct {
 	__type(value, struct ingress_flow);
 } kw_ingress6 SEC(".maps");
 
+// The connections the kernel admitted by the compiled policy, keyed by the flow as its opener
+// sent it (keyway_core::flow::FlowKey): what lets the other way's packets in as replies, as the
+// engine's flow table does. The agent hands each to the engine at its next sync (and the
+// user-space path at once, when a packet of one reaches it first), and removes those idle for a
+// sync's period, so an entry here is a live flow; it never holds a flow the kernel did not open.
+#define CONN_INBOUND 1          // the peer opened it: its first packet arrived here
+#define CONN_ANSWERED 2         // a packet of the other way was admitted as its reply
+
+struct conn {
+	__u64 seen_ns;          // bpf_ktime_get_ns() of its last packet, either way
+	__u32 outer_src;        // an inbound one's first datagram came from here, network order
+	__u32 flags;            // CONN_*
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOWS_MAX);
+	__type(key, struct flow4);
+	__type(value, struct conn);
+} kw_conns SEC(".maps");
+
 // What the fast path carried (keep in step with sap/src/io/bpf.rs).
 enum carried {
 	C_EGRESS_PACKETS = 0,   // inner packets encapsulated and sent (a GSO packet as its segments)
 	C_EGRESS_BYTES = 1,     // their inner bytes
 	C_INGRESS_PACKETS = 2,  // inner packets decapsulated and delivered
 	C_INGRESS_BYTES = 3,
-	C_MAX = 4,
+	C_COMPILED = 4,         // of those, both ways, the ones the compiled policy admitted
+	C_MAX = 5,
 };
 
 struct {
@@ -270,6 +293,125 @@ static __always_inline void carried(enum carried what, __u32 segs, __u64 bytes)
 		*n += bytes;
 }
 
+// The node's compiled policy, when the endpoint may judge by it: leased, with a SaP, in force
+// and complete (policy.h). NULL otherwise.
+static __always_inline struct node_config *policy_on(void)
+{
+	struct node_config *node = leased(1);
+	return node && node->policy_gen && (node->policy_flags & POLICY_COMPLETE) ? node : NULL;
+}
+
+// The flow of an inner IPv4 packet the compiled policy judges: TCP (a SYN too, never a RST: the
+// engine must see a connection end) or UDP, without options, not a fragment. Returns -1 for
+// anything else, else 0 with *opens: it opens a flow (a SYN without ACK), so can be no reply.
+static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f, int *opens)
+{
+	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+		return -1;
+	__u8 proto = pkt[9];
+	__u8 *l4 = pkt + 20;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return -1;
+	if (fast_l4(proto, l4, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 1, &f->sport,
+		    &f->dport) < 0)
+		return -1;
+	*opens = 0;
+	if (proto == IPPROTO_TCP) {
+		if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
+			return -1;
+		*opens = (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	}
+	f->src = *(__u32 *)(pkt + 12);
+	f->dst = *(__u32 *)(pkt + 16);
+	f->proto = proto;
+	f->pad[0] = f->pad[1] = f->pad[2] = 0;
+	return 0;
+}
+
+// The connection `f` is a reply within, opened the other way (`inbound`: by the peer), when `f`
+// can be a reply at all.
+static __always_inline struct conn *reply_to(struct flow4 *f, int opens, int inbound)
+{
+	if (opens)
+		return NULL;
+	struct flow4 r = {
+		.src = f->dst,
+		.dst = f->src,
+		.sport = f->dport,
+		.dport = f->sport,
+		.proto = f->proto,
+	};
+	struct conn *c = bpf_map_lookup_elem(&kw_conns, &r);
+	return c && ((c->flags & CONN_INBOUND) != 0) == inbound ? c : NULL;
+}
+
+// Records a packet the compiled policy admitted: as the reply within `reply`, or as one of its
+// own connection `f` (opened now, or refreshed), from `outer_src` when it arrived (`inbound`).
+static __always_inline void admitted(struct conn *reply, struct flow4 *f, __u32 outer_src,
+				     int inbound, __u64 now)
+{
+	if (reply) {
+		reply->seen_ns = now;
+		reply->flags |= CONN_ANSWERED;
+		return;
+	}
+	struct conn *c = bpf_map_lookup_elem(&kw_conns, f);
+	if (c) {
+		c->seen_ns = now;
+		return;
+	}
+	struct conn fresh = {
+		.seen_ns = now,
+		.outer_src = outer_src,
+		.flags = inbound ? CONN_INBOUND : 0,
+	};
+	bpf_map_update_elem(&kw_conns, f, &fresh, BPF_ANY);
+}
+
+static __always_inline void count_compiled(__u32 segs)
+{
+	__u32 k = C_COMPILED;
+	__u64 *n = bpf_map_lookup_elem(&kw_carried, &k);
+	if (n)
+		*n += segs > 1 ? segs : 1;
+}
+
+// The endpoint's ingress check by the compiled policy (keyway_core::engine::endpoint_ingress,
+// after the key and the destination, which kw_ingress has checked) on an inner IPv4 packet at
+// `pkt` from `outer_src`: the inner source's route, the outer source may speak for it, and policy
+// allows the packet, or it replies within a connection the pod opened. On success the kernel
+// tracks it (kw_conns) and caches the flow (kw_ingress_flows) as the engine's loop would, and
+// returns 0; -1 for anything else, which the user-space path judges.
+static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *end)
+{
+	struct node_config *node = policy_on();
+	if (!node)
+		return -1;
+	__u32 gen = node->policy_gen;
+	struct ingress_flow_key k = {.outer_src = outer_src};
+	int opens;
+	if (compiled_flow4(pkt, end, &k.inner, &opens) < 0)
+		return -1;
+	struct sap_route *src = route_of(k.inner.src, gen);
+	struct sap_route *dst = route_of(k.inner.dst, gen);
+	if (!src || !dst || !(dst->flags & ROUTE_FRONTED))
+		return -1;
+	if (!((!(src->flags & ROUTE_OUTSIDE) && src->infra_v4 == outer_src) ||
+	      (src->sap_v4 && src->sap_v4 == outer_src) || node->sap_v4 == outer_src))
+		return -1;
+	// The reply test first, as the engine's: a reply is never a connection of its own.
+	struct conn *reply = reply_to(&k.inner, opens, 0);
+	if (!reply && !pair_allows(gen, src->identity, dst->identity, k.inner.proto,
+				   bpf_ntohs(k.inner.dport)))
+		return -1;
+	__u64 now = bpf_ktime_get_ns();
+	admitted(reply, &k.inner, outer_src, 1, now);
+	struct ingress_flow seen = {.seen_ns = now};
+	bpf_map_update_elem(&kw_ingress_flows, &k, &seen, BPF_ANY);
+	return 0;
+}
+
 // aya names a tc classifier's section "classifier" (libbpf accepts it too).
 SEC("classifier")
 int kw_ingress(struct __sk_buff *skb)
@@ -375,14 +517,21 @@ int kw_ingress(struct __sk_buff *skb)
 	struct ingress_flow *flow;
 	__u32 tun;
 	__u64 decap = BPF_F_ADJ_ROOM_FIXED_GSO;
+	int compiled = 0;
 	if (version == 4) {
-		struct ingress_flow_key k = {.outer_src = ip->saddr};
-		if (fast_flow4(inner, end, &k.inner) < 0)
-			return TC_ACT_OK;
-		if (!HAVE(inner, 4, end) || (((__u32)inner[2] << 8) | inner[3]) != inner_len)
-			return TC_ACT_OK;
-		flow = bpf_map_lookup_elem(&kw_ingress_flows, &k);
 		tun = cfg->tun_ifindex;
+		if (!HAVE(inner, 4, end) || (((__u32)inner[2] << 8) | inner[3]) != inner_len ||
+		    tun == 0)
+			return TC_ACT_OK;
+		struct ingress_flow_key k = {.outer_src = ip->saddr};
+		flow = NULL;
+		if (fast_flow4(inner, end, &k.inner) == 0)
+			flow = bpf_map_lookup_elem(&kw_ingress_flows, &k);
+		if (!flow) {
+			if (ingress_compiled(ip->saddr, inner, end) < 0)
+				return TC_ACT_OK;
+			compiled = 1;
+		}
 	} else {
 		struct ingress_flow_key6 k = {.outer_src = ip->saddr};
 		if (fast_flow6(inner, end, &k.inner) < 0)
@@ -391,20 +540,103 @@ int kw_ingress(struct __sk_buff *skb)
 		    (((__u32)inner[4] << 8) | inner[5]) + IPV6_HEADER_LEN != inner_len)
 			return TC_ACT_OK;
 		flow = bpf_map_lookup_elem(&kw_ingress6, &k);
+		if (!flow)
+			return TC_ACT_OK;
 		tun = cfg->tun6_ifindex;
 		// The skb's protocol becomes the inner packet's, which the overlay device's receive
 		// path dispatches on.
 		decap |= ADJ_ROOM_DECAP_L3_IPV6;
 	}
-	if (!flow || tun == 0)
+	// (An IPv4 packet is here with its flow, or admitted by the compiled policy; an IPv6 one
+	// with its flow.)
+	if (tun == 0)
 		return TC_ACT_OK;
 	__u32 segs = skb->gso_segs;
 	// FIXED_GSO: a GSO packet's inner segments keep their size; only the headers go.
 	if (bpf_skb_adjust_room(skb, -ENCAP_LEN, BPF_ADJ_ROOM_MAC, decap))
 		return TC_ACT_OK;
-	flow->seen_ns = bpf_ktime_get_ns();
+	if (compiled)
+		count_compiled(segs);
+	else if (flow)
+		flow->seen_ns = bpf_ktime_get_ns();
 	carried(C_INGRESS_PACKETS, segs, inner_len);
 	return bpf_redirect(tun, BPF_F_INGRESS);
+}
+
+// The endpoint's egress check by the compiled policy (keyway_core::engine::endpoint_egress) on
+// an IPv4 packet the pod sends, then its encapsulation: the source is the pod's own, the routes
+// of both ends, policy allows the packet or it replies within a connection the peer opened; the
+// destination's key and next hop as the engine chooses them (straight to a direct pair's peer or
+// one with no SaP; to the SaP that fronts it, whose check is made here when it is this node's, as
+// the engine makes it in process). On success the kernel tracks it (kw_conns), caches the flow
+// (kw_egress_flows) as the engine's loop would, and sends it; anything else goes on to the TUN
+// device and the user-space path, which judges it.
+static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoint_config *cfg,
+					   void *data, void *end)
+{
+	struct node_config *node = policy_on();
+	if (!node)
+		return TC_ACT_OK;
+	__u32 gen = node->policy_gen;
+	struct flow4 f;
+	int opens;
+	if (compiled_flow4(data, end, &f, &opens) < 0)
+		return TC_ACT_OK;
+	if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
+		return TC_ACT_OK;
+	struct sap_route *src = route_of(f.src, gen);
+	struct sap_route *dst = route_of(f.dst, gen);
+	if (!src || !dst || !(src->flags & ROUTE_FRONTED) || (dst->flags & ROUTE_OUTSIDE) ||
+	    !dst->send_key)
+		return TC_ACT_OK;
+	struct sap_pair *pair = pair_of(gen, src->identity, dst->identity);
+	if (pair && (pair->flags & PAIR_UNKNOWN))
+		return TC_ACT_OK;
+	__u16 sport = bpf_ntohs(f.sport);
+	__u16 dport = bpf_ntohs(f.dport);
+	struct conn *reply = reply_to(&f, opens, 1);
+	int allowed = pair_allows(gen, src->identity, dst->identity, f.proto, dport);
+	if (!reply && !allowed)
+		return TC_ACT_OK;
+	__u32 to = dst->infra_v4;
+	__u32 to_port = dst->infra_port;
+	if (dst->sap_v4 && !(pair && (pair->flags & PAIR_DIRECT))) {
+		if (dst->sap_v4 == node->sap_v4) {
+			// This node's SaP: its check, here (engine::sap_checks from the pod's address).
+			if ((src->flags & ROUTE_OUTSIDE) || src->infra_v4 != cfg->infra_v4 ||
+			    (dst->flags & ROUTE_TO_SAP))
+				return TC_ACT_OK;
+			if (!allowed && (opens || !pair_allows(gen, dst->identity, src->identity,
+							       f.proto, sport)))
+				return TC_ACT_OK;
+		} else {
+			to = dst->sap_v4;
+			to_port = dst->sap_port;
+		}
+	}
+	if (!encap_fits(f.proto, skb->gso_segs, skb->len))
+		return TC_ACT_OK;
+	__u64 inner_len = skb->len;
+	__u32 segs = skb->gso_segs;
+	__u32 key = dst->send_key;
+	int e = encap4(skb, PROTO_IPV4, cfg->infra_v4, (__u16)cfg->gue_port, to, (__u16)to_port,
+		       key);
+	if (e == -1)
+		return TC_ACT_OK;
+	if (e)
+		return TC_ACT_SHOT;
+	__u64 now = bpf_ktime_get_ns();
+	admitted(reply, &f, 0, 0, now);
+	struct egress_flow cached = {
+		.to_v4 = to,
+		.to_port = to_port,
+		.key = key,
+		.seen_ns = now,
+	};
+	bpf_map_update_elem(&kw_egress_flows, &f, &cached, BPF_ANY);
+	count_compiled(segs);
+	carried(C_EGRESS_PACKETS, segs, inner_len);
+	return bpf_redirect_neigh(cfg->eth_ifindex, NULL, 0, 0);
 }
 
 // On the overlay device's egress: the packet as the pod's stack sends it, starting at its IPv4
@@ -423,13 +655,13 @@ int kw_egress(struct __sk_buff *skb)
 	__u8 inner;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct flow4 f;
-		if (fast_flow4(data, end, &f) < 0)
-			return TC_ACT_OK;
+		flow = NULL;
+		if (fast_flow4(data, end, &f) == 0)
+			flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
 		// Only the pod's own addresses (its overlay address, or its pod IP for traffic to pod
 		// IPs and cluster IPs): a forged source meets the engine's anti-spoofing check.
-		if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
-			return TC_ACT_OK;
-		flow = bpf_map_lookup_elem(&kw_egress_flows, &f);
+		if (!flow || (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4))
+			return egress_compiled(skb, cfg, data, end);
 		proto = f.proto;
 		inner = PROTO_IPV4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {

@@ -18,6 +18,7 @@
 
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 // An IPv4 flow as the engine classifies it: addresses and ports in network order.
 struct flow4 {

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use keyway_core::engine::{DropReason, LocalEndpoint, Tables, endpoint_ingress};
@@ -172,7 +172,7 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     let flows = FlowTable::new(1024, FlowTimeouts::default());
     let outer = SocketAddr::new(IpAddr::from(OUTER_SRC), 6080);
 
-    let mut bpf = EndpointPrograms::load().expect("the kernel loads keyway's programs");
+    let mut bpf = EndpointPrograms::load(None).expect("the kernel loads keyway's programs");
     bpf.configure(&EndpointConfig {
         overlay: Some(Ipv4Addr::from(OVERLAY)),
         infra: Some(Ipv4Addr::from(INFRA)),
@@ -950,11 +950,11 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
         return;
     }
     // What a restarted agent finds on a pod's devices: the two programs of one load.
-    let mut first = EndpointPrograms::load().expect("the kernel loads keyway's programs");
-    let other = EndpointPrograms::load().unwrap();
+    let mut first = EndpointPrograms::load(None).expect("the kernel loads keyway's programs");
+    let other = EndpointPrograms::load(None).unwrap();
     let [egress, ingress] = first.ids();
     let [other_egress, other_ingress] = other.ids();
-    let adopted = EndpointPrograms::adopt(egress, ingress)
+    let adopted = EndpointPrograms::adopt(egress, ingress, None)
         .unwrap()
         .expect("one load's two programs are taken over");
     assert_eq!(adopted.ids(), [egress, ingress], "the same programs");
@@ -975,7 +975,7 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
     // Anything else is loaded anew, never taken over.
     let refused = |e, i, why: &str| {
         assert!(
-            EndpointPrograms::adopt(e, i).unwrap().is_none(),
+            EndpointPrograms::adopt(e, i, None).unwrap().is_none(),
             "taken over: {why}"
         );
     };
@@ -1243,7 +1243,13 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
         };
         tables.saps.insert(IpAddr::from(SAP));
         tables.saps.insert(IpAddr::from(OTHER_SAP));
-        let report = policy.sync(&mut p, &tables, Some(SAP.into()), NOW, false);
+        let report = policy.sync(
+            &mut p,
+            &tables,
+            Some(SocketAddrV4::new(SAP.into(), 6080)),
+            NOW,
+            false,
+        );
         assert_eq!(
             report.routes,
             entities.len(),
@@ -1353,13 +1359,13 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
     // ignored, and with none in force nothing is forwarded by policy.
     let f = last_forwarded.expect("something was forwarded");
     let generation = p.policy_generation();
-    p.set_policy_generation(generation + 1).unwrap();
+    p.set_policy_generation(generation + 1, true).unwrap();
     assert_eq!(
         p.run_sap(&f).unwrap().0,
         TC_ACT_OK,
         "another generation's entries: unused"
     );
-    p.set_policy_generation(generation).unwrap();
+    p.set_policy_generation(generation, true).unwrap();
     assert_eq!(p.run_sap(&f).unwrap().0, TC_ACT_REDIRECT);
     let report = policy.sync(&mut p, &Tables::default(), None, NOW, false);
     assert_eq!((report.routes, report.pairs), (0, 0));

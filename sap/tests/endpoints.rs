@@ -192,7 +192,7 @@ async fn pod(
             let IpAddr::V4(i) = listen.ip() else {
                 unreachable!("an IPv4 underlay")
             };
-            FastPath::open(&netns, &devices, i, 6080).expect("the fast path attaches")
+            FastPath::open(&netns, &devices, i, 6080, None).expect("the fast path attaches")
         });
         (opened, fast)
     })

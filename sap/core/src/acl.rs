@@ -625,7 +625,7 @@ struct Side {
 }
 
 /// What policy allows from one identity to another, flattened: see [`Acl::pair_policy`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PairPolicy {
     /// Every protocol and port (what an ICMP echo, or a protocol without ports, needs).
     pub everything: bool,

@@ -35,6 +35,7 @@ const EGRESS_FLOWS: &str = "kw_egress_flows";
 const INGRESS_FLOWS: &str = "kw_ingress_flows";
 const EGRESS_FLOWS6: &str = "kw_egress6";
 const INGRESS_FLOWS6: &str = "kw_ingress6";
+const CONNS: &str = "kw_conns";
 
 /// The tc filter's priority and handle: keyway's on every device it attaches to, so that a new
 /// agent's attach replaces its predecessor's filter instead of adding a second one.
@@ -95,6 +96,8 @@ pub enum BpfError {
         #[source]
         source: Box<tc::TcError>,
     },
+    #[error("cannot pin the node's maps for a pod's programs at {0}: {1}")]
+    Pin(std::path::PathBuf, #[source] std::io::Error),
     #[error("the pod accepts {0} keys; the program holds at most 3")]
     TooManyKeys(usize),
     #[error("one run of the program counted several verdicts: {0:?}")]
@@ -240,6 +243,17 @@ impl Flow4 {
             build::ports(self.proto, self.sport, self.dport, b"")
         };
         build::ipv4(self.src, self.dst, self.proto, &l4)
+    }
+
+    /// The flow of the other way: what a reply to this flow's packets belongs to.
+    pub fn reversed(&self) -> Flow4 {
+        Flow4 {
+            src: self.dst,
+            dst: self.src,
+            proto: self.proto,
+            sport: self.dport,
+            dport: self.sport,
+        }
     }
 
     fn bytes(&self) -> [u8; 16] {
@@ -452,6 +466,9 @@ pub struct Carried {
     pub egress_bytes: u64,
     pub ingress_packets: u64,
     pub ingress_bytes: u64,
+    /// Of those packets, both ways, the ones the compiled policy admitted (not a flow the
+    /// engine had admitted first).
+    pub compiled: u64,
 }
 
 impl std::ops::AddAssign for Carried {
@@ -460,6 +477,7 @@ impl std::ops::AddAssign for Carried {
         self.egress_bytes += o.egress_bytes;
         self.ingress_packets += o.ingress_packets;
         self.ingress_bytes += o.ingress_bytes;
+        self.compiled += o.compiled;
     }
 }
 
@@ -472,13 +490,26 @@ pub struct EndpointPrograms {
     verdicts: PerCpuArray<MapData, u64>,
     carried: PerCpuArray<MapData, u64>,
     flows: Option<FlowMaps>,
+    shared: Option<SharedMaps>,
 }
 
 impl EndpointPrograms {
-    /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF.
-    pub fn load() -> Result<EndpointPrograms, BpfError> {
-        let parts = loaded(OBJECT, [EGRESS_PROGRAM, INGRESS_PROGRAM], &ENDPOINT_TAGS)?;
+    /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF. With
+    /// `node`, they read the node's compiled policy from the node's own maps; without, from
+    /// maps of their own that nothing fills (they judge nothing by policy).
+    pub fn load(node: Option<SharedMaps>) -> Result<EndpointPrograms, BpfError> {
+        let parts = loaded(
+            OBJECT,
+            [EGRESS_PROGRAM, INGRESS_PROGRAM],
+            &ENDPOINT_TAGS,
+            node,
+        )?;
         EndpointPrograms::from_parts(parts)
+    }
+
+    /// The node's maps these programs read, by id.
+    pub fn shared_maps(&self) -> Option<SharedMaps> {
+        self.shared
     }
 
     /// Takes over the programs an earlier agent attached to a pod's devices, with their maps
@@ -486,11 +517,21 @@ impl EndpointPrograms {
     /// this build's programs: `egress` and `ingress` are the programs' ids, as the devices' tc
     /// filters name them ([`super::netlink::Netlink::bpf_filter_program`]). `Ok(None)`: they
     /// are another build's, or do not share their maps as one load does; load new ones.
-    pub fn adopt(egress: u32, ingress: u32) -> Result<Option<EndpointPrograms>, BpfError> {
-        let own = own_tags(&ENDPOINT_TAGS, || EndpointPrograms::load().map(drop))?;
+    ///
+    /// Programs that read another node's maps than `node` (an earlier agent's, which this one
+    /// replaced) are not taken over either: nothing would keep their policy true.
+    pub fn adopt(
+        egress: u32,
+        ingress: u32,
+        node: Option<SharedMaps>,
+    ) -> Result<Option<EndpointPrograms>, BpfError> {
+        let own = own_tags(&ENDPOINT_TAGS, || EndpointPrograms::load(None).map(drop))?;
         let ids = [(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)];
         match adopted(&ids, &own)? {
-            Some(parts) => unless_missing(EndpointPrograms::from_parts(parts)),
+            Some(parts) => match unless_missing(EndpointPrograms::from_parts(parts))? {
+                Some(p) if node.is_none() || p.shared == node => Ok(Some(p)),
+                _ => Ok(None),
+            },
             None => Ok(None),
         }
     }
@@ -500,7 +541,9 @@ impl EndpointPrograms {
             programs: [egress, ingress],
             mut maps,
         } = parts;
+        let shared = SharedMaps::of(&maps);
         Ok(EndpointPrograms {
+            shared,
             config: maps.typed(CONFIG)?,
             verdicts: maps.typed(INGRESS_VERDICTS)?,
             carried: maps.typed(CARRIED)?,
@@ -509,6 +552,7 @@ impl EndpointPrograms {
                 ingress: maps.typed(INGRESS_FLOWS)?,
                 egress6: maps.typed(EGRESS_FLOWS6)?,
                 ingress6: maps.typed(INGRESS_FLOWS6)?,
+                conns: maps.typed(CONNS)?,
             }),
             egress,
             ingress,
@@ -558,12 +602,13 @@ impl EndpointPrograms {
 
     /// What the fast path has carried so far.
     pub fn carried(&self) -> Result<Carried, BpfError> {
-        let c = per_cpu_sums::<4>(&self.carried, CARRIED)?;
+        let c = per_cpu_sums::<5>(&self.carried, CARRIED)?;
         Ok(Carried {
             egress_packets: c[0],
             egress_bytes: c[1],
             ingress_packets: c[2],
             ingress_bytes: c[3],
+            compiled: c[4],
         })
     }
 
@@ -698,15 +743,31 @@ fn unless_missing<T>(built: Result<T, BpfError>) -> Result<Option<T>, BpfError> 
 /// kernel's BTF, which `Ebpf::load` does twice, costs tens of milliseconds and megabytes) and
 /// its programs `names` into the kernel, records their tags in `tags`, and returns handles of
 /// their own on the programs, with the maps.
+///
+/// With `shared`, the object's maps of those names are the node's, not new ones. aya takes an
+/// existing map only as a pinned one, so they are pinned for the load in a bpffs of this load's
+/// own, mounted and gone again around it: nothing is left pinned on the node.
 fn loaded<const N: usize>(
     object: &[u8],
     names: [&'static str; N],
     tags: &std::sync::OnceLock<[u64; N]>,
+    shared: Option<SharedMaps>,
 ) -> Result<Parts<N>, BpfError> {
-    let mut ebpf = EbpfLoader::new()
-        .btf(None)
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    let pins = match shared {
+        Some(s) => Some(PinnedForLoad::pin(&s.by_name())?),
+        None => None,
+    };
+    if let Some(p) = &pins {
+        for (name, path) in p.paths() {
+            loader.map_pin_path(name, path);
+        }
+    }
+    let mut ebpf = loader
         .load(object)
         .map_err(|e| BpfError::Object(Box::new(e)))?;
+    drop(pins);
     let mut programs = Vec::with_capacity(N);
     let mut own = [0u64; N];
     for (slot, name) in own.iter_mut().zip(names) {
@@ -812,6 +873,7 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         INGRESS_FLOWS,
         EGRESS_FLOWS6,
         INGRESS_FLOWS6,
+        CONNS,
         NODE_CONFIG,
         NODE_PODS,
         SAP_FLOWS,
@@ -914,6 +976,7 @@ pub struct FlowMaps {
     ingress: HashMap<MapData, [u8; 20], [u8; 8]>,
     egress6: HashMap<MapData, [u8; 40], [u8; 24]>,
     ingress6: HashMap<MapData, [u8; 44], [u8; 8]>,
+    conns: HashMap<MapData, [u8; 16], [u8; 16]>,
 }
 
 impl FlowMaps {
@@ -965,6 +1028,27 @@ impl FlowMaps {
         };
     }
 
+    /// The connection the kernel opened as `f` (its opener's packets), if it holds one.
+    pub fn conn(&self, f: &Flow4) -> Option<Conn> {
+        self.conns
+            .get(&f.bytes(), 0)
+            .ok()
+            .map(|v| Conn::from_bytes(&v))
+    }
+
+    /// Every connection the kernel opened and holds, by its opener's flow.
+    pub fn conns(&self) -> Vec<(Flow4, Conn)> {
+        self.conns
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Flow4::from_bytes(&k), Conn::from_bytes(&v)))
+            .collect()
+    }
+
+    pub fn remove_conn(&mut self, f: &Flow4) {
+        let _ = self.conns.remove(&f.bytes());
+    }
+
     /// Every ingress flow the kernel holds, with when it last carried one of its packets.
     pub fn ingress(&self) -> Vec<(IngressFlow, u64)> {
         let flow = |k: &[u8], inner: Flow, v: [u8; 8]| {
@@ -982,6 +1066,30 @@ impl FlowMaps {
             .filter_map(Result::ok)
             .map(|(k, v)| flow(&k, Flow::V6(Flow6::from_bytes(&k[4..])), v));
         v4.chain(v6).collect()
+    }
+}
+
+/// A connection the kernel opened by the compiled policy (`struct conn` in `endpoint.bpf.c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conn {
+    /// When the kernel last admitted one of its packets, either way (CLOCK_MONOTONIC, ns).
+    pub seen_ns: u64,
+    /// The peer opened it: its first datagram came from `outer_src`.
+    pub inbound: bool,
+    pub outer_src: Ipv4Addr,
+    /// A packet of the other way was admitted as its reply.
+    pub answered: bool,
+}
+
+impl Conn {
+    fn from_bytes(b: &[u8; 16]) -> Conn {
+        let flags = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]);
+        Conn {
+            seen_ns: u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
+            outer_src: Ipv4Addr::new(b[8], b[9], b[10], b[11]),
+            inbound: flags & 1 != 0,
+            answered: flags & 2 != 0,
+        }
     }
 }
 
@@ -1010,6 +1118,90 @@ const SAP_PAIRS: &str = "kw_sap_pairs";
 const GATEWAY_PROGRAM: &str = "kw_gateway";
 const GATEWAY_FLOWS: &str = "kw_gw_flows";
 const GATEWAY_CARRIED: &str = "kw_gw_carried";
+
+/// The node's maps a pod's programs share (`policy.h`): its configuration, the compiled policy's
+/// routes and pairs, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedMaps {
+    config: u32,
+    routes: u32,
+    pairs: u32,
+}
+
+impl SharedMaps {
+    /// The ids of the shared maps among `maps` (a load's, or a taken-over program's).
+    fn of(maps: &NamedMaps) -> Option<SharedMaps> {
+        let id = |name: &str| {
+            maps.0.iter().find(|(n, _)| *n == name).and_then(|(_, m)| {
+                let data = match m {
+                    Map::Array(d) | Map::HashMap(d) | Map::LpmTrie(d) => d,
+                    _ => return None,
+                };
+                data.info().ok().map(|i| i.id())
+            })
+        };
+        Some(SharedMaps {
+            config: id(NODE_CONFIG)?,
+            routes: id(SAP_ROUTES)?,
+            pairs: id(SAP_PAIRS)?,
+        })
+    }
+
+    fn by_name(&self) -> [(&'static str, u32); 3] {
+        [
+            (NODE_CONFIG, self.config),
+            (SAP_ROUTES, self.routes),
+            (SAP_PAIRS, self.pairs),
+        ]
+    }
+}
+
+/// Maps pinned in a bpffs mounted for one load (see [`loaded`]); unmounted on drop, which unpins
+/// them (the programs that use them keep them).
+struct PinnedForLoad {
+    dir: std::path::PathBuf,
+    maps: Vec<(&'static str, std::path::PathBuf)>,
+}
+
+impl PinnedForLoad {
+    fn pin(maps: &[(&'static str, u32)]) -> Result<PinnedForLoad, BpfError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("keyway-bpf-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| BpfError::Pin(dir.clone(), e))?;
+        let flags = nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC;
+        if let Err(e) = nix::mount::mount(Some("bpf"), &dir, Some("bpf"), flags, None::<&str>) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(BpfError::Pin(dir, e.into()));
+        }
+        let mut pinned = PinnedForLoad {
+            dir,
+            maps: Vec::new(),
+        };
+        for (name, id) in maps {
+            let path = pinned.dir.join(name);
+            MapData::from_id(*id)
+                .map_err(|e| map_error(name, e))?
+                .pin(&path)
+                .map_err(|e| BpfError::Pin(path.clone(), std::io::Error::other(e)))?;
+            pinned.maps.push((name, path));
+        }
+        Ok(pinned)
+    }
+
+    fn paths(&self) -> impl Iterator<Item = (&'static str, std::path::PathBuf)> + '_ {
+        self.maps.iter().map(|(n, p)| (*n, p.clone()))
+    }
+}
+
+impl Drop for PinnedForLoad {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
 
 /// One of the node's pods behind a bridge (`struct node_pod`): the node side of its veth, and
 /// the Ethernet header the node's routing would give a datagram for it.
@@ -1095,7 +1287,8 @@ pub struct SapRoute {
     pub generation: u32,
     pub identity: u32,
     pub infra: SocketAddrV4,
-    pub sap: Option<Ipv4Addr>,
+    /// The SaP that fronts it (`Route::sap`).
+    pub sap: Option<SocketAddrV4>,
     /// Off the overlay (`Route::outside`).
     pub outside: bool,
     /// Its endpoint is a SaP's address: the engine refuses it as a destination (a loop).
@@ -1106,26 +1299,31 @@ pub struct SapRoute {
     pub unusable: bool,
     /// The keys it accepts throughout the agent's lease (at most 3).
     pub keys: Vec<Key>,
+    /// The key a sender puts on what it sends it now (the engine's `KeyRing::key_at`), when it
+    /// is among `keys`; else the pods' programs send it nothing by policy.
+    pub send_key: Option<Key>,
 }
 
 impl SapRoute {
-    fn bytes(&self) -> [u8; 40] {
+    fn bytes(&self) -> [u8; 48] {
         let flags = u32::from(self.outside)
             | u32::from(self.to_sap) << 1
             | u32::from(self.fronted) << 2
             | u32::from(self.unusable) << 3;
         let keys = &self.keys[..self.keys.len().min(3)];
-        let mut w = [0u32; 10];
+        let mut w = [0u32; 12];
         w[0] = self.generation;
         w[1] = self.identity;
         w[2] = net_v4(Some(*self.infra.ip()));
         w[3] = net_port(self.infra.port());
-        w[4] = net_v4(self.sap);
+        w[4] = net_v4(self.sap.map(|s| *s.ip()));
         w[5] = flags;
         w[6] = keys.len() as u32;
-        for (slot, k) in w[7..].iter_mut().zip(keys) {
+        for (slot, k) in w[7..10].iter_mut().zip(keys) {
             *slot = k.0;
         }
+        w[10] = self.sap.map_or(0, |s| net_port(s.port()));
+        w[11] = self.send_key.map_or(0, |k| k.0);
         words_bytes(w)
     }
 }
@@ -1133,8 +1331,8 @@ impl SapRoute {
 /// Destination port ranges a pair of the compiled policy holds per protocol (`PAIR_RANGES`).
 pub const PAIR_RANGES: usize = 8;
 
-/// What policy allows from one identity to another, in the kernel SaP's map (`struct sap_pair`,
-/// from `keyway_core::acl::PairPolicy`): `None` from [`SapPair::of`] when it does not fit.
+/// What policy allows from one identity to another, in the compiled policy's map (`struct
+/// sap_pair`, from `keyway_core::acl::PairPolicy`), and whether the pair is direct.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SapPair {
     /// `struct sap_pair` as the kernel reads it (its generation first).
@@ -1142,25 +1340,39 @@ pub struct SapPair {
 }
 
 impl SapPair {
-    /// The pair's entry, or `None` when policy allows the pair nothing the kernel would carry
-    /// (so an entry would only cost a lookup) or needs more ranges than fit (the user-space SaP
-    /// then judges the pair).
-    pub fn of(generation: u32, p: &keyway_core::acl::PairPolicy) -> Option<SapPair> {
-        if p.tcp.len() > PAIR_RANGES || p.udp.len() > PAIR_RANGES {
+    /// The pair's entry (`p`: what policy allows it, `None` for nothing), or `None` when policy
+    /// allows it nothing and it is not direct: no entry says the same, at no cost. A pair whose
+    /// policy needs more ranges than fit is marked so, and user space judges it.
+    pub fn of(
+        generation: u32,
+        p: Option<&keyway_core::acl::PairPolicy>,
+        direct: bool,
+    ) -> Option<SapPair> {
+        let nothing = keyway_core::acl::PairPolicy::default();
+        let p = p.unwrap_or(&nothing);
+        let unknown = p.tcp.len() > PAIR_RANGES || p.udp.len() > PAIR_RANGES;
+        let allows = p.everything || p.hbone || !p.tcp.is_empty() || !p.udp.is_empty();
+        if !allows && !direct {
             return None;
         }
-        if !p.everything && !p.hbone && p.tcp.is_empty() && p.udp.is_empty() {
-            return None;
-        }
-        let flags = u32::from(p.everything) | u32::from(p.mesh) << 1 | u32::from(p.hbone) << 2;
+        let flags = u32::from(p.everything)
+            | u32::from(p.mesh) << 1
+            | u32::from(p.hbone) << 2
+            | u32::from(direct) << 3
+            | u32::from(unknown) << 4;
+        let (tcp, udp) = if unknown {
+            (&[][..], &[][..])
+        } else {
+            (&p.tcp[..], &p.udp[..])
+        };
         let mut b = [0u8; 80];
-        for (i, w) in [generation, flags, p.tcp.len() as u32, p.udp.len() as u32]
+        for (i, w) in [generation, flags, tcp.len() as u32, udp.len() as u32]
             .iter()
             .enumerate()
         {
             b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        for (base, ranges) in [(16, &p.tcp), (48, &p.udp)] {
+        for (base, ranges) in [(16, tcp), (48, udp)] {
             for (i, r) in ranges.iter().enumerate() {
                 let at = base + i * 4;
                 b[at..at + 2].copy_from_slice(&r.start.to_ne_bytes());
@@ -1185,14 +1397,15 @@ pub struct NodePrograms {
     bridge: SchedClassifier,
     sap: SchedClassifier,
     gateway: SchedClassifier,
-    config: Array<MapData, [u32; 5]>,
+    config: Array<MapData, [u32; 6]>,
     /// What this agent last wrote to `config`.
-    words: [u32; 5],
+    words: [u32; 6],
+    shared: Option<SharedMaps>,
     pods: HashMap<MapData, [u8; 4], [u8; 16]>,
     sap_flows: HashMap<MapData, [u8; 24], [u8; 16]>,
     sap_flows6: HashMap<MapData, [u8; 48], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
-    sap_routes: LpmTrie<MapData, [u8; 4], [u8; 40]>,
+    sap_routes: LpmTrie<MapData, [u8; 4], [u8; 48]>,
     sap_pairs: HashMap<MapData, [u8; 8], [u8; 80]>,
     /// Valued by `struct egress_flow` (`flow.h`), as the pods' egress flows: [`EgressFlow`].
     gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
@@ -1205,6 +1418,7 @@ impl NodePrograms {
             NODE_OBJECT,
             [BRIDGE_PROGRAM, SAP_PROGRAM, GATEWAY_PROGRAM],
             &NODE_TAGS,
+            None,
         )?;
         NodePrograms::from_parts(parts)
     }
@@ -1259,11 +1473,13 @@ impl NodePrograms {
             programs: [bridge, sap, gateway],
             mut maps,
         } = parts;
-        let config: Array<MapData, [u32; 5]> = maps.typed(NODE_CONFIG)?;
+        let shared = SharedMaps::of(&maps);
+        let config: Array<MapData, [u32; 6]> = maps.typed(NODE_CONFIG)?;
         let words = config.get(&0, 0).map_err(|e| map_error(NODE_CONFIG, e))?;
         Ok(NodePrograms {
             config,
             words,
+            shared,
             sap_routes: maps.typed(SAP_ROUTES)?,
             sap_pairs: maps.typed(SAP_PAIRS)?,
             pods: maps.typed(NODE_PODS)?,
@@ -1296,7 +1512,7 @@ impl NodePrograms {
         self.write_config(words)
     }
 
-    fn write_config(&mut self, words: [u32; 5]) -> Result<(), BpfError> {
+    fn write_config(&mut self, words: [u32; 6]) -> Result<(), BpfError> {
         self.config
             .set(0, words, 0)
             .map_err(|e| map_error(NODE_CONFIG, e))?;
@@ -1313,13 +1529,25 @@ impl NodePrograms {
         Ok(u64::from(w[1]) | u64::from(w[2]) << 32)
     }
 
-    /// Puts compilation `generation` of the kernel SaP's policy in force (0: none; the kernel
-    /// SaP then forwards only the flows in its flow maps). Routes and pairs of any other
-    /// generation are not used.
-    pub fn set_policy_generation(&mut self, generation: u32) -> Result<(), BpfError> {
+    /// Puts compilation `generation` of the compiled policy in force (0: none; the kernel SaP
+    /// then forwards only the flows in its flow maps, and the pods' programs carry only theirs).
+    /// Routes and pairs of any other generation are not used. `complete`: its pairs hold every
+    /// pair with one side this SaP fronts that policy allows anything or that is direct, so
+    /// the pods' programs may judge by it too.
+    pub fn set_policy_generation(
+        &mut self,
+        generation: u32,
+        complete: bool,
+    ) -> Result<(), BpfError> {
         let mut words = self.words;
         words[4] = generation;
+        words[5] = u32::from(complete && generation != 0);
         self.write_config(words)
+    }
+
+    /// The node's maps the pods' programs share.
+    pub fn shared_maps(&self) -> Option<SharedMaps> {
+        self.shared
     }
 
     /// The compiled policy's generation in force (0: none).
@@ -1537,7 +1765,7 @@ pub fn detach_node(device: &str) -> bool {
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before
 /// it relies on them.
 pub fn probe() -> Result<(), BpfError> {
-    EndpointPrograms::load()?;
+    EndpointPrograms::load(None)?;
     NodePrograms::load().map(drop)
 }
 

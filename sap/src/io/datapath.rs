@@ -378,7 +378,19 @@ pub async fn endpoint_egress(
             generation = tables.generation;
             for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
                 let buf = &mut buf[..gue::HEADROOM + size];
-                match engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now) {
+                let mut verdict = engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now);
+                if let Some(f) = ctx.fast.get() {
+                    // A reply within a connection the kernel opened, before the engine knew it.
+                    if verdict == Err(engine::DropReason::DeniedByPolicy)
+                        && f.hand_over(&ctx, &buf[gue::HEADROOM..], now)
+                    {
+                        verdict = engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now);
+                    }
+                    if verdict.is_ok() {
+                        f.forget_reset(&buf[gue::HEADROOM..]);
+                    }
+                }
+                match verdict {
                     Ok(send) => {
                         let datagram = &buf[send.start..];
                         if let Some(c) = ctx.fast.get().and_then(|f| {
@@ -547,9 +559,23 @@ pub async fn endpoint_ingress(
             for (m, buf) in meta.iter().zip(rx.iter()).take(n) {
                 let stride = if m.stride == 0 { m.len } else { m.stride };
                 for datagram in buf[..m.len].chunks(stride) {
-                    let range = match engine::endpoint_ingress(
-                        &tables, &local, &ctx.flows, datagram, m.addr, now,
-                    ) {
+                    let judge = || {
+                        engine::endpoint_ingress(&tables, &local, &ctx.flows, datagram, m.addr, now)
+                    };
+                    let mut verdict = judge();
+                    if let Some(f) = ctx.fast.get() {
+                        // A reply within a connection the kernel opened, before the engine knew
+                        // it.
+                        if verdict == Err(engine::DropReason::DeniedByPolicy)
+                            && f.hand_over_datagram(&ctx, datagram, now)
+                        {
+                            verdict = judge();
+                        }
+                        if let Ok(r) = &verdict {
+                            f.forget_reset(&datagram[r.clone()]);
+                        }
+                    }
+                    let range = match verdict {
                         Ok(r) => r,
                         Err(reason) => {
                             refused(&ctx.counters, Stage::Ingress, reason, m.addr, now);

@@ -38,8 +38,8 @@ use keyway_core::key::Key;
 use keyway_core::packet::PROTO_TCP;
 
 use super::bpf::{
-    BpfError, Carried, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow, Flow4,
-    FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop, SapPair, SapRoute,
+    BpfError, Carried, Conn, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow,
+    Flow4, FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop, SapPair, SapRoute, SharedMaps,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -131,11 +131,15 @@ impl FastPath {
     /// earlier agent left there are taken over as they are, carrying on
     /// ([`FastPath::adopted`]), when they are this build's and this pod's; otherwise new ones are
     /// loaded and replace them, and carry nothing until the first [`sync`](Self::sync). Blocking.
+    ///
+    /// `node`: the node's maps (its compiled policy), which the programs judge a flow's first
+    /// packets by; without, they carry only the flows the engine admitted.
     pub fn open(
         netns: &Netns,
         overlays: &[(String, IpAddr)],
         infra: Ipv4Addr,
         gue_port: u16,
+        node: Option<SharedMaps>,
     ) -> Result<FastPath, FastPathError> {
         // The pod's first IPv4 overlay device and its first IPv6 one, in that order.
         let devices: Vec<(String, IpAddr)> = [false, true]
@@ -193,7 +197,7 @@ impl FastPath {
             ([Some(first), rest @ ..], [Some(ingress)])
                 if rest.iter().all(|p| *p == Some(*first)) =>
             {
-                match EndpointPrograms::adopt(*first, *ingress) {
+                match EndpointPrograms::adopt(*first, *ingress, node) {
                     Ok(Some(p)) => match p.configured() {
                         Ok(c)
                             if c.overlay == base.overlay
@@ -222,7 +226,7 @@ impl FastPath {
                 (p, synced_at(lease), counted)
             }
             None => {
-                let mut p = EndpointPrograms::load()?;
+                let mut p = EndpointPrograms::load(node)?;
                 p.configure(&base)?;
                 let tuns: Vec<&str> = devices.iter().map(|(d, _)| d.as_str()).collect();
                 netns.run(|| p.attach(&tuns, &eth.name))??;
@@ -388,6 +392,60 @@ impl FastPath {
         }
     }
 
+    /// Hands the engine, now, the connection the kernel opened by the compiled policy that
+    /// `inner` (an IPv4 packet the engine has just refused, either way) replies within or
+    /// belongs to. A packet of one can reach the user-space path before the next sync hands the
+    /// connection over: one the kernel does not carry (a RST, IP options, a batch of UDP
+    /// datagrams from a user-space sender). Returns whether one was handed over: the packet is
+    /// then worth judging again.
+    pub fn hand_over(&self, ctx: &EndpointContext, inner: &[u8], now_ms: u64) -> bool {
+        let Some(f) = Flow4::of_packet(inner) else {
+            return false;
+        };
+        let tables = ctx.tables.load();
+        let local = ctx.local.load();
+        let m = self.maps();
+        let mut handed = false;
+        for k in [f.reversed(), f] {
+            if let Some(conn) = m.flows.conn(&k) {
+                handed |= hand_conn(
+                    &tables,
+                    &local,
+                    &ctx.flows,
+                    self.base.gue_port,
+                    &k,
+                    &conn,
+                    Admission::Track,
+                    now_ms,
+                );
+            }
+        }
+        handed
+    }
+
+    /// [`hand_over`](Self::hand_over) for an arriving datagram.
+    pub fn hand_over_datagram(&self, ctx: &EndpointContext, datagram: &[u8], now_ms: u64) -> bool {
+        gue::decode(datagram)
+            .ok()
+            .and_then(|h| datagram.get(h.payload_offset..))
+            .is_some_and(|inner| self.hand_over(ctx, inner, now_ms))
+    }
+
+    /// After the engine has judged `inner`, a TCP segment that resets its connection: the
+    /// kernel's own record of the connection goes too, either way, so the kernel admits nothing
+    /// more as its reply, as the engine does not.
+    pub fn forget_reset(&self, inner: &[u8]) {
+        let resets = inner.len() >= 40
+            && inner[0] == 0x45
+            && inner[9] == keyway_core::packet::PROTO_TCP
+            && inner[33] & 0x04 != 0;
+        if let (true, Some(f)) = (resets, Flow4::of_packet(inner)) {
+            let mut m = self.maps();
+            m.flows.remove_conn(&f);
+            m.flows.remove_conn(&f.reversed());
+        }
+    }
+
     /// Brings the programs in line with the engine (see the module's documentation). `periodic`:
     /// also hand back to the engine the flows the kernel has not carried since the last periodic
     /// sync. Blocking (map system calls), short.
@@ -492,6 +550,26 @@ impl FastPath {
                 None
             }
         };
+        // The connections the kernel opened by the compiled policy, first: the flows that
+        // answer them need the engine to know them. One opened or used since the last periodic
+        // sync goes through the engine as its opener's packet (tracked, at any sync: the
+        // engine's flow table then holds it as the kernel's does, and the kernel's last use
+        // too); an older one is judged at a sync after a change, and removed when the engine
+        // would no longer admit its opener's packets, or at a periodic sync (the engine holds
+        // it from then on, and its own timeouts decide).
+        for (f, conn) in m.flows.conns() {
+            let how = match fate(conn.seen_ns, false) {
+                _ if conn.seen_ns >= last_sync && carrying => Some(Admission::Track),
+                Some(Admission::Judge) => Some(Admission::Judge),
+                _ => None,
+            };
+            let kept = how.is_some_and(|how| {
+                hand_conn(&tables, &local, &ctx.flows, port, &f, &conn, how, now_ms)
+            });
+            if !kept {
+                m.flows.remove_conn(&f);
+            }
+        }
         for (f, e) in m.flows.egress() {
             let Some(how) = fate(e.seen_ns, m.egress.contains(&f)) else {
                 report.idle += usize::from(carrying);
@@ -543,6 +621,7 @@ impl FastPath {
             egress_bytes: carried.egress_bytes - c.egress_bytes,
             ingress_packets: carried.ingress_packets - c.ingress_packets,
             ingress_bytes: carried.ingress_bytes - c.ingress_bytes,
+            compiled: carried.compiled - c.compiled,
         };
         let counters = &ctx.counters;
         counters.forwarded_n(Stage::Egress, since.egress_packets, since.egress_bytes);
@@ -558,6 +637,35 @@ impl FastPath {
             .unwrap_or_else(|e| e.into_inner())
             .carried()
             .unwrap_or_default()
+    }
+}
+
+/// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opener's
+/// packet would go (`how`): an egress packet, or one arriving from the conn's outer source.
+/// Returns whether the engine admits it.
+#[allow(clippy::too_many_arguments)]
+fn hand_conn(
+    tables: &engine::Tables,
+    local: &engine::LocalEndpoint,
+    flows: &keyway_core::flow::FlowTable,
+    port: u16,
+    f: &Flow4,
+    conn: &Conn,
+    how: Admission,
+    now_ms: u64,
+) -> bool {
+    let packet = f.packet();
+    if conn.inbound {
+        let Some(key) = local.keys.key_at(now_ms) else {
+            return false;
+        };
+        let datagram = datagram_of(key, &packet);
+        let from = SocketAddr::V4(SocketAddrV4::new(conn.outer_src, port));
+        engine::endpoint_ingress_as(tables, local, flows, how, &datagram, from, now_ms).is_ok()
+    } else {
+        let mut buf = vec![0u8; gue::HEADROOM];
+        buf.extend_from_slice(&packet);
+        engine::endpoint_egress_as(tables, local, flows, how, &mut buf, now_ms).is_ok()
     }
 }
 
@@ -695,6 +803,8 @@ pub struct SapPolicy {
     counted: u64,
     routes: HashMap<(Ipv4Addr, u8), SapRoute>,
     pairs: HashMap<(u32, u32), SapPair>,
+    /// Whether the pods' programs may judge by it ([`CompiledPolicy::complete`]).
+    complete: bool,
 }
 
 /// The most routes (the FIB's IPv4 prefixes) and identity pairs the kernel SaP's maps hold
@@ -703,21 +813,17 @@ pub struct SapPolicy {
 /// user-space SaP.
 pub const SAP_POLICY_MAX: usize = 65536;
 
-/// The kernel SaP's compiled policy from `tables` (generation `generation` of the maps), for
-/// the SaP at `sap`: every IPv4 prefix of the FIB ([`compile_sap_routes`]), and for each
-/// identity this SaP fronts, what policy allows it from every identity and to every identity
-/// (the reply check needs the other way). `None` when the FIB has more prefixes than the map
-/// holds.
-#[allow(clippy::type_complexity)]
+/// The node's compiled policy from `tables` (generation `generation` of the maps), for the SaP
+/// at `sap`: every IPv4 prefix of the FIB ([`compile_sap_routes`]), and for each identity this
+/// SaP fronts, what policy allows it from every identity and to every identity (the reply check
+/// needs the other way), and which of those pairs are direct. `None` when the FIB has more
+/// prefixes than the map holds.
 pub fn compile_sap_policy(
     tables: &engine::Tables,
-    sap: Ipv4Addr,
+    sap: SocketAddrV4,
     generation: u32,
     now_ms: u64,
-) -> Option<(
-    HashMap<(Ipv4Addr, u8), SapRoute>,
-    HashMap<(u32, u32), SapPair>,
-)> {
+) -> Option<CompiledPolicy> {
     let routes = compile_sap_routes(tables, sap, generation, now_ms)?;
     let fronted: std::collections::BTreeSet<u32> = routes
         .values()
@@ -730,28 +836,45 @@ pub fn compile_sap_policy(
     let mut pairs = HashMap::new();
     // Bounded work as well as a bounded map: a compile never costs more than this many pairs.
     let mut budget = SAP_POLICY_MAX;
+    let mut complete = true;
     'fronted: for &d in &fronted {
         for &s in &routed {
             for (a, b) in [(s, d), (d, s)] {
                 if budget == 0 {
+                    complete = false;
                     break 'fronted;
                 }
                 budget -= 1;
-                let policy = acl.pair_policy(Identity(a), Identity(b));
-                if let Some(p) = policy.and_then(|p| SapPair::of(generation, &p)) {
-                    pairs.insert((a, b), p);
+                let (a, b) = (Identity(a), Identity(b));
+                let policy = acl.pair_policy(a, b);
+                if let Some(p) = SapPair::of(generation, policy.as_ref(), acl.is_direct(a, b)) {
+                    pairs.insert((a.0, b.0), p);
                 }
             }
         }
     }
-    Some((routes, pairs))
+    Some(CompiledPolicy {
+        routes,
+        pairs,
+        complete,
+    })
+}
+
+/// What [`compile_sap_policy`] makes of the tables: the maps' routes and pairs, and whether the
+/// pairs are all there (a compile cut short by its budget is not: the kernel SaP uses what there
+/// is, the pods' programs use none of it).
+#[derive(Debug, Clone, Default)]
+pub struct CompiledPolicy {
+    pub routes: HashMap<(Ipv4Addr, u8), SapRoute>,
+    pub pairs: HashMap<(u32, u32), SapPair>,
+    pub complete: bool,
 }
 
 /// The routes of [`compile_sap_policy`]: every IPv4 prefix of the FIB with the keys its
 /// entity accepts from `now_ms` until the lease runs out.
 pub fn compile_sap_routes(
     tables: &engine::Tables,
-    sap: Ipv4Addr,
+    sap: SocketAddrV4,
     generation: u32,
     now_ms: u64,
 ) -> Option<HashMap<(Ipv4Addr, u8), SapRoute>> {
@@ -766,20 +889,22 @@ pub fn compile_sap_routes(
             SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         };
         let sap_v4 = match r.sap {
-            Some(SocketAddr::V4(a)) => Some(*a.ip()),
+            Some(SocketAddr::V4(a)) => Some(a),
             _ => None,
         };
-        let unusable = r.infra.is_ipv6();
+        // An entity behind an IPv6 SaP is one too: the kernel sends only over IPv4.
+        let unusable = r.infra.is_ipv6() || r.sap.is_some_and(|s| s.is_ipv6());
         let is_fronted = !r.outside && sap_v4 == Some(sap);
         // Only keys the engine accepts from now until the lease runs out: a key the kernel
         // holds is never one the engine refuses meanwhile.
         let later = r.keys.accepted_at(lease_end);
-        let keys = r
+        let keys: Vec<Key> = r
             .keys
             .accepted_at(now_ms)
             .into_iter()
             .filter(|k| later.contains(k))
             .collect();
+        let send_key = r.keys.key_at(now_ms).filter(|k| keys.contains(k));
         let route = SapRoute {
             generation,
             identity: r.identity.0,
@@ -790,6 +915,7 @@ pub fn compile_sap_routes(
             fronted: is_fronted,
             unusable,
             keys,
+            send_key,
         };
         routes.insert((addr, len), route);
     }
@@ -993,6 +1119,11 @@ impl NodeFastPath {
             .collect())
     }
 
+    /// The node's maps the pods' programs share (its compiled policy).
+    pub fn shared_maps(&self) -> Option<SharedMaps> {
+        self.programs().shared_maps()
+    }
+
     fn programs(&self) -> std::sync::MutexGuard<'_, super::bpf::NodePrograms> {
         self.programs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1183,7 +1314,13 @@ impl NodeFastPath {
             .compiled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .sync(&mut p, &tables, sap, now_ms, periodic);
+            .sync(
+                &mut p,
+                &tables,
+                sap.map(|a| SocketAddrV4::new(a, self.gue_port)),
+                now_ms,
+                periodic,
+            );
         gw.generation = tables.generation;
         let last_sync = gw.period(now_ns, periodic);
         let report = &mut out.gateway;
@@ -1265,7 +1402,7 @@ impl SapPolicy {
         &mut self,
         p: &mut super::bpf::NodePrograms,
         tables: &engine::Tables,
-        sap: Option<Ipv4Addr>,
+        sap: Option<SocketAddrV4>,
         now_ms: u64,
         periodic: bool,
     ) -> PolicyReport {
@@ -1278,7 +1415,7 @@ impl SapPolicy {
         }
         let off = |p: &mut super::bpf::NodePrograms, c: &mut SapPolicy| {
             if p.policy_generation() != 0 {
-                let _ = p.set_policy_generation(0);
+                let _ = p.set_policy_generation(0, false);
             }
             // Emptied too, so that a later compilation has the whole of the maps' room.
             for k in p.route_prefixes() {
@@ -1314,10 +1451,18 @@ impl SapPolicy {
             compile_sap_policy(tables, sap, generation, now_ms)
         } else {
             // The same compilation: only the keys move with time.
-            compile_sap_routes(tables, sap, generation, now_ms)
-                .map(|routes| (routes, std::mem::take(&mut c.pairs)))
+            compile_sap_routes(tables, sap, generation, now_ms).map(|routes| CompiledPolicy {
+                routes,
+                pairs: std::mem::take(&mut c.pairs),
+                complete: c.complete,
+            })
         };
-        let Some((routes, pairs)) = compiled else {
+        let Some(CompiledPolicy {
+            routes,
+            pairs,
+            mut complete,
+        }) = compiled
+        else {
             tracing::warn!(
                 max = SAP_POLICY_MAX,
                 "the FIB has more IPv4 prefixes than the kernel SaP's policy holds: its first datagrams go through the user-space SaP"
@@ -1332,8 +1477,15 @@ impl SapPolicy {
         }
         if fresh {
             for (&(a, b), pair) in &pairs {
-                // A pair that does not fit is left to the user-space SaP: no harm.
-                let _ = p.insert_pair(a, b, pair);
+                // A pair that does not fit is left to the user-space SaP; the pods' programs,
+                // which take a missing pair for one allowed nothing, then judge by none.
+                complete &= p.insert_pair(a, b, pair).is_ok();
+            }
+            if !complete {
+                tracing::info!(
+                    max = SAP_POLICY_MAX,
+                    "the compiled policy holds only some identity pairs: the pods' first packets go through the user-space path"
+                );
             }
         }
         if !written {
@@ -1341,7 +1493,7 @@ impl SapPolicy {
             return off(p, c);
         }
         if fresh {
-            if let Err(e) = p.set_policy_generation(generation) {
+            if let Err(e) = p.set_policy_generation(generation, complete) {
                 tracing::warn!(error = %e, "cannot put the kernel SaP's policy in force");
                 return off(p, c);
             }
@@ -1363,6 +1515,7 @@ impl SapPolicy {
             counted: c.counted,
             routes,
             pairs,
+            complete,
         };
         PolicyReport {
             routes: c.routes.len(),
