@@ -20,15 +20,21 @@
 // writes, and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to
 // the TUN device and the user-space path, which decides it.
 //
-// So the kernel never decides a flow: it repeats, packet by packet, a decision the engine made on
-// the flow's first packet. Packets that open or end a TCP connection (SYN, RST), fragments, IP
-// options and IPv6 extension headers, ICMP other than echoes, and datagrams with a MAC always
-// take the user-space path.
+// A TCP connection's first packets need no user space either: on a miss, both programs make
+// the engine's whole check by the node's compiled policy (policy.h, the maps the node's SaP
+// judges by, shared): a SYN policy allows opens a connection the kernel records (kw_conns,
+// keyed as the engine's flow table), and the packets of the other way are admitted as its
+// replies; each is then cached as above (egress_compiled, ingress_compiled). The engine learns
+// each such connection at the agent's next sync, or at once from the user-space path when one
+// of its packets reaches it first. Packets that end a TCP connection (RST), fragments, IP
+// options and IPv6 extension headers, ICMP other than echoes, any other first packet (UDP's
+// among them), and datagrams with a MAC always take the user-space path.
 // The agent re-derives every cached decision through the engine whenever its model or the key
 // epoch changes, removes those the engine no longer makes, and feeds the kernel's last-seen times
 // back to the engine's flow table, so that the engine's view of which flows are alive stays whole.
 //
-// sap/tests/bpf.rs holds kw_ingress's checks to the engine's over the same datagrams.
+// sap/tests/bpf.rs holds kw_ingress's checks, and both programs' compiled ones, to the
+// engine's over the same packets.
 //
 // Wire format: see sap/core/src/gue.rs (variant 0, G flag, Hlen 1, or 3 with the MAC).
 
@@ -302,26 +308,28 @@ static __always_inline struct node_config *policy_on(void)
 }
 
 // The flow of an inner IPv4 packet the compiled policy judges: TCP (a SYN too, never a RST: the
-// engine must see a connection end) or UDP, without options, not a fragment. Returns -1 for
-// anything else, else 0 with *opens: it opens a flow (a SYN without ACK), so can be no reply.
+// engine must see a connection end), without options, not a fragment. Returns -1 for anything
+// else, else 0 with *opens: it opens a connection (a SYN without ACK), so is no reply.
+//
+// Why TCP's openings alone open a connection here: the engine takes a packet that is no opening
+// for a reply when it holds the flow the other way, which the peer may have opened on the
+// user-space path, unknown to the kernel. Were the kernel to record such a packet as an opening
+// of the pod's, it would let the peer's packets in as replies whatever policy says of them. An
+// opening is never a reply, in the engine as here. (UDP has no opening: its flows' first
+// packets take the user-space path, which teaches the kernel the flow.)
 static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f, int *opens)
 {
 	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
-	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 || pkt[9] != IPPROTO_TCP)
 		return -1;
 	__u8 proto = pkt[9];
 	__u8 *l4 = pkt + 20;
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return -1;
 	if (fast_l4(proto, l4, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 1, &f->sport,
 		    &f->dport) < 0)
 		return -1;
-	*opens = 0;
-	if (proto == IPPROTO_TCP) {
-		if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
-			return -1;
-		*opens = (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	}
+	if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
+		return -1;
+	*opens = (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	f->src = *(__u32 *)(pkt + 12);
 	f->dst = *(__u32 *)(pkt + 16);
 	f->proto = proto;
@@ -379,8 +387,9 @@ static __always_inline void count_compiled(__u32 segs)
 
 // The endpoint's ingress check by the compiled policy (keyway_core::engine::endpoint_ingress,
 // after the key and the destination, which kw_ingress has checked) on an inner IPv4 packet at
-// `pkt` from `outer_src`: the inner source's route, the outer source may speak for it, and policy
-// allows the packet, or it replies within a connection the pod opened. On success the kernel
+// `pkt` from `outer_src`: the inner source's route, the outer source may speak for it, and the
+// packet is an opening policy allows, or replies within a connection the pod opened here. On
+// success the kernel
 // tracks it (kw_conns) and caches the flow (kw_ingress_flows) as the engine's loop would, and
 // returns 0; -1 for anything else, which the user-space path judges.
 static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *end)
@@ -402,8 +411,8 @@ static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *en
 		return -1;
 	// The reply test first, as the engine's: a reply is never a connection of its own.
 	struct conn *reply = reply_to(&k.inner, opens, 0);
-	if (!reply && !pair_allows(gen, src->identity, dst->identity, k.inner.proto,
-				   bpf_ntohs(k.inner.dport)))
+	if (!reply && !(opens && pair_allows(gen, src->identity, dst->identity, k.inner.proto,
+					     bpf_ntohs(k.inner.dport))))
 		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	admitted(reply, &k.inner, outer_src, 1, now);
@@ -565,7 +574,8 @@ int kw_ingress(struct __sk_buff *skb)
 
 // The endpoint's egress check by the compiled policy (keyway_core::engine::endpoint_egress) on
 // an IPv4 packet the pod sends, then its encapsulation: the source is the pod's own, the routes
-// of both ends, policy allows the packet or it replies within a connection the peer opened; the
+// of both ends, the packet is an opening policy allows or replies within a connection the peer
+// opened here; the
 // destination's key and next hop as the engine chooses them (straight to a direct pair's peer or
 // one with no SaP; to the SaP that fronts it, whose check is made here when it is this node's, as
 // the engine makes it in process). On success the kernel tracks it (kw_conns), caches the flow
@@ -596,7 +606,7 @@ static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoin
 	__u16 dport = bpf_ntohs(f.dport);
 	struct conn *reply = reply_to(&f, opens, 1);
 	int allowed = pair_allows(gen, src->identity, dst->identity, f.proto, dport);
-	if (!reply && !allowed)
+	if (!reply && !(opens && allowed))
 		return TC_ACT_OK;
 	__u32 to = dst->infra_v4;
 	__u32 to_port = dst->infra_port;

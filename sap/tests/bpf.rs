@@ -1380,3 +1380,466 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
         "no compiled policy in force"
     );
 }
+
+/// A pod's programs judging by the node's compiled policy, against the engine: over random
+/// policies (isolation, rules per pair, for any peer and for peer groups, port ranges, direct
+/// pairs, the mesh) and random packets both ways (every kind of peer the FIB has; openings,
+/// replies to what went before, resets, data, UDP, echoes, ICMP errors, other protocols; spoofed
+/// sources, outer sources that may or may not speak for the inner source, current, previous and
+/// wrong keys), run in order through the kernel and the engine alike (each packet the kernel
+/// admits is one the engine then tracks, as a sync would; each it leaves is one the user-space
+/// path judges), the kernel admits no packet the engine refuses, and sends each it admits where
+/// and with the key the engine does; and it admits every opening the engine admits whose pair's
+/// policy fits the maps, so a connection's first packets need no user space.
+#[test]
+fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
+    use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
+    use keyway_core::engine::{Send, endpoint_egress};
+    use keyway_core::fib::{Fib, Route};
+    use keyway_sap::io::bpf::{NodePrograms, PAIR_RANGES, TC_ACT_REDIRECT};
+    use keyway_sap::io::fastpath::SapPolicy;
+    if !privileged("the_pods_compiled_policy_admits_nothing_the_engine_refuses") {
+        return;
+    }
+    const SAP: [u8; 4] = [192, 168, 9, 12];
+    const OTHER_SAP: [u8; 4] = [192, 168, 9, 11];
+    let sock = |ip: [u8; 4]| SocketAddr::new(IpAddr::from(ip), 6080);
+    let secret = ClusterSecret::new(vec![5u8; 32]).unwrap();
+    let rotation = Rotation::new(10_000, 4_000).unwrap();
+    // (name, prefix, probe address, infra, sap, outside, mesh). The pod under test is b1. The
+    // overlay is 8.0.0.0/14 here: a test run takes a packet's bytes 12 and 13 for its protocol
+    // (see run_egress).
+    type Entity = (
+        &'static str,
+        &'static str,
+        [u8; 4],
+        [u8; 4],
+        Option<[u8; 4]>,
+        bool,
+        bool,
+    );
+    let entities: [Entity; 7] = [
+        (
+            "ns/b1",
+            "8.0.2.1/32",
+            [8, 0, 2, 1],
+            [10, 244, 2, 5],
+            Some(SAP),
+            false,
+            true,
+        ),
+        (
+            "ns/b2",
+            "8.0.2.2/32",
+            [8, 0, 2, 2],
+            [10, 244, 2, 6],
+            Some(SAP),
+            false,
+            true,
+        ),
+        (
+            "ns/a1",
+            "8.0.1.1/32",
+            [8, 0, 1, 1],
+            [10, 244, 1, 5],
+            Some(OTHER_SAP),
+            false,
+            false,
+        ),
+        (
+            "ns/c",
+            "8.0.3.1/32",
+            [8, 0, 3, 1],
+            [10, 244, 3, 5],
+            None,
+            false,
+            false,
+        ),
+        (
+            "ns/loop",
+            "8.0.2.4/32",
+            [8, 0, 2, 4],
+            SAP,
+            Some(SAP),
+            false,
+            false,
+        ),
+        (
+            "external/x",
+            "203.0.113.0/24",
+            [203, 0, 113, 9],
+            OTHER_SAP,
+            Some(OTHER_SAP),
+            true,
+            false,
+        ),
+        (
+            "outside/rest",
+            "8.0.0.0/14",
+            [8, 1, 0, 1],
+            OTHER_SAP,
+            None,
+            true,
+            false,
+        ),
+    ];
+    let b1 = &entities[0];
+    let (pod, pod_infra) = (b1.2, b1.3);
+
+    let mut node = NodePrograms::load().expect("the node's programs load");
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 600_000_000_000;
+    node.configure(6080, Some(SAP.into()), lease).unwrap();
+    let mut bpf = EndpointPrograms::load(node.shared_maps()).expect("the pod's programs load");
+    assert_eq!(
+        bpf.shared_maps(),
+        node.shared_maps(),
+        "the node's maps, shared"
+    );
+    let mut kernel_flows = bpf.take_flows().unwrap();
+    // (Devices the programs would deliver to and send from: a test run goes to neither.)
+    let (tun, eth) = (7, 8);
+    let ring = KeyRing::derive(&secret, b1.0, rotation, NOW);
+    let mut keys = ring.accepted_at(NOW);
+    keys.truncate(3);
+    bpf.configure_with_lease(
+        &EndpointConfig {
+            overlay: Some(pod.into()),
+            infra: Some(pod_infra.into()),
+            gue_port: 6080,
+            keys,
+            tun_ifindex: tun,
+            eth_ifindex: eth,
+            fast: true,
+            ..EndpointConfig::default()
+        },
+        lease,
+    )
+    .unwrap();
+    let local = LocalEndpoint {
+        entity: Arc::from(b1.0),
+        overlay_ips: vec![IpAddr::from(pod)],
+        infra: sock(pod_infra),
+        keys: ring,
+        local_sap: Some(sock(SAP)),
+    };
+
+    let mut rng = keyway_testing::fuzz::Rng::new(0x706f_645f_6b77);
+    let mut policy = SapPolicy::default();
+    let flows = FlowTable::new(1 << 16, FlowTimeouts::default());
+    let ports = [80u16, 8080, 53, 15008, 9000, 40000, 40001];
+    let (mut runs, mut engine_ok, mut kernel_ok, mut openings) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..30u64 {
+        let mut b = Acl::builder();
+        let ids: Vec<Identity> = entities
+            .iter()
+            .map(|ent| {
+                let id = b.identity(Isolation {
+                    ingress: rng.below(3) > 0,
+                    egress: rng.below(3) == 0,
+                });
+                if ent.6 {
+                    b.mesh(id);
+                }
+                id
+            })
+            .collect();
+        if rng.below(3) == 0 {
+            b.direct(ids[0], rng.pick(&ids[1..]));
+        }
+        for _ in 0..rng.below(12) {
+            let (x, y) = (rng.pick(&ids), rng.pick(&ids));
+            let egress = rng.below(2) == 0;
+            let set = match rng.below(3) {
+                0 if egress => b.egress(x, y),
+                0 => b.ingress(x, y),
+                1 if egress => b.egress_to_any(x),
+                1 => b.ingress_from_any(x),
+                _ => {
+                    let members: Vec<Identity> =
+                        (0..rng.below(4)).map(|_| rng.pick(&ids)).collect();
+                    let g = b.peer_group(&members);
+                    if egress {
+                        b.egress_to_group(x, g)
+                    } else {
+                        b.ingress_from_group(g, x)
+                    }
+                }
+            };
+            match rng.below(5) {
+                0 => {
+                    set.allow_everything();
+                }
+                1 => {
+                    set.allow(PROTO_UDP, Some(PortRange::single(rng.pick(&ports))));
+                }
+                2 => {
+                    let start = rng.pick(&ports);
+                    set.allow(
+                        PROTO_TCP,
+                        Some(PortRange::new(start, start + rng.below(8) as u16)),
+                    );
+                }
+                3 => {
+                    set.allow(PROTO_TCP, None);
+                }
+                _ => {
+                    for i in 0..10u16 {
+                        set.allow(PROTO_TCP, Some(PortRange::single(9000 + 2 * i)));
+                    }
+                }
+            }
+        }
+        let mut fib = Fib::builder();
+        for (ent, id) in entities.iter().zip(&ids) {
+            let route = Route {
+                entity: ent.0.into(),
+                identity: *id,
+                keys: KeyRing::derive(&secret, ent.0, rotation, NOW),
+                infra: sock(ent.3),
+                sap: ent.4.map(sock),
+                outside: ent.5,
+            };
+            fib.insert(ent.1.parse().unwrap(), route).unwrap();
+        }
+        let mut tables = Tables {
+            fib: fib.build(),
+            acl: b.build(),
+            generation: round + 1,
+            ..Tables::default()
+        };
+        tables.saps.insert(IpAddr::from(SAP));
+        tables.saps.insert(IpAddr::from(OTHER_SAP));
+        policy.sync(
+            &mut node,
+            &tables,
+            Some(SocketAddrV4::new(SAP.into(), 6080)),
+            NOW,
+            false,
+        );
+        // A new policy, and the connections both sides hold stay: the kernel judges by the new
+        // policy before the agent's next sync has judged its connections again, as it may.
+        // That sync re-derives the flows the kernel caches through the engine (here, none
+        // stays), and removes a connection whose opener's packets the engine takes for replies
+        // (the peer opened the flow on the user-space path).
+        for (f, _) in kernel_flows.conns() {
+            let c = keyway_core::packet::classify(&f.packet()).unwrap();
+            if flows.would_admit(&c, false, NOW) {
+                kernel_flows.remove_conn(&f);
+            }
+        }
+        for (f, _) in kernel_flows.egress() {
+            kernel_flows.remove_egress(&f);
+        }
+        for (f, _) in kernel_flows.ingress() {
+            kernel_flows.remove_ingress(&f);
+        }
+        let fits = |x: usize, y: usize| {
+            tables
+                .acl
+                .pair_policy(ids[x], ids[y])
+                .is_none_or(|p| p.tcp.len() <= PAIR_RANGES && p.udp.len() <= PAIR_RANGES)
+        };
+        // A reset the engine judged (admitted or not: it may have ended the flow before a later
+        // check refused the packet) ends the flow in the kernel too: the user-space path removes
+        // the kernel's record of it at once, and the agent's next sync the flows that answered
+        // it (the engine no longer admits them).
+        let ended = |k: &mut keyway_sap::io::bpf::FlowMaps, f: keyway_sap::io::bpf::Flow4| {
+            for g in [f, f.reversed()] {
+                k.remove_conn(&g);
+                k.remove_egress(&keyway_sap::io::bpf::Flow::V4(g));
+                for (i, _) in k.ingress() {
+                    if i.inner == keyway_sap::io::bpf::Flow::V4(g) {
+                        k.remove_ingress(&i);
+                    }
+                }
+            }
+        };
+        // What went before, to answer: (egress?, peer, pod port, peer port, protocol).
+        let mut earlier: Vec<(bool, usize, u16, u16, u8)> = Vec::new();
+        for _ in 0..1500 {
+            let (egress, peer, mut pod_port, mut peer_port, mut proto, answer) =
+                if !earlier.is_empty() && rng.below(3) == 0 {
+                    let (e, p, a, b, proto) = rng.pick(&earlier);
+                    (!e, p, a, b, proto, true)
+                } else {
+                    let proto = if rng.below(3) == 0 {
+                        PROTO_UDP
+                    } else {
+                        PROTO_TCP
+                    };
+                    (
+                        rng.below(2) == 0,
+                        1 + rng.below(entities.len() - 1),
+                        rng.pick(&ports),
+                        rng.pick(&ports),
+                        proto,
+                        false,
+                    )
+                };
+            let kind = rng.below(10);
+            if kind == 8 {
+                proto = PROTO_ICMP;
+            } else if kind == 9 {
+                proto = 47;
+            }
+            if rng.below(20) == 0 {
+                std::mem::swap(&mut pod_port, &mut peer_port);
+            }
+            let peer_ent = &entities[peer];
+            let (s, sport, d, dport) = if egress {
+                (pod, pod_port, peer_ent.2, peer_port)
+            } else {
+                (peer_ent.2, peer_port, pod, pod_port)
+            };
+            // A spoofed source now and then.
+            let s = if egress && rng.below(15) == 0 {
+                [8, 0, 2, 2]
+            } else {
+                s
+            };
+            let tcp = |flags: u8| {
+                let mut t = build::tcp4(s, sport, d, dport);
+                t[33] = flags;
+                t
+            };
+            // At least 34 bytes each: a test run takes nothing shorter (see run_egress).
+            let inner = match (proto, kind) {
+                (PROTO_ICMP, _) => {
+                    let mut l4 = if rng.below(2) == 0 {
+                        build::echo(false, false, 7, 1)
+                    } else {
+                        vec![3, 3, 0, 0, 0, 0, 0, 0]
+                    };
+                    l4.resize(14, 0);
+                    build::ipv4(s.into(), d.into(), PROTO_ICMP, &l4)
+                }
+                (47, _) => build::ipv4(s.into(), d.into(), 47, &[0u8; 14]),
+                (PROTO_UDP, _) => build::ipv4(
+                    s.into(),
+                    d.into(),
+                    PROTO_UDP,
+                    &build::ports(PROTO_UDP, sport, dport, b"keyway"),
+                ),
+                (_, 0..=2) if !answer => tcp(0x02),
+                (_, 0..=2) => tcp(0x12),
+                (_, 3) => tcp(0x14),
+                _ => tcp(0x10),
+            };
+            let syn = proto == PROTO_TCP && inner[33] == 0x02;
+            let what = format!(
+                "round {round}: {} {} ({inner:02x?})",
+                if egress { "to" } else { "from" },
+                peer_ent.0
+            );
+            runs += 1;
+            if egress {
+                let (ret, out) = bpf
+                    .run_egress(&inner)
+                    .unwrap_or_else(|e| panic!("{e}: {what}"));
+                let mut buf = vec![0u8; gue::HEADROOM];
+                buf.extend_from_slice(&inner);
+                let engine = endpoint_egress(&tables, &local, &flows, &mut buf, NOW);
+                engine_ok += u64::from(engine.is_ok());
+                if ret == TC_ACT_REDIRECT {
+                    kernel_ok += 1;
+                    let Ok(Send {
+                        to: SocketAddr::V4(to),
+                        start,
+                        ..
+                    }) = engine
+                    else {
+                        panic!("the kernel admitted what the engine refuses: {what}: {engine:?}");
+                    };
+                    // Ethernet (blank), outer IPv4, UDP, GUE; then the packet past its first 14
+                    // bytes (see run_egress).
+                    assert_eq!(&out[26..30], &pod_infra, "from the pod IP: {what}");
+                    assert_eq!(
+                        &out[30..34],
+                        &to.ip().octets(),
+                        "to the engine's next hop: {what}"
+                    );
+                    assert_eq!(&out[36..38], &to.port().to_be_bytes(), "{what}");
+                    assert_eq!(
+                        &out[42..50],
+                        &buf[start..start + 8],
+                        "the engine's GUE header, key and all: {what}"
+                    );
+                    assert_eq!(
+                        &out[out.len() - (inner.len() - 14)..],
+                        &inner[14..],
+                        "{what}"
+                    );
+                } else {
+                    assert_eq!(ret, TC_ACT_OK, "{what}");
+                    let must = engine.is_ok() && syn && fits(0, peer) && fits(peer, 0) && s == pod;
+                    assert!(
+                        !must,
+                        "the kernel left an opening to user space: {what}: {engine:?}"
+                    );
+                    if let Some(f) = keyway_sap::io::bpf::Flow4::of_packet(&inner)
+                        && inner[9] == PROTO_TCP
+                        && inner[33] & 0x04 != 0
+                    {
+                        ended(&mut kernel_flows, f);
+                    }
+                }
+                openings += u64::from(syn && engine.is_ok());
+                if engine.is_ok() {
+                    earlier.push((true, peer, pod_port, peer_port, proto));
+                }
+            } else {
+                let epoch = rotation.epoch_at(NOW);
+                let key = match rng.below(8) {
+                    0 => secret.derive(b1.0, Epoch(epoch.0 - 1)),
+                    1 => secret.derive(peer_ent.0, epoch),
+                    2 => Key(rng.next_u64() as u32),
+                    _ => secret.derive(b1.0, epoch),
+                };
+                let outer = match rng.below(6) {
+                    0 => peer_ent.4.unwrap_or(OTHER_SAP),
+                    1 => SAP,
+                    2 => [10, 244, 2, 99],
+                    _ => peer_ent.3,
+                };
+                let datagram = gue(key, &inner);
+                let (ret, _) = bpf
+                    .run_ingress(&udp_frame(outer, pod_infra, 6080, &datagram, false))
+                    .unwrap();
+                let engine = endpoint_ingress(&tables, &local, &flows, &datagram, sock(outer), NOW);
+                engine_ok += u64::from(engine.is_ok());
+                let what = format!("{what} via {outer:?} with {key:?}");
+                if ret == TC_ACT_REDIRECT {
+                    kernel_ok += 1;
+                    assert!(
+                        engine.is_ok(),
+                        "the kernel admitted what the engine refuses: {what}: {engine:?}"
+                    );
+                } else {
+                    let must = engine.is_ok()
+                        && syn
+                        && fits(0, peer)
+                        && fits(peer, 0)
+                        && key == secret.derive(b1.0, epoch);
+                    assert!(
+                        !must,
+                        "the kernel left an opening to user space: {what}: {engine:?}"
+                    );
+                    if let Some(f) = keyway_sap::io::bpf::Flow4::of_packet(&inner)
+                        && inner[9] == PROTO_TCP
+                        && inner[33] & 0x04 != 0
+                    {
+                        ended(&mut kernel_flows, f);
+                    }
+                }
+                openings += u64::from(syn && engine.is_ok());
+                if engine.is_ok() {
+                    earlier.push((false, peer, pod_port, peer_port, proto));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{runs} packets: the engine admitted {engine_ok}, the kernel {kernel_ok} ({openings} openings)"
+    );
+    assert!(kernel_ok > 1000, "the compiled policy admits: {kernel_ok}");
+}

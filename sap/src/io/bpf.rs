@@ -668,6 +668,28 @@ impl EndpointPrograms {
         };
         Ok((result.return_value, verdict))
     }
+
+    /// Runs `kw_egress` once on `packet` (an IP packet, as the pod's stack sends it into its
+    /// overlay device) through `BPF_PROG_TEST_RUN`, and returns the tc action and the packet as
+    /// the program left it. The kernel test-runs a tc program only on a frame whose first 14
+    /// bytes it takes for an Ethernet header, though the program sees the frame from its start:
+    /// the packet's bytes 12 and 13 (the first half of its source address) become the skb's
+    /// protocol (IPv4 for a source in 8.0.0.0/16), and the program puts an encapsulated
+    /// packet's headers over the packet's first 14 bytes, so only the rest of it follows them
+    /// in what is returned.
+    pub fn run_egress(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
+        let mut out = vec![0u8; packet.len() + 128];
+        let result = self
+            .egress
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| program_error(EGRESS_PROGRAM, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
 }
 
 impl std::fmt::Debug for EndpointPrograms {

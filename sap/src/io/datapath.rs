@@ -386,9 +386,9 @@ pub async fn endpoint_egress(
                     {
                         verdict = engine::endpoint_egress(&tables, &local, &ctx.flows, buf, now);
                     }
-                    if verdict.is_ok() {
-                        f.forget_reset(&buf[gue::HEADROOM..]);
-                    }
+                    // (Whatever the verdict: the engine may have ended the flow before a later
+                    // check refused the packet.)
+                    f.forget_reset(&buf[gue::HEADROOM..]);
                 }
                 match verdict {
                     Ok(send) => {
@@ -571,9 +571,7 @@ pub async fn endpoint_ingress(
                         {
                             verdict = judge();
                         }
-                        if let Ok(r) = &verdict {
-                            f.forget_reset(&datagram[r.clone()]);
-                        }
+                        f.forget_reset_datagram(datagram);
                     }
                     let range = match verdict {
                         Ok(r) => r,

@@ -2,7 +2,15 @@
 //! [`super::bpf`] attached to the pod's devices, and the work that keeps their maps true to the
 //! engine.
 //!
-//! The kernel never decides a flow. The user-space path decides a flow's first packets as always;
+//! A TCP connection's first packets (IPv4 inside, no MAC) the programs judge themselves, by the
+//! node's compiled policy ([`compile_sap_policy`], in maps the pods' programs share with the
+//! node's): an opening policy allows, and the replies within a connection the kernel opened
+//! (`endpoint.bpf.c` says why only those). The engine learns each such connection from
+//! [`FastPath::sync`] (before the flows that answer it are re-derived), or at once
+//! ([`FastPath::hand_over`]) when one of its packets reaches the user-space path first; a RST
+//! there ends the kernel's record too ([`FastPath::forget_reset`]).
+//!
+//! Every other flow's first packets the user-space path decides, as always;
 //! once the engine has admitted a packet of a plain TCP or UDP flow (or an ICMP echo's), IPv4
 //! or IPv6, without a MAC,
 //! to or from the other endpoint or a SaP, the endpoint's loops (and the SaP's: see
@@ -431,9 +439,10 @@ impl FastPath {
             .is_some_and(|inner| self.hand_over(ctx, inner, now_ms))
     }
 
-    /// After the engine has judged `inner`, a TCP segment that resets its connection: the
-    /// kernel's own record of the connection goes too, either way, so the kernel admits nothing
-    /// more as its reply, as the engine does not.
+    /// After the engine has judged `inner` (admitted or not: it may have ended the flow before a
+    /// later check refused the packet), a TCP segment that resets its connection: the kernel's
+    /// own record of the connection goes too, either way, so the kernel admits nothing more as
+    /// its reply, as the engine does not.
     pub fn forget_reset(&self, inner: &[u8]) {
         let resets = inner.len() >= 40
             && inner[0] == 0x45
@@ -443,6 +452,16 @@ impl FastPath {
             let mut m = self.maps();
             m.flows.remove_conn(&f);
             m.flows.remove_conn(&f.reversed());
+        }
+    }
+
+    /// [`forget_reset`](Self::forget_reset) for an arriving datagram.
+    pub fn forget_reset_datagram(&self, datagram: &[u8]) {
+        if let Some(inner) = gue::decode(datagram)
+            .ok()
+            .and_then(|h| datagram.get(h.payload_offset..))
+        {
+            self.forget_reset(inner);
         }
     }
 
@@ -642,7 +661,10 @@ impl FastPath {
 
 /// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opener's
 /// packet would go (`how`): an egress packet, or one arriving from the conn's outer source.
-/// Returns whether the engine admits it.
+/// Returns whether the engine admits it as a connection of its own: not when the engine holds
+/// the flow the other way (the peer opened it on the user-space path, before the kernel took
+/// its opener's packet for an opening). Such a record is not the kernel's to keep: it would
+/// let the peer's packets in as replies whatever policy says of them.
 #[allow(clippy::too_many_arguments)]
 fn hand_conn(
     tables: &engine::Tables,
@@ -655,6 +677,11 @@ fn hand_conn(
     now_ms: u64,
 ) -> bool {
     let packet = f.packet();
+    let answers = keyway_core::packet::classify(&packet)
+        .map_or(true, |c| flows.would_admit(&c, false, now_ms));
+    if answers {
+        return false;
+    }
     if conn.inbound {
         let Some(key) = local.keys.key_at(now_ms) else {
             return false;
