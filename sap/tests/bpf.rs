@@ -1618,15 +1618,8 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
         );
         // A new policy, and the connections both sides hold stay: the kernel judges by the new
         // policy before the agent's next sync has judged its connections again, as it may.
-        // That sync re-derives the flows the kernel caches through the engine (here, none
-        // stays), and removes a connection whose opener's packets the engine takes for replies
-        // (the peer opened the flow on the user-space path).
-        for (f, _) in kernel_flows.conns() {
-            let c = keyway_core::packet::classify(&f.packet()).unwrap();
-            if flows.would_admit(&c, false, NOW) {
-                kernel_flows.remove_conn(&f);
-            }
-        }
+        // (That sync re-derives the flows the kernel caches through the engine: here, none
+        // stays.)
         for (f, _) in kernel_flows.egress() {
             kernel_flows.remove_egress(&f);
         }

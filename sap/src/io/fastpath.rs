@@ -571,10 +571,10 @@ impl FastPath {
         };
         // The connections the kernel opened by the compiled policy, first: the flows that
         // answer them need the engine to know them. One opened or used since the last periodic
-        // sync goes through the engine as its opener's packet (tracked, at any sync: the
+        // sync goes through the engine as its opening (tracked, at any sync: the
         // engine's flow table then holds it as the kernel's does, and the kernel's last use
         // too); an older one is judged at a sync after a change, and removed when the engine
-        // would no longer admit its opener's packets, or at a periodic sync (the engine holds
+        // would no longer admit that opening, or at a periodic sync (the engine holds
         // it from then on, and its own timeouts decide).
         for (f, conn) in m.flows.conns() {
             let how = match fate(conn.seen_ns, false) {
@@ -659,12 +659,10 @@ impl FastPath {
     }
 }
 
-/// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opener's
-/// packet would go (`how`): an egress packet, or one arriving from the conn's outer source.
-/// Returns whether the engine admits it as a connection of its own: not when the engine holds
-/// the flow the other way (the peer opened it on the user-space path, before the kernel took
-/// its opener's packet for an opening). Such a record is not the kernel's to keep: it would
-/// let the peer's packets in as replies whatever policy says of them.
+/// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opening
+/// would go (`how`): the SYN it was opened by (the kernel opens connections on nothing else), as
+/// an egress packet or as one arriving from the conn's outer source. Returns whether the engine
+/// admits it.
 #[allow(clippy::too_many_arguments)]
 fn hand_conn(
     tables: &engine::Tables,
@@ -676,12 +674,7 @@ fn hand_conn(
     how: Admission,
     now_ms: u64,
 ) -> bool {
-    let packet = f.packet();
-    let answers = keyway_core::packet::classify(&packet)
-        .map_or(true, |c| flows.would_admit(&c, false, now_ms));
-    if answers {
-        return false;
-    }
+    let packet = keyway_core::packet::build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport);
     if conn.inbound {
         let Some(key) = local.keys.key_at(now_ms) else {
             return false;
