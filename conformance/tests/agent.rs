@@ -246,15 +246,14 @@ fn traffic_between_nodes_goes_through_the_destination_sap_unless_direct() {
     c.delete(&b);
 }
 
-/// Through a SaP, a connection's first datagrams (its SYN among them) are judged and forwarded
-/// by the destination node's kernel SaP, from the policy the agent compiled into its maps: the
-/// user-space SaP forwards none of them.
-#[test]
-fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy() {
-    if !privileged("a_connections_first_datagrams_cross_the_sap_in_the_kernel") {
-        return;
-    }
-    let c = TestCluster::new("agpol", 2, 112);
+/// Pod a on node-1 and pod b on node-2, with a NetworkPolicy that lets a reach b on TCP 8080
+/// (and nothing else reach b), once a does.
+fn pods_allowed_on_8080(
+    c: &TestCluster,
+) -> (
+    keyway_conformance::harness::TestPod,
+    keyway_conformance::harness::TestPod,
+) {
     let a = c.pod(1, "t", "a", &[("app", "a")]);
     let b = c.pod(2, "t", "b", &[("app", "b")]);
     c.apply(
@@ -264,6 +263,19 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
     eventually("a reaches b on 8080", Duration::from_secs(5), || {
         a.tcp(&b, &b.overlay_ip, 8080).is_ok()
     });
+    (a, b)
+}
+
+/// Through a SaP, a connection's first datagrams (its SYN among them) are judged and forwarded
+/// by the destination node's kernel SaP, from the policy the agent compiled into its maps: the
+/// user-space SaP forwards none of them.
+#[test]
+fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy() {
+    if !privileged("a_connections_first_datagrams_cross_the_sap_in_the_kernel") {
+        return;
+    }
+    let c = TestCluster::new("agpol", 2, 112);
+    let (a, b) = pods_allowed_on_8080(&c);
     let node2 = c.agent(2);
     // The gauge is set at the agent's periodic syncs, every second.
     eventually(
@@ -318,15 +330,7 @@ fn a_connections_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy(
         return;
     }
     let c = TestCluster::new("agpod", 2, 113);
-    let a = c.pod(1, "t", "a", &[("app", "a")]);
-    let b = c.pod(2, "t", "b", &[("app", "b")]);
-    c.apply(
-        "allow-b.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n    ports: [{protocol: TCP, port: 8080}]\n",
-    );
-    eventually("a reaches b on 8080", Duration::from_secs(5), || {
-        a.tcp(&b, &b.overlay_ip, 8080).is_ok()
-    });
+    let (a, b) = pods_allowed_on_8080(&c);
     let agents = [c.agent(1), c.agent(2)];
     for agent in &agents {
         eventually(

@@ -1017,6 +1017,146 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
     );
 }
 
+/// An entity of the compiled-policy tests: its FIB prefix, an address in it to send from or to,
+/// its endpoint, the SaP that fronts it (none: none), whether it is off the overlay, whether it
+/// is in the mesh.
+struct Entity {
+    name: &'static str,
+    prefix: &'static str,
+    probe: [u8; 4],
+    infra: [u8; 4],
+    sap: Option<[u8; 4]>,
+    outside: bool,
+    mesh: bool,
+}
+
+fn entity(
+    name: &'static str,
+    prefix: &'static str,
+    probe: [u8; 4],
+    infra: [u8; 4],
+    sap: Option<[u8; 4]>,
+    outside: bool,
+    mesh: bool,
+) -> Entity {
+    Entity {
+        name,
+        prefix,
+        probe,
+        infra,
+        sap,
+        outside,
+        mesh,
+    }
+}
+
+/// The SaPs of the compiled-policy tests: this node's, and another's.
+const SAP: [u8; 4] = [192, 168, 9, 12];
+const OTHER_SAP: [u8; 4] = [192, 168, 9, 11];
+
+fn gue_sock(ip: [u8; 4]) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(ip), 6080)
+}
+
+/// Tables of generation `generation` with a random policy over the identities of `entities`
+/// (one each: isolation, rules per pair, for any peer and for peer groups, on `ports`, some with
+/// more port ranges than the kernel holds, the mesh; with `direct`, now and then a direct pair
+/// with the first entity) and their FIB, keyed by `keys`; and the identities.
+fn random_tables(
+    rng: &mut keyway_testing::fuzz::Rng,
+    entities: &[Entity],
+    ports: &[u16],
+    keys: (&ClusterSecret, Rotation),
+    generation: u64,
+    direct: bool,
+) -> (Tables, Vec<keyway_core::acl::Identity>) {
+    use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
+    use keyway_core::fib::{Fib, Route};
+    let mut b = Acl::builder();
+    let ids: Vec<Identity> = entities
+        .iter()
+        .map(|ent| {
+            let id = b.identity(Isolation {
+                ingress: rng.below(3) > 0,
+                egress: rng.below(3) == 0,
+            });
+            if ent.mesh {
+                b.mesh(id);
+            }
+            id
+        })
+        .collect();
+    if direct && rng.below(3) == 0 {
+        b.direct(ids[0], rng.pick(&ids[1..]));
+    }
+    for _ in 0..rng.below(14) {
+        let (x, y) = (rng.pick(&ids), rng.pick(&ids));
+        let egress = rng.below(2) == 0;
+        let set = match rng.below(3) {
+            0 if egress => b.egress(x, y),
+            0 => b.ingress(x, y),
+            1 if egress => b.egress_to_any(x),
+            1 => b.ingress_from_any(x),
+            _ => {
+                let members: Vec<Identity> = (0..rng.below(4)).map(|_| rng.pick(&ids)).collect();
+                let g = b.peer_group(&members);
+                if egress {
+                    b.egress_to_group(x, g)
+                } else {
+                    b.ingress_from_group(g, x)
+                }
+            }
+        };
+        match rng.below(5) {
+            0 => {
+                set.allow_everything();
+            }
+            1 => {
+                set.allow(PROTO_UDP, Some(PortRange::single(rng.pick(ports))));
+            }
+            2 => {
+                let start = rng.pick(ports);
+                set.allow(
+                    PROTO_TCP,
+                    Some(PortRange::new(start, start + rng.below(8) as u16)),
+                );
+            }
+            3 => {
+                set.allow(PROTO_TCP, None);
+            }
+            _ => {
+                // More ranges than the kernel holds: left to user space.
+                for i in 0..10u16 {
+                    set.allow(PROTO_TCP, Some(PortRange::single(9000 + 2 * i)));
+                }
+            }
+        }
+    }
+    let (secret, rotation) = keys;
+    let now = NOW;
+    let mut fib = Fib::builder();
+    for (ent, id) in entities.iter().zip(&ids) {
+        let route = Route {
+            entity: ent.name.into(),
+            identity: *id,
+            keys: KeyRing::derive(secret, ent.name, rotation, now),
+            infra: gue_sock(ent.infra),
+            sap: ent.sap.map(gue_sock),
+            outside: ent.outside,
+        };
+        fib.insert(ent.prefix.parse().unwrap(), route).unwrap();
+    }
+    let mut tables = Tables {
+        fib: fib.build(),
+        acl: b.build(),
+        generation,
+        ..Tables::default()
+    };
+    tables.saps.insert(IpAddr::from(SAP));
+    tables.saps.insert(IpAddr::from(OTHER_SAP));
+    (tables, ids)
+}
+
 /// The kernel SaP's compiled policy against the engine: over random policies (isolation, rules
 /// per pair, for any peer and for peer groups, port ranges, the mesh) and random datagrams
 /// (every kind of source and destination the FIB has, outer sources that may or may not speak
@@ -1027,42 +1167,19 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
 /// space.
 #[test]
 fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
-    use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
     use keyway_core::engine::sap_forward;
-    use keyway_core::fib::{Fib, Route};
     use keyway_sap::io::bpf::{NodePod, NodePrograms, PAIR_RANGES, TC_ACT_REDIRECT};
     use keyway_sap::io::fastpath::SapPolicy;
     if !privileged("the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards") {
         return;
     }
-    const SAP: [u8; 4] = [192, 168, 9, 12];
-    const OTHER_SAP: [u8; 4] = [192, 168, 9, 11];
-    let sock = |ip: [u8; 4]| SocketAddr::new(IpAddr::from(ip), 6080);
     let secret = ClusterSecret::new(vec![9u8; 32]).unwrap();
     let rotation = Rotation::new(10_000, 4_000).unwrap();
     // (name, prefix, infra, sap, outside, mesh): pods fronted by this SaP (b*), by another
     // node's (a*), one with no SaP, one whose endpoint is this SaP's own address (a loop), an
     // external entity behind the other node's gateway, and the rest of the overlay off it.
-    struct Entity {
-        name: &'static str,
-        prefix: &'static str,
-        probe: [u8; 4],
-        infra: [u8; 4],
-        sap: Option<[u8; 4]>,
-        outside: bool,
-        mesh: bool,
-    }
-    let e = |name, prefix, probe, infra, sap, outside, mesh| Entity {
-        name,
-        prefix,
-        probe,
-        infra,
-        sap,
-        outside,
-        mesh,
-    };
     let entities = [
-        e(
+        entity(
             "ns/a1",
             "100.64.1.1/32",
             [100, 64, 1, 1],
@@ -1071,7 +1188,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             false,
         ),
-        e(
+        entity(
             "ns/a2",
             "100.64.1.2/32",
             [100, 64, 1, 2],
@@ -1080,7 +1197,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             true,
         ),
-        e(
+        entity(
             "ns/b1",
             "100.64.2.1/32",
             [100, 64, 2, 1],
@@ -1089,7 +1206,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             false,
         ),
-        e(
+        entity(
             "ns/b2",
             "100.64.2.2/32",
             [100, 64, 2, 2],
@@ -1098,7 +1215,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             true,
         ),
-        e(
+        entity(
             "ns/b3",
             "100.64.2.3/32",
             [100, 64, 2, 3],
@@ -1107,7 +1224,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             false,
         ),
-        e(
+        entity(
             "ns/c",
             "100.64.3.1/32",
             [100, 64, 3, 1],
@@ -1116,7 +1233,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             false,
         ),
-        e(
+        entity(
             "ns/loop",
             "100.64.2.4/32",
             [100, 64, 2, 4],
@@ -1125,7 +1242,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             false,
             false,
         ),
-        e(
+        entity(
             "external/x",
             "203.0.113.0/24",
             [203, 0, 113, 9],
@@ -1134,7 +1251,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             true,
             false,
         ),
-        e(
+        entity(
             "outside/rest",
             "100.64.0.0/10",
             [100, 65, 0, 1],
@@ -1164,85 +1281,14 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
     let ports = [80u16, 443, 53, 15008, 8080, 9000, 9005, 40000];
     let mut last_forwarded = None;
     for round in 0..40u64 {
-        // A random policy over the entities' identities.
-        let mut b = Acl::builder();
-        let ids: Vec<Identity> = entities
-            .iter()
-            .map(|ent| {
-                let id = b.identity(Isolation {
-                    ingress: rng.below(3) > 0,
-                    egress: rng.below(3) == 0,
-                });
-                if ent.mesh {
-                    b.mesh(id);
-                }
-                id
-            })
-            .collect();
-        for _ in 0..rng.below(14) {
-            let (x, y) = (rng.pick(&ids), rng.pick(&ids));
-            let egress = rng.below(2) == 0;
-            let set = match rng.below(3) {
-                0 if egress => b.egress(x, y),
-                0 => b.ingress(x, y),
-                1 if egress => b.egress_to_any(x),
-                1 => b.ingress_from_any(x),
-                _ => {
-                    let members: Vec<Identity> =
-                        (0..rng.below(4)).map(|_| rng.pick(&ids)).collect();
-                    let g = b.peer_group(&members);
-                    if egress {
-                        b.egress_to_group(x, g)
-                    } else {
-                        b.ingress_from_group(g, x)
-                    }
-                }
-            };
-            match rng.below(5) {
-                0 => {
-                    set.allow_everything();
-                }
-                1 => {
-                    set.allow(PROTO_UDP, Some(PortRange::single(rng.pick(&ports))));
-                }
-                2 => {
-                    let start = rng.pick(&ports);
-                    set.allow(
-                        PROTO_TCP,
-                        Some(PortRange::new(start, start + rng.below(8) as u16)),
-                    );
-                }
-                3 => {
-                    set.allow(PROTO_TCP, None);
-                }
-                _ => {
-                    // More ranges than the kernel holds: left to the user-space SaP.
-                    for i in 0..10u16 {
-                        set.allow(PROTO_TCP, Some(PortRange::single(9000 + 2 * i)));
-                    }
-                }
-            }
-        }
-        let mut fib = Fib::builder();
-        for (ent, id) in entities.iter().zip(&ids) {
-            let route = Route {
-                entity: ent.name.into(),
-                identity: *id,
-                keys: KeyRing::derive(&secret, ent.name, rotation, NOW),
-                infra: sock(ent.infra),
-                sap: ent.sap.map(sock),
-                outside: ent.outside,
-            };
-            fib.insert(ent.prefix.parse().unwrap(), route).unwrap();
-        }
-        let mut tables = Tables {
-            fib: fib.build(),
-            acl: b.build(),
-            generation: round + 1,
-            ..Tables::default()
-        };
-        tables.saps.insert(IpAddr::from(SAP));
-        tables.saps.insert(IpAddr::from(OTHER_SAP));
+        let (tables, ids) = random_tables(
+            &mut rng,
+            &entities,
+            &ports,
+            (&secret, rotation),
+            round + 1,
+            false,
+        );
         let report = policy.sync(
             &mut p,
             &tables,
@@ -1304,7 +1350,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
                 _ => src.infra,
             };
             let datagram = gue(key, &inner);
-            let engine = sap_forward(&tables, &datagram, sock(outer), NOW);
+            let engine = sap_forward(&tables, &datagram, gue_sock(outer), NOW);
             let f = udp_frame(outer, SAP, 6080, &datagram, false);
             let compiled_before = p.sap_compiled().unwrap();
             let (ret, out) = p.run_sap(&f).unwrap();
@@ -1393,33 +1439,19 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
 /// policy fits the maps, so a connection's first packets need no user space.
 #[test]
 fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
-    use keyway_core::acl::{Acl, Identity, Isolation, PortRange};
     use keyway_core::engine::{Send, endpoint_egress};
-    use keyway_core::fib::{Fib, Route};
     use keyway_sap::io::bpf::{NodePrograms, PAIR_RANGES, TC_ACT_REDIRECT};
     use keyway_sap::io::fastpath::SapPolicy;
     if !privileged("the_pods_compiled_policy_admits_nothing_the_engine_refuses") {
         return;
     }
-    const SAP: [u8; 4] = [192, 168, 9, 12];
-    const OTHER_SAP: [u8; 4] = [192, 168, 9, 11];
-    let sock = |ip: [u8; 4]| SocketAddr::new(IpAddr::from(ip), 6080);
     let secret = ClusterSecret::new(vec![5u8; 32]).unwrap();
     let rotation = Rotation::new(10_000, 4_000).unwrap();
     // (name, prefix, probe address, infra, sap, outside, mesh). The pod under test is b1. The
     // overlay is 8.0.0.0/14 here: a test run takes a packet's bytes 12 and 13 for its protocol
     // (see run_egress).
-    type Entity = (
-        &'static str,
-        &'static str,
-        [u8; 4],
-        [u8; 4],
-        Option<[u8; 4]>,
-        bool,
-        bool,
-    );
-    let entities: [Entity; 7] = [
-        (
+    let entities = [
+        entity(
             "ns/b1",
             "8.0.2.1/32",
             [8, 0, 2, 1],
@@ -1428,7 +1460,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             false,
             true,
         ),
-        (
+        entity(
             "ns/b2",
             "8.0.2.2/32",
             [8, 0, 2, 2],
@@ -1437,7 +1469,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             false,
             true,
         ),
-        (
+        entity(
             "ns/a1",
             "8.0.1.1/32",
             [8, 0, 1, 1],
@@ -1446,7 +1478,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             false,
             false,
         ),
-        (
+        entity(
             "ns/c",
             "8.0.3.1/32",
             [8, 0, 3, 1],
@@ -1455,7 +1487,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             false,
             false,
         ),
-        (
+        entity(
             "ns/loop",
             "8.0.2.4/32",
             [8, 0, 2, 4],
@@ -1464,7 +1496,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             false,
             false,
         ),
-        (
+        entity(
             "external/x",
             "203.0.113.0/24",
             [203, 0, 113, 9],
@@ -1473,7 +1505,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             true,
             false,
         ),
-        (
+        entity(
             "outside/rest",
             "8.0.0.0/14",
             [8, 1, 0, 1],
@@ -1484,7 +1516,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
         ),
     ];
     let b1 = &entities[0];
-    let (pod, pod_infra) = (b1.2, b1.3);
+    let (pod, pod_infra) = (b1.probe, b1.infra);
 
     let mut node = NodePrograms::load().expect("the node's programs load");
     let lease = keyway_sap::io::fastpath::monotonic_ns() + 600_000_000_000;
@@ -1498,7 +1530,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     let mut kernel_flows = bpf.take_flows().unwrap();
     // (Devices the programs would deliver to and send from: a test run goes to neither.)
     let (tun, eth) = (7, 8);
-    let ring = KeyRing::derive(&secret, b1.0, rotation, NOW);
+    let ring = KeyRing::derive(&secret, b1.name, rotation, NOW);
     let mut keys = ring.accepted_at(NOW);
     keys.truncate(3);
     bpf.configure_with_lease(
@@ -1516,11 +1548,11 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     )
     .unwrap();
     let local = LocalEndpoint {
-        entity: Arc::from(b1.0),
+        entity: Arc::from(b1.name),
         overlay_ips: vec![IpAddr::from(pod)],
-        infra: sock(pod_infra),
+        infra: gue_sock(pod_infra),
         keys: ring,
-        local_sap: Some(sock(SAP)),
+        local_sap: Some(gue_sock(SAP)),
     };
 
     let mut rng = keyway_testing::fuzz::Rng::new(0x706f_645f_6b77);
@@ -1529,86 +1561,14 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     let ports = [80u16, 8080, 53, 15008, 9000, 40000, 40001];
     let (mut runs, mut engine_ok, mut kernel_ok, mut openings) = (0u64, 0u64, 0u64, 0u64);
     for round in 0..30u64 {
-        let mut b = Acl::builder();
-        let ids: Vec<Identity> = entities
-            .iter()
-            .map(|ent| {
-                let id = b.identity(Isolation {
-                    ingress: rng.below(3) > 0,
-                    egress: rng.below(3) == 0,
-                });
-                if ent.6 {
-                    b.mesh(id);
-                }
-                id
-            })
-            .collect();
-        if rng.below(3) == 0 {
-            b.direct(ids[0], rng.pick(&ids[1..]));
-        }
-        for _ in 0..rng.below(12) {
-            let (x, y) = (rng.pick(&ids), rng.pick(&ids));
-            let egress = rng.below(2) == 0;
-            let set = match rng.below(3) {
-                0 if egress => b.egress(x, y),
-                0 => b.ingress(x, y),
-                1 if egress => b.egress_to_any(x),
-                1 => b.ingress_from_any(x),
-                _ => {
-                    let members: Vec<Identity> =
-                        (0..rng.below(4)).map(|_| rng.pick(&ids)).collect();
-                    let g = b.peer_group(&members);
-                    if egress {
-                        b.egress_to_group(x, g)
-                    } else {
-                        b.ingress_from_group(g, x)
-                    }
-                }
-            };
-            match rng.below(5) {
-                0 => {
-                    set.allow_everything();
-                }
-                1 => {
-                    set.allow(PROTO_UDP, Some(PortRange::single(rng.pick(&ports))));
-                }
-                2 => {
-                    let start = rng.pick(&ports);
-                    set.allow(
-                        PROTO_TCP,
-                        Some(PortRange::new(start, start + rng.below(8) as u16)),
-                    );
-                }
-                3 => {
-                    set.allow(PROTO_TCP, None);
-                }
-                _ => {
-                    for i in 0..10u16 {
-                        set.allow(PROTO_TCP, Some(PortRange::single(9000 + 2 * i)));
-                    }
-                }
-            }
-        }
-        let mut fib = Fib::builder();
-        for (ent, id) in entities.iter().zip(&ids) {
-            let route = Route {
-                entity: ent.0.into(),
-                identity: *id,
-                keys: KeyRing::derive(&secret, ent.0, rotation, NOW),
-                infra: sock(ent.3),
-                sap: ent.4.map(sock),
-                outside: ent.5,
-            };
-            fib.insert(ent.1.parse().unwrap(), route).unwrap();
-        }
-        let mut tables = Tables {
-            fib: fib.build(),
-            acl: b.build(),
-            generation: round + 1,
-            ..Tables::default()
-        };
-        tables.saps.insert(IpAddr::from(SAP));
-        tables.saps.insert(IpAddr::from(OTHER_SAP));
+        let (tables, ids) = random_tables(
+            &mut rng,
+            &entities,
+            &ports,
+            (&secret, rotation),
+            round + 1,
+            true,
+        );
         policy.sync(
             &mut node,
             &tables,
@@ -1680,9 +1640,9 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             }
             let peer_ent = &entities[peer];
             let (s, sport, d, dport) = if egress {
-                (pod, pod_port, peer_ent.2, peer_port)
+                (pod, pod_port, peer_ent.probe, peer_port)
             } else {
-                (peer_ent.2, peer_port, pod, pod_port)
+                (peer_ent.probe, peer_port, pod, pod_port)
             };
             // A spoofed source now and then.
             let s = if egress && rng.below(15) == 0 {
@@ -1722,7 +1682,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             let what = format!(
                 "round {round}: {} {} ({inner:02x?})",
                 if egress { "to" } else { "from" },
-                peer_ent.0
+                peer_ent.name
             );
             runs += 1;
             if egress {
@@ -1783,22 +1743,23 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             } else {
                 let epoch = rotation.epoch_at(NOW);
                 let key = match rng.below(8) {
-                    0 => secret.derive(b1.0, Epoch(epoch.0 - 1)),
-                    1 => secret.derive(peer_ent.0, epoch),
+                    0 => secret.derive(b1.name, Epoch(epoch.0 - 1)),
+                    1 => secret.derive(peer_ent.name, epoch),
                     2 => Key(rng.next_u64() as u32),
-                    _ => secret.derive(b1.0, epoch),
+                    _ => secret.derive(b1.name, epoch),
                 };
                 let outer = match rng.below(6) {
-                    0 => peer_ent.4.unwrap_or(OTHER_SAP),
+                    0 => peer_ent.sap.unwrap_or(OTHER_SAP),
                     1 => SAP,
                     2 => [10, 244, 2, 99],
-                    _ => peer_ent.3,
+                    _ => peer_ent.infra,
                 };
                 let datagram = gue(key, &inner);
                 let (ret, _) = bpf
                     .run_ingress(&udp_frame(outer, pod_infra, 6080, &datagram, false))
                     .unwrap();
-                let engine = endpoint_ingress(&tables, &local, &flows, &datagram, sock(outer), NOW);
+                let engine =
+                    endpoint_ingress(&tables, &local, &flows, &datagram, gue_sock(outer), NOW);
                 engine_ok += u64::from(engine.is_ok());
                 let what = format!("{what} via {outer:?} with {key:?}");
                 if ret == TC_ACT_REDIRECT {
@@ -1812,7 +1773,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                         && syn
                         && fits(0, peer)
                         && fits(peer, 0)
-                        && key == secret.derive(b1.0, epoch);
+                        && key == secret.derive(b1.name, epoch);
                     assert!(
                         !must,
                         "the kernel left an opening to user space: {what}: {engine:?}"
