@@ -151,6 +151,10 @@ impl Agent {
                 p.node.local_sap,
                 p.cfg.gateway.as_ref().map(|_| crate::gateway::DEVICE),
                 p.cfg.datapath,
+                p.cfg
+                    .socket
+                    .parent()
+                    .map_or_else(std::env::temp_dir, std::path::Path::to_path_buf),
             ),
             state: Mutex::new(State::new(&p.cfg.node_name)),
             compiler: tokio::sync::Mutex::new(Compiler {

@@ -116,6 +116,9 @@ pub struct Endpoints {
 struct FastShared {
     datapath: Datapath,
     gue_port: u16,
+    /// A writable directory of the agent's (its socket's), where a pod's load may mount a
+    /// bpffs to be handed the node's maps when the node has none.
+    scratch: std::path::PathBuf,
     /// The node's SaP, which the node's fast path carries in the kernel too.
     local_sap: Option<SocketAddr>,
     /// The node's gateway device, whose traffic the node's fast path carries in the kernel too.
@@ -222,7 +225,8 @@ impl FastJob {
         // The node's part first: the pod's programs share its maps.
         let node = self.shared.node();
         let shared = node.as_ref().and_then(|n| n.shared_maps());
-        match FastPath::open(netns, &overlays, infra, self.shared.gue_port, shared) {
+        let node_maps = shared.map(|m| (m, self.shared.scratch.as_path()));
+        match FastPath::open(netns, &overlays, infra, self.shared.gue_port, node_maps) {
             Ok(f) => {
                 if f.adopted() {
                     tracing::debug!(container = %self.container, programs = ?f.program_ids(), "took over the fast path an earlier agent left, with its flows");
@@ -259,6 +263,7 @@ impl Endpoints {
         local_sap: Option<SocketAddr>,
         gateway: Option<&'static str>,
         datapath: Datapath,
+        scratch: std::path::PathBuf,
     ) -> Endpoints {
         Endpoints {
             tables,
@@ -268,6 +273,7 @@ impl Endpoints {
             fast: Arc::new(FastShared {
                 datapath,
                 gue_port,
+                scratch,
                 local_sap,
                 gateway,
                 no_kernel: Default::default(),

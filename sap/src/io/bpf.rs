@@ -495,14 +495,18 @@ pub struct EndpointPrograms {
 
 impl EndpointPrograms {
     /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF. With
-    /// `node`, they read the node's compiled policy from the node's own maps; without, from
-    /// maps of their own that nothing fills (they judge nothing by policy).
-    pub fn load(node: Option<SharedMaps>) -> Result<EndpointPrograms, BpfError> {
+    /// `node`, they read the node's compiled policy from the node's own maps (handed over as
+    /// [`loaded`] says, `scratch` being a writable directory for it); without, from maps of
+    /// their own that nothing fills (they judge nothing by policy).
+    pub fn load(
+        node: Option<SharedMaps>,
+        scratch: &std::path::Path,
+    ) -> Result<EndpointPrograms, BpfError> {
         let parts = loaded(
             OBJECT,
             [EGRESS_PROGRAM, INGRESS_PROGRAM],
             &ENDPOINT_TAGS,
-            node,
+            node.map(|n| (n, scratch)),
         )?;
         EndpointPrograms::from_parts(parts)
     }
@@ -525,7 +529,9 @@ impl EndpointPrograms {
         ingress: u32,
         node: Option<SharedMaps>,
     ) -> Result<Option<EndpointPrograms>, BpfError> {
-        let own = own_tags(&ENDPOINT_TAGS, || EndpointPrograms::load(None).map(drop))?;
+        let own = own_tags(&ENDPOINT_TAGS, || {
+            EndpointPrograms::load(None, std::path::Path::new("/")).map(drop)
+        })?;
         let ids = [(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)];
         match adopted(&ids, &own)? {
             Some(parts) => match unless_missing(EndpointPrograms::from_parts(parts))? {
@@ -767,18 +773,18 @@ fn unless_missing<T>(built: Result<T, BpfError>) -> Result<Option<T>, BpfError> 
 /// their own on the programs, with the maps.
 ///
 /// With `shared`, the object's maps of those names are the node's, not new ones. aya takes an
-/// existing map only as a pinned one, so they are pinned for the load in a bpffs of this load's
-/// own, mounted and gone again around it: nothing is left pinned on the node.
+/// existing map only as a pinned one, so they are pinned for the load alone ([`PinnedForLoad`]):
+/// nothing is left pinned on the node.
 fn loaded<const N: usize>(
     object: &[u8],
     names: [&'static str; N],
     tags: &std::sync::OnceLock<[u64; N]>,
-    shared: Option<SharedMaps>,
+    shared: Option<(SharedMaps, &std::path::Path)>,
 ) -> Result<Parts<N>, BpfError> {
     let mut loader = EbpfLoader::new();
     loader.btf(None);
     let pins = match shared {
-        Some(s) => Some(PinnedForLoad::pin(&s.by_name())?),
+        Some((s, scratch)) => Some(PinnedForLoad::pin(&s.by_name(), scratch)?),
         None => None,
     };
     if let Some(p) = &pins {
@@ -1178,30 +1184,51 @@ impl SharedMaps {
     }
 }
 
-/// Maps pinned in a bpffs mounted for one load (see [`loaded`]); unmounted on drop, which unpins
-/// them (the programs that use them keep them).
+/// Maps pinned for one load (see [`loaded`]), in a directory of its own: in the node's bpffs at
+/// `/sys/fs/bpf` when there is one (a DaemonSet mounts it from the host, as most nodes have it),
+/// else in a bpffs mounted for the load under a writable `scratch` directory (where the node
+/// has none, as on the lab's machines). Unpinned on drop (the programs that use the maps keep
+/// them), and the directory and any mount removed.
 struct PinnedForLoad {
     dir: std::path::PathBuf,
+    mounted: bool,
     maps: Vec<(&'static str, std::path::PathBuf)>,
 }
 
+/// `statfs`'s magic number of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The node's own bpffs, when mounted where systemd and Kubernetes' DaemonSets put it.
+const NODE_BPFFS: &str = "/sys/fs/bpf";
+
 impl PinnedForLoad {
-    fn pin(maps: &[(&'static str, u32)]) -> Result<PinnedForLoad, BpfError> {
+    fn pin(
+        maps: &[(&'static str, u32)],
+        scratch: &std::path::Path,
+    ) -> Result<PinnedForLoad, BpfError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("keyway-bpf-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| BpfError::Pin(dir.clone(), e))?;
-        let flags = nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOEXEC;
-        if let Err(e) = nix::mount::mount(Some("bpf"), &dir, Some("bpf"), flags, None::<&str>) {
-            let _ = std::fs::remove_dir(&dir);
-            return Err(BpfError::Pin(dir, e.into()));
-        }
+        let name = format!("keyway-load-{}-{n}", std::process::id());
+        let node_bpffs = nix::sys::statfs::statfs(NODE_BPFFS)
+            .is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
         let mut pinned = PinnedForLoad {
-            dir,
+            dir: if node_bpffs {
+                std::path::Path::new(NODE_BPFFS).join(&name)
+            } else {
+                scratch.join(name)
+            },
+            mounted: false,
             maps: Vec::new(),
         };
+        std::fs::create_dir_all(&pinned.dir).map_err(|e| BpfError::Pin(pinned.dir.clone(), e))?;
+        if !node_bpffs {
+            let flags = nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC;
+            nix::mount::mount(Some("bpf"), &pinned.dir, Some("bpf"), flags, None::<&str>)
+                .map_err(|e| BpfError::Pin(pinned.dir.clone(), e.into()))?;
+            pinned.mounted = true;
+        }
         for (name, id) in maps {
             let path = pinned.dir.join(name);
             MapData::from_id(*id)
@@ -1220,7 +1247,12 @@ impl PinnedForLoad {
 
 impl Drop for PinnedForLoad {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        for (_, path) in &self.maps {
+            let _ = std::fs::remove_file(path);
+        }
+        if self.mounted {
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -1787,7 +1819,7 @@ pub fn detach_node(device: &str) -> bool {
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before
 /// it relies on them.
 pub fn probe() -> Result<(), BpfError> {
-    EndpointPrograms::load(None)?;
+    EndpointPrograms::load(None, std::path::Path::new("/"))?;
     NodePrograms::load().map(drop)
 }
 

@@ -73,6 +73,9 @@ pub enum FastPathError {
     NoOverlays,
 }
 
+/// Set once a pod's load could not be handed the node's maps: said once, not for every pod.
+static SHARING_REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// When the agent that gave programs the lease `lease_ns` last synced them (it renews the lease
 /// for [`LEASE_NS`] at every sync); `None` for no lease.
 fn synced_at(lease_ns: u64) -> Option<u64> {
@@ -140,14 +143,16 @@ impl FastPath {
     /// ([`FastPath::adopted`]), when they are this build's and this pod's; otherwise new ones are
     /// loaded and replace them, and carry nothing until the first [`sync`](Self::sync). Blocking.
     ///
-    /// `node`: the node's maps (its compiled policy), which the programs judge a flow's first
-    /// packets by; without, they carry only the flows the engine admitted.
+    /// `node`: the node's maps (its compiled policy), which the programs judge a TCP
+    /// connection's first packets by, and a writable directory a load may use to be handed them
+    /// ([`EndpointPrograms::load`]); without, or when they cannot be handed over (logged), the
+    /// programs carry only the flows the engine admitted.
     pub fn open(
         netns: &Netns,
         overlays: &[(String, IpAddr)],
         infra: Ipv4Addr,
         gue_port: u16,
-        node: Option<SharedMaps>,
+        node: Option<(SharedMaps, &std::path::Path)>,
     ) -> Result<FastPath, FastPathError> {
         // The pod's first IPv4 overlay device and its first IPv6 one, in that order.
         let devices: Vec<(String, IpAddr)> = [false, true]
@@ -205,7 +210,7 @@ impl FastPath {
             ([Some(first), rest @ ..], [Some(ingress)])
                 if rest.iter().all(|p| *p == Some(*first)) =>
             {
-                match EndpointPrograms::adopt(*first, *ingress, node) {
+                match EndpointPrograms::adopt(*first, *ingress, node.map(|(n, _)| n)) {
                     Ok(Some(p)) => match p.configured() {
                         Ok(c)
                             if c.overlay == base.overlay
@@ -234,7 +239,16 @@ impl FastPath {
                 (p, synced_at(lease), counted)
             }
             None => {
-                let mut p = EndpointPrograms::load(node)?;
+                let mut p = match node {
+                    Some((maps, scratch)) => EndpointPrograms::load(Some(maps), scratch)
+                        .or_else(|e| {
+                            if !SHARING_REFUSED.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(error = %e, "the pods' programs cannot be handed the node's compiled policy: a connection's first packets take the user-space path");
+                            }
+                            EndpointPrograms::load(None, scratch)
+                        })?,
+                    None => EndpointPrograms::load(None, std::path::Path::new("/"))?,
+                };
                 p.configure(&base)?;
                 let tuns: Vec<&str> = devices.iter().map(|(d, _)| d.as_str()).collect();
                 netns.run(|| p.attach(&tuns, &eth.name))??;
