@@ -1195,9 +1195,6 @@ struct PinnedForLoad {
     maps: Vec<(&'static str, std::path::PathBuf)>,
 }
 
-/// `statfs`'s magic number of a bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// The node's own bpffs, when mounted where systemd and Kubernetes' DaemonSets put it.
 const NODE_BPFFS: &str = "/sys/fs/bpf";
 
@@ -1210,7 +1207,7 @@ impl PinnedForLoad {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("keyway-load-{}-{n}", std::process::id());
         let node_bpffs = nix::sys::statfs::statfs(NODE_BPFFS)
-            .is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
         let mut pinned = PinnedForLoad {
             dir: if node_bpffs {
                 std::path::Path::new(NODE_BPFFS).join(&name)
