@@ -389,9 +389,8 @@ static __always_inline void count_compiled(__u32 segs)
 // after the key and the destination, which kw_ingress has checked) on an inner IPv4 packet at
 // `pkt` from `outer_src`: the inner source's route, the outer source may speak for it, and the
 // packet is an opening policy allows, or replies within a connection the pod opened here. On
-// success the kernel
-// tracks it (kw_conns) and caches the flow (kw_ingress_flows) as the engine's loop would, and
-// returns 0; -1 for anything else, which the user-space path judges.
+// success the kernel tracks it (kw_conns) and caches the flow (kw_ingress_flows) as the
+// engine's loop would, and returns 0; -1 for anything else, which the user-space path judges.
 static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *end)
 {
 	struct node_config *node = policy_on();
@@ -575,12 +574,11 @@ int kw_ingress(struct __sk_buff *skb)
 // The endpoint's egress check by the compiled policy (keyway_core::engine::endpoint_egress) on
 // an IPv4 packet the pod sends, then its encapsulation: the source is the pod's own, the routes
 // of both ends, the packet is an opening policy allows or replies within a connection the peer
-// opened here; the
-// destination's key and next hop as the engine chooses them (straight to a direct pair's peer or
-// one with no SaP; to the SaP that fronts it, whose check is made here when it is this node's, as
-// the engine makes it in process). On success the kernel tracks it (kw_conns), caches the flow
-// (kw_egress_flows) as the engine's loop would, and sends it; anything else goes on to the TUN
-// device and the user-space path, which judges it.
+// opened here; the destination's key and next hop as the engine chooses them (straight to a
+// direct pair's peer or one with no SaP; to the SaP that fronts it, whose check is made here
+// when it is this node's, as the engine makes it in process). On success the kernel tracks it
+// (kw_conns), caches the flow (kw_egress_flows) as the engine's loop would, and sends it;
+// anything else goes on to the TUN device and the user-space path, which judges it.
 static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoint_config *cfg,
 					   void *data, void *end)
 {
@@ -611,7 +609,7 @@ static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoin
 	__u32 to = dst->infra_v4;
 	__u32 to_port = dst->infra_port;
 	if (dst->sap_v4 && !(pair && (pair->flags & PAIR_DIRECT))) {
-		if (dst->sap_v4 == node->sap_v4) {
+		if (dst->sap_v4 == node->sap_v4 && (__u16)dst->sap_port == (__u16)node->gue_port) {
 			// This node's SaP: its check, here (engine::sap_checks from the pod's address).
 			if ((src->flags & ROUTE_OUTSIDE) || src->infra_v4 != cfg->infra_v4 ||
 			    (dst->flags & ROUTE_TO_SAP))
