@@ -1105,8 +1105,6 @@ pub struct Conn {
     /// The peer opened it: its first datagram came from `outer_src`.
     pub inbound: bool,
     pub outer_src: Ipv4Addr,
-    /// A packet of the other way was admitted as its reply.
-    pub answered: bool,
 }
 
 impl Conn {
@@ -1116,7 +1114,6 @@ impl Conn {
             seen_ns: u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
             outer_src: Ipv4Addr::new(b[8], b[9], b[10], b[11]),
             inbound: flags & 1 != 0,
-            answered: flags & 2 != 0,
         }
     }
 }

@@ -564,14 +564,18 @@ pub async fn endpoint_ingress(
                     };
                     let mut verdict = judge();
                     if let Some(f) = ctx.fast.get() {
+                        let inner = gue::decode(datagram)
+                            .ok()
+                            .and_then(|h| datagram.get(h.payload_offset..))
+                            .unwrap_or_default();
                         // A reply within a connection the kernel opened, before the engine knew
                         // it.
                         if verdict == Err(engine::DropReason::DeniedByPolicy)
-                            && f.hand_over_datagram(&ctx, datagram, now)
+                            && f.hand_over(&ctx, inner, now)
                         {
                             verdict = judge();
                         }
-                        f.forget_reset_datagram(datagram);
+                        f.forget_reset(inner);
                     }
                     let range = match verdict {
                         Ok(r) => r,

@@ -417,9 +417,9 @@ impl FastPath {
     /// Hands the engine, now, the connection the kernel opened by the compiled policy that
     /// `inner` (an IPv4 packet the engine has just refused, either way) replies within or
     /// belongs to. A packet of one can reach the user-space path before the next sync hands the
-    /// connection over: one the kernel does not carry (a RST, IP options, a batch of UDP
-    /// datagrams from a user-space sender). Returns whether one was handed over: the packet is
-    /// then worth judging again.
+    /// connection over: one the kernel does not carry (a RST, a batch of UDP datagrams from a
+    /// user-space sender). Returns whether one was handed over: the packet is then worth
+    /// judging again.
     pub fn hand_over(&self, ctx: &EndpointContext, inner: &[u8], now_ms: u64) -> bool {
         let Some(f) = Flow4::of_packet(inner) else {
             return false;
@@ -445,14 +445,6 @@ impl FastPath {
         handed
     }
 
-    /// [`hand_over`](Self::hand_over) for an arriving datagram.
-    pub fn hand_over_datagram(&self, ctx: &EndpointContext, datagram: &[u8], now_ms: u64) -> bool {
-        gue::decode(datagram)
-            .ok()
-            .and_then(|h| datagram.get(h.payload_offset..))
-            .is_some_and(|inner| self.hand_over(ctx, inner, now_ms))
-    }
-
     /// After the engine has judged `inner` (admitted or not: it may have ended the flow before a
     /// later check refused the packet), a TCP segment that resets its connection: the kernel's
     /// own record of the connection goes too, either way, so the kernel admits nothing more as
@@ -466,16 +458,6 @@ impl FastPath {
             let mut m = self.maps();
             m.flows.remove_conn(&f);
             m.flows.remove_conn(&f.reversed());
-        }
-    }
-
-    /// [`forget_reset`](Self::forget_reset) for an arriving datagram.
-    pub fn forget_reset_datagram(&self, datagram: &[u8]) {
-        if let Some(inner) = gue::decode(datagram)
-            .ok()
-            .and_then(|h| datagram.get(h.payload_offset..))
-        {
-            self.forget_reset(inner);
         }
     }
 
