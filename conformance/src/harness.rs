@@ -515,6 +515,46 @@ impl TestPod {
             .unwrap_or(0)
     }
 
+    /// A UDP exchange with `to:port`, where `server` listens (on all its addresses): one
+    /// datagram there from a new port of this pod's, and its echo back.
+    pub fn udp(&self, server: &TestPod, to: &str, port: u16) -> Result<(), String> {
+        use std::net::UdpSocket;
+        let listener = server
+            .netns
+            .netns()
+            .run(|| UdpSocket::bind(("0.0.0.0", port)))
+            .unwrap()
+            .map_err(|e| e.to_string())?;
+        listener
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let srv = std::thread::spawn(move || {
+            let mut b = [0u8; 16];
+            if let Ok((n, from)) = listener.recv_from(&mut b) {
+                let _ = listener.send_to(&b[..n], from);
+            }
+        });
+        let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
+        let r = self
+            .netns
+            .netns()
+            .run(|| UdpSocket::bind(("0.0.0.0", 0)))
+            .unwrap()
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.send_to(b"keyway", addr).map_err(|e| e.to_string())?;
+                let mut b = [0u8; 16];
+                match s.recv_from(&mut b) {
+                    Ok((6, from)) if from == addr && &b[..6] == b"keyway" => Ok(()),
+                    Ok((n, from)) => Err(format!("{n} bytes from {from}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+        let _ = srv.join();
+        r
+    }
+
     /// A TCP exchange with `to:port`, where `server` listens (on all its addresses).
     pub fn tcp(&self, server: &TestPod, to: &str, port: u16) -> Result<(), String> {
         use std::net::{TcpListener, TcpStream};

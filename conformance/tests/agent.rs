@@ -321,12 +321,12 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
     c.delete(&b);
 }
 
-/// A connection's first packets (its SYN and SYN-ACK among them) are judged by the pods' own
-/// programs, from the policy the agent compiled into the node's maps, both ways and at both
-/// ends: the user-space path carries none of them.
+/// A flow's first packets (a TCP connection's SYN and SYN-ACK, a UDP exchange's datagram and
+/// its answer) are judged by the pods' own programs, from the policy the agent compiled into the
+/// node's maps, both ways and at both ends: the user-space path carries none of them.
 #[test]
-fn a_connections_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy() {
-    if !privileged("a_connections_first_packets_cross_both_pods_in_the_kernel") {
+fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_and_udp() {
+    if !privileged("a_flows_first_packets_cross_both_pods_in_the_kernel") {
         return;
     }
     let c = TestCluster::new("agpod", 2, 113);
@@ -359,6 +359,29 @@ fn a_connections_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy(
         });
         read()
     };
+    // Per node and protocol, every packet of the flows crossed the pod in the kernel, and the
+    // compiled policy admitted (at least) each flow's first packet one way and its first reply
+    // the other (the rest may ride on the flows the kernel cached).
+    let check = |what: &str, before: &[[f64; 3]; 2], after: &[[f64; 3]; 2], flows: u32| {
+        for (node, (b, a)) in before.iter().zip(after).enumerate() {
+            let [all, kernel, policy] = [0, 1, 2].map(|i| a[i] - b[i]);
+            eprintln!(
+                "{what}, node-{}: {all} packets, {kernel} in the kernel, {policy} by compiled policy",
+                node + 1
+            );
+            assert!(
+                policy >= f64::from(flows) * 2.0,
+                "{what}: node-{}'s pod admitted the flows' first packets by the compiled policy: {policy}",
+                node + 1
+            );
+            assert_eq!(
+                all,
+                kernel,
+                "{what}: node-{}: every packet of the flows crossed its pod in the kernel",
+                node + 1
+            );
+        }
+    };
     let before = counts();
     let connections = 5;
     for _ in 0..connections {
@@ -367,25 +390,28 @@ fn a_connections_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy(
     }
     std::thread::sleep(Duration::from_millis(1500));
     let after = counts();
-    for (node, (b, a)) in before.iter().zip(&after).enumerate() {
-        let [all, kernel, policy] = [0, 1, 2].map(|i| a[i] - b[i]);
-        eprintln!(
-            "node-{}: {all} packets, {kernel} in the kernel, {policy} by compiled policy",
-            node + 1
-        );
-        // Each connection: its SYN one way, its SYN-ACK the other, at each end.
-        assert!(
-            policy >= f64::from(connections) * 2.0,
-            "node-{}'s pod admitted the connections' first packets by the compiled policy: {policy}",
-            node + 1
-        );
-        assert_eq!(
-            all,
-            kernel,
-            "node-{}: every packet of the connections crossed its pod in the kernel",
-            node + 1
-        );
+    // Each connection: its SYN one way, its SYN-ACK the other, at each end.
+    check("TCP", &before, &after, connections);
+
+    // UDP has no opening: a datagram is one only when the engine holds no flow it replies
+    // within, which the kernel knows from its copy of the engine's UDP flows.
+    c.apply(
+        "allow-b-udp.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b-udp, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n    ports: [{protocol: UDP, port: 5353}]\n",
+    );
+    eventually("a reaches b on UDP 5353", Duration::from_secs(5), || {
+        a.udp(&b, &b.overlay_ip, 5353).is_ok()
+    });
+    let before = counts();
+    let exchanges = 5;
+    for _ in 0..exchanges {
+        a.udp(&b, &b.overlay_ip, 5353)
+            .expect("an exchange allowed by policy");
     }
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = counts();
+    // Each exchange: its datagram one way, the echo the other, at each end.
+    check("UDP", &before, &after, exchanges);
     c.delete(&a);
     c.delete(&b);
 }

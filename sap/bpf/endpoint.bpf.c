@@ -20,15 +20,17 @@
 // writes, and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to
 // the TUN device and the user-space path, which decides it.
 //
-// A TCP connection's first packets need no user space either: on a miss, both programs make
-// the engine's whole check by the node's compiled policy (policy.h, the maps the node's SaP
-// judges by, shared): a SYN policy allows opens a connection the kernel records (kw_conns,
-// keyed as the engine's flow table), and the packets of the other way are admitted as its
-// replies; each is then cached as above (egress_compiled, ingress_compiled). The engine learns
-// each such connection at the agent's next sync, or at once from the user-space path when one
-// of its packets reaches it first. Packets that end a TCP connection (RST), fragments, IP
-// options and IPv6 extension headers, ICMP other than echoes, any other first packet (UDP's
-// among them), and datagrams with a MAC always take the user-space path.
+// A TCP connection's and a UDP flow's first packets need no user space either: on a miss, both
+// programs make the engine's whole check by the node's compiled policy (policy.h, the maps the
+// node's SaP judges by, shared): a SYN policy allows, or a UDP datagram policy allows that
+// replies within none of the engine's flows (kw_engine_flows), opens a connection the kernel
+// records (kw_conns, keyed as the engine's flow table), and the packets of the other way are
+// admitted as its replies; each is then cached as above (egress_compiled, ingress_compiled).
+// The engine learns each such connection at the agent's next sync, or at once from the
+// user-space path when one of its packets reaches it first. Packets that end a TCP connection
+// (RST), fragments, IP options and IPv6 extension headers, ICMP other than echoes, any other
+// first packet (an echo's, an IPv6 flow's), and datagrams with a MAC always take the user-space
+// path.
 // The agent re-derives every cached decision through the engine whenever its model or the key
 // epoch changes, removes those the engine no longer makes, and feeds the kernel's last-seen times
 // back to the engine's flow table, so that the engine's view of which flows are alive stays whole.
@@ -178,6 +180,18 @@ struct {
 	__type(value, struct conn);
 } kw_conns SEC(".maps");
 
+// The engine's copy of the UDP flows it holds, keyed as kw_conns (the agent writes each before
+// the packet that opened it goes on, and removes those the engine no longer holds): what tells
+// the kernel a UDP datagram may be a reply only the engine knows of. It may hold more than the
+// engine; it is whole, never less, while it holds the all-zero key, which the agent removes
+// whenever one of the engine's flows could not be added.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * FLOWS_MAX);
+	__type(key, struct flow4);
+	__type(value, __u32);
+} kw_engine_flows SEC(".maps");
+
 // What the fast path carried (keep in step with sap/src/io/bpf.rs).
 enum carried {
 	C_EGRESS_PACKETS = 0,   // inner packets encapsulated and sent (a GSO packet as its segments)
@@ -307,29 +321,39 @@ static __always_inline struct node_config *policy_on(void)
 	return node && node->policy_gen && (node->policy_flags & POLICY_COMPLETE) ? node : NULL;
 }
 
+// What a packet the compiled policy judges can be, as the engine's flow table sees it.
+#define OPENS 1                 // a TCP SYN without ACK: an opening, never a reply
+#define REPLIES 2               // a TCP segment past the SYN: a reply, or nothing here
+#define EITHER 3                // a UDP datagram: a reply within a flow the other way, else an opening
+
 // The flow of an inner IPv4 packet the compiled policy judges: TCP (a SYN too, never a RST: the
-// engine must see a connection end), without options, not a fragment. Returns -1 for anything
-// else, else 0 with *opens: it opens a connection (a SYN without ACK), so is no reply.
+// engine must see a connection end) or UDP, without options, not a fragment. Returns -1 for
+// anything else, else 0 with *kind.
 //
-// Why TCP's openings alone open a connection here: the engine takes a packet that is no opening
-// for a reply when it holds the flow the other way, which the peer may have opened on the
-// user-space path, unknown to the kernel. Were the kernel to record such a packet as an opening
-// of the pod's, it would let the peer's packets in as replies whatever policy says of them. An
-// opening is never a reply, in the engine as here. (UDP has no opening: its flows' first
-// packets take the user-space path, which teaches the kernel the flow.)
-static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f, int *opens)
+// Why a TCP segment past the SYN opens nothing here: the engine takes it for a reply when it
+// holds the flow the other way, which the peer may have opened on the user-space path, unknown
+// to the kernel. Were the kernel to record it as an opening of the pod's, it would let the
+// peer's packets in as replies whatever policy says of them. A UDP datagram can be either, so the
+// kernel opens a flow on one only when it knows the engine holds no flow it replies within
+// (engine_may_hold_reverse).
+static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f, int *kind)
 {
 	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
-	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 || pkt[9] != IPPROTO_TCP)
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 ||
+	    (pkt[9] != IPPROTO_TCP && pkt[9] != IPPROTO_UDP))
 		return -1;
 	__u8 proto = pkt[9];
 	__u8 *l4 = pkt + 20;
 	if (fast_l4(proto, l4, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 1, &f->sport,
 		    &f->dport) < 0)
 		return -1;
-	if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
-		return -1;
-	*opens = (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	if (proto == IPPROTO_UDP) {
+		*kind = EITHER;
+	} else {
+		if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
+			return -1;
+		*kind = (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN ? OPENS : REPLIES;
+	}
 	f->src = *(__u32 *)(pkt + 12);
 	f->dst = *(__u32 *)(pkt + 16);
 	f->proto = proto;
@@ -337,12 +361,8 @@ static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f,
 	return 0;
 }
 
-// The connection `f` is a reply within, opened the other way (`inbound`: by the peer), when `f`
-// can be a reply at all.
-static __always_inline struct conn *reply_to(struct flow4 *f, int opens, int inbound)
+static __always_inline struct flow4 reversed(struct flow4 *f)
 {
-	if (opens)
-		return NULL;
 	struct flow4 r = {
 		.src = f->dst,
 		.dst = f->src,
@@ -350,8 +370,37 @@ static __always_inline struct conn *reply_to(struct flow4 *f, int opens, int inb
 		.dport = f->sport,
 		.proto = f->proto,
 	};
+	return r;
+}
+
+// The connection `f` is a reply within, opened the other way (`inbound`: by the peer), when `f`
+// can be a reply at all.
+static __always_inline struct conn *reply_to(struct flow4 *f, int kind, int inbound)
+{
+	if (kind == OPENS)
+		return NULL;
+	struct flow4 r = reversed(f);
 	struct conn *c = bpf_map_lookup_elem(&kw_conns, &r);
 	return c && ((c->flags & CONN_INBOUND) != 0) == inbound ? c : NULL;
+}
+
+// Whether the engine may hold a flow that the UDP datagram `f` replies within: its copy here
+// holds one, or is not whole (kw_engine_flows). The engine would then admit `f` as that reply
+// and track nothing of it; only it can tell.
+static __always_inline int engine_may_hold_reverse(struct flow4 *f)
+{
+	struct flow4 whole = {};
+	if (!bpf_map_lookup_elem(&kw_engine_flows, &whole))
+		return 1;
+	struct flow4 r = reversed(f);
+	return bpf_map_lookup_elem(&kw_engine_flows, &r) != NULL;
+}
+
+// Whether a packet of `kind` that replies within no connection the kernel holds, and that policy
+// allows (`allowed`) or not, opens one here.
+static __always_inline int opens_here(struct flow4 *f, int kind, int allowed)
+{
+	return allowed && (kind == OPENS || (kind == EITHER && !engine_may_hold_reverse(f)));
 }
 
 // Records a packet the compiled policy admitted: as the reply within `reply`, or as one of its
@@ -398,8 +447,8 @@ static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *en
 		return -1;
 	__u32 gen = node->policy_gen;
 	struct ingress_flow_key k = {.outer_src = outer_src};
-	int opens;
-	if (compiled_flow4(pkt, end, &k.inner, &opens) < 0)
+	int kind;
+	if (compiled_flow4(pkt, end, &k.inner, &kind) < 0)
 		return -1;
 	struct sap_route *src = route_of(k.inner.src, gen);
 	struct sap_route *dst = route_of(k.inner.dst, gen);
@@ -409,9 +458,10 @@ static __always_inline int ingress_compiled(__u32 outer_src, __u8 *pkt, void *en
 	      (src->sap_v4 && src->sap_v4 == outer_src) || node->sap_v4 == outer_src))
 		return -1;
 	// The reply test first, as the engine's: a reply is never a connection of its own.
-	struct conn *reply = reply_to(&k.inner, opens, 0);
-	if (!reply && !(opens && pair_allows(gen, src->identity, dst->identity, k.inner.proto,
-					     bpf_ntohs(k.inner.dport))))
+	struct conn *reply = reply_to(&k.inner, kind, 0);
+	if (!reply && !opens_here(&k.inner, kind,
+				  pair_allows(gen, src->identity, dst->identity, k.inner.proto,
+					      bpf_ntohs(k.inner.dport))))
 		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	admitted(reply, &k.inner, outer_src, 1, now);
@@ -587,8 +637,8 @@ static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoin
 		return TC_ACT_OK;
 	__u32 gen = node->policy_gen;
 	struct flow4 f;
-	int opens;
-	if (compiled_flow4(data, end, &f, &opens) < 0)
+	int kind;
+	if (compiled_flow4(data, end, &f, &kind) < 0)
 		return TC_ACT_OK;
 	if (f.src != cfg->overlay_v4 && f.src != cfg->infra_v4)
 		return TC_ACT_OK;
@@ -602,9 +652,9 @@ static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoin
 		return TC_ACT_OK;
 	__u16 sport = bpf_ntohs(f.sport);
 	__u16 dport = bpf_ntohs(f.dport);
-	struct conn *reply = reply_to(&f, opens, 1);
+	struct conn *reply = reply_to(&f, kind, 1);
 	int allowed = pair_allows(gen, src->identity, dst->identity, f.proto, dport);
-	if (!reply && !(opens && allowed))
+	if (!reply && !opens_here(&f, kind, allowed))
 		return TC_ACT_OK;
 	__u32 to = dst->infra_v4;
 	__u32 to_port = dst->infra_port;
@@ -614,8 +664,8 @@ static __always_inline int egress_compiled(struct __sk_buff *skb, struct endpoin
 			if ((src->flags & ROUTE_OUTSIDE) || src->infra_v4 != cfg->infra_v4 ||
 			    (dst->flags & ROUTE_TO_SAP))
 				return TC_ACT_OK;
-			if (!allowed && (opens || !pair_allows(gen, dst->identity, src->identity,
-							       f.proto, sport)))
+			if (!allowed && (!reply || !pair_allows(gen, dst->identity, src->identity,
+								f.proto, sport)))
 				return TC_ACT_OK;
 		} else {
 			to = dst->sap_v4;

@@ -15,7 +15,7 @@ use keyway_core::engine::{DropReason, LocalEndpoint, Tables, endpoint_ingress};
 use keyway_core::flow::{FlowTable, FlowTimeouts};
 use keyway_core::gue::{self, InnerProto};
 use keyway_core::key::{ClusterSecret, Epoch, Key, KeyRing, Rotation};
-use keyway_core::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, build};
+use keyway_core::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, build, classify};
 use keyway_sap::io::bpf::{EndpointConfig, EndpointPrograms, TC_ACT_OK, Verdict};
 use keyway_testing::privileged;
 
@@ -1561,8 +1561,16 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     let mut rng = keyway_testing::fuzz::Rng::new(0x706f_645f_6b77);
     let mut policy = SapPolicy::default();
     let flows = FlowTable::new(1 << 16, FlowTimeouts::default());
+    // The engine's UDP flows, in the kernel, as the agent keeps them.
+    let engine_flows = bpf.take_engine_flows().unwrap();
+    assert!(!engine_flows.whole(), "not whole before it mirrors");
+    engine_flows.mirror(&flows);
+    assert!(engine_flows.whole());
     let ports = [80u16, 8080, 53, 15008, 9000, 40000, 40001];
     let (mut runs, mut engine_ok, mut kernel_ok, mut openings) = (0u64, 0u64, 0u64, 0u64);
+    let mut udp_openings = 0u64;
+    // The UDP flows the engine opened: what the kernel's copy must hold.
+    let mut udp_opened = std::collections::BTreeSet::new();
     for round in 0..30u64 {
         let (tables, ids) = random_tables(
             &mut rng,
@@ -1682,6 +1690,10 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                 _ => tcp(0x10),
             };
             let syn = proto == PROTO_TCP && inner[33] == 0x02;
+            // A UDP datagram the engine would take for no reply: an opening, if policy allows.
+            let udp_opening =
+                proto == PROTO_UDP && !flows.would_admit(&classify(&inner).unwrap(), false, NOW);
+            let opening = syn || udp_opening;
             let what = format!(
                 "round {round}: {} {} ({inner:02x?})",
                 if egress { "to" } else { "from" },
@@ -1727,7 +1739,8 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                     );
                 } else {
                     assert_eq!(ret, TC_ACT_OK, "{what}");
-                    let must = engine.is_ok() && syn && fits(0, peer) && fits(peer, 0) && s == pod;
+                    let must =
+                        engine.is_ok() && opening && fits(0, peer) && fits(peer, 0) && s == pod;
                     assert!(
                         !must,
                         "the kernel left an opening to user space: {what}: {engine:?}"
@@ -1739,7 +1752,11 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                         ended(&mut kernel_flows, f);
                     }
                 }
-                openings += u64::from(syn && engine.is_ok());
+                openings += u64::from(opening && engine.is_ok());
+                udp_openings += u64::from(udp_opening && engine.is_ok());
+                if udp_opening && engine.is_ok() {
+                    udp_opened.insert(keyway_sap::io::bpf::Flow4::of_packet(&inner).unwrap());
+                }
                 if engine.is_ok() {
                     earlier.push((true, peer, pod_port, peer_port, proto));
                 }
@@ -1773,7 +1790,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                     );
                 } else {
                     let must = engine.is_ok()
-                        && syn
+                        && opening
                         && fits(0, peer)
                         && fits(peer, 0)
                         && key == secret.derive(b1.name, epoch);
@@ -1788,7 +1805,11 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                         ended(&mut kernel_flows, f);
                     }
                 }
-                openings += u64::from(syn && engine.is_ok());
+                openings += u64::from(opening && engine.is_ok());
+                udp_openings += u64::from(udp_opening && engine.is_ok());
+                if udp_opening && engine.is_ok() {
+                    udp_opened.insert(keyway_sap::io::bpf::Flow4::of_packet(&inner).unwrap());
+                }
                 if engine.is_ok() {
                     earlier.push((false, peer, pod_port, peer_port, proto));
                 }
@@ -1796,7 +1817,25 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
         }
     }
     eprintln!(
-        "{runs} packets: the engine admitted {engine_ok}, the kernel {kernel_ok} ({openings} openings)"
+        "{runs} packets: the engine admitted {engine_ok}, the kernel {kernel_ok} ({openings} openings, {udp_openings} of UDP)"
     );
     assert!(kernel_ok > 1000, "the compiled policy admits: {kernel_ok}");
+    assert!(udp_openings > 100, "UDP openings: {udp_openings}");
+    // The kernel's copy of the engine's UDP flows holds every one the engine opened, and no
+    // flow the engine does not hold (nothing expired here). (The engine also holds flows of
+    // packets a later check refused.)
+    let copied: std::collections::BTreeSet<_> = engine_flows.flows().into_iter().collect();
+    assert!(engine_flows.whole());
+    let held = |f: &keyway_sap::io::bpf::Flow4| {
+        let reply = f.reversed().packet();
+        flows.would_admit(&classify(&reply).unwrap(), false, NOW)
+    };
+    let (extra, missing): (Vec<_>, Vec<_>) = (
+        copied.iter().filter(|f| !held(f)).collect(),
+        udp_opened.difference(&copied).collect(),
+    );
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "not the engine's: {extra:?}; missing: {missing:?}"
+    );
 }

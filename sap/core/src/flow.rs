@@ -13,6 +13,10 @@
 //!   bounded number of candidates ([`FlowTable::evictions`]);
 //! - only when none is found is a new flow not tracked (its replies are then dropped, failing
 //!   closed), counted by [`FlowTable::overflows`].
+//!
+//! A [`FlowWatcher`] is told of every flow the table starts tracking, before the packet that
+//! opened it goes on: how a kernel fast path that judges flows' first packets itself knows which
+//! flows the engine holds (`keyway_sap::io::fastpath`).
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -33,6 +37,32 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The flow `a` opened to `b`.
+    pub fn new(a: IpAddr, port_a: u16, b: IpAddr, port_b: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            a,
+            b,
+            proto,
+            port_a,
+            port_b,
+        }
+    }
+
+    /// Who opened the flow, and from which port (an echo's identifier for an echo).
+    pub fn opener(&self) -> (IpAddr, u16) {
+        (self.a, self.port_a)
+    }
+
+    /// To whom the flow was opened, and to which port.
+    pub fn peer(&self) -> (IpAddr, u16) {
+        (self.b, self.port_b)
+    }
+
+    /// The flow's IP protocol number.
+    pub fn proto(&self) -> u8 {
+        self.proto
+    }
+
     /// The key of the flow `c` would open; `None` for later fragments, which cannot be matched.
     pub fn forward(c: &Classified) -> Option<FlowKey> {
         let (port_a, port_b) = match c.transport {
@@ -98,7 +128,14 @@ struct Entry {
     generation: u64,
 }
 
-#[derive(Debug, Default)]
+/// Told of the flows a [`FlowTable`] tracks (see the module's documentation).
+pub trait FlowWatcher: Send + Sync {
+    /// The table tracks `key` from now on. Called with the table locked: keep it short, and
+    /// never call back into the table.
+    fn tracked(&self, key: &FlowKey);
+}
+
+#[derive(Default)]
 struct Inner {
     flows: FastMap<FlowKey, Entry>,
     /// Every insertion, oldest first: where idle entries are looked for.
@@ -108,6 +145,17 @@ struct Inner {
     /// Live flows per remote opener.
     per_peer: FastMap<IpAddr, u32>,
     generation: u64,
+    watcher: Option<std::sync::Arc<dyn FlowWatcher>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("flows", &self.flows.len())
+            .field("generation", &self.generation)
+            .field("watched", &self.watcher.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -253,6 +301,9 @@ impl FlowTable {
         if let Some(peer) = opener {
             *inner.per_peer.entry(peer).or_default() += 1;
         }
+        if let Some(w) = &inner.watcher {
+            w.tracked(&key);
+        }
         inner.order.push_back((key, generation));
         inner.unanswered.push_back((key, generation));
         inner.compact(self.capacity);
@@ -384,6 +435,37 @@ impl FlowTable {
     /// Flows evicted (never answered, or idle) to make room for a new one.
     pub fn evictions(&self) -> u64 {
         self.counters.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Tells `watcher` of every flow the table tracks from now on, and, first, of every flow it
+    /// holds now (live or not: a watcher may know more than the table holds, never less).
+    /// Replaces an earlier watcher; called again with the same one, tells it everything again.
+    pub fn watch(&self, watcher: std::sync::Arc<dyn FlowWatcher>) {
+        let mut inner = self.lock();
+        for key in inner.flows.keys() {
+            watcher.tracked(key);
+        }
+        inner.watcher = Some(watcher);
+    }
+
+    /// Calls `forget` for each of `keys` the table holds no live flow of, with the table
+    /// locked, so that no flow of them is tracked between the test and the call.
+    pub fn forget_untracked(
+        &self,
+        keys: impl IntoIterator<Item = FlowKey>,
+        now_ms: u64,
+        mut forget: impl FnMut(&FlowKey),
+    ) {
+        let inner = self.lock();
+        for key in keys {
+            let live = inner
+                .flows
+                .get(&key)
+                .is_some_and(|e| now_ms.saturating_sub(e.seen) < self.timeout(&key, e));
+            if !live {
+                forget(&key);
+            }
+        }
     }
 }
 
@@ -608,6 +690,57 @@ mod tests {
         }
         let inner = t.lock();
         assert!(inner.order.len() <= 2 * 4 + 64 + 1 && inner.unanswered.len() <= 2 * 4 + 64 + 1);
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<FlowKey>>);
+
+    impl FlowWatcher for Seen {
+        fn tracked(&self, key: &FlowKey) {
+            self.0.lock().unwrap().push(*key);
+        }
+    }
+
+    #[test]
+    fn a_watcher_learns_every_flow_held_and_tracked_and_none_answered() {
+        let t = FlowTable::new(16, SHORT);
+        let (a, b) = ([1, 0, 0, 1], [1, 0, 0, 2]);
+        t.track(&c(build::tcp4(a, 1000, b, 80)), 0);
+        let seen = Arc::new(Seen::default());
+        t.watch(seen.clone());
+        let held = FlowKey::new(a.into(), 1000, b.into(), 80, PROTO_TCP);
+        assert_eq!(*seen.0.lock().unwrap(), vec![held], "what it held");
+        // b opens one (allowed), a answers it: one flow, b's.
+        let udp = |s, sp, d, dp| {
+            c(build::ipv4(
+                s,
+                d,
+                PROTO_UDP,
+                &build::ports(PROTO_UDP, sp, dp, b""),
+            ))
+        };
+        assert!(t.admit(&udp(b.into(), 53, a.into(), 4000), true, true, 1));
+        assert!(t.admit(&udp(a.into(), 4000, b.into(), 53), false, false, 2));
+        let opened = FlowKey::new(b.into(), 53, a.into(), 4000, PROTO_UDP);
+        assert_eq!(*seen.0.lock().unwrap(), vec![held, opened]);
+        // Watching again tells it all again.
+        t.watch(seen.clone());
+        assert_eq!(seen.0.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn only_keys_of_no_live_flow_are_forgotten() {
+        let t = FlowTable::new(16, SHORT);
+        let (a, b) = ([1, 0, 0, 1], [1, 0, 0, 2]);
+        t.track(&c(build::tcp4(a, 1000, b, 80)), 0);
+        t.track(&c(build::tcp4(a, 1001, b, 80)), 950);
+        let key = |port| FlowKey::new(a.into(), port, b.into(), 80, PROTO_TCP);
+        let mut forgotten = Vec::new();
+        // At 1000 the first (embryonic: 100 ms) has expired, the second lives, the third was never.
+        t.forget_untracked([key(1000), key(1001), key(1002)], 1000, |k| {
+            forgotten.push(*k)
+        });
+        assert_eq!(forgotten, vec![key(1000), key(1002)]);
     }
 
     #[test]

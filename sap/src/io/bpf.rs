@@ -21,7 +21,9 @@ use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, T
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
 use keyway_core::engine::DropReason;
+use keyway_core::flow::{FlowKey, FlowTable, FlowWatcher};
 use keyway_core::key::Key;
+use keyway_core::packet::{Classified, Transport};
 
 /// The endpoint programs' object, as `build.rs` compiled it.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/endpoint.bpf.o"));
@@ -36,6 +38,7 @@ const INGRESS_FLOWS: &str = "kw_ingress_flows";
 const EGRESS_FLOWS6: &str = "kw_egress6";
 const INGRESS_FLOWS6: &str = "kw_ingress6";
 const CONNS: &str = "kw_conns";
+const ENGINE_FLOWS: &str = "kw_engine_flows";
 
 /// The tc filter's priority and handle: keyway's on every device it attaches to, so that a new
 /// agent's attach replaces its predecessor's filter instead of adding a second one.
@@ -243,6 +246,59 @@ impl Flow4 {
             build::ports(self.proto, self.sport, self.dport, b"")
         };
         build::ipv4(self.src, self.dst, self.proto, &l4)
+    }
+
+    /// The flow of a TCP or UDP packet between IPv4 addresses as the engine classified it (its
+    /// IP options, if any, make no difference), as the kernel keys its connections.
+    pub fn of_classified(c: &Classified) -> Option<Flow4> {
+        use keyway_core::packet::{PROTO_TCP, PROTO_UDP};
+        match (c.src, c.dst, c.transport) {
+            (
+                IpAddr::V4(src),
+                IpAddr::V4(dst),
+                Transport::Ports {
+                    src: sport,
+                    dst: dport,
+                },
+            ) if c.proto == PROTO_TCP || c.proto == PROTO_UDP => Some(Flow4 {
+                src,
+                dst,
+                proto: c.proto,
+                sport,
+                dport,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The engine's flow `k`, when it is one of two ports between IPv4 addresses.
+    pub fn of_key(k: &FlowKey) -> Option<Flow4> {
+        use keyway_core::packet::{PROTO_TCP, PROTO_UDP};
+        match (k.opener(), k.peer(), k.proto()) {
+            ((IpAddr::V4(src), sport), (IpAddr::V4(dst), dport), proto)
+                if proto == PROTO_TCP || proto == PROTO_UDP =>
+            {
+                Some(Flow4 {
+                    src,
+                    dst,
+                    proto,
+                    sport,
+                    dport,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The engine's key of this flow (its opener being `src`).
+    pub fn key(&self) -> FlowKey {
+        FlowKey::new(
+            self.src.into(),
+            self.sport,
+            self.dst.into(),
+            self.dport,
+            self.proto,
+        )
     }
 
     /// The flow of the other way: what a reply to this flow's packets belongs to.
@@ -490,6 +546,7 @@ pub struct EndpointPrograms {
     verdicts: PerCpuArray<MapData, u64>,
     carried: PerCpuArray<MapData, u64>,
     flows: Option<FlowMaps>,
+    engine_flows: Option<HashMap<MapData, [u8; 16], u32>>,
     shared: Option<SharedMaps>,
 }
 
@@ -560,6 +617,7 @@ impl EndpointPrograms {
                 ingress6: maps.typed(INGRESS_FLOWS6)?,
                 conns: maps.typed(CONNS)?,
             }),
+            engine_flows: Some(maps.typed(ENGINE_FLOWS)?),
             egress,
             ingress,
         })
@@ -648,6 +706,21 @@ impl EndpointPrograms {
         self.flows.take().ok_or(BpfError::Missing(EGRESS_FLOWS))
     }
 
+    /// The kernel's copy of the engine's UDP flows, taken out, and not whole until
+    /// [`EngineFlows::mirror`] makes it so: until then the programs open no UDP flow.
+    pub fn take_engine_flows(&mut self) -> Result<std::sync::Arc<EngineFlows>, BpfError> {
+        let mut map = self
+            .engine_flows
+            .take()
+            .ok_or(BpfError::Missing(ENGINE_FLOWS))?;
+        // (An earlier agent's copy: of flows this agent's engine may not hold, which is safe,
+        // but not of all it holds.)
+        let _ = map.remove(&WHOLE);
+        Ok(std::sync::Arc::new(EngineFlows {
+            inner: std::sync::Mutex::new(EngineFlowsInner { map, whole: false }),
+        }))
+    }
+
     /// Runs `kw_ingress` once on `frame` (Ethernet, as it arrives on the pod's eth0) through
     /// `BPF_PROG_TEST_RUN`, and says what it decided: the tc action and the verdict it counted.
     pub fn run_ingress(&mut self, frame: &[u8]) -> Result<(u32, Verdict), BpfError> {
@@ -733,6 +806,108 @@ fn own_tags<const N: usize>(
     tags.get()
         .copied()
         .ok_or(BpfError::Missing("the programs' tags"))
+}
+
+/// The key that says the kernel's copy of the engine's UDP flows is whole (`kw_engine_flows`).
+const WHOLE: [u8; 16] = [0; 16];
+
+/// The kernel's copy of the UDP flows the engine holds (`kw_engine_flows`), which tells a pod's
+/// programs when a UDP datagram may be a reply only the engine knows of (`endpoint.bpf.c`).
+///
+/// It watches the endpoint's flow table, so every UDP flow the engine tracks is added before
+/// the packet that opened it goes on. It may hold flows the engine no longer does (removed at
+/// [`EngineFlows::prune`]); it holds every one the engine does while it is whole. When the map
+/// cannot take one, it stops being whole (the programs then open no UDP flow) until a prune
+/// has made room and added them all again.
+pub struct EngineFlows {
+    inner: std::sync::Mutex<EngineFlowsInner>,
+}
+
+struct EngineFlowsInner {
+    map: HashMap<MapData, [u8; 16], u32>,
+    whole: bool,
+}
+
+impl std::fmt::Debug for EngineFlows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineFlows")
+            .field("whole", &self.lock().whole)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowWatcher for EngineFlows {
+    fn tracked(&self, key: &FlowKey) {
+        let Some(f) = Flow4::of_key(key).filter(|f| f.proto == keyway_core::packet::PROTO_UDP)
+        else {
+            return;
+        };
+        let mut m = self.lock();
+        if let Err(e) = m.map.insert(f.bytes(), 1, 0) {
+            if m.whole {
+                tracing::debug!(error = %e, "the kernel's copy of the engine's UDP flows is full: UDP's first packets take the user-space path until the next sync");
+            }
+            m.whole = false;
+            let _ = m.map.remove(&WHOLE);
+        }
+    }
+}
+
+impl EngineFlows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EngineFlowsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `flows` (adding every UDP flow it holds now), and says the copy is whole when
+    /// every one could be added.
+    pub fn mirror(self: &std::sync::Arc<Self>, flows: &FlowTable) {
+        self.lock().whole = true;
+        flows.watch(self.clone());
+        let mut m = self.lock();
+        if m.whole && m.map.insert(WHOLE, 1, 0).is_err() {
+            m.whole = false;
+        }
+    }
+
+    /// Removes the flows `flows` no longer holds, live, at `now_ms`; when the copy was not
+    /// whole, adds all it holds again.
+    pub fn prune(self: &std::sync::Arc<Self>, flows: &FlowTable, now_ms: u64) {
+        let (keys, whole) = {
+            let m = self.lock();
+            let keys: Vec<FlowKey> = m
+                .map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| *k != WHOLE)
+                .map(|k| Flow4::from_bytes(&k).key())
+                .collect();
+            (keys, m.whole)
+        };
+        flows.forget_untracked(keys, now_ms, |k| {
+            if let Some(f) = Flow4::of_key(k) {
+                let _ = self.lock().map.remove(&f.bytes());
+            }
+        });
+        if !whole {
+            self.mirror(flows);
+        }
+    }
+
+    /// Whether the copy is whole (the programs open UDP flows).
+    pub fn whole(&self) -> bool {
+        self.lock().whole
+    }
+
+    /// The flows the copy holds, for tests and `bpftool`'s readers.
+    pub fn flows(&self) -> Vec<Flow4> {
+        self.lock()
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| *k != WHOLE)
+            .map(|k| Flow4::from_bytes(&k))
+            .collect()
+    }
 }
 
 /// An object's programs, loaded or taken over, and its maps by name.
@@ -902,6 +1077,7 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         EGRESS_FLOWS6,
         INGRESS_FLOWS6,
         CONNS,
+        ENGINE_FLOWS,
         NODE_CONFIG,
         NODE_PODS,
         SAP_FLOWS,

@@ -2,13 +2,16 @@
 //! [`super::bpf`] attached to the pod's devices, and the work that keeps their maps true to the
 //! engine.
 //!
-//! A TCP connection's first packets (IPv4 inside, no MAC) the programs judge themselves, by the
-//! node's compiled policy ([`compile_sap_policy`], in maps the pods' programs share with the
-//! node's): an opening policy allows, and the replies within a connection the kernel opened
-//! (`endpoint.bpf.c` says why only those). The engine learns each such connection from
-//! [`FastPath::sync`] (before the flows that answer it are re-derived), or at once
-//! ([`FastPath::hand_over`]) when one of its packets reaches the user-space path first; a RST
-//! there ends the kernel's record too ([`FastPath::forget_reset`]).
+//! A TCP connection's and a UDP flow's first packets (IPv4 inside, no MAC) the programs judge
+//! themselves, by the node's compiled policy ([`compile_sap_policy`], in maps the pods' programs
+//! share with the node's): an opening policy allows, and the replies within a connection the
+//! kernel opened (`endpoint.bpf.c` says why only those). A UDP datagram is an opening only when
+//! it replies within none of the engine's flows, which the kernel knows from its copy of them
+//! ([`EngineFlows`], kept by a watcher on the endpoint's flow table from the first sync on). The
+//! engine learns each connection the kernel opened from [`FastPath::sync`] (before the flows
+//! that answer it are re-derived), or at once ([`FastPath::hand_over`]) when one of its packets
+//! reaches the user-space path first; a RST there ends the kernel's record too
+//! ([`FastPath::forget_reset`]).
 //!
 //! Every other flow's first packets the user-space path decides, as always;
 //! once the engine has admitted a packet of a plain TCP or UDP flow (or an ICMP echo's), IPv4
@@ -46,8 +49,9 @@ use keyway_core::key::Key;
 use keyway_core::packet::PROTO_TCP;
 
 use super::bpf::{
-    BpfError, Carried, Conn, EgressFlow, EndpointConfig, EndpointPrograms, FILTER_PRIORITY, Flow,
-    Flow4, FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop, SapPair, SapRoute, SharedMaps,
+    BpfError, Carried, Conn, EgressFlow, EndpointConfig, EndpointPrograms, EngineFlows,
+    FILTER_PRIORITY, Flow, Flow4, FlowMaps, IngressFlow, NodePod, SapFlow, SapNextHop, SapPair,
+    SapRoute, SharedMaps,
 };
 use super::datapath::EndpointContext;
 use super::netlink::{self, NetlinkError};
@@ -122,6 +126,10 @@ pub struct FastPath {
     /// Taken over from an earlier agent and not synced yet: when that agent last synced
     /// (CLOCK_MONOTONIC ns). The flows its kernel carried since are the live ones.
     warm_since: Mutex<Option<u64>>,
+    /// The kernel's copy of the UDP flows the engine holds, watching the endpoint's flow table
+    /// from the first sync on (`mirrored`).
+    engine_flows: std::sync::Arc<EngineFlows>,
+    mirrored: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -256,6 +264,7 @@ impl FastPath {
             }
         };
         let flows = programs.take_flows()?;
+        let engine_flows = programs.take_engine_flows()?;
         Ok(FastPath {
             programs: Mutex::new(programs),
             maps: Mutex::new(Maps {
@@ -272,6 +281,8 @@ impl FastPath {
             counted: Mutex::new(counted),
             adopted: is_adopted,
             warm_since: Mutex::new(warm_since),
+            engine_flows,
+            mirrored: AtomicBool::new(false),
         })
     }
 
@@ -417,29 +428,31 @@ impl FastPath {
     /// Hands the engine, now, the connection the kernel opened by the compiled policy that
     /// `inner` (an IPv4 packet the engine has just refused, either way) replies within or
     /// belongs to. A packet of one can reach the user-space path before the next sync hands the
-    /// connection over: one the kernel does not carry (a RST, a batch of UDP datagrams from a
-    /// user-space sender). Returns whether one was handed over: the packet is then worth
-    /// judging again.
+    /// connection over: one the kernel does not carry (a RST, a packet with IP options, a batch
+    /// of UDP datagrams from a user-space sender). Returns whether one was handed over: the
+    /// packet is then worth judging again.
     pub fn hand_over(&self, ctx: &EndpointContext, inner: &[u8], now_ms: u64) -> bool {
-        let Some(f) = Flow4::of_packet(inner) else {
+        let Some(f) = conn_flow(inner).map(|(f, _)| f) else {
             return false;
         };
         let tables = ctx.tables.load();
         let local = ctx.local.load();
-        let m = self.maps();
+        let mut m = self.maps();
         let mut handed = false;
         for k in [f.reversed(), f] {
             if let Some(conn) = m.flows.conn(&k) {
-                handed |= hand_conn(
-                    &tables,
-                    &local,
-                    &ctx.flows,
+                let kept = hand_conn(
+                    (&tables, &local, &ctx.flows),
                     self.base.gue_port,
                     &k,
                     &conn,
                     Admission::Track,
                     now_ms,
                 );
+                if !kept {
+                    m.flows.remove_conn(&k);
+                }
+                handed |= kept;
             }
         }
         handed
@@ -450,11 +463,7 @@ impl FastPath {
     /// own record of the connection goes too, either way, so the kernel admits nothing more as
     /// its reply, as the engine does not.
     pub fn forget_reset(&self, inner: &[u8]) {
-        let resets = inner.len() >= 40
-            && inner[0] == 0x45
-            && inner[9] == keyway_core::packet::PROTO_TCP
-            && inner[33] & 0x04 != 0;
-        if let (true, Some(f)) = (resets, Flow4::of_packet(inner)) {
+        if let Some((f, true)) = conn_flow(inner).map(|(f, c)| (f, c.resets_flow)) {
             let mut m = self.maps();
             m.flows.remove_conn(&f);
             m.flows.remove_conn(&f.reversed());
@@ -483,6 +492,11 @@ impl FastPath {
             carried = self.count(&p, ctx);
         }
         self.carrying.store(carrying, Ordering::Relaxed);
+        if !self.mirrored.swap(true, Ordering::Relaxed) {
+            self.engine_flows.mirror(&ctx.flows);
+        } else if periodic {
+            self.engine_flows.prune(&ctx.flows, now_ms);
+        }
 
         let mut report = SyncReport {
             carried,
@@ -573,13 +587,15 @@ impl FastPath {
         // would no longer admit that opening, or at a periodic sync (the engine holds
         // it from then on, and its own timeouts decide).
         for (f, conn) in m.flows.conns() {
-            let how = match fate(conn.seen_ns, false) {
-                _ if conn.seen_ns >= last_sync && carrying => Some(Admission::Track),
-                Some(Admission::Judge) => Some(Admission::Judge),
-                _ => None,
+            let how = if conn.seen_ns >= last_sync && carrying {
+                Some(Admission::Track)
+            } else if fate(conn.seen_ns, false) == Some(Admission::Judge) {
+                Some(Admission::Judge)
+            } else {
+                None
             };
             let kept = how.is_some_and(|how| {
-                hand_conn(&tables, &local, &ctx.flows, port, &f, &conn, how, now_ms)
+                hand_conn((&tables, &local, &ctx.flows), port, &f, &conn, how, now_ms)
             });
             if !kept {
                 m.flows.remove_conn(&f);
@@ -655,22 +671,50 @@ impl FastPath {
     }
 }
 
+/// The flow of an IPv4 TCP or UDP packet as the kernel keys its connections, with the engine's
+/// classification of it (IP options or not).
+fn conn_flow(inner: &[u8]) -> Option<(Flow4, keyway_core::packet::Classified)> {
+    let c = keyway_core::packet::classify(inner).ok()?;
+    Some((Flow4::of_classified(&c)?, c))
+}
+
+/// What the engine judges a packet by: its tables, the endpoint, and its flow table.
+type EngineState<'a> = (
+    &'a engine::Tables,
+    &'a engine::LocalEndpoint,
+    &'a keyway_core::flow::FlowTable,
+);
+
 /// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opening
-/// would go (`how`): the SYN it was opened by (the kernel opens connections on nothing else), as
-/// an egress packet or as one arriving from the conn's outer source. Returns whether the engine
-/// admits it.
-#[allow(clippy::too_many_arguments)]
+/// would go (`how`): the packet it was opened by (a TCP SYN, or a UDP datagram), as an egress
+/// packet or as one arriving from the conn's outer source. Returns whether the engine admits it
+/// as an opening: one the engine takes for a reply within a flow of its own the other way is not
+/// the kernel's connection to keep (the engine would not let the peer's packets in as replies to
+/// it).
 fn hand_conn(
-    tables: &engine::Tables,
-    local: &engine::LocalEndpoint,
-    flows: &keyway_core::flow::FlowTable,
+    (tables, local, flows): EngineState<'_>,
     port: u16,
     f: &Flow4,
     conn: &Conn,
     how: Admission,
     now_ms: u64,
 ) -> bool {
-    let packet = keyway_core::packet::build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport);
+    use keyway_core::packet::{PROTO_UDP, build};
+    let packet = if f.proto == PROTO_UDP {
+        build::ipv4(
+            f.src,
+            f.dst,
+            PROTO_UDP,
+            &build::ports(PROTO_UDP, f.sport, f.dport, b""),
+        )
+    } else {
+        build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport)
+    };
+    let reply =
+        keyway_core::packet::classify(&packet).is_ok_and(|c| flows.would_admit(&c, false, now_ms));
+    if reply {
+        return false;
+    }
     if conn.inbound {
         let Some(key) = local.keys.key_at(now_ms) else {
             return false;
@@ -707,6 +751,104 @@ fn datagram_of(key: Key, inner: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel connection is the kernel's to keep only when the engine takes its opening for
+    /// one: not when the engine holds a flow the other way that it replies within.
+    #[test]
+    fn a_kernel_connection_the_engine_takes_for_a_reply_is_not_kept() {
+        use keyway_core::acl::{Acl, Isolation};
+        use keyway_core::fib::{Fib, Route};
+        use keyway_core::flow::{FlowTable, FlowTimeouts};
+        use keyway_core::key::KeyRing;
+        use keyway_core::packet::{PROTO_UDP, build};
+        // a (10.0.0.1) and b (10.0.0.2, this endpoint), neither isolated: policy allows all.
+        let mut acl = Acl::builder();
+        let mut fib = Fib::builder();
+        for (net, key, infra) in [
+            ("100.64.0.1/32", 1, "10.0.0.1:6080"),
+            ("100.64.0.2/32", 2, "10.0.0.2:6080"),
+        ] {
+            let identity = acl.identity(Isolation::default());
+            fib.insert(
+                net.parse().unwrap(),
+                Route {
+                    entity: "x".into(),
+                    identity,
+                    keys: KeyRing::Static(Key(key)),
+                    infra: infra.parse().unwrap(),
+                    sap: None,
+                    outside: false,
+                },
+            )
+            .unwrap();
+        }
+        let tables = engine::Tables {
+            fib: fib.build(),
+            acl: acl.build(),
+            ..Default::default()
+        };
+        let local = engine::LocalEndpoint {
+            entity: "b".into(),
+            overlay_ips: vec!["100.64.0.2".parse().unwrap()],
+            infra: "10.0.0.2:6080".parse().unwrap(),
+            keys: KeyRing::Static(Key(2)),
+            local_sap: None,
+        };
+        let flows = FlowTable::new(64, FlowTimeouts::default());
+        let (a, b) = (Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2));
+        // a opens a UDP flow to b on the user-space path.
+        let query = build::ipv4(a, b, PROTO_UDP, &build::ports(PROTO_UDP, 53, 4000, b"q"));
+        let from = "10.0.0.1:6080".parse().unwrap();
+        assert!(
+            engine::endpoint_ingress(
+                &tables,
+                &local,
+                &flows,
+                &datagram_of(Key(2), &query),
+                from,
+                0
+            )
+            .is_ok()
+        );
+        let outbound = Conn {
+            seen_ns: 1,
+            inbound: false,
+            outer_src: Ipv4Addr::UNSPECIFIED,
+        };
+        let udp = |src, sport, dst, dport| Flow4 {
+            src,
+            dst,
+            proto: PROTO_UDP,
+            sport,
+            dport,
+        };
+        let judge = (&tables, &local, &flows);
+        // The kernel opened b -> a on the same ports: to the engine, a reply within a's flow.
+        assert!(!hand_conn(
+            judge,
+            6080,
+            &udp(b, 4000, a, 53),
+            &outbound,
+            Admission::Track,
+            1
+        ));
+        // On other ports, an opening it then holds; a TCP connection, whatever it holds.
+        assert!(hand_conn(
+            judge,
+            6080,
+            &udp(b, 4001, a, 53),
+            &outbound,
+            Admission::Track,
+            1
+        ));
+        let reply = build::ipv4(a, b, PROTO_UDP, &build::ports(PROTO_UDP, 53, 4001, b"r"));
+        assert!(flows.is_reply(&keyway_core::packet::classify(&reply).unwrap(), 2));
+        let tcp = Flow4 {
+            proto: PROTO_TCP,
+            ..udp(b, 4000, a, 53)
+        };
+        assert!(hand_conn(judge, 6080, &tcp, &outbound, Admission::Track, 1));
+    }
 
     #[test]
     fn a_flows_packet_is_a_plain_segment_of_it() {
