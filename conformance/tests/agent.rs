@@ -359,11 +359,17 @@ fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_an
         });
         read()
     };
-    // Per node and protocol, every packet of the flows crossed the pod in the kernel, and the
-    // compiled policy admitted (at least) each flow's first packet one way and its first reply
-    // the other (the rest may ride on the flows the kernel cached).
-    let check = |what: &str, before: &[[f64; 3]; 2], after: &[[f64; 3]; 2], flows: u32| {
-        for (node, (b, a)) in before.iter().zip(after).enumerate() {
+    // `flows` flows of `what` made by `flow`: on each node, every packet of theirs crossed the
+    // pod in the kernel, and the compiled policy admitted (at least) each flow's first packet one
+    // way and its first reply the other (the rest may ride on the flows the kernel cached).
+    let measure = |what: &str, flows: u32, flow: &dyn Fn() -> Result<(), String>| {
+        let before = counts();
+        for _ in 0..flows {
+            flow().unwrap_or_else(|e| panic!("{what}: a flow allowed by policy: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = counts();
+        for (node, (b, a)) in before.iter().zip(&after).enumerate() {
             let [all, kernel, policy] = [0, 1, 2].map(|i| a[i] - b[i]);
             eprintln!(
                 "{what}, node-{}: {all} packets, {kernel} in the kernel, {policy} by compiled policy",
@@ -382,16 +388,8 @@ fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_an
             );
         }
     };
-    let before = counts();
-    let connections = 5;
-    for _ in 0..connections {
-        a.tcp(&b, &b.overlay_ip, 8080)
-            .expect("a connection allowed by policy");
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let after = counts();
     // Each connection: its SYN one way, its SYN-ACK the other, at each end.
-    check("TCP", &before, &after, connections);
+    measure("TCP", 5, &|| a.tcp(&b, &b.overlay_ip, 8080));
 
     // UDP has no opening: a datagram is one only when the engine holds no flow it replies
     // within, which the kernel knows from its copy of the engine's UDP flows.
@@ -402,16 +400,8 @@ fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_an
     eventually("a reaches b on UDP 5353", Duration::from_secs(5), || {
         a.udp(&b, &b.overlay_ip, 5353).is_ok()
     });
-    let before = counts();
-    let exchanges = 5;
-    for _ in 0..exchanges {
-        a.udp(&b, &b.overlay_ip, 5353)
-            .expect("an exchange allowed by policy");
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let after = counts();
-    // Each exchange: its datagram one way, the echo the other, at each end.
-    check("UDP", &before, &after, exchanges);
+    // Each exchange (from a new port): its datagram one way, the echo the other, at each end.
+    measure("UDP", 5, &|| a.udp(&b, &b.overlay_ip, 5353));
     c.delete(&a);
     c.delete(&b);
 }

@@ -677,7 +677,8 @@ fn sniffed_key(lab: &mut Lab) -> Vec<Outcome> {
     let attempt = |lab: &Lab, mac: Option<&MacKey>, reason: &str| {
         let (before, drops) = (delivered(lab), dropped(lab, reason));
         send_raw(&netns(&old), &[forge(mac, b"as-front")]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        // What the kernel delivers reaches /metrics at the agent's next sync (every second).
+        std::thread::sleep(Duration::from_millis(1500));
         (delivered(lab) > before, dropped(lab, reason) > drops)
     };
     let mut v = Vec::new();

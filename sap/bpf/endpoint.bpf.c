@@ -184,9 +184,11 @@ struct {
 // the packet that opened it goes on, and removes those the engine no longer holds): what tells
 // the kernel a UDP datagram may be a reply only the engine knows of. It may hold more than the
 // engine; it is whole, never less, while it holds the all-zero key, which the agent removes
-// whenever one of the engine's flows could not be added.
+// whenever one of the engine's flows could not be added. Not preallocated: written from user
+// space alone, and most pods hold few UDP flows.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 2 * FLOWS_MAX);
 	__type(key, struct flow4);
 	__type(value, __u32);

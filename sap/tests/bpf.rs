@@ -172,8 +172,7 @@ fn the_kernels_ingress_checks_drop_exactly_what_the_engine_drops_for_the_same_re
     let flows = FlowTable::new(1024, FlowTimeouts::default());
     let outer = SocketAddr::new(IpAddr::from(OUTER_SRC), 6080);
 
-    let mut bpf = EndpointPrograms::load(None, &std::env::temp_dir())
-        .expect("the kernel loads keyway's programs");
+    let mut bpf = EndpointPrograms::load(None).expect("the kernel loads keyway's programs");
     bpf.configure(&EndpointConfig {
         overlay: Some(Ipv4Addr::from(OVERLAY)),
         infra: Some(Ipv4Addr::from(INFRA)),
@@ -951,9 +950,8 @@ fn only_this_builds_programs_that_share_one_loads_maps_are_taken_over() {
         return;
     }
     // What a restarted agent finds on a pod's devices: the two programs of one load.
-    let mut first = EndpointPrograms::load(None, &std::env::temp_dir())
-        .expect("the kernel loads keyway's programs");
-    let other = EndpointPrograms::load(None, &std::env::temp_dir()).unwrap();
+    let mut first = EndpointPrograms::load(None).expect("the kernel loads keyway's programs");
+    let other = EndpointPrograms::load(None).unwrap();
     let [egress, ingress] = first.ids();
     let [other_egress, other_ingress] = other.ids();
     let adopted = EndpointPrograms::adopt(egress, ingress, None)
@@ -1523,7 +1521,8 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     let mut node = NodePrograms::load().expect("the node's programs load");
     let lease = keyway_sap::io::fastpath::monotonic_ns() + 600_000_000_000;
     node.configure(6080, Some(SAP.into()), lease).unwrap();
-    let mut bpf = EndpointPrograms::load(node.shared_maps(), &std::env::temp_dir())
+    let scratch = std::env::temp_dir();
+    let mut bpf = EndpointPrograms::load(node.shared_maps().map(|m| (m, scratch.as_path())))
         .expect("the pod's programs load");
     assert_eq!(
         bpf.shared_maps(),

@@ -113,6 +113,9 @@ impl Default for FlowTimeouts {
     }
 }
 
+/// How long past its timeout [`FlowTable::forget_untracked`] still counts a flow as held.
+pub const FORGET_MARGIN_MS: u64 = 10_000;
+
 /// How many queued candidates one insertion into a full table looks at, at most: the work per
 /// packet stays constant however full the table is.
 const EVICTION_BUDGET: usize = 32;
@@ -265,9 +268,14 @@ impl FlowTable {
         now_ms: u64,
     ) {
         if let Some(e) = inner.flows.get_mut(&key) {
+            // An expired entry comes back to life: to a watcher, a flow tracked anew (it may
+            // have forgotten it meanwhile).
+            let revived = now_ms.saturating_sub(e.seen) >= self.timeout(&key, e);
             e.seen = now_ms;
             if c.resets_flow {
                 inner.remove(&key);
+            } else if let (true, Some(w)) = (revived, &inner.watcher) {
+                w.tracked(&key);
             }
             return;
         }
@@ -449,7 +457,10 @@ impl FlowTable {
     }
 
     /// Calls `forget` for each of `keys` the table holds no live flow of, with the table
-    /// locked, so that no flow of them is tracked between the test and the call.
+    /// locked, so that no flow of them is tracked between the test and the call. A flow counts
+    /// as held for [`FORGET_MARGIN_MS`] past its timeout: a packet judged with a clock read a
+    /// little earlier may yet revive it, which a watcher is told of only when the flow had
+    /// expired by that packet's clock.
     pub fn forget_untracked(
         &self,
         keys: impl IntoIterator<Item = FlowKey>,
@@ -458,10 +469,9 @@ impl FlowTable {
     ) {
         let inner = self.lock();
         for key in keys {
-            let live = inner
-                .flows
-                .get(&key)
-                .is_some_and(|e| now_ms.saturating_sub(e.seen) < self.timeout(&key, e));
+            let live = inner.flows.get(&key).is_some_and(|e| {
+                now_ms.saturating_sub(e.seen) < self.timeout(&key, e) + FORGET_MARGIN_MS
+            });
             if !live {
                 forget(&key);
             }
@@ -736,11 +746,45 @@ mod tests {
         t.track(&c(build::tcp4(a, 1001, b, 80)), 950);
         let key = |port| FlowKey::new(a.into(), port, b.into(), 80, PROTO_TCP);
         let mut forgotten = Vec::new();
-        // At 1000 the first (embryonic: 100 ms) has expired, the second lives, the third was never.
-        t.forget_untracked([key(1000), key(1001), key(1002)], 1000, |k| {
-            forgotten.push(*k)
-        });
+        // At 1000 + the margin, the first (embryonic: 100 ms) has expired for longer than the
+        // margin, the second not yet; the third was never.
+        t.forget_untracked(
+            [key(1000), key(1001), key(1002)],
+            1000 + FORGET_MARGIN_MS,
+            |k| forgotten.push(*k),
+        );
         assert_eq!(forgotten, vec![key(1000), key(1002)]);
+    }
+
+    #[test]
+    fn a_watcher_is_told_of_an_expired_flow_that_comes_back() {
+        let t = FlowTable::new(16, SHORT);
+        let seen = Arc::new(Seen::default());
+        t.watch(seen.clone());
+        let udp = |now| {
+            t.track(
+                &c(build::ipv4(
+                    [1, 0, 0, 1].into(),
+                    [1, 0, 0, 2].into(),
+                    PROTO_UDP,
+                    &build::ports(PROTO_UDP, 53, 53, b""),
+                )),
+                now,
+            )
+        };
+        udp(0);
+        udp(50);
+        assert_eq!(
+            seen.0.lock().unwrap().len(),
+            1,
+            "tracked once while it lives"
+        );
+        udp(500);
+        assert_eq!(
+            seen.0.lock().unwrap().len(),
+            2,
+            "and again once it had expired"
+        );
     }
 
     #[test]

@@ -553,17 +553,16 @@ pub struct EndpointPrograms {
 impl EndpointPrograms {
     /// Loads both programs and their maps: needs CAP_BPF (or root) and a kernel with BPF. With
     /// `node`, they read the node's compiled policy from the node's own maps (handed over as
-    /// [`loaded`] says, `scratch` being a writable directory for it); without, from maps of
+    /// [`loaded`] says, through a writable directory given with them); without, from maps of
     /// their own that nothing fills (they judge nothing by policy).
     pub fn load(
-        node: Option<SharedMaps>,
-        scratch: &std::path::Path,
+        node: Option<(SharedMaps, &std::path::Path)>,
     ) -> Result<EndpointPrograms, BpfError> {
         let parts = loaded(
             OBJECT,
             [EGRESS_PROGRAM, INGRESS_PROGRAM],
             &ENDPOINT_TAGS,
-            node.map(|n| (n, scratch)),
+            node,
         )?;
         EndpointPrograms::from_parts(parts)
     }
@@ -586,9 +585,7 @@ impl EndpointPrograms {
         ingress: u32,
         node: Option<SharedMaps>,
     ) -> Result<Option<EndpointPrograms>, BpfError> {
-        let own = own_tags(&ENDPOINT_TAGS, || {
-            EndpointPrograms::load(None, std::path::Path::new("/")).map(drop)
-        })?;
+        let own = own_tags(&ENDPOINT_TAGS, || EndpointPrograms::load(None).map(drop))?;
         let ids = [(egress, EGRESS_PROGRAM), (ingress, INGRESS_PROGRAM)];
         match adopted(&ids, &own)? {
             Some(parts) => match unless_missing(EndpointPrograms::from_parts(parts))? {
@@ -1989,7 +1986,7 @@ pub fn detach_node(device: &str) -> bool {
 /// Whether this kernel (and these privileges) load keyway's programs: what a node reports before
 /// it relies on them.
 pub fn probe() -> Result<(), BpfError> {
-    EndpointPrograms::load(None, std::path::Path::new("/"))?;
+    EndpointPrograms::load(None)?;
     NodePrograms::load().map(drop)
 }
 

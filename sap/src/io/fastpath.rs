@@ -152,9 +152,9 @@ impl FastPath {
     /// loaded and replace them, and carry nothing until the first [`sync`](Self::sync). Blocking.
     ///
     /// `node`: the node's maps (its compiled policy), which the programs judge a TCP
-    /// connection's first packets by, and a writable directory a load may use to be handed them
-    /// ([`EndpointPrograms::load`]); without, or when they cannot be handed over (logged), the
-    /// programs carry only the flows the engine admitted.
+    /// connection's and a UDP flow's first packets by, and a writable directory a load may use
+    /// to be handed them ([`EndpointPrograms::load`]); without, or when they cannot be handed
+    /// over (logged), the programs carry only the flows the engine admitted.
     pub fn open(
         netns: &Netns,
         overlays: &[(String, IpAddr)],
@@ -248,14 +248,13 @@ impl FastPath {
             }
             None => {
                 let mut p = match node {
-                    Some((maps, scratch)) => EndpointPrograms::load(Some(maps), scratch)
-                        .or_else(|e| {
-                            if !SHARING_REFUSED.swap(true, Ordering::Relaxed) {
-                                tracing::warn!(error = %e, "the pods' programs cannot be handed the node's compiled policy: a connection's first packets take the user-space path");
-                            }
-                            EndpointPrograms::load(None, scratch)
-                        })?,
-                    None => EndpointPrograms::load(None, std::path::Path::new("/"))?,
+                    Some(node) => EndpointPrograms::load(Some(node)).or_else(|e| {
+                        if !SHARING_REFUSED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "the pods' programs cannot be handed the node's compiled policy: a flow's first packets take the user-space path");
+                        }
+                        EndpointPrograms::load(None)
+                    })?,
+                    None => EndpointPrograms::load(None)?,
                 };
                 p.configure(&base)?;
                 let tuns: Vec<&str> = devices.iter().map(|(d, _)| d.as_str()).collect();
