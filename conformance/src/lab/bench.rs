@@ -231,6 +231,27 @@ fn ambient_bench_pods(namespace: &str) -> String {
     )
 }
 
+/// Waits (30 s at most) until the fast path serves every pod of the lab that is on keyway, so
+/// that a path is measured as it runs steadily: the agents attach a new pod's fast path in the
+/// background, and until then its packets take the user-space path. Not on `--datapath user`.
+fn wait_for_fast_paths(lab: &Lab) {
+    if lab.state.datapath.as_deref() == Some("user") {
+        return;
+    }
+    let pods = lab
+        .state
+        .pods
+        .iter()
+        .filter(|p| !p.overlay_ips.is_empty())
+        .count() as f64;
+    let t0 = Instant::now();
+    while lab.node_metric("keyway_fastpath_pods").iter().sum::<f64>() < pods
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// ", fast" when the kernel fast path serves the lab's pods now, ", user" when it serves none.
 fn path_note(lab: &Lab) -> &'static str {
     if lab.node_metric("keyway_fastpath_pods").iter().sum::<f64>() > 0.0 {
@@ -338,6 +359,7 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             ),
         )?;
         lab.apply(&[kw_docs])?;
+        wait_for_fast_paths(&lab);
         let kw = lab
             .state
             .pods
