@@ -869,17 +869,8 @@ impl EngineFlows {
     /// Removes the flows `flows` no longer holds, live, at `now_ms`; when the copy was not
     /// whole, adds all it holds again.
     pub fn prune(self: &std::sync::Arc<Self>, flows: &FlowTable, now_ms: u64) {
-        let (keys, whole) = {
-            let m = self.lock();
-            let keys: Vec<FlowKey> = m
-                .map
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| *k != WHOLE)
-                .map(|k| Flow4::from_bytes(&k).key())
-                .collect();
-            (keys, m.whole)
-        };
+        let whole = self.whole();
+        let keys = self.flows().into_iter().map(|f| f.key());
         flows.forget_untracked(keys, now_ms, |k| {
             if let Some(f) = Flow4::of_key(k) {
                 let _ = self.lock().map.remove(&f.bytes());
@@ -895,7 +886,7 @@ impl EngineFlows {
         self.lock().whole
     }
 
-    /// The flows the copy holds, for tests and `bpftool`'s readers.
+    /// The flows the copy holds.
     pub fn flows(&self) -> Vec<Flow4> {
         self.lock()
             .map

@@ -698,16 +698,11 @@ fn hand_conn(
     how: Admission,
     now_ms: u64,
 ) -> bool {
-    use keyway_core::packet::{PROTO_UDP, build};
-    let packet = if f.proto == PROTO_UDP {
-        build::ipv4(
-            f.src,
-            f.dst,
-            PROTO_UDP,
-            &build::ports(PROTO_UDP, f.sport, f.dport, b""),
-        )
+    // (A UDP datagram of the flow is the one its cached decisions are re-judged on.)
+    let packet = if f.proto == keyway_core::packet::PROTO_UDP {
+        f.packet()
     } else {
-        build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport)
+        keyway_core::packet::build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport)
     };
     let reply =
         keyway_core::packet::classify(&packet).is_ok_and(|c| flows.would_admit(&c, false, now_ms));
