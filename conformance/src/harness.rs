@@ -2,7 +2,7 @@
 //! test inside a "node" network namespace of the test's own, so nothing touches the host's network.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -555,13 +555,20 @@ impl TestPod {
         r
     }
 
-    /// A TCP exchange with `to:port`, where `server` listens (on all its addresses).
+    /// A TCP exchange with `to:port` (IPv4 or IPv6), where `server` listens (on all its
+    /// addresses of that version).
     pub fn tcp(&self, server: &TestPod, to: &str, port: u16) -> Result<(), String> {
         use std::net::{TcpListener, TcpStream};
+        let to: IpAddr = to.parse().map_err(|e| format!("{to}: {e}"))?;
+        let (any, local): (IpAddr, IpAddr) = if to.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::LOCALHOST.into())
+        } else {
+            (Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::LOCALHOST.into())
+        };
         let listener = server
             .netns
             .netns()
-            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .run(|| TcpListener::bind((any, port)))
             .unwrap()
             .map_err(|e| e.to_string())?;
         let srv = std::thread::spawn(move || {
@@ -572,7 +579,7 @@ impl TestPod {
                 let _ = s.write_all(&b[..n]);
             }
         });
-        let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
+        let addr = SocketAddr::new(to, port);
         let r = self
             .netns
             .netns()
@@ -591,7 +598,7 @@ impl TestPod {
             let _ = server
                 .netns
                 .netns()
-                .run(|| TcpStream::connect(("127.0.0.1", port)));
+                .run(|| TcpStream::connect((local, port)));
         }
         let _ = srv.join();
         r

@@ -268,7 +268,8 @@ fn pods_allowed_on_8080(
 
 /// Through a SaP, a connection's first datagrams (its SYN among them) are judged and forwarded
 /// by the destination node's kernel SaP, from the policy the agent compiled into its maps: the
-/// user-space SaP forwards none of them.
+/// user-space SaP forwards none of them. (IPv6 inside: in
+/// `ipv6_overlay_flows_ride_the_fast_path_through_the_sap_and_outlive_a_restart`.)
 #[test]
 fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy() {
     if !privileged("a_connections_first_datagrams_cross_the_sap_in_the_kernel") {
@@ -276,6 +277,20 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
     }
     let c = TestCluster::new("agpol", 2, 112);
     let (a, b) = pods_allowed_on_8080(&c);
+    sap_forwards_connections_in_the_kernel(&c, &a, &b, &b.overlay_ip);
+    c.delete(&a);
+    c.delete(&b);
+}
+
+/// Five connections from `a` to `b` at `to`, port 8080, through node-2's SaP: their datagrams
+/// (each connection's SYN, the ACK of the handshake, data, and the close, a to b) were let
+/// through by node-2's kernel SaP by the compiled policy, and the user-space SaP forwarded none.
+fn sap_forwards_connections_in_the_kernel(
+    c: &TestCluster,
+    a: &keyway_conformance::harness::TestPod,
+    b: &keyway_conformance::harness::TestPod,
+    to: &str,
+) {
     let node2 = c.agent(2);
     // The gauge is set at the agent's periodic syncs, every second.
     eventually(
@@ -301,12 +316,17 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
     let [sap0, kernel0, policy0] = counts();
     let connections = 5;
     for _ in 0..connections {
-        a.tcp(&b, &b.overlay_ip, 8080)
-            .expect("a connection allowed by policy");
+        a.tcp(b, to, 8080)
+            .unwrap_or_else(|e| panic!("a connection to {to} allowed by policy: {e}"));
     }
     std::thread::sleep(Duration::from_millis(1500));
     let [sap1, kernel1, policy1] = counts();
-    // Each connection: a SYN, the ACK of the handshake, data, and the close, a to b.
+    eprintln!(
+        "to {to}: node-2's SaP forwarded {} datagrams, the kernel {}, {} by the compiled policy",
+        sap1 - sap0,
+        kernel1 - kernel0,
+        policy1 - policy0
+    );
     assert!(
         policy1 - policy0 >= f64::from(connections) * 3.0,
         "the connections' datagrams through node-2's SaP were let through by the compiled policy: {} ",
@@ -317,15 +337,14 @@ fn a_connections_first_datagrams_cross_the_sap_in_the_kernel_by_compiled_policy(
         kernel1 - kernel0,
         "every datagram node-2's SaP forwarded, the kernel forwarded: none by the user-space SaP"
     );
-    c.delete(&a);
-    c.delete(&b);
 }
 
 /// A flow's first packets (a TCP connection's SYN and SYN-ACK, a UDP exchange's datagram and
-/// its answer) are judged by the pods' own programs, from the policy the agent compiled into the
-/// node's maps, both ways and at both ends: the user-space path carries none of them.
+/// its answer, a ping's request and reply) are judged by the pods' own programs, from the policy
+/// the agent compiled into the node's maps, both ways and at both ends: the user-space path
+/// carries none of them.
 #[test]
-fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_and_udp() {
+fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_udp_and_echo() {
     if !privileged("a_flows_first_packets_cross_both_pods_in_the_kernel") {
         return;
     }
@@ -402,6 +421,21 @@ fn a_flows_first_packets_cross_both_pods_in_the_kernel_by_compiled_policy_tcp_an
     });
     // Each exchange (from a new port): its datagram one way, the echo the other, at each end.
     measure("UDP", 5, &|| a.udp(&b, &b.overlay_ip, 5353));
+
+    // A ping: NetworkPolicy allows ICMP only where a rule names no port.
+    c.apply(
+        "allow-b-all.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b-all, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n",
+    );
+    eventually("a pings b", Duration::from_secs(5), || {
+        a.ping(&b.overlay_ip, 1)
+    });
+    // Each ping (a new identifier): its request one way, its reply the other, at each end.
+    measure("echo", 5, &|| {
+        a.ping(&b.overlay_ip, 1)
+            .then_some(())
+            .ok_or_else(|| "no reply".to_string())
+    });
     c.delete(&a);
     c.delete(&b);
 }
@@ -711,6 +745,9 @@ fn a_killed_agent_restarts_without_recreating_any_pod() {
     c.delete(&b);
 }
 
+/// Pods on an IPv6 overlay too: a new connection's first datagrams cross node-2's SaP in the
+/// kernel by the compiled policy (its IPv6 routes); a stream rides the fast path out of a,
+/// through the SaP and into b; and a restarted agent takes every device's programs over.
 #[test]
 fn ipv6_overlay_flows_ride_the_fast_path_through_the_sap_and_outlive_a_restart() {
     if !privileged("ipv6_overlay_flows_ride_the_fast_path_through_the_sap_and_outlive_a_restart") {
@@ -754,6 +791,10 @@ fn ipv6_overlay_flows_ride_the_fast_path_through_the_sap_and_outlive_a_restart()
         before.iter().all(|id| !id.is_empty()) && before[0] == before[1],
         "kw_egress on a's kw0 and kw1, kw_ingress on eth0: {before:?}"
     );
+
+    // A new connection's first datagrams through node-2's SaP: its kernel's, by the compiled
+    // policy (its IPv6 routes).
+    sap_forwards_connections_in_the_kernel(&c, &a, &b, &b6);
 
     // A TCP stream over IPv6: after its first packets, a's kernel sends it, node-2's kernel SaP
     // forwards it, and b's kernel delivers it.

@@ -20,17 +20,16 @@
 // writes, and sent out of eth0 through the pod's routes and neighbours. Everything else goes on to
 // the TUN device and the user-space path, which decides it.
 //
-// A TCP connection's and a UDP flow's first packets need no user space either: on a miss, both
-// programs make the engine's whole check by the node's compiled policy (policy.h, the maps the
-// node's SaP judges by, shared): a SYN policy allows, or a UDP datagram policy allows that
-// replies within none of the engine's flows (kw_engine_flows), opens a connection the kernel
-// records (kw_conns, keyed as the engine's flow table), and the packets of the other way are
-// admitted as its replies; each is then cached as above (egress_compiled, ingress_compiled).
-// The engine learns each such connection at the agent's next sync, or at once from the
-// user-space path when one of its packets reaches it first. Packets that end a TCP connection
-// (RST), fragments, IP options and IPv6 extension headers, ICMP other than echoes, any other
-// first packet (an echo's, an IPv6 flow's), and datagrams with a MAC always take the user-space
-// path.
+// A TCP connection's, a UDP flow's and an echo's first packets need no user space either: on a
+// miss, both programs make the engine's whole check by the node's compiled policy (policy.h, the
+// maps the node's SaP judges by, shared): a SYN or an echo request policy allows, or a UDP
+// datagram policy allows that replies within none of the engine's flows (kw_engine_flows), opens
+// a connection the kernel records (kw_conns, keyed as the engine's flow table), and the packets
+// of the other way are admitted as its replies; each is then cached as above (egress_compiled,
+// ingress_compiled). The engine learns each such connection at the agent's next sync, or at once
+// from the user-space path when one of its packets reaches it first. Packets that end a TCP
+// connection (RST), fragments, IP options and IPv6 extension headers, ICMP other than echoes,
+// an IPv6 flow's first packets, and datagrams with a MAC always take the user-space path.
 // The agent re-derives every cached decision through the engine whenever its model or the key
 // epoch changes, removes those the engine no longer makes, and feeds the kernel's last-seen times
 // back to the engine's flow table, so that the engine's view of which flows are alive stays whole.
@@ -160,7 +159,7 @@ struct {
 } kw_ingress6 SEC(".maps");
 
 // The connections the kernel admitted by the compiled policy, keyed by the flow as its opener
-// sent it (keyway_core::flow::FlowKey): what lets the other way's packets in as replies, as the
+// sent it (keyway_core::flow::FlowKey; an echo's by its identifier both ways: conn_key): what lets the other way's packets in as replies, as the
 // engine's flow table does. The agent hands each to the engine at its next sync (and the
 // user-space path at once, when a packet of one reaches it first), and removes those idle for a
 // sync's period, so an entry here is a live flow; it never holds a flow the kernel did not open.
@@ -324,14 +323,19 @@ static __always_inline struct node_config *policy_on(void)
 }
 
 // What a packet the compiled policy judges can be, as the engine's flow table sees it.
-#define OPENS 1                 // a TCP SYN without ACK: an opening, never a reply
-#define REPLIES 2               // a TCP segment past the SYN: a reply, or nothing here
+#define OPENS 1                 // a TCP SYN without ACK, an echo request: an opening, never a reply
+#define REPLIES 2               // a TCP segment past the SYN, an echo reply: a reply, or nothing here
 #define EITHER 3                // a UDP datagram: a reply within a flow the other way, else an opening
 
 // The flow of an inner IPv4 packet the compiled policy judges: TCP (a SYN too, never a RST: the
-// engine must see a connection end) or UDP, without options, not a fragment. Returns -1 for
-// anything else, else 0 with *kind.
+// engine must see a connection end), UDP or an ICMP echo request or reply, without options, not
+// a fragment. Returns -1 for anything else, else 0 with *kind. The flow is as the fast path
+// caches it (fast_flow4: an echo's type stands for its destination port); conn_key gives the
+// connection's.
 //
+// An echo reply that replies within no connection here opens nothing either: the engine admits
+// one policy allows as a flow of its own (kw_engine_flows copies UDP's alone), which is rare
+// enough to leave to it.
 // Why a TCP segment past the SYN opens nothing here: the engine takes it for a reply when it
 // holds the flow the other way, which the peer may have opened on the user-space path, unknown
 // to the kernel. Were the kernel to record it as an opening of the pod's, it would let the
@@ -342,7 +346,7 @@ static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f,
 {
 	if (!HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
 	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0 ||
-	    (pkt[9] != IPPROTO_TCP && pkt[9] != IPPROTO_UDP))
+	    (pkt[9] != IPPROTO_TCP && pkt[9] != IPPROTO_UDP && pkt[9] != IPPROTO_ICMP))
 		return -1;
 	__u8 proto = pkt[9];
 	__u8 *l4 = pkt + 20;
@@ -351,6 +355,9 @@ static __always_inline int compiled_flow4(__u8 *pkt, void *end, struct flow4 *f,
 		return -1;
 	if (proto == IPPROTO_UDP) {
 		*kind = EITHER;
+	} else if (proto == IPPROTO_ICMP) {
+		// (fast_l4 took an echo request or reply alone.)
+		*kind = l4[0] == ICMP_ECHO_REQUEST ? OPENS : REPLIES;
 	} else {
 		if (!HAVE(l4, 20, end) || (l4[13] & TCP_FLAG_RST))
 			return -1;
@@ -375,13 +382,25 @@ static __always_inline struct flow4 reversed(struct flow4 *f)
 	return r;
 }
 
+// The key of the connection the packet of flow `f` (as compiled_flow4 gives it) opens or belongs
+// to, as the engine's flow table keys it (keyway_core::flow::FlowKey): an echo's identifier
+// stands for both its ports, so that a request and its reply key one connection, each its way.
+static __always_inline struct flow4 conn_key(struct flow4 *f)
+{
+	struct flow4 k = *f;
+	if (f->proto == IPPROTO_ICMP)
+		k.dport = f->sport;
+	return k;
+}
+
 // The connection `f` is a reply within, opened the other way (`inbound`: by the peer), when `f`
 // can be a reply at all.
 static __always_inline struct conn *reply_to(struct flow4 *f, int kind, int inbound)
 {
 	if (kind == OPENS)
 		return NULL;
-	struct flow4 r = reversed(f);
+	struct flow4 k = conn_key(f);
+	struct flow4 r = reversed(&k);
 	struct conn *c = bpf_map_lookup_elem(&kw_conns, &r);
 	return c && ((c->flags & CONN_INBOUND) != 0) == inbound ? c : NULL;
 }
@@ -415,7 +434,8 @@ static __always_inline void admitted(struct conn *reply, struct flow4 *f, __u32 
 		reply->flags |= CONN_ANSWERED;
 		return;
 	}
-	struct conn *c = bpf_map_lookup_elem(&kw_conns, f);
+	struct flow4 k = conn_key(f);
+	struct conn *c = bpf_map_lookup_elem(&kw_conns, &k);
 	if (c) {
 		c->seen_ns = now;
 		return;
@@ -425,7 +445,7 @@ static __always_inline void admitted(struct conn *reply, struct flow4 *f, __u32 
 		.outer_src = outer_src,
 		.flags = inbound ? CONN_INBOUND : 0,
 	};
-	bpf_map_update_elem(&kw_conns, f, &fresh, BPF_ANY);
+	bpf_map_update_elem(&kw_conns, &k, &fresh, BPF_ANY);
 }
 
 static __always_inline void count_compiled(__u32 segs)

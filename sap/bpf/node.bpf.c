@@ -23,8 +23,9 @@
 // address, a GUE datagram to the SaP is forwarded as the user-space SaP forwards it when either
 // its (outer source, key, inner five-tuple) is in kw_sap_flows (kw_sap_flows6 for an inner IPv6
 // packet), a flow the user-space SaP has already forwarded, or it passes the SaP's whole check
-// against the policy the agent compiled into kw_sap_routes and kw_sap_pairs (an inner IPv4 TCP,
-// UDP or echo packet to one of the pods this SaP fronts; see sap_compiled): from the SaP's
+// against the policy the agent compiled into kw_sap_routes (kw_sap_routes6) and kw_sap_pairs (an
+// inner IPv4 or IPv6 TCP, UDP or echo packet to one of the pods this SaP fronts; see sap_judge):
+// from the SaP's
 // address and port to the destination endpoint the engine chose,
 // the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
 // pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
@@ -205,34 +206,54 @@ struct {
 	__type(value, __u64);
 } kw_sap_carried SEC(".maps");
 
+// kw_sap_routes6: the engine's FIB, every IPv6 prefix of it (longest prefix wins, as there), as
+// kw_sap_routes holds its IPv4 ones (policy.h): for an inner IPv6 packet's addresses. The pods'
+// programs judge no IPv6 packet by the compiled policy, so it is the SaP's alone.
+struct sap_route_key6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sap_route_key6);
+	__type(value, struct sap_route);
+} kw_sap_routes6 SEC(".maps");
+
+// route_of for an IPv6 address (its 16 bytes at `addr`, which the caller has checked are there).
+static __always_inline struct sap_route *route6_of(const __u8 *addr, __u32 gen)
+{
+	struct sap_route_key6 k = {.prefixlen = 128};
+	__builtin_memcpy(k.addr, addr, 16);
+	struct sap_route *r = bpf_map_lookup_elem(&kw_sap_routes6, &k);
+	return r && r->gen == gen && !(r->flags & ROUTE_UNUSABLE) ? r : NULL;
+}
+
 // The SaP's check (keyway_core::engine::sap_forward), by the compiled policy (policy.h), on a
-// datagram from `outer_src` with `key` whose inner packet, at `pkt`, is IPv4 and fills it: the
-// inner source's route, the inner destination's (one this SaP fronts), the outer source may
-// speak for the inner source, the destination accepts the key, policy allows the packet (or its
-// reply the other way, when it does not open a flow), no loop. Returns 0 with the destination
-// endpoint in *to, *to_port; -1 for anything else, which the user-space SaP judges (and drops,
-// where it must).
-static __always_inline int sap_compiled(struct node_config *cfg, __u32 outer_src, __u32 key,
-					__u8 *pkt, void *end, __u32 *to, __u32 *to_port)
+// datagram from `outer_src` with `key` whose inner packet's routes are `src` and `dst` and whose
+// transport header, of `proto`, is at `l4` (`icmp`, `request`, `reply`: the IP version's ICMP
+// and its echo types): the inner source's route, the inner destination's (one this SaP fronts),
+// the outer source may speak for the inner source, the destination accepts the key, policy
+// allows the packet (or its reply the other way, when it does not open a flow), no loop. Returns
+// 0 with the destination endpoint in *to, *to_port; -1 for anything else, which the user-space
+// SaP judges (and drops, where it must).
+static __always_inline int sap_judge(struct node_config *cfg, __u32 outer_src, __u32 key,
+				     struct sap_route *src, struct sap_route *dst, __u8 proto,
+				     __u8 *l4, void *end, __u8 icmp, __u8 request, __u8 reply,
+				     __u32 *to, __u32 *to_port)
 {
 	__u32 gen = cfg->policy_gen;
-	if (!gen || !HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
-	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
-		return -1;
-	__u8 proto = pkt[9];
-	__u8 *l4 = pkt + 20;
 	__u16 sport, dport;
-	if (fast_l4(proto, l4, end, IPPROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 1, &sport,
-		    &dport) < 0)
+	if (fast_l4(proto, l4, end, icmp, request, reply, 1, &sport, &dport) < 0)
 		return -1;
 	// Whether it opens a flow, and so can be no reply (a TCP SYN without ACK, an echo request).
 	int opens = proto == IPPROTO_TCP ? (l4[13] & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN
-					 : proto == IPPROTO_ICMP && l4[0] == ICMP_ECHO_REQUEST;
+					 : proto == icmp && l4[0] == request;
 	// Ports in host order (an echo has none policy reads).
 	sport = bpf_ntohs(sport);
 	dport = bpf_ntohs(dport);
-	struct sap_route *src = route_of(*(__u32 *)(pkt + 12), gen);
-	struct sap_route *dst = route_of(*(__u32 *)(pkt + 16), gen);
 	if (!src || !dst || (dst->flags & (ROUTE_OUTSIDE | ROUTE_TO_SAP)) ||
 	    !(dst->flags & ROUTE_FRONTED))
 		return -1;
@@ -248,6 +269,34 @@ static __always_inline int sap_compiled(struct node_config *cfg, __u32 outer_src
 	*to = dst->infra_v4;
 	*to_port = dst->infra_port;
 	return 0;
+}
+
+// sap_judge on an inner IPv4 packet at `pkt` that fills the datagram: no options, not a
+// fragment.
+static __always_inline int sap_compiled(struct node_config *cfg, __u32 outer_src, __u32 key,
+					__u8 *pkt, void *end, __u32 *to, __u32 *to_port)
+{
+	__u32 gen = cfg->policy_gen;
+	if (!gen || !HAVE(pkt, 20, end) || pkt[0] != 0x45 ||
+	    ((((__u16)pkt[6] << 8) | pkt[7]) & 0x3fff) != 0)
+		return -1;
+	return sap_judge(cfg, outer_src, key, route_of(*(__u32 *)(pkt + 12), gen),
+			 route_of(*(__u32 *)(pkt + 16), gen), pkt[9], pkt + 20, end, IPPROTO_ICMP,
+			 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, to, to_port);
+}
+
+// sap_judge on an inner IPv6 packet at `pkt` that fills the datagram, its transport header
+// straight after the fixed one (with extension headers, fast_l4 takes none of it: the
+// user-space SaP walks them).
+static __always_inline int sap_compiled6(struct node_config *cfg, __u32 outer_src, __u32 key,
+					 __u8 *pkt, void *end, __u32 *to, __u32 *to_port)
+{
+	__u32 gen = cfg->policy_gen;
+	if (!gen || !HAVE(pkt, IPV6_HEADER_LEN, end) || (pkt[0] >> 4) != 6)
+		return -1;
+	return sap_judge(cfg, outer_src, key, route6_of(pkt + 8, gen), route6_of(pkt + 24, gen),
+			 pkt[6], pkt + IPV6_HEADER_LEN, end, IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST,
+			 ICMPV6_ECHO_REPLY, to, to_port);
 }
 
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4
@@ -324,15 +373,19 @@ int kw_sap(struct __sk_buff *skb)
 		ip_len = 20;
 		proto = pkt[9];
 	} else if (header == GUE_PLAIN_IPV6) {
-		if (!HAVE(pkt, 6, end) ||
+		if (!HAVE(pkt, IPV6_HEADER_LEN, end) ||
 		    (((__u32)pkt[4] << 8) | pkt[5]) + IPV6_HEADER_LEN != ulen - 16)
 			return TC_ACT_OK;
 		struct sap_flow_key6 k = {.outer_src = ip->saddr, .key = key};
-		if (fast_flow6(pkt, end, &k.inner) < 0)
-			return TC_ACT_OK;
-		flow = bpf_map_lookup_elem(&kw_sap_flows6, &k);
+		if (fast_flow6(pkt, end, &k.inner) == 0)
+			flow = bpf_map_lookup_elem(&kw_sap_flows6, &k);
+		if (!flow) {
+			if (sap_compiled6(cfg, ip->saddr, key, pkt, end, &to, &to_port) < 0)
+				return TC_ACT_OK;
+			compiled = 1;
+		}
 		ip_len = IPV6_HEADER_LEN;
-		proto = k.inner.proto;
+		proto = pkt[6];
 	} else {
 		return TC_ACT_OK;
 	}

@@ -49,7 +49,8 @@ static __always_inline struct node_config *leased(int with_sap)
 	return bpf_ktime_get_ns() < lease ? cfg : NULL;
 }
 
-// kw_sap_routes: the engine's FIB, every IPv4 prefix of it (longest prefix wins, as there).
+// kw_sap_routes: the engine's FIB, every IPv4 prefix of it (longest prefix wins, as there). Its
+// IPv6 prefixes are in the node's kw_sap_routes6 (node.bpf.c), which only the node's SaP reads.
 struct sap_route_key {
 	__u32 prefixlen;
 	__u32 addr;             // network order

@@ -1054,6 +1054,12 @@ fn entity(
 const SAP: [u8; 4] = [192, 168, 9, 12];
 const OTHER_SAP: [u8; 4] = [192, 168, 9, 11];
 
+/// The IPv6 twin of an entity's IPv4 overlay address in the compiled-policy tests (its bytes
+/// behind fd6b::/96): the FIB routes both to the entity.
+fn v6_twin(a: [u8; 4]) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd6b_u128 << 112 | u128::from(u32::from_be_bytes(a)))
+}
+
 fn gue_sock(ip: [u8; 4]) -> SocketAddr {
     SocketAddr::new(IpAddr::from(ip), 6080)
 }
@@ -1061,7 +1067,8 @@ fn gue_sock(ip: [u8; 4]) -> SocketAddr {
 /// Tables of generation `generation` with a random policy over the identities of `entities`
 /// (one each: isolation, rules per pair, for any peer and for peer groups, on `ports`, some with
 /// more port ranges than the kernel holds, the mesh; with `direct`, now and then a direct pair
-/// with the first entity) and their FIB, keyed by `keys`; and the identities.
+/// with the first entity) and their FIB (each entity's prefix and its IPv6 twin), keyed by
+/// `keys`; and the identities.
 fn random_tables(
     rng: &mut keyway_testing::fuzz::Rng,
     entities: &[Entity],
@@ -1144,7 +1151,13 @@ fn random_tables(
             sap: ent.sap.map(gue_sock),
             outside: ent.outside,
         };
-        fib.insert(ent.prefix.parse().unwrap(), route).unwrap();
+        let idx = fib.route(route);
+        let ipnetwork::IpNetwork::V4(net) = ent.prefix.parse().unwrap() else {
+            panic!("an IPv4 prefix: {}", ent.prefix);
+        };
+        fib.prefix(net.into(), idx).unwrap();
+        let twin = ipnetwork::Ipv6Network::new(v6_twin(net.ip().octets()), 96 + net.prefix());
+        fib.prefix(twin.unwrap().into(), idx).unwrap();
     }
     let mut tables = Tables {
         fib: fib.build(),
@@ -1161,10 +1174,10 @@ fn random_tables(
 /// per pair, for any peer and for peer groups, port ranges, the mesh) and random datagrams
 /// (every kind of source and destination the FIB has, outer sources that may or may not speak
 /// for the source, current, previous and wrong keys, openings, replies, resets, echoes, ICMP
-/// errors, other protocols), the kernel forwards no datagram that `engine::sap_forward` does not
-/// forward, and to the same endpoint; and it forwards every one the engine forwards to a pod
-/// this SaP fronts with the destination's current key, so its first datagrams need no user
-/// space.
+/// errors, other protocols; IPv4 or IPv6 inside), the kernel forwards no datagram that
+/// `engine::sap_forward` does not forward, and to the same endpoint; and it forwards every one
+/// the engine forwards to a pod this SaP fronts with the destination's current key, so its
+/// first datagrams need no user space.
 #[test]
 fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
     use keyway_core::engine::sap_forward;
@@ -1278,6 +1291,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
     let mut rng = keyway_testing::fuzz::Rng::new(0x6b77_7361_7021);
     let mut policy = SapPolicy::default();
     let (mut runs, mut engine_ok, mut kernel_ok, mut required) = (0u64, 0u64, 0u64, 0u64);
+    let mut kernel_ok6 = 0u64;
     let ports = [80u16, 443, 53, 15008, 8080, 9000, 9005, 40000];
     let mut last_forwarded = None;
     for round in 0..40u64 {
@@ -1298,8 +1312,8 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
         );
         assert_eq!(
             report.routes,
-            entities.len(),
-            "every IPv4 prefix in the kernel"
+            2 * entities.len(),
+            "every prefix in the kernel, IPv4 and IPv6"
         );
 
         for _ in 0..1500 {
@@ -1309,9 +1323,11 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             let (sport, dport) = (rng.pick(&ports), rng.pick(&ports));
             let kind = rng.below(9);
             // TCP, UDP and echoes; then an ICMP error and another protocol, which the kernel
-            // leaves to user space.
+            // leaves to user space. A third of them with IPv6 inside, between the same
+            // entities' IPv6 addresses (also with an extension header now and then, which
+            // the kernel leaves to user space).
             let plain = kind < 7;
-            let inner = match kind {
+            let v4 = match kind {
                 0 => build::syn4(s, sport, d, dport),
                 1 => {
                     let mut t = build::syn4(s, sport, d, dport);
@@ -1334,6 +1350,31 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
                 ),
                 7 => build::ipv4(s.into(), d.into(), PROTO_ICMP, &[3, 1, 0, 0, 0, 0, 0, 0]),
                 _ => build::ipv4(s.into(), d.into(), 47, &[0u8; 8]),
+            };
+            let (inner, plain) = if rng.below(3) == 0 {
+                let mut l4 = v4[20..].to_vec();
+                let next = match v4[9] {
+                    PROTO_ICMP => {
+                        // Echo request 8 and reply 0 are ICMPv6's 128 and 129; an error, 1.
+                        l4[0] = match l4[0] {
+                            8 => 128,
+                            0 => 129,
+                            _ => 1,
+                        };
+                        PROTO_ICMPV6
+                    }
+                    p => p,
+                };
+                if rng.below(8) == 0 {
+                    // A destination options header (8 bytes, nothing in it) before it.
+                    let mut opts = vec![next, 0, 1, 4, 0, 0, 0, 0];
+                    opts.extend_from_slice(&l4);
+                    (build::ipv6(v6_twin(s), v6_twin(d), 60, &opts), false)
+                } else {
+                    (build::ipv6(v6_twin(s), v6_twin(d), next, &l4), plain)
+                }
+            } else {
+                (v4, plain)
             };
             let epoch = rotation.epoch_at(NOW);
             let current = secret.derive(dst.name, epoch);
@@ -1362,6 +1403,7 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
             );
             if ret == TC_ACT_REDIRECT {
                 kernel_ok += 1;
+                kernel_ok6 += u64::from(inner[0] >> 4 == 6);
                 let Ok(SocketAddr::V4(to)) = engine else {
                     panic!("the kernel forwarded what the engine refuses: {what}");
                 };
@@ -1394,11 +1436,15 @@ fn the_kernel_saps_compiled_policy_forwards_exactly_what_the_engine_forwards() {
         }
     }
     eprintln!(
-        "{runs} datagrams: the engine forwarded {engine_ok}, the kernel {kernel_ok} (of {required} to this SaP's pods with their current key)"
+        "{runs} datagrams: the engine forwarded {engine_ok}, the kernel {kernel_ok}, {kernel_ok6} of them with IPv6 inside (of {required} to this SaP's pods with their current key)"
     );
     assert!(
         kernel_ok > 1000,
         "the compiled policy forwards: {kernel_ok}"
+    );
+    assert!(
+        kernel_ok6 > 300,
+        "the compiled policy forwards IPv6 inside: {kernel_ok6}"
     );
 
     // Only the generation in force is used: one that is not (a compilation half written) is
@@ -1567,7 +1613,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
     assert!(engine_flows.whole());
     let ports = [80u16, 8080, 53, 15008, 9000, 40000, 40001];
     let (mut runs, mut engine_ok, mut kernel_ok, mut openings) = (0u64, 0u64, 0u64, 0u64);
-    let mut udp_openings = 0u64;
+    let (mut udp_openings, mut echo_openings) = (0u64, 0u64);
     // The UDP flows the engine opened: what the kernel's copy must hold.
     let mut udp_opened = std::collections::BTreeSet::new();
     for round in 0..30u64 {
@@ -1668,8 +1714,9 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             // At least 34 bytes each: a test run takes nothing shorter (see run_egress).
             let inner = match (proto, kind) {
                 (PROTO_ICMP, _) => {
-                    let mut l4 = if rng.below(2) == 0 {
-                        build::echo(false, false, 7, 1)
+                    // An echo's identifier, the same both ways: an answer replies to a request.
+                    let mut l4 = if rng.below(4) > 0 {
+                        build::echo(false, answer, pod_port ^ peer_port, 1)
                     } else {
                         vec![3, 3, 0, 0, 0, 0, 0, 0]
                     };
@@ -1692,7 +1739,8 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
             // A UDP datagram the engine would take for no reply: an opening, if policy allows.
             let udp_opening =
                 proto == PROTO_UDP && !flows.would_admit(&classify(&inner).unwrap(), false, NOW);
-            let opening = syn || udp_opening;
+            let echo_opening = proto == PROTO_ICMP && inner[20] == 8;
+            let opening = syn || udp_opening || echo_opening;
             let what = format!(
                 "round {round}: {} {} ({inner:02x?})",
                 if egress { "to" } else { "from" },
@@ -1753,6 +1801,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                 }
                 openings += u64::from(opening && engine.is_ok());
                 udp_openings += u64::from(udp_opening && engine.is_ok());
+                echo_openings += u64::from(echo_opening && engine.is_ok());
                 if udp_opening && engine.is_ok() {
                     udp_opened.insert(keyway_sap::io::bpf::Flow4::of_packet(&inner).unwrap());
                 }
@@ -1806,6 +1855,7 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
                 }
                 openings += u64::from(opening && engine.is_ok());
                 udp_openings += u64::from(udp_opening && engine.is_ok());
+                echo_openings += u64::from(echo_opening && engine.is_ok());
                 if udp_opening && engine.is_ok() {
                     udp_opened.insert(keyway_sap::io::bpf::Flow4::of_packet(&inner).unwrap());
                 }
@@ -1816,10 +1866,14 @@ fn the_pods_compiled_policy_admits_nothing_the_engine_refuses() {
         }
     }
     eprintln!(
-        "{runs} packets: the engine admitted {engine_ok}, the kernel {kernel_ok} ({openings} openings, {udp_openings} of UDP)"
+        "{runs} packets: the engine admitted {engine_ok}, the kernel {kernel_ok} ({openings} openings, {udp_openings} of UDP, {echo_openings} echo requests)"
     );
     assert!(kernel_ok > 1000, "the compiled policy admits: {kernel_ok}");
     assert!(udp_openings > 100, "UDP openings: {udp_openings}");
+    assert!(
+        echo_openings > 50,
+        "echo requests admitted: {echo_openings}"
+    );
     // The kernel's copy of the engine's UDP flows holds every one the engine opened, and no
     // flow the engine does not hold (nothing expired here). (The engine also holds flows of
     // packets a later check refused.)

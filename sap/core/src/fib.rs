@@ -142,6 +142,14 @@ impl Fib {
                 .map(move |(addr, &idx)| ((*addr).into(), *len, &self.routes[idx as usize]))
         })
     }
+
+    /// Every IPv6 prefix with its route, likewise.
+    pub fn prefixes_v6(&self) -> impl Iterator<Item = (std::net::Ipv6Addr, u8, &Route)> + '_ {
+        self.v6.levels.iter().flat_map(move |(len, map)| {
+            map.iter()
+                .map(move |(addr, &idx)| ((*addr).into(), *len, &self.routes[idx as usize]))
+        })
+    }
 }
 
 #[derive(Debug, Default)]

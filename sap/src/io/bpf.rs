@@ -248,27 +248,29 @@ impl Flow4 {
         build::ipv4(self.src, self.dst, self.proto, &l4)
     }
 
-    /// The flow of a TCP or UDP packet between IPv4 addresses as the engine classified it (its
-    /// IP options, if any, make no difference), as the kernel keys its connections.
+    /// The connection of a TCP or UDP packet or an ICMP echo between IPv4 addresses as the
+    /// engine classified it (its IP options, if any, make no difference), as the kernel keys its
+    /// connections (`kw_conns`): as the engine's flow table does, an echo's identifier stands for
+    /// both its ports, so that a request and its reply key the same connection, each its way.
     pub fn of_classified(c: &Classified) -> Option<Flow4> {
-        use keyway_core::packet::{PROTO_TCP, PROTO_UDP};
-        match (c.src, c.dst, c.transport) {
-            (
-                IpAddr::V4(src),
-                IpAddr::V4(dst),
-                Transport::Ports {
-                    src: sport,
-                    dst: dport,
-                },
-            ) if c.proto == PROTO_TCP || c.proto == PROTO_UDP => Some(Flow4 {
-                src,
-                dst,
-                proto: c.proto,
-                sport,
-                dport,
-            }),
-            _ => None,
-        }
+        use keyway_core::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (c.src, c.dst) else {
+            return None;
+        };
+        let (sport, dport) = match c.transport {
+            Transport::Ports { src, dst } if c.proto == PROTO_TCP || c.proto == PROTO_UDP => {
+                (src, dst)
+            }
+            Transport::Echo { id, .. } if c.proto == PROTO_ICMP => (id, id),
+            _ => return None,
+        };
+        Some(Flow4 {
+            src,
+            dst,
+            proto: c.proto,
+            sport,
+            dport,
+        })
     }
 
     /// The engine's flow `k`, when it is one of two ports between IPv4 addresses.
@@ -1072,6 +1074,7 @@ fn map_name(kernel: &str) -> Option<&'static str> {
         SAP_FLOWS6,
         SAP_CARRIED,
         SAP_ROUTES,
+        SAP_ROUTES6,
         SAP_PAIRS,
         GATEWAY_FLOWS,
         GATEWAY_CARRIED,
@@ -1303,13 +1306,15 @@ const SAP_FLOWS: &str = "kw_sap_flows";
 const SAP_FLOWS6: &str = "kw_sap_flows6";
 const SAP_CARRIED: &str = "kw_sap_carried";
 const SAP_ROUTES: &str = "kw_sap_routes";
+const SAP_ROUTES6: &str = "kw_sap_routes6";
 const SAP_PAIRS: &str = "kw_sap_pairs";
 const GATEWAY_PROGRAM: &str = "kw_gateway";
 const GATEWAY_FLOWS: &str = "kw_gw_flows";
 const GATEWAY_CARRIED: &str = "kw_gw_carried";
 
 /// The node's maps a pod's programs share (`policy.h`): its configuration, the compiled policy's
-/// routes and pairs, by id.
+/// IPv4 routes and pairs, by id. (The IPv6 routes, `kw_sap_routes6`, are the node's SaP's
+/// alone: a pod's programs judge no IPv6 packet by the compiled policy.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedMaps {
     config: u32,
@@ -1618,6 +1623,7 @@ pub struct NodePrograms {
     sap_flows6: HashMap<MapData, [u8; 48], [u8; 16]>,
     sap_carried: PerCpuArray<MapData, u64>,
     sap_routes: LpmTrie<MapData, [u8; 4], [u8; 48]>,
+    sap_routes6: LpmTrie<MapData, [u8; 16], [u8; 48]>,
     sap_pairs: HashMap<MapData, [u8; 8], [u8; 80]>,
     /// Valued by `struct egress_flow` (`flow.h`), as the pods' egress flows: [`EgressFlow`].
     gateway_flows: HashMap<MapData, [u8; 16], [u8; 24]>,
@@ -1693,6 +1699,7 @@ impl NodePrograms {
             words,
             shared,
             sap_routes: maps.typed(SAP_ROUTES)?,
+            sap_routes6: maps.typed(SAP_ROUTES6)?,
             sap_pairs: maps.typed(SAP_PAIRS)?,
             pods: maps.typed(NODE_PODS)?,
             sap_flows: maps.typed(SAP_FLOWS)?,
@@ -1767,29 +1774,41 @@ impl NodePrograms {
         self.words[4]
     }
 
-    pub fn insert_route(&mut self, prefix: (Ipv4Addr, u8), r: &SapRoute) -> Result<(), BpfError> {
-        self.sap_routes
-            .insert(
-                &LpmKey::new(u32::from(prefix.1), prefix.0.octets()),
-                r.bytes(),
-                0,
-            )
-            .map_err(|e| map_error(SAP_ROUTES, e))
+    pub fn insert_route(&mut self, prefix: (IpAddr, u8), r: &SapRoute) -> Result<(), BpfError> {
+        let len = u32::from(prefix.1);
+        match prefix.0 {
+            IpAddr::V4(a) => self
+                .sap_routes
+                .insert(&LpmKey::new(len, a.octets()), r.bytes(), 0)
+                .map_err(|e| map_error(SAP_ROUTES, e)),
+            IpAddr::V6(a) => self
+                .sap_routes6
+                .insert(&LpmKey::new(len, a.octets()), r.bytes(), 0)
+                .map_err(|e| map_error(SAP_ROUTES6, e)),
+        }
     }
 
-    pub fn remove_route(&mut self, prefix: (Ipv4Addr, u8)) {
-        let _ = self
+    pub fn remove_route(&mut self, prefix: (IpAddr, u8)) {
+        let len = u32::from(prefix.1);
+        let _ = match prefix.0 {
+            IpAddr::V4(a) => self.sap_routes.remove(&LpmKey::new(len, a.octets())),
+            IpAddr::V6(a) => self.sap_routes6.remove(&LpmKey::new(len, a.octets())),
+        };
+    }
+
+    /// The prefixes the compiled policy's routes have, IPv4 and IPv6.
+    pub fn route_prefixes(&self) -> Vec<(IpAddr, u8)> {
+        let v4 = self
             .sap_routes
-            .remove(&LpmKey::new(u32::from(prefix.1), prefix.0.octets()));
-    }
-
-    /// The prefixes the compiled policy's routes have.
-    pub fn route_prefixes(&self) -> Vec<(Ipv4Addr, u8)> {
-        self.sap_routes
             .keys()
             .filter_map(Result::ok)
-            .map(|k| (Ipv4Addr::from(k.data()), k.prefix_len() as u8))
-            .collect()
+            .map(|k| (IpAddr::from(k.data()), k.prefix_len() as u8));
+        let v6 = self
+            .sap_routes6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (IpAddr::from(k.data()), k.prefix_len() as u8));
+        v4.chain(v6).collect()
     }
 
     pub fn insert_pair(&mut self, src: u32, dst: u32, p: &SapPair) -> Result<(), BpfError> {

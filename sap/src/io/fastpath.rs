@@ -670,8 +670,8 @@ impl FastPath {
     }
 }
 
-/// The flow of an IPv4 TCP or UDP packet as the kernel keys its connections, with the engine's
-/// classification of it (IP options or not).
+/// The connection of an IPv4 TCP or UDP packet or echo as the kernel keys its connections, with
+/// the engine's classification of it (IP options or not).
 fn conn_flow(inner: &[u8]) -> Option<(Flow4, keyway_core::packet::Classified)> {
     let c = keyway_core::packet::classify(inner).ok()?;
     Some((Flow4::of_classified(&c)?, c))
@@ -685,7 +685,8 @@ type EngineState<'a> = (
 );
 
 /// Runs the connection `conn`, opened by the kernel as `f`, through the engine as its opening
-/// would go (`how`): the packet it was opened by (a TCP SYN, or a UDP datagram), as an egress
+/// would go (`how`): the packet it was opened by (a TCP SYN, a UDP datagram or an echo request
+/// of the connection's identifier), as an egress
 /// packet or as one arriving from the conn's outer source. Returns whether the engine admits it
 /// as an opening: one the engine takes for a reply within a flow of its own the other way is not
 /// the kernel's connection to keep (the engine would not let the peer's packets in as replies to
@@ -698,11 +699,17 @@ fn hand_conn(
     how: Admission,
     now_ms: u64,
 ) -> bool {
+    use keyway_core::packet::{PROTO_ICMP, PROTO_UDP, build};
     // (A UDP datagram of the flow is the one its cached decisions are re-judged on.)
-    let packet = if f.proto == keyway_core::packet::PROTO_UDP {
-        f.packet()
-    } else {
-        keyway_core::packet::build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport)
+    let packet = match f.proto {
+        PROTO_UDP => f.packet(),
+        PROTO_ICMP => build::ipv4(
+            f.src,
+            f.dst,
+            PROTO_ICMP,
+            &build::echo(false, false, f.sport, 0),
+        ),
+        _ => build::syn4(f.src.octets(), f.sport, f.dst.octets(), f.dport),
     };
     let reply =
         keyway_core::packet::classify(&packet).is_ok_and(|c| flows.would_admit(&c, false, now_ms));
@@ -747,9 +754,10 @@ mod tests {
     use super::*;
 
     /// A kernel connection is the kernel's to keep only when the engine takes its opening for
-    /// one: not when the engine holds a flow the other way that it replies within.
+    /// one: not when the engine holds a flow the other way that it replies within. One it keeps,
+    /// an echo's too, the engine holds from then on, as the kernel keyed it.
     #[test]
-    fn a_kernel_connection_the_engine_takes_for_a_reply_is_not_kept() {
+    fn a_kernel_connection_goes_to_the_engine_as_its_opening_unless_that_is_a_reply() {
         use keyway_core::acl::{Acl, Isolation};
         use keyway_core::fib::{Fib, Route};
         use keyway_core::flow::{FlowTable, FlowTimeouts};
@@ -842,6 +850,26 @@ mod tests {
             ..udp(b, 4000, a, 53)
         };
         assert!(hand_conn(judge, 6080, &tcp, &outbound, Admission::Track, 1));
+        // An echo the kernel opened, keyed as it keys one (its identifier both ways): the
+        // engine then takes the answer for the reply it is, and another identifier's for none.
+        use keyway_core::packet::{PROTO_ICMP, classify};
+        let request = build::ipv4(b, a, PROTO_ICMP, &build::echo(false, false, 77, 1));
+        let conn = conn_flow(&request).unwrap().0;
+        assert_eq!((conn.sport, conn.dport), (77, 77));
+        let answer = build::ipv4(a, b, PROTO_ICMP, &build::echo(false, true, 77, 1));
+        assert_eq!(conn_flow(&answer).unwrap().0, conn.reversed());
+        assert!(!flows.is_reply(&classify(&answer).unwrap(), 2));
+        assert!(hand_conn(
+            judge,
+            6080,
+            &conn,
+            &outbound,
+            Admission::Track,
+            1
+        ));
+        assert!(flows.is_reply(&classify(&answer).unwrap(), 2));
+        let other = build::ipv4(a, b, PROTO_ICMP, &build::echo(false, true, 78, 1));
+        assert!(!flows.is_reply(&classify(&other).unwrap(), 2));
     }
 
     #[test]
@@ -953,20 +981,20 @@ pub struct SapPolicy {
     tables_generation: u64,
     /// What the kernel had forwarded by the compiled policy at the last count.
     counted: u64,
-    routes: HashMap<(Ipv4Addr, u8), SapRoute>,
+    routes: HashMap<(IpAddr, u8), SapRoute>,
     pairs: HashMap<(u32, u32), SapPair>,
     /// Whether the pods' programs may judge by it ([`CompiledPolicy::complete`]).
     complete: bool,
 }
 
-/// The most routes (the FIB's IPv4 prefixes) and identity pairs the kernel SaP's maps hold
-/// (`kw_sap_routes`, `kw_sap_pairs`). A FIB with more prefixes is not compiled at all (a route
-/// left out could make a shorter prefix match instead); pairs beyond the limit are left to the
-/// user-space SaP.
+/// The most routes (the FIB's prefixes of each IP version) and identity pairs the kernel SaP's
+/// maps hold (`kw_sap_routes`, `kw_sap_routes6`, `kw_sap_pairs`). A FIB with more prefixes of a
+/// version is not compiled at all (a route left out could make a shorter prefix match instead);
+/// pairs beyond the limit are left to the user-space SaP.
 pub const SAP_POLICY_MAX: usize = 65536;
 
 /// The node's compiled policy from `tables` (generation `generation` of the maps), for the SaP
-/// at `sap`: every IPv4 prefix of the FIB ([`compile_sap_routes`]), and for each identity this
+/// at `sap`: every prefix of the FIB ([`compile_sap_routes`]), and for each identity this
 /// SaP fronts, what policy allows it from every identity and to every identity (the reply check
 /// needs the other way), and which of those pairs are direct. `None` when the FIB has more
 /// prefixes than the map holds.
@@ -1017,25 +1045,36 @@ pub fn compile_sap_policy(
 /// is, the pods' programs use none of it).
 #[derive(Debug, Clone, Default)]
 pub struct CompiledPolicy {
-    pub routes: HashMap<(Ipv4Addr, u8), SapRoute>,
+    pub routes: HashMap<(IpAddr, u8), SapRoute>,
     pub pairs: HashMap<(u32, u32), SapPair>,
     pub complete: bool,
 }
 
-/// The routes of [`compile_sap_policy`]: every IPv4 prefix of the FIB with the keys its
-/// entity accepts from `now_ms` until the lease runs out.
+/// The routes of [`compile_sap_policy`]: every prefix of the FIB (IPv4 and IPv6: an inner
+/// packet's addresses) with the keys its entity accepts from `now_ms` until the lease runs out.
 pub fn compile_sap_routes(
     tables: &engine::Tables,
     sap: SocketAddrV4,
     generation: u32,
     now_ms: u64,
-) -> Option<HashMap<(Ipv4Addr, u8), SapRoute>> {
+) -> Option<HashMap<(IpAddr, u8), SapRoute>> {
     let lease_end = now_ms + LEASE_NS / 1_000_000;
     let mut routes = HashMap::new();
-    for (addr, len, r) in tables.fib.prefixes_v4() {
-        if routes.len() == SAP_POLICY_MAX {
+    let v4 = tables
+        .fib
+        .prefixes_v4()
+        .map(|(a, l, r)| (IpAddr::V4(a), l, r));
+    let v6 = tables
+        .fib
+        .prefixes_v6()
+        .map(|(a, l, r)| (IpAddr::V6(a), l, r));
+    let (mut n4, mut n6) = (0, 0);
+    for (addr, len, r) in v4.chain(v6) {
+        let n = if addr.is_ipv4() { &mut n4 } else { &mut n6 };
+        if *n == SAP_POLICY_MAX {
             return None;
         }
+        *n += 1;
         let infra = match r.infra {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
@@ -1617,7 +1656,7 @@ impl SapPolicy {
         else {
             tracing::warn!(
                 max = SAP_POLICY_MAX,
-                "the FIB has more IPv4 prefixes than the kernel SaP's policy holds: its first datagrams go through the user-space SaP"
+                "the FIB has more prefixes of an IP version than the kernel SaP's policy holds: its first datagrams go through the user-space SaP"
             );
             return off(p, c);
         };
