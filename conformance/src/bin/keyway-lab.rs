@@ -90,7 +90,7 @@ enum Cmd {
     },
     /// Lists the lab's nodes, pods and external entities.
     Status,
-    /// Latency and throughput: native (pod IP and ClusterIP), overlay direct, via a SaP, ClusterIP via a SaP, external via a gateway, via a SaP with packet authentication, Istio ambient alone and over keyway (with a ztunnel); CNI ADD.
+    /// Latency and throughput: native (pod IP and ClusterIP), overlay direct, via a SaP, ClusterIP via a SaP, external via a gateway, via a SaP with packet authentication, Istio ambient alone and over keyway (with a ztunnel); the direct and via-SaP fast paths again in rounds alternating with native; CNI ADD.
     Bench {
         /// Seconds of each throughput run.
         #[arg(long, default_value_t = 3.0)]

@@ -4,7 +4,9 @@
 //! - `keyway-lab bench`: request/response latency (TCP round trips and HTTP) and TCP throughput
 //!   between pods on two nodes — without keyway in the chain ("native"), over the overlay direct
 //!   and via a SaP (each over IPv4 and IPv6), and from an external client through a gateway SaP — plus
-//!   RunPodSandbox (CNI ADD) latency with and without keyway.
+//!   RunPodSandbox (CNI ADD) latency with and without keyway. The kernel fast path's direct and
+//!   via-SaP paths are also measured in rounds alternating with native ([`paired`]): on a machine
+//!   whose two vCPUs carry both nodes, a single native run minutes apart is a noisy baseline.
 //! - `keyway-lab bench-cni`: ADD and DEL latency of the chain and of keyway-cni alone over N pods,
 //!   and the agent's resident memory with N pods attached.
 //! - `keyway-lab bench-policy`: time from a policy file being written to the data path enforcing
@@ -108,6 +110,45 @@ fn cluster_ip(lab: &Lab, name: &str) -> anyhow::Result<IpAddr> {
         .with_context(|| format!("Service bench/{name} has no cluster IP"))
 }
 
+/// One run of the bench client from `runner` to `target` in `mode` (`count` exchanges, or a
+/// stream of `seconds`), pinned to CPU 0: what it reports.
+fn client(
+    runner: &Runner,
+    target: SocketAddr,
+    mode: &str,
+    count: u32,
+    seconds: f64,
+    name: &str,
+) -> anyhow::Result<Value> {
+    let args: Vec<String> = [
+        "bench-client",
+        "--target",
+        &target.to_string(),
+        "--mode",
+        mode,
+        "--count",
+        &count.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--cpu",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = runner.run(&args)?;
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("bench-client said {out:?}"))?;
+    if let Some(e) = v.get("error") {
+        bail!("{name} {mode}: {e}");
+    }
+    Ok(v)
+}
+
+fn figure(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
 fn measure(
     runner: &Runner,
     target: SocketAddr,
@@ -115,29 +156,8 @@ fn measure(
     name: &str,
 ) -> anyhow::Result<PathFigures> {
     let run = |mode: &str| -> anyhow::Result<Value> {
-        let args: Vec<String> = [
-            "bench-client",
-            "--target",
-            &target.to_string(),
-            "--mode",
-            mode,
-            "--count",
-            if mode == "crr" { "1000" } else { "3000" },
-            "--seconds",
-            &seconds.to_string(),
-            "--cpu",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let out = runner.run(&args)?;
-        let v: Value = serde_json::from_str(out.trim())
-            .with_context(|| format!("bench-client said {out:?}"))?;
-        if let Some(e) = v.get("error") {
-            bail!("{name} {mode}: {e}");
-        }
-        Ok(v)
+        let count = if mode == "crr" { 1000 } else { 3000 };
+        client(runner, target, mode, count, seconds, name)
     };
     // Warm up the path first (flow state, caches, the agents' threads), then measure.
     let warm: Vec<String> = [
@@ -163,7 +183,7 @@ fn measure(
     let (busy1, total1) = cpu_jiffies();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let busy_cores = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores;
-    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let f = figure;
     Ok(PathFigures {
         name: name.into(),
         rr_p50: f(&rr, "p50_us"),
@@ -174,6 +194,67 @@ fn measure(
         gbps: f(&stream, "gbps"),
         cpu_per_gbps: busy_cores / f(&stream, "gbps"),
     })
+}
+
+/// How many rounds [`paired`] alternates.
+const PAIRED_ROUNDS: usize = 6;
+
+/// A path measured in rounds alternating with native (see [`paired`]): per round, the round
+/// trip's p50 less native's and the stream's throughput over native's.
+#[derive(Debug, Clone, Default)]
+pub struct Paired {
+    pub name: String,
+    pub rr_deltas: Vec<f64>,
+    pub tput_ratios: Vec<f64>,
+}
+
+impl Paired {
+    /// "median (lowest to highest)" of `v`, with `fmt` for each.
+    fn summary(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
+        let mut v = v.to_vec();
+        let median = percentile(&mut v, 0.5);
+        format!(
+            "{} ({} to {})",
+            fmt(median),
+            fmt(v.first().copied().unwrap_or(f64::NAN)),
+            fmt(v.last().copied().unwrap_or(f64::NAN))
+        )
+    }
+}
+
+/// `rounds` rounds of a round-trip run (1,000 exchanges) and a stream of `seconds`, natively
+/// (`native`: runner and target) and on the path `path`, alternating which goes first (native,
+/// path; path, native; ...), so that what the machine does meanwhile (two vCPUs shared by both
+/// nodes, both agents and the pods) weighs on both alike: each round's figures are compared
+/// within the round.
+fn paired(
+    native: (&Runner, SocketAddr),
+    path: (&Runner, SocketAddr),
+    rounds: usize,
+    seconds: f64,
+    name: &str,
+) -> anyhow::Result<Paired> {
+    let mut out = Paired {
+        name: name.into(),
+        ..Paired::default()
+    };
+    let once = |(runner, target): (&Runner, SocketAddr)| -> anyhow::Result<(f64, f64)> {
+        let rr = client(runner, target, "rr", 1000, seconds, name)?;
+        let stream = client(runner, target, "stream", 1000, seconds, name)?;
+        Ok((figure(&rr, "p50_us"), figure(&stream, "gbps")))
+    };
+    for round in 0..rounds {
+        let (n, p) = if round % 2 == 0 {
+            let n = once(native)?;
+            (n, once(path)?)
+        } else {
+            let p = once(path)?;
+            (once(native)?, p)
+        };
+        out.rr_deltas.push(p.0 - n.0);
+        out.tput_ratios.push(p.1 / n.1);
+    }
+    Ok(out)
 }
 
 /// Istio ambient between the client and server pods of `namespace` (labelled for ambient): a
@@ -383,6 +464,19 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             seconds,
             &format!("overlay via SaP{}", path_note(&lab)),
         )?;
+        // The native pods were made before keyway joined the chain: they stay off it.
+        let native_at = (
+            &lab.runner("bench/native-client")?,
+            SocketAddr::new(native_server, 5201),
+        );
+        let kw_client = lab.runner("bench/kw-client")?;
+        let paired_sap = paired(
+            native_at,
+            (&kw_client, kw_server),
+            PAIRED_ROUNDS,
+            seconds,
+            &via_sap.name,
+        )?;
         let via_sap6 = measure(
             &lab.runner("bench/kw-client")?,
             kw_server6,
@@ -407,6 +501,13 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             kw_server,
             seconds,
             &format!("overlay direct{}", path_note(&lab)),
+        )?;
+        let paired_direct = paired(
+            native_at,
+            (&kw_client, kw_server),
+            PAIRED_ROUNDS,
+            seconds,
+            &direct.name,
         )?;
         let direct6 = measure(
             &lab.runner("bench/kw-client")?,
@@ -520,6 +621,21 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
         }
         if ambient_keyway.is_none() {
             out += &format!("ambient rows left out: {}\n", crate::ambient::BUILD_ZTUNNEL);
+        }
+        out += &format!(
+            "paired with native in alternating rounds ({PAIRED_ROUNDS} rounds; each, per path: 1,000 round trips and a {seconds} s stream; median (lowest to highest))\n"
+        );
+        out += &format!(
+            "{:<30} {:<30} {:<30}\n",
+            "path", "rr p50 − native µs", "tput ×"
+        );
+        for p in [&paired_direct, &paired_sap] {
+            out += &format!(
+                "{:<30} {:<30} {:<30}\n",
+                p.name,
+                Paired::summary(&p.rr_deltas, |x| format!("{x:+.1}")),
+                Paired::summary(&p.tput_ratios, |x| format!("{x:.2}")),
+            );
         }
         out += &format!(
             "RunPodSandbox (CNI ADD, 10 pods): native p50 {:.0} ms p99 {:.0} ms; with keyway p50 {:.0} ms p99 {:.0} ms (p50 × {:.2})\n",
