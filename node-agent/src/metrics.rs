@@ -308,7 +308,7 @@ impl Metrics {
         r.register("keyway_key_epoch", help, self.key_epoch.clone());
         let help = "1 when this kernel loads keyway's eBPF programs (probed at start), else 0";
         r.register("keyway_bpf_available", help, self.bpf_available.clone());
-        let help = "Pods whose flows keyway's eBPF fast path carries (established flows; a TCP or UDP flow's first packets too, IPv4 inside, where the node's compiled policy covers them)";
+        let help = "Pods whose flows keyway's eBPF fast path carries (established flows; a TCP, UDP or echo flow's first packets too, IPv4 inside, where the node's compiled policy covers them)";
         r.register("keyway_fastpath_pods", help, self.fastpath_pods.clone());
         let help = "Pods on the fast path whose programs, maps and flows this agent took over from the agent before it, so their flows went on in the kernel across the restart";
         r.register(

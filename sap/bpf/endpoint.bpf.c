@@ -159,10 +159,11 @@ struct {
 } kw_ingress6 SEC(".maps");
 
 // The connections the kernel admitted by the compiled policy, keyed by the flow as its opener
-// sent it (keyway_core::flow::FlowKey; an echo's by its identifier both ways: conn_key): what lets the other way's packets in as replies, as the
-// engine's flow table does. The agent hands each to the engine at its next sync (and the
-// user-space path at once, when a packet of one reaches it first), and removes those idle for a
-// sync's period, so an entry here is a live flow; it never holds a flow the kernel did not open.
+// sent it (keyway_core::flow::FlowKey; an echo's by its identifier both ways: conn_key): what
+// lets the other way's packets in as replies, as the engine's flow table does. The agent hands
+// each to the engine at its next sync (and the user-space path at once, when a packet of one
+// reaches it first), and removes those idle for a sync's period, so an entry here is a live flow;
+// it never holds a flow the kernel did not open.
 #define CONN_INBOUND 1          // the peer opened it: its first packet arrived here
 #define CONN_ANSWERED 2         // a packet of the other way was admitted as its reply
 
@@ -336,6 +337,7 @@ static __always_inline struct node_config *policy_on(void)
 // An echo reply that replies within no connection here opens nothing either: the engine admits
 // one policy allows as a flow of its own (kw_engine_flows copies UDP's alone), which is rare
 // enough to leave to it.
+//
 // Why a TCP segment past the SYN opens nothing here: the engine takes it for a reply when it
 // holds the flow the other way, which the peer may have opened on the user-space path, unknown
 // to the kernel. Were the kernel to record it as an opening of the pod's, it would let the

@@ -160,21 +160,7 @@ fn measure(
         client(runner, target, mode, count, seconds, name)
     };
     // Warm up the path first (flow state, caches, the agents' threads), then measure.
-    let warm: Vec<String> = [
-        "bench-client",
-        "--target",
-        &target.to_string(),
-        "--mode",
-        "rr",
-        "--count",
-        "500",
-        "--cpu",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    runner.run(&warm)?;
+    client(runner, target, "rr", 500, seconds, name)?;
     let rr = run("rr")?;
     let http = run("http")?;
     let crr = run("crr")?;
@@ -183,16 +169,15 @@ fn measure(
     let (busy1, total1) = cpu_jiffies();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let busy_cores = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores;
-    let f = figure;
     Ok(PathFigures {
         name: name.into(),
-        rr_p50: f(&rr, "p50_us"),
-        rr_p99: f(&rr, "p99_us"),
-        http_p50: f(&http, "p50_us"),
-        http_p99: f(&http, "p99_us"),
-        conn_p50: f(&crr, "p50_us"),
-        gbps: f(&stream, "gbps"),
-        cpu_per_gbps: busy_cores / f(&stream, "gbps"),
+        rr_p50: figure(&rr, "p50_us"),
+        rr_p99: figure(&rr, "p99_us"),
+        http_p50: figure(&http, "p50_us"),
+        http_p99: figure(&http, "p99_us"),
+        conn_p50: figure(&crr, "p50_us"),
+        gbps: figure(&stream, "gbps"),
+        cpu_per_gbps: busy_cores / figure(&stream, "gbps"),
     })
 }
 

@@ -97,6 +97,13 @@ impl<A: Address> Lpm<A> {
     fn len(&self) -> usize {
         self.levels.iter().map(|(_, m)| m.len()).sum()
     }
+
+    /// Every prefix, in no order: its masked address, its length and its route's index.
+    fn prefixes(&self) -> impl Iterator<Item = (A, u8, u32)> + '_ {
+        self.levels
+            .iter()
+            .flat_map(|(len, map)| map.iter().map(move |(addr, &idx)| (*addr, *len, idx)))
+    }
 }
 
 /// The forwarding table.
@@ -137,18 +144,16 @@ impl Fib {
     /// Every IPv4 prefix with its route, in no order: what a longest-prefix table elsewhere (the
     /// kernel SaP's) needs to match as this one does.
     pub fn prefixes_v4(&self) -> impl Iterator<Item = (std::net::Ipv4Addr, u8, &Route)> + '_ {
-        self.v4.levels.iter().flat_map(move |(len, map)| {
-            map.iter()
-                .map(move |(addr, &idx)| ((*addr).into(), *len, &self.routes[idx as usize]))
-        })
+        self.v4
+            .prefixes()
+            .map(|(addr, len, idx)| (addr.into(), len, &self.routes[idx as usize]))
     }
 
     /// Every IPv6 prefix with its route, likewise.
     pub fn prefixes_v6(&self) -> impl Iterator<Item = (std::net::Ipv6Addr, u8, &Route)> + '_ {
-        self.v6.levels.iter().flat_map(move |(len, map)| {
-            map.iter()
-                .map(move |(addr, &idx)| ((*addr).into(), *len, &self.routes[idx as usize]))
-        })
+        self.v6
+            .prefixes()
+            .map(|(addr, len, idx)| (addr.into(), len, &self.routes[idx as usize]))
     }
 }
 
