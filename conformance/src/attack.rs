@@ -71,14 +71,19 @@ pub fn router_advertisement(
     })?
 }
 
-/// A UDP datagram (checksum 0: "none", as IPv4 allows).
+/// A UDP datagram with a valid IPv4 header checksum (a receiving kernel drops one without) and
+/// UDP checksum 0 ("none", as IPv4 allows). A raw socket fills in the checksum of the header it
+/// sends, not of one carried inside, so a forged GUE payload needs its own.
 pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    build::ipv4(
+    let mut p = build::ipv4(
         src,
         dst,
         PROTO_UDP,
         &build::ports(PROTO_UDP, sport, dport, payload),
-    )
+    );
+    let sum = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p
 }
 
 fn checksum(bytes: &[u8]) -> u16 {
@@ -182,5 +187,18 @@ mod tests {
             ),
         );
         assert_eq!(checksum(&p[20..]), 0);
+    }
+
+    #[test]
+    fn a_forged_datagram_has_a_valid_header_checksum() {
+        let p = udp4(
+            Ipv4Addr::new(100, 64, 0, 7),
+            40405,
+            Ipv4Addr::new(100, 64, 1, 9),
+            80,
+            b"as-front",
+        );
+        assert_ne!(p[10..12], [0, 0]);
+        assert_eq!(checksum(&p[..20]), 0);
     }
 }

@@ -3,7 +3,8 @@
 // keyway's kernel fast path at the node: two tc programs, direct action.
 //
 // kw_bridge_egress: GUE the node routes to one of its pods, handed straight to the pod's veth
-// instead of through the primary CNI's bridge.
+// instead of through the primary CNI's bridge. (GUE for one of its pods that comes in from the
+// underlay does not get this far: kw_sap hands it to the pod's veth at the node's device.)
 //
 // Why: a pod's fast path sends a TCP GSO packet whole, encapsulated (skb->encapsulation). A Linux
 // bridge advertises no offloads for encapsulated packets (its hw_enc_features are empty), so the
@@ -25,8 +26,7 @@
 // packet), a flow the user-space SaP has already forwarded, or it passes the SaP's whole check
 // against the policy the agent compiled into kw_sap_routes (kw_sap_routes6) and kw_sap_pairs (an
 // inner IPv4 or IPv6 TCP, UDP or echo packet to one of the pods this SaP fronts; see sap_judge):
-// from the SaP's
-// address and port to the destination endpoint the engine chose,
+// from the SaP's address and port to the destination endpoint the engine chose,
 // the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
 // pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
 // external entity) out of the device and to the neighbour the node's routing gives. The agent
@@ -37,7 +37,9 @@
 // compiles whole into lookups: the kernel repeats the engine's decision for every datagram of a
 // pair, a flow's first ones included, from maps the agent rewrites at every compile
 // (sap/tests/bpf.rs holds it to engine::sap_forward). The kernel drops nothing: what it does not
-// forward goes to the user-space SaP, which drops and counts what it must.
+// forward goes to the user-space SaP, which drops and counts what it must. On the same device,
+// GUE from the underlay to one of the node's pods behind a bridge (a direct datagram from a pod
+// on another node) goes straight to the pod's veth (to_local_pod).
 //
 // kw_gateway: the node's gateway, in the kernel, for the flows the user-space gateway has
 // already carried. On the egress of the gateway device (kwgw0, where the node routes what
@@ -299,6 +301,45 @@ static __always_inline int sap_compiled6(struct node_config *cfg, __u32 outer_sr
 			 ICMPV6_ECHO_REPLY, to, to_port);
 }
 
+// A GUE datagram that came in from the underlay for one of the node's pods behind a bridge
+// (direct, from a pod on another node): handed to the pod's veth at once, with the Ethernet
+// header the node would give it, as kw_sap hands on a datagram for the SaP. Through the node's
+// routing it would cross IP forwarding, netfilter's forward and postrouting hooks and the bridge
+// before kw_bridge_egress took it to the same veth: work per packet that the direct path paid
+// and the path through a SaP did not. Nothing is checked here that the pod does not check: the
+// pod's kw_ingress (or its agent) holds the datagram to its key, outer source and policy, and
+// the pod's own table still sees it. One check of the node's is kept, as a strict reverse-path
+// filter makes it: the outer source must be one the node would route out of the device the
+// datagram came in by, so never the node's own address (which a pod admits for any inner
+// source: its SaP's) nor a pod of its own, which no datagram from the underlay can come from.
+// Anything else goes on to the node as before, and the node decides it.
+static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 saddr, __u32 daddr)
+{
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &daddr);
+	if (!pod)
+		return TC_ACT_OK;
+	struct bpf_fib_lookup back = {
+		.family = 2, // AF_INET
+		.l4_protocol = IPPROTO_UDP,
+		.ifindex = skb->ingress_ifindex,
+		.ipv4_src = daddr,
+		.ipv4_dst = saddr,
+	};
+	if (bpf_fib_lookup(skb, &back, sizeof(back), BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+		    BPF_FIB_LKUP_RET_SUCCESS ||
+	    back.ifindex != skb->ingress_ifindex)
+		return TC_ACT_OK;
+	__u8 macs[12];
+	__builtin_memcpy(macs, pod->pod_mac, 6);
+	__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
+	// The headers were pulled writable: this cannot fail, and a frame half rewritten must not
+	// go on if it did.
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+		return TC_ACT_SHOT;
+	count_carried(&kw_node_carried, skb->gso_segs, skb->len);
+	return bpf_redirect(pod->ifindex, 0);
+}
+
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4
 // one without options is shorter), TCP.
 #define SAP_HEADERS_LEN (14 + 20 + 8 + 8 + 40 + 20)
@@ -332,12 +373,13 @@ int kw_sap(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	struct iphdr *ip = (void *)(eth + 1);
 	if (!HAVE(ip, sizeof(*ip), end) || ip->version != 4 || ip->ihl != 5 ||
-	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)) ||
-	    ip->daddr != cfg->sap_v4)
+	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
 		return TC_ACT_OK;
 	struct udphdr *udp = (void *)(ip + 1);
 	if (!HAVE(udp, sizeof(*udp), end) || udp->dest != (__u16)cfg->gue_port)
 		return TC_ACT_OK;
+	if (ip->daddr != cfg->sap_v4)
+		return to_local_pod(skb, ip->saddr, ip->daddr);
 	// Exactly one GUE datagram holding exactly one inner packet (a GSO one, kept whole by a
 	// sender's fast path, counts as one): a user-space sender's UDP GSO batch, many datagrams
 	// behind one header whose UDP length is a segment's, is left to the user-space SaP, which

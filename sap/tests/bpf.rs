@@ -560,6 +560,22 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
         "the IPv4 one still given"
     );
 
+    // GUE from the underlay that is not for the SaP nor for one of the node's pods is the
+    // node's to route (a direct datagram for one of its pods: the next test).
+    for (what, frame) in [
+        (
+            "not to GUE's port",
+            udp_frame(SENDER, DEST, 6081, &datagram, false),
+        ),
+        (
+            "to no pod of the node's",
+            udp_frame(SENDER, [10, 244, 2, 10], 6080, &datagram, false),
+        ),
+    ] {
+        let (ret, out) = p.run_sap(&frame).unwrap();
+        assert_eq!((ret, &out), (TC_ACT_OK, &frame), "{what}: the node's");
+    }
+
     p.remove_pod(DEST.into());
     let (ret, _) = p.run_sap(&sent).unwrap();
     assert_eq!(ret, TC_ACT_OK, "a destination that is not the node's pod");
@@ -567,6 +583,125 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
     p.configure(6080, Some(SAP.into()), 1).unwrap();
     let (ret, _) = p.run_sap(&sent).unwrap();
     assert_eq!(ret, TC_ACT_OK, "a lease run out: nothing forwarded");
+}
+
+/// A direct datagram from a pod on another node, GUE from the underlay to one of the node's pods
+/// behind a bridge: the kernel SaP hands it to the pod's veth at the node's device, on real
+/// devices (the reverse-path check needs the node's routes). The node's forward hook drops GUE
+/// here, so what the pod receives only the handover delivered.
+#[test]
+fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sources_the_underlay_leads_to()
+ {
+    use keyway_sap::io::bpf::{NodePod, NodePrograms};
+    use keyway_testing::{TestNetns, veth};
+    if !privileged("a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth") {
+        return;
+    }
+    const SAP: [u8; 4] = [192, 168, 9, 12];
+    let node = TestNetns::new("bpf-direct", "node");
+    let sender = TestNetns::new("bpf-direct", "sender");
+    let pod = TestNetns::new("bpf-direct", "pod");
+    veth(
+        &node,
+        "kwt-up",
+        "192.168.9.12/24",
+        &sender,
+        "eth0",
+        "192.168.9.20/24",
+    );
+    veth(
+        &node,
+        "kwt-pod",
+        "10.244.2.1/24",
+        &pod,
+        "eth0",
+        "10.244.2.9/24",
+    );
+    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    node.sh(&["nft", "add", "table", "ip", "kwt"]);
+    node.sh(&[
+        "nft",
+        "add chain ip kwt relay { type filter hook forward priority filter; }",
+    ]);
+    node.sh(&["nft", "add rule ip kwt relay udp dport 6080 drop"]);
+    sender.sh(&["ip", "route", "add", "10.244.2.0/24", "via", "192.168.9.12"]);
+    // Addresses the sender has no right to (the node's own, one of the node's pods'), to claim
+    // as outer sources.
+    for a in ["10.244.2.1/32", "10.244.2.77/32"] {
+        sender.sh(&["ip", "addr", "add", a, "dev", "eth0"]);
+    }
+    let mut p = node
+        .netns()
+        .run(|| {
+            let mut p = NodePrograms::load().expect("the node's programs load");
+            p.attach_sap("kwt-up").unwrap();
+            p
+        })
+        .unwrap();
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    let dest = NodePod {
+        veth_ifindex: ifindex(&node, "kwt-pod"),
+        pod_mac: mac(&pod, "eth0"),
+        bridge_mac: mac(&node, "kwt-pod"),
+    };
+    p.set_pod([10, 244, 2, 9].into(), &dest).unwrap();
+    let endpoint = udp_in(&pod, "10.244.2.9:6080");
+    let datagram = gue(Key(0x5eed_0001), &build::tcp4(PEER, 40000, OVERLAY, 80));
+    let send_from = |src: &str| {
+        udp_in(&sender, &format!("{src}:6080"))
+            .send_to(&datagram, "10.244.2.9:6080")
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        endpoint
+            .recv_from(&mut buf)
+            .ok()
+            .map(|(n, from)| (buf[..n].to_vec(), from))
+    };
+
+    let (got, from) = send_from("192.168.9.20").expect("handed to the pod's veth");
+    assert_eq!(got, datagram, "the datagram itself unchanged");
+    assert_eq!(from, SocketAddr::from(([192, 168, 9, 20], 6080)));
+    for (what, src) in [
+        ("the node's own address", "10.244.2.1"),
+        ("an address of the node's pods", "10.244.2.77"),
+    ] {
+        assert_eq!(
+            send_from(src),
+            None,
+            "{what} as the outer source, from the underlay: the node's to decide"
+        );
+    }
+
+    p.remove_pod([10, 244, 2, 9].into());
+    assert_eq!(send_from("192.168.9.20"), None, "a pod no longer listed");
+    p.set_pod([10, 244, 2, 9].into(), &dest).unwrap();
+    p.configure(6080, Some(SAP.into()), 1).unwrap();
+    assert_eq!(send_from("192.168.9.20"), None, "a lease run out");
+    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    assert!(
+        send_from("192.168.9.20").is_some(),
+        "and handed on again under a lease"
+    );
+}
+
+/// The index of device `dev` in `ns`.
+fn ifindex(ns: &keyway_testing::TestNetns, dev: &str) -> u32 {
+    ns.sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The Ethernet address of device `dev` in `ns`.
+fn mac(ns: &keyway_testing::TestNetns, dev: &str) -> [u8; 6] {
+    let text = ns.sh(&["cat", &format!("/sys/class/net/{dev}/address")]);
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
 }
 
 /// A UDP socket bound to `addr` in `ns`, whose reads give up after 300 ms (what was not
@@ -633,21 +768,6 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
         "nft",
         "add rule ip kwt out ip daddr 10.244.2.9 udp dport 80 meta mark set 0x200000",
     ]);
-    let ifindex = |ns: &TestNetns, dev: &str| -> u32 {
-        ns.sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let mac = |ns: &TestNetns, dev: &str| -> [u8; 6] {
-        let text = ns.sh(&["cat", &format!("/sys/class/net/{dev}/address")]);
-        let bytes: Vec<u8> = text
-            .trim()
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).unwrap())
-            .collect();
-        bytes.try_into().unwrap()
-    };
     let dest_pod = NodePod {
         veth_ifindex: ifindex(&node, "kwt-pod"),
         pod_mac: mac(&pod, "eth0"),

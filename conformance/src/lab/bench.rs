@@ -164,11 +164,7 @@ fn measure(
     let rr = run("rr")?;
     let http = run("http")?;
     let crr = run("crr")?;
-    let (busy0, total0) = cpu_jiffies();
-    let stream = run("stream")?;
-    let (busy1, total1) = cpu_jiffies();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let busy_cores = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores;
+    let (stream, cpu_per_gbps) = stream_with_cpu(|| run("stream"))?;
     Ok(PathFigures {
         name: name.into(),
         rr_p50: figure(&rr, "p50_us"),
@@ -177,20 +173,34 @@ fn measure(
         http_p99: figure(&http, "p99_us"),
         conn_p50: figure(&crr, "p50_us"),
         gbps: figure(&stream, "gbps"),
-        cpu_per_gbps: busy_cores / figure(&stream, "gbps"),
+        cpu_per_gbps,
     })
+}
+
+/// Runs `stream` (a stream's client run) and returns what it reported and the cores busy on the
+/// whole machine meanwhile per Gbit/s it carried.
+fn stream_with_cpu(stream: impl FnOnce() -> anyhow::Result<Value>) -> anyhow::Result<(Value, f64)> {
+    let (busy0, total0) = cpu_jiffies();
+    let v = stream()?;
+    let (busy1, total1) = cpu_jiffies();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy_cores = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cores;
+    let per_gbps = busy_cores / figure(&v, "gbps");
+    Ok((v, per_gbps))
 }
 
 /// How many rounds [`paired`] alternates.
 const PAIRED_ROUNDS: usize = 6;
 
 /// A path measured in rounds alternating with native (see [`paired`]): per round, the round
-/// trip's p50 less native's and the stream's throughput over native's.
+/// trip's p50 less native's, the stream's throughput over native's and its CPU per bit over
+/// native's.
 #[derive(Debug, Clone, Default)]
 pub struct Paired {
     pub name: String,
     pub rr_deltas: Vec<f64>,
     pub tput_ratios: Vec<f64>,
+    pub cpu_ratios: Vec<f64>,
 }
 
 impl Paired {
@@ -223,10 +233,11 @@ fn paired(
         name: name.into(),
         ..Paired::default()
     };
-    let once = |(runner, target): (&Runner, SocketAddr)| -> anyhow::Result<(f64, f64)> {
+    let once = |(runner, target): (&Runner, SocketAddr)| -> anyhow::Result<(f64, f64, f64)> {
         let rr = client(runner, target, "rr", 1000, seconds, name)?;
-        let stream = client(runner, target, "stream", 1000, seconds, name)?;
-        Ok((figure(&rr, "p50_us"), figure(&stream, "gbps")))
+        let (stream, cpu) =
+            stream_with_cpu(|| client(runner, target, "stream", 1000, seconds, name))?;
+        Ok((figure(&rr, "p50_us"), figure(&stream, "gbps"), cpu))
     };
     for round in 0..rounds {
         let (n, p) = if round % 2 == 0 {
@@ -238,6 +249,7 @@ fn paired(
         };
         out.rr_deltas.push(p.0 - n.0);
         out.tput_ratios.push(p.1 / n.1);
+        out.cpu_ratios.push(p.2 / n.2);
     }
     Ok(out)
 }
@@ -611,15 +623,16 @@ pub fn bench(base_dir: &Path, seconds: f64) -> anyhow::Result<String> {
             "paired with native in alternating rounds ({PAIRED_ROUNDS} rounds; each, per path: 1,000 round trips and a {seconds} s stream; median (lowest to highest))\n"
         );
         out += &format!(
-            "{:<30} {:<30} {:<30}\n",
-            "path", "rr p50 − native µs", "tput ×"
+            "{:<30} {:<30} {:<30} {:<30}\n",
+            "path", "rr p50 − native µs", "tput ×", "CPU per bit ×"
         );
         for p in [&paired_direct, &paired_sap] {
             out += &format!(
-                "{:<30} {:<30} {:<30}\n",
+                "{:<30} {:<30} {:<30} {:<30}\n",
                 p.name,
                 Paired::summary(&p.rr_deltas, |x| format!("{x:+.1}")),
                 Paired::summary(&p.tput_ratios, |x| format!("{x:.2}")),
+                Paired::summary(&p.cpu_ratios, |x| format!("{x:.2}")),
             );
         }
         out += &format!(
