@@ -592,32 +592,15 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
 #[test]
 fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sources_the_underlay_leads_to()
  {
-    use keyway_sap::io::bpf::{NodePod, NodePrograms};
-    use keyway_testing::{TestNetns, veth};
+    use keyway_sap::io::bpf::NodePod;
     if !privileged("a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth") {
         return;
     }
-    const SAP: [u8; 4] = [192, 168, 9, 12];
-    let node = TestNetns::new("bpf-direct", "node");
-    let sender = TestNetns::new("bpf-direct", "sender");
-    let pod = TestNetns::new("bpf-direct", "pod");
-    veth(
-        &node,
-        "kwt-up",
-        "192.168.9.12/24",
-        &sender,
-        "eth0",
-        "192.168.9.20/24",
+    let (node, sender, pod, mut p, lease) = node_on_an_underlay(
+        "bpf-direct",
+        ("kwt-pod", "10.244.2.1/24"),
+        ("pod", "10.244.2.9/24"),
     );
-    veth(
-        &node,
-        "kwt-pod",
-        "10.244.2.1/24",
-        &pod,
-        "eth0",
-        "10.244.2.9/24",
-    );
-    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     node.sh(&["nft", "add", "table", "ip", "kwt"]);
     node.sh(&[
         "nft",
@@ -630,16 +613,6 @@ fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sourc
     for a in ["10.244.2.1/32", "10.244.2.77/32"] {
         sender.sh(&["ip", "addr", "add", a, "dev", "eth0"]);
     }
-    let mut p = node
-        .netns()
-        .run(|| {
-            let mut p = NodePrograms::load().expect("the node's programs load");
-            p.attach_sap("kwt-up").unwrap();
-            p
-        })
-        .unwrap();
-    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
-    p.configure(6080, Some(SAP.into()), lease).unwrap();
     let dest = NodePod {
         veth_ifindex: ifindex(&node, "kwt-pod"),
         pod_mac: mac(&pod, "eth0"),
@@ -676,13 +649,59 @@ fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sourc
     p.remove_pod([10, 244, 2, 9].into());
     assert_eq!(send_from("192.168.9.20"), None, "a pod no longer listed");
     p.set_pod([10, 244, 2, 9].into(), &dest).unwrap();
-    p.configure(6080, Some(SAP.into()), 1).unwrap();
+    p.configure(6080, Some(UNDERLAY_SAP.into()), 1).unwrap();
     assert_eq!(send_from("192.168.9.20"), None, "a lease run out");
-    p.configure(6080, Some(SAP.into()), lease).unwrap();
+    p.configure(6080, Some(UNDERLAY_SAP.into()), lease).unwrap();
     assert!(
         send_from("192.168.9.20").is_some(),
         "and handed on again under a lease"
     );
+}
+
+/// The SaP's address in [`node_on_an_underlay`]: the node's own on the underlay.
+const UNDERLAY_SAP: [u8; 4] = [192, 168, 9, 12];
+
+/// A node (forwarding on) with the kernel SaP on its underlay device `kwt-up` (192.168.9.12,
+/// the SaP's address, leased), a sender on that underlay at 192.168.9.20, and a third namespace
+/// (`role`, address) behind the node's device (name, address): the namespaces, the node's
+/// programs and their lease.
+fn node_on_an_underlay(
+    test: &str,
+    (dev, dev_addr): (&str, &str),
+    (role, addr): (&str, &str),
+) -> (
+    keyway_testing::TestNetns,
+    keyway_testing::TestNetns,
+    keyway_testing::TestNetns,
+    keyway_sap::io::bpf::NodePrograms,
+    u64,
+) {
+    use keyway_testing::{TestNetns, veth};
+    let node = TestNetns::new(test, "node");
+    let sender = TestNetns::new(test, "sender");
+    let other = TestNetns::new(test, role);
+    veth(
+        &node,
+        "kwt-up",
+        "192.168.9.12/24",
+        &sender,
+        "eth0",
+        "192.168.9.20/24",
+    );
+    veth(&node, dev, dev_addr, &other, "eth0", addr);
+    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let mut p = node
+        .netns()
+        .run(|| {
+            let mut p =
+                keyway_sap::io::bpf::NodePrograms::load().expect("the node's programs load");
+            p.attach_sap("kwt-up").unwrap();
+            p
+        })
+        .unwrap();
+    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
+    p.configure(6080, Some(UNDERLAY_SAP.into()), lease).unwrap();
+    (node, sender, other, p, lease)
 }
 
 /// The index of device `dev` in `ns`.
@@ -885,44 +904,18 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
 #[test]
 fn the_kernel_sap_forwards_to_destinations_off_the_node_by_the_nodes_routes() {
     use keyway_sap::io::bpf::{Flow, NodePrograms, SapFlow, SapNextHop};
-    use keyway_testing::{TestNetns, veth};
     if !privileged("the_kernel_sap_forwards_to_destinations_off_the_node") {
         return;
     }
-    const SAP: [u8; 4] = [192, 168, 9, 12];
+    const SAP: [u8; 4] = UNDERLAY_SAP;
     const SENDER: [u8; 4] = [192, 168, 9, 20];
     const DEST: [u8; 4] = [192, 168, 10, 30];
     let key = Key(0x0bad_cafe);
-    let node = TestNetns::new("bpf-sap-route", "node");
-    let sender = TestNetns::new("bpf-sap-route", "sender");
-    let dest = TestNetns::new("bpf-sap-route", "dest");
-    veth(
-        &node,
-        "kwt-up",
-        "192.168.9.12/24",
-        &sender,
-        "eth0",
-        "192.168.9.20/24",
+    let (node, sender, dest, mut p, _) = node_on_an_underlay(
+        "bpf-sap-route",
+        ("kwt-dn", "192.168.10.1/24"),
+        ("dest", "192.168.10.30/24"),
     );
-    veth(
-        &node,
-        "kwt-dn",
-        "192.168.10.1/24",
-        &dest,
-        "eth0",
-        "192.168.10.30/24",
-    );
-    node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let mut p = node
-        .netns()
-        .run(|| {
-            let mut p = NodePrograms::load().expect("the node's programs load");
-            p.attach_sap("kwt-up").unwrap();
-            p
-        })
-        .unwrap();
-    let lease = keyway_sap::io::fastpath::monotonic_ns() + 60_000_000_000;
-    p.configure(6080, Some(SAP.into()), lease).unwrap();
     let inner = build::ipv4(
         PEER.into(),
         OVERLAY.into(),
