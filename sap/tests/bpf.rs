@@ -592,7 +592,6 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
 #[test]
 fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sources_the_underlay_leads_to()
  {
-    use keyway_sap::io::bpf::NodePod;
     if !privileged("a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth") {
         return;
     }
@@ -613,11 +612,7 @@ fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sourc
     for a in ["10.244.2.1/32", "10.244.2.77/32"] {
         sender.sh(&["ip", "addr", "add", a, "dev", "eth0"]);
     }
-    let dest = NodePod {
-        veth_ifindex: ifindex(&node, "kwt-pod"),
-        pod_mac: mac(&pod, "eth0"),
-        bridge_mac: mac(&node, "kwt-pod"),
-    };
+    let dest = pod_behind(&node, "kwt-pod", &pod);
     p.set_pod([10, 244, 2, 9].into(), &dest).unwrap();
     let endpoint = udp_in(&pod, "10.244.2.9:6080");
     let datagram = gue(Key(0x5eed_0001), &build::tcp4(PEER, 40000, OVERLAY, 80));
@@ -704,23 +699,31 @@ fn node_on_an_underlay(
     (node, sender, other, p, lease)
 }
 
-/// The index of device `dev` in `ns`.
-fn ifindex(ns: &keyway_testing::TestNetns, dev: &str) -> u32 {
-    ns.sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// The Ethernet address of device `dev` in `ns`.
-fn mac(ns: &keyway_testing::TestNetns, dev: &str) -> [u8; 6] {
-    let text = ns.sh(&["cat", &format!("/sys/class/net/{dev}/address")]);
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().unwrap()
+/// The node's entry for the pod in `pod` whose `eth0` is the peer of the node's veth `dev`: as
+/// the agent lists a pod behind a bridge, with `dev`'s address standing for the bridge's.
+fn pod_behind(
+    node: &keyway_testing::TestNetns,
+    dev: &str,
+    pod: &keyway_testing::TestNetns,
+) -> keyway_sap::io::bpf::NodePod {
+    let mac = |ns: &keyway_testing::TestNetns, dev: &str| -> [u8; 6] {
+        let text = ns.sh(&["cat", &format!("/sys/class/net/{dev}/address")]);
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        bytes.try_into().unwrap()
+    };
+    keyway_sap::io::bpf::NodePod {
+        veth_ifindex: node
+            .sh(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
+            .trim()
+            .parse()
+            .unwrap(),
+        pod_mac: mac(pod, "eth0"),
+        bridge_mac: mac(node, dev),
+    }
 }
 
 /// A UDP socket bound to `addr` in `ns`, whose reads give up after 300 ms (what was not
@@ -741,7 +744,7 @@ fn udp_in(ns: &keyway_testing::TestNetns, addr: &str) -> std::net::UdpSocket {
 #[test]
 fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_from_the_saps_address()
  {
-    use keyway_sap::io::bpf::{EgressFlow, Flow4, NodePod, NodePrograms};
+    use keyway_sap::io::bpf::{EgressFlow, Flow4, NodePrograms};
     use keyway_testing::{TestNetns, veth};
     if !privileged("the_kernel_gateway_puts_exactly_the_flows_it_was_given") {
         return;
@@ -787,11 +790,7 @@ fn the_kernel_gateway_puts_exactly_the_flows_it_was_given_into_the_engines_gue_f
         "nft",
         "add rule ip kwt out ip daddr 10.244.2.9 udp dport 80 meta mark set 0x200000",
     ]);
-    let dest_pod = NodePod {
-        veth_ifindex: ifindex(&node, "kwt-pod"),
-        pod_mac: mac(&pod, "eth0"),
-        bridge_mac: mac(&node, "kwt-pod"),
-    };
+    let dest_pod = pod_behind(&node, "kwt-pod", &pod);
     let mut p = node
         .netns()
         .run(|| {
