@@ -4,7 +4,7 @@
 //
 // kw_bridge_egress: GUE the node routes to one of its pods, handed straight to the pod's veth
 // instead of through the primary CNI's bridge. (GUE for one of its pods that comes in from the
-// underlay does not get this far: kw_sap hands it to the pod's veth at the node's device.)
+// underlay does not get this far: kw_sap hands it into the pod at the node's device.)
 //
 // Why: a pod's fast path sends a TCP GSO packet whole, encapsulated (skb->encapsulation). A Linux
 // bridge advertises no offloads for encapsulated packets (its hw_enc_features are empty), so the
@@ -27,8 +27,8 @@
 // against the policy the agent compiled into kw_sap_routes (kw_sap_routes6) and kw_sap_pairs (an
 // inner IPv4 or IPv6 TCP, UDP or echo packet to one of the pods this SaP fronts; see sap_judge):
 // from the SaP's address and port to the destination endpoint the engine chose,
-// the datagram itself unchanged (a SaP never rewrites the key): straight to the destination
-// pod's veth when it is one of the node's pods behind a bridge, else (another node's pod, an
+// the datagram itself unchanged (a SaP never rewrites the key): straight into the destination
+// pod, as its eth0 receives (hand_on), when it is one of the node's pods behind a bridge, else (another node's pod, an
 // external entity) out of the device and to the neighbour the node's routing gives. The agent
 // put the flow there after engine::sap_forward admitted one of its datagrams, and re-derives
 // it through the same function at every change and every second;
@@ -39,7 +39,7 @@
 // (sap/tests/bpf.rs holds it to engine::sap_forward). The kernel drops nothing: what it does not
 // forward goes to the user-space SaP, which drops and counts what it must. On the same device,
 // GUE from the underlay to one of the node's pods behind a bridge (a direct datagram from a pod
-// on another node) goes straight to the pod's veth (to_local_pod).
+// on another node) goes straight into the pod too (to_local_pod).
 //
 // kw_gateway: the node's gateway, in the kernel, for the flows the user-space gateway has
 // already carried. On the egress of the gateway device (kwgw0, where the node routes what
@@ -107,9 +107,13 @@ static __always_inline void count_carried(void *counters, __u32 segs, __u64 byte
 // to its veth; anything else (a pod on another node, an external entity this node is the
 // gateway of, a pod on a routed veth) as the node's routing and neighbours say for a packet it
 // forwards from device `from` (which may also be the way out: the underlay a datagram came in
-// by leads to the other nodes too). Returns 0 with *out and macs (destination, then source)
-// set; -1 when the node has no route or no neighbour yet (the user-space path sends that
-// datagram, and its send resolves the neighbour for the next).
+// by leads to the other nodes too). Returns HOP_POD (the hop is a pod's veth) or HOP_ROUTED
+// with *out and macs (destination, then source) set; -1 when the node has no route or no
+// neighbour yet (the user-space path sends that datagram, and its send resolves the neighbour
+// for the next).
+#define HOP_ROUTED 0
+#define HOP_POD 1
+
 static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src, __u32 dst,
 				    __u16 sport, __u16 dport, __u32 *out, __u8 macs[12])
 {
@@ -118,7 +122,7 @@ static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src
 		*out = pod->ifindex;
 		__builtin_memcpy(macs, pod->pod_mac, 6);
 		__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
-		return 0;
+		return HOP_POD;
 	}
 	// No length given: the kernel checks the packet against the MTU of the device it would
 	// leave by (a GSO packet is cut to it there).
@@ -136,7 +140,23 @@ static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src
 	*out = fib.ifindex;
 	__builtin_memcpy(macs, fib.dmac, 6);
 	__builtin_memcpy(macs + 6, fib.smac, 6);
-	return 0;
+	return HOP_ROUTED;
+}
+
+// Sends a datagram that came in on a device's ingress (kw_sap's) on to the hop next_hop gave:
+// into a pod's netns at once, as the pod's eth0 receives (bpf_redirect_peer), or out of the
+// node's device. Through the pod's veth instead, each datagram would be transmitted on the
+// node side (its GSO headers checked again: bpf_skb_adjust_room marked them for it at the
+// sender), queued to the CPU's backlog, and received on the pod side later in the softirq;
+// the peer redirect skips all three and keeps what the pod's side does: its tc ingress
+// (kw_ingress), its netfilter, its stack. Unlike the veth, it keeps the packet's mark across
+// the namespaces; the node's marks mean nothing in the pod, so none goes in.
+static __always_inline int hand_on(struct __sk_buff *skb, int hop, __u32 out)
+{
+	if (hop != HOP_POD)
+		return bpf_redirect(out, 0);
+	skb->mark = 0;
+	return bpf_redirect_peer(out, 0);
 }
 
 SEC("classifier")
@@ -302,7 +322,7 @@ static __always_inline int sap_compiled6(struct node_config *cfg, __u32 outer_sr
 }
 
 // A GUE datagram that came in from the underlay for one of the node's pods behind a bridge
-// (direct, from a pod on another node): handed to the pod's veth at once, with the Ethernet
+// (direct, from a pod on another node): handed into the pod at once (hand_on), with the Ethernet
 // header the node would give it, as kw_sap hands on a datagram for the SaP. Through the node's
 // routing it would cross IP forwarding, netfilter's forward and postrouting hooks and the bridge
 // before kw_bridge_egress took it to the same veth: work per packet that the direct path paid
@@ -337,7 +357,7 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 saddr, __u3
 	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
 		return TC_ACT_SHOT;
 	count_carried(&kw_node_carried, skb->gso_segs, skb->len);
-	return bpf_redirect(pod->ifindex, 0);
+	return hand_on(skb, HOP_POD, pod->ifindex);
 }
 
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4
@@ -448,8 +468,9 @@ int kw_sap(struct __sk_buff *skb)
 	// Where it goes, found before anything is rewritten.
 	__u32 out;
 	__u8 macs[12];
-	if (next_hop(skb, skb->ingress_ifindex, cfg->sap_v4, to, gue_port, (__u16)to_port, &out,
-		     macs))
+	int hop = next_hop(skb, skb->ingress_ifindex, cfg->sap_v4, to, gue_port, (__u16)to_port,
+			   &out, macs);
+	if (hop < 0)
 		return TC_ACT_OK;
 	if (flow)
 		flow->seen_ns = bpf_ktime_get_ns();
@@ -492,7 +513,7 @@ int kw_sap(struct __sk_buff *skb)
 		if (n)
 			*n += segs;
 	}
-	return bpf_redirect(out, 0);
+	return hand_on(skb, hop, out);
 }
 
 // The flows the user-space gateway carried, by inner five-tuple after the node's DNAT (a
@@ -544,7 +565,7 @@ int kw_gateway(struct __sk_buff *skb)
 	__u32 out;
 	__u8 macs[12];
 	// (Never back into the gateway device: the node's unmarked routes lead elsewhere.)
-	if (next_hop(skb, skb->ifindex, cfg->sap_v4, to, gue_port, to_port, &out, macs) ||
+	if (next_hop(skb, skb->ifindex, cfg->sap_v4, to, gue_port, to_port, &out, macs) < 0 ||
 	    out == skb->ifindex)
 		return TC_ACT_OK;
 	__u64 inner_len = skb->len;

@@ -414,11 +414,21 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
         }
         assert_eq!(&out[42..], &datagram[..], "the datagram itself unchanged");
     }
+    // Into the pod's namespace, the node's packet mark does not go along (a veth's crossing
+    // clears it too).
+    let (ret, _, mark) = p
+        .run_sap_marked(&udp_frame(SENDER, SAP, 6080, &datagram, true), 0x4000)
+        .unwrap();
+    assert_eq!(
+        (ret, mark),
+        (keyway_sap::io::bpf::TC_ACT_REDIRECT, 0),
+        "forwarded to the pod, unmarked"
+    );
     let (packets, bytes) = p.sap_carried().unwrap();
-    assert_eq!(packets, 2);
+    assert_eq!(packets, 3);
     assert_eq!(
         bytes,
-        2 * datagram.len() as u64,
+        3 * datagram.len() as u64,
         "counted as the user-space SaP counts"
     );
     let seen = p.sap_flows();
@@ -590,9 +600,9 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
 /// devices (the reverse-path check needs the node's routes). The node's forward hook drops GUE
 /// here, so what the pod receives only the handover delivered.
 #[test]
-fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sources_the_underlay_leads_to()
+fn a_direct_datagram_from_the_underlay_goes_straight_into_the_pod_from_sources_the_underlay_leads_to()
  {
-    if !privileged("a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth") {
+    if !privileged("a_direct_datagram_from_the_underlay_goes_straight_into_the_pod") {
         return;
     }
     let (node, sender, pod, mut p, lease) = node_on_an_underlay(
@@ -606,6 +616,14 @@ fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sourc
         "add chain ip kwt relay { type filter hook forward priority filter; }",
     ]);
     node.sh(&["nft", "add rule ip kwt relay udp dport 6080 drop"]);
+    // And what the node side of the pod's veth transmits is counted (with IPv6 off there, so
+    // that nothing else is): the handover goes into the pod's namespace (a peer redirect), not
+    // out of that device.
+    node.sh(&["sysctl", "-qw", "net.ipv6.conf.kwt-pod.disable_ipv6=1"]);
+    let transmitted = || {
+        let n = node.sh(&["cat", "/sys/class/net/kwt-pod/statistics/tx_packets"]);
+        n.trim().parse::<u64>().unwrap()
+    };
     sender.sh(&["ip", "route", "add", "10.244.2.0/24", "via", "192.168.9.12"]);
     // Addresses the sender has no right to (the node's own, one of the node's pods'), to claim
     // as outer sources.
@@ -627,9 +645,15 @@ fn a_direct_datagram_from_the_underlay_goes_straight_to_the_pods_veth_from_sourc
             .map(|(n, from)| (buf[..n].to_vec(), from))
     };
 
-    let (got, from) = send_from("192.168.9.20").expect("handed to the pod's veth");
+    let before = transmitted();
+    let (got, from) = send_from("192.168.9.20").expect("handed to the pod");
     assert_eq!(got, datagram, "the datagram itself unchanged");
     assert_eq!(from, SocketAddr::from(([192, 168, 9, 20], 6080)));
+    assert_eq!(
+        transmitted(),
+        before,
+        "received by the pod's eth0, never sent by the node's veth"
+    );
     for (what, src) in [
         ("the node's own address", "10.244.2.1"),
         ("an address of the node's pods", "10.244.2.77"),

@@ -1942,17 +1942,37 @@ impl NodePrograms {
     /// Runs `kw_sap` once on `frame` (Ethernet, as it arrives at the SaP's device) through
     /// `BPF_PROG_TEST_RUN`: the tc action, and the frame as the program left it.
     pub fn run_sap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), BpfError> {
+        self.run_sap_marked(frame, 0)
+            .map(|(ret, out, _)| (ret, out))
+    }
+
+    /// [`NodePrograms::run_sap`] on a frame that carries the packet mark `mark`; also returns
+    /// the mark the program left on it.
+    pub fn run_sap_marked(
+        &mut self,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<(u32, Vec<u8>, u32), BpfError> {
         let mut out = vec![0u8; frame.len() + 256];
+        // The start of a `struct __sk_buff`: len and pkt_type (which the kernel fills in, so 0
+        // here), then the mark.
+        let mut ctx = [0u8; 12];
+        ctx[8..].copy_from_slice(&mark.to_ne_bytes());
+        // The whole `struct __sk_buff` comes back (the kernel refuses a shorter buffer).
+        let mut ctx_out = [0u8; 192];
         let result = self
             .sap
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
             })
             .map_err(|e| program_error(SAP_PROGRAM, e))?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("four bytes"));
+        Ok((result.return_value, out, mark))
     }
 
     /// What the kernel gateway carried so far: packets (a GSO packet as its segments) and their
