@@ -26,12 +26,12 @@
 // packet), a flow the user-space SaP has already forwarded, or it passes the SaP's whole check
 // against the policy the agent compiled into kw_sap_routes (kw_sap_routes6) and kw_sap_pairs (an
 // inner IPv4 or IPv6 TCP, UDP or echo packet to one of the pods this SaP fronts; see sap_judge):
-// from the SaP's address and port to the destination endpoint the engine chose,
-// the datagram itself unchanged (a SaP never rewrites the key): straight into the destination
-// pod, as its eth0 receives (hand_on), when it is one of the node's pods behind a bridge, else (another node's pod, an
-// external entity) out of the device and to the neighbour the node's routing gives. The agent
-// put the flow there after engine::sap_forward admitted one of its datagrams, and re-derives
-// it through the same function at every change and every second;
+// from the SaP's address and port to the destination endpoint the engine chose, the datagram
+// itself unchanged (a SaP never rewrites the key): straight into the destination pod, as its
+// eth0 receives (hand_on), when it is one of the node's pods behind a bridge, else (another
+// node's pod, an external entity) out of the device and to the neighbour the node's routing
+// gives. The agent put the flow there after engine::sap_forward admitted one of its datagrams,
+// and re-derives it through the same function at every change and every second;
 // the key is part of the flow, so a datagram with any other key (a rotation, a forgery) misses
 // and goes to the user-space SaP, which checks it. The SaP keeps no per-flow state, so its check
 // compiles whole into lookups: the kernel repeats the engine's decision for every datagram of a
@@ -114,16 +114,24 @@ static __always_inline void count_carried(void *counters, __u32 segs, __u64 byte
 #define HOP_ROUTED 0
 #define HOP_POD 1
 
+// Whether `dst` is one of the node's pods behind a bridge; if so, with *out and macs set as
+// next_hop sets them for HOP_POD.
+static __always_inline int local_pod(__u32 dst, __u32 *out, __u8 macs[12])
+{
+	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &dst);
+	if (!pod)
+		return 0;
+	*out = pod->ifindex;
+	__builtin_memcpy(macs, pod->pod_mac, 6);
+	__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
+	return 1;
+}
+
 static __always_inline int next_hop(struct __sk_buff *skb, __u32 from, __u32 src, __u32 dst,
 				    __u16 sport, __u16 dport, __u32 *out, __u8 macs[12])
 {
-	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &dst);
-	if (pod) {
-		*out = pod->ifindex;
-		__builtin_memcpy(macs, pod->pod_mac, 6);
-		__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
+	if (local_pod(dst, out, macs))
 		return HOP_POD;
-	}
 	// No length given: the kernel checks the packet against the MTU of the device it would
 	// leave by (a GSO packet is cut to it there).
 	struct bpf_fib_lookup fib = {
@@ -335,8 +343,9 @@ static __always_inline int sap_compiled6(struct node_config *cfg, __u32 outer_sr
 // Anything else goes on to the node as before, and the node decides it.
 static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 saddr, __u32 daddr)
 {
-	struct node_pod *pod = bpf_map_lookup_elem(&kw_node_pods, &daddr);
-	if (!pod)
+	__u32 veth;
+	__u8 macs[12];
+	if (!local_pod(daddr, &veth, macs))
 		return TC_ACT_OK;
 	struct bpf_fib_lookup back = {
 		.family = 2, // AF_INET
@@ -349,15 +358,12 @@ static __always_inline int to_local_pod(struct __sk_buff *skb, __u32 saddr, __u3
 		    BPF_FIB_LKUP_RET_SUCCESS ||
 	    back.ifindex != skb->ingress_ifindex)
 		return TC_ACT_OK;
-	__u8 macs[12];
-	__builtin_memcpy(macs, pod->pod_mac, 6);
-	__builtin_memcpy(macs + 6, pod->bridge_mac, 6);
 	// The headers were pulled writable: this cannot fail, and a frame half rewritten must not
 	// go on if it did.
 	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
 		return TC_ACT_SHOT;
 	count_carried(&kw_node_carried, skb->gso_segs, skb->len);
-	return hand_on(skb, HOP_POD, pod->ifindex);
+	return hand_on(skb, HOP_POD, veth);
 }
 
 // Ethernet, outer IPv4 without options, UDP, GUE without a MAC, an inner IPv6 header (an IPv4

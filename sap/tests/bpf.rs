@@ -596,7 +596,7 @@ fn the_kernel_sap_forwards_exactly_the_flows_it_was_given_unchanged_from_the_sap
 }
 
 /// A direct datagram from a pod on another node, GUE from the underlay to one of the node's pods
-/// behind a bridge: the kernel SaP hands it to the pod's veth at the node's device, on real
+/// behind a bridge: the kernel SaP hands it into the pod at the node's device, on real
 /// devices (the reverse-path check needs the node's routes). The node's forward hook drops GUE
 /// here, so what the pod receives only the handover delivered.
 #[test]

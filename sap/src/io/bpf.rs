@@ -1953,13 +1953,15 @@ impl NodePrograms {
         frame: &[u8],
         mark: u32,
     ) -> Result<(u32, Vec<u8>, u32), BpfError> {
+        // Where `struct __sk_buff` holds the mark (after len and pkt_type, which the kernel
+        // fills in, so 0 here), and its size: the whole of it comes back (the kernel refuses a
+        // shorter buffer).
+        const MARK: std::ops::Range<usize> = 8..12;
+        const SK_BUFF_LEN: usize = 192;
         let mut out = vec![0u8; frame.len() + 256];
-        // The start of a `struct __sk_buff`: len and pkt_type (which the kernel fills in, so 0
-        // here), then the mark.
-        let mut ctx = [0u8; 12];
-        ctx[8..].copy_from_slice(&mark.to_ne_bytes());
-        // The whole `struct __sk_buff` comes back (the kernel refuses a shorter buffer).
-        let mut ctx_out = [0u8; 192];
+        let mut ctx = [0u8; MARK.end];
+        ctx[MARK].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_LEN];
         let result = self
             .sap
             .test_run(TestRunOptions {
@@ -1971,7 +1973,7 @@ impl NodePrograms {
             })
             .map_err(|e| program_error(SAP_PROGRAM, e))?;
         out.truncate(result.data_size_out as usize);
-        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("four bytes"));
+        let mark = u32::from_ne_bytes(ctx_out[MARK].try_into().expect("four bytes"));
         Ok((result.return_value, out, mark))
     }
 
